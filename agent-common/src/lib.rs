@@ -1,0 +1,26 @@
+//! Everything that crosses the kernel/user boundary: map names, `#[repr(C)]` map keys and
+//! values (explicit padding, sizes asserted), counter slots, and the pure logic both sides
+//! share (classification order, token-bucket arithmetic), unit-tested on the host.
+#![no_std]
+
+pub mod classify;
+pub mod limit;
+pub mod maps;
+pub mod stats;
+
+pub use classify::{MatchList, MatchRule};
+pub use limit::{Bucket, BucketKey, ServiceConfig};
+pub use stats::Counter;
+
+/// Implements `aya::Pod` for boundary types on the userspace side only.
+macro_rules! impl_pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            #[cfg(feature = "user")]
+            // SAFETY: `#[repr(C)]`, `Copy`, every byte a named field (no implicit padding),
+            // and every bit pattern valid: the requirements of `aya::Pod`.
+            unsafe impl aya::Pod for $t {}
+        )*
+    };
+}
+pub(crate) use impl_pod;

@@ -1,0 +1,72 @@
+//! Counter slots. Counters are per-CPU in the datapath and summed by the agent.
+
+/// One counter slot: packets and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+crate::impl_pod!(Counter);
+
+impl Counter {
+    pub fn add(&mut self, other: &Counter) {
+        self.packets = self.packets.wrapping_add(other.packets);
+        self.bytes = self.bytes.wrapping_add(other.bytes);
+    }
+}
+
+/// Per-service slots (`service_id * SVC_STAT_SLOTS + slot`).
+/// Packets the service let through.
+pub const SVC_PASSED: u32 = 0;
+/// Dropped: the token bucket had no tokens.
+pub const SVC_DROP_RATE_LIMIT: u32 = 1;
+/// Dropped: the bucket stayed contended by other CPUs past the retry bound (never over-admits).
+pub const SVC_DROP_CONTENDED: u32 = 2;
+/// Passed without a limit decision: the key table refused a new key (fail open).
+pub const SVC_PASS_NO_BUCKET: u32 = 3;
+/// `packets` counts new keys inserted into the token-bucket table (bytes unused).
+pub const SVC_NEW_KEYS: u32 = 4;
+/// Slots reserved per service; later features (breaker, LB) take the free ones.
+pub const SVC_STAT_SLOTS: u32 = 8;
+
+/// Drop reasons as exported in metrics, by slot.
+pub const SVC_DROP_REASONS: [(u32, &str); 2] = [
+    (SVC_DROP_RATE_LIMIT, "rate_limit"),
+    (SVC_DROP_CONTENDED, "contended"),
+];
+
+/// Global slots, for packets that never reach a service.
+/// Every packet the program saw.
+pub const GSTAT_SEEN: u32 = 0;
+/// Passed: not IPv4/IPv6 (ARP, LLDP, ...).
+pub const GSTAT_NON_IP: u32 = 1;
+/// Passed: truncated or malformed headers (fail open).
+pub const GSTAT_UNPARSED: u32 = 2;
+/// Passed: more IPv6 extension headers than the parser walks.
+pub const GSTAT_EXT_HDR_LIMIT: u32 = 3;
+/// Passed: IP matched no service.
+pub const GSTAT_UNMATCHED: u32 = 4;
+/// Non-first IP fragments seen (classified without ports).
+pub const GSTAT_FRAGMENT: u32 = 5;
+/// Passed: the service id had no configuration (fail open).
+pub const GSTAT_NO_CONFIG: u32 = 6;
+pub const GSTAT_SLOTS: u32 = 8;
+
+/// Global slot names as exported in metrics.
+pub const GSTAT_NAMES: [(u32, &str); 7] = [
+    (GSTAT_SEEN, "seen"),
+    (GSTAT_NON_IP, "non_ip"),
+    (GSTAT_UNPARSED, "unparsed"),
+    (GSTAT_EXT_HDR_LIMIT, "ipv6_ext_header_limit"),
+    (GSTAT_UNMATCHED, "unmatched"),
+    (GSTAT_FRAGMENT, "fragment"),
+    (GSTAT_NO_CONFIG, "no_config"),
+];
+
+/// Index of a service slot in `SVC_STATS`.
+#[inline(always)]
+pub const fn svc_slot(service_id: u32, slot: u32) -> u32 {
+    service_id * SVC_STAT_SLOTS + slot
+}
