@@ -141,7 +141,11 @@ mod tests {
     #[test]
     fn portless_packets_match_only_portless_rules() {
         let l = list(&[rule(1, 80, PROTO_UDP)]);
-        assert_eq!(l.find(PROTO_UDP, None), None, "non-first fragment has no port");
+        assert_eq!(
+            l.find(PROTO_UDP, None),
+            None,
+            "non-first fragment has no port"
+        );
         let l = list(&[rule(1, 80, PROTO_ANY)]);
         assert_eq!(l.find(PROTO_ICMP, None), None);
     }

@@ -92,7 +92,11 @@ impl ServiceConfig {
     /// a packet, which matters only above 1e9 units/s.
     #[inline(always)]
     pub fn cost_ns(&self, len: u64) -> u64 {
-        let units = if self.rl_unit == RL_UNIT_BYTES { len } else { 1 };
+        let units = if self.rl_unit == RL_UNIT_BYTES {
+            len
+        } else {
+            1
+        };
         // units <= 65535 * 1e9 fits u64; rate is never 0 here (checked at compile time of the
         // policy), and a 0 from a corrupted map would make the division return 0 in BPF.
         if self.rl_rate == 0 {
@@ -151,8 +155,8 @@ mod tests {
     #[test]
     fn saturated_bucket_admits_burst_plus_rate_times_time() {
         // 10,000/s with a burst of 5,000 (the flash-sale case), offered 5x for 2 s.
-        let cfg = ServiceConfig::with_rate_limit(RL_KEY_SERVICE, RL_UNIT_PACKETS, 10_000, 5_000)
-            .unwrap();
+        let cfg =
+            ServiceConfig::with_rate_limit(RL_KEY_SERVICE, RL_UNIT_PACKETS, 10_000, 5_000).unwrap();
         let n = admitted(&cfg, NS_PER_SEC / 50_000, 2 * NS_PER_SEC, 64);
         let expect = 5_000 + 10_000 * 2;
         assert!(n.abs_diff(expect) <= 1, "admitted {n}, expected {expect}");

@@ -3,6 +3,7 @@
 /// One counter slot: packets and bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,

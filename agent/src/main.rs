@@ -1,1 +1,29 @@
-fn main() {}
+//! `agent`: parse the command line, then hand over to the command. Exit codes (POLICY.md):
+//! 0 success, 1 runtime failure, 2 invalid policy or usage.
+use std::process::ExitCode;
+
+use agent::{
+    cli::{Cli, Command},
+    commands,
+};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not usage errors.
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Check { file } => commands::check(&file),
+        Command::Run { config } => commands::run(&config),
+        Command::Status { addr, output } => commands::status(addr, output),
+    }
+}

@@ -1,1 +1,18 @@
-//! End-to-end test harness.
+//! End-to-end test harness: network namespaces joined by veth, code run inside them, the
+//! agent as a guarded child process, paced traffic and exact counting at the receiver.
+//!
+//! Everything here needs root (namespaces, raw sockets, SO_RCVBUFFORCE). Tests built on it
+//! share kernel state and run serially: `cargo test -p agent-tests -- --test-threads=1`.
+
+pub mod agent;
+pub mod netns;
+pub mod traffic;
+pub mod verify;
+pub mod xdp;
+
+pub use agent::{AgentProcess, TempDir, agent_bin, metric, require_metric};
+pub use netns::{Netns, Topology};
+pub use traffic::{
+    RecvReport, SendMethod, SendReport, TcpTransfer, UdpFlood, UdpReceiver, UdpSender, tcp_transfer,
+};
+pub use verify::{KeyCount, check_counts};

@@ -1,1 +1,72 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! Every command except `setup` itself first runs the idempotent setup, so a fresh machine needs
+//! nothing but `cargo xtask demo` or `cargo xtask test`.
+
+mod bench;
+mod build;
+mod cmd;
+mod demo;
+mod manifests;
+mod setup;
+mod suite;
+mod sys;
+mod workspace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, test and demo the traffic-shaping agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the build and the tests need; every step is skipped when already done.
+    Setup,
+    /// Build the host crates (the eBPF object is built by agent/build.rs).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// The whole suite, as CI runs it: fmt, clippy, unit and datapath tests, end-to-end tests.
+    Test,
+    /// Rate-limit demo in two network namespaces, with live counters.
+    Demo(demo::Args),
+    /// Run the datapath benchmarks (agent-bench) and write BENCHMARKS.md.
+    Bench {
+        /// Extra arguments passed to agent-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup => setup::run().map(drop).map_err(Into::into),
+        Command::Build { release } => build::run(release),
+        Command::Test => suite::run(),
+        Command::Demo(args) => demo::run(&args),
+        Command::Bench { args } => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // The chain of causes on one line each; no backtrace: these are reports, not bugs.
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if sys::interrupted() {
+                ExitCode::from(130) // 128 + SIGINT, as shells report it
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Token-bucket limiting (GCRA, see `agent_common::limit`), one bucket per key in an LRU table,
+//! updated with compare-and-exchange so that CPUs hitting one key never over-admit.
+
+use agent_common::{
+    Bucket, BucketKey, ServiceConfig,
+    limit::{CAS_ATTEMPTS, Decision, RL_KEY_FLOW, RL_KEY_SOURCE_IP, decide, fresh_tat},
+    stats::SVC_NEW_KEYS,
+};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    ptr::read_volatile,
+};
+
+use crate::{maps::RL_BUCKETS, parse::Parsed, stats};
+
+pub enum Verdict {
+    Pass,
+    /// No bucket could be had (table refused the insert): passed, fail open.
+    PassNoBucket,
+    DropRateLimit,
+    DropContended,
+}
+
+#[inline(always)]
+fn bucket_key(service_id: u32, cfg: &ServiceConfig, p: &Parsed) -> BucketKey {
+    let mut key = BucketKey {
+        service_id,
+        ..BucketKey::default()
+    };
+    if cfg.rl_key == RL_KEY_FLOW {
+        key.proto = p.proto;
+        key.src = p.src;
+        key.dst = p.dst;
+        if p.has_ports {
+            key.sport = p.sport;
+            key.dport = p.dport;
+        }
+    } else if cfg.rl_key == RL_KEY_SOURCE_IP {
+        key.src = p.src;
+    }
+    key
+}
+
+#[inline(always)]
+pub fn limit(service_id: u32, cfg: &ServiceConfig, p: &Parsed, len: u64) -> Verdict {
+    let key = bucket_key(service_id, cfg, p);
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    let bucket = match RL_BUCKETS.get_ptr_mut(&key) {
+        Some(b) => b,
+        None => {
+            let fresh = Bucket {
+                tat: fresh_tat(now),
+            };
+            // NOEXIST: when two CPUs create the same key at once, one insert fails and both
+            // go on with the entry that won.
+            if RL_BUCKETS.insert(&key, &fresh, BPF_NOEXIST.into()).is_ok() {
+                stats::service(service_id, SVC_NEW_KEYS, 0);
+            }
+            match RL_BUCKETS.get_ptr_mut(&key) {
+                Some(b) => b,
+                None => return Verdict::PassNoBucket,
+            }
+        }
+    };
+
+    let inc = cfg.cost_ns(len);
+    let tat_ptr = unsafe { &raw mut (*bucket).tat };
+    let mut attempt = 0;
+    while attempt < CAS_ATTEMPTS {
+        // SAFETY: `tat_ptr` points into a live map value; the kernel keeps it valid for the
+        // program's run (RCU). An aligned 64-bit load is single-copy atomic; BPF has no
+        // atomic-load instruction before ISA v4, and a stale read only makes the CAS fail.
+        let tat = unsafe { read_volatile(tat_ptr) };
+        match decide(tat, now, inc, cfg.rl_burst_ns) {
+            Decision::Deny => return Verdict::DropRateLimit,
+            Decision::Admit(new_tat) => {
+                let (_, swapped) = unsafe {
+                    atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                        tat_ptr, tat, new_tat,
+                    )
+                };
+                if swapped {
+                    return Verdict::Pass;
+                }
+            }
+        }
+        attempt += 1;
+    }
+    Verdict::DropContended
+}

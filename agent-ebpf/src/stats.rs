@@ -1,0 +1,27 @@
+//! Per-CPU counters: no atomics needed, the agent sums the CPUs.
+
+use agent_common::stats::svc_slot;
+
+use crate::maps::{GLOBAL_STATS, SVC_STATS};
+
+#[inline(always)]
+pub fn global(slot: u32, len: u64) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn service(service_id: u32, slot: u32, len: u64) {
+    if let Some(c) = SVC_STATS.get_ptr_mut(svc_slot(service_id, slot)) {
+        // SAFETY: as above.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}

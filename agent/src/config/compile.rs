@@ -1,0 +1,336 @@
+//! Policy -> datapath map entries (agent-common types). Infallible: validation has already
+//! refused everything that would not fit (rule lists, token-bucket arithmetic, service count).
+
+use std::collections::BTreeSet;
+
+use agent_common::classify::{
+    MAX_MATCH_RULES, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX, v4_mapped,
+};
+use agent_common::limit::{
+    RL_KEY_FLOW, RL_KEY_SERVICE, RL_KEY_SOURCE_IP, RL_UNIT_BYTES, RL_UNIT_PACKETS, SVC_F_ACTIVE,
+};
+use agent_common::{MatchList, MatchRule, ServiceConfig};
+
+use super::model::{Cidr, KeyBy, Match, Policy, Priority, Protocol, RateLimit, Service};
+
+// Every service has one prefix, plus the IPv4 guard entry: the trie never overflows.
+const _: () = assert!(agent_common::maps::MAX_SERVICES < agent_common::maps::MAX_PREFIXES);
+
+/// Everything the datapath maps hold for one policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    /// Index == service id, in policy order (`SVC_CFG`).
+    pub services: Vec<CompiledService>,
+    /// `CLASSIFY` trie entries: one per distinct prefix of the policy, plus, when an IPv6
+    /// prefix covers the IPv4-mapped range `::ffff:0:0/96` (e.g. `::/0`) and no `0.0.0.0/0`
+    /// service exists, an empty entry for that range, so IPv4 packets never fall into IPv6
+    /// rules in the trie.
+    pub classify: Vec<ClassifyEntry>,
+    /// Size of the token-bucket table: the sum of `max_keys` over services with a rate
+    /// limit, clamped to 1..=16777216; 1 when none has one.
+    pub max_keys: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledService {
+    pub id: u32,
+    pub name: String,
+    pub priority: Priority,
+    pub config: ServiceConfig,
+}
+
+/// One key/value of the classifier trie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassifyEntry {
+    /// In the 128-bit key space: IPv4 prefixes are 96 + their length.
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+    /// Rules of this prefix and of every shorter policy prefix covering it, most specific
+    /// first; the datapath takes the first that accepts the packet.
+    pub rules: MatchList,
+}
+
+/// The rules that apply at one prefix, most specific first.
+pub(crate) struct PrefixRules<'a> {
+    pub prefix: Cidr,
+    /// (service index, its match), sorted by `MatchRule::specificity`, ties in policy order.
+    pub rules: Vec<(usize, &'a Match)>,
+}
+
+fn proto(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+        Protocol::Any => PROTO_ANY,
+    }
+}
+
+fn specificity(m: &Match) -> (u32, u8, u8) {
+    let (_, prefix_len) = m.address.trie_key();
+    MatchRule::specificity(prefix_len, m.port.unwrap_or(PORT_ANY), proto(m.protocol))
+}
+
+/// For each distinct prefix, the rules that apply there: what the one LPM lookup of the
+/// datapath must find. Shared with validation, which limits the list length.
+pub(crate) fn prefix_rules<'a>(
+    matches: impl IntoIterator<Item = (usize, &'a Match)>,
+) -> Vec<PrefixRules<'a>> {
+    let matches: Vec<(usize, &Match)> = matches.into_iter().collect();
+    let prefixes: BTreeSet<Cidr> = matches.iter().map(|(_, m)| m.address).collect();
+    prefixes
+        .into_iter()
+        .map(|prefix| {
+            let mut rules: Vec<(usize, &Match)> = matches
+                .iter()
+                .filter(|(_, m)| m.address.covers(&prefix))
+                .copied()
+                .collect();
+            rules.sort_by_key(|(i, m)| (specificity(m), *i));
+            PrefixRules { prefix, rules }
+        })
+        .collect()
+}
+
+fn service_config(service: &Service) -> ServiceConfig {
+    let active = ServiceConfig {
+        flags: SVC_F_ACTIVE,
+        ..Default::default()
+    };
+    let Some(RateLimit {
+        key, rate, burst, ..
+    }) = &service.rate_limit
+    else {
+        return active;
+    };
+    let key = match key {
+        KeyBy::Flow => RL_KEY_FLOW,
+        KeyBy::SourceIp => RL_KEY_SOURCE_IP,
+        KeyBy::Service => RL_KEY_SERVICE,
+    };
+    let unit = if rate.is_bytes() {
+        RL_UNIT_BYTES
+    } else {
+        RL_UNIT_PACKETS
+    };
+    let config = ServiceConfig::with_rate_limit(key, unit, rate.per_second(), *burst);
+    debug_assert!(config.is_some(), "validation let through {rate} {burst}");
+    // Unreachable after validation; failing open (no limit) matches the datapath's policy.
+    config.unwrap_or(active)
+}
+
+fn classify_entry(p: &PrefixRules<'_>) -> ClassifyEntry {
+    let (addr, prefix_len) = p.prefix.trie_key();
+    let mut rules = MatchList::default();
+    debug_assert!(p.rules.len() <= MAX_MATCH_RULES, "validation let through");
+    for (slot, (i, m)) in rules.rules.iter_mut().zip(&p.rules) {
+        *slot = MatchRule {
+            service_id: u32::try_from(*i).unwrap_or(u32::MAX),
+            port: m.port.unwrap_or(PORT_ANY),
+            proto: proto(m.protocol),
+            _pad: 0,
+        };
+    }
+    rules.count = p.rules.len().min(MAX_MATCH_RULES) as u32;
+    ClassifyEntry {
+        prefix_len,
+        addr,
+        rules,
+    }
+}
+
+pub fn compile(policy: &Policy) -> Compiled {
+    let services = policy
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| CompiledService {
+            id: u32::try_from(i).unwrap_or(u32::MAX),
+            name: s.name.clone(),
+            priority: s.priority,
+            config: service_config(s),
+        })
+        .collect();
+
+    let table = prefix_rules(policy.services.iter().map(|s| &s.r#match).enumerate());
+    let mut classify: Vec<ClassifyEntry> = table.iter().map(classify_entry).collect();
+    let mapped = Cidr::V4_MAPPED_RANGE;
+    let v6_covers_v4 = table
+        .iter()
+        .any(|p| p.prefix.addr().is_ipv6() && p.prefix.covers(&mapped));
+    let v4_default = table
+        .iter()
+        .any(|p| p.prefix.addr().is_ipv4() && p.prefix.prefix_len() == 0);
+    if v6_covers_v4 && !v4_default {
+        classify.push(ClassifyEntry {
+            prefix_len: V4_MAPPED_PREFIX,
+            addr: v4_mapped([0; 4]),
+            rules: MatchList::default(),
+        });
+    }
+
+    let keys: u64 = policy
+        .services
+        .iter()
+        .filter_map(|s| s.rate_limit.as_ref())
+        .map(|r| u64::from(r.max_keys))
+        .sum();
+    let max_keys = keys.clamp(1, u64::from(super::model::MAX_TABLE_ENTRIES)) as u32;
+
+    Compiled {
+        services,
+        classify,
+        max_keys,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+    use agent_common::classify::PROTO_ICMP;
+    use std::net::IpAddr;
+
+    /// The datapath's decision: one longest-prefix lookup, then the first accepting rule.
+    fn lookup(c: &Compiled, dst: IpAddr, proto: u8, port: Option<u16>) -> Option<u32> {
+        let key = match dst {
+            IpAddr::V4(a) => v4_mapped(a.octets()),
+            IpAddr::V6(a) => a.octets(),
+        };
+        let bits = |a: &[u8; 16]| u128::from_be_bytes(*a);
+        let hit = c
+            .classify
+            .iter()
+            .filter(|e| {
+                let m = u128::MAX.checked_shl(128 - e.prefix_len).unwrap_or(0);
+                bits(&key) & m == bits(&e.addr) & m
+            })
+            .max_by_key(|e| e.prefix_len)?;
+        hit.rules.find(proto, port)
+    }
+
+    fn policy(services: &str) -> Policy {
+        let src = format!("version: 1\ninterfaces:\n  - name: eth0\nservices:\n{services}");
+        match load_str(&src, "test.yaml") {
+            Ok(p) => p,
+            Err(e) => panic!("expected a valid policy, got:\n{e}\n{src}"),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn nested_prefixes_fall_back_to_the_covering_service() {
+        let c = compile(&policy(
+            "  - name: net\n    match: {address: 198.18.0.0/24, protocol: any}\n\
+             \x20 - name: host-web\n    match: {address: 198.18.0.2, port: 80, protocol: tcp}\n",
+        ));
+        assert_eq!(c.classify.len(), 2);
+        let host = ip("198.18.0.2");
+        assert_eq!(lookup(&c, host, PROTO_TCP, Some(80)), Some(1));
+        assert_eq!(
+            lookup(&c, host, PROTO_TCP, Some(443)),
+            Some(0),
+            "another port of the /32 ends at the /24 service"
+        );
+        assert_eq!(lookup(&c, host, PROTO_UDP, Some(80)), Some(0));
+        assert_eq!(lookup(&c, host, PROTO_ICMP, None), Some(0));
+        assert_eq!(lookup(&c, ip("198.18.0.9"), PROTO_TCP, Some(80)), Some(0));
+        assert_eq!(lookup(&c, ip("198.18.1.2"), PROTO_TCP, Some(80)), None);
+        let e = c.classify.iter().find(|e| e.prefix_len == 128).unwrap();
+        assert_eq!(e.addr, v4_mapped([198, 18, 0, 2]));
+        assert_eq!(e.rules.count, 2);
+        assert_eq!(e.rules.rules[0].service_id, 1);
+        assert_eq!(e.rules.rules[1].service_id, 0);
+    }
+
+    #[test]
+    fn port_beats_protocol_and_ties_keep_policy_order() {
+        let c = compile(&policy(
+            "  - name: any-tcp\n    match: {address: 198.18.0.0/24}\n\
+             \x20 - name: p53-udp\n    match: {address: 198.18.0.0/24, port: 53, protocol: udp}\n\
+             \x20 - name: p53-tcp\n    match: {address: 198.18.0.0/24, port: 53}\n\
+             \x20 - name: p80-any\n    match: {address: 198.18.0.0/24, port: 80, protocol: any}\n",
+        ));
+        let e = &c.classify[0].rules;
+        let order: Vec<u32> = e.rules[..e.count as usize]
+            .iter()
+            .map(|r| r.service_id)
+            .collect();
+        assert_eq!(order, [1, 2, 3, 0]);
+        let a = ip("198.18.0.1");
+        assert_eq!(lookup(&c, a, PROTO_UDP, Some(53)), Some(1));
+        assert_eq!(lookup(&c, a, PROTO_TCP, Some(53)), Some(2));
+        assert_eq!(lookup(&c, a, PROTO_UDP, Some(80)), Some(3));
+        assert_eq!(lookup(&c, a, PROTO_TCP, Some(22)), Some(0));
+        assert_eq!(lookup(&c, a, PROTO_UDP, Some(22)), None);
+    }
+
+    #[test]
+    fn ipv6_prefixes_and_families_stay_apart() {
+        let c = compile(&policy(
+            "  - name: v6-all\n    match: {address: '::/0', protocol: any}\n\
+             \x20 - name: v6-doc\n    match: {address: '2001:db8::/32', port: 443}\n\
+             \x20 - name: v4-host\n    match: {address: 198.18.0.1, protocol: any}\n",
+        ));
+        let doc = ip("2001:db8::5");
+        assert_eq!(lookup(&c, doc, PROTO_TCP, Some(443)), Some(1));
+        assert_eq!(lookup(&c, doc, PROTO_TCP, Some(80)), Some(0));
+        assert_eq!(lookup(&c, ip("2001:db9::1"), PROTO_UDP, Some(1)), Some(0));
+        assert_eq!(lookup(&c, ip("198.18.0.1"), PROTO_UDP, Some(1)), Some(2));
+        assert_eq!(
+            lookup(&c, ip("198.18.0.2"), PROTO_UDP, Some(1)),
+            None,
+            "an IPv4 packet must not match ::/0"
+        );
+        let v4_entry = c
+            .classify
+            .iter()
+            .find(|e| e.prefix_len == 128 && e.addr == v4_mapped([198, 18, 0, 1]))
+            .unwrap();
+        assert_eq!(
+            v4_entry.rules.count, 1,
+            "IPv6 rules never cover IPv4 prefixes"
+        );
+        let v6 = c.classify.iter().find(|e| e.prefix_len == 32).unwrap();
+        assert_eq!(&v6.addr[..4], &[0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(v6.rules.count, 2);
+    }
+
+    #[test]
+    fn service_configs_and_key_table_size() {
+        let c = compile(&policy(
+            "  - name: pkts\n    match: {address: 198.18.0.1}\n    rate_limit: {key: flow, rate: 1000/s, burst: 200}\n\
+             \x20 - name: bits\n    match: {address: 198.18.0.2}\n    rate_limit: {rate: 8Mbit/s, max_keys: 10}\n\
+             \x20 - name: free\n    match: {address: 198.18.0.3}\n",
+        ));
+        let cfg = |i: usize| c.services[i].config;
+        assert_eq!(
+            Some(cfg(0)),
+            ServiceConfig::with_rate_limit(RL_KEY_FLOW, RL_UNIT_PACKETS, 1000, 200)
+        );
+        assert_eq!(
+            Some(cfg(1)),
+            ServiceConfig::with_rate_limit(RL_KEY_SOURCE_IP, RL_UNIT_BYTES, 1_000_000, 1_000_000)
+        );
+        assert_eq!(cfg(2).flags, SVC_F_ACTIVE);
+        assert_eq!(c.services[2].id, 2);
+        assert_eq!(c.services[1].name, "bits");
+        assert_eq!(c.max_keys, 1_048_576 + 10);
+
+        let none = compile(&policy("  - name: a\n    match: {address: 198.18.0.1}\n"));
+        assert_eq!(none.max_keys, 1);
+    }
+
+    #[test]
+    fn key_table_size_is_clamped() {
+        let svc = |i: u32| {
+            format!(
+                "  - name: s{i}\n    match: {{address: 198.18.0.{i}}}\n    rate_limit: {{rate: 1/s, max_keys: 16777216}}\n"
+            )
+        };
+        let c = compile(&policy(&(svc(1) + &svc(2))));
+        assert_eq!(c.max_keys, 16_777_216);
+    }
+}

@@ -1,0 +1,187 @@
+//! Checks across sections and across services, on everything that decoded. Positions come
+//! from the span index by field path.
+
+use std::collections::HashMap;
+
+use agent_common::classify::MAX_MATCH_RULES;
+
+use super::compile::prefix_rules;
+use super::decode::{Cx, item};
+use super::model::{Algorithm, ConditionKind, Direction, LoadBalancing, Service};
+use super::resilience::next_prime;
+use super::sections::Draft;
+use super::yaml::SpanIndex;
+
+struct Checker<'a> {
+    cx: &'a mut Cx,
+    spans: &'a SpanIndex,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        let pos = self.spans.lookup(path);
+        self.cx.error(pos, path, message);
+    }
+}
+
+pub(crate) fn check(draft: &Draft, spans: &SpanIndex, cx: &mut Cx) {
+    let mut c = Checker { cx, spans };
+    unique_interfaces(&mut c, draft);
+    for (i, service) in draft.services() {
+        service_sections(&mut c, &item("services", i), service);
+    }
+    unique_services(&mut c, draft);
+    rule_limits(&mut c, draft);
+    shaping_needs_egress(&mut c, draft);
+}
+
+fn unique_interfaces(c: &mut Checker<'_>, draft: &Draft) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, interface) in draft.interfaces() {
+        if let Some(first) = seen.get(interface.name.as_str()) {
+            let msg = format!(
+                "interface `{}` is listed twice (also interfaces[{first}])",
+                interface.name
+            );
+            c.error(&format!("interfaces[{i}].name"), msg);
+        } else {
+            seen.insert(&interface.name, i);
+        }
+    }
+}
+
+/// Rules between the sections of one service.
+fn service_sections(c: &mut Checker<'_>, path: &str, s: &Service) {
+    if s.backends.is_empty() {
+        let sections = [
+            ("load_balancing", s.load_balancing.is_some()),
+            ("health_check", s.health_check.is_some()),
+            ("circuit_breaker", s.circuit_breaker.is_some()),
+            ("degradation", s.degradation.is_some()),
+        ];
+        for (name, present) in sections {
+            if present {
+                let msg = format!("{name} needs backends; add `backends` or remove {name}");
+                c.error(&format!("{path}.{name}"), msg);
+            }
+        }
+        return;
+    }
+
+    let lb = s.load_balancing.clone().unwrap_or_default();
+    let needed = 100 * s.backends.len() as u64;
+    if lb.algorithm == Algorithm::Maglev && u64::from(lb.table_size) < needed {
+        let shown = match &s.load_balancing {
+            Some(_) => lb.table_size.to_string(),
+            None => format!("the default {}", LoadBalancing::default().table_size),
+        };
+        let next = u32::try_from(needed).map_or(needed, next_prime);
+        let msg = format!(
+            "table_size {shown} is less than 100 x {} backends; use a prime >= {needed} \
+             (e.g. {next}) so every backend gets its share of the Maglev table",
+            s.backends.len()
+        );
+        c.error(&format!("{path}.load_balancing.table_size"), msg);
+    }
+
+    if let Some(d) = &s.degradation {
+        for (k, cond) in d.conditions.iter().enumerate() {
+            let cpath = format!("{path}.degradation.conditions[{k}].type");
+            match cond.kind {
+                ConditionKind::Latency { .. } if s.health_check.is_none() => {
+                    let msg = "latency is measured by health-check probes; add health_check";
+                    c.error(&cpath, msg);
+                }
+                ConditionKind::Availability { .. }
+                    if s.health_check.is_none() && s.circuit_breaker.is_none() =>
+                {
+                    let msg = "availability needs health_check or circuit_breaker: without \
+                               them no backend is ever unhealthy";
+                    c.error(&cpath, msg);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn unique_services(c: &mut Checker<'_>, draft: &Draft) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut matches = HashMap::new();
+    for (i, s) in draft.services() {
+        if let Some(first) = names.get(s.name.as_str()) {
+            let msg = format!(
+                "duplicate service name `{}` (also services[{first}])",
+                s.name
+            );
+            c.error(&format!("services[{i}].name"), msg);
+        } else {
+            names.insert(&s.name, i);
+        }
+        let m = &s.r#match;
+        let key = (m.address, m.port, m.protocol);
+        if let Some((first, first_name)) = matches.get(&key) {
+            let port = m
+                .port
+                .map_or("every port".to_owned(), |p| format!("port {p}"));
+            let msg = format!(
+                "ambiguous: services[{first}] (`{first_name}`) has the same match \
+                 ({}, {port}, {})",
+                m.address, m.protocol
+            );
+            c.error(&format!("services[{i}].match"), msg);
+        } else {
+            matches.insert(key, (i, s.name.as_str()));
+        }
+    }
+}
+
+/// The datapath keeps at most `MAX_MATCH_RULES` rules per prefix: its own and those of every
+/// covering prefix. Reported at the first service of the prefix that overflows.
+fn rule_limits(c: &mut Checker<'_>, draft: &Draft) {
+    let services: Vec<(usize, &Service)> = draft.services().collect();
+    let table = prefix_rules(services.iter().map(|(i, s)| (*i, &s.r#match)));
+    for p in table {
+        if p.rules.len() <= MAX_MATCH_RULES {
+            continue;
+        }
+        let Some(owner) = services.iter().find(|(_, s)| s.r#match.address == p.prefix) else {
+            continue;
+        };
+        let names: Vec<String> = p
+            .rules
+            .iter()
+            .filter_map(|(i, _)| services.iter().find(|(j, _)| j == i))
+            .map(|(_, s)| s.name.clone())
+            .collect();
+        let msg = format!(
+            "service `{}`: {} rules apply to {} (its own and those of covering prefixes: {}); \
+             the datapath matches at most {MAX_MATCH_RULES} rules per prefix",
+            owner.1.name,
+            p.rules.len(),
+            p.prefix,
+            names.join(", ")
+        );
+        c.error(&format!("services[{}].match.address", owner.0), msg);
+    }
+}
+
+/// Pacing happens on egress: a policy that shapes with no egress hook would do nothing.
+fn shaping_needs_egress(c: &mut Checker<'_>, draft: &Draft) {
+    let egress = draft
+        .interfaces()
+        .any(|(_, i)| matches!(i.direction, Direction::Egress | Direction::Both));
+    let all_decoded = draft
+        .interfaces
+        .as_ref()
+        .is_some_and(|v| v.iter().all(Option::is_some));
+    if egress || !all_decoded {
+        return;
+    }
+    for (i, s) in draft.services() {
+        if s.shaping.is_some() {
+            let msg = "shaping paces egress traffic, but no interface has direction egress or both";
+            c.error(&format!("services[{i}].shaping"), msg);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Writing the compiled policy into the maps, and reading counters back.
+//!
+//! Idempotent: an entry already holding the wanted value is not written again, so applying the
+//! same policy twice writes nothing (`ApplyReport` says what changed). Order matters for a
+//! datapath that is live while it is written: service configurations first, then the classifier
+//! entries that point at them, then stale classifier entries are removed, then stale service
+//! slots are cleared. A packet therefore never reaches a service id whose configuration is not
+//! there yet (an id without configuration passes: fail open).
+
+use std::collections::{BTreeMap, HashSet};
+
+use agent_common::{
+    Bucket, BucketKey, Counter, MatchList, ServiceConfig,
+    classify::ADDR_LEN,
+    maps::{MAP_CLASSIFY, MAP_GLOBAL_STATS, MAP_RL_BUCKETS, MAP_SVC_CFG, MAP_SVC_STATS},
+    stats::{
+        GSTAT_NAMES, SVC_DROP_REASONS, SVC_NEW_KEYS, SVC_PASS_NO_BUCKET, SVC_PASSED, svc_slot,
+    },
+};
+use aya::maps::{
+    Array, HashMap, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
+use serde::Serialize;
+
+use super::{Datapath, DatapathError};
+use crate::config::Compiled;
+
+/// What one `apply` changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    pub services_written: usize,
+    pub services_cleared: usize,
+    pub prefixes_written: usize,
+    pub prefixes_removed: usize,
+}
+
+impl ApplyReport {
+    pub fn changed(&self) -> bool {
+        *self != ApplyReport::default()
+    }
+}
+
+/// Counters of one service, summed over CPUs.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceCounters {
+    pub passed: Counter,
+    /// By reason, in `SVC_DROP_REASONS` order.
+    pub dropped: Vec<(&'static str, Counter)>,
+    /// Packets passed because the key table refused a new key.
+    pub passed_no_bucket: Counter,
+    pub new_keys: u64,
+}
+
+/// Counters of the whole datapath at one instant.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Snapshot {
+    /// Indexed by service id.
+    pub services: Vec<ServiceCounters>,
+    pub global: Vec<(&'static str, Counter)>,
+}
+
+/// Entries of the token-bucket table per service id, from one walk of its keys.
+pub type KeyCounts = BTreeMap<u32, u64>;
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+impl Datapath {
+    /// Writes a compiled policy, changing only what differs from what the maps hold.
+    pub fn apply(&mut self, compiled: &Compiled) -> Result<ApplyReport, DatapathError> {
+        let mut report = ApplyReport::default();
+        let ebpf = self.ebpf_mut();
+
+        let mut cfg: Array<&mut MapData, ServiceConfig> = ebpf
+            .map_mut(MAP_SVC_CFG)
+            .ok_or(DatapathError::MissingMap(MAP_SVC_CFG))?
+            .try_into()
+            .map_err(map_err(MAP_SVC_CFG))?;
+        for svc in &compiled.services {
+            let current = cfg.get(&svc.id, 0).map_err(map_err(MAP_SVC_CFG))?;
+            if current != svc.config {
+                cfg.set(svc.id, svc.config, 0)
+                    .map_err(map_err(MAP_SVC_CFG))?;
+                report.services_written += 1;
+            }
+        }
+
+        let mut trie: LpmTrie<&mut MapData, [u8; ADDR_LEN], MatchList> = ebpf
+            .map_mut(MAP_CLASSIFY)
+            .ok_or(DatapathError::MissingMap(MAP_CLASSIFY))?
+            .try_into()
+            .map_err(map_err(MAP_CLASSIFY))?;
+        let mut wanted = HashSet::new();
+        for entry in &compiled.classify {
+            let key = Key::new(entry.prefix_len, entry.addr);
+            wanted.insert((entry.prefix_len, entry.addr));
+            if trie.get(&key, 0).ok() != Some(entry.rules) {
+                trie.insert(&key, entry.rules, 0)
+                    .map_err(map_err(MAP_CLASSIFY))?;
+                report.prefixes_written += 1;
+            }
+        }
+        let stale: Vec<Key<[u8; ADDR_LEN]>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            trie.remove(&key).map_err(map_err(MAP_CLASSIFY))?;
+            report.prefixes_removed += 1;
+        }
+
+        let mut cfg: Array<&mut MapData, ServiceConfig> = ebpf
+            .map_mut(MAP_SVC_CFG)
+            .ok_or(DatapathError::MissingMap(MAP_SVC_CFG))?
+            .try_into()
+            .map_err(map_err(MAP_SVC_CFG))?;
+        for id in compiled.services.len() as u32..cfg.len() {
+            if cfg.get(&id, 0).map_err(map_err(MAP_SVC_CFG))? != ServiceConfig::default() {
+                cfg.set(id, ServiceConfig::default(), 0)
+                    .map_err(map_err(MAP_SVC_CFG))?;
+                report.services_cleared += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reads every counter, summed over CPUs, for `services` service ids.
+    pub fn snapshot(&self, services: u32) -> Result<Snapshot, DatapathError> {
+        let ebpf = &self.ebpf;
+        let svc: PerCpuArray<&MapData, Counter> = ebpf
+            .map(MAP_SVC_STATS)
+            .ok_or(DatapathError::MissingMap(MAP_SVC_STATS))?
+            .try_into()
+            .map_err(map_err(MAP_SVC_STATS))?;
+        let read = |arr: &PerCpuArray<&MapData, Counter>, idx: u32, name: &'static str| {
+            let values = arr.get(&idx, 0).map_err(map_err(name))?;
+            let mut sum = Counter::default();
+            for v in values.iter() {
+                sum.add(v);
+            }
+            Ok::<_, DatapathError>(sum)
+        };
+        let mut out = Snapshot::default();
+        for id in 0..services {
+            let mut dropped = Vec::with_capacity(SVC_DROP_REASONS.len());
+            for (slot, reason) in SVC_DROP_REASONS {
+                dropped.push((reason, read(&svc, svc_slot(id, slot), MAP_SVC_STATS)?));
+            }
+            out.services.push(ServiceCounters {
+                passed: read(&svc, svc_slot(id, SVC_PASSED), MAP_SVC_STATS)?,
+                dropped,
+                passed_no_bucket: read(&svc, svc_slot(id, SVC_PASS_NO_BUCKET), MAP_SVC_STATS)?,
+                new_keys: read(&svc, svc_slot(id, SVC_NEW_KEYS), MAP_SVC_STATS)?.packets,
+            });
+        }
+        let global: PerCpuArray<&MapData, Counter> = ebpf
+            .map(MAP_GLOBAL_STATS)
+            .ok_or(DatapathError::MissingMap(MAP_GLOBAL_STATS))?
+            .try_into()
+            .map_err(map_err(MAP_GLOBAL_STATS))?;
+        for (slot, name) in GSTAT_NAMES {
+            out.global
+                .push((name, read(&global, slot, MAP_GLOBAL_STATS)?));
+        }
+        Ok(out)
+    }
+
+    /// Walks the token-bucket table once and counts its entries per service. A walk of a
+    /// million keys takes about a second of syscalls, so the agent does it on a timer, not per
+    /// scrape.
+    pub fn count_keys(&self) -> Result<KeyCounts, DatapathError> {
+        let table: HashMap<&MapData, BucketKey, Bucket> = self
+            .ebpf
+            .map(MAP_RL_BUCKETS)
+            .ok_or(DatapathError::MissingMap(MAP_RL_BUCKETS))?
+            .try_into()
+            .map_err(map_err(MAP_RL_BUCKETS))?;
+        let mut counts = KeyCounts::new();
+        // Keys may be evicted while we walk; an error on one key ends the walk early rather
+        // than failing the whole count.
+        for key in table.keys() {
+            match key {
+                Ok(k) => *counts.entry(k.service_id).or_default() += 1,
+                Err(_) => break,
+            }
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,132 @@
+//! The kernel side as the agent sees it: load the embedded eBPF object, attach its programs to
+//! interfaces, write the compiled policy into its maps, read its counters back.
+
+mod attach;
+mod maps;
+
+pub use attach::{AttachSpec, XdpModeSetting};
+pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
+
+use agent_common::maps::{MAP_RL_BUCKETS, PROG_TC_EGRESS, PROG_XDP};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::MapError,
+    programs::{ProgramError, SchedClassifier, Xdp},
+};
+
+/// The eBPF object built by `build.rs`; empty when built with `AYA_BUILD_SKIP=1`.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-ebpf"));
+
+/// The baseline program of `cargo xtask bench` (never attached).
+pub static EBPF_BENCH_TRIVIAL: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-trivial"));
+
+/// Sources are boxed: aya's errors are large and every `Result` here would carry them.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("this agent was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it")]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<EbpfError>),
+    #[error("program `{0}` is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("loading program `{program}` into the kernel: {source}")]
+    LoadProgram {
+        program: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("attaching `{program}` to interface {interface} ({mode}): {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("map `{0}` is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+/// A loaded datapath. Dropping it detaches every program it attached: links are owned by the
+/// programs, and their file descriptors close with it.
+pub struct Datapath {
+    ebpf: Ebpf,
+    attached: Vec<attach::Attached>,
+}
+
+impl Datapath {
+    /// Loads the object and its programs into the kernel; attaches nothing yet.
+    /// `max_keys` sizes the token-bucket table (a load-time constant of the map).
+    pub fn load(max_keys: u32) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        raise_memlock_rlimit();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_RL_BUCKETS, max_keys.max(1))
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for name in [PROG_XDP, PROG_TC_EGRESS] {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram(name))?;
+            let loaded = match program {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => return Err(DatapathError::MissingProgram(name)),
+            };
+            loaded.map_err(|source| DatapathError::LoadProgram {
+                program: name,
+                source: Box::new(source),
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// The XDP program, for BPF_PROG_TEST_RUN.
+    pub fn xdp_program(&self) -> Result<&Xdp, DatapathError> {
+        self.ebpf
+            .program(PROG_XDP)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram(PROG_XDP))
+    }
+
+    /// The TC egress program, for BPF_PROG_TEST_RUN.
+    pub fn tc_program(&self) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(PROG_TC_EGRESS)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram(PROG_TC_EGRESS))
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so maps of a million keys
+/// load there too. Newer kernels use memory cgroups and ignore it.
+fn raise_memlock_rlimit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall on a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            "could not lift RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! The userspace agent: policy, datapath control, telemetry, and the `run` loop tying them.
+//! `main.rs` only parses the command line; everything else lives here so tests reach it.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod datapath;
+pub mod plan;
+pub mod run;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,175 @@
+//! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP; detach on SIGTERM.
+//!
+//! Order of start-up, so that a failure leaves nothing behind: validate the policy (and the
+//! interfaces it names) -> bind the HTTP listener -> load the programs -> write the maps ->
+//! attach (all interfaces or none) -> ready. Every step before `attach` touches nothing a
+//! packet sees; `Datapath` detaches what it attached when dropped.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use aya_log::EbpfLogger;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use crate::{
+    commands::{EXIT_INVALID, EXIT_RUNTIME},
+    config::{self, PolicyErrors},
+    datapath::{Datapath, DatapathError},
+    plan::Plan,
+    state::AgentState,
+    telemetry::{http, logs},
+};
+
+/// How often the token-bucket table is walked for occupancy.
+const KEY_COUNT_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Policy(PolicyErrors),
+    #[error("binding {addr} (agent.listen): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Datapath(#[from] DatapathError),
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Policy(_) => EXIT_INVALID,
+            _ => EXIT_RUNTIME,
+        }
+    }
+}
+
+pub async fn run(file: &Path) -> Result<(), RunError> {
+    let policy = config::load_file(file).map_err(RunError::Policy)?;
+    logs::init(&policy.agent.log_level.to_string());
+    let plan = Plan::new(&policy).map_err(RunError::Policy)?;
+    tracing::info!(
+        "policy {}: {} services on {} interfaces",
+        file.display(),
+        plan.services.len(),
+        plan.attach.len()
+    );
+
+    let listener = TcpListener::bind(plan.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: plan.listen,
+            source,
+        })?;
+
+    let mut datapath = Datapath::load(plan.compiled.max_keys)?;
+    let logger = match EbpfLogger::init(datapath.ebpf_mut()) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!("datapath logs unavailable: {e}");
+            None
+        }
+    };
+    let report = datapath.apply(&plan.compiled)?;
+    tracing::info!("policy written to the maps: {report:?}");
+    datapath.attach(&plan.attach)?;
+    for a in datapath.attachments() {
+        tracing::info!("attached {a}");
+    }
+
+    let state = Arc::new(AgentState::new(
+        datapath,
+        plan.services.clone(),
+        file.display().to_string(),
+    ));
+    state.set_ready(true);
+    tracing::info!("ready; serving on http://{}", plan.listen);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let log_task = logger.map(|l| tokio::spawn(logs::forward_ebpf_logs(l)));
+    let keys_task = tokio::spawn(count_keys_periodically(state.clone(), stop_rx.clone()));
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(http::serve(listener, state.clone(), async move {
+        let _ = http_stop.wait_for(|stop| *stop).await;
+    }));
+
+    let result = wait_for_signals(file, &plan, &state).await;
+
+    // Not ready any more, then detach, then stop serving.
+    state.set_ready(false);
+    state.datapath_mut().detach_all();
+    let _ = stop_tx.send(true);
+    let _ = keys_task.await;
+    match http_task.await {
+        Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
+        Err(e) => tracing::warn!("HTTP server task: {e}"),
+        Ok(Ok(())) => {}
+    }
+    if let Some(t) = log_task {
+        t.abort();
+    }
+    tracing::info!("detached; bye");
+    result
+}
+
+/// Runs until SIGTERM or SIGINT; SIGHUP reloads the policy file.
+async fn wait_for_signals(file: &Path, current: &Plan, state: &AgentState) -> Result<(), RunError> {
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+    let mut current = current.clone();
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", file.display());
+                match reload(file, &current, state) {
+                    Ok(plan) => current = plan,
+                    Err(e) => tracing::error!("reload refused, the running policy stays in force:\n{e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Validates the file again and writes what changed. Changes that need new maps or new
+/// attachments (interfaces, key-table size) are refused for now: the running policy stays.
+fn reload(file: &Path, current: &Plan, state: &AgentState) -> Result<Plan, RunError> {
+    let policy = config::load_file(file).map_err(RunError::Policy)?;
+    let plan = Plan::new(&policy).map_err(RunError::Policy)?;
+    if let Some(why) = plan.needs_restart_from(current) {
+        return Err(RunError::Policy(PolicyErrors(vec![policy.error_at(
+            why.0,
+            format!("{} cannot change on reload yet; restart the agent", why.1),
+        )])));
+    }
+    let report = state.datapath_mut().apply(&plan.compiled)?;
+    state.set_services(plan.services.clone());
+    tracing::info!("reloaded: {report:?}");
+    Ok(plan)
+}
+
+async fn count_keys_periodically(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let s = state.clone();
+        match tokio::task::spawn_blocking(move || s.refresh_key_counts()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("counting rate-limit keys: {e}"),
+            Err(e) => tracing::warn!("counting rate-limit keys: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(KEY_COUNT_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! State shared by the reconcile loop and the HTTP endpoints.
+
+use std::sync::{
+    Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    atomic::{AtomicBool, Ordering},
+};
+
+use crate::{
+    datapath::{Datapath, DatapathError, KeyCounts},
+    telemetry::status::{ServiceInfo, StatusReport},
+};
+
+pub struct AgentState {
+    /// Readers (counters, key walks) share it; policy writes and attachment take it alone.
+    datapath: RwLock<Datapath>,
+    services: Mutex<Vec<ServiceInfo>>,
+    keys: Mutex<KeyCounts>,
+    ready: AtomicBool,
+    policy_file: String,
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the data is counters
+/// and descriptions, still fine to read.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl AgentState {
+    pub fn new(datapath: Datapath, services: Vec<ServiceInfo>, policy_file: String) -> Self {
+        Self {
+            datapath: RwLock::new(datapath),
+            services: Mutex::new(services),
+            keys: Mutex::new(KeyCounts::new()),
+            ready: AtomicBool::new(false),
+            policy_file,
+        }
+    }
+
+    pub fn datapath(&self) -> RwLockReadGuard<'_, Datapath> {
+        self.datapath.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn datapath_mut(&self) -> RwLockWriteGuard<'_, Datapath> {
+        self.datapath
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn set_services(&self, services: Vec<ServiceInfo>) {
+        *lock(&self.services) = services;
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Walks the key table (slow for big tables: call it off the async threads).
+    pub fn refresh_key_counts(&self) -> Result<(), DatapathError> {
+        let counts = self.datapath().count_keys()?;
+        *lock(&self.keys) = counts;
+        Ok(())
+    }
+
+    pub fn report(&self) -> Result<StatusReport, DatapathError> {
+        let services = lock(&self.services).clone();
+        let (snapshot, attachments) = {
+            let dp = self.datapath();
+            (dp.snapshot(services.len() as u32)?, dp.attachments())
+        };
+        let keys = lock(&self.keys).clone();
+        Ok(StatusReport::build(
+            self.is_ready(),
+            &self.policy_file,
+            attachments,
+            &services,
+            &snapshot,
+            &keys,
+        ))
+    }
+}

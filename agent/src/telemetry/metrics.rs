@@ -1,0 +1,243 @@
+//! Prometheus exposition of the datapath's counters, read from the maps at scrape time
+//! (a `prometheus_client` collector: no copies of the counters live in the agent).
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use super::status::StatusReport;
+
+/// Renders the Prometheus text format of one status report.
+pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ReportCollector(report.clone())));
+    let mut out = String::new();
+    prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct ReportCollector(StatusReport);
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family: name, help, type, and its samples.
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    kind: MetricType,
+    samples: Vec<(Labels, u64)>,
+}
+
+impl Family<'_> {
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.samples.is_empty() {
+            return Ok(());
+        }
+        let mut metric = encoder.encode_descriptor(self.name, self.help, None, self.kind)?;
+        for (labels, value) in &self.samples {
+            let fam = metric.encode_family(labels)?;
+            match self.kind {
+                MetricType::Counter => ConstCounter::new(*value).encode(fam)?,
+                _ => ConstGauge::new(*value as i64).encode(fam)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for ReportCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = &self.0;
+        let svc = |name: &str| vec![("service", name.to_string())];
+        let mut packets = Vec::new();
+        let mut bytes = Vec::new();
+        let mut dropped_packets = Vec::new();
+        let mut dropped_bytes = Vec::new();
+        let mut keys = Vec::new();
+        let mut new_keys = Vec::new();
+        let mut evictions = Vec::new();
+        let mut no_bucket = Vec::new();
+        for s in &r.services {
+            let mut passed = svc(&s.name);
+            passed.push(("verdict", "passed".into()));
+            packets.push((passed.clone(), s.passed.packets));
+            bytes.push((passed, s.passed.bytes));
+            for d in &s.dropped {
+                let mut l = svc(&s.name);
+                l.push(("reason", d.reason.clone()));
+                dropped_packets.push((l.clone(), d.counter.packets));
+                dropped_bytes.push((l, d.counter.bytes));
+            }
+            no_bucket.push((svc(&s.name), s.passed_no_bucket.packets));
+            if let Some(rl) = &s.rate_limit {
+                keys.push((svc(&s.name), rl.keys));
+                new_keys.push((svc(&s.name), rl.new_keys));
+                evictions.push((svc(&s.name), rl.evictions));
+            }
+        }
+        let global = r
+            .global
+            .iter()
+            .map(|(class, c)| (vec![("class", class.clone())], c.packets))
+            .collect();
+        let families = [
+            Family {
+                name: "agent_service_packets",
+                help: "Packets of a service by verdict.",
+                kind: MetricType::Counter,
+                samples: packets,
+            },
+            Family {
+                name: "agent_service_bytes",
+                help: "Bytes (L2 frames) of a service by verdict.",
+                kind: MetricType::Counter,
+                samples: bytes,
+            },
+            Family {
+                name: "agent_service_dropped_packets",
+                help: "Packets of a service dropped by the datapath, by reason.",
+                kind: MetricType::Counter,
+                samples: dropped_packets,
+            },
+            Family {
+                name: "agent_service_dropped_bytes",
+                help: "Bytes of a service dropped by the datapath, by reason.",
+                kind: MetricType::Counter,
+                samples: dropped_bytes,
+            },
+            Family {
+                name: "agent_service_passed_without_bucket_packets",
+                help: "Packets passed unlimited because the key table refused a new key (fail open).",
+                kind: MetricType::Counter,
+                samples: no_bucket,
+            },
+            Family {
+                name: "agent_ratelimit_keys",
+                help: "Entries of the token-bucket key table per service (occupancy), from the last table walk.",
+                kind: MetricType::Gauge,
+                samples: keys,
+            },
+            Family {
+                name: "agent_ratelimit_new_keys",
+                help: "Keys inserted into the token-bucket table per service.",
+                kind: MetricType::Counter,
+                samples: new_keys,
+            },
+            Family {
+                name: "agent_ratelimit_key_evictions",
+                help: "Keys gone from the token-bucket table (LRU evictions): inserted minus present at the last walk.",
+                kind: MetricType::Counter,
+                samples: evictions,
+            },
+            Family {
+                name: "agent_datapath_packets",
+                help: "Packets seen by the datapath outside any service, by class (all passed: fail open).",
+                kind: MetricType::Counter,
+                samples: global,
+            },
+            Family {
+                name: "agent_ready",
+                help: "1 once programs are attached and the policy applied.",
+                kind: MetricType::Gauge,
+                samples: vec![(vec![], u64::from(r.ready))],
+            },
+        ];
+        for f in &families {
+            f.encode(&mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::status::{CounterJson, DropStatus, RateLimitStatus, ServiceStatus};
+
+    fn report() -> StatusReport {
+        StatusReport {
+            ready: true,
+            policy_file: "p.yaml".into(),
+            attachments: vec!["xdp (native) on veth0".into()],
+            services: vec![ServiceStatus {
+                id: 0,
+                name: "checkout".into(),
+                matches: "198.18.0.2/32 udp/5000".into(),
+                rate_limit: Some(RateLimitStatus {
+                    summary: "flow 10/s burst 5".into(),
+                    keys: 7,
+                    new_keys: 9,
+                    evictions: 2,
+                }),
+                passed: CounterJson {
+                    packets: 100,
+                    bytes: 6400,
+                },
+                dropped: vec![
+                    DropStatus {
+                        reason: "rate_limit".into(),
+                        counter: CounterJson {
+                            packets: 400,
+                            bytes: 25600,
+                        },
+                    },
+                    DropStatus {
+                        reason: "contended".into(),
+                        counter: CounterJson::default(),
+                    },
+                ],
+                passed_no_bucket: CounterJson::default(),
+            }],
+            global: vec![(
+                "unmatched".into(),
+                CounterJson {
+                    packets: 3,
+                    bytes: 180,
+                },
+            )],
+        }
+    }
+
+    #[test]
+    fn exposition_has_every_family_with_labels() {
+        let text = render(&report()).unwrap();
+        for line in [
+            "agent_service_packets_total{service=\"checkout\",verdict=\"passed\"} 100",
+            "agent_service_bytes_total{service=\"checkout\",verdict=\"passed\"} 6400",
+            "agent_service_dropped_packets_total{service=\"checkout\",reason=\"rate_limit\"} 400",
+            "agent_service_dropped_bytes_total{service=\"checkout\",reason=\"rate_limit\"} 25600",
+            "agent_service_dropped_packets_total{service=\"checkout\",reason=\"contended\"} 0",
+            "agent_ratelimit_keys{service=\"checkout\"} 7",
+            "agent_ratelimit_new_keys_total{service=\"checkout\"} 9",
+            "agent_ratelimit_key_evictions_total{service=\"checkout\"} 2",
+            "agent_datapath_packets_total{class=\"unmatched\"} 3",
+            "# TYPE agent_ratelimit_keys gauge",
+            "# TYPE agent_service_packets_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing line {line:?} in:\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("agent_ready") && l.ends_with(" 1")),
+            "agent_ready missing in:\n{text}"
+        );
+    }
+
+    #[test]
+    fn status_json_round_trips() {
+        let r = report();
+        let json = serde_json::to_string(&r).unwrap();
+        let back: StatusReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        let text = r.render_text();
+        assert!(text.contains("checkout"), "{text}");
+        assert!(text.contains("rate_limit"), "{text}");
+    }
+}

@@ -1,0 +1,177 @@
+//! The running datapath's state as one report: served as JSON on `/status`, printed by
+//! `agent status`, and the source of `/metrics`.
+
+use std::fmt::Write as _;
+
+use agent_common::Counter;
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::{KeyCounts, Snapshot};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub ready: bool,
+    pub policy_file: String,
+    pub attachments: Vec<String>,
+    pub services: Vec<ServiceStatus>,
+    /// Packets outside any service, by class.
+    pub global: Vec<(String, CounterJson)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub id: u32,
+    pub name: String,
+    /// `match` as written in the policy, e.g. `198.18.0.2/32 udp/5000`.
+    pub matches: String,
+    pub rate_limit: Option<RateLimitStatus>,
+    pub passed: CounterJson,
+    pub dropped: Vec<DropStatus>,
+    pub passed_no_bucket: CounterJson,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitStatus {
+    /// e.g. `flow 1000/s burst 200`
+    pub summary: String,
+    pub keys: u64,
+    pub new_keys: u64,
+    pub evictions: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DropStatus {
+    pub reason: String,
+    pub counter: CounterJson,
+}
+
+/// `Counter` as it appears in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterJson {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl From<Counter> for CounterJson {
+    fn from(c: Counter) -> Self {
+        CounterJson {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// What the agent knows of a service beyond its counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub matches: String,
+    pub rate_limit: Option<String>,
+}
+
+impl StatusReport {
+    pub fn build(
+        ready: bool,
+        policy_file: &str,
+        attachments: Vec<String>,
+        services: &[ServiceInfo],
+        snapshot: &Snapshot,
+        keys: &KeyCounts,
+    ) -> StatusReport {
+        let services = services
+            .iter()
+            .zip(&snapshot.services)
+            .enumerate()
+            .map(|(id, (info, c))| {
+                let id = id as u32;
+                let present = keys.get(&id).copied().unwrap_or(0);
+                ServiceStatus {
+                    id,
+                    name: info.name.clone(),
+                    matches: info.matches.clone(),
+                    rate_limit: info.rate_limit.as_ref().map(|summary| RateLimitStatus {
+                        summary: summary.clone(),
+                        keys: present,
+                        new_keys: c.new_keys,
+                        // The agent never deletes keys while running, so every key inserted and
+                        // no longer present was evicted by the LRU.
+                        evictions: c.new_keys.saturating_sub(present),
+                    }),
+                    passed: c.passed.into(),
+                    dropped: c
+                        .dropped
+                        .iter()
+                        .map(|(reason, counter)| DropStatus {
+                            reason: (*reason).to_string(),
+                            counter: (*counter).into(),
+                        })
+                        .collect(),
+                    passed_no_bucket: c.passed_no_bucket.into(),
+                }
+            })
+            .collect();
+        StatusReport {
+            ready,
+            policy_file: policy_file.to_string(),
+            attachments,
+            services,
+            global: snapshot
+                .global
+                .iter()
+                .map(|(name, c)| ((*name).to_string(), (*c).into()))
+                .collect(),
+        }
+    }
+
+    /// The human table of `agent status`.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "policy: {}   ready: {}   attached: {}",
+            self.policy_file,
+            if self.ready { "yes" } else { "no" },
+            if self.attachments.is_empty() {
+                "-".to_string()
+            } else {
+                self.attachments.join(", ")
+            }
+        );
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
+            "SERVICE", "MATCH", "RATE LIMIT", "PASSED", "DROPPED", "KEYS", "EVICTED"
+        );
+        for s in &self.services {
+            let dropped: u64 = s.dropped.iter().map(|d| d.counter.packets).sum();
+            let (limit, keys, evicted) = match &s.rate_limit {
+                Some(rl) => (
+                    rl.summary.clone(),
+                    rl.keys.to_string(),
+                    rl.evictions.to_string(),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            let _ = writeln!(
+                out,
+                "{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
+                s.name, s.matches, limit, s.passed.packets, dropped, keys, evicted
+            );
+        }
+        let _ = writeln!(out, "\nDROPS BY REASON");
+        for s in &self.services {
+            for d in s.dropped.iter().filter(|d| d.counter.packets > 0) {
+                let _ = writeln!(
+                    out,
+                    "  {:<20} {:<12} {:>12} pkts {:>14} bytes",
+                    s.name, d.reason, d.counter.packets, d.counter.bytes
+                );
+            }
+        }
+        let _ = writeln!(out, "\nOUTSIDE ANY SERVICE (passed)");
+        for (class, c) in &self.global {
+            let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
+        }
+        out
+    }
+}

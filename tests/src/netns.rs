@@ -1,0 +1,499 @@
+//! Network namespaces, a veth pair between them, and running code inside one.
+//!
+//! Everything is created through `ip` (iproute2): it is what an operator would type, and a
+//! failing step names the exact command and its stderr. The veth pair is created directly
+//! inside the namespaces (`ip -n CLIENT link add ... peer ... netns SERVER`), so no interface
+//! ever exists in the root namespace and fixed interface names and addresses cannot clash
+//! between parallel runs; only the namespace names need to be unique.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result, bail};
+
+/// Runs `ip ARGS`; on failure the error names the command and carries its stderr.
+pub fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .with_context(|| format!("spawning `ip {}` (is iproute2 installed?)", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Names of the namespaces that exist now (`ip netns list`).
+pub fn netns_list() -> Result<Vec<String>> {
+    Ok(ip(&["netns", "list"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Deletes namespaces left behind by test processes that died without running their guards
+/// (SIGKILL, a CI timeout): names `agt-<pid>-...` whose pid no longer exists. Namespaces of
+/// live processes (a parallel run) are left alone. Returns the names deleted.
+pub fn sweep_stale() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for name in netns_list()? {
+        let Some(pid) = name
+            .strip_prefix("agt-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if process_alive(pid) {
+            continue;
+        }
+        if ip(&["netns", "del", &name]).is_ok() {
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
+/// Whether `pid` is a live process (a zombie is not: it is dead, only not reaped yet).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// A unique name: `agt-<pid>-<counter>-<role>`. The pid keeps parallel test processes apart,
+/// the counter keeps topologies of one process apart.
+pub fn unique_name(role: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("agt-{}-{}-{}", std::process::id(), n, role)
+}
+
+/// A named network namespace (`/var/run/netns/NAME`). Deleted on drop when owned.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    owned: bool,
+}
+
+impl Netns {
+    /// Creates a fresh namespace with loopback up.
+    pub fn create(name: &str) -> Result<Netns> {
+        ip(&["netns", "add", name])?;
+        // Owned from here on, so a failure below still deletes it.
+        let ns = Netns {
+            name: name.to_owned(),
+            owned: true,
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A handle to the same namespace that does not delete it on drop.
+    pub fn handle(&self) -> Netns {
+        Netns {
+            name: self.name.clone(),
+            owned: false,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// Runs `f` on a new thread that first joins this namespace, and waits for it. Sockets
+    /// created by `f` stay in this namespace wherever they are used afterwards.
+    pub fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let handle = self.spawn(f)?;
+        match handle.join() {
+            Ok(v) => Ok(v),
+            // Re-raise the closure's panic in the caller: a test's assertion inside `run`
+            // must fail the test with its own message.
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Like [`Netns::run`], but returns the thread's handle at once.
+    pub fn spawn<T, F>(&self, f: F) -> Result<JoinHandle<T>>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        // Opened here, not in the thread, so a missing namespace is an error of the caller.
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let name = self.name.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+        let handle = std::thread::Builder::new()
+            .name(format!("in-{name}"))
+            .spawn(move || {
+                // SAFETY: setns on a valid fd; only this thread's network namespace changes
+                // (CLONE_NEWNET is per thread), the file is kept open for the call.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    let _ = tx.send(Err(std::io::Error::last_os_error()));
+                    // The closure must not run in the wrong namespace.
+                    panic!("setns into {name} failed");
+                }
+                drop(file);
+                let _ = tx.send(Ok(()));
+                f()
+            })
+            .context("spawning a namespace thread")?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e).with_context(|| format!("setns(CLONE_NEWNET) into {}", self.name))
+            }
+            Err(_) => bail!("namespace thread for {} died before setns", self.name),
+        }
+    }
+
+    /// `/proc/net/dev` counters of `ifname` in this namespace.
+    pub fn link_stats(&self, ifname: &str) -> Result<LinkStats> {
+        let ifname = ifname.to_owned();
+        self.run(move || read_link_stats(&ifname))?
+    }
+
+    /// `/proc/net/snmp` `Udp:` counters of this namespace (IPv4 only).
+    pub fn udp_snmp(&self) -> Result<UdpSnmp> {
+        self.run(|| {
+            // thread-self: /proc/self/net would show the namespace of the main thread.
+            let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let text6 = std::fs::read_to_string("/proc/thread-self/net/snmp6")?;
+            parse_udp_snmp(&text, &text6)
+        })?
+    }
+
+    fn delete(&mut self) -> Result<()> {
+        if self.owned {
+            self.owned = false;
+            ip(&["netns", "del", &self.name])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = self.delete() {
+            eprintln!("warning: cleaning up namespace: {e:#}");
+        }
+    }
+}
+
+/// Interface counters, as `/proc/net/dev` shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_packets: u64,
+    pub tx_dropped: u64,
+}
+
+fn read_link_stats(ifname: &str) -> Result<LinkStats> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+    for line in text.lines().skip(2) {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if name.trim() != ifname {
+            continue;
+        }
+        let v: Vec<u64> = rest
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        if v.len() < 16 {
+            bail!("short /proc/net/dev line for {ifname}: {line}");
+        }
+        // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets errs drop ...
+        return Ok(LinkStats {
+            rx_packets: v[1],
+            rx_dropped: v[3],
+            tx_packets: v[9],
+            tx_dropped: v[11],
+        });
+    }
+    bail!("interface {ifname} not in /proc/net/dev")
+}
+
+/// UDP counters of a namespace, IPv4 and IPv6 added up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpSnmp {
+    pub in_datagrams: u64,
+    pub no_ports: u64,
+    pub in_errors: u64,
+    pub rcvbuf_errors: u64,
+    pub in_csum_errors: u64,
+}
+
+impl UdpSnmp {
+    /// Counters that mean a datagram reached the namespace's UDP layer and was lost there.
+    pub fn losses_since(&self, before: &UdpSnmp) -> u64 {
+        (self.in_errors - before.in_errors)
+            + (self.rcvbuf_errors - before.rcvbuf_errors)
+            + (self.in_csum_errors - before.in_csum_errors)
+    }
+}
+
+fn parse_udp_snmp(snmp: &str, snmp6: &str) -> Result<UdpSnmp> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
+        bail!("no Udp: lines in /proc/net/snmp");
+    };
+    let get4 = |field: &str| -> u64 {
+        head.split_whitespace()
+            .zip(vals.split_whitespace())
+            .find(|(h, _)| *h == field)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let get6 = |field: &str| -> u64 {
+        snmp6
+            .lines()
+            .filter_map(|l| l.split_once(char::is_whitespace))
+            .find(|(k, _)| *k == field)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(UdpSnmp {
+        in_datagrams: get4("InDatagrams") + get6("Udp6InDatagrams"),
+        no_ports: get4("NoPorts") + get6("Udp6NoPorts"),
+        in_errors: get4("InErrors") + get6("Udp6InErrors"),
+        rcvbuf_errors: get4("RcvbufErrors") + get6("Udp6RcvbufErrors"),
+        in_csum_errors: get4("InCsumErrors") + get6("Udp6InCsumErrors"),
+    })
+}
+
+/// Fixed MACs, so static neighbour entries can be written before any packet flows.
+const CLIENT_MAC: &str = "02:a9:00:00:00:01";
+const SERVER_MAC: &str = "02:a9:00:00:00:02";
+/// Prefix lengths of the test network (198.18.0.0/15 and 2001:db8::/32 are reserved for
+/// benchmarking and documentation; this workplace allows only them for test hosts).
+const V4_PREFIX: u8 = 16;
+const V6_PREFIX: u8 = 64;
+
+/// Two namespaces, client and server, joined by a veth pair, with IPv4 and IPv6 addresses.
+/// Dropping it deletes the links and the namespaces, also while a test unwinds from a panic.
+#[derive(Debug)]
+pub struct Topology {
+    // Field order is drop order: the server (where an agent may run) goes last.
+    pub client: Netns,
+    pub server: Netns,
+    /// The veth end inside `client`.
+    pub client_if: String,
+    /// The veth end inside `server`: where the agent attaches XDP.
+    pub server_if: String,
+    pub client_v4: Ipv4Addr,
+    pub server_v4: Ipv4Addr,
+    pub client_v6: Ipv6Addr,
+    pub server_v6: Ipv6Addr,
+    extra_v4: Vec<Ipv4Addr>,
+    extra_v6: Vec<Ipv6Addr>,
+}
+
+impl Topology {
+    pub const CLIENT_IF: &'static str = "veth-cli";
+    pub const SERVER_IF: &'static str = "veth-srv";
+
+    /// Builds client ns <-veth-> server ns: 198.18.0.1/16 and 2001:db8::1/64 on the client,
+    /// 198.18.0.2/16 and 2001:db8::2/64 on the server, every link up, permanent neighbour
+    /// entries both ways (a paced sender must not lose its first packets to ARP/ND
+    /// resolution, whose queue holds only a few packets).
+    pub fn new() -> Result<Topology> {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| match sweep_stale() {
+            Ok(gone) if !gone.is_empty() => eprintln!("removed stale namespaces: {gone:?}"),
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: sweeping stale namespaces: {e:#}"),
+        });
+        let client = Netns::create(&unique_name("c"))?;
+        let server = Netns::create(&unique_name("s"))?;
+        let topo = Topology {
+            client,
+            server,
+            client_if: Self::CLIENT_IF.to_owned(),
+            server_if: Self::SERVER_IF.to_owned(),
+            client_v4: Ipv4Addr::new(198, 18, 0, 1),
+            server_v4: Ipv4Addr::new(198, 18, 0, 2),
+            client_v6: "2001:db8::1".parse().expect("literal"),
+            server_v6: "2001:db8::2".parse().expect("literal"),
+            extra_v4: Vec::new(),
+            extra_v6: Vec::new(),
+        };
+        topo.client.ip(&[
+            "link",
+            "add",
+            Self::CLIENT_IF,
+            "address",
+            CLIENT_MAC,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::SERVER_IF,
+            "address",
+            SERVER_MAC,
+            "netns",
+            topo.server.name(),
+        ])?;
+        for (ns, ifname, v4, v6, peer_v4, peer_v6, peer_mac) in [
+            (
+                &topo.client,
+                Self::CLIENT_IF,
+                topo.client_v4,
+                topo.client_v6,
+                topo.server_v4,
+                topo.server_v6,
+                SERVER_MAC,
+            ),
+            (
+                &topo.server,
+                Self::SERVER_IF,
+                topo.server_v4,
+                topo.server_v6,
+                topo.client_v4,
+                topo.client_v6,
+                CLIENT_MAC,
+            ),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/{V4_PREFIX}"), "dev", ifname])?;
+            // nodad: the address is usable at once instead of after duplicate detection.
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{v6}/{V6_PREFIX}"),
+                "dev",
+                ifname,
+                "nodad",
+            ])?;
+            ns.ip(&["link", "set", ifname, "up"])?;
+            for peer in [IpAddr::V4(peer_v4), IpAddr::V6(peer_v6)] {
+                ns.ip(&[
+                    "neigh",
+                    "replace",
+                    &peer.to_string(),
+                    "lladdr",
+                    peer_mac,
+                    "dev",
+                    ifname,
+                    "nud",
+                    "permanent",
+                ])?;
+            }
+        }
+        Ok(topo)
+    }
+
+    /// Adds `n` more IPv4 addresses to the client (198.18.1.1, 198.18.1.2, ...), for tests
+    /// that need several sources; returns the new ones. The server learns their MAC statically.
+    pub fn add_client_v4(&mut self, n: usize) -> Result<Vec<Ipv4Addr>> {
+        let mut added = Vec::with_capacity(n);
+        for _ in 0..n {
+            let i = self.extra_v4.len();
+            if i >= 250 * 250 {
+                bail!("at most 62,500 extra client addresses");
+            }
+            let addr = Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1);
+            self.client.ip(&[
+                "addr",
+                "add",
+                &format!("{addr}/{V4_PREFIX}"),
+                "dev",
+                &self.client_if,
+            ])?;
+            self.server.ip(&[
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                CLIENT_MAC,
+                "dev",
+                &self.server_if,
+                "nud",
+                "permanent",
+            ])?;
+            self.extra_v4.push(addr);
+            added.push(addr);
+        }
+        Ok(added)
+    }
+
+    /// Adds `n` more IPv6 addresses to the client (2001:db8::1:1, ...).
+    pub fn add_client_v6(&mut self, n: usize) -> Result<Vec<Ipv6Addr>> {
+        let mut added = Vec::with_capacity(n);
+        for _ in 0..n {
+            let i = self.extra_v6.len() as u16 + 1;
+            let addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, i);
+            self.client.ip(&[
+                "addr",
+                "add",
+                &format!("{addr}/{V6_PREFIX}"),
+                "dev",
+                &self.client_if,
+                "nodad",
+            ])?;
+            self.server.ip(&[
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                CLIENT_MAC,
+                "dev",
+                &self.server_if,
+                "nud",
+                "permanent",
+            ])?;
+            self.extra_v6.push(addr);
+            added.push(addr);
+        }
+        Ok(added)
+    }
+
+    /// Drop counters of the path client socket -> server stack, before any XDP verdict:
+    /// the client veth's tx_dropped and the server veth's rx_dropped (which also counts
+    /// backlog overflow in `netif_rx`). A limiter test whose path dropped packets would
+    /// blame the limiter for them, so tests check this stays unchanged.
+    pub fn path_drops(&self) -> Result<u64> {
+        let c = self.client.link_stats(&self.client_if)?;
+        let s = self.server.link_stats(&self.server_if)?;
+        Ok(c.tx_dropped + s.rx_dropped)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair as well; deleting the link first
+        // makes that explicit and frees the peer at once even if something (an agent that
+        // did not exit) still holds the server namespace open.
+        let _ = self.client.ip(&["link", "del", &self.client_if]);
+    }
+}

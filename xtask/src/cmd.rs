@@ -1,0 +1,100 @@
+//! Running external programs with errors that name the command line.
+
+use std::{
+    io,
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    #[error("cannot start `{cmd}`: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{cmd}` failed ({status}){}", fmt_stderr(.stderr))]
+    Failed {
+        cmd: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("`{cmd}` printed output that is not UTF-8")]
+    NotUtf8 { cmd: String },
+}
+
+fn fmt_stderr(stderr: &str) -> String {
+    let stderr = stderr.trim();
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(":\n{stderr}")
+    }
+}
+
+/// `program arg1 arg2`, for messages.
+pub fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs with inherited stdio (the user sees the output live); fails on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<(), CmdError> {
+    let status = cmd.status().map_err(|source| CmdError::Spawn {
+        cmd: describe(cmd),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CmdError::Failed {
+            cmd: describe(cmd),
+            status,
+            stderr: String::new(),
+        })
+    }
+}
+
+/// Runs quietly and returns stdout; on failure the error carries what the program printed.
+pub fn output(cmd: &mut Command) -> Result<String, CmdError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| CmdError::Spawn {
+            cmd: describe(cmd),
+            source,
+        })?;
+    if !out.status.success() {
+        // Some tools report on stdout (e.g. `agent check`); keep whichever said something.
+        let said = if out.stderr.iter().all(u8::is_ascii_whitespace) {
+            &out.stdout
+        } else {
+            &out.stderr
+        };
+        return Err(CmdError::Failed {
+            cmd: describe(cmd),
+            status: out.status,
+            stderr: String::from_utf8_lossy(said).into_owned(),
+        });
+    }
+    String::from_utf8(out.stdout).map_err(|_| CmdError::NotUtf8 { cmd: describe(cmd) })
+}
+
+/// Waits for `child` until `timeout`; `None` when it is still running then.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}

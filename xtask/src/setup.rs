@@ -1,0 +1,335 @@
+//! `cargo xtask setup`: installs what the build and the tests need, idempotently.
+//!
+//! One line per step, `done` or `skipped`. Root is needed only for a step that has work to do
+//! (apt-get, mounting bpffs). Facts behind each step: /work/shared/TOOLCHAIN.md.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs, io,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use crate::{
+    cmd::{self, CmdError},
+    sys::{self, NotRoot},
+};
+
+/// Overrides where bpf-linker is installed (default `$HOME/.local/share/agent-toolchain`).
+const TOOLCHAIN_DIR_ENV: &str = "AGENT_TOOLCHAIN_DIR";
+const TOOLCHAIN_DIR_UNDER_HOME: &str = ".local/share/agent-toolchain";
+pub const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// What the build, the tests and the demo call; nothing else (no compilers: rustup brings them).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "iputils-ping", "curl"];
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error(transparent)]
+    NotRoot(#[from] NotRoot),
+    #[error("neither {TOOLCHAIN_DIR_ENV} nor HOME is set: no place for the project toolchain")]
+    NoToolchainDir,
+    #[error("toolchain directory {} cannot go on PATH: {source}", .dir.display())]
+    BadPath {
+        dir: PathBuf,
+        source: env::JoinPathsError,
+    },
+    #[error("`rustc +{NIGHTLY} -vV` printed no `LLVM version: MAJOR.x` line")]
+    NoLlvmVersion,
+    #[error("no libLLVM.so.{major}.*-rust-* in {}: the nightly toolchain ships its own libLLVM", .dir.display())]
+    NoLibLlvm { major: u32, dir: PathBuf },
+    #[error("{action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SetupError {
+    let path = path.to_owned();
+    move |source| SetupError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The project's own tools: `bin/bpf-linker` and the libLLVM symlinks it links against.
+pub struct Toolchain {
+    root: PathBuf,
+    path_env: OsString,
+}
+
+impl Toolchain {
+    fn locate() -> Result<Self, SetupError> {
+        let root = match env::var_os(TOOLCHAIN_DIR_ENV) {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => env::var_os("HOME")
+                .filter(|home| !home.is_empty())
+                .map(|home| PathBuf::from(home).join(TOOLCHAIN_DIR_UNDER_HOME))
+                .ok_or(SetupError::NoToolchainDir)?,
+        };
+        let bin = root.join("bin");
+        let inherited = env::var_os("PATH").unwrap_or_default();
+        let path_env =
+            env::join_paths(std::iter::once(bin.clone()).chain(env::split_paths(&inherited)))
+                .map_err(|source| SetupError::BadPath { dir: bin, source })?;
+        Ok(Self { root, path_env })
+    }
+
+    fn bin_dir(&self) -> PathBuf {
+        self.root.join("bin")
+    }
+
+    /// `LLVM_PREFIX` for building bpf-linker: holds `lib/libLLVM.so*`.
+    fn llvm_prefix(&self) -> PathBuf {
+        self.root.join("llvm")
+    }
+
+    /// PATH for spawned cargo processes: the project toolchain first (aya-build looks up
+    /// `bpf-linker` there).
+    pub fn path_env(&self) -> &OsString {
+        &self.path_env
+    }
+}
+
+enum Outcome {
+    Done(String),
+    Skipped(String),
+}
+
+fn report(step: &str, outcome: &Outcome) {
+    match outcome {
+        Outcome::Done(detail) => println!("setup: {step:<20} done     ({detail})"),
+        Outcome::Skipped(detail) => println!("setup: {step:<20} skipped  ({detail})"),
+    }
+}
+
+pub fn run() -> Result<Toolchain, SetupError> {
+    let toolchain = Toolchain::locate()?;
+    report("nightly toolchain", &nightly_toolchain()?);
+    report("rust-src (nightly)", &rust_src()?);
+    report("debian packages", &debian_packages()?);
+    report("bpf-linker", &bpf_linker(&toolchain)?);
+    report("bpffs", &bpffs()?);
+    Ok(toolchain)
+}
+
+fn rustup() -> Command {
+    Command::new("rustup")
+}
+
+fn nightly_toolchain() -> Result<Outcome, SetupError> {
+    let list = cmd::output(rustup().args(["toolchain", "list"]))?;
+    let prefix = format!("{NIGHTLY}-");
+    if list
+        .lines()
+        .any(|line| line == NIGHTLY || line.starts_with(&prefix))
+    {
+        return Ok(Outcome::Skipped("installed".into()));
+    }
+    cmd::run(rustup().args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    Ok(Outcome::Done(format!("rustup toolchain install {NIGHTLY}")))
+}
+
+fn rust_src() -> Result<Outcome, SetupError> {
+    let installed =
+        cmd::output(rustup().args(["component", "list", "--toolchain", NIGHTLY, "--installed"]))?;
+    if installed.lines().any(|line| line.trim() == "rust-src") {
+        return Ok(Outcome::Skipped("installed".into()));
+    }
+    cmd::run(rustup().args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    Ok(Outcome::Done(format!(
+        "rustup component add rust-src --toolchain {NIGHTLY}"
+    )))
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["--show", "--showformat=${Status}", package])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed"
+        })
+}
+
+fn apt_get() -> Command {
+    let mut command = Command::new("apt-get");
+    command
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .arg("-q");
+    command
+}
+
+fn debian_packages() -> Result<Outcome, SetupError> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| !dpkg_installed(package))
+        .collect();
+    if missing.is_empty() {
+        return Ok(Outcome::Skipped(format!(
+            "{} installed",
+            DEBIAN_PACKAGES.join(", ")
+        )));
+    }
+    sys::require_root(&format!("installing {}", missing.join(", ")))?;
+    cmd::run(apt_get().arg("update"))?;
+    cmd::run(
+        apt_get()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    Ok(Outcome::Done(format!("installed {}", missing.join(", "))))
+}
+
+/// The nightly toolchain's own libLLVM, which bpf-linker must link against: its LLVM major has
+/// to match the one that emits the eBPF bitcode.
+struct NightlyLlvm {
+    major: u32,
+    lib: PathBuf,
+}
+
+fn nightly_llvm() -> Result<NightlyLlvm, SetupError> {
+    let nightly = format!("+{NIGHTLY}");
+    let version = cmd::output(Command::new("rustc").args([nightly.as_str(), "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .and_then(|v| v.trim().split('.').next()?.parse().ok())
+        .ok_or(SetupError::NoLlvmVersion)?;
+    let sysroot =
+        cmd::output(Command::new("rustc").args([nightly.as_str(), "--print", "sysroot"]))?;
+    let dir = Path::new(sysroot.trim()).join("lib");
+    // e.g. libLLVM.so.22.1-rust-1.97.0-nightly
+    let prefix = format!("libLLVM.so.{major}.");
+    for entry in fs::read_dir(&dir).map_err(io_error("read", &dir))? {
+        let entry = entry.map_err(io_error("read", &dir))?;
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix) && n.contains("-rust-"))
+        {
+            return Ok(NightlyLlvm {
+                major,
+                lib: entry.path(),
+            });
+        }
+    }
+    Err(SetupError::NoLibLlvm { major, dir })
+}
+
+/// `D/lib/libLLVM.so` and `D/lib/<file name>`, both pointing at the nightly's libLLVM.
+/// Returns whether anything changed.
+fn link_libllvm(lib_dir: &Path, target: &Path) -> Result<bool, SetupError> {
+    fs::create_dir_all(lib_dir).map_err(io_error("create", lib_dir))?;
+    let own_name = target.file_name().unwrap_or_default();
+    let mut changed = false;
+    for name in [OsString::from("libLLVM.so"), own_name.to_owned()] {
+        let link = lib_dir.join(name);
+        if fs::read_link(&link).is_ok_and(|current| current == target) {
+            continue;
+        }
+        if fs::symlink_metadata(&link).is_ok() {
+            fs::remove_file(&link).map_err(io_error("remove", &link))?;
+        }
+        symlink(target, &link).map_err(io_error("symlink", &link))?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Why the installed bpf-linker must be (re)built, or `None` when it is the right one.
+fn bpf_linker_problem(toolchain: &Toolchain, feature: &str) -> Option<String> {
+    let bin = toolchain.bin_dir().join("bpf-linker");
+    if !bin.exists() {
+        return Some("not installed".into());
+    }
+    // Running it also proves its libLLVM (rpath into llvm/lib) still resolves.
+    match Command::new(&bin).arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if version != format!("bpf-linker {BPF_LINKER_VERSION}") {
+                return Some(format!("found `{version}`"));
+            }
+        }
+        Ok(out) => {
+            return Some(format!(
+                "`bpf-linker --version` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Err(e) => return Some(format!("cannot run {}: {e}", bin.display())),
+    }
+    // cargo's install record says which LLVM feature the binary was built with.
+    let record = toolchain.root.join(".crates2.json");
+    let features = fs::read_to_string(&record)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|json| {
+            let installs = json.get("installs")?.as_object()?;
+            let (_, install) = installs
+                .iter()
+                .find(|(key, _)| key.starts_with("bpf-linker "))?;
+            Some(install.get("features")?.as_array()?.clone())
+        });
+    match features {
+        None => Some(format!("no cargo install record in {}", record.display())),
+        Some(features) if !features.iter().any(|f| f.as_str() == Some(feature)) => {
+            Some(format!("built without {feature}"))
+        }
+        Some(_) => None,
+    }
+}
+
+fn bpf_linker(toolchain: &Toolchain) -> Result<Outcome, SetupError> {
+    let llvm = nightly_llvm()?;
+    let feature = format!("llvm-{}", llvm.major);
+    let prefix = toolchain.llvm_prefix();
+    let relinked = link_libllvm(&prefix.join("lib"), &llvm.lib)?;
+    let bin = toolchain.bin_dir().join("bpf-linker");
+    let Some(problem) = bpf_linker_problem(toolchain, &feature) else {
+        let what = format!("{BPF_LINKER_VERSION} with {feature} at {}", bin.display());
+        return Ok(if relinked {
+            Outcome::Done(format!("{what}; relinked libLLVM"))
+        } else {
+            Outcome::Skipped(what)
+        });
+    };
+    println!(
+        "setup: bpf-linker: {problem}; building it against {}",
+        llvm.lib.display()
+    );
+    let mut install = crate::workspace::cargo(toolchain);
+    install
+        .env("LLVM_PREFIX", &prefix)
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &feature, "--force"])
+        .arg("--root")
+        .arg(&toolchain.root);
+    cmd::run(&mut install)?;
+    Ok(Outcome::Done(format!(
+        "{problem} -> installed {BPF_LINKER_VERSION} with {feature} at {}",
+        bin.display()
+    )))
+}
+
+fn bpffs() -> Result<Outcome, SetupError> {
+    let path = Path::new(BPFFS);
+    if sys::bpffs_mounted(path).map_err(io_error("read mounts for", path))? {
+        return Ok(Outcome::Skipped(format!("mounted at {BPFFS}")));
+    }
+    sys::require_root(&format!("mounting bpffs at {BPFFS}"))?;
+    fs::create_dir_all(path).map_err(io_error("create", path))?;
+    sys::mount_bpffs(path).map_err(io_error("mount bpffs at", path))?;
+    Ok(Outcome::Done(format!("mount -t bpf bpf {BPFFS}")))
+}

@@ -1,0 +1,162 @@
+//! `cargo xtask test`: the whole suite, the command CI runs (`.ci/run`).
+
+use std::{
+    fmt::Display,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use crate::{build, cmd, manifests, setup, sys, workspace};
+
+const EBPF_CRATE: &str = "agent-ebpf";
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+const E2E_CRATE: &str = "agent-tests";
+/// How the end-to-end tests find the agent (tests/src/agent.rs).
+const AGENT_BIN_ENV: &str = "AGENT_BIN";
+
+/// Environment for `cargo clippy`. agent/build.rs supports `AYA_BUILD_SKIP=1` (an empty object
+/// is embedded), which makes a lone `cargo clippy` fast. Not set here on purpose: the build
+/// script declares `rerun-if-env-changed=AYA_BUILD_SKIP`, so flipping it between clippy and the
+/// test steps would rerun the script and recompile the agent twice per suite. Without it, clippy
+/// builds the eBPF object once and every later step reuses that build-script run.
+const CLIPPY_ENV: &[(&str, &str)] = &[];
+
+pub fn run() -> anyhow::Result<()> {
+    sys::require_root("cargo xtask test (BPF programs, network namespaces, packages)")?;
+    let mut suite = Suite::default();
+
+    let Some(toolchain) = suite.step("setup", setup::run) else {
+        return suite.finish();
+    };
+    let cargo = |args: &[&str]| {
+        let mut command = workspace::cargo(&toolchain);
+        command.args(args);
+        command
+    };
+
+    suite.step("fmt", || {
+        cmd::run(&mut cargo(&["fmt", "--all", "--", "--check"]))
+    });
+    // agent-ebpf builds only for bpfel-unknown-none with nightly: it is linted on its own
+    // target below, and left out of the host steps.
+    suite.step("clippy (host)", || {
+        let mut clippy = cargo(&[
+            "clippy",
+            "--workspace",
+            "--exclude",
+            EBPF_CRATE,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        clippy.envs(CLIPPY_ENV.iter().copied());
+        cmd::run(&mut clippy)
+    });
+    suite.step("clippy (eBPF)", || {
+        let mut clippy = workspace::nightly_cargo(&toolchain);
+        clippy.args(["clippy", "--package", EBPF_CRATE, "--target", EBPF_TARGET]);
+        clippy.args(["-Z", "build-std=core", "--", "-D", "warnings"]);
+        cmd::run(&mut clippy)
+    });
+    // Host unit tests and the datapath tests (BPF_PROG_TEST_RUN, root) of the agent crate.
+    suite.step("unit + datapath tests", || {
+        cmd::run(&mut cargo(&[
+            "test",
+            "--workspace",
+            "--exclude",
+            EBPF_CRATE,
+            "--exclude",
+            E2E_CRATE,
+        ]))
+    });
+    let agent = suite.step("build agent", || build::agent_binary(&toolchain, false));
+    suite.step("deploy manifests", || manifests::validate(agent.as_deref()));
+    match &agent {
+        Some(agent) => {
+            suite.step("end-to-end tests", || e2e(&toolchain, agent));
+        }
+        None => suite.skip("end-to-end tests", "the agent did not build"),
+    }
+    suite.finish()
+}
+
+/// Network-namespace tests: serial, because kernel state is shared.
+fn e2e(toolchain: &setup::Toolchain, agent: &Path) -> Result<(), cmd::CmdError> {
+    let mut test = workspace::cargo(toolchain);
+    test.args(["test", "--package", E2E_CRATE, "--", "--test-threads=1"])
+        .env(AGENT_BIN_ENV, agent);
+    cmd::run(&mut test)
+}
+
+enum StepResult {
+    Passed,
+    Failed,
+    Skipped(&'static str),
+}
+
+#[derive(Default)]
+struct Suite {
+    steps: Vec<(&'static str, StepResult, Duration)>,
+}
+
+impl Suite {
+    /// Runs one step, reports it, and returns its value when it passed.
+    fn step<T, E: Display>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Option<T> {
+        println!("\n==> {name}");
+        let start = Instant::now();
+        let result = f();
+        let elapsed = start.elapsed();
+        match result {
+            Ok(value) => {
+                println!("<== {name}: passed in {}", secs(elapsed));
+                self.steps.push((name, StepResult::Passed, elapsed));
+                Some(value)
+            }
+            Err(e) => {
+                eprintln!("<== {name}: FAILED in {}: {e}", secs(elapsed));
+                self.steps.push((name, StepResult::Failed, elapsed));
+                None
+            }
+        }
+    }
+
+    fn skip(&mut self, name: &'static str, why: &'static str) {
+        println!("\n==> {name}: skipped ({why})");
+        self.steps
+            .push((name, StepResult::Skipped(why), Duration::ZERO));
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        println!("\n{:<24} {:<8} {:>9}", "step", "result", "time");
+        let mut failed = 0;
+        let mut total = Duration::ZERO;
+        for (name, result, elapsed) in &self.steps {
+            total += *elapsed;
+            let (result, note) = match result {
+                StepResult::Passed => ("passed", String::new()),
+                StepResult::Failed => {
+                    failed += 1;
+                    ("FAILED", String::new())
+                }
+                StepResult::Skipped(why) => ("skipped", format!("  ({why})")),
+            };
+            println!("{name:<24} {result:<8} {:>9}{note}", secs(*elapsed));
+        }
+        println!("{:<24} {:<8} {:>9}", "total", "", secs(total));
+        if failed > 0 {
+            bail!("{failed} of {} steps failed", self.steps.len());
+        }
+        Ok(())
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
