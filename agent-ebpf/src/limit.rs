@@ -48,7 +48,7 @@ pub fn limit(service_id: u32, cfg: &ServiceConfig, p: &Parsed, len: u64) -> Verd
     // SAFETY: helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    let bucket = match RL_BUCKETS.get_ptr_mut(&key) {
+    let bucket = match RL_BUCKETS.get_ptr_mut(key) {
         Some(b) => b,
         None => {
             let fresh = Bucket {
@@ -56,10 +56,10 @@ pub fn limit(service_id: u32, cfg: &ServiceConfig, p: &Parsed, len: u64) -> Verd
             };
             // NOEXIST: when two CPUs create the same key at once, one insert fails and both
             // go on with the entry that won.
-            if RL_BUCKETS.insert(&key, &fresh, BPF_NOEXIST.into()).is_ok() {
+            if RL_BUCKETS.insert(key, fresh, BPF_NOEXIST.into()).is_ok() {
                 stats::service(service_id, SVC_NEW_KEYS, 0);
             }
-            match RL_BUCKETS.get_ptr_mut(&key) {
+            match RL_BUCKETS.get_ptr_mut(key) {
                 Some(b) => b,
                 None => return Verdict::PassNoBucket,
             }

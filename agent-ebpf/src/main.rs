@@ -64,8 +64,8 @@ pub fn agent_tc_egress(ctx: TcContext) -> i32 {
     };
     let len = u64::from(ctx.len());
     match process(&ctx, &pkt, len) {
-        Action::Pass => TC_ACT_OK as i32,
-        Action::Drop => TC_ACT_SHOT as i32,
+        Action::Pass => TC_ACT_OK,
+        Action::Drop => TC_ACT_SHOT,
     }
 }
 

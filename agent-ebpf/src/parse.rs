@@ -180,12 +180,10 @@ fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
     };
     let mut off = off + Ipv6Hdr::LEN;
     let mut walked = 0;
-    loop {
-        match p.proto {
-            IPV6_EXT_HOPOPTS | IPV6_EXT_ROUTING | IPV6_EXT_DSTOPTS | IPV6_EXT_AH
-            | IPV6_EXT_FRAGMENT => {}
-            _ => break,
-        }
+    while matches!(
+        p.proto,
+        IPV6_EXT_HOPOPTS | IPV6_EXT_ROUTING | IPV6_EXT_DSTOPTS | IPV6_EXT_AH | IPV6_EXT_FRAGMENT
+    ) {
         if walked == MAX_IPV6_EXT_HDRS {
             return Err(ParseError::ExtHdrLimit);
         }
