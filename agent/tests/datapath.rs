@@ -4,7 +4,10 @@
 
 mod packets;
 
-use std::net::Ipv6Addr;
+use std::{
+    net::Ipv6Addr,
+    time::{Duration, Instant},
+};
 
 use agent::{
     config,
@@ -34,6 +37,9 @@ services:
     match: { address: "2001:db8::2/128", port: 80, protocol: tcp }
   - name: v6-net
     match: { address: "2001:db8::/64", protocol: any }
+  - name: aggregate
+    match: { address: 198.18.0.4/32, port: 6000, protocol: udp }
+    rate_limit: { key: service, rate: 1000000/s, burst: 1000 }
 "#;
 
 const CLIENT: [u8; 4] = [198, 18, 1, 1];
@@ -504,4 +510,106 @@ fn burst_then_drop_per_flow() {
     );
     let s = h.snapshot();
     assert_eq!(s.services[0].new_keys, 2, "two flows, two keys");
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "pinning to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Two CPUs hammer one bucket (`key: service`) at once through BPF_PROG_TEST_RUN. The
+/// compare-and-swap must not lose updates: what passes stays within `burst + rate x time`
+/// over the wall time both ran in. A plain read-modify-write would let each CPU spend the same
+/// tokens, up to twice the limit.
+#[test]
+fn two_cpus_on_one_bucket_never_exceed_the_limit() {
+    let h = Harness::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test needs two CPUs to make them contend; this machine has {cpus}"
+    );
+    const RATE: f64 = 1_000_000.0;
+    const BURST: f64 = 1_000.0;
+    const REPEAT: u32 = 2_000_000;
+    let svc = h.names.iter().position(|n| n == "aggregate").unwrap();
+    let frame = Frame::udp4(CLIENT, 7, [198, 18, 0, 4], 6000).bytes();
+    let prog = h.dp.xdp_program().expect("xdp program");
+    let before = h.snapshot().services[svc].clone();
+
+    let start = Instant::now();
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|cpu| {
+                let frame = &frame;
+                s.spawn(move || {
+                    pin_to_cpu(cpu);
+                    let t0 = Instant::now();
+                    prog.test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat: REPEAT,
+                        ..TestRunOptions::new()
+                    })
+                    .expect("BPF_PROG_TEST_RUN");
+                    (t0, Instant::now())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = start.elapsed();
+
+    let after = h.snapshot().services[svc].clone();
+    let passed = (after.passed.packets - before.passed.packets) as f64;
+    let dropped: u64 = after
+        .dropped
+        .iter()
+        .zip(&before.dropped)
+        .map(|((_, a), (_, b))| a.packets - b.packets)
+        .sum();
+    let contended = after.dropped[1].1.packets - before.dropped[1].1.packets;
+    assert_eq!(
+        passed as u64 + dropped,
+        2 * u64::from(REPEAT),
+        "every run is counted once"
+    );
+    let overlap_start = spans[0].0.max(spans[1].0);
+    let overlap_end = spans[0].1.min(spans[1].1);
+    let overlap = overlap_end.saturating_duration_since(overlap_start);
+    let shortest = spans
+        .iter()
+        .map(|(a, b)| *b - *a)
+        .min()
+        .unwrap_or(Duration::ZERO);
+    assert!(
+        overlap.as_secs_f64() >= 0.5 * shortest.as_secs_f64(),
+        "the two CPUs did not run together (overlap {overlap:?} of {shortest:?}): no contention tested"
+    );
+    let ceiling = BURST + RATE * wall.as_secs_f64();
+    assert!(
+        passed <= ceiling,
+        "two CPUs on one bucket passed {passed} in {wall:?}; the limit allows at most {ceiling:.0} \
+         (burst {BURST} + {RATE}/s x time): lost updates ({contended} dropped as contended)"
+    );
+    // Not trivially satisfied by dropping everything: while both ran, the rate was granted.
+    let floor = 0.5 * RATE * overlap.as_secs_f64();
+    assert!(
+        passed >= floor,
+        "passed {passed} in {wall:?}, expected at least {floor:.0}: the bucket starves \
+         ({contended} dropped as contended)"
+    );
+    eprintln!(
+        "two CPUs: passed {passed} of {} in {wall:?} (ceiling {ceiling:.0}), {contended} contended",
+        2 * REPEAT
+    );
 }

@@ -1,0 +1,320 @@
+//! The agent binary as users run it: exit codes, error lines, and what is left attached after a
+//! failed start or a SIGTERM. The `run` tests need root and make their own network namespace.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(AGENT)
+        .args(args)
+        .current_dir(workspace())
+        .output()
+        .expect("running the agent binary")
+}
+
+#[test]
+fn check_accepts_every_example_policy() {
+    for name in ["demo", "flash-sale", "payments"] {
+        let file = format!("config/{name}.yaml");
+        let out = agent(&["check", &file]);
+        assert!(
+            out.status.success(),
+            "agent check {file}: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// Every invalid fixture: exit code 2 and exactly the expected lines on stdout.
+#[test]
+fn check_reports_every_invalid_fixture_with_exit_code_2() {
+    let dir = workspace().join("config/invalid");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("config/invalid") {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let file = format!("config/invalid/{name}");
+        let expected = std::fs::read_to_string(path.with_extension("expected"))
+            .unwrap_or_else(|e| panic!("{file}: no .expected file: {e}"));
+        let out = agent(&["check", &file]);
+        assert_eq!(out.status.code(), Some(2), "agent check {file}: exit code");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim_end(),
+            expected.trim_end(),
+            "agent check {file}: output"
+        );
+        seen += 1;
+    }
+    assert!(
+        seen >= 10,
+        "only {seen} fixtures found in {}",
+        dir.display()
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(agent(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(agent(&["run"]).status.code(), Some(2));
+    assert_eq!(agent(&["--help"]).status.code(), Some(0));
+}
+
+fn require_root() {
+    // SAFETY: trivial syscall.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "`agent run` tests attach XDP programs and need root; run them with `cargo xtask test`"
+    );
+}
+
+/// A network namespace for one test, deleted on drop even when the test panics.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("agt-cli-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "-n", &self.0];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    /// Whether any XDP program is attached to `ifname`.
+    fn has_xdp(&self, ifname: &str) -> bool {
+        self.ip(&["-d", "link", "show", ifname])
+            .contains("prog/xdp")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write_policy(ns: &Netns, interfaces: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.yaml", ns.0));
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1\nagent:\n  listen: 127.0.0.1:9590\ninterfaces:\n{interfaces}services:\n  \
+             - name: web\n    match: {{ address: 198.18.0.2/32, port: 80 }}\n    rate_limit: {{ rate: 100/s }}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn run_refuses_a_missing_interface_with_its_position() {
+    require_root();
+    let _lock = attach_lock();
+    let ns = Netns::new("missing");
+    let policy = write_policy(&ns, "  - name: lo\n  - name: agt-nosuch0\n");
+    let out = ns
+        .command(&[AGENT, "run", "--config", policy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{stderr}");
+    let want = format!(
+        "{}:6:11: interfaces[1].name: interface \"agt-nosuch0\" does not exist",
+        policy.display()
+    );
+    assert!(
+        stderr.lines().any(|l| l == want),
+        "expected the line {want:?} in:\n{stderr}"
+    );
+    assert!(
+        !ns.has_xdp("lo"),
+        "nothing may stay attached after a refused policy"
+    );
+}
+
+/// The first interface attaches, the second cannot (loopback has no native XDP): the agent
+/// must undo the first and exit 1, leaving no program behind.
+#[test]
+fn run_attaches_all_interfaces_or_none() {
+    require_root();
+    let _lock = attach_lock();
+    let tcx_before = tcx_links();
+    let ns = Netns::new("rollback");
+    ns.ip(&[
+        "link", "add", "agt-a", "type", "veth", "peer", "name", "agt-b",
+    ]);
+    ns.ip(&["link", "set", "agt-a", "up"]);
+    ns.ip(&["link", "set", "agt-b", "up"]);
+    let policy = write_policy(
+        &ns,
+        "  - name: agt-a\n    xdp_mode: generic\n  - name: lo\n    xdp_mode: native\n",
+    );
+    let out = ns
+        .command(&[AGENT, "run", "--config", policy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr:\n{stderr}");
+    assert!(
+        stderr.contains("attaching `agent_xdp` to interface lo (native)"),
+        "the error names the interface and mode:\n{stderr}"
+    );
+    assert!(
+        !ns.has_xdp("agt-a"),
+        "agt-a kept its program after the start failed:\n{}",
+        ns.ip(&["-d", "link", "show", "agt-a"])
+    );
+    assert_eq!(
+        tcx_links(),
+        tcx_before,
+        "a TCX link stayed after the failed start"
+    );
+}
+
+/// Ready once attached; SIGTERM detaches and exits 0.
+#[test]
+fn run_serves_health_and_detaches_on_sigterm() {
+    require_root();
+    let _lock = attach_lock();
+    let tcx_before = tcx_links();
+    let ns = Netns::new("sigterm");
+    ns.ip(&[
+        "link", "add", "agt-a", "type", "veth", "peer", "name", "agt-b",
+    ]);
+    ns.ip(&["link", "set", "agt-a", "up"]);
+    ns.ip(&["link", "set", "agt-b", "up"]);
+    let policy = write_policy(&ns, "  - name: agt-a\n    direction: both\n");
+    let mut child = Child(
+        ns.command(&[AGENT, "run", "--config", policy.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let probe = ns
+            .command(&[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:9590/health/ready",
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&probe.stdout) == "200" {
+            break true;
+        }
+        if Instant::now() > deadline || child.0.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ready, "agent never became ready on agt-a within 20 s");
+    assert!(ns.has_xdp("agt-a"), "ready, but no XDP program on agt-a");
+    assert_eq!(
+        tcx_links(),
+        tcx_before + 1,
+        "direction both: expected one more TCX (egress) link while the agent runs"
+    );
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent did not exit within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "exit code after SIGTERM");
+    assert!(
+        !ns.has_xdp("agt-a"),
+        "XDP program left on agt-a after SIGTERM"
+    );
+    assert_eq!(
+        tcx_links(),
+        tcx_before,
+        "TCX (egress) link left after SIGTERM"
+    );
+}
+
+/// TCX links in the kernel (they are not per namespace, and Debian 12's bpftool neither names
+/// their interface nor lists them under `net show`): the tests that attach hold `ATTACH_LOCK`
+/// so the count is theirs alone.
+fn tcx_links() -> usize {
+    let out = Command::new("bpftool")
+        .args(["link", "show"])
+        .output()
+        .expect("bpftool (installed by `cargo xtask setup`)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" tcx ") || l.contains("type 11 "))
+        .count()
+}
+
+/// Serialises the tests that attach programs.
+static ATTACH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn attach_lock() -> std::sync::MutexGuard<'static, ()> {
+    ATTACH_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Kills the agent if the test ends early.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
