@@ -23,8 +23,10 @@ use crate::{
     telemetry::{http, logs},
 };
 
-/// How often the token-bucket table is walked for occupancy.
-const KEY_COUNT_INTERVAL: Duration = Duration::from_secs(5);
+/// The token-bucket table is walked for occupancy at most this often...
+const KEY_COUNT_MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and spends at most 1/this of the time walking (a million keys take about a second).
+const KEY_COUNT_DUTY: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -162,13 +164,20 @@ fn reload(file: &Path, current: &Plan, state: &AgentState) -> Result<Plan, RunEr
 async fn count_keys_periodically(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
     loop {
         let s = state.clone();
-        match tokio::task::spawn_blocking(move || s.refresh_key_counts()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("counting rate-limit keys: {e}"),
-            Err(e) => tracing::warn!("counting rate-limit keys: {e}"),
-        }
+        let took = match tokio::task::spawn_blocking(move || s.refresh_key_counts()).await {
+            Ok(Ok(took)) => took,
+            Ok(Err(e)) => {
+                tracing::warn!("counting rate-limit keys: {e}");
+                Duration::ZERO
+            }
+            Err(e) => {
+                tracing::warn!("counting rate-limit keys: {e}");
+                Duration::ZERO
+            }
+        };
+        let pause = KEY_COUNT_MIN_INTERVAL.max(took * KEY_COUNT_DUTY);
         tokio::select! {
-            _ = tokio::time::sleep(KEY_COUNT_INTERVAL) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

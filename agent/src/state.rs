@@ -30,7 +30,7 @@ impl AgentState {
         Self {
             datapath: RwLock::new(datapath),
             services: Mutex::new(services),
-            keys: Mutex::new(KeyCounts::new()),
+            keys: Mutex::new(KeyCounts::default()),
             ready: AtomicBool::new(false),
             policy_file,
         }
@@ -58,11 +58,14 @@ impl AgentState {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Walks the key table (slow for big tables: call it off the async threads).
-    pub fn refresh_key_counts(&self) -> Result<(), DatapathError> {
-        let counts = self.datapath().count_keys()?;
+    /// Walks the key table (slow for big tables: call it off the async threads) and says how
+    /// long the walk took.
+    pub fn refresh_key_counts(&self) -> Result<std::time::Duration, DatapathError> {
+        let services = lock(&self.services).len() as u32;
+        let start = std::time::Instant::now();
+        let counts = self.datapath().count_keys(services)?;
         *lock(&self.keys) = counts;
-        Ok(())
+        Ok(start.elapsed())
     }
 
     pub fn report(&self) -> Result<StatusReport, DatapathError> {

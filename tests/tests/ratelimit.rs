@@ -262,14 +262,20 @@ fn check_service_metrics(
             "service {name}: {new_keys} keys were created, the traffic had {keys} (more means \
              keys were evicted and re-created with a full bucket)"
         );
-        // Occupancy comes from a periodic walk of the key table (every 5 s in the agent):
-        // wait for a walk after the flood, bounded.
+        // Occupancy comes from a periodic walk of the key table (every second or more in the
+        // agent): wait for a walk after the flood, bounded.
         let occupancy = agent.wait_metric("agent_ratelimit_keys", &[svc], OCCUPANCY_WAIT, |v| {
             v as u64 == keys
         });
         if let Err(e) = occupancy {
             panic!("service {name}: key-table occupancy should be {keys}: {e:#}");
         }
+        // The same walk: nothing was evicted from a table far larger than the traffic.
+        let evictions = m("agent_ratelimit_key_evictions_total", &[svc]);
+        assert_eq!(
+            evictions, 0,
+            "service {name}: {evictions} evictions reported from a table that never filled"
+        );
     }
 }
 

@@ -60,8 +60,30 @@ pub struct Snapshot {
     pub global: Vec<(&'static str, Counter)>,
 }
 
-/// Entries of the token-bucket table per service id, from one walk of its keys.
-pub type KeyCounts = BTreeMap<u32, u64>;
+/// The token-bucket table per service id, from one walk of its keys.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct KeyCounts {
+    /// Entries present during the walk.
+    pub present: BTreeMap<u32, u64>,
+    /// Keys ever inserted, read just before the walk: inserted minus present are the keys the
+    /// LRU evicted (the agent deletes none while running). Read at the same time as `present`,
+    /// not at scrape time, so the difference is never skewed by inserts since the walk.
+    pub inserted: BTreeMap<u32, u64>,
+}
+
+impl KeyCounts {
+    pub fn present(&self, id: u32) -> u64 {
+        self.present.get(&id).copied().unwrap_or(0)
+    }
+
+    pub fn evicted(&self, id: u32) -> u64 {
+        self.inserted
+            .get(&id)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(self.present(id))
+    }
+}
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map {
@@ -174,19 +196,22 @@ impl Datapath {
     /// Walks the token-bucket table once and counts its entries per service. A walk of a
     /// million keys takes about a second of syscalls, so the agent does it on a timer, not per
     /// scrape.
-    pub fn count_keys(&self) -> Result<KeyCounts, DatapathError> {
+    pub fn count_keys(&self, services: u32) -> Result<KeyCounts, DatapathError> {
+        let mut counts = KeyCounts::default();
+        for (id, svc) in self.snapshot(services)?.services.iter().enumerate() {
+            counts.inserted.insert(id as u32, svc.new_keys);
+        }
         let table: HashMap<&MapData, BucketKey, Bucket> = self
             .ebpf
             .map(MAP_RL_BUCKETS)
             .ok_or(DatapathError::MissingMap(MAP_RL_BUCKETS))?
             .try_into()
             .map_err(map_err(MAP_RL_BUCKETS))?;
-        let mut counts = KeyCounts::new();
         // Keys may be evicted while we walk; an error on one key ends the walk early rather
         // than failing the whole count.
         for key in table.keys() {
             match key {
-                Ok(k) => *counts.entry(k.service_id).or_default() += 1,
+                Ok(k) => *counts.present.entry(k.service_id).or_default() += 1,
                 Err(_) => break,
             }
         }

@@ -84,18 +84,15 @@ impl StatusReport {
             .enumerate()
             .map(|(id, (info, c))| {
                 let id = id as u32;
-                let present = keys.get(&id).copied().unwrap_or(0);
                 ServiceStatus {
                     id,
                     name: info.name.clone(),
                     matches: info.matches.clone(),
                     rate_limit: info.rate_limit.as_ref().map(|summary| RateLimitStatus {
                         summary: summary.clone(),
-                        keys: present,
+                        keys: keys.present(id),
                         new_keys: c.new_keys,
-                        // The agent never deletes keys while running, so every key inserted and
-                        // no longer present was evicted by the LRU.
-                        evictions: c.new_keys.saturating_sub(present),
+                        evictions: keys.evicted(id),
                     }),
                     passed: c.passed.into(),
                     dropped: c
