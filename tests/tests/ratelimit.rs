@@ -9,8 +9,8 @@
 //! runs), 64-byte payloads, 2 s per step, steps of 100k, 200k, 300k, 400k, 600k, 800k pps
 //! offered in aggregate. A cell is the highest step the sender reached (>= 97% of it, over
 //! its first-to-last packet) in two runs, as "run 1 / run 2" where they differ; the server
-//! veth had nothing, or a trivial `XDP_PASS` program (what the agent's hook costs before its
-//! own work, ~130 ns a packet on top per TOOLCHAIN.md):
+//! veth had nothing, or a trivial `XDP_PASS` program (what the hook itself costs before the
+//! agent's own work; BENCHMARKS.md has the per-packet cost of the agent's program):
 //!
 //! | server veth        | flows  | per-flow sockets | raw socket + sendmmsg |
 //! |--------------------|--------|------------------|-----------------------|
