@@ -1,0 +1,182 @@
+//! The panic threshold: never open more than `max_ejection_percent` of a service's backends.
+//!
+//! When most backends of a service fail at once, the cause is usually shared (a bad deploy,
+//! an overloaded database), and ejecting them all would turn a partial outage into a total
+//! one. So the guard owns the breakers of one service and grants openings against a quota;
+//! a breaker refused stays closed (its backend fails open) and is granted in the order of
+//! refusal once another breaker closes, if it still wants to open then.
+
+use std::time::Instant;
+
+use thiserror::Error;
+
+use super::machine::{Breaker, Observed};
+use super::state::{Outcome, Reason, State, Transition};
+use crate::config::{CircuitBreaker, Percent};
+
+/// A transition of one backend's breaker, by its index in the service's `backends`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub backend: usize,
+    pub transition: Transition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BreakerError {
+    #[error("backend index {backend} is out of range: the service has {backends} backends")]
+    UnknownBackend { backend: usize, backends: usize },
+}
+
+/// The breakers of one service's backends, and the quota of how many may be open at once.
+#[derive(Debug, Clone)]
+pub struct EjectionGuard {
+    breakers: Vec<Breaker>,
+    max_open: usize,
+}
+
+/// How many of `backends` may be open at once: `max_ejection_percent` of them rounded down,
+/// but at least one (POLICY.md: "one may always open").
+pub fn max_ejections(max_ejection_percent: Percent, backends: usize) -> usize {
+    let share = usize::try_from(max_ejection_percent.of(backends as u64)).unwrap_or(usize::MAX);
+    share.max(1).min(backends)
+}
+
+impl EjectionGuard {
+    /// Closed breakers for `backends` backends, all configured by `cfg`.
+    pub fn new(cfg: &CircuitBreaker, backends: usize, now: Instant) -> EjectionGuard {
+        EjectionGuard {
+            breakers: (0..backends).map(|_| Breaker::new(cfg, now)).collect(),
+            max_open: max_ejections(cfg.max_ejection_percent, backends),
+        }
+    }
+
+    pub fn breakers(&self) -> &[Breaker] {
+        &self.breakers
+    }
+
+    pub fn breaker(&self, backend: usize) -> Option<&Breaker> {
+        self.breakers.get(backend)
+    }
+
+    /// How many breakers may be open (or half-open) at once.
+    pub fn max_open(&self) -> usize {
+        self.max_open
+    }
+
+    /// Breakers open or half-open: both keep their backend out of normal rotation.
+    pub fn open_count(&self) -> usize {
+        self.breakers
+            .iter()
+            .filter(|b| b.state() != State::Closed)
+            .count()
+    }
+
+    /// The earliest time [`poll`](EjectionGuard::poll) has a transition to make.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.breakers
+            .iter()
+            .filter_map(Breaker::next_deadline)
+            .min()
+    }
+
+    /// Moves every breaker whose open period has passed to half-open.
+    pub fn poll(&mut self, at: Instant) -> Vec<Event> {
+        self.breakers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(backend, b)| {
+                b.poll(at).map(|transition| Event {
+                    backend,
+                    transition,
+                })
+            })
+            .collect()
+    }
+
+    /// Counts an outcome for one backend. Timers due by `at` fire first, so an outcome right
+    /// after the end of an open period counts as a half-open trial.
+    pub fn record(
+        &mut self,
+        backend: usize,
+        at: Instant,
+        outcome: Outcome,
+    ) -> Result<Vec<Event>, BreakerError> {
+        let backends = self.breakers.len();
+        if backend >= backends {
+            return Err(BreakerError::UnknownBackend { backend, backends });
+        }
+        let mut events = self.poll(at);
+        match self.breakers[backend].observe(at, outcome) {
+            Observed::Nothing => {}
+            Observed::Changed(transition) => {
+                events.push(Event {
+                    backend,
+                    transition,
+                });
+                if transition.to == State::Closed {
+                    self.grant_refused(at, &mut events);
+                }
+            }
+            Observed::WantsOpen(reason) => {
+                if self.open_count() < self.max_open {
+                    let transition = self.breakers[backend].open(at, reason);
+                    events.push(Event {
+                        backend,
+                        transition,
+                    });
+                } else if self.breakers[backend].refused_at.is_none() {
+                    // Reported once per refusal, not per failure: a dead backend held closed
+                    // would otherwise flood the log at its probe rate.
+                    self.breakers[backend].refused_at = Some(at);
+                    events.push(Event {
+                        backend,
+                        transition: Transition {
+                            from: State::Closed,
+                            to: State::Closed,
+                            reason: Reason::PanicThreshold,
+                            at,
+                        },
+                    });
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Takes one new flow from a backend's admission quota (see [`Breaker::try_admit`]).
+    pub fn try_admit(&mut self, backend: usize) -> Result<bool, BreakerError> {
+        let backends = self.breakers.len();
+        self.breakers
+            .get_mut(backend)
+            .map(Breaker::try_admit)
+            .ok_or(BreakerError::UnknownBackend { backend, backends })
+    }
+
+    /// After a closing: opens refused breakers that still want to, oldest refusal first,
+    /// while the quota allows; forgets refusals whose wish has gone.
+    fn grant_refused(&mut self, at: Instant, events: &mut Vec<Event>) {
+        let mut waiting: Vec<(Instant, usize)> = self
+            .breakers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.refused_at.map(|t| (t, i)))
+            .collect();
+        waiting.sort();
+        for (_, backend) in waiting {
+            let b = &mut self.breakers[backend];
+            match b.trip_reason(at) {
+                None => b.refused_at = None,
+                Some(reason) => {
+                    if self.open_count() >= self.max_open {
+                        break;
+                    }
+                    let transition = self.breakers[backend].open(at, reason);
+                    events.push(Event {
+                        backend,
+                        transition,
+                    });
+                }
+            }
+        }
+    }
+}
