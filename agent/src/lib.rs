@@ -1,6 +1,7 @@
 //! The userspace agent: policy, datapath control, telemetry, and the `run` loop tying them.
 //! `main.rs` only parses the command line; everything else lives here so tests reach it.
 
+pub mod backends;
 pub mod breaker;
 pub mod cli;
 pub mod commands;

@@ -19,6 +19,8 @@ pub struct Plan {
     pub attach: Vec<AttachSpec>,
     pub services: Vec<ServiceInfo>,
     pub compiled: Compiled,
+    /// Backends, health checks and breakers as written: the supervisor is built once at start.
+    pub backends: String,
 }
 
 impl Plan {
@@ -57,6 +59,16 @@ impl Plan {
                 .collect(),
             services: policy.services.iter().map(describe).collect(),
             compiled: config::compile(policy),
+            backends: policy
+                .services
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{:?}{:?}{:?}",
+                        s.backends, s.health_check, s.circuit_breaker
+                    )
+                })
+                .collect(),
         })
     }
 
@@ -67,6 +79,9 @@ impl Plan {
         }
         if self.compiled.max_keys != running.compiled.max_keys {
             return Some(("services", "the total of rate_limit.max_keys"));
+        }
+        if self.backends != running.backends {
+            return Some(("services", "backends, health_check or circuit_breaker"));
         }
         if self.listen != running.listen {
             return Some(("agent.listen", "agent.listen"));

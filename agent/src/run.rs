@@ -15,6 +15,7 @@ use tokio::{
 };
 
 use crate::{
+    backends,
     commands::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{Datapath, DatapathError},
@@ -97,6 +98,18 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     tracing::info!("ready; serving on http://{}", plan.listen);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let backends_task = match backends::start(&policy, stop_rx.clone()) {
+        Ok(Some((table, task))) => {
+            state.set_backends(table);
+            Some(task)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            // Checks could not start: the datapath keeps enforcing the policy without them.
+            tracing::error!("{e}");
+            None
+        }
+    };
     let log_task = logger.map(|l| tokio::spawn(logs::forward_ebpf_logs(l)));
     let keys_task = tokio::spawn(count_keys_periodically(state.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();
@@ -111,6 +124,9 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     state.datapath_mut().detach_all();
     let _ = stop_tx.send(true);
     let _ = keys_task.await;
+    if let Some(t) = backends_task {
+        let _ = t.await;
+    }
     match http_task.await {
         Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
         Err(e) => tracing::warn!("HTTP server task: {e}"),

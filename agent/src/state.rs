@@ -1,11 +1,12 @@
 //! State shared by the reconcile loop and the HTTP endpoints.
 
 use std::sync::{
-    Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
     atomic::{AtomicBool, Ordering},
 };
 
 use crate::{
+    backends::BackendTable,
     datapath::{Datapath, DatapathError, KeyCounts},
     telemetry::status::{ServiceInfo, StatusReport},
 };
@@ -17,6 +18,7 @@ pub struct AgentState {
     keys: Mutex<KeyCounts>,
     ready: AtomicBool,
     policy_file: String,
+    backends: Mutex<Option<Arc<BackendTable>>>,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data is counters
@@ -33,6 +35,7 @@ impl AgentState {
             keys: Mutex::new(KeyCounts::default()),
             ready: AtomicBool::new(false),
             policy_file,
+            backends: Mutex::new(None),
         }
     }
 
@@ -48,6 +51,10 @@ impl AgentState {
 
     pub fn set_services(&self, services: Vec<ServiceInfo>) {
         *lock(&self.services) = services;
+    }
+
+    pub fn set_backends(&self, table: Arc<BackendTable>) {
+        *lock(&self.backends) = Some(table);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -75,6 +82,10 @@ impl AgentState {
             (dp.snapshot(services.len() as u32)?, dp.attachments())
         };
         let keys = lock(&self.keys).clone();
+        let backends = lock(&self.backends)
+            .as_ref()
+            .map(|t| t.snapshot())
+            .unwrap_or_default();
         Ok(StatusReport::build(
             self.is_ready(),
             &self.policy_file,
@@ -82,6 +93,7 @@ impl AgentState {
             &services,
             &snapshot,
             &keys,
+            backends,
         ))
     }
 }

@@ -3,7 +3,7 @@
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -149,8 +149,109 @@ impl Collector for ReportCollector {
         for f in &families {
             f.encode(&mut encoder)?;
         }
-        Ok(())
+        encode_backends(&r.backends, &mut encoder)
     }
+}
+
+fn encode_backends(
+    backends: &[crate::backends::BackendStatus],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    if backends.is_empty() {
+        return Ok(());
+    }
+    let who = |b: &crate::backends::BackendStatus| {
+        vec![
+            ("service", b.service.clone()),
+            ("backend", b.address.clone()),
+        ]
+    };
+    let mut healthy = Vec::new();
+    let mut state = Vec::new();
+    let mut transitions = Vec::new();
+    let mut probes = Vec::new();
+    for b in backends {
+        if b.health != "unchecked" {
+            healthy.push((who(b), u64::from(b.health == "healthy")));
+        }
+        if let Some(current) = &b.breaker {
+            for s in ["closed", "open", "half_open"] {
+                let mut l = who(b);
+                l.push(("state", s.to_string()));
+                state.push((l, u64::from(current == s)));
+            }
+        }
+        for (key, n) in &b.transitions {
+            let (to, reason) = key.split_once('/').unwrap_or((key.as_str(), ""));
+            let mut l = who(b);
+            l.push(("to", to.to_string()));
+            l.push(("reason", reason.to_string()));
+            transitions.push((l, *n));
+        }
+        let mut ok = who(b);
+        ok.push(("result", "success".into()));
+        probes.push((ok, b.probes_ok));
+        for (reason, n) in &b.failures {
+            let mut l = who(b);
+            l.push(("result", reason.clone()));
+            probes.push((l, *n));
+        }
+    }
+    for f in [
+        Family {
+            name: "agent_backend_healthy",
+            help: "1 while active health checks find the backend healthy (rise/fall applied).",
+            kind: MetricType::Gauge,
+            samples: healthy,
+        },
+        Family {
+            name: "agent_breaker_state",
+            help: "Circuit breaker state of a backend: 1 for the current state.",
+            kind: MetricType::Gauge,
+            samples: state,
+        },
+        Family {
+            name: "agent_breaker_transitions",
+            help: "Circuit breaker transitions by target state and reason.",
+            kind: MetricType::Counter,
+            samples: transitions,
+        },
+        Family {
+            name: "agent_probes",
+            help: "Health probes by result (success, or the failure reason).",
+            kind: MetricType::Counter,
+            samples: probes,
+        },
+    ] {
+        f.encode(encoder)?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "agent_probe_latency_seconds",
+        "Latency of a probe's last attempt.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for b in backends.iter().filter(|b| b.health != "unchecked") {
+        let labels = who(b);
+        // Per-bucket counts; the encoder accumulates them.
+        let total = b.probes_ok + b.probes_failed;
+        let finite: u64 = b.latency_buckets.iter().sum();
+        let buckets: Vec<(f64, u64)> = crate::backends::LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .zip(b.latency_buckets.iter().copied())
+            .chain([(f64::INFINITY, total.saturating_sub(finite))])
+            .collect();
+        metric
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(
+                b.latency_sum,
+                b.probes_ok + b.probes_failed,
+                &buckets,
+                None,
+            )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,6 +300,19 @@ mod tests {
                     bytes: 180,
                 },
             )],
+            backends: vec![crate::backends::BackendStatus {
+                service: "checkout".into(),
+                address: "198.18.0.11:8080".into(),
+                health: "unhealthy".into(),
+                breaker: Some("open".into()),
+                probes_ok: 4,
+                probes_failed: 3,
+                failures: [("refused".to_string(), 3)].into(),
+                transitions: [("open/consecutive_failures".to_string(), 1)].into(),
+                latency_buckets: vec![5, 2, 0, 0, 0, 0, 0, 0, 0, 0],
+                latency_sum: 0.004,
+                ..Default::default()
+            }],
         }
     }
 
@@ -217,6 +331,14 @@ mod tests {
             "agent_datapath_packets_total{class=\"unmatched\"} 3",
             "# TYPE agent_ratelimit_keys gauge",
             "# TYPE agent_service_packets_total counter",
+            "agent_backend_healthy{service=\"checkout\",backend=\"198.18.0.11:8080\"} 0",
+            "agent_breaker_state{service=\"checkout\",backend=\"198.18.0.11:8080\",state=\"open\"} 1",
+            "agent_breaker_state{service=\"checkout\",backend=\"198.18.0.11:8080\",state=\"closed\"} 0",
+            "agent_breaker_transitions_total{service=\"checkout\",backend=\"198.18.0.11:8080\",to=\"open\",reason=\"consecutive_failures\"} 1",
+            "agent_probes_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"refused\"} 3",
+            "agent_probe_latency_seconds_bucket{service=\"checkout\",backend=\"198.18.0.11:8080\",le=\"0.001\"} 7",
+            "agent_probe_latency_seconds_bucket{service=\"checkout\",backend=\"198.18.0.11:8080\",le=\"+Inf\"} 7",
+            "agent_probe_latency_seconds_count{service=\"checkout\",backend=\"198.18.0.11:8080\"} 7",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

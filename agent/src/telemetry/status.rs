@@ -6,7 +6,10 @@ use std::fmt::Write as _;
 use agent_common::Counter;
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{KeyCounts, Snapshot};
+use crate::{
+    backends::BackendStatus,
+    datapath::{KeyCounts, Snapshot},
+};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -16,6 +19,9 @@ pub struct StatusReport {
     pub services: Vec<ServiceStatus>,
     /// Packets outside any service, by class.
     pub global: Vec<(String, CounterJson)>,
+    /// Backends with health and breaker state (services with `backends`).
+    #[serde(default)]
+    pub backends: Vec<BackendStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -77,6 +83,7 @@ impl StatusReport {
         services: &[ServiceInfo],
         snapshot: &Snapshot,
         keys: &KeyCounts,
+        backends: Vec<BackendStatus>,
     ) -> StatusReport {
         let services = services
             .iter()
@@ -117,6 +124,7 @@ impl StatusReport {
                 .iter()
                 .map(|(name, c)| ((*name).to_string(), (*c).into()))
                 .collect(),
+            backends,
         }
     }
 
@@ -162,6 +170,27 @@ impl StatusReport {
                     out,
                     "  {:<20} {:<12} {:>12} pkts {:>14} bytes",
                     s.name, d.reason, d.counter.packets, d.counter.bytes
+                );
+            }
+        }
+        if !self.backends.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n{:<20} {:<24} {:<10} {:<10} {:>10} {:>9} {:>9}  LAST FAILURE",
+                "SERVICE", "BACKEND", "HEALTH", "BREAKER", "IN STATE", "PROBES OK", "FAILED"
+            );
+            for b in &self.backends {
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:<24} {:<10} {:<10} {:>9.1}s {:>9} {:>9}  {}",
+                    b.service,
+                    b.address,
+                    b.health,
+                    b.breaker.as_deref().unwrap_or("-"),
+                    b.in_state_ms as f64 / 1000.0,
+                    b.probes_ok,
+                    b.probes_failed,
+                    b.last_failure.as_deref().unwrap_or("-")
                 );
             }
         }

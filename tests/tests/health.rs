@@ -1,0 +1,208 @@
+//! Health checks and circuit breakers end to end: the agent (server namespace) probes real TCP
+//! backends in the client namespace across the veth; backends are killed and restored, and the
+//! breaker states are read from `/metrics` with deadlines derived from the policy.
+//!
+//! This covers the agent side of issue 3 (probes -> breaker -> visibility). Enforcement of the
+//! breaker in the datapath (RST/drop toward an open backend) is not built yet.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use agent_tests::{
+    agent::{AgentProcess, TempDir, agent_bin, metric},
+    netns::{Netns, Topology},
+};
+
+const INTERVAL: Duration = Duration::from_millis(200);
+const TIMEOUT: Duration = Duration::from_millis(100);
+const UNHEALTHY_THRESHOLD: u32 = 3;
+const SUCCESS_THRESHOLD: u32 = 2;
+const MAX_RESET_TIMEOUT: Duration = Duration::from_secs(4);
+/// Scrape and scheduling slack on a loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(100);
+
+/// A TCP server that accepts and closes, until stopped (then its port refuses).
+struct Backend {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    fn start(ns: &Netns, addr: SocketAddr) -> Backend {
+        let listener = ns
+            .run(move || TcpListener::bind(addr))
+            .expect("entering the namespace")
+            .unwrap_or_else(|e| panic!("binding backend {addr}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => drop(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Backend {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Closes the listening socket: connects get RST (ECONNREFUSED) from now on.
+    fn kill(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn policy(topo: &Topology, backends: &[SocketAddr]) -> String {
+    let list: String = backends
+        .iter()
+        .map(|b| format!("      - address: {b}\n"))
+        .collect();
+    format!(
+        "version: 1\n\
+         agent:\n  listen: 127.0.0.1:9090\n\
+         interfaces:\n  - name: {ifname}\n    xdp_mode: generic\n    direction: ingress\n\
+         services:\n  - name: pay\n    match: {{ address: {vip}/32, port: 8443 }}\n    backends:\n{list}\
+         \x20   health_check:\n      interval: 200ms\n      unhealthy_interval: 200ms\n      timeout: 100ms\n\
+         \x20     healthy_threshold: 2\n      unhealthy_threshold: {UNHEALTHY_THRESHOLD}\n      jitter: 0%\n\
+         \x20   circuit_breaker:\n      failure_threshold: {UNHEALTHY_THRESHOLD}\n      reset_timeout: 1s\n\
+         \x20     max_reset_timeout: 4s\n      success_threshold: {SUCCESS_THRESHOLD}\n\
+         \x20     max_ejection_percent: 50%\n",
+        ifname = topo.server_if,
+        vip = topo.server_v4,
+    )
+}
+
+fn breaker_is(agent: &AgentProcess, backend: SocketAddr, state: &str) -> bool {
+    let text = agent.metrics().unwrap_or_default();
+    let b = backend.to_string();
+    metric(
+        &text,
+        "agent_breaker_state",
+        &[("service", "pay"), ("backend", &b), ("state", state)],
+    ) == Some(1.0)
+}
+
+fn healthy(agent: &AgentProcess, backend: SocketAddr) -> Option<f64> {
+    let text = agent.metrics().unwrap_or_default();
+    let b = backend.to_string();
+    metric(
+        &text,
+        "agent_backend_healthy",
+        &[("service", "pay"), ("backend", &b)],
+    )
+}
+
+/// Polls until `cond` holds; returns how long it took, or panics with `what` at `deadline`.
+fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?} (the bound the policy implies)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
+    agent_bin().unwrap_or_else(|e| panic!("{e:#}"));
+    let topo = Topology::new().expect("topology");
+    let addrs: Vec<SocketAddr> = [18081u16, 18082]
+        .iter()
+        .map(|p| SocketAddr::new(topo.client_v4.into(), *p))
+        .collect();
+    let mut backends: Vec<Backend> = addrs
+        .iter()
+        .map(|a| Backend::start(&topo.client, *a))
+        .collect();
+    let dir = TempDir::new().unwrap();
+    let config = dir.write("health.yaml", &policy(&topo, &addrs)).unwrap();
+    let agent = AgentProcess::start(&topo.server, &config).expect("agent start");
+
+    // Both closed and healthy once the first probes came back.
+    wait_until(
+        "both backends probed healthy",
+        Duration::from_secs(5),
+        || addrs.iter().all(|a| healthy(&agent, *a) == Some(1.0)),
+    );
+    assert!(addrs.iter().all(|a| breaker_is(&agent, *a, "closed")));
+
+    // Kill one: open within unhealthy_threshold x interval + timeout (+ slack).
+    let open_bound = INTERVAL * UNHEALTHY_THRESHOLD + TIMEOUT + SLACK;
+    backends[0].kill();
+    let took = wait_until("breaker of the killed backend open", open_bound, || {
+        breaker_is(&agent, addrs[0], "open")
+    });
+    eprintln!("time to open: {took:?} (bound {open_bound:?})");
+    assert!(
+        breaker_is(&agent, addrs[1], "closed"),
+        "the live backend's breaker must stay closed"
+    );
+
+    // Restore it: closed within the longest reset timeout + success_threshold probes.
+    backends[0] = Backend::start(&topo.client, addrs[0]);
+    let close_bound = MAX_RESET_TIMEOUT + INTERVAL * SUCCESS_THRESHOLD + TIMEOUT + SLACK;
+    let took = wait_until(
+        "breaker of the restored backend closed",
+        close_bound,
+        || breaker_is(&agent, addrs[0], "closed"),
+    );
+    eprintln!("time to close after restore: {took:?} (bound {close_bound:?})");
+
+    // Kill both: max_ejection_percent 50% of 2 backends lets only one open.
+    for b in &mut backends {
+        b.kill();
+    }
+    wait_until("both backends probed unhealthy", open_bound, || {
+        addrs.iter().all(|a| healthy(&agent, *a) == Some(0.0))
+    });
+    // Watch for three more probe intervals, longer than a breaker needs to open: at no sample
+    // may both be ejected, and one must be.
+    let ejected = || {
+        addrs
+            .iter()
+            .filter(|a| breaker_is(&agent, **a, "open") || breaker_is(&agent, **a, "half_open"))
+            .count()
+    };
+    let watch = Instant::now();
+    let mut last = 0;
+    while watch.elapsed() < INTERVAL * 3 {
+        last = ejected();
+        assert!(
+            last <= 1,
+            "with every backend dead, max_ejection_percent 50% of 2 allows one ejected, saw {last}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(last, 1, "one of the two dead backends must be ejected");
+    let status = agent.get("/status").expect("status");
+    assert!(
+        status.1.contains("\"breaker\""),
+        "status lists backends: {}",
+        status.1
+    );
+}
