@@ -261,6 +261,36 @@ fn run_serves_health_and_detaches_on_sigterm() {
         "direction both: expected one more TCX (egress) link while the agent runs"
     );
 
+    // `agent status` reads the running agent, as text and as JSON.
+    let out = ns
+        .command(&[
+            AGENT,
+            "status",
+            "--addr",
+            "127.0.0.1:9590",
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "agent status --output json: {:?}",
+        out.status
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(json["ready"], true, "status: {json}");
+    assert_eq!(json["services"][0]["name"], "web", "status: {json}");
+    let out = ns
+        .command(&[AGENT, "status", "--addr", "127.0.0.1:9590"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("web") && text.contains("source_ip 100/s"),
+        "agent status text:\n{text}"
+    );
+
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(10);
