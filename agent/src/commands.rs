@@ -35,8 +35,8 @@ pub fn run(file: &Path) -> ExitCode {
     match runtime.block_on(run::run(file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The subscriber may not be up yet (invalid policy): print plainly too.
-            tracing::error!("{e}");
+            // Plain stderr, not tracing: the subscriber is not up for an invalid policy, and
+            // policy errors must keep their `FILE:LINE:COLUMN: FIELD.PATH: message` form.
             eprintln!("{e}");
             ExitCode::from(e.exit_code())
         }
