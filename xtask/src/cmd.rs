@@ -60,6 +60,82 @@ pub fn run(cmd: &mut Command) -> Result<(), CmdError> {
     }
 }
 
+/// Tests counted from `cargo test`'s `test result:` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TestCounts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl TestCounts {
+    pub fn add(&mut self, other: TestCounts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+    }
+
+    /// Parses `test result: ok. 5 passed; 0 failed; 1 ignored; ...`.
+    pub fn parse(line: &str) -> Option<TestCounts> {
+        let rest = line.trim().strip_prefix("test result: ")?;
+        let mut counts = TestCounts::default();
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match kind {
+                "passed" => counts.passed = n,
+                "failed" => counts.failed = n,
+                "ignored" => counts.ignored = n,
+                _ => {}
+            }
+        }
+        Some(counts)
+    }
+}
+
+/// Runs `cargo test` with its stdout passed through line by line (stderr inherited), and
+/// sums its `test result:` lines, failed runs included; the result fails on a non-zero exit.
+pub fn run_tests(cmd: &mut Command) -> (TestCounts, Result<(), CmdError>) {
+    let mut counts = TestCounts::default();
+    let result = run_tests_into(cmd, &mut counts);
+    (counts, result)
+}
+
+fn run_tests_into(cmd: &mut Command, counts: &mut TestCounts) -> Result<(), CmdError> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| CmdError::Spawn {
+            cmd: describe(cmd),
+            source,
+        })?;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(c) = TestCounts::parse(&line) {
+                counts.add(c);
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| CmdError::Spawn {
+        cmd: describe(cmd),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CmdError::Failed {
+            cmd: describe(cmd),
+            status,
+            stderr: String::new(),
+        })
+    }
+}
+
 /// Runs quietly and returns stdout; on failure the error carries what the program printed.
 pub fn output(cmd: &mut Command) -> Result<String, CmdError> {
     let out = cmd
@@ -96,5 +172,26 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<E
             return Ok(None);
         }
         thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod count_tests {
+    use super::TestCounts;
+
+    #[test]
+    fn parses_cargo_test_summaries() {
+        let c = TestCounts::parse(
+            "test result: ok. 5 passed; 2 failed; 1 ignored; 0 measured; 3 filtered out; finished in 0.1s",
+        );
+        assert_eq!(
+            c,
+            Some(TestCounts {
+                passed: 5,
+                failed: 2,
+                ignored: 1
+            })
+        );
+        assert_eq!(TestCounts::parse("running 5 tests"), None);
     }
 }

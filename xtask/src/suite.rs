@@ -26,6 +26,15 @@ const CLIPPY_ENV: &[(&str, &str)] = &[];
 pub fn run() -> anyhow::Result<()> {
     sys::require_root("cargo xtask test (BPF programs, network namespaces, packages)")?;
     let mut suite = Suite::default();
+    let counts = std::cell::Cell::new(cmd::TestCounts::default());
+    let tests = |command: &mut std::process::Command| {
+        // Counted even when some failed: the closing line reports them.
+        let (c, result) = cmd::run_tests(command);
+        let mut total = counts.get();
+        total.add(c);
+        counts.set(total);
+        result
+    };
 
     let Some(toolchain) = suite.step("setup", setup::run) else {
         return suite.finish();
@@ -63,7 +72,7 @@ pub fn run() -> anyhow::Result<()> {
     });
     // Host unit tests and the datapath tests (BPF_PROG_TEST_RUN, root) of the agent crate.
     suite.step("unit + datapath tests", || {
-        cmd::run(&mut cargo(&[
+        tests(&mut cargo(&[
             "test",
             "--workspace",
             "--exclude",
@@ -76,19 +85,26 @@ pub fn run() -> anyhow::Result<()> {
     suite.step("deploy manifests", || manifests::validate(agent.as_deref()));
     match &agent {
         Some(agent) => {
-            suite.step("end-to-end tests", || e2e(&toolchain, agent));
+            suite.step("end-to-end tests", || tests(&mut e2e(&toolchain, agent)));
         }
         None => suite.skip("end-to-end tests", "the agent did not build"),
     }
-    suite.finish()
+    let result = suite.finish();
+    // The plain closing line: every test of the suite, whatever the step.
+    let c = counts.get();
+    println!(
+        "\ntests: {} passed, {} failed, {} skipped",
+        c.passed, c.failed, c.ignored
+    );
+    result
 }
 
 /// Network-namespace tests: serial, because kernel state is shared.
-fn e2e(toolchain: &setup::Toolchain, agent: &Path) -> Result<(), cmd::CmdError> {
+fn e2e(toolchain: &setup::Toolchain, agent: &Path) -> std::process::Command {
     let mut test = workspace::cargo(toolchain);
     test.args(["test", "--package", E2E_CRATE, "--", "--test-threads=1"])
         .env(AGENT_BIN_ENV, agent);
-    cmd::run(&mut test)
+    test
 }
 
 enum StepResult {
