@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{map, xdp},
     maps::PerCpuArray,
     programs::XdpContext,
@@ -29,6 +29,19 @@ pub fn bench_trivial(_ctx: XdpContext) -> u32 {
 pub fn bench_ktime(_ctx: XdpContext) -> u32 {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(c) = BENCH_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += now & 1 };
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The trivial program plus one coarse (tick-resolution) clock read: what a limiter would pay
+/// if it traded sub-tick precision for speed.
+#[xdp]
+pub fn bench_coarse(_ctx: XdpContext) -> u32 {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(c) = BENCH_COUNT.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         unsafe { *c += now & 1 };
