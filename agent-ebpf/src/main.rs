@@ -12,6 +12,7 @@ mod classify;
 mod limit;
 mod maps;
 mod parse;
+mod rt;
 mod stats;
 
 use agent_common::{
@@ -126,14 +127,3 @@ fn process<C: aya_ebpf::EbpfContext>(ctx: &C, pkt: &Packet, len: u64) -> Action 
         }
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // The verifier rejects any reachable panic path; this is never called at run time.
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

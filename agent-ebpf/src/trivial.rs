@@ -12,6 +12,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
+mod rt;
+
 #[map]
 static BENCH_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -48,13 +50,3 @@ pub fn bench_coarse(_ctx: XdpContext) -> u32 {
     }
     xdp_action::XDP_PASS
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -413,6 +413,26 @@ impl Topology {
         Ok(topo)
     }
 
+    /// One more client address (`cidr`, plus `extra` words for `ip addr add`), and a permanent
+    /// neighbour entry for it on the server so no packet waits on ARP/ND.
+    fn add_client_addr(&self, cidr: &str, addr: &str, extra: &[&str]) -> Result<()> {
+        let mut add = vec!["addr", "add", cidr, "dev", &self.client_if];
+        add.extend_from_slice(extra);
+        self.client.ip(&add)?;
+        self.server.ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            CLIENT_MAC,
+            "dev",
+            &self.server_if,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
     /// Adds `n` more IPv4 addresses to the client (198.18.1.1, 198.18.1.2, ...), for tests
     /// that need several sources; returns the new ones. The server learns their MAC statically.
     pub fn add_client_v4(&mut self, n: usize) -> Result<Vec<Ipv4Addr>> {
@@ -423,24 +443,7 @@ impl Topology {
                 bail!("at most 62,500 extra client addresses");
             }
             let addr = Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1);
-            self.client.ip(&[
-                "addr",
-                "add",
-                &format!("{addr}/{V4_PREFIX}"),
-                "dev",
-                &self.client_if,
-            ])?;
-            self.server.ip(&[
-                "neigh",
-                "replace",
-                &addr.to_string(),
-                "lladdr",
-                CLIENT_MAC,
-                "dev",
-                &self.server_if,
-                "nud",
-                "permanent",
-            ])?;
+            self.add_client_addr(&format!("{addr}/{V4_PREFIX}"), &addr.to_string(), &[])?;
             self.extra_v4.push(addr);
             added.push(addr);
         }
@@ -453,25 +456,11 @@ impl Topology {
         for _ in 0..n {
             let i = self.extra_v6.len() as u16 + 1;
             let addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, i);
-            self.client.ip(&[
-                "addr",
-                "add",
+            self.add_client_addr(
                 &format!("{addr}/{V6_PREFIX}"),
-                "dev",
-                &self.client_if,
-                "nodad",
-            ])?;
-            self.server.ip(&[
-                "neigh",
-                "replace",
                 &addr.to_string(),
-                "lladdr",
-                CLIENT_MAC,
-                "dev",
-                &self.server_if,
-                "nud",
-                "permanent",
-            ])?;
+                &["nodad"],
+            )?;
             self.extra_v6.push(addr);
             added.push(addr);
         }

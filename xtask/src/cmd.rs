@@ -43,12 +43,8 @@ pub fn describe(cmd: &Command) -> String {
         .join(" ")
 }
 
-/// Runs with inherited stdio (the user sees the output live); fails on a non-zero exit.
-pub fn run(cmd: &mut Command) -> Result<(), CmdError> {
-    let status = cmd.status().map_err(|source| CmdError::Spawn {
-        cmd: describe(cmd),
-        source,
-    })?;
+/// `Ok` for a zero exit, else the command and its status (its output went to the terminal).
+fn succeeded(cmd: &Command, status: std::process::ExitStatus) -> Result<(), CmdError> {
     if status.success() {
         Ok(())
     } else {
@@ -58,6 +54,15 @@ pub fn run(cmd: &mut Command) -> Result<(), CmdError> {
             stderr: String::new(),
         })
     }
+}
+
+/// Runs with inherited stdio (the user sees the output live); fails on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<(), CmdError> {
+    let status = cmd.status().map_err(|source| CmdError::Spawn {
+        cmd: describe(cmd),
+        source,
+    })?;
+    succeeded(cmd, status)
 }
 
 /// Tests counted from `cargo test`'s `test result:` lines.
@@ -125,15 +130,7 @@ fn run_tests_into(cmd: &mut Command, counts: &mut TestCounts) -> Result<(), CmdE
         cmd: describe(cmd),
         source,
     })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(CmdError::Failed {
-            cmd: describe(cmd),
-            status,
-            stderr: String::new(),
-        })
-    }
+    succeeded(cmd, status)
 }
 
 /// Runs quietly and returns stdout; on failure the error carries what the program printed.
