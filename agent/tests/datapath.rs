@@ -87,7 +87,8 @@ fn require_root() {
 
 struct Harness {
     dp: Datapath,
-    names: Vec<String>,
+    /// Service names by id; leaked once so counter effects can name them as `&'static str`.
+    names: Vec<&'static str>,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -106,7 +107,11 @@ impl Harness {
         let compiled = config::compile(&policy);
         let mut dp = Datapath::load(compiled.max_keys).expect("loading the datapath");
         dp.apply(&compiled).expect("writing the maps");
-        let names = compiled.services.iter().map(|s| s.name.clone()).collect();
+        let names = compiled
+            .services
+            .iter()
+            .map(|s| &*s.name.clone().leak())
+            .collect();
         Harness {
             dp,
             names,
@@ -124,7 +129,7 @@ impl Harness {
     fn flat(&self, s: &Snapshot) -> Vec<(Effect, u64)> {
         let mut out = Vec::new();
         for (i, svc) in s.services.iter().enumerate() {
-            let name: &'static str = self.names[i].clone().leak();
+            let name = self.names[i];
             out.push((Effect::Passed(name), svc.passed.packets));
             for (reason, c) in &svc.dropped {
                 out.push((Effect::Dropped(name, reason), c.packets));
@@ -555,7 +560,7 @@ fn two_cpus_on_one_bucket_never_exceed_the_limit() {
     const BURST: f64 = 1_000.0;
     const CHUNK: u32 = 20_000;
     const WINDOW: Duration = Duration::from_millis(300);
-    let svc = h.names.iter().position(|n| n == "aggregate").unwrap();
+    let svc = h.names.iter().position(|n| *n == "aggregate").unwrap();
     let frame = Frame::udp4(CLIENT, 7, [198, 18, 0, 4], 6000).bytes();
     let prog = h.dp.xdp_program().expect("xdp program");
     let before = h.snapshot().services[svc].clone();
