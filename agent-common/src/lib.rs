@@ -3,9 +3,11 @@
 //! share (classification order, token-bucket arithmetic), unit-tested on the host.
 #![no_std]
 
+pub mod breaker;
 pub mod classify;
 pub mod limit;
 pub mod maps;
+pub mod reply;
 pub mod stats;
 
 pub use classify::{MatchList, MatchRule};

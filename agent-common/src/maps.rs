@@ -12,6 +12,17 @@ pub const MAP_SVC_STATS: &str = "SVC_STATS";
 /// Per-CPU array indexed by a `GSTAT_*` slot -> [`crate::Counter`].
 pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 
+/// Hash: [`crate::breaker::BackendKey`] -> [`crate::breaker::BackendState`], written by the
+/// agent on every breaker transition.
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// Per-CPU array indexed by `backend_slot(id, slot)` -> [`crate::Counter`].
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// LRU hash: [`crate::breaker::FlowKey`] -> [`crate::breaker::AdmittedFlow`].
+pub const MAP_HALF_OPEN_FLOWS: &str = "HALF_OPEN_FLOWS";
+/// LRU hash: [`crate::breaker::FlowKey`] -> [`crate::breaker::PendingSyn`]; the agent sweeps
+/// entries past the timeout as failures.
+pub const MAP_PENDING_SYNS: &str = "PENDING_SYNS";
+
 /// Service ids are indices into `SVC_CFG`; a policy has at most this many services.
 pub const MAX_SERVICES: u32 = 1024;
 /// Distinct prefixes in the classifier trie.
