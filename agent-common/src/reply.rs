@@ -69,11 +69,11 @@ pub fn rst_for(seq: u32, ack: u32, flags: u8, payload_len: u32) -> Rst {
     }
 }
 
-/// Adds `bytes` as big-endian 16-bit words to a one's-complement running sum (`N` even).
+/// Adds `bytes` as big-endian 16-bit words to a one's-complement running sum (even length).
 #[inline(always)]
-pub fn sum_words<const N: usize>(mut acc: u32, bytes: &[u8; N]) -> u32 {
+pub fn sum_words(mut acc: u32, bytes: &[u8]) -> u32 {
     let mut i = 0;
-    while i + 1 < N {
+    while i + 1 < bytes.len() {
         acc += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
         i += 2;
     }
@@ -104,28 +104,26 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at + 3] = e;
 }
 
-/// An IPv4 header (no options, DF, TTL 64) with its checksum.
+/// An IPv4 header (no options, DF, TTL 64) with its checksum, in `b[..20]`.
 #[inline(always)]
 fn ipv4_header(b: &mut [u8], total_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) {
-    let mut h = [0u8; IPV4_HDR_LEN];
-    h[0] = 0x45;
-    put16(&mut h, 2, total_len);
-    h[6] = 0x40; // DF
-    h[8] = REPLY_TTL;
-    h[9] = proto;
-    h[12..16].copy_from_slice(&src);
-    h[16..20].copy_from_slice(&dst);
-    let sum = checksum(sum_words(0, &h));
-    put16(&mut h, 10, sum);
-    b[..IPV4_HDR_LEN].copy_from_slice(&h);
+    b[0] = 0x45;
+    b[1] = 0;
+    put16(b, 2, total_len);
+    put32(b, 4, 0x0000_4000); // id 0, DF
+    b[8] = REPLY_TTL;
+    b[9] = proto;
+    put16(b, 10, 0);
+    b[12..16].copy_from_slice(&src);
+    b[16..20].copy_from_slice(&dst);
+    let sum = checksum(sum_words(0, &b[..IPV4_HDR_LEN]));
+    put16(b, 10, sum);
 }
 
+/// An IPv6 header (TTL 64, no flow label) in `b[..40]`.
 #[inline(always)]
 fn ipv6_header(b: &mut [u8], payload_len: u16, next: u8, src: &[u8; 16], dst: &[u8; 16]) {
-    b[0] = 0x60;
-    b[1] = 0;
-    b[2] = 0;
-    b[3] = 0;
+    put32(b, 0, 0x6000_0000);
     put16(b, 4, payload_len);
     b[6] = next;
     b[7] = REPLY_TTL;
@@ -133,17 +131,17 @@ fn ipv6_header(b: &mut [u8], payload_len: u16, next: u8, src: &[u8; 16], dst: &[
     b[24..40].copy_from_slice(dst);
 }
 
-/// The 20-byte TCP header of a RST from `sport` to `dport`, checksum field zero.
+/// The 20-byte TCP header of a RST from `sport` to `dport` in `t[..20]`, checksum zero.
 #[inline(always)]
-fn rst_header(sport: u16, dport: u16, rst: Rst) -> [u8; TCP_HDR_LEN] {
-    let mut t = [0u8; TCP_HDR_LEN];
-    put16(&mut t, 0, sport);
-    put16(&mut t, 2, dport);
-    put32(&mut t, 4, rst.seq);
-    put32(&mut t, 8, rst.ack);
+fn rst_header(t: &mut [u8], sport: u16, dport: u16, rst: Rst) {
+    put16(t, 0, sport);
+    put16(t, 2, dport);
+    put32(t, 4, rst.seq);
+    put32(t, 8, rst.ack);
     t[12] = 5 << 4;
     t[13] = rst.flags;
-    t
+    put32(t, 14, 0); // window, checksum
+    put16(t, 18, 0); // urgent pointer
 }
 
 /// Pseudo-header sum for IPv4 (RFC 793): addresses, protocol, L4 length.
@@ -158,78 +156,81 @@ fn pseudo_v6(src: &[u8; 16], dst: &[u8; 16], next: u8, len: u16) -> u32 {
     sum_words(sum_words(u32::from(next) + u32::from(len), src), dst)
 }
 
-/// The RST from `src:sport` (the refused destination) to `dst:dport` (the sender), over IPv4.
+/// Writes the RST from `src:sport` (the refused destination) to `dst:dport` (the sender),
+/// over IPv4, into `b`.
 #[inline(always)]
-pub fn rst_v4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, rst: Rst) -> [u8; RST_V4_LEN] {
-    let mut b = [0u8; RST_V4_LEN];
-    ipv4_header(&mut b, RST_V4_LEN as u16, IPPROTO_TCP, src, dst);
-    let mut t = rst_header(sport, dport, rst);
-    let sum = sum_words(pseudo_v4(src, dst, IPPROTO_TCP, TCP_HDR_LEN as u16), &t);
-    put16(&mut t, 16, checksum(sum));
-    b[IPV4_HDR_LEN..].copy_from_slice(&t);
-    b
+pub fn rst_v4(
+    b: &mut [u8; RST_V4_LEN],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    rst: Rst,
+) {
+    ipv4_header(b, RST_V4_LEN as u16, IPPROTO_TCP, src, dst);
+    let t = &mut b[IPV4_HDR_LEN..];
+    rst_header(t, sport, dport, rst);
+    let sum = sum_words(pseudo_v4(src, dst, IPPROTO_TCP, TCP_HDR_LEN as u16), t);
+    put16(t, 16, checksum(sum));
 }
 
-/// The RST from `src:sport` to `dst:dport`, over IPv6.
+/// Writes the RST from `src:sport` to `dst:dport`, over IPv6, into `b`.
 #[inline(always)]
 pub fn rst_v6(
+    b: &mut [u8; RST_V6_LEN],
     src: &[u8; 16],
     dst: &[u8; 16],
     sport: u16,
     dport: u16,
     rst: Rst,
-) -> [u8; RST_V6_LEN] {
-    let mut b = [0u8; RST_V6_LEN];
-    ipv6_header(&mut b, TCP_HDR_LEN as u16, IPPROTO_TCP, src, dst);
-    let mut t = rst_header(sport, dport, rst);
-    let sum = sum_words(pseudo_v6(src, dst, IPPROTO_TCP, TCP_HDR_LEN as u16), &t);
-    put16(&mut t, 16, checksum(sum));
-    b[IPV6_HDR_LEN..].copy_from_slice(&t);
-    b
+) {
+    ipv6_header(b, TCP_HDR_LEN as u16, IPPROTO_TCP, src, dst);
+    let t = &mut b[IPV6_HDR_LEN..];
+    rst_header(t, sport, dport, rst);
+    let sum = sum_words(pseudo_v6(src, dst, IPPROTO_TCP, TCP_HDR_LEN as u16), t);
+    put16(t, 16, checksum(sum));
 }
 
-/// ICMP destination unreachable / port unreachable (type 3, code 3) for the IPv4 datagram
-/// whose first bytes are `quote`, sent from its destination back to its source.
+/// Offset of the quoted datagram in an IPv4 port unreachable.
+pub const QUOTE_AT_V4: usize = IPV4_HDR_LEN + ICMP_HDR_LEN;
+/// Offset of the quoted datagram in an IPv6 port unreachable.
+pub const QUOTE_AT_V6: usize = IPV6_HDR_LEN + ICMP_HDR_LEN;
+
+/// ICMP destination unreachable / port unreachable (type 3, code 3), sent from the quoted
+/// datagram's destination back to its source. `b[QUOTE_AT_V4..]` must already hold the first
+/// `QUOTE_V4_LEN` bytes of the datagram (copied there first, so no copy is made here).
 #[inline(always)]
-pub fn port_unreachable_v4(quote: &[u8; QUOTE_V4_LEN]) -> [u8; UNREACH_V4_LEN] {
-    let mut src = [0u8; 4];
-    let mut dst = [0u8; 4];
-    src.copy_from_slice(&quote[16..20]);
-    dst.copy_from_slice(&quote[12..16]);
-    let mut b = [0u8; UNREACH_V4_LEN];
-    ipv4_header(&mut b, UNREACH_V4_LEN as u16, IPPROTO_ICMP, src, dst);
-    let mut icmp = [0u8; ICMP_HDR_LEN];
-    icmp[0] = 3;
-    icmp[1] = 3;
-    let sum = sum_words(sum_words(0, &icmp), quote);
-    put16(&mut icmp, 2, checksum(sum));
-    b[IPV4_HDR_LEN..IPV4_HDR_LEN + ICMP_HDR_LEN].copy_from_slice(&icmp);
-    b[IPV4_HDR_LEN + ICMP_HDR_LEN..].copy_from_slice(quote);
-    b
+pub fn port_unreachable_v4(b: &mut [u8; UNREACH_V4_LEN]) {
+    let q = QUOTE_AT_V4;
+    let src = [b[q + 16], b[q + 17], b[q + 18], b[q + 19]];
+    let dst = [b[q + 12], b[q + 13], b[q + 14], b[q + 15]];
+    ipv4_header(b, UNREACH_V4_LEN as u16, IPPROTO_ICMP, src, dst);
+    let icmp = &mut b[IPV4_HDR_LEN..];
+    put32(icmp, 0, 0x0303_0000);
+    put32(icmp, 4, 0);
+    let sum = checksum(sum_words(0, icmp));
+    put16(icmp, 2, sum);
 }
 
-/// ICMPv6 destination unreachable / port unreachable (type 1, code 4) for the IPv6 datagram
-/// whose first bytes are `quote`.
+/// ICMPv6 destination unreachable / port unreachable (type 1, code 4); `b[QUOTE_AT_V6..]`
+/// must already hold the first `QUOTE_V6_LEN` bytes of the datagram.
 #[inline(always)]
-pub fn port_unreachable_v6(quote: &[u8; QUOTE_V6_LEN]) -> [u8; UNREACH_V6_LEN] {
+pub fn port_unreachable_v6(b: &mut [u8; UNREACH_V6_LEN]) {
+    let q = QUOTE_AT_V6;
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
-    src.copy_from_slice(&quote[24..40]);
-    dst.copy_from_slice(&quote[8..24]);
-    let mut b = [0u8; UNREACH_V6_LEN];
+    src.copy_from_slice(&b[q + 24..q + 40]);
+    dst.copy_from_slice(&b[q + 8..q + 24]);
     let icmp_len = (ICMP_HDR_LEN + QUOTE_V6_LEN) as u16;
-    ipv6_header(&mut b, icmp_len, IPPROTO_ICMPV6, &src, &dst);
-    let mut icmp = [0u8; ICMP_HDR_LEN];
-    icmp[0] = 1;
-    icmp[1] = 4;
-    let sum = sum_words(
-        sum_words(pseudo_v6(&src, &dst, IPPROTO_ICMPV6, icmp_len), &icmp),
-        quote,
-    );
-    put16(&mut icmp, 2, checksum(sum));
-    b[IPV6_HDR_LEN..IPV6_HDR_LEN + ICMP_HDR_LEN].copy_from_slice(&icmp);
-    b[IPV6_HDR_LEN + ICMP_HDR_LEN..].copy_from_slice(quote);
-    b
+    ipv6_header(b, icmp_len, IPPROTO_ICMPV6, &src, &dst);
+    let icmp = &mut b[IPV6_HDR_LEN..];
+    put32(icmp, 0, 0x0104_0000);
+    put32(icmp, 4, 0);
+    let sum = checksum(sum_words(
+        pseudo_v6(&src, &dst, IPPROTO_ICMPV6, icmp_len),
+        icmp,
+    ));
+    put16(icmp, 2, sum);
 }
 
 #[cfg(test)]
@@ -253,6 +254,11 @@ mod tests {
         // RFC 1071 section 3: the sum of 0001 f203 f4f5 f6f7 is ddf2 (before complement).
         let b = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(checksum(sum_words(0, &b)), !0xddf2);
+        // Carries fold twice: 0xffff + 0xffff + 0x0002.
+        assert_eq!(
+            checksum(sum_words(0, &[0xff, 0xff, 0xff, 0xff, 0, 2])),
+            !0x0002
+        );
     }
 
     #[test]
@@ -288,19 +294,23 @@ mod tests {
     fn rst_v4_is_a_valid_packet() {
         let src = [10, 0, 1, 11];
         let dst = [10, 0, 0, 1];
-        let b = rst_v4(src, dst, 8080, 40000, rst_for(1000, 0, TCP_SYN, 0));
+        let mut b = [0xee; RST_V4_LEN];
+        rst_v4(&mut b, src, dst, 8080, 40000, rst_for(1000, 0, TCP_SYN, 0));
         assert_eq!(b[0], 0x45);
         assert_eq!(u16::from_be_bytes([b[2], b[3]]), 40);
         assert_eq!(b[9], IPPROTO_TCP);
         assert_eq!(&b[12..16], &src);
         assert_eq!(&b[16..20], &dst);
         assert!(verifies(sum_slice(0, &b[..20])), "IPv4 header checksum");
+        assert_eq!(&b[4..10], &[0, 0, 0x40, 0, 64, IPPROTO_TCP], "id, DF, TTL");
         let tcp = &b[20..];
         assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 8080);
         assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 40000);
         assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1001);
         assert_eq!(tcp[12] >> 4, 5);
         assert_eq!(tcp[13], TCP_RST | TCP_ACK);
+        assert_eq!(&tcp[14..16], &[0, 0], "window");
+        assert_eq!(&tcp[18..20], &[0, 0], "urgent pointer");
         let pseudo = sum_slice(sum_slice(6 + 20, &src), &dst);
         assert!(verifies(sum_slice(pseudo, tcp)), "TCP checksum");
     }
@@ -313,7 +323,15 @@ mod tests {
         src[15] = 2;
         let mut dst = src;
         dst[15] = 1;
-        let b = rst_v6(&src, &dst, 443, 50000, rst_for(0xfffffff0, 0, TCP_SYN, 0));
+        let mut b = [0xee; RST_V6_LEN];
+        rst_v6(
+            &mut b,
+            &src,
+            &dst,
+            443,
+            50000,
+            rst_for(0xfffffff0, 0, TCP_SYN, 0),
+        );
         assert_eq!(b[0] >> 4, 6);
         assert_eq!(u16::from_be_bytes([b[4], b[5]]), 20);
         assert_eq!(b[6], IPPROTO_TCP);
@@ -336,7 +354,9 @@ mod tests {
         q[16..20].copy_from_slice(&[10, 0, 1, 11]);
         q[20..22].copy_from_slice(&5000u16.to_be_bytes());
         q[22..24].copy_from_slice(&53u16.to_be_bytes());
-        let b = port_unreachable_v4(&q);
+        let mut b = [0xee; UNREACH_V4_LEN];
+        b[QUOTE_AT_V4..].copy_from_slice(&q);
+        port_unreachable_v4(&mut b);
         assert_eq!(&b[12..16], &[10, 0, 1, 11], "from the refused destination");
         assert_eq!(&b[16..20], &[10, 0, 0, 1], "to the sender");
         assert_eq!(b[9], IPPROTO_ICMP);
@@ -356,7 +376,9 @@ mod tests {
         q[23] = 1;
         q[24] = 0x20;
         q[39] = 2;
-        let b = port_unreachable_v6(&q);
+        let mut b = [0xee; UNREACH_V6_LEN];
+        b[QUOTE_AT_V6..].copy_from_slice(&q);
+        port_unreachable_v6(&mut b);
         assert_eq!(b[8], 0x20);
         assert_eq!(b[23], 2, "from the refused destination");
         assert_eq!(b[39], 1, "to the sender");

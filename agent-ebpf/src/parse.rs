@@ -46,6 +46,8 @@ const IPV6_FRAG_HDR_LEN: usize = 8;
 const IPV6_FRAG_OFFSET_MASK: u16 = 0xfff8;
 
 pub const ICMP_HDR_MIN_LEN: usize = 4;
+/// Byte of the TCP header holding the flags (CWR..FIN).
+pub const TCP_FLAGS_OFFSET: usize = 13;
 
 /// Why a packet was not parsed. Every one of these passes (fail open).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,6 +93,14 @@ pub struct Parsed {
     pub dport: u16,
     pub has_ports: bool,
     pub fragment: bool,
+    /// IPv6 (else IPv4).
+    pub ipv6: bool,
+    /// Offsets of the IP header and of the L4 header (the latter meaningful with `has_ports`
+    /// or an ICMP header).
+    pub l3: usize,
+    pub l4: usize,
+    /// TCP flag bits (byte 13 of the header); 0 for other protocols.
+    pub tcp_flags: u8,
 }
 
 impl Parsed {
@@ -155,6 +165,10 @@ fn parse_ipv4(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
         dport: 0,
         has_ports: false,
         fragment,
+        ipv6: false,
+        l3: off,
+        l4: off + hdr_len,
+        tcp_flags: 0,
     };
     if !fragment {
         parse_l4(pkt, off + hdr_len, &mut p)?;
@@ -177,6 +191,10 @@ fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
         dport: 0,
         has_ports: false,
         fragment: false,
+        ipv6: true,
+        l3: off,
+        l4: off + Ipv6Hdr::LEN,
+        tcp_flags: 0,
     };
     let mut off = off + Ipv6Hdr::LEN;
     let mut walked = 0;
@@ -207,6 +225,7 @@ fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
         off += hdr_len;
         walked += 1;
     }
+    p.l4 = off;
     if !p.fragment {
         parse_l4(pkt, off, &mut p)?;
     }
@@ -218,6 +237,9 @@ fn parse_l4(pkt: &Packet, off: usize, p: &mut Parsed) -> Result<(), ParseError> 
     match p.proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = pkt.ptr_at(off)?;
+            // SAFETY: the whole fixed header was bounds-checked; the flags byte is inside it
+            // (read through the same pointer, so the verifier sees the same checked range).
+            p.tcp_flags = unsafe { *(tcp as *const u8).add(TCP_FLAGS_OFFSET) };
             let tcp = unsafe { &*tcp };
             p.sport = be16(tcp.source);
             p.dport = be16(tcp.dest);

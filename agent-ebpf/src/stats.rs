@@ -1,8 +1,8 @@
 //! Per-CPU counters: no atomics needed, the agent sums the CPUs.
 
-use agent_common::stats::svc_slot;
+use agent_common::{breaker::backend_slot, stats::svc_slot};
 
-use crate::maps::{GLOBAL_STATS, SVC_STATS};
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SVC_STATS};
 
 #[inline(always)]
 pub fn global(slot: u32, len: u64) {
@@ -18,6 +18,17 @@ pub fn global(slot: u32, len: u64) {
 #[inline(always)]
 pub fn service(service_id: u32, slot: u32, len: u64) {
     if let Some(c) = SVC_STATS.get_ptr_mut(svc_slot(service_id, slot)) {
+        // SAFETY: as above.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn backend(id: u32, slot: u32, len: u64) {
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_slot(id, slot)) {
         // SAFETY: as above.
         unsafe {
             (*c).packets += 1;

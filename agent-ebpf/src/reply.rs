@@ -1,0 +1,208 @@
+//! Turns a refused packet into its answer, in place: a TCP RST, or an ICMP / ICMPv6 port
+//! unreachable for UDP. The bytes are built by `agent_common::reply` (host-tested) in a
+//! per-CPU scratch buffer; here the packet is resized to the answer's length, the answer
+//! written at the L3 offset and the MAC addresses swapped. The hook then sends it back
+//! (XDP_TX, or a redirect to the ingress of the device for TC egress).
+//!
+//! Only plain headers are answered: IPv4 without options, IPv6 without extension headers.
+//! Anything else cannot be answered here and the caller drops it.
+
+use agent_common::{
+    classify::PROTO_TCP,
+    reply::{
+        IPV4_HDR_LEN, IPV6_HDR_LEN, QUOTE_AT_V4, QUOTE_AT_V6, QUOTE_V4_LEN, QUOTE_V6_LEN,
+        RST_V4_LEN, RST_V6_LEN, TCP_HDR_LEN, UNREACH_V4_LEN, UNREACH_V6_LEN, port_unreachable_v4,
+        port_unreachable_v6, rst_for, rst_v4, rst_v6,
+    },
+};
+use aya_ebpf::{
+    helpers::{bpf_skb_change_tail, bpf_xdp_adjust_tail},
+    programs::{TcContext, XdpContext},
+};
+use core::ptr::{copy_nonoverlapping, read_unaligned, write_unaligned};
+
+use crate::{
+    maps::{REPLY_SCRATCH, REPLY_SCRATCH_LEN},
+    parse::{Packet, Parsed},
+};
+
+/// Ethernet destination + source.
+const MACS_LEN: usize = 12;
+/// The deepest L3 offset the parser yields (Ethernet + two VLAN tags).
+const MAX_L3: usize = 22;
+
+/// A hook's way to resize and write the packet.
+pub trait Rewrite {
+    fn packet(&self) -> Packet;
+    /// Resizes the packet to `l3 + N` bytes, writes `macs` at 0 and `bytes` at `l3`.
+    fn finish<const N: usize>(&self, l3: usize, bytes: &[u8; N], macs: &[u8; MACS_LEN]) -> bool;
+}
+
+impl Rewrite for XdpContext {
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet {
+            start: self.data(),
+            end: self.data_end(),
+        }
+    }
+
+    #[inline(always)]
+    fn finish<const N: usize>(&self, l3: usize, bytes: &[u8; N], macs: &[u8; MACS_LEN]) -> bool {
+        // The verifier refuses 32-bit arithmetic on packet pointers, which is what LLVM makes
+        // of this subtraction when only the low half of the result is used; `black_box`
+        // keeps it a 64-bit difference turned into a scalar first.
+        let cur = core::hint::black_box(self.data_end() - self.data()) as i64;
+        let delta = (l3 + N) as i64 - cur;
+        // SAFETY: helper on this program's own context.
+        if unsafe { bpf_xdp_adjust_tail(self.ctx, delta as i32) } != 0 {
+            return false;
+        }
+        let pkt = self.packet();
+        let (Ok(eth), Ok(dst)) = (pkt.ptr_at::<[u8; MACS_LEN]>(0), pkt.ptr_at::<[u8; N]>(l3))
+        else {
+            return false;
+        };
+        // SAFETY: both ranges were bounds-checked against the resized packet just above.
+        unsafe {
+            write_unaligned(eth as *mut [u8; MACS_LEN], *macs);
+            copy_nonoverlapping(bytes.as_ptr(), dst as *mut u8, N);
+        }
+        true
+    }
+}
+
+impl Rewrite for TcContext {
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet {
+            start: self.data(),
+            end: self.data_end(),
+        }
+    }
+
+    #[inline(always)]
+    fn finish<const N: usize>(&self, l3: usize, bytes: &[u8; N], macs: &[u8; MACS_LEN]) -> bool {
+        // SAFETY: helper on this program's own skb.
+        if unsafe { bpf_skb_change_tail(self.skb.skb, (l3 + N) as u32, 0) } != 0 {
+            return false;
+        }
+        self.skb.store(0, macs, 0).is_ok() && self.skb.store(l3, bytes, 0).is_ok()
+    }
+}
+
+#[inline(always)]
+fn be32(b: &[u8; TCP_HDR_LEN], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The MAC addresses of the answer: the packet's, swapped.
+#[inline(always)]
+fn swapped_macs(pkt: &Packet) -> Option<[u8; MACS_LEN]> {
+    let eth = pkt.ptr_at::<[u8; MACS_LEN]>(0).ok()?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let m = unsafe { read_unaligned(eth) };
+    let mut out = [0u8; MACS_LEN];
+    out[..6].copy_from_slice(&m[6..]);
+    out[6..].copy_from_slice(&m[..6]);
+    Some(out)
+}
+
+/// The first `N` bytes of the scratch buffer, for building an answer of `N` bytes.
+#[inline(always)]
+fn scratch<const N: usize>() -> Option<&'static mut [u8; N]> {
+    const { assert!(N <= REPLY_SCRATCH_LEN) };
+    let p = REPLY_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU map value of REPLY_SCRATCH_LEN >= N bytes, used by this run only.
+    Some(unsafe { &mut *(p as *mut [u8; N]) })
+}
+
+/// Rewrites the packet into the answer that refuses it. `false` when it cannot be answered
+/// (unusual headers, a resize the hook refused); the caller drops it then.
+#[inline(always)]
+pub fn answer<R: Rewrite>(r: &R, p: &Parsed) -> bool {
+    let pkt = r.packet();
+    let hdr = if p.ipv6 { IPV6_HDR_LEN } else { IPV4_HDR_LEN };
+    if p.l3 > MAX_L3 || p.l4 != p.l3 + hdr {
+        return false;
+    }
+    let Some(macs) = swapped_macs(&pkt) else {
+        return false;
+    };
+    match (p.proto == PROTO_TCP, p.ipv6) {
+        (true, false) => {
+            let Some(seg) = segment(&pkt, p) else {
+                return false;
+            };
+            let Some(b) = scratch::<RST_V4_LEN>() else {
+                return false;
+            };
+            rst_v4(b, v4(&p.dst), v4(&p.src), p.dport, p.sport, seg);
+            r.finish(p.l3, b, &macs)
+        }
+        (true, true) => {
+            let Some(seg) = segment(&pkt, p) else {
+                return false;
+            };
+            let Some(b) = scratch::<RST_V6_LEN>() else {
+                return false;
+            };
+            rst_v6(b, &p.dst, &p.src, p.dport, p.sport, seg);
+            r.finish(p.l3, b, &macs)
+        }
+        (false, false) => {
+            let Some(b) = scratch::<UNREACH_V4_LEN>() else {
+                return false;
+            };
+            let Ok(q) = pkt.ptr_at::<[u8; QUOTE_V4_LEN]>(p.l3) else {
+                return false;
+            };
+            // SAFETY: bounds-checked by `ptr_at`; scratch and packet do not overlap.
+            unsafe {
+                copy_nonoverlapping(q as *const u8, b[QUOTE_AT_V4..].as_mut_ptr(), QUOTE_V4_LEN)
+            };
+            port_unreachable_v4(b);
+            r.finish(p.l3, b, &macs)
+        }
+        (false, true) => {
+            let Some(b) = scratch::<UNREACH_V6_LEN>() else {
+                return false;
+            };
+            let Ok(q) = pkt.ptr_at::<[u8; QUOTE_V6_LEN]>(p.l3) else {
+                return false;
+            };
+            // SAFETY: as above.
+            unsafe {
+                copy_nonoverlapping(q as *const u8, b[QUOTE_AT_V6..].as_mut_ptr(), QUOTE_V6_LEN)
+            };
+            port_unreachable_v6(b);
+            r.finish(p.l3, b, &macs)
+        }
+    }
+}
+
+/// The RST's sequence fields for the TCP segment at `p.l4`.
+#[inline(always)]
+fn segment(pkt: &Packet, p: &Parsed) -> Option<agent_common::reply::Rst> {
+    let tcp = pkt.ptr_at::<[u8; TCP_HDR_LEN]>(p.l4).ok()?;
+    // IPv4 total length (bytes 2-3) or IPv6 payload length (bytes 4-5).
+    let len = pkt
+        .ptr_at::<[u8; 2]>(p.l3 + if p.ipv6 { 4 } else { 2 })
+        .ok()?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    let (tcp, len) = unsafe { (read_unaligned(tcp), read_unaligned(len)) };
+    let doff = u32::from(tcp[12] >> 4) * 4;
+    let ip_len = u32::from(u16::from_be_bytes(len));
+    let payload = if p.ipv6 {
+        ip_len.saturating_sub(doff)
+    } else {
+        ip_len.saturating_sub(IPV4_HDR_LEN as u32 + doff)
+    };
+    Some(rst_for(be32(&tcp, 4), be32(&tcp, 8), p.tcp_flags, payload))
+}
+
+/// The IPv4 address inside `::ffff:a.b.c.d`.
+#[inline(always)]
+fn v4(mapped: &[u8; 16]) -> [u8; 4] {
+    [mapped[12], mapped[13], mapped[14], mapped[15]]
+}
