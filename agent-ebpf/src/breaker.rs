@@ -74,12 +74,11 @@ pub fn check(p: &Parsed, len: u64, exempt: bool) -> Verdict {
     let id = st.id;
     match enforce(&st, new_flow) {
         Enforce::Pass => {}
-        Enforce::Trial => {
-            if !admit_trial(p, state, &st) {
-                return refuse(&st);
-            }
-            stats::backend(id, BSTAT_TRIAL, len);
-        }
+        Enforce::Trial => match admit_trial(p, state, &st) {
+            Trial::Again => {}
+            Trial::Admitted => stats::backend(id, BSTAT_TRIAL, len),
+            Trial::Refused => return refuse(&st),
+        },
         Enforce::Refuse => return refuse(&st),
         Enforce::Cut => {
             // Never answer a RST with a RST.
@@ -107,16 +106,26 @@ fn refuse(st: &BackendState) -> Verdict {
     }
 }
 
-/// Half-open: a flow already admitted in this epoch passes (a retransmitted SYN, the next
-/// datagram of a UDP flow); otherwise it takes one from the quota, if any is left.
+enum Trial {
+    /// Admitted earlier in this half-open period (a retransmitted SYN, the next datagram of
+    /// a UDP flow): passes without spending quota.
+    Again,
+    /// Took one from the quota.
+    Admitted,
+    /// No quota left.
+    Refused,
+}
+
+/// Half-open: a flow already admitted in this epoch passes again; otherwise it takes one
+/// from the quota, if any is left.
 #[inline(always)]
-fn admit_trial(p: &Parsed, state: *mut BackendState, st: &BackendState) -> bool {
+fn admit_trial(p: &Parsed, state: *mut BackendState, st: &BackendState) -> Trial {
     let key = flow_key(p);
     if let Some(f) = unsafe { HALF_OPEN_FLOWS.get(key) }
         && f.epoch == st.epoch
         && f.id == st.id
     {
-        return true;
+        return Trial::Again;
     }
     // SAFETY: `quota` is an aligned u32 inside the live map value; CAS keeps CPUs from
     // admitting more than the quota between them.
@@ -125,7 +134,7 @@ fn admit_trial(p: &Parsed, state: *mut BackendState, st: &BackendState) -> bool 
     while attempt < CAS_ATTEMPTS {
         let left = unsafe { read_volatile(quota) };
         if left == 0 {
-            return false;
+            return Trial::Refused;
         }
         let (_, swapped) = unsafe {
             atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
@@ -141,12 +150,12 @@ fn admit_trial(p: &Parsed, state: *mut BackendState, st: &BackendState) -> bool 
             };
             // A full table only means a retransmitted SYN may take a second slot.
             let _ = HALF_OPEN_FLOWS.insert(key, admitted, 0);
-            return true;
+            return Trial::Admitted;
         }
         attempt += 1;
     }
     // Contended past the bound: refusing never over-admits.
-    false
+    Trial::Refused
 }
 
 /// Remembers an admitted SYN until the backend answers it (or the agent times it out). The
