@@ -1,9 +1,10 @@
 //! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP; detach on SIGTERM.
 //!
 //! Order of start-up, so that a failure leaves nothing behind: validate the policy (and the
-//! interfaces it names) -> bind the HTTP listener -> load the programs -> write the maps ->
-//! attach (all interfaces or none) -> ready. Every step before `attach` touches nothing a
-//! packet sees; `Datapath` detaches what it attached when dropped.
+//! interfaces it names) -> bind the HTTP listener -> load the programs -> write the maps
+//! (breaker entries closed) -> attach (all interfaces or none) -> start health checks and
+//! breakers -> ready. Every step before `attach` touches nothing a packet sees; `Datapath`
+//! detaches what it attached when dropped.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -94,22 +95,30 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
         plan.services.clone(),
         file.display().to_string(),
     ));
-    state.set_ready(true);
-    tracing::info!("ready; serving on http://{}", plan.listen);
 
+    // Breaker entries are in the maps already (closed, from `apply`); from here on the
+    // supervisor writes every transition.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let backends_task = match backends::start(&policy, stop_rx.clone()) {
+    let started = {
+        let dp = state.datapath();
+        backends::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
+    };
+    let backends_task = match started {
         Ok(Some((table, task))) => {
             state.set_backends(table);
             Some(task)
         }
         Ok(None) => None,
         Err(e) => {
-            // Checks could not start: the datapath keeps enforcing the policy without them.
+            // Checks could not start: the datapath keeps enforcing the policy without them,
+            // every breaker closed (fail open).
             tracing::error!("{e}");
             None
         }
     };
+    state.set_ready(true);
+    tracing::info!("ready; serving on http://{}", plan.listen);
+
     let log_task = logger.map(|l| tokio::spawn(logs::forward_ebpf_logs(l)));
     let keys_task = tokio::spawn(count_keys_periodically(state.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();

@@ -7,7 +7,7 @@ use std::sync::{
 
 use crate::{
     backends::BackendTable,
-    datapath::{Datapath, DatapathError, KeyCounts},
+    datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
     telemetry::status::{ServiceInfo, StatusReport},
 };
 
@@ -77,15 +77,27 @@ impl AgentState {
 
     pub fn report(&self) -> Result<StatusReport, DatapathError> {
         let services = lock(&self.services).clone();
-        let (snapshot, attachments) = {
-            let dp = self.datapath();
-            (dp.snapshot(services.len() as u32)?, dp.attachments())
-        };
-        let keys = lock(&self.keys).clone();
-        let backends = lock(&self.backends)
+        let mut backends = lock(&self.backends)
             .as_ref()
             .map(|t| t.snapshot())
             .unwrap_or_default();
+        let (snapshot, attachments) = {
+            let dp = self.datapath();
+            for b in &mut backends {
+                if let Some(id) = b.id {
+                    let counters = dp.backend_counters(id)?;
+                    b.datapath = BACKEND_ACTIONS
+                        .iter()
+                        .map(|(slot, action)| {
+                            let packets = counters.get(*slot as usize).map_or(0, |c| c.packets);
+                            ((*action).to_string(), packets)
+                        })
+                        .collect();
+                }
+            }
+            (dp.snapshot(services.len() as u32)?, dp.attachments())
+        };
+        let keys = lock(&self.keys).clone();
         Ok(StatusReport::build(
             self.is_ready(),
             &self.policy_file,

@@ -41,9 +41,11 @@ enum Command {
     Test,
     /// Rate-limit demo in two network namespaces, with live counters.
     Demo(demo::Args),
-    /// Run the datapath benchmarks (agent-bench) and write BENCHMARKS.md.
+    /// Run the benchmarks and write BENCHMARKS.md: per-packet costs (agent-bench), then the
+    /// breaker's time to detect and recover, end to end (breaker-bench).
     Bench {
-        /// Extra arguments passed to agent-bench.
+        /// Extra arguments: `--rounds`, `--connects`, `--passive` go to breaker-bench, `--out`
+        /// to both, the rest to agent-bench.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

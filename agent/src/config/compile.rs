@@ -1,8 +1,14 @@
 //! Policy -> datapath map entries (agent-common types). Infallible: validation has already
-//! refused everything that would not fit (rule lists, token-bucket arithmetic, service count).
+//! refused everything that would not fit (rule lists, token-bucket arithmetic, service count,
+//! backends with breakers, one breaker per backend address and protocol).
 
 use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
+use agent_common::breaker::{
+    BackendKey, BackendState, F_CLOSE_EXISTING, F_DROP, F_PASSIVE, STATE_CLOSED,
+};
 use agent_common::classify::{
     MAX_MATCH_RULES, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX, v4_mapped,
 };
@@ -11,7 +17,7 @@ use agent_common::limit::{
 };
 use agent_common::{MatchList, MatchRule, ServiceConfig};
 
-use super::model::{Cidr, KeyBy, Match, Policy, Priority, Protocol, RateLimit, Service};
+use super::model::{Cidr, KeyBy, Match, OnOpen, Policy, Priority, Protocol, RateLimit, Service};
 
 // Every service has one prefix, plus the IPv4 guard entry: the trie never overflows.
 const _: () = assert!(agent_common::maps::MAX_SERVICES < agent_common::maps::MAX_PREFIXES);
@@ -29,6 +35,50 @@ pub struct Compiled {
     /// Size of the token-bucket table: the sum of `max_keys` over services with a rate
     /// limit, clamped to 1..=16777216; 1 when none has one.
     pub max_keys: u32,
+    /// `BACKENDS` entries: every backend of a service with a `circuit_breaker`, in policy
+    /// order (services, then their backends); `id` is the position in this list.
+    pub backends: Vec<CompiledBackend>,
+}
+
+/// One backend whose breaker the datapath enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledBackend {
+    /// Index of the service in the policy (its service id).
+    pub service: usize,
+    /// Index of the backend in the service's `backends` (its breaker in the `EjectionGuard`).
+    pub index: usize,
+    pub address: SocketAddr,
+    /// `BackendState::id`: where its counters are in `BACKEND_STATS`. Sequential from 0 and
+    /// below `MAX_BACKENDS` (validation refuses more).
+    pub id: u32,
+    /// One `BACKENDS` key per protocol the service matches: a breaker acts on where packets
+    /// go, and `any` sends both TCP and UDP there.
+    pub keys: Vec<BackendKey>,
+    /// `F_*`.
+    pub flags: u32,
+    /// `health_check.timeout` when the backend has passive detection (`F_PASSIVE`): a SYN
+    /// unanswered for this long is a failure, as a probe that long would be.
+    pub passive_timeout: Option<Duration>,
+}
+
+impl CompiledBackend {
+    /// The map value for a breaker state (`State::code`), its admission quota and the
+    /// half-open epoch.
+    pub fn state(&self, state: u32, quota: u32, epoch: u32) -> BackendState {
+        BackendState {
+            state,
+            flags: self.flags,
+            quota,
+            epoch,
+            id: self.id,
+            _pad: 0,
+        }
+    }
+
+    /// What the datapath starts with: closed, every flow admitted, epoch 0.
+    pub fn initial(&self) -> BackendState {
+        self.state(STATE_CLOSED, u32::MAX, 0)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +113,79 @@ fn proto(p: Protocol) -> u8 {
         Protocol::Udp => PROTO_UDP,
         Protocol::Any => PROTO_ANY,
     }
+}
+
+/// The protocols a service's backends receive, as `BACKENDS` keys them. Shared with
+/// validation, which refuses a backend address with two breakers for one protocol.
+pub(crate) fn backend_protocols(p: Protocol) -> &'static [u8] {
+    match p {
+        Protocol::Tcp => &[PROTO_TCP],
+        Protocol::Udp => &[PROTO_UDP],
+        Protocol::Any => &[PROTO_TCP, PROTO_UDP],
+    }
+}
+
+/// `BACKENDS` key of a backend address and protocol (IPv4 as `::ffff:a.b.c.d`).
+pub fn backend_key(address: SocketAddr, proto: u8) -> BackendKey {
+    let addr = match address.ip() {
+        IpAddr::V4(a) => v4_mapped(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    };
+    BackendKey {
+        addr,
+        port: address.port(),
+        proto,
+        _pad: 0,
+    }
+}
+
+fn backend_flags(s: &Service) -> u32 {
+    let mut flags = 0;
+    if let Some(cb) = &s.circuit_breaker {
+        if cb.on_open == OnOpen::Drop {
+            flags |= F_DROP;
+        }
+        if cb.close_existing {
+            flags |= F_CLOSE_EXISTING;
+        }
+    }
+    if s.health_check.as_ref().is_some_and(|h| h.passive) {
+        flags |= F_PASSIVE;
+    }
+    flags
+}
+
+/// Every backend of the services with a circuit breaker, ids in policy order.
+pub fn compile_backends(policy: &Policy) -> Vec<CompiledBackend> {
+    let enforced = policy
+        .services
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.circuit_breaker.is_some());
+    let mut out = Vec::new();
+    for (service, s) in enforced {
+        let flags = backend_flags(s);
+        let passive_timeout = s
+            .health_check
+            .as_ref()
+            .filter(|h| h.passive)
+            .map(|h| h.timeout);
+        for (index, b) in s.backends.iter().enumerate() {
+            out.push(CompiledBackend {
+                service,
+                index,
+                address: b.address,
+                id: u32::try_from(out.len()).unwrap_or(u32::MAX),
+                keys: backend_protocols(s.r#match.protocol)
+                    .iter()
+                    .map(|p| backend_key(b.address, *p))
+                    .collect(),
+                flags,
+                passive_timeout,
+            });
+        }
+    }
+    out
 }
 
 fn specificity(m: &Match) -> (u32, u8, u8) {
@@ -180,6 +303,7 @@ pub fn compile(policy: &Policy) -> Compiled {
         services,
         classify,
         max_keys,
+        backends: compile_backends(policy),
     }
 }
 
@@ -321,6 +445,53 @@ mod tests {
 
         let none = compile(&policy("  - name: a\n    match: {address: 198.18.0.1}\n"));
         assert_eq!(none.max_keys, 1);
+    }
+
+    #[test]
+    fn backends_with_a_breaker_get_ids_keys_and_flags() {
+        let c = compile(&policy(
+            "  - name: no-breaker\n    match: {address: 198.18.0.1}\n    backends: [{address: '10.0.0.1:80'}]\n\
+             \x20 - name: web\n    match: {address: 198.18.0.2, port: 80}\n    backends: [{address: '10.0.0.2:80'}, {address: '[2001:db8::2]:80'}]\n    circuit_breaker: {on_open: drop}\n\
+             \x20 - name: dns\n    match: {address: 198.18.0.3, protocol: any}\n    backends: [{address: '10.0.0.3:53'}]\n    health_check: {timeout: 300ms}\n    circuit_breaker: {close_existing: true}\n\
+             \x20 - name: quiet\n    match: {address: 198.18.0.4, protocol: udp}\n    backends: [{address: '10.0.0.4:53'}]\n    health_check: {passive: false}\n    circuit_breaker: {}\n",
+        ));
+        let b = &c.backends;
+        let ids: Vec<(usize, usize, u32)> = b.iter().map(|b| (b.service, b.index, b.id)).collect();
+        assert_eq!(ids, [(1, 0, 0), (1, 1, 1), (2, 0, 2), (3, 0, 3)]);
+
+        assert_eq!(
+            b[0].keys,
+            [backend_key("10.0.0.2:80".parse().unwrap(), PROTO_TCP)]
+        );
+        assert_eq!(b[0].keys[0].addr, v4_mapped([10, 0, 0, 2]), "IPv4 mapped");
+        assert_eq!(b[0].keys[0].port, 80);
+        let v6: std::net::Ipv6Addr = "2001:db8::2".parse().unwrap();
+        assert_eq!(b[1].keys[0].addr, v6.octets(), "IPv6 as is");
+        assert_eq!(b[0].flags, F_DROP);
+        assert_eq!(
+            b[0].passive_timeout, None,
+            "no health_check, no passive detection"
+        );
+
+        let protos: Vec<u8> = b[2].keys.iter().map(|k| k.proto).collect();
+        assert_eq!(protos, [PROTO_TCP, PROTO_UDP], "`any` takes both");
+        assert_eq!(b[2].flags, F_CLOSE_EXISTING | F_PASSIVE);
+        assert_eq!(b[2].passive_timeout, Some(Duration::from_millis(300)));
+
+        assert_eq!(b[3].keys[0].proto, PROTO_UDP);
+        assert_eq!(b[3].flags, 0, "passive: false");
+
+        let initial = b[1].initial();
+        assert_eq!(
+            (
+                initial.state,
+                initial.quota,
+                initial.epoch,
+                initial.id,
+                initial.flags
+            ),
+            (STATE_CLOSED, u32::MAX, 0, 1, F_DROP)
+        );
     }
 
     #[test]

@@ -26,7 +26,10 @@ mod tests;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use compile::{ClassifyEntry, Compiled, CompiledService, compile};
+pub use compile::{
+    ClassifyEntry, Compiled, CompiledBackend, CompiledService, backend_key, compile,
+    compile_backends,
+};
 pub use error::{Diagnostic, PolicyErrors};
 pub use model::*;
 

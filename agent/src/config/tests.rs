@@ -287,6 +287,44 @@ fn more_services_than_the_datapath_holds_is_an_error() {
     );
 }
 
+/// Three services with a breaker and `per_service` backends each (`any`: two keys apiece).
+fn breaker_policy(per_service: u32) -> String {
+    let mut src = String::from("version: 1\ninterfaces: [{name: eth0}]\nservices:\n");
+    for s in 0..3 {
+        src.push_str(&format!(
+            "  - name: s{s}\n    match: {{address: 198.18.0.{s}, protocol: any}}\n\
+             \x20   load_balancing: {{algorithm: weighted_round_robin}}\n\
+             \x20   circuit_breaker: {{}}\n    backends:\n"
+        ));
+        for b in 0..per_service {
+            src.push_str(&format!(
+                "      - address: 10.{s}.{}.{}:80\n",
+                b / 256,
+                b % 256
+            ));
+        }
+    }
+    src
+}
+
+#[test]
+fn more_backends_with_breakers_than_the_datapath_holds_is_an_error() {
+    let Err(e) = load_str(&breaker_policy(1366), "big.yaml").map_err(|e| e.to_string()) else {
+        panic!("4098 backends with breakers accepted");
+    };
+    assert_eq!(
+        e,
+        "big.yaml:2749:22: services[2].circuit_breaker: services with circuit_breaker have 4098 \
+         backends in all; the datapath enforces breakers for at most 4096",
+        "{e}"
+    );
+    let fits = load_str(&breaker_policy(1365), "fits.yaml");
+    assert!(fits.is_ok(), "4095 backends must fit");
+    let compiled = compile(&fits.unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(compiled.backends.len(), 4095);
+    assert_eq!(compiled.backends.last().map(|b| b.id), Some(4094));
+}
+
 /// Variants of a valid file: truncations, dropped and duplicated lines, shifted indentation,
 /// replaced characters, and hostile documents. None may panic.
 #[test]

@@ -2,10 +2,12 @@
 //! from the span index by field path.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
-use agent_common::classify::MAX_MATCH_RULES;
+use agent_common::breaker::MAX_BACKENDS;
+use agent_common::classify::{MAX_MATCH_RULES, PROTO_TCP};
 
-use super::compile::prefix_rules;
+use super::compile::{backend_protocols, prefix_rules};
 use super::decode::{Cx, item};
 use super::model::{Algorithm, ConditionKind, Direction, LoadBalancing, Service};
 use super::resilience::next_prime;
@@ -32,6 +34,8 @@ pub(crate) fn check(draft: &Draft, spans: &SpanIndex, cx: &mut Cx) {
     }
     unique_services(&mut c, draft);
     rule_limits(&mut c, draft);
+    one_breaker_per_backend(&mut c, draft);
+    backend_id_limit(&mut c, draft);
     shaping_needs_egress(&mut c, draft);
 }
 
@@ -163,6 +167,60 @@ fn rule_limits(c: &mut Checker<'_>, draft: &Draft) {
             names.join(", ")
         );
         c.error(&format!("services[{}].match.address", owner.0), msg);
+    }
+}
+
+/// The datapath keys breaker state by where packets go (backend address, port, protocol): two
+/// services with breakers on one backend would overwrite each other's state, so v1 allows one.
+/// Reported at the later backend, once per backend even when both protocols collide.
+fn one_breaker_per_backend(c: &mut Checker<'_>, draft: &Draft) {
+    let mut owners: HashMap<(SocketAddr, u8), (usize, &str)> = HashMap::new();
+    for (i, s) in draft
+        .services()
+        .filter(|(_, s)| s.circuit_breaker.is_some())
+    {
+        let protocols = backend_protocols(s.r#match.protocol);
+        for (k, b) in s.backends.iter().enumerate() {
+            let clash = protocols
+                .iter()
+                .find_map(|p| owners.get(&(b.address, *p)).map(|o| (*p, *o)));
+            if let Some((proto, (first, first_name))) = clash {
+                let proto = if proto == PROTO_TCP { "tcp" } else { "udp" };
+                let msg = format!(
+                    "backend {} already has a circuit breaker for {proto} in services[{first}] \
+                     (`{first_name}`); a backend address can have one breaker per protocol",
+                    b.address
+                );
+                c.error(&format!("services[{i}].backends[{k}].address"), msg);
+                continue;
+            }
+            for p in protocols {
+                owners.insert((b.address, *p), (i, s.name.as_str()));
+            }
+        }
+    }
+}
+
+/// Every backend with a breaker gets an id (its counters in `BACKEND_STATS`, sized for
+/// `MAX_BACKENDS`; `BACKENDS` holds two keys for each, TCP and UDP). Reported once, at the
+/// breaker of the service that crosses the limit.
+fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft) {
+    let with_breaker: Vec<(usize, &Service)> = draft
+        .services()
+        .filter(|(_, s)| s.circuit_breaker.is_some())
+        .collect();
+    let total: usize = with_breaker.iter().map(|(_, s)| s.backends.len()).sum();
+    let mut running = 0;
+    for (i, s) in with_breaker {
+        running += s.backends.len();
+        if running > MAX_BACKENDS as usize {
+            let msg = format!(
+                "services with circuit_breaker have {total} backends in all; the datapath \
+                 enforces breakers for at most {MAX_BACKENDS}"
+            );
+            c.error(&format!("services[{i}].circuit_breaker"), msg);
+            return;
+        }
     }
 }
 

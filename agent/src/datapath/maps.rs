@@ -5,7 +5,9 @@
 //! datapath that is live while it is written: service configurations first, then the classifier
 //! entries that point at them, then stale classifier entries are removed, then stale service
 //! slots are cleared. A packet therefore never reaches a service id whose configuration is not
-//! there yet (an id without configuration passes: fail open).
+//! there yet (an id without configuration passes: fail open). Backend (breaker) entries are
+//! written only where missing (see `write_missing_backends`): their state belongs to the
+//! breakers once the agent runs.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -33,6 +35,8 @@ pub struct ApplyReport {
     pub services_cleared: usize,
     pub prefixes_written: usize,
     pub prefixes_removed: usize,
+    /// `BACKENDS` keys written with their initial (closed) state.
+    pub backends_written: usize,
 }
 
 impl ApplyReport {
@@ -149,6 +153,7 @@ impl Datapath {
                 report.services_cleared += 1;
             }
         }
+        report.backends_written = self.write_missing_backends(&compiled.backends)?;
         Ok(report)
     }
 

@@ -2,9 +2,11 @@
 //! interfaces, write the compiled policy into its maps, read its counters back.
 
 mod attach;
+mod backends;
 mod maps;
 
 pub use attach::{AttachSpec, XdpModeSetting};
+pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
 pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
 
 use agent_common::maps::{MAP_RL_BUCKETS, PROG_TC_EGRESS, PROG_XDP};
@@ -47,6 +49,8 @@ pub enum DatapathError {
     },
     #[error("map `{0}` is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("map `{0}` is not of the type the agent expects (an eBPF object from another build?)")]
+    MapType(&'static str),
     #[error("map `{map}`: {source}")]
     Map {
         map: &'static str,

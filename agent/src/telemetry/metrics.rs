@@ -9,6 +9,7 @@ use prometheus_client::{
 };
 
 use super::status::StatusReport;
+use crate::datapath::BACKEND_ACTIONS;
 
 /// Renders the Prometheus text format of one status report.
 pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
@@ -170,7 +171,25 @@ fn encode_backends(
     let mut state = Vec::new();
     let mut transitions = Vec::new();
     let mut probes = Vec::new();
+    let mut datapath = Vec::new();
+    let mut passive = Vec::new();
+    let mut write_errors = Vec::new();
     for b in backends {
+        if b.id.is_some() {
+            for (_, action) in BACKEND_ACTIONS {
+                let mut l = who(b);
+                l.push(("action", action.to_string()));
+                datapath.push((l, b.action(action)));
+            }
+            write_errors.push((who(b), b.map_write_errors));
+        }
+        if let Some(p) = &b.passive {
+            for (result, n) in p.by_result() {
+                let mut l = who(b);
+                l.push(("result", result.to_string()));
+                passive.push((l, n));
+            }
+        }
         if b.health != "unchecked" {
             healthy.push((who(b), u64::from(b.health == "healthy")));
         }
@@ -222,6 +241,24 @@ fn encode_backends(
             kind: MetricType::Counter,
             samples: probes,
         },
+        Family {
+            name: "agent_backend_datapath_packets",
+            help: "Packets toward a backend by breaker action in the datapath: new flows admitted, half-open trials, rejected (TCP RST, ICMP unreachable), dropped, established flows cut.",
+            kind: MetricType::Counter,
+            samples: datapath,
+        },
+        Family {
+            name: "agent_backend_passive",
+            help: "Passive detection: tracked SYNs answered by a SYN-ACK, refused by a RST, or unanswered past health_check.timeout.",
+            kind: MetricType::Counter,
+            samples: passive,
+        },
+        Family {
+            name: "agent_backend_map_write_errors",
+            help: "Breaker states the datapath map refused (each retried until written).",
+            kind: MetricType::Counter,
+            samples: write_errors,
+        },
     ] {
         f.encode(encoder)?;
     }
@@ -257,6 +294,7 @@ fn encode_backends(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backends::PassiveCounts;
     use crate::telemetry::status::{CounterJson, DropStatus, RateLimitStatus, ServiceStatus};
 
     fn report() -> StatusReport {
@@ -300,19 +338,41 @@ mod tests {
                     bytes: 180,
                 },
             )],
-            backends: vec![crate::backends::BackendStatus {
-                service: "checkout".into(),
-                address: "198.18.0.11:8080".into(),
-                health: "unhealthy".into(),
-                breaker: Some("open".into()),
-                probes_ok: 4,
-                probes_failed: 3,
-                failures: [("refused".to_string(), 3)].into(),
-                transitions: [("open/consecutive_failures".to_string(), 1)].into(),
-                latency_buckets: vec![5, 2, 0, 0, 0, 0, 0, 0, 0, 0],
-                latency_sum: 0.004,
-                ..Default::default()
-            }],
+            backends: vec![
+                crate::backends::BackendStatus {
+                    service: "checkout".into(),
+                    address: "198.18.0.11:8080".into(),
+                    health: "unhealthy".into(),
+                    breaker: Some("open".into()),
+                    probes_ok: 4,
+                    probes_failed: 3,
+                    failures: [("refused".to_string(), 3)].into(),
+                    transitions: [("open/consecutive_failures".to_string(), 1)].into(),
+                    latency_buckets: vec![5, 2, 0, 0, 0, 0, 0, 0, 0, 0],
+                    latency_sum: 0.004,
+                    id: Some(0),
+                    datapath: [
+                        ("admitted".to_string(), 120),
+                        ("reject_rst".to_string(), 40),
+                        ("drop".to_string(), 2),
+                    ]
+                    .into(),
+                    passive: Some(PassiveCounts {
+                        synack: 90,
+                        refused: 6,
+                        timeout: 1,
+                    }),
+                    map_write_errors: 1,
+                    ..Default::default()
+                },
+                crate::backends::BackendStatus {
+                    service: "checkout".into(),
+                    address: "198.18.0.12:8080".into(),
+                    health: "unchecked".into(),
+                    latency_buckets: vec![0; 10],
+                    ..Default::default()
+                },
+            ],
         }
     }
 
@@ -339,6 +399,18 @@ mod tests {
             "agent_probe_latency_seconds_bucket{service=\"checkout\",backend=\"198.18.0.11:8080\",le=\"0.001\"} 7",
             "agent_probe_latency_seconds_bucket{service=\"checkout\",backend=\"198.18.0.11:8080\",le=\"+Inf\"} 7",
             "agent_probe_latency_seconds_count{service=\"checkout\",backend=\"198.18.0.11:8080\"} 7",
+            "# TYPE agent_backend_datapath_packets_total counter",
+            "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"admitted\"} 120",
+            "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"trial\"} 0",
+            "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"reject_rst\"} 40",
+            "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"reject_icmp\"} 0",
+            "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"drop\"} 2",
+            "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"close_existing\"} 0",
+            "# TYPE agent_backend_passive_total counter",
+            "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"synack\"} 90",
+            "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"refused\"} 6",
+            "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"timeout\"} 1",
+            "agent_backend_map_write_errors_total{service=\"checkout\",backend=\"198.18.0.11:8080\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -350,6 +422,21 @@ mod tests {
                 .any(|l| l.starts_with("agent_ready") && l.ends_with(" 1")),
             "agent_ready missing in:\n{text}"
         );
+        let unenforced = "backend=\"198.18.0.12:8080\"";
+        for family in [
+            "agent_backend_datapath_packets",
+            "agent_backend_passive",
+            "agent_backend_map_write_errors",
+            "agent_backend_healthy",
+            "agent_breaker_state",
+        ] {
+            assert!(
+                !text
+                    .lines()
+                    .any(|l| l.starts_with(family) && l.contains(unenforced)),
+                "{family} for a backend without breaker or checks in:\n{text}"
+            );
+        }
     }
 
     #[test]
@@ -361,5 +448,30 @@ mod tests {
         let text = r.render_text();
         assert!(text.contains("checkout"), "{text}");
         assert!(text.contains("rate_limit"), "{text}");
+    }
+
+    #[test]
+    fn status_text_shows_breakers_in_the_datapath() {
+        let text = report().render_text();
+        let line = |needle: &str| {
+            text.lines()
+                .filter(|l| l.contains(needle))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            line("198.18.0.11:8080"),
+            [
+                "checkout 198.18.0.11:8080 unhealthy open 0.0s 4 3 -",
+                "checkout 198.18.0.11:8080 open 120 0 40 2 0 90/6/1 (1 map write errors)",
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            line("198.18.0.12:8080"),
+            ["checkout 198.18.0.12:8080 unchecked - 0.0s 0 0 -"],
+            "no breaker: not in the datapath table\n{text}"
+        );
+        assert!(text.contains("BREAKERS IN THE DATAPATH"), "{text}");
     }
 }

@@ -173,31 +173,71 @@ impl StatusReport {
                 );
             }
         }
-        if !self.backends.is_empty() {
-            let _ = writeln!(
-                out,
-                "\n{:<20} {:<24} {:<10} {:<10} {:>10} {:>9} {:>9}  LAST FAILURE",
-                "SERVICE", "BACKEND", "HEALTH", "BREAKER", "IN STATE", "PROBES OK", "FAILED"
-            );
-            for b in &self.backends {
-                let _ = writeln!(
-                    out,
-                    "{:<20} {:<24} {:<10} {:<10} {:>9.1}s {:>9} {:>9}  {}",
-                    b.service,
-                    b.address,
-                    b.health,
-                    b.breaker.as_deref().unwrap_or("-"),
-                    b.in_state_ms as f64 / 1000.0,
-                    b.probes_ok,
-                    b.probes_failed,
-                    b.last_failure.as_deref().unwrap_or("-")
-                );
-            }
-        }
+        self.render_backends(&mut out);
         let _ = writeln!(out, "\nOUTSIDE ANY SERVICE (passed)");
         for (class, c) in &self.global {
             let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
         }
         out
+    }
+
+    /// Health and probes of every backend, then what the datapath did for the backends whose
+    /// breaker it enforces.
+    fn render_backends(&self, out: &mut String) {
+        if self.backends.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<24} {:<10} {:<10} {:>10} {:>9} {:>9}  LAST FAILURE",
+            "SERVICE", "BACKEND", "HEALTH", "BREAKER", "IN STATE", "PROBES OK", "FAILED"
+        );
+        for b in &self.backends {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<24} {:<10} {:<10} {:>9.1}s {:>9} {:>9}  {}",
+                b.service,
+                b.address,
+                b.health,
+                b.breaker.as_deref().unwrap_or("-"),
+                b.in_state_ms as f64 / 1000.0,
+                b.probes_ok,
+                b.probes_failed,
+                b.last_failure.as_deref().unwrap_or("-")
+            );
+        }
+        let enforced: Vec<&BackendStatus> =
+            self.backends.iter().filter(|b| b.id.is_some()).collect();
+        if enforced.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nBREAKERS IN THE DATAPATH (packets; passive: syn-ack/refused/timeout)\n\
+             {:<20} {:<24} {:<10} {:>10} {:>7} {:>9} {:>9} {:>9}  PASSIVE",
+            "SERVICE", "BACKEND", "BREAKER", "ADMITTED", "TRIAL", "REJECTED", "DROPPED", "CUT"
+        );
+        for b in enforced {
+            let passive = b.passive.map_or("-".to_string(), |p| {
+                format!("{}/{}/{}", p.synack, p.refused, p.timeout)
+            });
+            let write_errors = if b.map_write_errors > 0 {
+                format!("  ({} map write errors)", b.map_write_errors)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "{:<20} {:<24} {:<10} {:>10} {:>7} {:>9} {:>9} {:>9}  {passive}{write_errors}",
+                b.service,
+                b.address,
+                b.breaker.as_deref().unwrap_or("-"),
+                b.action("admitted"),
+                b.action("trial"),
+                b.action("reject_rst") + b.action("reject_icmp"),
+                b.action("drop"),
+                b.action("close_existing"),
+            );
+        }
     }
 }

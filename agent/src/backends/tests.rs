@@ -1,0 +1,278 @@
+//! The supervisor without a kernel: probe results and passive reports go in, breaker states
+//! come out as the map writes the datapath would get.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use agent_common::breaker::{
+    F_CLOSE_EXISTING, F_DROP, F_PASSIVE, STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN,
+};
+use agent_common::classify::{PROTO_TCP, PROTO_UDP};
+
+use super::*;
+use crate::config::{self, Compiled};
+use crate::health::ProbeFailure;
+
+const POLICY: &str = "
+version: 1
+interfaces:
+  - name: eth0
+services:
+  - name: web
+    match: {address: 198.18.0.10, port: 80, protocol: any}
+    backends:
+      - address: 10.0.1.11:8080
+      - address: 10.0.1.12:8080
+    health_check: {timeout: 200ms}
+    circuit_breaker:
+      failure_threshold: 2
+      reset_timeout: 5s
+      max_reset_timeout: 20s
+      half_open_max_flows: 3
+      success_threshold: 2
+      on_open: drop
+      close_existing: true
+      max_ejection_percent: 50%
+  - name: plain
+    match: {address: 198.18.0.11, port: 53, protocol: udp}
+    backends:
+      - address: 10.0.2.1:53
+";
+
+/// Records every write; fails them all while `fail` is set.
+#[derive(Clone, Default)]
+struct Recorder {
+    writes: Arc<Mutex<Vec<(BackendKey, BackendState)>>>,
+    fail: Arc<AtomicBool>,
+}
+
+impl StateSink for Recorder {
+    fn write(&mut self, key: &BackendKey, state: &BackendState) -> Result<(), DatapathError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(DatapathError::MissingMap("BACKENDS"));
+        }
+        self.writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((*key, *state));
+        Ok(())
+    }
+}
+
+impl Recorder {
+    /// The writes since the last call, as (protocol, state, quota, epoch, id).
+    fn take(&self) -> Vec<(u8, u32, u32, u32, u32)> {
+        std::mem::take(&mut *self.writes.lock().unwrap_or_else(PoisonError::into_inner))
+            .into_iter()
+            .map(|(k, s)| (k.proto, s.state, s.quota, s.epoch, s.id))
+            .collect()
+    }
+}
+
+struct Fixture {
+    sup: Supervisor,
+    compiled: Compiled,
+    rec: Recorder,
+    t0: Instant,
+}
+
+fn fixture() -> Fixture {
+    let policy = config::load_str(POLICY, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let compiled = config::compile(&policy);
+    let t0 = Instant::now();
+    let mut sup = Supervisor::new(&policy, &compiled.backends, t0);
+    let rec = Recorder::default();
+    sup.sink = Some(Box::new(rec.clone()));
+    Fixture {
+        sup,
+        compiled,
+        rec,
+        t0,
+    }
+}
+
+impl Fixture {
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn probe(&mut self, index: usize, ok: bool, ms: u64) {
+        let r = ProbeResult {
+            backend: BackendRef {
+                service: Arc::from("web"),
+                index,
+                address: self.compiled.backends[index].address,
+            },
+            at: self.at(ms),
+            outcome: if ok {
+                Ok(())
+            } else {
+                Err(ProbeFailure::Refused)
+            },
+            attempts: 1,
+            latency: Duration::from_millis(1),
+            elapsed: Duration::from_millis(1),
+            health: Health::Healthy,
+            changed: false,
+        };
+        self.sup.on_probe(r);
+    }
+
+    fn status(&self, address: &str) -> BackendStatus {
+        self.sup
+            .table
+            .snapshot()
+            .into_iter()
+            .find(|b| b.address == address)
+            .unwrap_or_else(|| panic!("no backend {address} in the table"))
+    }
+}
+
+/// Both keys of backend 0 (the service matches `any`), in the order they are written.
+fn both(state: u32, quota: u32, epoch: u32) -> Vec<(u8, u32, u32, u32, u32)> {
+    vec![
+        (PROTO_TCP, state, quota, epoch, 0),
+        (PROTO_UDP, state, quota, epoch, 0),
+    ]
+}
+
+#[test]
+fn every_transition_is_written_with_its_quota_and_epoch() {
+    let mut f = fixture();
+    f.probe(0, false, 1);
+    assert_eq!(f.rec.take(), [], "one failure of two: still closed");
+    f.probe(0, false, 2);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0), "opened");
+
+    f.sup.on_timers(f.at(5_002));
+    assert_eq!(
+        f.rec.take(),
+        both(STATE_HALF_OPEN, 3, 1),
+        "half-open: half_open_max_flows trials, a new epoch"
+    );
+    f.probe(0, false, 5_010);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 1), "trial failed");
+
+    // The re-open lasts twice as long.
+    f.sup.on_timers(f.at(10_010));
+    assert_eq!(f.rec.take(), [], "not yet");
+    f.sup.on_timers(f.at(15_010));
+    assert_eq!(f.rec.take(), both(STATE_HALF_OPEN, 3, 2));
+    f.probe(0, true, 15_020);
+    assert_eq!(f.rec.take(), [], "one success of two");
+    f.probe(0, true, 15_030);
+    assert_eq!(f.rec.take(), both(STATE_CLOSED, u32::MAX, 2), "closed");
+}
+
+#[test]
+fn written_states_carry_the_backend_flags_and_id() {
+    let mut f = fixture();
+    f.probe(1, false, 1);
+    f.probe(1, false, 2);
+    let writes = f
+        .rec
+        .writes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    for (key, state) in writes {
+        assert_eq!(state.flags, F_DROP | F_CLOSE_EXISTING | F_PASSIVE);
+        assert_eq!(state.id, 1);
+        assert_eq!(
+            key,
+            f.compiled.backends[1].keys[usize::from(key.proto == PROTO_UDP)]
+        );
+    }
+}
+
+#[test]
+fn a_breaker_held_closed_by_the_ejection_limit_writes_nothing() {
+    let mut f = fixture();
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    f.rec.take();
+    // 50% of two backends: one may be open; the second stays closed (fails open).
+    f.probe(1, false, 3);
+    f.probe(1, false, 4);
+    assert_eq!(f.rec.take(), []);
+    let s = f.status("10.0.1.12:8080");
+    assert_eq!(s.breaker.as_deref(), Some("closed"));
+    assert_eq!(s.transitions.get("closed/panic_threshold"), Some(&1));
+}
+
+#[test]
+fn passive_failures_open_the_breaker_and_are_counted() {
+    let mut f = fixture();
+    let seen = PassiveCounts {
+        synack: 0,
+        refused: 1,
+        timeout: 1,
+    };
+    f.sup.on_passive(vec![(0, seen), (77, seen)], f.at(5));
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0));
+    let s = f.status("10.0.1.11:8080");
+    assert_eq!(s.passive, Some(seen));
+    assert_eq!(s.transitions.get("open/consecutive_failures"), Some(&1));
+}
+
+#[test]
+fn passive_successes_close_a_half_open_breaker() {
+    let mut f = fixture();
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    f.sup.on_timers(f.at(5_002));
+    f.rec.take();
+    let synacks = PassiveCounts {
+        synack: 2,
+        ..PassiveCounts::default()
+    };
+    f.sup.on_passive(vec![(0, synacks)], f.at(5_100));
+    assert_eq!(f.rec.take(), both(STATE_CLOSED, u32::MAX, 1));
+}
+
+#[test]
+fn a_failed_write_is_counted_and_retried() {
+    let mut f = fixture();
+    f.rec.fail.store(true, Ordering::SeqCst);
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    assert_eq!(f.status("10.0.1.11:8080").map_write_errors, 1);
+    assert_eq!(f.sup.retry_at, Some(f.at(2) + WRITE_RETRY));
+
+    f.rec.fail.store(false, Ordering::SeqCst);
+    f.sup.on_timers(f.at(2) + WRITE_RETRY);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0), "written on retry");
+    assert_eq!(f.sup.retry_at, None);
+    assert!(f.sup.unsynced.is_empty());
+    assert_eq!(f.status("10.0.1.11:8080").map_write_errors, 1);
+}
+
+#[test]
+fn a_successful_write_cancels_a_pending_retry() {
+    let mut f = fixture();
+    f.rec.fail.store(true, Ordering::SeqCst);
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    f.rec.fail.store(false, Ordering::SeqCst);
+    // Timers run late: the half-open transition writes first, and the stale retry must not
+    // rewrite the quota the datapath is counting down.
+    f.sup.on_timers(f.at(5_002));
+    assert_eq!(f.rec.take(), both(STATE_HALF_OPEN, 3, 1));
+    assert!(f.sup.unsynced.is_empty());
+}
+
+#[test]
+fn only_backends_with_a_breaker_are_enforced() {
+    let f = fixture();
+    let web = f.status("10.0.1.11:8080");
+    assert_eq!(web.id, Some(0));
+    assert_eq!(web.passive, Some(PassiveCounts::default()));
+    assert_eq!(f.status("10.0.1.12:8080").id, Some(1));
+    let plain = f.status("10.0.2.1:53");
+    assert_eq!(plain.id, None);
+    assert_eq!(plain.passive, None);
+    assert_eq!(plain.breaker, None);
+    assert_eq!(plain.health, "unchecked");
+    assert_eq!(f.sup.by_id.len(), 2);
+}

@@ -1,0 +1,340 @@
+//! Circuit-breaker enforcement maps: the agent writes each backend's breaker state to
+//! `BACKENDS`, reads the per-backend counters of `BACKEND_STATS`, and sweeps unanswered SYNs
+//! out of `PENDING_SYNS` (passive detection).
+//!
+//! The same operations exist on [`Datapath`] (for `apply`, scrapes and tests) and on
+//! [`BackendMaps`], a second handle on the same kernel maps: the backend supervisor writes
+//! through it without taking the datapath lock, which a key-table walk may hold for a second,
+//! so an opening breaker reaches the kernel at once.
+
+use std::borrow::{Borrow, BorrowMut};
+use std::os::fd::AsFd as _;
+
+use agent_common::{
+    Counter,
+    breaker::{
+        BSTAT_ACTIONS, BSTAT_ADMITTED, BSTAT_SLOTS, BSTAT_TRIAL, BackendKey, BackendState, FlowKey,
+        MAX_TRACKED_FLOWS, PendingSyn, backend_slot,
+    },
+    maps::{MAP_BACKEND_STATS, MAP_BACKENDS, MAP_PENDING_SYNS},
+};
+use aya::{
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    sys::SyscallError,
+};
+
+use super::{Datapath, DatapathError};
+use crate::config::CompiledBackend;
+
+/// Counters of one backend, summed over CPUs, indexed by `BSTAT_*` slot.
+pub type BackendCounters = [Counter; BSTAT_SLOTS as usize];
+
+/// The per-backend slots exported as `action` in metrics and status: admissions first, then
+/// rejects and drops by reason (`BSTAT_ACTIONS`).
+pub const BACKEND_ACTIONS: [(u32, &str); 2 + BSTAT_ACTIONS.len()] = {
+    let mut out = [(BSTAT_ADMITTED, "admitted"); 2 + BSTAT_ACTIONS.len()];
+    out[1] = (BSTAT_TRIAL, "trial");
+    let mut i = 0;
+    while i < BSTAT_ACTIONS.len() {
+        out[2 + i] = BSTAT_ACTIONS[i];
+        i += 1;
+    }
+    out
+};
+
+/// A sweep of `PENDING_SYNS` visits at most this many entries: an LRU churning under a SYN
+/// flood could otherwise keep the key walk going (the kernel restarts it at a vanished key).
+const MAX_SWEEP_VISITS: usize = 2 * MAX_TRACKED_FLOWS as usize;
+
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// An independent handle on the enforcement maps (its own file descriptors).
+pub struct BackendMaps {
+    backends: HashMap<MapData, BackendKey, BackendState>,
+    stats: PerCpuArray<MapData, Counter>,
+    pending: HashMap<MapData, FlowKey, PendingSyn>,
+}
+
+impl std::fmt::Debug for BackendMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendMaps")
+    }
+}
+
+impl BackendMaps {
+    /// Writes one backend's state; the datapath sees it on its next packet.
+    pub fn write_backend(
+        &mut self,
+        key: &BackendKey,
+        state: &BackendState,
+    ) -> Result<(), DatapathError> {
+        write(&mut self.backends, key, state)
+    }
+
+    /// One backend's counters, summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<BackendCounters, DatapathError> {
+        counters(&self.stats, id)
+    }
+
+    /// One counter slot (`BSTAT_*`) of one backend, summed over CPUs: what a poller reading
+    /// two slots ten times a second needs, without the other six syscalls.
+    pub fn backend_counter(&self, id: u32, slot: u32) -> Result<Counter, DatapathError> {
+        counter(&self.stats, id, slot)
+    }
+
+    /// Deletes the `PENDING_SYNS` entries older than their backend's timeout and returns how
+    /// many were deleted per backend id: the SYNs no answer came to (failures). See
+    /// [`sweep`].
+    pub fn sweep_pending(
+        &mut self,
+        now_ns: u64,
+        timeout_ns: impl Fn(u32) -> Option<u64>,
+    ) -> Result<Vec<(u32, u64)>, DatapathError> {
+        sweep(&mut self.pending, now_ns, timeout_ns)
+    }
+}
+
+impl Datapath {
+    /// Opens a second handle on `BACKENDS`, `BACKEND_STATS` and `PENDING_SYNS` (duplicated
+    /// file descriptors), for a task that must not wait on the datapath lock.
+    pub fn backend_maps(&self) -> Result<BackendMaps, DatapathError> {
+        Ok(BackendMaps {
+            backends: self.reopen(MAP_BACKENDS)?,
+            stats: self.reopen(MAP_BACKEND_STATS)?,
+            pending: self.reopen(MAP_PENDING_SYNS)?,
+        })
+    }
+
+    /// Writes one backend's state to `BACKENDS`.
+    pub fn write_backend(
+        &mut self,
+        key: &BackendKey,
+        state: &BackendState,
+    ) -> Result<(), DatapathError> {
+        let mut map: HashMap<&mut MapData, BackendKey, BackendState> = self
+            .ebpf
+            .map_mut(MAP_BACKENDS)
+            .ok_or(DatapathError::MissingMap(MAP_BACKENDS))?
+            .try_into()
+            .map_err(map_err(MAP_BACKENDS))?;
+        write(&mut map, key, state)
+    }
+
+    /// One backend's counters in `BACKEND_STATS`, summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<BackendCounters, DatapathError> {
+        let stats: PerCpuArray<&MapData, Counter> = self
+            .ebpf
+            .map(MAP_BACKEND_STATS)
+            .ok_or(DatapathError::MissingMap(MAP_BACKEND_STATS))?
+            .try_into()
+            .map_err(map_err(MAP_BACKEND_STATS))?;
+        counters(&stats, id)
+    }
+
+    /// [`BackendMaps::sweep_pending`] on the datapath's own handle.
+    pub fn sweep_pending(
+        &mut self,
+        now_ns: u64,
+        timeout_ns: impl Fn(u32) -> Option<u64>,
+    ) -> Result<Vec<(u32, u64)>, DatapathError> {
+        let mut pending: HashMap<&mut MapData, FlowKey, PendingSyn> = self
+            .ebpf
+            .map_mut(MAP_PENDING_SYNS)
+            .ok_or(DatapathError::MissingMap(MAP_PENDING_SYNS))?
+            .try_into()
+            .map_err(map_err(MAP_PENDING_SYNS))?;
+        sweep(&mut pending, now_ns, timeout_ns)
+    }
+
+    /// Writes the initial (closed) state of every backend key the map does not hold yet, and
+    /// says how many it wrote. Keys already there keep their state: on a reload (which cannot
+    /// change backends) they hold what the breakers decided since start. No map is touched
+    /// when there are no backends, so policies without breakers need none of these maps.
+    pub(super) fn write_missing_backends(
+        &mut self,
+        backends: &[CompiledBackend],
+    ) -> Result<usize, DatapathError> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let mut map: HashMap<&mut MapData, BackendKey, BackendState> = self
+            .ebpf
+            .map_mut(MAP_BACKENDS)
+            .ok_or(DatapathError::MissingMap(MAP_BACKENDS))?
+            .try_into()
+            .map_err(map_err(MAP_BACKENDS))?;
+        let mut written = 0;
+        for b in backends {
+            for key in &b.keys {
+                match map.get(key, 0) {
+                    Ok(_) => continue,
+                    Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(MAP_BACKENDS)(e)),
+                }
+                write(&mut map, key, &b.initial())?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// A new typed handle on one of the object's maps, from a duplicate of its descriptor.
+    fn reopen<M>(&self, name: &'static str) -> Result<M, DatapathError>
+    where
+        M: TryFrom<Map, Error = MapError>,
+    {
+        let data = match self.ebpf.map(name) {
+            None => return Err(DatapathError::MissingMap(name)),
+            Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d)) => d,
+            Some(_) => return Err(DatapathError::MapType(name)),
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| {
+            map_err(name)(MapError::SyscallError(SyscallError {
+                call: "dup",
+                io_error: e,
+            }))
+        })?;
+        let data = MapData::from_fd(fd).map_err(map_err(name))?;
+        let map = Map::from_map_data(data).map_err(map_err(name))?;
+        M::try_from(map).map_err(map_err(name))
+    }
+}
+
+fn write<T: BorrowMut<MapData>>(
+    map: &mut HashMap<T, BackendKey, BackendState>,
+    key: &BackendKey,
+    state: &BackendState,
+) -> Result<(), DatapathError> {
+    map.insert(key, state, 0).map_err(map_err(MAP_BACKENDS))
+}
+
+fn counter<T: Borrow<MapData>>(
+    stats: &PerCpuArray<T, Counter>,
+    id: u32,
+    slot: u32,
+) -> Result<Counter, DatapathError> {
+    let values = stats
+        .get(&backend_slot(id, slot), 0)
+        .map_err(map_err(MAP_BACKEND_STATS))?;
+    let mut sum = Counter::default();
+    for v in values.iter() {
+        sum.add(v);
+    }
+    Ok(sum)
+}
+
+fn counters<T: Borrow<MapData>>(
+    stats: &PerCpuArray<T, Counter>,
+    id: u32,
+) -> Result<BackendCounters, DatapathError> {
+    let mut out = BackendCounters::default();
+    for (slot, sum) in (0..BSTAT_SLOTS).zip(out.iter_mut()) {
+        *sum = counter(stats, id, slot)?;
+    }
+    Ok(out)
+}
+
+/// Now on the clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC), which stamps `PENDING_SYNS`.
+/// `None` only if the clock cannot be read, which Linux never does for this clock.
+pub fn ktime_now_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u64::try_from(ts.tv_nsec).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
+/// Whether a pending SYN seen at `at_ns` has waited longer than `timeout_ns` by `now_ns`.
+/// An entry stamped after `now_ns` (written while the sweep ran) has not waited at all.
+pub fn expired(at_ns: u64, now_ns: u64, timeout_ns: u64) -> bool {
+    now_ns.saturating_sub(at_ns) > timeout_ns
+}
+
+/// Collects the expired entries first and deletes them after the walk (deleting under the
+/// walk would restart it). Only entries this sweep deleted are counted: one the datapath
+/// removed in between got its SYN-ACK or RST counted there instead, so every SYN is counted
+/// once. Entries of ids without a timeout (no passive detection) are left to the LRU.
+fn sweep<T: BorrowMut<MapData>>(
+    pending: &mut HashMap<T, FlowKey, PendingSyn>,
+    now_ns: u64,
+    timeout_ns: impl Fn(u32) -> Option<u64>,
+) -> Result<Vec<(u32, u64)>, DatapathError> {
+    let mut stale = Vec::new();
+    for entry in pending.iter().take(MAX_SWEEP_VISITS) {
+        let (key, syn) = entry.map_err(map_err(MAP_PENDING_SYNS))?;
+        if timeout_ns(syn.id).is_some_and(|t| expired(syn.at_ns, now_ns, t)) {
+            stale.push((key, syn.id));
+        }
+    }
+    let mut counts: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    for (key, id) in stale {
+        match pending.remove(&key) {
+            Ok(()) => *counts.entry(id).or_default() += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(MAP_PENDING_SYNS)(e)),
+        }
+    }
+    Ok(counts.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::breaker::{
+        BSTAT_CUT, BSTAT_DROP, BSTAT_REFUSED, BSTAT_REJECT_ICMP, BSTAT_REJECT_RST, BSTAT_SYNACK,
+    };
+
+    #[test]
+    fn actions_are_every_enforcement_slot_once() {
+        let names: Vec<&str> = BACKEND_ACTIONS.iter().map(|(_, n)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "admitted",
+                "trial",
+                "reject_rst",
+                "reject_icmp",
+                "drop",
+                "close_existing"
+            ]
+        );
+        let slots: Vec<u32> = BACKEND_ACTIONS.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            slots,
+            [
+                BSTAT_ADMITTED,
+                BSTAT_TRIAL,
+                BSTAT_REJECT_RST,
+                BSTAT_REJECT_ICMP,
+                BSTAT_DROP,
+                BSTAT_CUT
+            ]
+        );
+        assert!(
+            !slots.contains(&BSTAT_SYNACK) && !slots.contains(&BSTAT_REFUSED),
+            "passive slots are exported as agent_backend_passive_total"
+        );
+    }
+
+    #[test]
+    fn a_syn_expires_only_strictly_after_its_timeout() {
+        let ms = 1_000_000;
+        assert!(!expired(1_000 * ms, 1_500 * ms, 500 * ms));
+        assert!(expired(1_000 * ms, 1_500 * ms + 1, 500 * ms));
+        assert!(
+            !expired(2_000 * ms, 1_500 * ms, 0),
+            "stamped after the sweep's clock read"
+        );
+    }
+}
