@@ -43,6 +43,15 @@ pub const MAX_BACKENDS: u32 = 4096;
 /// Half-open flows remembered, and SYNs awaiting an answer (LRU tables).
 pub const MAX_TRACKED_FLOWS: u32 = 65_536;
 
+/// Words of the `BACKEND_PORTS` bitmap: one bit per port.
+pub const PORT_BITMAP_WORDS: u32 = 65_536 / 32;
+
+/// Word index and bit mask of `port` in the `BACKEND_PORTS` bitmap.
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u32) {
+    ((port / 32) as u32, 1 << (port % 32))
+}
+
 /// Key of `BACKENDS`: where packets go. IPv4 as `::ffff:a.b.c.d`; port in host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -211,6 +220,18 @@ mod tests {
             enforce(&st(STATE_HALF_OPEN, F_CLOSE_EXISTING), false),
             Enforce::Pass
         );
+    }
+
+    #[test]
+    fn every_port_has_its_own_bit() {
+        let mut seen = [0u32; PORT_BITMAP_WORDS as usize];
+        for port in 0..=u16::MAX {
+            let (word, mask) = port_bit(port);
+            assert_eq!(mask.count_ones(), 1);
+            assert_eq!(seen[word as usize] & mask, 0, "port {port}");
+            seen[word as usize] |= mask;
+        }
+        assert!(seen.iter().all(|w| *w == u32::MAX));
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub const MAP_GLOBAL_STATS: &str = "GLOBAL_STATS";
 /// Hash: [`crate::breaker::BackendKey`] -> [`crate::breaker::BackendState`], written by the
 /// agent on every breaker transition.
 pub const MAP_BACKENDS: &str = "BACKENDS";
+/// Array of `PORT_BITMAP_WORDS` u32: bit `port % 32` of word `port / 32` is set when some
+/// backend listens on that port, so most packets skip the `BACKENDS` hash lookup.
+pub const MAP_BACKEND_PORTS: &str = "BACKEND_PORTS";
 /// Per-CPU array indexed by `backend_slot(id, slot)` -> [`crate::Counter`].
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// LRU hash: [`crate::breaker::FlowKey`] -> [`crate::breaker::AdmittedFlow`].

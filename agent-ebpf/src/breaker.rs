@@ -5,7 +5,7 @@
 use agent_common::{
     breaker::{
         AdmittedFlow, BSTAT_ADMITTED, BSTAT_REFUSED, BSTAT_SYNACK, BSTAT_TRIAL, BackendKey,
-        BackendState, Enforce, F_DROP, F_PASSIVE, FlowKey, PendingSyn, enforce,
+        BackendState, Enforce, F_DROP, F_PASSIVE, FlowKey, PendingSyn, enforce, port_bit,
     },
     classify::{PROTO_TCP, PROTO_UDP},
     limit::CAS_ATTEMPTS,
@@ -18,7 +18,7 @@ use core::{
 };
 
 use crate::{
-    maps::{BACKENDS, HALF_OPEN_FLOWS, PENDING_SYNS},
+    maps::{BACKEND_PORTS, BACKENDS, HALF_OPEN_FLOWS, PENDING_SYNS},
     parse::Parsed,
     stats,
 };
@@ -47,6 +47,13 @@ fn flow_key(p: &Parsed) -> FlowKey {
     }
 }
 
+/// One array read instead of a hash lookup for the many packets toward ports no backend uses.
+#[inline(always)]
+fn may_be_backend(port: u16) -> bool {
+    let (word, mask) = port_bit(port);
+    BACKEND_PORTS.get(word).is_some_and(|w| *w & mask != 0)
+}
+
 /// `exempt`: the packet is one of the agent's own probes.
 #[inline(always)]
 pub fn check(p: &Parsed, len: u64, exempt: bool) -> Verdict {
@@ -56,7 +63,7 @@ pub fn check(p: &Parsed, len: u64, exempt: bool) -> Verdict {
     if p.proto == PROTO_TCP && (p.tcp_flags & TCP_RST != 0 || p.tcp_flags & TCP_SYN != 0) {
         observe_answer(p);
     }
-    if exempt {
+    if exempt || !may_be_backend(p.dport) {
         return Verdict::Continue;
     }
     let key = BackendKey {

@@ -5,7 +5,7 @@ use agent_common::{
     Bucket, BucketKey, Counter, MatchList, ServiceConfig,
     breaker::{
         AdmittedFlow, BSTAT_SLOTS, BackendKey, BackendState, FlowKey, MAX_BACKENDS,
-        MAX_TRACKED_FLOWS, PendingSyn,
+        MAX_TRACKED_FLOWS, PORT_BITMAP_WORDS, PendingSyn,
     },
     classify::ADDR_LEN,
     maps::{DEFAULT_MAX_KEYS, MAX_PREFIXES, MAX_SERVICES},
@@ -38,6 +38,9 @@ pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(GS
 #[map]
 pub static BACKENDS: HashMap<BackendKey, BackendState> =
     HashMap::with_max_entries(MAX_BACKENDS * 2, 0);
+
+#[map]
+pub static BACKEND_PORTS: Array<u32> = Array::with_max_entries(PORT_BITMAP_WORDS, 0);
 
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counter> =

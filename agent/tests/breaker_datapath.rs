@@ -14,13 +14,15 @@ use agent_common::{
         AdmittedFlow, BSTAT_ADMITTED, BSTAT_CUT, BSTAT_DROP, BSTAT_REFUSED, BSTAT_REJECT_ICMP,
         BSTAT_REJECT_RST, BSTAT_SLOTS, BSTAT_SYNACK, BSTAT_TRIAL, BackendKey, BackendState,
         F_CLOSE_EXISTING, F_DROP, F_PASSIVE, FlowKey, PROBE_MARK, PendingSyn, STATE_CLOSED,
-        STATE_HALF_OPEN, STATE_OPEN, backend_slot,
+        STATE_HALF_OPEN, STATE_OPEN, backend_slot, port_bit,
     },
     classify::v4_mapped,
-    maps::{MAP_BACKEND_STATS, MAP_BACKENDS, MAP_HALF_OPEN_FLOWS, MAP_PENDING_SYNS},
+    maps::{
+        MAP_BACKEND_PORTS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_HALF_OPEN_FLOWS, MAP_PENDING_SYNS,
+    },
 };
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{TestRun, TestRunOptions},
 };
 use packets::{EXT_DSTOPTS, Ext, Frame, L3, L4};
@@ -82,10 +84,22 @@ impl Harness {
         HashMap::try_from(map).expect("BACKENDS type")
     }
 
+    /// Writes a backend's state, and its port's bit in the prefilter as the agent does.
     fn set(&mut self, key: BackendKey, state: BackendState) {
         self.backends()
             .insert(key, state, 0)
             .expect("writing BACKENDS");
+        let map = self
+            .dp
+            .ebpf_mut()
+            .map_mut(MAP_BACKEND_PORTS)
+            .expect("BACKEND_PORTS");
+        let mut ports: Array<&mut MapData, u32> = Array::try_from(map).expect("type");
+        let (word, mask) = port_bit(key.port);
+        let old = ports.get(&word, 0).expect("reading BACKEND_PORTS");
+        ports
+            .set(word, old | mask, 0)
+            .expect("writing BACKEND_PORTS");
     }
 
     fn get(&mut self, key: BackendKey) -> BackendState {
@@ -343,6 +357,18 @@ fn established_flows_pass_an_open_breaker_unless_close_existing() {
     assert_eq!(h.run(Hook::Tc, &f).0, TC_ACT_SHOT);
     assert_eq!(h.run(Hook::Xdp, &tcp(40004, SYN).bytes()).0, XDP_DROP);
     assert_eq!(h.counter(4, BSTAT_DROP), 3);
+}
+
+#[test]
+fn a_backend_port_missing_from_the_prefilter_is_not_enforced() {
+    let mut h = Harness::new();
+    // The entry alone, without its port bit: the datapath never looks it up.
+    h.backends()
+        .insert(key4(6), state(STATE_OPEN, 0, 12), 0)
+        .expect("writing BACKENDS");
+    assert_eq!(h.run(Hook::Xdp, &tcp(40010, SYN).bytes()).0, XDP_PASS);
+    h.set(key4(6), state(STATE_OPEN, 0, 12));
+    assert_eq!(h.run(Hook::Xdp, &tcp(40010, SYN).bytes()).0, XDP_TX);
 }
 
 #[test]

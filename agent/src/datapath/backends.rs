@@ -14,12 +14,12 @@ use agent_common::{
     Counter,
     breaker::{
         BSTAT_ACTIONS, BSTAT_ADMITTED, BSTAT_SLOTS, BSTAT_TRIAL, BackendKey, BackendState, FlowKey,
-        MAX_TRACKED_FLOWS, PendingSyn, backend_slot,
+        MAX_TRACKED_FLOWS, PendingSyn, backend_slot, port_bit,
     },
-    maps::{MAP_BACKEND_STATS, MAP_BACKENDS, MAP_PENDING_SYNS},
+    maps::{MAP_BACKEND_PORTS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_PENDING_SYNS},
 };
 use aya::{
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     sys::SyscallError,
 };
 
@@ -180,7 +180,33 @@ impl Datapath {
                 written += 1;
             }
         }
+        self.mark_backend_ports(backends)?;
         Ok(written)
+    }
+
+    /// Sets the `BACKEND_PORTS` bit of every backend port (after the entries exist; bits are
+    /// never cleared, since backends cannot change without a restart).
+    fn mark_backend_ports(&mut self, backends: &[CompiledBackend]) -> Result<(), DatapathError> {
+        let mut ports: Array<&mut MapData, u32> = self
+            .ebpf
+            .map_mut(MAP_BACKEND_PORTS)
+            .ok_or(DatapathError::MissingMap(MAP_BACKEND_PORTS))?
+            .try_into()
+            .map_err(map_err(MAP_BACKEND_PORTS))?;
+        let mut words = std::collections::BTreeMap::<u32, u32>::new();
+        for key in backends.iter().flat_map(|b| &b.keys) {
+            let (word, mask) = port_bit(key.port);
+            *words.entry(word).or_default() |= mask;
+        }
+        for (word, mask) in words {
+            let old = ports.get(&word, 0).map_err(map_err(MAP_BACKEND_PORTS))?;
+            if old & mask != mask {
+                ports
+                    .set(word, old | mask, 0)
+                    .map_err(map_err(MAP_BACKEND_PORTS))?;
+            }
+        }
+        Ok(())
     }
 
     /// A new typed handle on one of the object's maps, from a duplicate of its descriptor.
