@@ -192,6 +192,16 @@ impl Netns {
         })?
     }
 
+    /// `/proc/net/snmp` `Tcp: InSegs` of this namespace: TCP segments its stack received,
+    /// IPv4 and IPv6 alike (one MIB for both).
+    pub fn tcp_in_segs(&self) -> Result<u64> {
+        self.run(|| {
+            let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            snmp_field(snmp_table(&text, "Tcp:")?, "InSegs")
+                .context("no Tcp: InSegs in /proc/net/snmp")
+        })?
+    }
+
     fn delete(&mut self) -> Result<()> {
         if self.owned {
             self.owned = false;
@@ -264,18 +274,26 @@ impl UdpSnmp {
     }
 }
 
-fn parse_udp_snmp(snmp: &str, snmp6: &str) -> Result<UdpSnmp> {
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Udp:"));
+/// The header and value lines of one `/proc/net/snmp` table (`Tcp:`, `Udp:`, ...).
+fn snmp_table<'a>(snmp: &'a str, prefix: &str) -> Result<(&'a str, &'a str)> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with(prefix));
     let (Some(head), Some(vals)) = (lines.next(), lines.next()) else {
-        bail!("no Udp: lines in /proc/net/snmp");
+        bail!("no {prefix} lines in /proc/net/snmp");
     };
-    let get4 = |field: &str| -> u64 {
-        head.split_whitespace()
-            .zip(vals.split_whitespace())
-            .find(|(h, _)| *h == field)
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0)
-    };
+    Ok((head, vals))
+}
+
+/// One field of a table from [`snmp_table`]; `None` when this kernel does not count it.
+fn snmp_field((head, vals): (&str, &str), field: &str) -> Option<u64> {
+    head.split_whitespace()
+        .zip(vals.split_whitespace())
+        .find(|(h, _)| *h == field)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn parse_udp_snmp(snmp: &str, snmp6: &str) -> Result<UdpSnmp> {
+    let udp = snmp_table(snmp, "Udp:")?;
+    let get4 = |field: &str| -> u64 { snmp_field(udp, field).unwrap_or(0) };
     let get6 = |field: &str| -> u64 {
         snmp6
             .lines()
@@ -318,6 +336,8 @@ pub struct Topology {
     pub server_v6: Ipv6Addr,
     extra_v4: Vec<Ipv4Addr>,
     extra_v6: Vec<Ipv6Addr>,
+    extra_server_v4: Vec<Ipv4Addr>,
+    extra_server_v6: Vec<Ipv6Addr>,
 }
 
 impl Topology {
@@ -348,6 +368,8 @@ impl Topology {
             server_v6: "2001:db8::2".parse().expect("literal"),
             extra_v4: Vec::new(),
             extra_v6: Vec::new(),
+            extra_server_v4: Vec::new(),
+            extra_server_v6: Vec::new(),
         };
         topo.client.ip(&[
             "link",
@@ -462,6 +484,62 @@ impl Topology {
                 &["nodad"],
             )?;
             self.extra_v6.push(addr);
+            added.push(addr);
+        }
+        Ok(added)
+    }
+
+    /// One more server address, and a permanent neighbour entry for it on the client: a SYN
+    /// toward it leaves the client at once instead of waiting in ARP/ND resolution (where it
+    /// would not yet have passed TC egress).
+    fn add_server_addr(&self, cidr: &str, addr: &str, extra: &[&str]) -> Result<()> {
+        let mut add = vec!["addr", "add", cidr, "dev", &self.server_if];
+        add.extend_from_slice(extra);
+        self.server.ip(&add)?;
+        self.client.ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            SERVER_MAC,
+            "dev",
+            &self.client_if,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
+    /// Adds `n` more IPv4 addresses to the server (198.18.2.1, 198.18.2.2, ...), one per
+    /// backend that a test must be able to break alone (e.g. `ip rule add from ADDR
+    /// blackhole`); returns the new ones. The client learns their MAC statically.
+    pub fn add_server_v4(&mut self, n: usize) -> Result<Vec<Ipv4Addr>> {
+        let mut added = Vec::with_capacity(n);
+        for _ in 0..n {
+            let i = self.extra_server_v4.len();
+            if i >= 250 {
+                bail!("at most 250 extra server addresses");
+            }
+            let addr = Ipv4Addr::new(198, 18, 2, i as u8 + 1);
+            self.add_server_addr(&format!("{addr}/{V4_PREFIX}"), &addr.to_string(), &[])?;
+            self.extra_server_v4.push(addr);
+            added.push(addr);
+        }
+        Ok(added)
+    }
+
+    /// Adds `n` more IPv6 addresses to the server (2001:db8::2:1, ...).
+    pub fn add_server_v6(&mut self, n: usize) -> Result<Vec<Ipv6Addr>> {
+        let mut added = Vec::with_capacity(n);
+        for _ in 0..n {
+            let i = self.extra_server_v6.len() as u16 + 1;
+            let addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 2, i);
+            self.add_server_addr(
+                &format!("{addr}/{V6_PREFIX}"),
+                &addr.to_string(),
+                &["nodad"],
+            )?;
+            self.extra_server_v6.push(addr);
             added.push(addr);
         }
         Ok(added)

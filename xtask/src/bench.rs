@@ -1,31 +1,145 @@
-//! `cargo xtask bench`: the plumbing around `agent-bench` (written in the agent crate).
+//! `cargo xtask bench`: the plumbing around the two benchmarks. `agent-bench` (agent crate)
+//! measures per-packet costs through BPF_PROG_TEST_RUN and writes the file; then
+//! `breaker-bench` (agent-tests crate) measures the circuit breaker end to end with the agent
+//! binary and replaces its own section of the same file.
+//!
+//! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
+//! which only `breaker-bench` has; `--out FILE` goes to both.
 
-use crate::{cmd, setup, sys, workspace};
+use std::process::Command;
+
+use crate::{build, cmd, setup, sys, workspace};
 
 const DEFAULT_OUT: &str = "BENCHMARKS.md";
+/// How breaker-bench finds the agent, as the end-to-end tests do (tests/src/agent.rs).
+const AGENT_BIN_ENV: &str = "AGENT_BIN";
+/// breaker-bench's own options: (name, takes a value).
+const BREAKER_ONLY: &[(&str, bool)] = &[
+    ("--rounds", true),
+    ("--connects", true),
+    ("--passive", false),
+];
+const SHARED: &[(&str, bool)] = &[("--out", true)];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
-    // BPF_PROG_TEST_RUN needs CAP_BPF / CAP_SYS_ADMIN.
-    sys::require_root("cargo xtask bench (BPF_PROG_TEST_RUN)")?;
+    // BPF_PROG_TEST_RUN, network namespaces and the agent need root.
+    sys::require_root("cargo xtask bench (BPF_PROG_TEST_RUN, network namespaces)")?;
     let toolchain = setup::run()?;
-    let mut bench = workspace::cargo(&toolchain);
-    bench.args([
-        "run",
-        "--release",
-        "--package",
-        "agent",
-        "--bin",
-        "agent-bench",
-        "--",
-    ]);
-    let user_chose_out = extra
-        .iter()
-        .any(|arg| arg == "--out" || arg.starts_with("--out="));
-    if !user_chose_out {
-        // Relative to the workspace root, where cargo runs.
-        bench.args(["--out", DEFAULT_OUT]);
-    }
-    bench.args(extra);
+    let args = Split::new(extra);
+
+    let mut bench = release_bin(&toolchain, "agent", "agent-bench");
+    bench.args(&args.xdp);
     cmd::run(&mut bench)?;
+
+    // The agent binary as `cargo xtask test` builds it, in release like the benchmark: the
+    // crate is already built by the step above.
+    let agent = build::agent_binary(&toolchain, true)?;
+    let mut breaker = release_bin(&toolchain, "agent-tests", "breaker-bench");
+    breaker.args(&args.breaker).env(AGENT_BIN_ENV, &agent);
+    cmd::run(&mut breaker)?;
     Ok(())
+}
+
+/// `cargo run --release --package PACKAGE --bin BIN --`, in the workspace root.
+fn release_bin(toolchain: &setup::Toolchain, package: &str, bin: &str) -> Command {
+    let mut run = workspace::cargo(toolchain);
+    run.args(["run", "--release", "--package", package, "--bin", bin, "--"]);
+    run
+}
+
+/// The extra arguments, split between the two benchmarks.
+struct Split {
+    xdp: Vec<String>,
+    breaker: Vec<String>,
+}
+
+impl Split {
+    fn new(extra: &[String]) -> Split {
+        let mut split = Split {
+            xdp: Vec::new(),
+            breaker: Vec::new(),
+        };
+        let mut out_given = false;
+        let mut args = extra.iter();
+        while let Some(arg) = args.next() {
+            let (name, inline_value) = match arg.split_once('=') {
+                Some((name, _)) => (name, true),
+                None => (arg.as_str(), false),
+            };
+            let known =
+                |table: &[(&str, bool)]| table.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+            // (to agent-bench, to breaker-bench, takes a value)
+            let (xdp, breaker, takes_value) = if let Some(v) = known(BREAKER_ONLY) {
+                (false, true, v)
+            } else if let Some(v) = known(SHARED) {
+                out_given = true;
+                (true, true, v)
+            } else {
+                (true, false, false)
+            };
+            let mut words = vec![arg.clone()];
+            if takes_value && !inline_value {
+                words.extend(args.next().cloned());
+            }
+            if xdp {
+                split.xdp.extend(words.iter().cloned());
+            }
+            if breaker {
+                split.breaker.extend(words);
+            }
+        }
+        if !out_given {
+            // Relative to the workspace root, where cargo runs.
+            for dest in [&mut split.xdp, &mut split.breaker] {
+                dest.extend(["--out".to_owned(), DEFAULT_OUT.to_owned()]);
+            }
+        }
+        split
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(args: &[&str]) -> (Vec<String>, Vec<String>) {
+        let owned: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let s = Split::new(&owned);
+        (s.xdp, s.breaker)
+    }
+
+    #[test]
+    fn arguments_go_to_the_benchmark_that_has_them() {
+        assert_eq!(
+            split(&[]),
+            (
+                vec!["--out".into(), "BENCHMARKS.md".into()],
+                vec!["--out".into(), "BENCHMARKS.md".into()]
+            )
+        );
+        assert_eq!(
+            split(&["--repeat", "10", "--rounds", "2", "--passive", "--out=x.md"]),
+            (
+                vec!["--repeat".into(), "10".into(), "--out=x.md".into()],
+                vec![
+                    "--rounds".into(),
+                    "2".into(),
+                    "--passive".into(),
+                    "--out=x.md".into()
+                ]
+            )
+        );
+        assert_eq!(
+            split(&["--connects=5", "--out", "y.md", "--samples", "3"]),
+            (
+                vec![
+                    "--out".into(),
+                    "y.md".into(),
+                    "--samples".into(),
+                    "3".into()
+                ],
+                vec!["--connects=5".into(), "--out".into(), "y.md".into()]
+            )
+        );
+    }
 }
