@@ -55,7 +55,8 @@ fn may_be_backend(port: u16) -> bool {
 }
 
 /// `exempt`: the packet is one of the agent's own probes.
-#[inline(always)]
+// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+#[inline(never)]
 pub fn check(p: &Parsed, len: u64, exempt: bool) -> Verdict {
     if !p.has_ports || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return Verdict::Continue;

@@ -42,7 +42,8 @@ fn bucket_key(service_id: u32, cfg: &ServiceConfig, p: &Parsed) -> BucketKey {
     key
 }
 
-#[inline(always)]
+// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+#[inline(never)]
 pub fn limit(service_id: u32, cfg: &ServiceConfig, p: &Parsed, len: u64) -> Verdict {
     let key = bucket_key(service_id, cfg, p);
     // SAFETY: helper with no arguments.

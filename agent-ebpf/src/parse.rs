@@ -119,7 +119,8 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-#[inline(always)]
+// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+#[inline(never)]
 pub fn parse(pkt: &Packet) -> Result<Parsed, ParseError> {
     let eth: *const EthHdr = pkt.ptr_at(0)?;
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });

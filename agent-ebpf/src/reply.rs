@@ -119,7 +119,8 @@ fn scratch<const N: usize>() -> Option<&'static mut [u8; N]> {
 
 /// Rewrites the packet into the answer that refuses it. `false` when it cannot be answered
 /// (unusual headers, a resize the hook refused); the caller drops it then.
-#[inline(always)]
+// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+#[inline(never)]
 pub fn answer<R: Rewrite>(r: &R, p: &Parsed) -> bool {
     let pkt = r.packet();
     let hdr = if p.ipv6 { IPV6_HDR_LEN } else { IPV4_HDR_LEN };
