@@ -122,64 +122,54 @@ fn scratch<const N: usize>() -> Option<&'static mut [u8; N]> {
 // A BPF subprogram with its own stack frame (see "Stack" in main.rs).
 #[inline(never)]
 pub fn answer<R: Rewrite>(r: &R, p: &Parsed) -> bool {
+    build(r, p).unwrap_or(false)
+}
+
+#[inline(always)]
+fn build<R: Rewrite>(r: &R, p: &Parsed) -> Option<bool> {
     let pkt = r.packet();
     let hdr = if p.ipv6 { IPV6_HDR_LEN } else { IPV4_HDR_LEN };
     if p.l3 > MAX_L3 || p.l4 != p.l3 + hdr {
-        return false;
+        return None;
     }
-    let Some(macs) = swapped_macs(&pkt) else {
-        return false;
-    };
-    match (p.proto == PROTO_TCP, p.ipv6) {
+    let macs = swapped_macs(&pkt)?;
+    Some(match (p.proto == PROTO_TCP, p.ipv6) {
         (true, false) => {
-            let Some(seg) = segment(&pkt, p) else {
-                return false;
-            };
-            let Some(b) = scratch::<RST_V4_LEN>() else {
-                return false;
-            };
+            let (seg, b) = (segment(&pkt, p)?, scratch::<RST_V4_LEN>()?);
             rst_v4(b, v4(&p.dst), v4(&p.src), p.dport, p.sport, seg);
             r.finish(p.l3, b, &macs)
         }
         (true, true) => {
-            let Some(seg) = segment(&pkt, p) else {
-                return false;
-            };
-            let Some(b) = scratch::<RST_V6_LEN>() else {
-                return false;
-            };
+            let (seg, b) = (segment(&pkt, p)?, scratch::<RST_V6_LEN>()?);
             rst_v6(b, &p.dst, &p.src, p.dport, p.sport, seg);
             r.finish(p.l3, b, &macs)
         }
         (false, false) => {
-            let Some(b) = scratch::<UNREACH_V4_LEN>() else {
-                return false;
-            };
-            let Ok(q) = pkt.ptr_at::<[u8; QUOTE_V4_LEN]>(p.l3) else {
-                return false;
-            };
-            // SAFETY: bounds-checked by `ptr_at`; scratch and packet do not overlap.
-            unsafe {
-                copy_nonoverlapping(q as *const u8, b[QUOTE_AT_V4..].as_mut_ptr(), QUOTE_V4_LEN)
-            };
+            let b = scratch::<UNREACH_V4_LEN>()?;
+            copy_quote::<QUOTE_V4_LEN>(&pkt, p.l3, &mut b[QUOTE_AT_V4..])?;
             port_unreachable_v4(b);
             r.finish(p.l3, b, &macs)
         }
         (false, true) => {
-            let Some(b) = scratch::<UNREACH_V6_LEN>() else {
-                return false;
-            };
-            let Ok(q) = pkt.ptr_at::<[u8; QUOTE_V6_LEN]>(p.l3) else {
-                return false;
-            };
-            // SAFETY: as above.
-            unsafe {
-                copy_nonoverlapping(q as *const u8, b[QUOTE_AT_V6..].as_mut_ptr(), QUOTE_V6_LEN)
-            };
+            let b = scratch::<UNREACH_V6_LEN>()?;
+            copy_quote::<QUOTE_V6_LEN>(&pkt, p.l3, &mut b[QUOTE_AT_V6..])?;
             port_unreachable_v6(b);
             r.finish(p.l3, b, &macs)
         }
+    })
+}
+
+/// Copies the `Q` bytes of the packet from `l3` on into `dst`: what an ICMP error quotes.
+#[inline(always)]
+fn copy_quote<const Q: usize>(pkt: &Packet, l3: usize, dst: &mut [u8]) -> Option<()> {
+    let q = pkt.ptr_at::<[u8; Q]>(l3).ok()?;
+    if dst.len() < Q {
+        return None;
     }
+    // SAFETY: `q` was bounds-checked by `ptr_at`, `dst` holds `Q` bytes, and the scratch
+    // buffer never overlaps the packet.
+    unsafe { copy_nonoverlapping(q as *const u8, dst.as_mut_ptr(), Q) };
+    Some(())
 }
 
 /// The RST's sequence fields for the TCP segment at `p.l4`.
