@@ -23,7 +23,7 @@ use aya::{
     sys::SyscallError,
 };
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, map_err, typed, typed_mut};
 use crate::config::CompiledBackend;
 
 /// Counters of one backend, summed over CPUs, indexed by `BSTAT_*` slot.
@@ -45,13 +45,6 @@ pub const BACKEND_ACTIONS: [(u32, &str); 2 + BSTAT_ACTIONS.len()] = {
 /// A sweep of `PENDING_SYNS` visits at most this many entries: an LRU churning under a SYN
 /// flood could otherwise keep the key walk going (the kernel restarts it at a vanished key).
 const MAX_SWEEP_VISITS: usize = 2 * MAX_TRACKED_FLOWS as usize;
-
-fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |source| DatapathError::Map {
-        map,
-        source: Box::new(source),
-    }
-}
 
 /// An independent handle on the enforcement maps (its own file descriptors).
 pub struct BackendMaps {
@@ -116,23 +109,14 @@ impl Datapath {
         key: &BackendKey,
         state: &BackendState,
     ) -> Result<(), DatapathError> {
-        let mut map: HashMap<&mut MapData, BackendKey, BackendState> = self
-            .ebpf
-            .map_mut(MAP_BACKENDS)
-            .ok_or(DatapathError::MissingMap(MAP_BACKENDS))?
-            .try_into()
-            .map_err(map_err(MAP_BACKENDS))?;
+        let mut map: HashMap<&mut MapData, BackendKey, BackendState> =
+            typed_mut(&mut self.ebpf, MAP_BACKENDS)?;
         write(&mut map, key, state)
     }
 
     /// One backend's counters in `BACKEND_STATS`, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters, DatapathError> {
-        let stats: PerCpuArray<&MapData, Counter> = self
-            .ebpf
-            .map(MAP_BACKEND_STATS)
-            .ok_or(DatapathError::MissingMap(MAP_BACKEND_STATS))?
-            .try_into()
-            .map_err(map_err(MAP_BACKEND_STATS))?;
+        let stats: PerCpuArray<&MapData, Counter> = typed(&self.ebpf, MAP_BACKEND_STATS)?;
         counters(&stats, id)
     }
 
@@ -142,12 +126,8 @@ impl Datapath {
         now_ns: u64,
         timeout_ns: impl Fn(u32) -> Option<u64>,
     ) -> Result<Vec<(u32, u64)>, DatapathError> {
-        let mut pending: HashMap<&mut MapData, FlowKey, PendingSyn> = self
-            .ebpf
-            .map_mut(MAP_PENDING_SYNS)
-            .ok_or(DatapathError::MissingMap(MAP_PENDING_SYNS))?
-            .try_into()
-            .map_err(map_err(MAP_PENDING_SYNS))?;
+        let mut pending: HashMap<&mut MapData, FlowKey, PendingSyn> =
+            typed_mut(&mut self.ebpf, MAP_PENDING_SYNS)?;
         sweep(&mut pending, now_ns, timeout_ns)
     }
 
@@ -162,12 +142,8 @@ impl Datapath {
         if backends.is_empty() {
             return Ok(0);
         }
-        let mut map: HashMap<&mut MapData, BackendKey, BackendState> = self
-            .ebpf
-            .map_mut(MAP_BACKENDS)
-            .ok_or(DatapathError::MissingMap(MAP_BACKENDS))?
-            .try_into()
-            .map_err(map_err(MAP_BACKENDS))?;
+        let mut map: HashMap<&mut MapData, BackendKey, BackendState> =
+            typed_mut(&mut self.ebpf, MAP_BACKENDS)?;
         let mut written = 0;
         for b in backends {
             for key in &b.keys {
@@ -187,12 +163,7 @@ impl Datapath {
     /// Sets the `BACKEND_PORTS` bit of every backend port (after the entries exist; bits are
     /// never cleared, since backends cannot change without a restart).
     fn mark_backend_ports(&mut self, backends: &[CompiledBackend]) -> Result<(), DatapathError> {
-        let mut ports: Array<&mut MapData, u32> = self
-            .ebpf
-            .map_mut(MAP_BACKEND_PORTS)
-            .ok_or(DatapathError::MissingMap(MAP_BACKEND_PORTS))?
-            .try_into()
-            .map_err(map_err(MAP_BACKEND_PORTS))?;
+        let mut ports: Array<&mut MapData, u32> = typed_mut(&mut self.ebpf, MAP_BACKEND_PORTS)?;
         let mut words = std::collections::BTreeMap::<u32, u32>::new();
         for key in backends.iter().flat_map(|b| &b.keys) {
             let (word, mask) = port_bit(key.port);

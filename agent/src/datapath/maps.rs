@@ -25,7 +25,7 @@ use aya::maps::{
 };
 use serde::Serialize;
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, map_err, typed, typed_mut};
 use crate::config::Compiled;
 
 /// What one `apply` changed.
@@ -89,24 +89,13 @@ impl KeyCounts {
     }
 }
 
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
-    move |source| DatapathError::Map {
-        map,
-        source: Box::new(source),
-    }
-}
-
 impl Datapath {
     /// Writes a compiled policy, changing only what differs from what the maps hold.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<ApplyReport, DatapathError> {
         let mut report = ApplyReport::default();
         let ebpf = self.ebpf_mut();
 
-        let mut cfg: Array<&mut MapData, ServiceConfig> = ebpf
-            .map_mut(MAP_SVC_CFG)
-            .ok_or(DatapathError::MissingMap(MAP_SVC_CFG))?
-            .try_into()
-            .map_err(map_err(MAP_SVC_CFG))?;
+        let mut cfg: Array<&mut MapData, ServiceConfig> = typed_mut(&mut *ebpf, MAP_SVC_CFG)?;
         for svc in &compiled.services {
             let current = cfg.get(&svc.id, 0).map_err(map_err(MAP_SVC_CFG))?;
             if current != svc.config {
@@ -116,11 +105,8 @@ impl Datapath {
             }
         }
 
-        let mut trie: LpmTrie<&mut MapData, [u8; ADDR_LEN], MatchList> = ebpf
-            .map_mut(MAP_CLASSIFY)
-            .ok_or(DatapathError::MissingMap(MAP_CLASSIFY))?
-            .try_into()
-            .map_err(map_err(MAP_CLASSIFY))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; ADDR_LEN], MatchList> =
+            typed_mut(&mut *ebpf, MAP_CLASSIFY)?;
         let mut wanted = HashSet::new();
         for entry in &compiled.classify {
             let key = Key::new(entry.prefix_len, entry.addr);
@@ -141,11 +127,7 @@ impl Datapath {
             report.prefixes_removed += 1;
         }
 
-        let mut cfg: Array<&mut MapData, ServiceConfig> = ebpf
-            .map_mut(MAP_SVC_CFG)
-            .ok_or(DatapathError::MissingMap(MAP_SVC_CFG))?
-            .try_into()
-            .map_err(map_err(MAP_SVC_CFG))?;
+        let mut cfg: Array<&mut MapData, ServiceConfig> = typed_mut(&mut *ebpf, MAP_SVC_CFG)?;
         for id in compiled.services.len() as u32..cfg.len() {
             if cfg.get(&id, 0).map_err(map_err(MAP_SVC_CFG))? != ServiceConfig::default() {
                 cfg.set(id, ServiceConfig::default(), 0)
@@ -160,11 +142,7 @@ impl Datapath {
     /// Reads every counter, summed over CPUs, for `services` service ids.
     pub fn snapshot(&self, services: u32) -> Result<Snapshot, DatapathError> {
         let ebpf = &self.ebpf;
-        let svc: PerCpuArray<&MapData, Counter> = ebpf
-            .map(MAP_SVC_STATS)
-            .ok_or(DatapathError::MissingMap(MAP_SVC_STATS))?
-            .try_into()
-            .map_err(map_err(MAP_SVC_STATS))?;
+        let svc: PerCpuArray<&MapData, Counter> = typed(ebpf, MAP_SVC_STATS)?;
         let read = |arr: &PerCpuArray<&MapData, Counter>, idx: u32, name: &'static str| {
             let values = arr.get(&idx, 0).map_err(map_err(name))?;
             let mut sum = Counter::default();
@@ -186,11 +164,7 @@ impl Datapath {
                 new_keys: read(&svc, svc_slot(id, SVC_NEW_KEYS), MAP_SVC_STATS)?.packets,
             });
         }
-        let global: PerCpuArray<&MapData, Counter> = ebpf
-            .map(MAP_GLOBAL_STATS)
-            .ok_or(DatapathError::MissingMap(MAP_GLOBAL_STATS))?
-            .try_into()
-            .map_err(map_err(MAP_GLOBAL_STATS))?;
+        let global: PerCpuArray<&MapData, Counter> = typed(ebpf, MAP_GLOBAL_STATS)?;
         for (slot, name) in GSTAT_NAMES {
             out.global
                 .push((name, read(&global, slot, MAP_GLOBAL_STATS)?));
@@ -206,12 +180,7 @@ impl Datapath {
         for (id, svc) in self.snapshot(services)?.services.iter().enumerate() {
             counts.inserted.insert(id as u32, svc.new_keys);
         }
-        let table: HashMap<&MapData, BucketKey, Bucket> = self
-            .ebpf
-            .map(MAP_RL_BUCKETS)
-            .ok_or(DatapathError::MissingMap(MAP_RL_BUCKETS))?
-            .try_into()
-            .map_err(map_err(MAP_RL_BUCKETS))?;
+        let table: HashMap<&MapData, BucketKey, Bucket> = typed(&self.ebpf, MAP_RL_BUCKETS)?;
         // Keys may be evicted while we walk; an error on one key ends the walk early rather
         // than failing the whole count.
         for key in table.keys() {

@@ -12,7 +12,7 @@ pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
 use agent_common::maps::{MAP_RL_BUCKETS, PROG_TC_EGRESS, PROG_XDP};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::MapError,
+    maps::{Map, MapError},
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 
@@ -57,6 +57,36 @@ pub enum DatapathError {
         #[source]
         source: Box<MapError>,
     },
+}
+
+/// Wraps an error of the map `map`.
+fn map_err(map: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// A typed, read-only handle on the object's map `name`.
+fn typed<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<&'a Map, Error = MapError>,
+{
+    ebpf.map(name)
+        .ok_or(DatapathError::MissingMap(name))?
+        .try_into()
+        .map_err(map_err(name))
+}
+
+/// A typed, writable handle on the object's map `name`.
+fn typed_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DatapathError>
+where
+    T: TryFrom<&'a mut Map, Error = MapError>,
+{
+    ebpf.map_mut(name)
+        .ok_or(DatapathError::MissingMap(name))?
+        .try_into()
+        .map_err(map_err(name))
 }
 
 /// A loaded datapath. Dropping it detaches every program it attached: links are owned by the
