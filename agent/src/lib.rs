@@ -2,6 +2,7 @@
 //! `main.rs` only parses the command line; everything else lives here so tests reach it.
 
 pub mod backends;
+pub mod balance;
 pub mod breaker;
 pub mod cli;
 pub mod commands;

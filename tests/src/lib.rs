@@ -1,13 +1,17 @@
 //! End-to-end test harness: network namespaces joined by veth, code run inside them, the
-//! agent as a guarded child process, paced traffic and exact counting at the receiver.
+//! agent as a guarded child process, paced traffic and exact counting at the receiver, test
+//! backends and the ways to break them, and waiting on a condition with a deadline.
 //!
 //! Everything here needs root (namespaces, raw sockets, SO_RCVBUFFORCE). Tests built on it
 //! share kernel state and run serially: `cargo test -p agent-tests -- --test-threads=1`.
 
 pub mod agent;
+pub mod backend;
+pub mod breaker;
 pub mod netns;
 pub mod traffic;
 pub mod verify;
+pub mod wait;
 pub mod xdp;
 
 pub use agent::{AgentProcess, TempDir, agent_bin, metric, require_metric};

@@ -319,6 +319,13 @@ const SERVER_MAC: &str = "02:a9:00:00:00:02";
 const V4_PREFIX: u8 = 16;
 const V6_PREFIX: u8 = 64;
 
+/// One end of the topology's veth pair.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Client,
+    Server,
+}
+
 /// Two namespaces, client and server, joined by a veth pair, with IPv4 and IPv6 addresses.
 /// Dropping it deletes the links and the namespaces, also while a test unwinds from a panic.
 #[derive(Debug)]
@@ -387,162 +394,140 @@ impl Topology {
             "netns",
             topo.server.name(),
         ])?;
-        for (ns, ifname, v4, v6, peer_v4, peer_v6, peer_mac) in [
-            (
-                &topo.client,
-                Self::CLIENT_IF,
-                topo.client_v4,
-                topo.client_v6,
-                topo.server_v4,
-                topo.server_v6,
-                SERVER_MAC,
-            ),
-            (
-                &topo.server,
-                Self::SERVER_IF,
-                topo.server_v4,
-                topo.server_v6,
-                topo.client_v4,
-                topo.client_v6,
-                CLIENT_MAC,
-            ),
+        for (ns, ifname) in [
+            (&topo.client, Self::CLIENT_IF),
+            (&topo.server, Self::SERVER_IF),
         ] {
-            ns.ip(&["addr", "add", &format!("{v4}/{V4_PREFIX}"), "dev", ifname])?;
-            // nodad: the address is usable at once instead of after duplicate detection.
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("{v6}/{V6_PREFIX}"),
-                "dev",
-                ifname,
-                "nodad",
-            ])?;
             ns.ip(&["link", "set", ifname, "up"])?;
-            for peer in [IpAddr::V4(peer_v4), IpAddr::V6(peer_v6)] {
-                ns.ip(&[
-                    "neigh",
-                    "replace",
-                    &peer.to_string(),
-                    "lladdr",
-                    peer_mac,
-                    "dev",
-                    ifname,
-                    "nud",
-                    "permanent",
-                ])?;
-            }
+        }
+        for (side, v4, v6) in [
+            (Side::Client, topo.client_v4, topo.client_v6),
+            (Side::Server, topo.server_v4, topo.server_v6),
+        ] {
+            topo.add_addr(side, v4.into())?;
+            topo.add_addr(side, v6.into())?;
         }
         Ok(topo)
     }
 
-    /// One more client address (`cidr`, plus `extra` words for `ip addr add`), and a permanent
-    /// neighbour entry for it on the server so no packet waits on ARP/ND.
-    fn add_client_addr(&self, cidr: &str, addr: &str, extra: &[&str]) -> Result<()> {
-        let mut add = vec!["addr", "add", cidr, "dev", &self.client_if];
-        add.extend_from_slice(extra);
-        self.client.ip(&add)?;
-        self.server.ip(&[
+    /// One more address on `side`'s veth end (IPv6 without duplicate detection), and a
+    /// permanent neighbour entry for it on the other side: nothing toward it waits on ARP/ND
+    /// resolution (a SYN waiting there would not yet have passed TC egress).
+    fn add_addr(&self, side: Side, addr: IpAddr) -> Result<()> {
+        let (ns, ifname, mac, peer, peer_if) = match side {
+            Side::Client => (
+                &self.client,
+                &self.client_if,
+                CLIENT_MAC,
+                &self.server,
+                &self.server_if,
+            ),
+            Side::Server => (
+                &self.server,
+                &self.server_if,
+                SERVER_MAC,
+                &self.client,
+                &self.client_if,
+            ),
+        };
+        let cidr = match addr {
+            IpAddr::V4(_) => format!("{addr}/{V4_PREFIX}"),
+            IpAddr::V6(_) => format!("{addr}/{V6_PREFIX}"),
+        };
+        let mut add = vec!["addr", "add", &cidr, "dev", ifname];
+        if addr.is_ipv6() {
+            // Usable at once instead of after duplicate detection.
+            add.push("nodad");
+        }
+        ns.ip(&add)?;
+        peer.ip(&[
             "neigh",
             "replace",
-            addr,
+            &addr.to_string(),
             "lladdr",
-            CLIENT_MAC,
+            mac,
             "dev",
-            &self.server_if,
+            peer_if,
             "nud",
             "permanent",
         ])?;
         Ok(())
+    }
+
+    /// Adds `n` addresses to `side`: the i-th of those in `list` is `nth(i)`.
+    fn add_addrs<A: Copy + Into<IpAddr>>(
+        &mut self,
+        side: Side,
+        n: usize,
+        list: fn(&mut Topology) -> &mut Vec<A>,
+        nth: fn(usize) -> Result<A>,
+    ) -> Result<Vec<A>> {
+        let mut added = Vec::with_capacity(n);
+        for _ in 0..n {
+            let addr = nth(list(self).len())?;
+            self.add_addr(side, addr.into())?;
+            list(self).push(addr);
+            added.push(addr);
+        }
+        Ok(added)
     }
 
     /// Adds `n` more IPv4 addresses to the client (198.18.1.1, 198.18.1.2, ...), for tests
     /// that need several sources; returns the new ones. The server learns their MAC statically.
     pub fn add_client_v4(&mut self, n: usize) -> Result<Vec<Ipv4Addr>> {
-        let mut added = Vec::with_capacity(n);
-        for _ in 0..n {
-            let i = self.extra_v4.len();
-            if i >= 250 * 250 {
-                bail!("at most 62,500 extra client addresses");
-            }
-            let addr = Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, (i % 250) as u8 + 1);
-            self.add_client_addr(&format!("{addr}/{V4_PREFIX}"), &addr.to_string(), &[])?;
-            self.extra_v4.push(addr);
-            added.push(addr);
-        }
-        Ok(added)
+        self.add_addrs(
+            Side::Client,
+            n,
+            |t| &mut t.extra_v4,
+            |i| {
+                if i >= 250 * 250 {
+                    bail!("at most 62,500 extra client addresses");
+                }
+                Ok(Ipv4Addr::new(
+                    198,
+                    18,
+                    1 + (i / 250) as u8,
+                    (i % 250) as u8 + 1,
+                ))
+            },
+        )
     }
 
     /// Adds `n` more IPv6 addresses to the client (2001:db8::1:1, ...).
     pub fn add_client_v6(&mut self, n: usize) -> Result<Vec<Ipv6Addr>> {
-        let mut added = Vec::with_capacity(n);
-        for _ in 0..n {
-            let i = self.extra_v6.len() as u16 + 1;
-            let addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, i);
-            self.add_client_addr(
-                &format!("{addr}/{V6_PREFIX}"),
-                &addr.to_string(),
-                &["nodad"],
-            )?;
-            self.extra_v6.push(addr);
-            added.push(addr);
-        }
-        Ok(added)
-    }
-
-    /// One more server address, and a permanent neighbour entry for it on the client: a SYN
-    /// toward it leaves the client at once instead of waiting in ARP/ND resolution (where it
-    /// would not yet have passed TC egress).
-    fn add_server_addr(&self, cidr: &str, addr: &str, extra: &[&str]) -> Result<()> {
-        let mut add = vec!["addr", "add", cidr, "dev", &self.server_if];
-        add.extend_from_slice(extra);
-        self.server.ip(&add)?;
-        self.client.ip(&[
-            "neigh",
-            "replace",
-            addr,
-            "lladdr",
-            SERVER_MAC,
-            "dev",
-            &self.client_if,
-            "nud",
-            "permanent",
-        ])?;
-        Ok(())
+        self.add_addrs(
+            Side::Client,
+            n,
+            |t| &mut t.extra_v6,
+            |i| Ok(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, i as u16 + 1)),
+        )
     }
 
     /// Adds `n` more IPv4 addresses to the server (198.18.2.1, 198.18.2.2, ...), one per
     /// backend that a test must be able to break alone (e.g. `ip rule add from ADDR
     /// blackhole`); returns the new ones. The client learns their MAC statically.
     pub fn add_server_v4(&mut self, n: usize) -> Result<Vec<Ipv4Addr>> {
-        let mut added = Vec::with_capacity(n);
-        for _ in 0..n {
-            let i = self.extra_server_v4.len();
-            if i >= 250 {
-                bail!("at most 250 extra server addresses");
-            }
-            let addr = Ipv4Addr::new(198, 18, 2, i as u8 + 1);
-            self.add_server_addr(&format!("{addr}/{V4_PREFIX}"), &addr.to_string(), &[])?;
-            self.extra_server_v4.push(addr);
-            added.push(addr);
-        }
-        Ok(added)
+        self.add_addrs(
+            Side::Server,
+            n,
+            |t| &mut t.extra_server_v4,
+            |i| {
+                if i >= 250 {
+                    bail!("at most 250 extra server addresses");
+                }
+                Ok(Ipv4Addr::new(198, 18, 2, i as u8 + 1))
+            },
+        )
     }
 
     /// Adds `n` more IPv6 addresses to the server (2001:db8::2:1, ...).
     pub fn add_server_v6(&mut self, n: usize) -> Result<Vec<Ipv6Addr>> {
-        let mut added = Vec::with_capacity(n);
-        for _ in 0..n {
-            let i = self.extra_server_v6.len() as u16 + 1;
-            let addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 2, i);
-            self.add_server_addr(
-                &format!("{addr}/{V6_PREFIX}"),
-                &addr.to_string(),
-                &["nodad"],
-            )?;
-            self.extra_server_v6.push(addr);
-            added.push(addr);
-        }
-        Ok(added)
+        self.add_addrs(
+            Side::Server,
+            n,
+            |t| &mut t.extra_server_v6,
+            |i| Ok(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 2, i as u16 + 1)),
+        )
     }
 
     /// Drop counters of the path client socket -> server stack, before any XDP verdict:

@@ -14,18 +14,16 @@
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread::JoinHandle,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use agent_tests::{
-    agent::{AgentProcess, TempDir, agent_bin, metric, parse_metrics},
+    agent::{AgentProcess, TempDir, agent_bin},
+    backend::{self, Attempt, Blackhole, TcpServer, UdpEcho},
+    breaker::{BackendView, Scrape},
     netns::{Netns, Topology},
+    wait::wait_until,
 };
 
 /// Scrape and scheduling slack on a loaded 2-core machine (as in health.rs).
@@ -75,6 +73,17 @@ impl Check {
             passive: true,
         }
     }
+
+    /// Active probes practically off (the first one falls somewhere in the first day):
+    /// passive detection alone, a SYN unanswered for `timeout` failing.
+    fn passive_only(timeout: Duration) -> Check {
+        Check {
+            interval: Duration::from_secs(86_400),
+            unhealthy_interval: Duration::from_secs(86_400),
+            timeout,
+            ..Check::fast_tcp()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -100,6 +109,15 @@ impl Breaker {
             success_threshold: 2,
             on_open: "reject",
             close_existing: false,
+        }
+    }
+
+    /// Like [`Breaker::default_for`], but stays open 10 s: through all a test does while open.
+    fn held_open(check: &Check) -> Breaker {
+        Breaker {
+            reset_timeout: Duration::from_secs(10),
+            max_reset_timeout: Duration::from_secs(10),
+            ..Breaker::default_for(check)
         }
     }
 }
@@ -147,10 +165,6 @@ impl Service {
             + self.check.unhealthy_interval * self.breaker.success_threshold
             + self.check.timeout
             + SLACK
-    }
-
-    fn backend_label(&self) -> String {
-        self.backend.to_string()
     }
 }
 
@@ -229,143 +243,40 @@ fn start_agent(topo: &Topology, dir: &TempDir, services: &[Service]) -> AgentPro
 }
 
 // ---------------------------------------------------------------------------------------
-// What the agent exports about one backend.
+// What the agent exports about one backend, and waiting on it.
 
-/// One scrape of `/metrics`, read for one service's backend.
-struct Scrape {
-    text: String,
-    service: String,
-    backend: String,
+fn view<'a>(agent: &'a AgentProcess, s: &Service) -> BackendView<'a> {
+    BackendView::new(agent, s.name, s.backend)
 }
 
-impl Scrape {
-    fn take(agent: &AgentProcess, s: &Service) -> Scrape {
-        let text = agent
-            .metrics()
-            .unwrap_or_else(|e| panic!("GET /metrics: {e:#}"));
-        Scrape {
-            text,
-            service: s.name.to_owned(),
-            backend: s.backend_label(),
-        }
-    }
+/// One scrape of `/metrics`, read for the service's backend.
+fn scrape(agent: &AgentProcess, s: &Service) -> Scrape {
+    view(agent, s)
+        .scrape()
+        .unwrap_or_else(|e| panic!("GET /metrics: {e:#}"))
+}
 
-    fn labelled(&self, name: &str, key: &str, value: &str) -> Option<f64> {
-        metric(
-            &self.text,
-            name,
-            &[
-                ("service", &self.service),
-                ("backend", &self.backend),
-                (key, value),
-            ],
-        )
-    }
-
-    /// A sample that must be exported; the panic lists what is exported under that name.
-    fn required(&self, name: &str, key: &str, value: &str) -> u64 {
-        match self.labelled(name, key, value) {
-            Some(v) => v as u64,
-            None => {
-                let have: Vec<String> = parse_metrics(&self.text)
-                    .into_iter()
-                    .filter(|s| s.name == name)
-                    .map(|s| format!("{:?} = {}", s.labels, s.value))
-                    .collect();
-                panic!(
-                    "{name}{{service={:?},backend={:?},{key}={value:?}}} is not exported; \
-                     samples under that name: {have:?}",
-                    self.service, self.backend
-                )
-            }
-        }
-    }
-
-    /// `agent_backend_datapath_packets_total{action}`.
-    fn action(&self, action: &str) -> u64 {
-        self.required("agent_backend_datapath_packets_total", "action", action)
-    }
-
-    /// Like [`Scrape::action`], 0 when not exported (yet): for the "before" side of a delta.
-    fn action_or_zero(&self, action: &str) -> u64 {
-        self.labelled("agent_backend_datapath_packets_total", "action", action)
-            .unwrap_or(0.0) as u64
-    }
-
-    /// `agent_backend_passive_total{result}`.
-    fn passive(&self, result: &str) -> u64 {
-        self.required("agent_backend_passive_total", "result", result)
-    }
-
-    fn passive_or_zero(&self, result: &str) -> u64 {
-        self.labelled("agent_backend_passive_total", "result", result)
-            .unwrap_or(0.0) as u64
-    }
-
-    /// The breaker state whose `agent_breaker_state` sample is 1.
-    fn state(&self) -> Option<String> {
-        ["closed", "open", "half_open"]
-            .into_iter()
-            .find(|s| self.labelled("agent_breaker_state", "state", s) == Some(1.0))
-            .map(str::to_owned)
-    }
-
-    /// Active probes by outcome: (successes, failures of any reason).
-    fn probes(&self) -> (u64, u64) {
-        let mut ok = 0;
-        let mut failed = 0;
-        for s in parse_metrics(&self.text) {
-            if s.name != "agent_probes_total" {
-                continue;
-            }
-            let get = |k: &str| s.labels.iter().find(|(sk, _)| sk == k).map(|(_, v)| v);
-            if get("service") != Some(&self.service) || get("backend") != Some(&self.backend) {
-                continue;
-            }
-            match get("result").map(String::as_str) {
-                Some("success") => ok += s.value as u64,
-                _ => failed += s.value as u64,
-            }
-        }
-        (ok, failed)
-    }
+/// Runs `f` between two scrapes: (before, what `f` returned, after).
+fn around<T>(agent: &AgentProcess, s: &Service, f: impl FnOnce() -> T) -> (Scrape, T, Scrape) {
+    let before = scrape(agent, s);
+    let out = f();
+    (before, out, scrape(agent, s))
 }
 
 /// Polls `/metrics` until `cond` holds on a scrape; returns the time since `since` and that
-/// scrape. Panics at `since + limit` with `what`, the bound, and the last scrape's state.
+/// scrape. Panics at `since + limit` (the bound the policy implies) with `what` and the last
+/// scrape's state.
 fn wait_for(
     agent: &AgentProcess,
     s: &Service,
     what: &str,
     since: Instant,
     limit: Duration,
-    mut cond: impl FnMut(&Scrape) -> bool,
+    cond: impl FnMut(&Scrape) -> bool,
 ) -> (Duration, Scrape) {
-    loop {
-        let scrape = Scrape::take(agent, s);
-        let took = since.elapsed();
-        if cond(&scrape) {
-            return (took, scrape);
-        }
-        assert!(
-            took < limit,
-            "{what}: not within {limit:?} (the bound the policy implies); last seen: breaker \
-             {:?}, probes (ok, failed) {:?}",
-            scrape.state(),
-            scrape.probes()
-        );
-        std::thread::sleep(ms(10));
-    }
-}
-
-/// Polls a condition outside the agent; returns how long it took, or panics at `limit`.
-fn poll_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(ms(1));
-    }
-    start.elapsed()
+    view(agent, s)
+        .wait(what, since, limit, cond)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn wait_state(
@@ -375,14 +286,9 @@ fn wait_state(
     since: Instant,
     limit: Duration,
 ) -> (Duration, Scrape) {
-    wait_for(
-        agent,
-        s,
-        &format!("breaker of {} {state}", s.backend),
-        since,
-        limit,
-        |sc| sc.state().as_deref() == Some(state),
-    )
+    view(agent, s)
+        .wait_state(state, since, limit)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Closed, and at least one active probe came back successful.
@@ -393,261 +299,75 @@ fn wait_probed_closed(agent: &AgentProcess, s: &Service) {
         &format!("first successful probe of {}", s.backend),
         Instant::now(),
         SETUP,
-        |sc| sc.probes().0 >= 1 && sc.state().as_deref() == Some("closed"),
+        |sc| sc.probes().0 >= 1 && sc.state() == Some("closed"),
     );
 }
 
-// ---------------------------------------------------------------------------------------
-// Backends.
-
-/// A TCP server that counts accepted connections and keeps each open: a connection whose
-/// first four bytes are `GET ` gets an HTTP answer (200 or 503 per `healthy`) and is closed,
-/// any other is echoed until the peer closes. Dropping it closes the listener (the port then
-/// refuses).
-struct TcpServer {
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
-    healthy: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl TcpServer {
-    fn start(ns: &Netns, addr: SocketAddr) -> TcpServer {
-        let listener = ns
-            .run(move || TcpListener::bind(addr))
-            .expect("entering the namespace")
-            .unwrap_or_else(|e| panic!("binding backend {addr}: {e}"));
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        let healthy = Arc::new(AtomicBool::new(true));
-        let (flag, count, health) = (stop.clone(), accepted.clone(), healthy.clone());
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let (flag, health) = (flag.clone(), health.clone());
-                        std::thread::spawn(move || serve(conn, &flag, &health));
-                    }
-                    Err(_) => std::thread::sleep(ms(1)),
-                }
-            }
-        });
-        TcpServer {
-            stop,
-            accepted,
-            healthy,
-            thread: Some(thread),
-        }
-    }
-
-    fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::SeqCst)
-    }
-
-    /// What `GET` answers from now on: 200, or 503.
-    fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::SeqCst);
-    }
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// One accepted connection of [`TcpServer`].
-fn serve(mut conn: TcpStream, stop: &AtomicBool, healthy: &AtomicBool) {
-    // Blocking reads with a timeout, so the thread notices `stop`.
-    if conn.set_nonblocking(false).is_err() || conn.set_read_timeout(Some(ms(50))).is_err() {
-        return;
-    }
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let n = match conn.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
-            Err(_) => return,
-        };
-        if head.len() < 4 {
-            head.extend_from_slice(&buf[..n]);
-            if head.len() < 4 {
-                continue;
-            }
-            if head.starts_with(b"GET ") {
-                // An HTTP request: answer once the headers are in, then close.
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                        Err(e)
-                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-                        {
-                            if stop.load(Ordering::Relaxed) {
-                                return;
-                            }
-                        }
-                        Err(_) => return,
-                    }
-                }
-                let status = if healthy.load(Ordering::SeqCst) {
-                    "200 OK"
-                } else {
-                    "503 Service Unavailable"
-                };
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
-                return;
-            }
-            if conn.write_all(&head).is_err() {
-                return;
-            }
-            continue;
-        }
-        if conn.write_all(&buf[..n]).is_err() {
-            return;
-        }
-    }
-}
-
-/// A UDP echo server counting the datagrams it received.
-struct UdpEcho {
-    stop: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpEcho {
-    fn start(ns: &Netns, addr: SocketAddr) -> UdpEcho {
-        let sock = ns
-            .run(move || UdpSocket::bind(addr))
-            .expect("entering the namespace")
-            .unwrap_or_else(|e| panic!("binding UDP backend {addr}: {e}"));
-        sock.set_read_timeout(Some(ms(20))).expect("read timeout");
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicU64::new(0));
-        let (flag, count) = (stop.clone(), received.clone());
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let _ = sock.send_to(&buf[..n], from);
-                }
-            }
-        });
-        UdpEcho {
-            stop,
-            received,
-            thread: Some(thread),
-        }
-    }
-
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for UdpEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A backend that hangs: in the server namespace, everything sent *from* its address is
-/// routed into a blackhole, so a SYN to it is never answered. Removed on drop (the namespace
-/// goes anyway; this keeps a failing test's later steps honest).
-struct Blackhole {
-    ns: Netns,
-    addr: IpAddr,
-    active: bool,
-}
-
-impl Blackhole {
-    fn add(ns: &Netns, addr: IpAddr) -> Blackhole {
-        let mut b = Blackhole {
-            ns: ns.handle(),
-            addr,
-            active: false,
-        };
-        b.rule("add").unwrap_or_else(|e| panic!("{e:#}"));
-        b.active = true;
-        b
-    }
-
-    /// `ip -4|-6 rule ACTION from ADDR blackhole` in the server namespace.
-    fn rule(&self, action: &str) -> anyhow::Result<String> {
-        let family = if self.addr.is_ipv4() { "-4" } else { "-6" };
-        let addr = self.addr.to_string();
-        self.ns
-            .ip(&[family, "rule", action, "from", &addr, "blackhole"])
-    }
-
-    fn remove(&mut self) {
-        if std::mem::take(&mut self.active) {
-            self.rule("del").unwrap_or_else(|e| panic!("{e:#}"));
-        }
-    }
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        if std::mem::take(&mut self.active) {
-            let _ = self.rule("del");
-        }
-    }
+/// Waits for the breaker to open within `bound` of `t_last`, the last of `n` client connects
+/// that each ended as one passive `result`: it must have opened on exactly those (counted
+/// since `first`) and on no active probe. Returns when it was seen open.
+fn wait_opened_passively(
+    agent: &AgentProcess,
+    svc: &Service,
+    first: &Scrape,
+    result: &str,
+    n: usize,
+    t_last: Instant,
+    bound: Duration,
+) -> Instant {
+    let (took, opened) = wait_state(agent, svc, "open", t_last, bound);
+    let t_open = Instant::now();
+    let counted = opened.passive(result) - first.passive_or_zero(result);
+    let (probes_ok, probes_failed) = opened.probes();
+    eprintln!(
+        "{n} connects ending as passive `{result}` -> open {took:?} after the last (bound \
+         {bound:?}); passive {result} +{counted}; active probes ok {probes_ok} failed \
+         {probes_failed}"
+    );
+    assert_eq!(
+        counted, n as u64,
+        "each of the {n} connects is one passive `{result}`"
+    );
+    assert_eq!(
+        (probes_ok, probes_failed),
+        (0, 0),
+        "the breaker must have opened on passive results alone (no active probe ran)"
+    );
+    t_open
 }
 
 // ---------------------------------------------------------------------------------------
-// Clients.
+// Backends and clients.
 
-/// One client `connect()`: how it ended and how long it took. A connected stream is kept
-/// (the flow stays established until the attempt is dropped).
-#[derive(Debug)]
-struct Attempt {
-    result: Result<TcpStream, ErrorKind>,
-    took: Duration,
+/// A fresh topology, and an address of its own in the server namespace for a backend on
+/// `port`, so that it can be broken alone.
+fn topology_with_backend(v6: bool, port: u16) -> (Topology, SocketAddr) {
+    let mut topo = Topology::new().expect("topology");
+    let ip: IpAddr = if v6 {
+        topo.add_server_v6(1).expect("server address")[0].into()
+    } else {
+        topo.add_server_v4(1).expect("server address")[0].into()
+    };
+    (topo, SocketAddr::new(ip, port))
 }
 
-impl Attempt {
-    fn kind(&self) -> Result<(), ErrorKind> {
-        self.result.as_ref().map(|_| ()).map_err(|k| *k)
-    }
+fn tcp_server(topo: &Topology, addr: SocketAddr) -> TcpServer {
+    TcpServer::start(&topo.server, addr).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Makes the backend at `addr` hang until the guard is removed or dropped.
+fn hang(topo: &Topology, addr: SocketAddr) -> Blackhole {
+    Blackhole::add(&topo.server, addr.ip()).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn restore(hole: &mut Blackhole) {
+    hole.remove().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// `n` sequential `connect_timeout(addr, timeout)` from the client namespace; each is
 /// timed around the call alone.
 fn connect_many(ns: &Netns, addr: SocketAddr, n: usize, timeout: Duration) -> Vec<Attempt> {
-    ns.run(move || {
-        (0..n)
-            .map(|_| {
-                let t = Instant::now();
-                let result = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.kind());
-                Attempt {
-                    result,
-                    took: t.elapsed(),
-                }
-            })
-            .collect()
-    })
-    .expect("entering the client namespace")
+    backend::connect_many(ns, addr, n, timeout).expect("entering the client namespace")
 }
 
 /// min / median / max of the attempts' times.
@@ -676,14 +396,8 @@ fn assert_connects(ns: &Netns, addr: SocketAddr, n: usize, when: &str) {
 // A hung backend: refused fast while open, back once restored.
 
 fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
-    let mut topo = Topology::new().expect("topology");
-    let ip: IpAddr = if v6 {
-        topo.add_server_v6(1).expect("server address")[0].into()
-    } else {
-        topo.add_server_v4(1).expect("server address")[0].into()
-    };
-    let backend = SocketAddr::new(ip, BACKEND_PORT);
-    let _server = TcpServer::start(&topo.server, backend);
+    let (topo, backend) = topology_with_backend(v6, BACKEND_PORT);
+    let _server = tcp_server(&topo, backend);
     let check = Check::fast_tcp();
     let svc = Service::new("pay", backend, check, Breaker::default_for(&check));
     let dir = TempDir::new().expect("temp dir");
@@ -691,9 +405,9 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
     wait_probed_closed(&agent, &svc);
 
     // Closed: connects reach the backend and are counted as admitted.
-    let before = Scrape::take(&agent, &svc);
+    let before = scrape(&agent, &svc);
     assert_connects(&topo.client, backend, 3, "breaker closed");
-    let after = Scrape::take(&agent, &svc);
+    let after = scrape(&agent, &svc);
     let admitted = after.action("admitted") - before.action_or_zero("admitted");
     assert!(
         admitted >= 3,
@@ -702,16 +416,16 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
 
     // Hang it: open within failure_threshold probes + timeout of the rule.
     let t0 = Instant::now();
-    let mut hole = Blackhole::add(&topo.server, ip);
+    let mut hole = hang(&topo, backend);
     let bound = svc.open_bound();
     let (took, _) = wait_state(&agent, &svc, "open", t0, bound);
     eprintln!("[{backend}] hung -> open in {took:?} (bound {bound:?})");
 
     // Open: every connect refused by the datapath's RST, each in well under FAST_FAIL.
     const ATTEMPTS: usize = 20;
-    let before = Scrape::take(&agent, &svc);
-    let attempts = connect_many(&topo.client, backend, ATTEMPTS, CONNECT_TIMEOUT);
-    let after = Scrape::take(&agent, &svc);
+    let (before, attempts, after) = around(&agent, &svc, || {
+        connect_many(&topo.client, backend, ATTEMPTS, CONNECT_TIMEOUT)
+    });
     let (min, med, max) = spread(&attempts);
     eprintln!("[{backend}] {ATTEMPTS} connects while open: min {min:?} median {med:?} max {max:?}");
     for (i, a) in attempts.iter().enumerate() {
@@ -733,7 +447,7 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
         "reject_rst must grow by one per refused connect"
     );
     assert_eq!(
-        after.state().as_deref(),
+        after.state(),
         Some("open"),
         "the connects were meant to run while open"
     );
@@ -741,11 +455,11 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
     // match.protocol tcp (the default): UDP to the same address:port is not the breaker's
     // business and reaches the backend's stack (which has no UDP socket there; its ICMP
     // answer is blackholed like every answer from that address).
-    let before = Scrape::take(&agent, &svc);
+    let before = scrape(&agent, &svc);
     let snmp0 = topo.server.udp_snmp().expect("server UDP counters");
     let (r, _) = udp_exchange(&topo.client, backend, b"not tcp", ms(100));
     let snmp1 = topo.server.udp_snmp().expect("server UDP counters");
-    let after = Scrape::take(&agent, &svc);
+    let after = scrape(&agent, &svc);
     let icmp = after.action_or_zero("reject_icmp") - before.action_or_zero("reject_icmp");
     eprintln!(
         "[{backend}] UDP while the TCP breaker is open: {r:?}; reached the backend's stack: {}; \
@@ -761,7 +475,7 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
 
     // Restore: closed within the rest of the open period + success_threshold probes.
     let t1 = Instant::now();
-    hole.remove();
+    restore(&mut hole);
     let bound = svc.close_bound();
     let (took, _) = wait_state(&agent, &svc, "closed", t1, bound);
     eprintln!("[{backend}] restored -> closed in {took:?} (bound {bound:?})");
@@ -786,12 +500,7 @@ fn hung_backend_is_refused_fast_and_comes_back_v6() {
 /// trial flows and closes only after 10 successes (so it stays half-open while a test looks).
 /// `timeout`: how long an admitted SYN may go unanswered before it counts as a failure.
 fn passive_only(backend: SocketAddr, timeout: Duration) -> Service {
-    let check = Check {
-        interval: Duration::from_secs(86_400),
-        unhealthy_interval: Duration::from_secs(86_400),
-        timeout,
-        ..Check::fast_tcp()
-    };
+    let check = Check::passive_only(timeout);
     let breaker = Breaker {
         failure_threshold: 3,
         reset_timeout: Duration::from_secs(1),
@@ -808,8 +517,8 @@ fn passive_only(backend: SocketAddr, timeout: Duration) -> Service {
 /// last. Returns when it was seen open.
 fn open_by_refusals(topo: &Topology, agent: &AgentProcess, svc: &Service) -> Instant {
     let backend = svc.backend;
-    let first = Scrape::take(agent, svc);
-    assert_eq!(first.state().as_deref(), Some("closed"), "starts closed");
+    let first = scrape(agent, svc);
+    assert_eq!(first.state(), Some("closed"), "starts closed");
     let n = svc.breaker.failure_threshold as usize;
     let attempts = connect_many(&topo.client, backend, n, CONNECT_TIMEOUT);
     let t_last = Instant::now();
@@ -821,31 +530,12 @@ fn open_by_refusals(topo: &Topology, agent: &AgentProcess, svc: &Service) -> Ins
         );
     }
     let bound = PASSIVE_PERIOD + SLACK;
-    let (took, opened) = wait_state(agent, svc, "open", t_last, bound);
-    let t_open = Instant::now();
-    let refused = opened.passive("refused") - first.passive_or_zero("refused");
-    let (probes_ok, probes_failed) = opened.probes();
-    eprintln!(
-        "{n} refused connects -> open {took:?} after the last (bound {bound:?}); passive \
-         refused +{refused}; active probes ok {probes_ok} failed {probes_failed}"
-    );
-    assert_eq!(
-        refused, n as u64,
-        "each refused connect is one passive `refused`"
-    );
-    assert_eq!(
-        (probes_ok, probes_failed),
-        (0, 0),
-        "the breaker must have opened on passive results alone (no active probe ran)"
-    );
-    t_open
+    wait_opened_passively(agent, svc, &first, "refused", n, t_last, bound)
 }
 
 #[test]
 fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
-    let mut topo = Topology::new().expect("topology");
-    let ip: IpAddr = topo.add_server_v4(1).expect("server address")[0].into();
-    let backend = SocketAddr::new(ip, BACKEND_PORT);
+    let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     let svc = passive_only(backend, Duration::from_secs(1));
     let breaker = svc.breaker;
     let dir = TempDir::new().expect("temp dir");
@@ -854,7 +544,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
     let t_open = open_by_refusals(&topo, &agent, &svc);
 
     // A backend that accepts, counted; half-open after reset_timeout.
-    let server = TcpServer::start(&topo.server, backend);
+    let server = tcp_server(&topo, backend);
     let bound = breaker.reset_timeout + SLACK;
     let (took, _) = wait_state(&agent, &svc, "half_open", t_open, bound);
     eprintln!("open -> half_open in {took:?} (bound {bound:?})");
@@ -863,7 +553,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
     // rest are refused by the datapath.
     const M: usize = 10;
     let quota = breaker.half_open_max_flows as usize;
-    let before = Scrape::take(&agent, &svc);
+    let before = scrape(&agent, &svc);
     let segs0 = topo.server.tcp_in_segs().expect("server TCP counters");
     let attempts = connect_many(&topo.client, backend, M, CONNECT_TIMEOUT);
     let outcomes: Vec<Result<(), ErrorKind>> = attempts.iter().map(Attempt::kind).collect();
@@ -884,9 +574,12 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
 
     // The backend saw exactly the admitted flows: `quota` accepted, and its stack received
     // exactly SYN + ACK of each (a leaked SYN would add at least one segment).
-    let took = poll_until("backend accepted the admitted connects", SETUP, || {
-        server.accepted() >= quota as u64
-    });
+    let took = wait_until(
+        "backend accepted the admitted connects",
+        SETUP,
+        ms(1),
+        || server.accepted() >= quota as u64,
+    );
     let segs = topo.server.tcp_in_segs().expect("server TCP counters") - segs0;
     eprintln!(
         "backend accepted {} (after {took:?}); its stack received {segs} TCP segments",
@@ -903,7 +596,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
         "segments the backend received: SYN + ACK per admitted connect, nothing else"
     );
 
-    let after = Scrape::take(&agent, &svc);
+    let after = scrape(&agent, &svc);
     let trial = after.action("trial") - before.action_or_zero("trial");
     let rst = after.action("reject_rst") - before.action_or_zero("reject_rst");
     eprintln!("trial +{trial}, reject_rst +{rst}");
@@ -928,7 +621,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
         "one passive synack per admitted flow"
     );
     assert_eq!(
-        last.state().as_deref(),
+        last.state(),
         Some("half_open"),
         "{quota} successes < success_threshold {}: still half-open",
         breaker.success_threshold
@@ -940,9 +633,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
 /// second slot of the quota.
 #[test]
 fn half_open_counts_a_retransmitted_syn_once() {
-    let mut topo = Topology::new().expect("topology");
-    let ip: IpAddr = topo.add_server_v4(1).expect("server address")[0].into();
-    let backend = SocketAddr::new(ip, BACKEND_PORT);
+    let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     // The passive timeout outlasts the hung trial below (SYN at 0, its retransmission after
     // the initial RTO of 1 s, given up at 1.5 s), so that flow is not judged, and the breaker
     // not re-opened, before the quota is checked at about 1.5 s.
@@ -951,16 +642,16 @@ fn half_open_counts_a_retransmitted_syn_once() {
     let dir = TempDir::new().expect("temp dir");
     let agent = start_agent(&topo, &dir, std::slice::from_ref(&svc));
     let t_open = open_by_refusals(&topo, &agent, &svc);
-    let _server = TcpServer::start(&topo.server, backend);
+    let _server = tcp_server(&topo, backend);
     let bound = svc.breaker.reset_timeout + SLACK;
     wait_state(&agent, &svc, "half_open", t_open, bound);
 
     // One trial flow toward the backend while it hangs: the client sends its SYN twice.
-    let mut hole = Blackhole::add(&topo.server, ip);
-    let before = Scrape::take(&agent, &svc);
-    let hung = connect_many(&topo.client, backend, 1, ms(1500));
-    let after = Scrape::take(&agent, &svc);
-    hole.remove();
+    let mut hole = hang(&topo, backend);
+    let (before, hung, after) = around(&agent, &svc, || {
+        connect_many(&topo.client, backend, 1, ms(1500))
+    });
+    restore(&mut hole);
     let admitted = after.action("admitted") - before.action_or_zero("admitted");
     let trial = after.action("trial") - before.action_or_zero("trial");
     eprintln!(
@@ -985,7 +676,7 @@ fn half_open_counts_a_retransmitted_syn_once() {
     // What is left of the quota: quota - 1 new flows, then refusals.
     let attempts = connect_many(&topo.client, backend, quota, CONNECT_TIMEOUT);
     let outcomes: Vec<Result<(), ErrorKind>> = attempts.iter().map(Attempt::kind).collect();
-    let end = Scrape::take(&agent, &svc);
+    let end = scrape(&agent, &svc);
     eprintln!(
         "{quota} connects after it: {outcomes:?}; breaker {:?}",
         end.state()
@@ -996,40 +687,24 @@ fn half_open_counts_a_retransmitted_syn_once() {
         outcomes, expected,
         "half_open_max_flows {quota}, one slot spent on the retransmitted flow"
     );
-    assert_eq!(end.state().as_deref(), Some("half_open"), "still half-open");
+    assert_eq!(end.state(), Some("half_open"), "still half-open");
 }
 
 /// Passive detection of a hung backend: SYNs left unanswered for `health_check.timeout` are
 /// failures, and open the breaker with no active probe involved.
 #[test]
 fn passive_syn_timeouts_open_the_breaker_of_a_hung_backend() {
-    let mut topo = Topology::new().expect("topology");
-    let ip: IpAddr = topo.add_server_v4(1).expect("server address")[0].into();
-    let backend = SocketAddr::new(ip, BACKEND_PORT);
-    let _server = TcpServer::start(&topo.server, backend);
-    // Active probes practically off, as above.
-    let check = Check {
-        interval: Duration::from_secs(86_400),
-        unhealthy_interval: Duration::from_secs(86_400),
-        timeout: ms(200),
-        ..Check::fast_tcp()
-    };
-    let breaker = Breaker {
-        reset_timeout: Duration::from_secs(10),
-        max_reset_timeout: Duration::from_secs(10),
-        ..Breaker::default_for(&check)
-    };
+    let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
+    let _server = tcp_server(&topo, backend);
+    let check = Check::passive_only(ms(200));
+    let breaker = Breaker::held_open(&check);
     let svc = Service::new("pay", backend, check, breaker);
     let dir = TempDir::new().expect("temp dir");
     let agent = start_agent(&topo, &dir, std::slice::from_ref(&svc));
     assert_connects(&topo.client, backend, 1, "before the backend hangs");
-    let _hole = Blackhole::add(&topo.server, ip);
-    let first = Scrape::take(&agent, &svc);
-    assert_eq!(
-        first.state().as_deref(),
-        Some("closed"),
-        "closed before the SYNs"
-    );
+    let _hole = hang(&topo, backend);
+    let first = scrape(&agent, &svc);
+    assert_eq!(first.state(), Some("closed"), "closed before the SYNs");
 
     // failure_threshold connects that give up after 300 ms (before any SYN retransmission).
     // The last SYN times out `timeout` after it left; the agent reads it within
@@ -1047,22 +722,7 @@ fn passive_syn_timeouts_open_the_breaker_of_a_hung_backend() {
         );
     }
     let bound = check.timeout + PASSIVE_PERIOD + SLACK;
-    let (took, opened) = wait_state(&agent, &svc, "open", t_last, bound);
-    let timeouts = opened.passive("timeout") - first.passive_or_zero("timeout");
-    let (probes_ok, probes_failed) = opened.probes();
-    eprintln!(
-        "{n} unanswered SYNs -> open {took:?} after the last was sent (bound {bound:?}); \
-         passive timeout +{timeouts}; active probes ok {probes_ok} failed {probes_failed}"
-    );
-    assert_eq!(
-        timeouts, n as u64,
-        "each unanswered SYN is one passive `timeout`"
-    );
-    assert_eq!(
-        (probes_ok, probes_failed),
-        (0, 0),
-        "the breaker must have opened on passive results alone (no active probe ran)"
-    );
+    wait_opened_passively(&agent, &svc, &first, "timeout", n, t_last, bound);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1070,21 +730,17 @@ fn passive_syn_timeouts_open_the_breaker_of_a_hung_backend() {
 
 #[test]
 fn open_breaker_with_on_open_drop_drops_syns() {
-    let mut topo = Topology::new().expect("topology");
-    let ip: IpAddr = topo.add_server_v4(1).expect("server address")[0].into();
-    let backend = SocketAddr::new(ip, BACKEND_PORT);
-    let server = TcpServer::start(&topo.server, backend);
+    let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
+    let server = tcp_server(&topo, backend);
     let check = Check::fast_tcp();
     let svc = Service::new(
         "pay",
         backend,
         check,
         Breaker {
-            // Stays open through the connects below.
-            reset_timeout: Duration::from_secs(10),
-            max_reset_timeout: Duration::from_secs(10),
             on_open: "drop",
-            ..Breaker::default_for(&check)
+            // Stays open through the connects below.
+            ..Breaker::held_open(&check)
         },
     );
     let dir = TempDir::new().expect("temp dir");
@@ -1101,9 +757,9 @@ fn open_breaker_with_on_open_drop_drops_syns() {
 
     const ATTEMPTS: usize = 3;
     let timeout = ms(300);
-    let before = Scrape::take(&agent, &svc);
-    let attempts = connect_many(&topo.client, backend, ATTEMPTS, timeout);
-    let after = Scrape::take(&agent, &svc);
+    let (before, attempts, after) = around(&agent, &svc, || {
+        connect_many(&topo.client, backend, ATTEMPTS, timeout)
+    });
     for (i, a) in attempts.iter().enumerate() {
         eprintln!("connect {i}: {:?} after {:?}", a.kind(), a.took);
         assert_eq!(
@@ -1119,7 +775,7 @@ fn open_breaker_with_on_open_drop_drops_syns() {
     // A SYN is first retransmitted after 1 s, so each attempt sent one.
     assert_eq!(dropped, ATTEMPTS as u64, "one dropped SYN per attempt");
     assert_eq!(rst, 0, "on_open: drop sends no RST");
-    assert_eq!(after.state().as_deref(), Some("open"), "still open");
+    assert_eq!(after.state(), Some("open"), "still open");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1135,10 +791,8 @@ fn echo(conn: &mut TcpStream, msg: &[u8]) -> Result<(), ErrorKind> {
 }
 
 fn established_flow_when_the_breaker_opens(close_existing: bool) {
-    let mut topo = Topology::new().expect("topology");
-    let ip: IpAddr = topo.add_server_v4(1).expect("server address")[0].into();
-    let backend = SocketAddr::new(ip, BACKEND_PORT);
-    let server = TcpServer::start(&topo.server, backend);
+    let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
+    let server = tcp_server(&topo, backend);
     let check = Check {
         kind: "http",
         path: "/health",
@@ -1149,10 +803,8 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
         backend,
         check,
         Breaker {
-            reset_timeout: Duration::from_secs(10),
-            max_reset_timeout: Duration::from_secs(10),
             close_existing,
-            ..Breaker::default_for(&check)
+            ..Breaker::held_open(&check)
         },
     );
     let dir = TempDir::new().expect("temp dir");
@@ -1176,11 +828,10 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
     let (took, _) = wait_state(&agent, &svc, "open", t0, bound);
     eprintln!("[{backend}] 503 -> open in {took:?} (bound {bound:?})");
 
-    let before = Scrape::take(&agent, &svc);
-    let t = Instant::now();
-    let r = echo(&mut held, b"PONG");
-    let took = t.elapsed();
-    let after = Scrape::take(&agent, &svc);
+    let (before, (r, took), after) = around(&agent, &svc, || {
+        let t = Instant::now();
+        (echo(&mut held, b"PONG"), t.elapsed())
+    });
     let cut = after.action_or_zero("close_existing") - before.action_or_zero("close_existing");
     eprintln!(
         "close_existing {close_existing}: held flow after opening: {r:?} in {took:?}; \
@@ -1209,9 +860,9 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
     }
 
     // New flows are refused either way.
-    let before = Scrape::take(&agent, &svc);
-    let attempts = connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT);
-    let after = Scrape::take(&agent, &svc);
+    let (before, attempts, after) = around(&agent, &svc, || {
+        connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT)
+    });
     eprintln!(
         "new connect while open: {:?} in {:?}",
         attempts[0].kind(),
@@ -1228,7 +879,7 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
         1,
         "one reject_rst"
     );
-    assert_eq!(after.state().as_deref(), Some("open"), "still open");
+    assert_eq!(after.state(), Some("open"), "still open");
 }
 
 #[test]
@@ -1274,14 +925,8 @@ fn udp_exchange(
 }
 
 fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
-    let mut topo = Topology::new().expect("topology");
-    let ip: IpAddr = if v6 {
-        topo.add_server_v6(1).expect("server address")[0].into()
-    } else {
-        topo.add_server_v4(1).expect("server address")[0].into()
-    };
-    let backend = SocketAddr::new(ip, 5353);
-    let echo_server = UdpEcho::start(&topo.server, backend);
+    let (topo, backend) = topology_with_backend(v6, 5353);
+    let echo_server = UdpEcho::start(&topo.server, backend).unwrap_or_else(|e| panic!("{e:#}"));
     // TCP probes of a port with no TCP listener: refused, so the breaker opens; slowly
     // enough (at least (failure_threshold - 1) x interval after the first probe) that the
     // echo below runs while it is still closed, which is checked, not assumed.
@@ -1293,19 +938,10 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
         ..Check::fast_tcp()
     };
     let svc = Service {
-        match_address: ip,
+        match_address: backend.ip(),
         protocol: "udp",
-        ..Service::new(
-            "dns",
-            backend,
-            check,
-            Breaker {
-                // Stays open through the datagrams below.
-                reset_timeout: Duration::from_secs(10),
-                max_reset_timeout: Duration::from_secs(10),
-                ..Breaker::default_for(&check)
-            },
-        )
+        // Stays open through the datagrams below.
+        ..Service::new("dns", backend, check, Breaker::held_open(&check))
     };
     assert_eq!(svc.breaker.failure_threshold, 5);
     let dir = TempDir::new().expect("temp dir");
@@ -1313,10 +949,10 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
     let ready = Instant::now();
 
     let (r, took) = udp_exchange(&topo.client, backend, b"hello", CONNECT_TIMEOUT);
-    let closed = Scrape::take(&agent, &svc);
+    let closed = scrape(&agent, &svc);
     eprintln!("echo before opening: {r:?} in {took:?}");
     assert_eq!(
-        closed.state().as_deref(),
+        closed.state(),
         Some("closed"),
         "the echo was meant to run while closed (the agent opened sooner than \
          (failure_threshold - 1) x interval after its first probe?)"
@@ -1333,7 +969,7 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
     eprintln!("[{backend}] refused probes -> open {took:?} after ready (bound {bound:?})");
 
     const ATTEMPTS: usize = 5;
-    let before = Scrape::take(&agent, &svc);
+    let before = scrape(&agent, &svc);
     let rx0 = echo_server.received();
     let snmp0 = topo.server.udp_snmp().expect("server UDP counters");
     let mut times = Vec::new();
@@ -1347,7 +983,7 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
         );
         times.push(took);
     }
-    let after = Scrape::take(&agent, &svc);
+    let after = scrape(&agent, &svc);
     let snmp1 = topo.server.udp_snmp().expect("server UDP counters");
     let icmp = after.action("reject_icmp") - before.action_or_zero("reject_icmp");
     eprintln!(
@@ -1376,9 +1012,9 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
 
     // match.protocol udp: TCP to the same address:port is not the breaker's business (the
     // backend's own kernel refuses it, no reject_rst).
-    let before = Scrape::take(&agent, &svc);
-    let attempts = connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT);
-    let after = Scrape::take(&agent, &svc);
+    let (before, attempts, after) = around(&agent, &svc, || {
+        connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT)
+    });
     assert_eq!(
         attempts[0].kind(),
         Err(ErrorKind::ConnectionRefused),
@@ -1389,7 +1025,7 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
         0,
         "a UDP service's breaker must not touch TCP"
     );
-    assert_eq!(after.state().as_deref(), Some("open"), "still open");
+    assert_eq!(after.state(), Some("open"), "still open");
 }
 
 #[test]

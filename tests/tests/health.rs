@@ -6,18 +6,16 @@
 //! breaker in the datapath (RST/drop toward an open backend) is not built yet.
 
 use std::{
-    net::{SocketAddr, TcpListener},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use agent_tests::{
-    agent::{AgentProcess, TempDir, agent_bin, metric},
-    netns::{Netns, Topology},
+    agent::{AgentProcess, TempDir, agent_bin},
+    backend::TcpServer,
+    breaker::Scrape,
+    netns::Topology,
+    wait::wait_until,
 };
 
 const INTERVAL: Duration = Duration::from_millis(200);
@@ -27,50 +25,8 @@ const SUCCESS_THRESHOLD: u32 = 2;
 const MAX_RESET_TIMEOUT: Duration = Duration::from_secs(4);
 /// Scrape and scheduling slack on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(100);
-
-/// A TCP server that accepts and closes, until stopped (then its port refuses).
-struct Backend {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Backend {
-    fn start(ns: &Netns, addr: SocketAddr) -> Backend {
-        let listener = ns
-            .run(move || TcpListener::bind(addr))
-            .expect("entering the namespace")
-            .unwrap_or_else(|e| panic!("binding backend {addr}: {e}"));
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => drop(conn),
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
-        Backend {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Closes the listening socket: connects get RST (ECONNREFUSED) from now on.
-    fn kill(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+/// How often a condition is checked while waiting on it.
+const POLL: Duration = Duration::from_millis(10);
 
 fn policy(topo: &Topology, backends: &[SocketAddr]) -> String {
     let list: String = backends
@@ -92,39 +48,22 @@ fn policy(topo: &Topology, backends: &[SocketAddr]) -> String {
     )
 }
 
+/// One scrape for `backend`; an unreadable `/metrics` reads as nothing exported.
+fn scrape(agent: &AgentProcess, backend: SocketAddr) -> Scrape {
+    Scrape::new(agent.metrics().unwrap_or_default(), "pay", backend)
+}
+
 fn breaker_is(agent: &AgentProcess, backend: SocketAddr, state: &str) -> bool {
-    let text = agent.metrics().unwrap_or_default();
-    let b = backend.to_string();
-    metric(
-        &text,
-        "agent_breaker_state",
-        &[("service", "pay"), ("backend", &b), ("state", state)],
-    ) == Some(1.0)
+    scrape(agent, backend).is_state(state)
 }
 
 fn healthy(agent: &AgentProcess, backend: SocketAddr) -> Option<f64> {
-    let text = agent.metrics().unwrap_or_default();
-    let b = backend.to_string();
-    metric(
-        &text,
-        "agent_backend_healthy",
-        &[("service", "pay"), ("backend", &b)],
-    )
+    scrape(agent, backend).healthy()
 }
 
-/// Polls until `cond` holds; returns how long it took, or panics with `what` at `deadline`.
-fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not within {limit:?} (the bound the policy implies)"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Backend addresses: the client namespace, seen across the veth from the agent's.
+fn start_backend(topo: &Topology, addr: SocketAddr) -> TcpServer {
+    TcpServer::start(&topo.client, addr).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[test]
@@ -135,10 +74,7 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
         .iter()
         .map(|p| SocketAddr::new(topo.client_v4.into(), *p))
         .collect();
-    let mut backends: Vec<Backend> = addrs
-        .iter()
-        .map(|a| Backend::start(&topo.client, *a))
-        .collect();
+    let mut backends: Vec<TcpServer> = addrs.iter().map(|a| start_backend(&topo, *a)).collect();
     let dir = TempDir::new().unwrap();
     let config = dir.write("health.yaml", &policy(&topo, &addrs)).unwrap();
     let agent = AgentProcess::start(&topo.server, &config).expect("agent start");
@@ -147,16 +83,20 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
     wait_until(
         "both backends probed healthy",
         Duration::from_secs(5),
+        POLL,
         || addrs.iter().all(|a| healthy(&agent, *a) == Some(1.0)),
     );
     assert!(addrs.iter().all(|a| breaker_is(&agent, *a, "closed")));
 
     // Kill one: open within unhealthy_threshold x interval + timeout (+ slack).
     let open_bound = INTERVAL * UNHEALTHY_THRESHOLD + TIMEOUT + SLACK;
-    backends[0].kill();
-    let took = wait_until("breaker of the killed backend open", open_bound, || {
-        breaker_is(&agent, addrs[0], "open")
-    });
+    backends[0].stop();
+    let took = wait_until(
+        "breaker of the killed backend open",
+        open_bound,
+        POLL,
+        || breaker_is(&agent, addrs[0], "open"),
+    );
     eprintln!("time to open: {took:?} (bound {open_bound:?})");
     assert!(
         breaker_is(&agent, addrs[1], "closed"),
@@ -164,20 +104,21 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
     );
 
     // Restore it: closed within the longest reset timeout + success_threshold probes.
-    backends[0] = Backend::start(&topo.client, addrs[0]);
+    backends[0] = start_backend(&topo, addrs[0]);
     let close_bound = MAX_RESET_TIMEOUT + INTERVAL * SUCCESS_THRESHOLD + TIMEOUT + SLACK;
     let took = wait_until(
         "breaker of the restored backend closed",
         close_bound,
+        POLL,
         || breaker_is(&agent, addrs[0], "closed"),
     );
     eprintln!("time to close after restore: {took:?} (bound {close_bound:?})");
 
     // Kill both: max_ejection_percent 50% of 2 backends lets only one open.
     for b in &mut backends {
-        b.kill();
+        b.stop();
     }
-    wait_until("both backends probed unhealthy", open_bound, || {
+    wait_until("both backends probed unhealthy", open_bound, POLL, || {
         addrs.iter().all(|a| healthy(&agent, *a) == Some(0.0))
     });
     // Watch for three more probe intervals, longer than a breaker needs to open: at no sample
@@ -196,7 +137,7 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
             last <= 1,
             "with every backend dead, max_ejection_percent 50% of 2 allows one ejected, saw {last}"
         );
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(POLL);
     }
     assert_eq!(last, 1, "one of the two dead backends must be ejected");
     let status = agent.get("/status").expect("status");

@@ -8,6 +8,7 @@
 use std::{fmt::Write as _, path::PathBuf, process::ExitCode, time::Instant};
 
 use agent::{
+    balance::{backend_key, maglev},
     config,
     datapath::{Datapath, EBPF_BENCH_TRIVIAL},
 };
@@ -286,6 +287,98 @@ fn breaker_rows(args: &Args) -> anyhow::Result<Vec<(&'static str, Measure)>> {
     Ok(rows)
 }
 
+/// Table builds timed per case; the median is reported.
+const MAGLEV_RUNS: usize = 11;
+
+/// One row of the Maglev section: a build for `backends` into `table_size` entries.
+struct MaglevRow {
+    backends: usize,
+    table_size: u32,
+    /// Median build time, all weights 100.
+    equal: std::time::Duration,
+    /// Median build time, weights spread over 1-1000.
+    mixed: std::time::Duration,
+}
+
+/// The cases: the smallest table the policy accepts (smallest prime >= 100 x backends) for 10,
+/// 100 and 1,000 backends, and the default 65537 where it is large enough.
+fn maglev_cases() -> Vec<(usize, u32)> {
+    let mut cases = Vec::new();
+    for n in [10, 100, 1_000] {
+        cases.push((n, maglev::min_table_size(n).expect("fits u32")));
+        if n <= 100 {
+            cases.push((n, 65_537));
+        }
+    }
+    cases
+}
+
+/// Times `maglev::build` in userspace (no kernel involved).
+fn maglev_rows(cases: &[(usize, u32)], runs: usize) -> Vec<MaglevRow> {
+    let time = |backends: &[(u64, u32)], size: u32| {
+        let mut t: Vec<std::time::Duration> = (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                std::hint::black_box(maglev::build(std::hint::black_box(backends), size));
+                start.elapsed()
+            })
+            .collect();
+        t.sort();
+        t[t.len() / 2]
+    };
+    cases
+        .iter()
+        .map(|&(n, table_size)| {
+            let keys: Vec<u64> = (0..n)
+                .map(|i| {
+                    let addr = std::net::SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 8080));
+                    backend_key(&addr)
+                })
+                .collect();
+            let equal: Vec<(u64, u32)> = keys.iter().map(|&k| (k, 100)).collect();
+            // Spread over 1-1000 without a generator: a stride coprime with 1000.
+            let mixed: Vec<(u64, u32)> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| (k, (i as u32 * 389) % 1000 + 1))
+                .collect();
+            MaglevRow {
+                backends: n,
+                table_size,
+                equal: time(&equal, table_size),
+                mixed: time(&mixed, table_size),
+            }
+        })
+        .collect()
+}
+
+fn maglev_section(rows: &[MaglevRow]) -> Result<String, std::fmt::Error> {
+    let mut t = String::new();
+    writeln!(t, "\n## Maglev table build\n")?;
+    writeln!(
+        t,
+        "Userspace, one thread: `balance::maglev::build` of a weighted Maglev table, median of {} \
+         builds. The agent rebuilds a service's table when its backends' effective weights \
+         change (health, breaker, drain, slow-start steps), then swaps it in.\n",
+        MAGLEV_RUNS
+    )?;
+    writeln!(
+        t,
+        "| backends | table size | weights all 100, ms | weights 1-1000, ms |\n|---:|---:|---:|---:|"
+    )?;
+    for r in rows {
+        writeln!(
+            t,
+            "| {} | {} | {:.3} | {:.3} |",
+            r.backends,
+            r.table_size,
+            r.equal.as_secs_f64() * 1e3,
+            r.mixed.as_secs_f64() * 1e3
+        )?;
+    }
+    Ok(t)
+}
+
 fn run(args: &Args) -> anyhow::Result<String> {
     let base = baseline("bench_trivial", args)?;
     let ktime = baseline("bench_ktime", args)?;
@@ -418,6 +511,8 @@ fn run(args: &Args) -> anyhow::Result<String> {
         miss - prefilter_miss,
         closed - miss,
     )?;
+    eprintln!("timing Maglev table builds ...");
+    t.push_str(&maglev_section(&maglev_rows(&maglev_cases(), MAGLEV_RUNS))?);
     Ok(t)
 }
 
@@ -459,5 +554,29 @@ fn main() -> ExitCode {
             eprintln!("agent-bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maglev_section_has_a_row_per_case() {
+        let cases = maglev_cases();
+        assert_eq!(
+            cases,
+            [
+                (10, 1009),
+                (10, 65_537),
+                (100, 10_007),
+                (100, 65_537),
+                (1_000, 100_003)
+            ]
+        );
+        let section = maglev_section(&maglev_rows(&cases[..2], 3)).unwrap();
+        assert!(section.contains("## Maglev table build"), "{section}");
+        assert!(section.contains("| 10 | 1009 | "), "{section}");
+        assert!(section.contains("| 10 | 65537 | "), "{section}");
     }
 }

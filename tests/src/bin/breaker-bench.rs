@@ -14,7 +14,7 @@
 use std::{
     fmt::Write as _,
     io::ErrorKind,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{
@@ -26,7 +26,9 @@ use std::{
 };
 
 use agent_tests::{
-    agent::{AgentProcess, TempDir, agent_bin, metric},
+    agent::{AgentProcess, TempDir, agent_bin},
+    backend::{Blackhole, TcpServer, connect_many},
+    breaker::{self, BackendView},
     netns::{Netns, Topology},
 };
 use anyhow::{Context as _, Result, bail};
@@ -68,10 +70,10 @@ const VIP: &str = "198.18.0.100";
 
 /// Scrape and scheduling slack on top of every bound (as in the end-to-end tests).
 const SLACK: Duration = Duration::from_millis(100);
-/// How often `/metrics` is read while waiting for a breaker state.
-const POLL: Duration = Duration::from_millis(10);
-/// Timeout of one client attempt while waiting for a refusal or a success (a new attempt
-/// starts every [`POLL`]).
+/// How often a client attempt starts while waiting for a refusal or a success: as often as
+/// `/metrics` is read while waiting for a breaker state.
+const POLL: Duration = breaker::POLL;
+/// Timeout of one client attempt while waiting for a refusal or a success.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(50);
 /// Timeout of one timed connect while the breaker is open: well over the target, so a slow
 /// refusal is measured rather than cut off.
@@ -174,17 +176,14 @@ fn run(args: &Args) -> Result<String> {
     agent_bin()?;
     let mut topo = Topology::new()?;
     let backend = SocketAddr::new(topo.add_server_v4(1)?[0].into(), BACKEND_PORT);
-    let _server = Server::start(&topo.server, backend)?;
+    let _server = TcpServer::start(&topo.server, backend)?;
     let dir = TempDir::new()?;
     let config = dir.write(
         "breaker-bench.yaml",
         &policy(&topo.client_if, backend, args.passive),
     )?;
     let agent = AgentProcess::start(&topo.client, &config)?;
-    let view = View {
-        agent: &agent,
-        backend: backend.to_string(),
-    };
+    let view = BackendView::new(&agent, SERVICE, backend);
     let mut rounds = Vec::new();
     for i in 0..args.rounds {
         let r = round(&topo, &view, backend, i, args)
@@ -203,28 +202,32 @@ fn run(args: &Args) -> Result<String> {
 }
 
 /// Hang the backend, wait for detection, time refused connects, restore, wait for recovery.
-fn round(topo: &Topology, view: &View, backend: SocketAddr, i: u32, args: &Args) -> Result<Round> {
+fn round(
+    topo: &Topology,
+    view: &BackendView,
+    backend: SocketAddr,
+    i: u32,
+    args: &Args,
+) -> Result<Round> {
     view.wait(
         "backend healthy, breaker closed",
         Instant::now(),
         SETUP,
-        |s| s.state.as_deref() == Some("closed") && s.healthy == Some(1.0),
+        |s| s.state() == Some("closed") && s.healthy() == Some(1.0),
     )?;
     // Anchor on the probe grid (just after a successful probe), then spread the rounds'
     // start over one interval: detection depends on where in the grid the backend hangs.
-    let probed = view.scrape()?.probes_ok;
+    let probed = view.scrape()?.probes().0;
     view.wait("the next successful probe", Instant::now(), SETUP, |s| {
-        s.probes_ok > probed
+        s.probes().0 > probed
     })?;
     std::thread::sleep(INTERVAL * i / args.rounds);
 
-    let mut hole = Blackhole::add(&topo.server, backend)?;
+    let mut hole = Blackhole::add(&topo.server, backend.ip())?;
     let t0 = Instant::now();
     let give_up = detect_bound() * GIVE_UP_FACTOR;
     let client = first_attempt(&topo.client, backend, Want::Refused, t0, give_up)?;
-    let open_seen = view.wait("breaker open", t0, give_up, |s| {
-        s.state.as_deref() == Some("open")
-    })?;
+    let (open_seen, _) = view.wait_state("open", t0, give_up)?;
     let refused = join(client)?;
     let t_open = t0 + open_seen;
 
@@ -234,9 +237,7 @@ fn round(topo: &Topology, view: &View, backend: SocketAddr, i: u32, args: &Args)
     let t1 = Instant::now();
     let give_up = recover_bound() * GIVE_UP_FACTOR;
     let client = first_attempt(&topo.client, backend, Want::Connected, t1, give_up)?;
-    let closed_seen = view.wait("breaker closed", t1, give_up, |s| {
-        s.state.as_deref() == Some("closed")
-    })?;
+    let (closed_seen, _) = view.wait_state("closed", t1, give_up)?;
     let connected = join(client)?;
     Ok(Round {
         open_seen,
@@ -247,79 +248,6 @@ fn round(topo: &Topology, view: &View, backend: SocketAddr, i: u32, args: &Args)
         closed_seen,
         connected,
     })
-}
-
-// ---------------------------------------------------------------------------------------
-// The agent's view of the backend.
-
-struct View<'a> {
-    agent: &'a AgentProcess,
-    backend: String,
-}
-
-/// One scrape, read for the backend.
-struct Scrape {
-    state: Option<String>,
-    healthy: Option<f64>,
-    /// `agent_probes_total{result="success"}`.
-    probes_ok: f64,
-}
-
-impl View<'_> {
-    fn scrape(&self) -> Result<Scrape> {
-        let text = self.agent.metrics()?;
-        let labels = |state| [("service", SERVICE), ("backend", &self.backend), state];
-        let state = ["closed", "open", "half_open"]
-            .into_iter()
-            .find(|s| metric(&text, "agent_breaker_state", &labels(("state", s))) == Some(1.0))
-            .map(str::to_owned);
-        let healthy = metric(
-            &text,
-            "agent_backend_healthy",
-            &[("service", SERVICE), ("backend", &self.backend)],
-        );
-        let probes_ok = metric(
-            &text,
-            "agent_probes_total",
-            &[
-                ("service", SERVICE),
-                ("backend", &self.backend),
-                ("result", "success"),
-            ],
-        )
-        .unwrap_or(0.0);
-        Ok(Scrape {
-            state,
-            healthy,
-            probes_ok,
-        })
-    }
-
-    /// Polls `/metrics` every [`POLL`] until `cond` holds; returns the time since `since` at
-    /// the scrape that satisfied it. An error after `give_up`, with the last state seen.
-    fn wait(
-        &self,
-        what: &str,
-        since: Instant,
-        give_up: Duration,
-        cond: impl Fn(&Scrape) -> bool,
-    ) -> Result<Duration> {
-        loop {
-            let s = self.scrape()?;
-            let took = since.elapsed();
-            if cond(&s) {
-                return Ok(took);
-            }
-            if took > give_up {
-                bail!(
-                    "{what}: not within {give_up:?} (last seen: breaker {:?}, healthy {:?})",
-                    s.state,
-                    s.healthy
-                );
-            }
-            std::thread::sleep(POLL);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -383,103 +311,16 @@ fn join(client: JoinHandle<Option<Duration>>) -> Result<Option<Duration>> {
 /// `n` connects one after the other, each timed around `connect()` alone: the refused ones'
 /// times, and a description of every other outcome.
 fn timed_connects(ns: &Netns, addr: SocketAddr, n: usize) -> Result<(Vec<Duration>, Vec<String>)> {
-    ns.run(move || {
-        let mut refused = Vec::with_capacity(n);
-        let mut other = Vec::new();
-        for _ in 0..n {
-            let t = Instant::now();
-            let result = TcpStream::connect_timeout(&addr, TIMED_CONNECT_TIMEOUT);
-            let took = t.elapsed();
-            match result {
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => refused.push(took),
-                Err(e) => other.push(format!("{:?} after {took:?}", e.kind())),
-                Ok(_) => other.push(format!("connected after {took:?}")),
-            }
-        }
-        (refused, other)
-    })
-}
-
-// ---------------------------------------------------------------------------------------
-// The backend and how it is broken.
-
-/// A TCP listener that accepts and closes, until dropped.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(ns: &Netns, addr: SocketAddr) -> Result<Server> {
-        let listener = ns
-            .run(move || TcpListener::bind(addr))?
-            .with_context(|| format!("binding the backend {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => drop(conn),
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
-                }
-            }
-        });
-        Ok(Server {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    let mut refused = Vec::with_capacity(n);
+    let mut other = Vec::new();
+    for a in connect_many(ns, addr, n, TIMED_CONNECT_TIMEOUT)? {
+        match a.result {
+            Err(ErrorKind::ConnectionRefused) => refused.push(a.took),
+            Err(kind) => other.push(format!("{kind:?} after {:?}", a.took)),
+            Ok(_) => other.push(format!("connected after {:?}", a.took)),
         }
     }
-}
-
-/// The backend hangs while this lives: everything the server namespace sends *from* its
-/// address is routed into a blackhole, so its SYN-ACKs (and probe answers) go nowhere.
-struct Blackhole {
-    ns: Netns,
-    addr: String,
-    active: bool,
-}
-
-impl Blackhole {
-    fn add(ns: &Netns, backend: SocketAddr) -> Result<Blackhole> {
-        let mut hole = Blackhole {
-            ns: ns.handle(),
-            addr: backend.ip().to_string(),
-            active: false,
-        };
-        hole.ip("add")?;
-        hole.active = true;
-        Ok(hole)
-    }
-
-    fn ip(&self, verb: &str) -> Result<String> {
-        self.ns
-            .ip(&["-4", "rule", verb, "from", &self.addr, "blackhole"])
-    }
-
-    fn remove(&mut self) -> Result<()> {
-        if std::mem::take(&mut self.active) {
-            self.ip("del")?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        if let Err(e) = self.remove() {
-            eprintln!("warning: {e:#}");
-        }
-    }
+    Ok((refused, other))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,290 @@
+//! Backends for end-to-end tests, the ways to break them, and timed client connects toward
+//! them: a TCP server that counts what it accepts (echo, or an HTTP health answer), a UDP echo
+//! server, a policy-routing blackhole that makes a backend hang, and `connect()`s timed one by
+//! one. Servers bind inside a namespace and serve from a thread of this process (a socket
+//! stays in the namespace it was created in).
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::Netns;
+
+/// How long a server thread waits on its socket before it looks at its stop flag again.
+const ACCEPT_IDLE: Duration = Duration::from_millis(1);
+const READ_IDLE: Duration = Duration::from_millis(50);
+const UDP_IDLE: Duration = Duration::from_millis(20);
+
+/// A server's thread and the flag that stops it; stopped and joined on drop.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `body` on a new thread; it must return soon after its flag is set.
+    fn spawn(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Worker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        Worker {
+            stop,
+            thread: Some(std::thread::spawn(move || body(flag))),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP server that counts accepted connections and keeps each open: a connection whose
+/// first four bytes are `GET ` gets an HTTP answer (200 or 503 per [`TcpServer::set_healthy`])
+/// and is closed, any other is echoed until the peer closes. Stopping or dropping it closes
+/// the listener: the port refuses (RST, ECONNREFUSED) from then on.
+pub struct TcpServer {
+    accepted: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
+    worker: Worker,
+}
+
+impl TcpServer {
+    /// Binds `addr` in `ns` and serves until stopped.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<TcpServer> {
+        let listener = ns
+            .run(move || TcpListener::bind(addr))?
+            .with_context(|| format!("binding the TCP backend {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (count, health) = (accepted.clone(), healthy.clone());
+        let worker = Worker::spawn(move |stop| {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let (stop, health) = (stop.clone(), health.clone());
+                        std::thread::spawn(move || serve(conn, &stop, &health));
+                    }
+                    Err(_) => std::thread::sleep(ACCEPT_IDLE),
+                }
+            }
+        });
+        Ok(TcpServer {
+            accepted,
+            healthy,
+            worker,
+        })
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// What `GET` answers from now on: 200, or 503.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Closes the listener; open connections end at their next read timeout.
+    pub fn stop(&mut self) {
+        self.worker.stop();
+    }
+}
+
+/// One accepted connection of [`TcpServer`].
+fn serve(mut conn: TcpStream, stop: &AtomicBool, healthy: &AtomicBool) {
+    // Blocking reads with a timeout, so the thread notices `stop`.
+    if conn.set_nonblocking(false).is_err() || conn.set_read_timeout(Some(READ_IDLE)).is_err() {
+        return;
+    }
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let n = match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        };
+        if head.len() < 4 {
+            head.extend_from_slice(&buf[..n]);
+            if head.len() < 4 {
+                continue;
+            }
+            if head.starts_with(b"GET ") {
+                // An HTTP request: answer once the headers are in, then close.
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                        {
+                            if stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let status = if healthy.load(Ordering::SeqCst) {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                return;
+            }
+            if conn.write_all(&head).is_err() {
+                return;
+            }
+            continue;
+        }
+        if conn.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+/// A UDP echo server counting the datagrams it received, until dropped.
+pub struct UdpEcho {
+    received: Arc<AtomicU64>,
+    _worker: Worker,
+}
+
+impl UdpEcho {
+    /// Binds `addr` in `ns` and echoes until dropped.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<UdpEcho> {
+        let sock = ns
+            .run(move || UdpSocket::bind(addr))?
+            .with_context(|| format!("binding the UDP backend {addr}"))?;
+        sock.set_read_timeout(Some(UDP_IDLE))?;
+        let received = Arc::new(AtomicU64::new(0));
+        let count = received.clone();
+        let worker = Worker::spawn(move |stop| {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Ok(UdpEcho {
+            received,
+            _worker: worker,
+        })
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+/// A backend that hangs while this lives: in its namespace, everything sent *from* its
+/// address is routed into a blackhole (`ip -4|-6 rule add from ADDR blackhole`), so its
+/// SYN-ACKs and probe answers go nowhere. Removed on drop (the namespace may go anyway; this
+/// keeps a failing test's later steps honest).
+pub struct Blackhole {
+    ns: Netns,
+    addr: IpAddr,
+    active: bool,
+}
+
+impl Blackhole {
+    pub fn add(ns: &Netns, addr: IpAddr) -> Result<Blackhole> {
+        let mut hole = Blackhole {
+            ns: ns.handle(),
+            addr,
+            active: false,
+        };
+        hole.rule("add")?;
+        hole.active = true;
+        Ok(hole)
+    }
+
+    /// Restores the backend: its answers are routed again.
+    pub fn remove(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.active) {
+            self.rule("del")?;
+        }
+        Ok(())
+    }
+
+    fn rule(&self, action: &str) -> Result<String> {
+        let family = if self.addr.is_ipv4() { "-4" } else { "-6" };
+        let addr = self.addr.to_string();
+        self.ns
+            .ip(&[family, "rule", action, "from", &addr, "blackhole"])
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+/// One client `connect()`: how it ended and how long it took. A connected stream is kept
+/// (the flow stays established until the attempt is dropped).
+#[derive(Debug)]
+pub struct Attempt {
+    pub result: Result<TcpStream, ErrorKind>,
+    pub took: Duration,
+}
+
+impl Attempt {
+    pub fn kind(&self) -> Result<(), ErrorKind> {
+        self.result.as_ref().map(|_| ()).map_err(|k| *k)
+    }
+}
+
+/// `n` sequential `connect_timeout(addr, timeout)` from `ns`; each is timed around the call
+/// alone.
+pub fn connect_many(
+    ns: &Netns,
+    addr: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Attempt>> {
+    ns.run(move || {
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let result = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.kind());
+                Attempt {
+                    result,
+                    took: t.elapsed(),
+                }
+            })
+            .collect()
+    })
+}
