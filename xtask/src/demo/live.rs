@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use super::{
-    http,
-    metrics::{self, Sample},
+    metrics,
     netns::Netns,
     plan::Plan,
     traffic::{Second, Totals},
@@ -49,7 +48,7 @@ impl<'a> Live<'a> {
         if !self.scrape {
             return Counters::default();
         }
-        match self.fetch() {
+        match metrics::scrape(self.server, self.plan.agent.listen, SCRAPE_TIMEOUT) {
             Ok(samples) => Counters {
                 passed: metrics::total(&samples, &metrics::PASSED, &self.plan.service),
                 dropped: metrics::total(&samples, &metrics::DROPPED_RATE_LIMIT, &self.plan.service),
@@ -62,23 +61,6 @@ impl<'a> Live<'a> {
                 Counters::default()
             }
         }
-    }
-
-    fn fetch(&self) -> Result<Vec<Sample>, String> {
-        let listen = self.plan.listen;
-        let response = self
-            .server
-            .run(|| http::get(listen, metrics::METRICS_PATH, SCRAPE_TIMEOUT))
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        if response.status != 200 {
-            return Err(format!(
-                "GET {} answered {}",
-                metrics::METRICS_PATH,
-                response.status
-            ));
-        }
-        Ok(metrics::parse(&response.body))
     }
 
     pub fn header(&self) {
@@ -130,7 +112,7 @@ impl<'a> Live<'a> {
     }
 }
 
-fn delta(now: Option<f64>, before: Option<f64>) -> String {
+pub(super) fn delta(now: Option<f64>, before: Option<f64>) -> String {
     match (now, before) {
         (Some(now), Some(before)) => format!("{:.0}", now - before),
         (Some(now), None) => format!("{now:.0}"),

@@ -1,13 +1,17 @@
 //! What the demo reads from the agent's HTTP endpoint. Every name lives here: when the agent's
 //! metric names or paths change, change them here only.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use super::{http, netns::Netns};
 
 pub const METRICS_PATH: &str = "/metrics";
 pub const READY_PATH: &str = "/health/ready";
 
 /// The label that names the service on every per-service series.
 pub const SERVICE_LABEL: &str = "service";
+/// The label that names the backend (`address:port`) on every per-backend series.
+pub const BACKEND_LABEL: &str = "backend";
 
 /// A counter and the labels (besides `service`) that select the series to sum.
 pub struct Series {
@@ -26,6 +30,56 @@ pub const DROPPED_RATE_LIMIT: Series = Series {
     name: "agent_service_dropped_packets_total",
     labels: &[("reason", "rate_limit")],
 };
+
+/// Packets toward a backend that its open breaker answered with a TCP RST.
+pub const REJECT_RST: Series = Series {
+    name: "agent_backend_datapath_packets_total",
+    labels: &[("action", "reject_rst")],
+};
+
+/// `agent_breaker_state{service,backend,state}`: 1 for the state the breaker is in, else 0.
+pub const BREAKER_STATE: &str = "agent_breaker_state";
+pub const BREAKER_STATES: [&str; 3] = ["closed", "open", "half_open"];
+
+/// `agent_breaker_transitions_total{service,backend,to,reason}`: changes of state, counted.
+pub const BREAKER_TRANSITIONS: &str = "agent_breaker_transitions_total";
+
+/// A change of breaker state: its reason label, and the states it goes from and to.
+pub struct Move {
+    pub reason: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+/// Every change a breaker makes, by reason (agent/src/breaker/state.rs). `panic_threshold`
+/// (a breaker that stays closed because too many of its service's are open) is not a change.
+pub const BREAKER_MOVES: [Move; 5] = [
+    Move {
+        reason: "consecutive_failures",
+        from: "closed",
+        to: "open",
+    },
+    Move {
+        reason: "error_rate",
+        from: "closed",
+        to: "open",
+    },
+    Move {
+        reason: "reset_timeout",
+        from: "open",
+        to: "half_open",
+    },
+    Move {
+        reason: "trial_failed",
+        from: "half_open",
+        to: "open",
+    },
+    Move {
+        reason: "trials_succeeded",
+        from: "half_open",
+        to: "closed",
+    },
+];
 
 /// One line of the Prometheus text format.
 #[derive(Debug, PartialEq)]
@@ -91,17 +145,82 @@ fn parse_labels(mut s: &str) -> Option<(BTreeMap<String, String>, &str)> {
     }
 }
 
+/// GET /metrics from inside `netns` (where the agent's listen address is reachable), parsed.
+pub fn scrape(netns: &Netns, listen: SocketAddr, timeout: Duration) -> Result<Vec<Sample>, String> {
+    let response = netns
+        .run(|| http::get(listen, METRICS_PATH, timeout))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if response.status != 200 {
+        return Err(format!("GET {METRICS_PATH} answered {}", response.status));
+    }
+    Ok(parse(&response.body))
+}
+
 /// Sum of every sample of `series` for `service` (e.g. over CPUs or interfaces); `None` when
 /// the agent exports no such series.
 pub fn total(samples: &[Sample], series: &Series, service: &str) -> Option<f64> {
+    sum(
+        samples,
+        series.name,
+        &[(SERVICE_LABEL, service)],
+        series.labels,
+    )
+}
+
+/// Like [`total`], for one backend of the service.
+pub fn backend_total(
+    samples: &[Sample],
+    series: &Series,
+    service: &str,
+    backend: &str,
+) -> Option<f64> {
+    let selector = [(SERVICE_LABEL, service), (BACKEND_LABEL, backend)];
+    sum(samples, series.name, &selector, series.labels)
+}
+
+/// The state whose `agent_breaker_state` sample is 1 for this backend of the service.
+pub fn breaker_state(samples: &[Sample], service: &str, backend: &str) -> Option<&'static str> {
+    BREAKER_STATES.into_iter().find(|state| {
+        let selector = [
+            (SERVICE_LABEL, service),
+            (BACKEND_LABEL, backend),
+            ("state", state),
+        ];
+        sum(samples, BREAKER_STATE, &selector, &[]) == Some(1.0)
+    })
+}
+
+/// How often the backend's breaker made each of [`BREAKER_MOVES`] (0 when not exported).
+pub fn breaker_moves(samples: &[Sample], service: &str, backend: &str) -> [u64; 5] {
+    BREAKER_MOVES.map(|m| {
+        let selector = [
+            (SERVICE_LABEL, service),
+            (BACKEND_LABEL, backend),
+            ("to", m.to),
+            ("reason", m.reason),
+        ];
+        sum(samples, BREAKER_TRANSITIONS, &selector, &[]).unwrap_or(0.0) as u64
+    })
+}
+
+/// Sum of the samples named `name` that carry every label of `selector` and of `labels`.
+fn sum(
+    samples: &[Sample],
+    name: &str,
+    selector: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let has = |sample: &Sample, (k, v): &(&str, &str)| {
+        sample.labels.get(*k).map(String::as_str) == Some(*v)
+    };
     let mut found = None;
-    for sample in samples.iter().filter(|s| s.name == series.name) {
-        let matches = sample.labels.get(SERVICE_LABEL).map(String::as_str) == Some(service)
-            && series
-                .labels
-                .iter()
-                .all(|(k, v)| sample.labels.get(*k).map(String::as_str) == Some(*v));
-        if matches {
+    for sample in samples.iter().filter(|s| s.name == name) {
+        if selector
+            .iter()
+            .chain(labels)
+            .all(|label| has(sample, label))
+        {
             *found.get_or_insert(0.0) += sample.value;
         }
     }
@@ -122,6 +241,14 @@ agent_service_dropped_packets_total{reason="rate_limit",service="demo-udp",cpu="
 agent_service_dropped_packets_total{reason="rate_limit",service="demo-udp",cpu="1"} 5.5
 weird{service="a\"b\\c"} 1
 up 1
+agent_breaker_state{service="pay",backend="198.18.0.12:8080",state="closed"} 0
+agent_breaker_state{service="pay",backend="198.18.0.12:8080",state="open"} 1
+agent_breaker_state{service="pay",backend="198.18.0.11:8080",state="closed"} 1
+agent_backend_datapath_packets_total{service="pay",backend="198.18.0.12:8080",action="reject_rst"} 42
+agent_backend_datapath_packets_total{service="pay",backend="198.18.0.12:8080",action="admitted"} 7
+agent_breaker_transitions_total{service="pay",backend="198.18.0.12:8080",to="open",reason="consecutive_failures"} 1
+agent_breaker_transitions_total{service="pay",backend="198.18.0.12:8080",to="half_open",reason="reset_timeout"} 2
+agent_breaker_transitions_total{service="pay",backend="198.18.0.12:8080",to="open",reason="trial_failed"} 2
 "#;
 
     #[test]
@@ -142,5 +269,18 @@ up 1
             .expect("weird parsed");
         assert_eq!(weird.labels["service"], "a\"b\\c");
         assert!(samples.iter().any(|s| s.name == "up" && s.value == 1.0));
+    }
+
+    #[test]
+    fn reads_backends_and_breaker_states() {
+        let samples = parse(TEXT);
+        let (one, two) = ("198.18.0.11:8080", "198.18.0.12:8080");
+        assert_eq!(breaker_state(&samples, "pay", two), Some("open"));
+        assert_eq!(breaker_state(&samples, "pay", one), Some("closed"));
+        assert_eq!(breaker_state(&samples, "other", one), None);
+        assert_eq!(backend_total(&samples, &REJECT_RST, "pay", two), Some(42.0));
+        assert_eq!(backend_total(&samples, &REJECT_RST, "pay", one), None);
+        assert_eq!(breaker_moves(&samples, "pay", two), [1, 0, 2, 2, 0]);
+        assert_eq!(breaker_moves(&samples, "pay", one), [0; 5]);
     }
 }

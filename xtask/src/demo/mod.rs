@@ -1,23 +1,31 @@
-//! `cargo xtask demo`: the agent rate-limiting a UDP flood between two network namespaces.
+//! `cargo xtask demo`: the agent in two network namespaces, in two acts.
 //!
-//! client netns (veth-client 198.18.0.1) --veth--> server netns (veth-agent 198.18.0.2, agent)
+//! client netns (veth-client 198.18.0.1) --veth--> server netns (veth-agent 198.18.0.2, ...)
 //!
-//! Cleanup is by guards, dropped in reverse order of creation (agent, pins, namespaces) on
-//! success, error, panic and Ctrl-C (the signal handler turns it into an error that unwinds).
+//! 1. Rate limit (`ratelimit.rs`, `live.rs`, `traffic.rs`; config/demo.yaml): the agent on the
+//!    server's veth, a UDP flood at a multiple of the limit, offered against passed per second.
+//! 2. Payment path fails fast (`breaker/`; config/demo-breaker.yaml): the agent on the client's
+//!    veth, backends on server addresses of their own, one made to hang and restored; connects
+//!    per backend per second next to its breaker state.
+//!
+//! Shared: the topology, the agent process, /metrics. Cleanup is by guards, dropped in reverse
+//! order of creation (agent, pins, namespaces) on success, error, panic and Ctrl-C (the signal
+//! handler turns it into an error that unwinds).
 
 mod agent;
+mod breaker;
 mod http;
 mod live;
 mod metrics;
 mod netns;
 mod plan;
+mod ratelimit;
 mod topology;
 mod traffic;
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
-    ops::ControlFlow,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -26,15 +34,15 @@ use anyhow::{Context as _, bail};
 
 use self::{
     agent::Agent,
-    live::Live,
+    breaker::plan::BreakerPlan,
     netns::Netns,
-    plan::Plan,
+    plan::{AgentSide, Plan},
     topology::{Spec, Topology},
-    traffic::Flow,
 };
 use crate::{build, setup, sys, workspace};
 
 const DEFAULT_POLICY: &str = "config/demo.yaml";
+const DEFAULT_BREAKER_POLICY: &str = "config/demo-breaker.yaml";
 const CLIENT_NS: &str = "agent-demo-client";
 const SERVER_NS: &str = "agent-demo-server";
 const CLIENT_IF: &str = "veth-client";
@@ -45,12 +53,28 @@ const PREFIX_LEN: u8 = 24;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Act {
+    /// The agent rate-limiting a UDP flood.
+    Ratelimit,
+    /// Circuit breakers: a hung payment backend refused in microseconds, then back.
+    Breaker,
+    /// Both, one after the other.
+    All,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Policy to run; copied before use [default: config/demo.yaml]
+    /// Which act to run.
+    #[arg(long, value_enum, default_value_t = Act::All)]
+    act: Act,
+    /// Policy of the rate-limit act; copied before use [default: config/demo.yaml]
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Seconds of traffic.
+    /// Policy of the breaker act; copied before use [default: config/demo-breaker.yaml]
+    #[arg(long, value_name = "FILE")]
+    breaker_config: Option<PathBuf>,
+    /// Seconds of traffic in the rate-limit act.
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Offered load as a multiple of the service's rate limit.
@@ -67,25 +91,26 @@ pub struct Args {
     agent: Option<PathBuf>,
 }
 
+/// What the acts share: the agent binary, the namespaces, where files go.
+pub struct Demo {
+    /// `None` with `--no-agent`.
+    agent_bin: Option<PathBuf>,
+    client: Netns,
+    server: Netns,
+    run_dir: PathBuf,
+}
+
+/// The policy of each act that runs.
+struct Plans {
+    ratelimit: Option<(Plan, PathBuf)>,
+    breaker: Option<(BreakerPlan, PathBuf)>,
+}
+
 pub fn run(args: &Args) -> anyhow::Result<()> {
     sys::require_root("cargo xtask demo (BPF programs, network namespaces)")?;
     sys::catch_interrupts().context("install the signal handler")?;
     let toolchain = setup::run()?;
-    let config = args
-        .config
-        .clone()
-        .unwrap_or_else(|| workspace::root().join(DEFAULT_POLICY));
-    let plan = Plan::load(&config)?;
-    println!("demo: {plan}");
-    if let Some(address) = &plan.service_address
-        && !plan::contains(address, SERVER_ADDR)
-    {
-        println!(
-            "demo: warning: service {} matches {address}, which does not contain {SERVER_ADDR}, \
-             where the demo sends",
-            plan.service
-        );
-    }
+    let plans = Plans::load(args)?;
     let agent_bin = match (&args.agent, args.no_agent) {
         (_, true) => None,
         (Some(path), false) => Some(path.clone()),
@@ -97,97 +122,119 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bail!("interrupted");
     }
 
-    let topology = Topology::create(&Spec {
-        client_ns: CLIENT_NS,
-        server_ns: SERVER_NS,
-        client_if: CLIENT_IF,
-        server_if: plan.interface.clone(),
-        client_addr: CLIENT_ADDR,
-        server_addr: SERVER_ADDR,
-        prefix_len: PREFIX_LEN,
-    })?;
-    let client = Netns::open(CLIENT_NS)?;
-    let server = Netns::open(SERVER_NS)?;
-    let pins = PinCleanup::new(&plan.pin_path);
-    let mut agent = match &agent_bin {
-        Some(bin) => Some(start_agent(bin, &plan, &config, &server, &run_dir)?),
-        None => {
-            println!("demo: --no-agent: traffic only, nothing limits it");
-            None
-        }
+    let topology = Topology::create(plans.spec()?)?;
+    let demo = Demo {
+        agent_bin,
+        client: Netns::open(CLIENT_NS)?,
+        server: Netns::open(SERVER_NS)?,
+        run_dir,
     };
-
-    let flow = Flow {
-        from: CLIENT_ADDR,
-        to: SocketAddrV4::new(SERVER_ADDR, plan.port),
-        pps: plan.rate_pps.saturating_mul(args.factor),
-    };
-    let mut live = Live::new(&server, &plan, agent.is_some());
-    let mut agent_error = None;
-    println!(
-        "\ndemo: {} s of UDP {} -> {} at {} pps ({}x the limit of {}/s, burst {})",
-        args.duration, CLIENT_ADDR, flow.to, flow.pps, args.factor, plan.rate_pps, plan.burst
-    );
-    live.header();
-    let totals = traffic::run(&client, &server, &flow, args.duration, |second| {
-        live.row(second);
-        match agent.as_mut().map(Agent::check_running) {
-            Some(Err(e)) => {
-                agent_error = Some(e);
-                ControlFlow::Break(())
-            }
-            _ => ControlFlow::Continue(()),
-        }
-    })?;
-    if let Some(e) = agent_error {
-        return Err(e.into());
+    if let Some((plan, config)) = &plans.ratelimit {
+        ratelimit::run(&demo, args, plan, config)?;
     }
-    live.summary(&totals);
-
-    if let Some(bin) = &agent_bin {
-        println!("\ndemo: agent status");
-        let status = agent::status(
-            bin,
-            &server,
-            plan.listen,
-            &run_dir.join("status.out"),
-            STATUS_TIMEOUT,
-        )?;
-        print!("{status}");
+    if let Some((plan, config)) = &plans.breaker {
+        breaker::run(&demo, &topology, plan, config)?;
     }
-    // Explicit, in order: the agent lets go of its pins and the interface, then the namespaces go.
-    drop(agent);
-    drop(pins);
+    // Explicit, in order: the acts' agents are gone, then the namespaces go.
+    drop(demo);
     drop(topology);
     Ok(())
 }
 
-/// Copies the policy into the run directory (edits to the original during the demo do not
-/// reload the agent) and starts the agent on it in the server namespace.
-fn start_agent(
-    bin: &Path,
-    plan: &Plan,
-    config: &Path,
-    server: &Netns,
-    run_dir: &Path,
-) -> anyhow::Result<Agent> {
-    let Some(policy) = &plan.policy else {
-        bail!(
-            "{} does not exist: the agent needs a policy (`cargo xtask demo --no-agent` runs the \
-             topology and the traffic without it)",
-            config.display()
-        );
-    };
-    let copy = run_dir.join("policy.yaml");
-    fs::copy(policy, &copy)
-        .with_context(|| format!("copy {} to {}", policy.display(), copy.display()))?;
-    let mut agent = Agent::start(bin, &copy, server, &run_dir.join("agent.log"))?;
-    let took = agent.wait_ready(server, plan.listen, READY_TIMEOUT)?;
-    println!("demo: agent ready after {:.1}s", took.as_secs_f64());
-    Ok(agent)
+impl Plans {
+    fn load(args: &Args) -> anyhow::Result<Self> {
+        let policy = |path: &Option<PathBuf>, default: &str| {
+            path.clone()
+                .unwrap_or_else(|| workspace::root().join(default))
+        };
+        let ratelimit = match args.act {
+            Act::Breaker => None,
+            Act::Ratelimit | Act::All => {
+                let config = policy(&args.config, DEFAULT_POLICY);
+                Some((ratelimit::plan(&config)?, config))
+            }
+        };
+        let breaker = match args.act {
+            Act::Ratelimit => None,
+            Act::Breaker | Act::All => {
+                let config = policy(&args.breaker_config, DEFAULT_BREAKER_POLICY);
+                Some((breaker::plan(&config)?, config))
+            }
+        };
+        Ok(Self { ratelimit, breaker })
+    }
+
+    /// The topology both acts run in; each act's policy names the veth its agent attaches to.
+    fn spec(&self) -> anyhow::Result<Spec> {
+        let server_if = self.ratelimit.as_ref().map(|(p, _)| &p.agent.interface);
+        let client_if = self.breaker.as_ref().map(|(p, _)| &p.agent.interface);
+        let spec = Spec {
+            client_ns: CLIENT_NS,
+            server_ns: SERVER_NS,
+            client_if: client_if.map_or(CLIENT_IF.into(), Clone::clone),
+            server_if: server_if.map_or(plan::DEFAULT_INTERFACE.into(), Clone::clone),
+            client_addr: CLIENT_ADDR,
+            server_addr: SERVER_ADDR,
+            prefix_len: PREFIX_LEN,
+        };
+        if spec.client_if == spec.server_if {
+            bail!(
+                "both policies attach the agent to {}: the rate-limit act needs the server's veth, \
+                 the breaker act the client's",
+                spec.client_if
+            );
+        }
+        Ok(spec)
+    }
 }
 
-/// Removes the pin directory after the demo, but only if this run created it: a directory that
+impl Demo {
+    /// Copies the policy into the run directory as `{prefix}policy.yaml` (edits to the original
+    /// during the demo do not reload the agent) and starts the agent on it inside `netns`, its
+    /// log in `{prefix}agent.log`. `None` with `--no-agent`.
+    fn start_agent(
+        &self,
+        side: &AgentSide,
+        config: &Path,
+        netns: &Netns,
+        prefix: &str,
+    ) -> anyhow::Result<Option<Agent>> {
+        let Some(bin) = &self.agent_bin else {
+            return Ok(None);
+        };
+        let Some(policy) = &side.policy else {
+            bail!(
+                "{} does not exist: the agent needs a policy (`cargo xtask demo --no-agent` runs \
+                 the topology and the traffic without it)",
+                config.display()
+            );
+        };
+        let copy = self.run_dir.join(format!("{prefix}policy.yaml"));
+        fs::copy(policy, &copy)
+            .with_context(|| format!("copy {} to {}", policy.display(), copy.display()))?;
+        let log = self.run_dir.join(format!("{prefix}agent.log"));
+        let mut agent = Agent::start(bin, &copy, netns, &log)?;
+        let took = agent.wait_ready(netns, side.listen, READY_TIMEOUT)?;
+        println!("demo: agent ready after {:.1}s", took.as_secs_f64());
+        Ok(Some(agent))
+    }
+
+    /// `agent status` against the agent answering on `listen` inside `netns`, printed.
+    fn print_status(&self, netns: &Netns, listen: SocketAddr, prefix: &str) -> anyhow::Result<()> {
+        let Some(bin) = &self.agent_bin else {
+            return Ok(());
+        };
+        println!("\ndemo: agent status");
+        let scratch = self.run_dir.join(format!("{prefix}status.out"));
+        print!(
+            "{}",
+            agent::status(bin, netns, listen, &scratch, STATUS_TIMEOUT)?
+        );
+        Ok(())
+    }
+}
+
+/// Removes the pin directory after an act, but only if this run created it: a directory that
 /// was there before may belong to an agent running on the host.
 struct PinCleanup {
     path: PathBuf,

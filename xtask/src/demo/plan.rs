@@ -1,17 +1,19 @@
-//! What the demo needs to know from its policy (config/demo.yaml): the interface to create, where
-//! the agent listens, and the UDP service whose rate limit it shows. Read from the file, so the
-//! demo follows the policy; built-in values stand in while the file does not exist yet.
+//! What the demo needs to know from its policies: for every act, the interface to create, where
+//! the agent listens and pins ([`AgentSide`]); for the rate-limit act (config/demo.yaml), the UDP
+//! service whose rate limit it shows ([`Plan`]). Read from the files, so the demo follows the
+//! policy; built-in values stand in while config/demo.yaml does not exist yet.
 
 use std::{
     fmt, fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde_yaml::Value;
 
 /// The demo service and defaults, as the demo policy is specified; used when fields are absent.
-const DEFAULT_INTERFACE: &str = "veth-agent";
+pub const DEFAULT_INTERFACE: &str = "veth-agent";
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/agent";
 const DEFAULT_SERVICE: &str = "demo-udp";
@@ -30,6 +32,8 @@ pub enum PlanError {
     },
     #[error("{}: no UDP service with a rate_limit in packets per second (looked for `{DEFAULT_SERVICE}` first)", .path.display())]
     NoUdpService { path: PathBuf },
+    #[error("{}: no service with backends and a circuit_breaker", .path.display())]
+    NoBreakerService { path: PathBuf },
     #[error("{}: {field}: {message}", .path.display())]
     Field {
         path: PathBuf,
@@ -38,14 +42,69 @@ pub enum PlanError {
     },
 }
 
-pub struct Plan {
+/// Where one act's agent attaches, answers and pins, as its policy says.
+pub struct AgentSide {
     /// The policy file; `None` when it does not exist (the agent cannot start then).
     pub policy: Option<PathBuf>,
-    /// Server-side veth, where the agent attaches.
+    /// The veth the agent attaches to (`interfaces[0]`).
     pub interface: String,
-    /// Where to reach the agent's HTTP endpoint from inside the server namespace.
+    /// Where to reach the agent's HTTP endpoint from inside its namespace.
     pub listen: SocketAddr,
     pub pin_path: PathBuf,
+}
+
+impl AgentSide {
+    fn builtin() -> Self {
+        Self {
+            policy: None,
+            interface: DEFAULT_INTERFACE.into(),
+            listen: DEFAULT_LISTEN,
+            pin_path: DEFAULT_PIN_PATH.into(),
+        }
+    }
+
+    /// The `agent` and `interfaces` sections; defaults for what is absent.
+    pub fn from_policy(path: &Path, policy: &Value) -> Result<Self, PlanError> {
+        let mut side = Self::builtin();
+        side.policy = Some(path.to_owned());
+        if let Some(name) = policy["interfaces"][0]["name"].as_str() {
+            side.interface = name.to_owned();
+        }
+        if let Some(listen) = policy["agent"]["listen"].as_str() {
+            let addr: SocketAddr = listen
+                .parse()
+                .map_err(|e| field_error(path, "agent.listen", format!("{listen:?}: {e}")))?;
+            side.listen = reachable(addr);
+        }
+        if let Some(pin_path) = policy["agent"]["pin_path"].as_str() {
+            side.pin_path = pin_path.into();
+        }
+        Ok(side)
+    }
+}
+
+/// Reads and parses a policy file as plain YAML (the agent validates it; the demo only reads).
+pub fn read_policy(path: &Path) -> Result<Value, PlanError> {
+    let text = fs::read_to_string(path).map_err(|source| PlanError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_yaml::from_str(&text).map_err(|source| PlanError::Yaml {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+pub fn field_error(path: &Path, field: &str, message: String) -> PlanError {
+    PlanError::Field {
+        path: path.to_owned(),
+        field: field.to_owned(),
+        message,
+    }
+}
+
+pub struct Plan {
+    pub agent: AgentSide,
     pub service: String,
     /// Network the service matches, as written (`198.18.0.2/32`), if any.
     pub service_address: Option<String>,
@@ -59,23 +118,12 @@ impl Plan {
         if !path.exists() {
             return Ok(Self::builtin());
         }
-        let text = fs::read_to_string(path).map_err(|source| PlanError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let policy: Value = serde_yaml::from_str(&text).map_err(|source| PlanError::Yaml {
-            path: path.to_owned(),
-            source,
-        })?;
-        from_policy(path, &policy)
+        from_policy(path, &read_policy(path)?)
     }
 
     fn builtin() -> Self {
         Self {
-            policy: None,
-            interface: DEFAULT_INTERFACE.into(),
-            listen: DEFAULT_LISTEN,
-            pin_path: DEFAULT_PIN_PATH.into(),
+            agent: AgentSide::builtin(),
             service: DEFAULT_SERVICE.into(),
             service_address: None,
             port: DEFAULT_PORT,
@@ -87,39 +135,27 @@ impl Plan {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.policy {
+        match &self.agent.policy {
             Some(path) => write!(f, "policy {}", path.display())?,
             None => write!(f, "no policy file (built-in demo values)")?,
         }
         write!(
             f,
             ": service {} udp port {}, limit {}/s burst {}, agent on {} at http://{}",
-            self.service, self.port, self.rate_pps, self.burst, self.interface, self.listen
+            self.service,
+            self.port,
+            self.rate_pps,
+            self.burst,
+            self.agent.interface,
+            self.agent.listen
         )
     }
 }
 
 fn from_policy(path: &Path, policy: &Value) -> Result<Plan, PlanError> {
-    let field_error = |field: &str, message: String| PlanError::Field {
-        path: path.to_owned(),
-        field: field.to_owned(),
-        message,
-    };
+    let field_error = |field: &str, message: String| field_error(path, field, message);
     let mut plan = Plan::builtin();
-    plan.policy = Some(path.to_owned());
-
-    if let Some(name) = policy["interfaces"][0]["name"].as_str() {
-        plan.interface = name.to_owned();
-    }
-    if let Some(listen) = policy["agent"]["listen"].as_str() {
-        let addr: SocketAddr = listen
-            .parse()
-            .map_err(|e| field_error("agent.listen", format!("{listen:?}: {e}")))?;
-        plan.listen = reachable(addr);
-    }
-    if let Some(pin_path) = policy["agent"]["pin_path"].as_str() {
-        plan.pin_path = pin_path.into();
-    }
+    plan.agent = AgentSide::from_policy(path, policy)?;
 
     let services = policy["services"]
         .as_sequence()
@@ -177,6 +213,19 @@ fn packets_per_second(rate: &str) -> Option<u64> {
         .filter(|&n| n > 0)
 }
 
+/// `200ms`, `2s`, `1.5s`, `1m`: the single-unit durations the demo policies use.
+pub fn duration(text: &str) -> Option<Duration> {
+    let (number, seconds_per_unit) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (text.strip_suffix('m')?, 60.0)
+    };
+    let n: f64 = number.trim().parse().ok()?;
+    Duration::try_from_secs_f64(n * seconds_per_unit).ok()
+}
+
 /// An address to connect to: a wildcard listen address is reachable on loopback.
 fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
@@ -225,8 +274,8 @@ services:
         assert_eq!(plan.port, 6000);
         assert_eq!(plan.rate_pps, 300);
         assert_eq!(plan.burst, 300);
-        assert_eq!(plan.interface, "veth-x");
-        assert_eq!(plan.listen, "127.0.0.1:9191".parse().expect("addr"));
+        assert_eq!(plan.agent.interface, "veth-x");
+        assert_eq!(plan.agent.listen, "127.0.0.1:9191".parse().expect("addr"));
     }
 
     #[test]
@@ -237,5 +286,15 @@ services:
         assert!(contains("198.18.0.0/24", Ipv4Addr::new(198, 18, 0, 2)));
         assert!(contains("0.0.0.0/0", Ipv4Addr::new(198, 18, 0, 2)));
         assert!(!contains("198.18.0.3", Ipv4Addr::new(198, 18, 0, 2)));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("200ms"), Some(Duration::from_millis(200)));
+        assert_eq!(duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(duration("1m30s"), None);
+        assert_eq!(duration("fast"), None);
     }
 }

@@ -1,16 +1,21 @@
 //! The sandbox: two network namespaces joined by a veth pair. Dropping `Topology` deletes both
-//! namespaces, which also deletes the veth pair.
+//! namespaces, which also deletes the veth pair and whatever was added to them.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{ffi::OsStr, net::Ipv4Addr, process::Command};
 
 use super::netns;
 use crate::cmd::{self, CmdError};
 
+/// Fixed, locally administered MACs, so neighbour entries can be written before any packet.
+const CLIENT_MAC: &str = "02:de:00:00:00:01";
+const SERVER_MAC: &str = "02:de:00:00:00:02";
+
 pub struct Spec {
     pub client_ns: &'static str,
     pub server_ns: &'static str,
-    pub client_if: &'static str,
-    /// The interface the agent attaches to; named by the policy.
+    /// The client's veth; the breaker act's agent attaches here, named by its policy.
+    pub client_if: String,
+    /// The server's veth; the rate-limit act's agent attaches here, named by its policy.
     pub server_if: String,
     pub client_addr: Ipv4Addr,
     pub server_addr: Ipv4Addr,
@@ -18,20 +23,21 @@ pub struct Spec {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("create the demo topology: {0}")]
+#[error("demo topology: {0}")]
 pub struct TopologyError(#[from] CmdError);
 
 pub struct Topology {
+    spec: Spec,
     /// Namespaces this guard created and deletes.
     namespaces: Vec<&'static str>,
 }
 
-fn ip(args: &[&str]) -> Result<String, CmdError> {
+fn ip(args: &[impl AsRef<OsStr>]) -> Result<String, CmdError> {
     cmd::output(Command::new("ip").args(args))
 }
 
 impl Topology {
-    pub fn create(spec: &Spec) -> Result<Self, TopologyError> {
+    pub fn create(spec: Spec) -> Result<Self, TopologyError> {
         for ns in [spec.client_ns, spec.server_ns] {
             if netns::path(ns).exists() {
                 ip(&["netns", "delete", ns])?;
@@ -40,16 +46,28 @@ impl Topology {
         }
         // From here on the guard exists, so a failure half-way cleans up what was made.
         let mut topology = Self {
+            spec,
             namespaces: Vec::new(),
         };
+        let spec = &topology.spec;
         for ns in [spec.client_ns, spec.server_ns] {
             ip(&["netns", "add", ns])?;
             topology.namespaces.push(ns);
         }
+        topology.link()?;
+        topology.describe();
+        Ok(topology)
+    }
+
+    /// The veth pair, its addresses, every link up.
+    fn link(&self) -> Result<(), CmdError> {
+        let spec = &self.spec;
         ip(&[
             "link",
             "add",
-            spec.client_if,
+            &spec.client_if,
+            "address",
+            CLIENT_MAC,
             "netns",
             spec.client_ns,
             "type",
@@ -57,11 +75,13 @@ impl Topology {
             "peer",
             "name",
             &spec.server_if,
+            "address",
+            SERVER_MAC,
             "netns",
             spec.server_ns,
         ])?;
         for (ns, dev, addr) in [
-            (spec.client_ns, spec.client_if, spec.client_addr),
+            (spec.client_ns, spec.client_if.as_str(), spec.client_addr),
             (spec.server_ns, spec.server_if.as_str(), spec.server_addr),
         ] {
             let cidr = format!("{addr}/{}", spec.prefix_len);
@@ -69,6 +89,11 @@ impl Topology {
             ip(&["-n", ns, "link", "set", "dev", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "dev", "lo", "up"])?;
         }
+        Ok(())
+    }
+
+    fn describe(&self) {
+        let spec = &self.spec;
         println!(
             "demo: {} ({} {}/{}) <-> {} ({} {}/{})",
             spec.client_ns,
@@ -80,7 +105,89 @@ impl Topology {
             spec.server_addr,
             spec.prefix_len
         );
-        Ok(topology)
+    }
+
+    /// One more server address (a backend of its own, which can be broken alone), and a
+    /// permanent neighbour entry for it on the client: a SYN toward it leaves the client at
+    /// once, through TC egress, instead of waiting in ARP resolution.
+    pub fn add_server_addr(&self, addr: Ipv4Addr) -> Result<(), TopologyError> {
+        let spec = &self.spec;
+        let cidr = format!("{addr}/{}", spec.prefix_len);
+        ip(&[
+            "-n",
+            spec.server_ns,
+            "address",
+            "add",
+            &cidr,
+            "dev",
+            &spec.server_if,
+        ])?;
+        let addr = addr.to_string();
+        ip(&[
+            "-n",
+            spec.client_ns,
+            "neigh",
+            "replace",
+            &addr,
+            "lladdr",
+            SERVER_MAC,
+            "dev",
+            &spec.client_if,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
+    /// Makes the server at `addr` hang: in the server namespace everything sent *from* it is
+    /// routed into a blackhole, so SYNs to it are received and never answered. Undone by
+    /// [`Hang::restore`], or on drop.
+    pub fn hang(&self, addr: Ipv4Addr) -> Result<Hang, TopologyError> {
+        let mut hang = Hang {
+            server_ns: self.spec.server_ns,
+            addr,
+            active: false,
+        };
+        ip(&hang.rule("add"))?;
+        hang.active = true;
+        Ok(hang)
+    }
+}
+
+/// A blackhole rule in the server namespace, for one address.
+pub struct Hang {
+    server_ns: &'static str,
+    addr: Ipv4Addr,
+    active: bool,
+}
+
+impl Hang {
+    /// `ip -n SERVER rule ACTION from ADDR blackhole`
+    fn rule(&self, action: &'static str) -> Vec<String> {
+        ["-n", self.server_ns, "rule", action, "from"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([self.addr.to_string(), "blackhole".to_owned()])
+            .collect()
+    }
+
+    /// The command line, for the demo to show what it did.
+    pub fn command(&self, action: &'static str) -> String {
+        format!("ip {}", self.rule(action).join(" "))
+    }
+
+    pub fn restore(mut self) -> Result<(), TopologyError> {
+        self.active = false;
+        ip(&self.rule("del"))?;
+        Ok(())
+    }
+}
+
+impl Drop for Hang {
+    fn drop(&mut self) {
+        if self.active {
+            let _ = ip(&self.rule("del"));
+        }
     }
 }
 

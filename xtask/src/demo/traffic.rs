@@ -121,7 +121,8 @@ pub fn run(
     })
 }
 
-struct StopOnDrop<'a>(&'a AtomicBool);
+/// Sets the flag when dropped: threads watching it end whatever way their scope is left.
+pub(super) struct StopOnDrop<'a>(pub(super) &'a AtomicBool);
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
@@ -129,11 +130,13 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-fn join(handle: ScopedJoinHandle<'_, Result<(), TrafficError>>) -> Result<(), TrafficError> {
+pub(super) fn join(
+    handle: ScopedJoinHandle<'_, Result<(), TrafficError>>,
+) -> Result<(), TrafficError> {
     handle.join().map_err(|_| TrafficError::Panicked)?
 }
 
-fn socket_error(
+pub(super) fn socket_error(
     action: &'static str,
     addr: impl ToString,
 ) -> impl FnOnce(io::Error) -> TrafficError {
