@@ -186,7 +186,9 @@ fn track_syn(p: &Parsed, id: u32) {
 fn observe_answer(p: &Parsed) {
     let synack = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     let rst = p.tcp_flags & TCP_RST != 0;
-    if !synack && !rst {
+    // Answers come from a backend's port: the bitmap spares every other SYN-ACK and RST
+    // (those of all the host's own connections) the hash lookup.
+    if (!synack && !rst) || !may_be_backend(p.sport) {
         return;
     }
     let key = FlowKey {

@@ -69,11 +69,6 @@ impl BackendMaps {
         write(&mut self.backends, key, state)
     }
 
-    /// One backend's counters, summed over CPUs.
-    pub fn backend_counters(&self, id: u32) -> Result<BackendCounters, DatapathError> {
-        counters(&self.stats, id)
-    }
-
     /// One counter slot (`BSTAT_*`) of one backend, summed over CPUs: what a poller reading
     /// two slots ten times a second needs, without the other six syscalls.
     pub fn backend_counter(&self, id: u32, slot: u32) -> Result<Counter, DatapathError> {
@@ -103,32 +98,10 @@ impl Datapath {
         })
     }
 
-    /// Writes one backend's state to `BACKENDS`.
-    pub fn write_backend(
-        &mut self,
-        key: &BackendKey,
-        state: &BackendState,
-    ) -> Result<(), DatapathError> {
-        let mut map: HashMap<&mut MapData, BackendKey, BackendState> =
-            typed_mut(&mut self.ebpf, MAP_BACKENDS)?;
-        write(&mut map, key, state)
-    }
-
     /// One backend's counters in `BACKEND_STATS`, summed over CPUs.
     pub fn backend_counters(&self, id: u32) -> Result<BackendCounters, DatapathError> {
         let stats: PerCpuArray<&MapData, Counter> = typed(&self.ebpf, MAP_BACKEND_STATS)?;
         counters(&stats, id)
-    }
-
-    /// [`BackendMaps::sweep_pending`] on the datapath's own handle.
-    pub fn sweep_pending(
-        &mut self,
-        now_ns: u64,
-        timeout_ns: impl Fn(u32) -> Option<u64>,
-    ) -> Result<Vec<(u32, u64)>, DatapathError> {
-        let mut pending: HashMap<&mut MapData, FlowKey, PendingSyn> =
-            typed_mut(&mut self.ebpf, MAP_PENDING_SYNS)?;
-        sweep(&mut pending, now_ns, timeout_ns)
     }
 
     /// Writes the initial (closed) state of every backend key the map does not hold yet, and
