@@ -5,6 +5,7 @@
 
 pub mod breaker;
 pub mod classify;
+pub mod lb;
 pub mod limit;
 pub mod maps;
 pub mod reply;

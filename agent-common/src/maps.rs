@@ -26,6 +26,25 @@ pub const MAP_HALF_OPEN_FLOWS: &str = "HALF_OPEN_FLOWS";
 /// entries past the timeout as failures.
 pub const MAP_PENDING_SYNS: &str = "PENDING_SYNS";
 
+/// Array indexed by service id -> [`crate::lb::LbService`].
+pub const MAP_LB_SVC: &str = "LB_SVC";
+/// Array indexed by service id -> u32: which half of the service's table is live (0 or 1).
+pub const MAP_LB_ACTIVE: &str = "LB_ACTIVE";
+/// Array of u32 LB backend indices (`LB_NONE` for none): every service's two table halves.
+pub const MAP_LB_TABLE: &str = "LB_TABLE";
+/// Array indexed by LB index -> [`crate::lb::LbBackend`].
+pub const MAP_LB_BACKENDS: &str = "LB_BACKENDS";
+/// Array indexed by LB index -> u64: active connections (atomic in the datapath).
+pub const MAP_LB_ACTIVE_CONNS: &str = "LB_ACTIVE_CONNS";
+/// Per-CPU array of `Counter`, `lb::lb_slot(index, LBSTAT_*)`: per LB backend counters.
+pub const MAP_LB_STATS: &str = "LB_STATS";
+/// Per-CPU array indexed by service id -> u32: each CPU's weighted round-robin position.
+pub const MAP_LB_RR: &str = "LB_RR";
+/// LRU hash: [`crate::breaker::FlowKey`] (client -> VIP) -> [`crate::lb::LbConn`].
+pub const MAP_LB_CONNS: &str = "LB_CONNS";
+/// LRU hash: [`crate::breaker::FlowKey`] (client -> backend) -> [`crate::lb::LbReverse`].
+pub const MAP_LB_REVERSE: &str = "LB_REVERSE";
+
 /// Service ids are indices into `SVC_CFG`; a policy has at most this many services.
 pub const MAX_SERVICES: u32 = 1024;
 /// Distinct prefixes in the classifier trie.
@@ -36,3 +55,19 @@ pub const DEFAULT_MAX_KEYS: u32 = 1 << 20;
 /// Program names in the object, as the loader looks them up.
 pub const PROG_XDP: &str = "agent_xdp";
 pub const PROG_TC_EGRESS: &str = "agent_tc_egress";
+/// The balancing stage of each hook, entered by tail call from the programs above (a program
+/// of its own, so the verifier checks it apart from the main pipeline).
+pub const PROG_XDP_LB: &str = "agent_xdp_lb";
+pub const PROG_TC_LB: &str = "agent_tc_lb";
+/// The rewriting stage of each hook: DNAT toward the backend the balancing stage chose, or
+/// reverse NAT of a backend's reply (the main program found it in `LB_REVERSE`).
+pub const PROG_XDP_NAT: &str = "agent_xdp_nat";
+pub const PROG_TC_NAT: &str = "agent_tc_nat";
+/// Program arrays of the stages, one per hook: the kernel lets a program array hold programs
+/// of one type only, and refuses to load a program of another type that uses it (EINVAL,
+/// with no verifier message).
+pub const MAP_STAGES_XDP: &str = "STAGES_XDP";
+pub const MAP_STAGES_TC: &str = "STAGES_TC";
+/// Slots in each stage array.
+pub const STAGE_LB: u32 = 0;
+pub const STAGE_NAT: u32 = 1;

@@ -29,13 +29,21 @@ pub const SVC_DROP_CONTENDED: u32 = 2;
 pub const SVC_PASS_NO_BUCKET: u32 = 3;
 /// `packets` counts new keys inserted into the token-bucket table (bytes unused).
 pub const SVC_NEW_KEYS: u32 = 4;
+/// A new flow to a balanced service found no backend to take it (every weight 0 or every
+/// breaker open): refused like an open breaker (RST / ICMP unreachable).
+pub const SVC_NO_BACKEND: u32 = 5;
 /// Slots reserved per service; later features (breaker, LB) take the free ones.
+/// A balanced service's TCP packet, not a SYN, whose flow had no live entry in the connection
+/// table (evicted by the LRU, or expired): it is balanced again (Maglev finds the same backend
+/// while the table is unchanged).
+pub const SVC_LB_LOST: u32 = 6;
 pub const SVC_STAT_SLOTS: u32 = 8;
 
 /// Drop reasons as exported in metrics, by slot.
-pub const SVC_DROP_REASONS: [(u32, &str); 2] = [
+pub const SVC_DROP_REASONS: [(u32, &str); 3] = [
     (SVC_DROP_RATE_LIMIT, "rate_limit"),
     (SVC_DROP_CONTENDED, "contended"),
+    (SVC_NO_BACKEND, "no_backend"),
 ];
 
 /// Global slots, for packets that never reach a service.

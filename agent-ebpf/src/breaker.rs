@@ -49,7 +49,7 @@ fn flow_key(p: &Parsed) -> FlowKey {
 
 /// One array read instead of a hash lookup for the many packets toward ports no backend uses.
 #[inline(always)]
-fn may_be_backend(port: u16) -> bool {
+pub fn may_be_backend(port: u16) -> bool {
     let (word, mask) = port_bit(port);
     BACKEND_PORTS.get(word).is_some_and(|w| *w & mask != 0)
 }
@@ -60,9 +60,6 @@ fn may_be_backend(port: u16) -> bool {
 pub fn check(p: &Parsed, len: u64, exempt: bool) -> Verdict {
     if !p.has_ports || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return Verdict::Continue;
-    }
-    if p.proto == PROTO_TCP && (p.tcp_flags & TCP_RST != 0 || p.tcp_flags & TCP_SYN != 0) {
-        observe_answer(p);
     }
     if exempt || !may_be_backend(p.dport) {
         return Verdict::Continue;
@@ -183,7 +180,10 @@ fn track_syn(p: &Parsed, id: u32) {
 /// refusal for passive detection. Answers to untracked SYNs (probes, our own RSTs, flows
 /// that were never refused) find no entry and count nothing.
 #[inline(always)]
-fn observe_answer(p: &Parsed) {
+pub fn observe_answer(p: &Parsed) {
+    if p.proto != PROTO_TCP || !p.has_ports || p.tcp_flags & (TCP_RST | TCP_SYN) == 0 {
+        return;
+    }
     let synack = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     let rst = p.tcp_flags & TCP_RST != 0;
     // Answers come from a backend's port: the bitmap spares every other SYN-ACK and RST

@@ -8,8 +8,14 @@
 //! rate limit, building an answer) are BPF subprograms (`#[inline(never)]`), each with its
 //! own frame, so stages that run one after the other do not add up: inlined into one frame
 //! they came to 504 bytes; as subprograms the deepest chain is the entry frame plus the
-//! largest stage (about 420 bytes for TC, measured with `llvm-objdump` on `r10` offsets).
-//! The calls cost no measurable time (BENCHMARKS.md).
+//! largest stage (456 bytes for TC egress: 232 + 224 for an answer, measured with
+//! `llvm-objdump` on `r10` offsets). The calls cost no measurable time (BENCHMARKS.md).
+//!
+//! Balancing runs in programs of its own, entered by tail call (`STAGES_XDP` / `STAGES_TC`):
+//! the balancing stage (pick or look up the flow's backend, its breaker) and the NAT stage
+//! (rewrite). Each is verified apart: inlined into the main program, the paths of
+//! classification, limiting, breaker and balancing multiplied past the verifier's budget of
+//! one million instructions. Each stage parses the frame again (a few ns).
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -20,20 +26,23 @@
 
 mod breaker;
 mod classify;
+mod lb;
 mod limit;
 mod maps;
+mod nat;
 mod parse;
 mod reply;
 mod rt;
 mod stats;
 
 use agent_common::{
+    ServiceConfig,
     breaker::{BSTAT_CUT, BSTAT_DROP, BSTAT_REJECT_ICMP, BSTAT_REJECT_RST, PROBE_MARK},
     classify::PROTO_TCP,
     limit::{SVC_F_ACTIVE, SVC_F_RATE_LIMIT},
     stats::{
         GSTAT_EXT_HDR_LIMIT, GSTAT_FRAGMENT, GSTAT_NO_CONFIG, GSTAT_NON_IP, GSTAT_SEEN,
-        GSTAT_UNMATCHED, GSTAT_UNPARSED, SVC_DROP_CONTENDED, SVC_DROP_RATE_LIMIT,
+        GSTAT_UNMATCHED, GSTAT_UNPARSED, SVC_DROP_CONTENDED, SVC_DROP_RATE_LIMIT, SVC_NO_BACKEND,
         SVC_PASS_NO_BUCKET, SVC_PASSED,
     },
 };
@@ -41,13 +50,14 @@ use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::bpf_redirect,
     macros::{classifier, xdp},
+    maps::ProgramArray,
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::warn;
 
 use crate::{
     limit::Verdict,
-    maps::SVC_CFG,
+    maps::{SIDE_DST, STAGES_TC, STAGES_XDP, SVC_CFG},
     parse::{Packet, ParseError, Parsed},
     reply::Rewrite,
 };
@@ -65,7 +75,27 @@ pub fn agent_xdp(ctx: XdpContext) -> u32 {
     let pkt = ctx.packet();
     let len = pkt.len();
     // Forwarded traffic: XDP cannot see socket marks, and the agent's probes never come in.
-    match process(&ctx, &pkt, len, false) {
+    xdp_action(process(&ctx, &pkt, len, false, &STAGES_XDP))
+}
+
+/// The balancing stage of XDP, tail-called by `agent_xdp` for packets to a VIP.
+#[xdp]
+pub fn agent_xdp_lb(ctx: XdpContext) -> u32 {
+    let pkt = ctx.packet();
+    let len = pkt.len();
+    xdp_action(balanced(&ctx, &pkt, len, false, &STAGES_XDP))
+}
+
+/// The NAT stage of XDP, tail-called by `agent_xdp_lb` (DNAT) or `agent_xdp` (reverse NAT).
+#[xdp]
+pub fn agent_xdp_nat(ctx: XdpContext) -> u32 {
+    let pkt = ctx.packet();
+    xdp_action(nat(&ctx, &pkt))
+}
+
+#[inline(always)]
+fn xdp_action(action: Action) -> u32 {
+    match action {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Bounce => xdp_action::XDP_TX,
@@ -80,7 +110,48 @@ pub fn agent_tc_egress(ctx: TcContext) -> i32 {
     let len = u64::from(ctx.len());
     // SAFETY: the context's own skb, valid for this run.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    match process(&ctx, &pkt, len, mark == PROBE_MARK) {
+    tc_action(
+        process(&ctx, &pkt, len, mark == PROBE_MARK, &STAGES_TC),
+        ifindex,
+    )
+}
+
+/// The balancing stage of TC egress, tail-called by `agent_tc_egress` for packets to a VIP.
+#[classifier]
+pub fn agent_tc_lb(ctx: TcContext) -> i32 {
+    let pkt = ctx.packet();
+    let len = u64::from(ctx.len());
+    // SAFETY: the context's own skb, valid for this run.
+    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    tc_action(
+        balanced(&ctx, &pkt, len, mark == PROBE_MARK, &STAGES_TC),
+        ifindex,
+    )
+}
+
+/// The NAT stage of TC egress, tail-called by `agent_tc_lb` (DNAT) or `agent_tc_egress`
+/// (reverse NAT of replies from a backend on this host).
+#[classifier]
+pub fn agent_tc_nat(ctx: TcContext) -> i32 {
+    let pkt = ctx.packet();
+    // SAFETY: the context's own skb, valid for this run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    tc_action(nat(&ctx, &pkt), ifindex)
+}
+
+/// Rewrites as handed over; fails open, except that a DNAT that could not be done drops the
+/// packet rather than let it reach the VIP.
+#[inline(always)]
+fn nat<C: nat::Nat>(ctx: &C, pkt: &Packet) -> Action {
+    match parse::parse(pkt) {
+        Ok(parsed) if lb::nat(ctx, &parsed) == Some(false) => Action::Drop,
+        _ => Action::Pass,
+    }
+}
+
+#[inline(always)]
+fn tc_action(action: Action, ifindex: u32) -> i32 {
+    match action {
         Action::Pass => TC_ACT_OK,
         Action::Drop => TC_ACT_SHOT,
         // The answer goes up the local stack, to the socket that sent the packet.
@@ -89,13 +160,56 @@ pub fn agent_tc_egress(ctx: TcContext) -> i32 {
     }
 }
 
-/// `exempt`: the agent's own health probe, which no breaker may stop.
+/// The balancing stage: the packet parsed again, a backend of the service the main program
+/// handed over picked (or found in the connection table), that backend's breaker, then the
+/// NAT stage. Fails open without a service.
 #[inline(always)]
-fn process<C: aya_ebpf::EbpfContext + Rewrite>(
+fn balanced<C: aya_ebpf::EbpfContext + Rewrite>(
     ctx: &C,
     pkt: &Packet,
     len: u64,
     exempt: bool,
+    stages: &ProgramArray,
+) -> Action {
+    let (Ok(parsed), Some(id)) = (parse::parse(pkt), lb::handed_over()) else {
+        return Action::Pass;
+    };
+    let (backend, addr, port) = match lb::forward(id, &parsed) {
+        lb::Forward::Pass => {
+            stats::service(id, SVC_PASSED, len);
+            return Action::Pass;
+        }
+        lb::Forward::NoBackend => {
+            stats::service(id, SVC_NO_BACKEND, len);
+            return answer_or_drop(ctx, &parsed);
+        }
+        lb::Forward::To(b) => match lb::backend(b) {
+            Some((addr, port)) => (b, addr, port),
+            None => return Action::Drop,
+        },
+    };
+    // The breaker sees the backend; an answer goes back from the VIP the client addressed.
+    let mut to_backend = parsed;
+    to_backend.dst = addr;
+    to_backend.dport = port;
+    if let Some(action) = breaker_stage(ctx, &to_backend, &parsed, len, exempt) {
+        return action;
+    }
+    stats::service(id, SVC_PASSED, len);
+    lb::count(backend, len);
+    lb::hand_over_nat(ctx, stages, SIDE_DST, &addr, port);
+    // Only if the NAT stage is not loaded: the packet must not reach the VIP half-done.
+    Action::Drop
+}
+
+/// `exempt`: the agent's own health probe, which no breaker may stop.
+#[inline(always)]
+fn process<C: aya_ebpf::EbpfContext + Rewrite + nat::Nat>(
+    ctx: &C,
+    pkt: &Packet,
+    len: u64,
+    exempt: bool,
+    stages: &ProgramArray,
 ) -> Action {
     stats::global(GSTAT_SEEN, len);
     let parsed = match parse::parse(pkt) {
@@ -113,11 +227,63 @@ fn process<C: aya_ebpf::EbpfContext + Rewrite>(
     if parsed.fragment {
         stats::global(GSTAT_FRAGMENT, len);
     }
-    match breaker::check(&parsed, len, exempt) {
-        breaker::Verdict::Continue => {}
+    // A backend's answer first counts for passive detection (it names the backend), then a
+    // reply to a balanced flow goes to the reverse-NAT stage, which gives it the VIP back as
+    // its source and passes it.
+    breaker::observe_answer(&parsed);
+    lb::hand_over_reply(ctx, &parsed, stages);
+    // Order: the rate limit first (a dropped packet makes no state), then balancing (DNAT,
+    // so the breaker sees the backend), then the breaker, then reverse NAT of replies.
+    let service = match classify::classify(&parsed) {
+        None => Err(GSTAT_UNMATCHED),
+        Some(id) => match SVC_CFG.get(id) {
+            Some(c) if c.flags & SVC_F_ACTIVE != 0 => Ok((id, c)),
+            _ => Err(GSTAT_NO_CONFIG),
+        },
+    };
+    if let Ok((id, cfg)) = service
+        && cfg.flags & SVC_F_RATE_LIMIT != 0
+        && let Some(drop) = rate_limit(ctx, id, cfg, &parsed, len)
+    {
+        return drop;
+    }
+    // A balanced service's packets take their own path (DNAT, then the breaker of the chosen
+    // backend); everything else may be a reply from a backend (reverse NAT). Two disjoint
+    // paths keep the verifier's work a sum, not a product.
+    if let Ok((id, _)) = service
+        && lb::balanced(id)
+    {
+        lb::hand_over(ctx, id, stages);
+        // Only if the stage is not loaded: fail open, the packet goes to the VIP unchanged.
+        stats::service(id, SVC_PASSED, len);
+        return Action::Pass;
+    }
+    if let Some(action) = breaker_stage(ctx, &parsed, &parsed, len, exempt) {
+        return action;
+    }
+    match service {
+        Ok((id, _)) => stats::service(id, SVC_PASSED, len),
+        Err(class) => stats::global(class, len),
+    }
+    Action::Pass
+}
+
+/// The breaker's verdict on a packet: `None` to go on.
+/// `answered`: the packet as an answer must see it (for a balanced flow, still addressed to
+/// the VIP, while `parsed` names the backend).
+#[inline(always)]
+fn breaker_stage<C: Rewrite>(
+    ctx: &C,
+    parsed: &Parsed,
+    answered: &Parsed,
+    len: u64,
+    exempt: bool,
+) -> Option<Action> {
+    match breaker::check(parsed, len, exempt) {
+        breaker::Verdict::Continue => None,
         breaker::Verdict::Drop { id } => {
             stats::backend(id, BSTAT_DROP, len);
-            return Action::Drop;
+            Some(Action::Drop)
         }
         breaker::Verdict::Refuse { id } => {
             let slot = if parsed.proto == PROTO_TCP {
@@ -125,47 +291,49 @@ fn process<C: aya_ebpf::EbpfContext + Rewrite>(
             } else {
                 BSTAT_REJECT_ICMP
             };
-            return bounce(ctx, &parsed, id, slot, len);
+            Some(bounce(ctx, answered, id, slot, len))
         }
-        breaker::Verdict::Cut { id } => return bounce(ctx, &parsed, id, BSTAT_CUT, len),
+        breaker::Verdict::Cut { id } => Some(bounce(ctx, answered, id, BSTAT_CUT, len)),
     }
-    let Some(service_id) = classify::classify(&parsed) else {
-        stats::global(GSTAT_UNMATCHED, len);
-        return Action::Pass;
-    };
-    let cfg = match SVC_CFG.get(service_id) {
-        Some(c) if c.flags & SVC_F_ACTIVE != 0 => c,
-        _ => {
-            stats::global(GSTAT_NO_CONFIG, len);
-            return Action::Pass;
-        }
-    };
-    if cfg.flags & SVC_F_RATE_LIMIT == 0 {
-        stats::service(service_id, SVC_PASSED, len);
-        return Action::Pass;
-    }
-    match limit::limit(service_id, cfg, &parsed, len) {
-        Verdict::Pass => {
-            stats::service(service_id, SVC_PASSED, len);
-            Action::Pass
-        }
+}
+
+/// The token bucket of a rate-limited service: `Some(Drop)` when over the limit.
+#[inline(always)]
+fn rate_limit<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    service_id: u32,
+    cfg: &ServiceConfig,
+    parsed: &Parsed,
+    len: u64,
+) -> Option<Action> {
+    match limit::limit(service_id, cfg, parsed, len) {
+        Verdict::Pass => None,
         Verdict::PassNoBucket => {
             warn!(
                 ctx,
                 "service {}: key table refused a new key; passing", service_id
             );
             stats::service(service_id, SVC_PASS_NO_BUCKET, len);
-            stats::service(service_id, SVC_PASSED, len);
-            Action::Pass
+            None
         }
         Verdict::DropRateLimit => {
             stats::service(service_id, SVC_DROP_RATE_LIMIT, len);
-            Action::Drop
+            Some(Action::Drop)
         }
         Verdict::DropContended => {
             stats::service(service_id, SVC_DROP_CONTENDED, len);
-            Action::Drop
+            Some(Action::Drop)
         }
+    }
+}
+
+/// Answers a packet no backend can take, or drops it when it cannot be answered.
+#[inline(always)]
+fn answer_or_drop<C: Rewrite>(ctx: &C, parsed: &Parsed) -> Action {
+    if reply::answer(ctx, parsed) {
+        Action::Bounce
+    } else {
+        Action::Drop
     }
 }
 

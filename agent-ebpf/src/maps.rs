@@ -1,6 +1,9 @@
 //! Map definitions. Names come from `agent_common::maps` (the symbol name is the map name);
 //! sizes here are defaults the loader overrides (`EbpfLoader::map_max_entries`).
 
+use agent_common::lb::{
+    DEFAULT_MAX_CONNS, LBSTAT_SLOTS, LbBackend, LbConn, LbReverse, LbService, MAX_LB_BACKENDS,
+};
 use agent_common::{
     Bucket, BucketKey, Counter, MatchList, ServiceConfig,
     breaker::{
@@ -13,7 +16,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 
 #[map]
@@ -57,8 +60,83 @@ pub static PENDING_SYNS: LruHashMap<FlowKey, PendingSyn> =
 /// Per-CPU scratch space where an answer (RST, ICMP unreachable) is built: it does not fit
 /// next to everything else on the 512-byte BPF stack.
 #[map]
-pub static REPLY_SCRATCH: PerCpuArray<[u8; REPLY_SCRATCH_LEN]> =
+pub static REPLY_SCRATCH: PerCpuArray<[u8; 12 + REPLY_SCRATCH_LEN]> =
     PerCpuArray::with_max_entries(1, 0);
 
 /// Bytes of `REPLY_SCRATCH`: the longest answer (an ICMPv6 unreachable).
 pub const REPLY_SCRATCH_LEN: usize = agent_common::reply::UNREACH_V6_LEN;
+
+#[map]
+pub static LB_SVC: Array<LbService> = Array::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static LB_ACTIVE: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Both halves of every balanced service's table; the loader sizes it from the policy.
+#[map]
+pub static LB_TABLE: Array<u32> = Array::with_max_entries(2 * 65_537, 0);
+
+#[map]
+pub static LB_BACKENDS: Array<LbBackend> = Array::with_max_entries(MAX_LB_BACKENDS, 0);
+
+#[map]
+pub static LB_ACTIVE_CONNS: Array<u64> = Array::with_max_entries(MAX_LB_BACKENDS, 0);
+
+#[map]
+pub static LB_STATS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(MAX_LB_BACKENDS * LBSTAT_SLOTS, 0);
+
+/// Each CPU's position in each weighted-round-robin schedule: per CPU, so no atomics; each
+/// CPU walks the whole schedule, so the shares stay exact to within a cycle per CPU.
+#[map]
+pub static LB_RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static LB_CONNS: LruHashMap<FlowKey, LbConn> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+#[map]
+pub static LB_REVERSE: LruHashMap<FlowKey, LbReverse> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+
+/// The balancing and reverse-NAT stages of XDP, and of TC (`STAGE_*` slots).
+#[map]
+pub static STAGES_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
+#[map]
+pub static STAGES_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// What one stage hands the next one it tail-calls (same CPU, no preemption in between): the
+/// main program to the balancing stage, the service; the balancing stage or the main program
+/// to the NAT stage, the rewrite.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Handover {
+    pub service_id: u32,
+    /// `nat::Side` as `SIDE_*`.
+    pub side: u32,
+    pub addr: [u8; ADDR_LEN],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+pub const SIDE_DST: u32 = 0;
+pub const SIDE_SRC: u32 = 1;
+
+#[map]
+pub static LB_HANDOVER: PerCpuArray<Handover> = PerCpuArray::with_max_entries(1, 0);
+
+/// The best backend so far while `least_conn` scans a service's backends. Kept in memory,
+/// not registers: the verifier does not track memory contents, so the scan's paths merge at
+/// every step instead of multiplying (in registers, 16 backends exceeded its 1M-instruction
+/// budget).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct LeastConnBest {
+    pub backend: u32,
+    pub _pad: u32,
+    pub conns: u64,
+    pub weight: u64,
+}
+
+#[map]
+pub static LEAST_CONN_BEST: PerCpuArray<LeastConnBest> = PerCpuArray::with_max_entries(1, 0);

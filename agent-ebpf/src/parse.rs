@@ -84,6 +84,7 @@ impl Packet {
 }
 
 /// The facts classification and limiting need. Addresses are 16 bytes, IPv4 as `::ffff:a.b.c.d`.
+#[derive(Clone, Copy)]
 pub struct Parsed {
     pub proto: u8,
     pub src: [u8; 16],

@@ -11,7 +11,7 @@ use agent_common::{
     classify::PROTO_TCP,
     reply::{
         IPV4_HDR_LEN, IPV6_HDR_LEN, QUOTE_AT_V4, QUOTE_AT_V6, QUOTE_V4_LEN, QUOTE_V6_LEN,
-        RST_V4_LEN, RST_V6_LEN, TCP_HDR_LEN, UNREACH_V4_LEN, UNREACH_V6_LEN, port_unreachable_v4,
+        RST_V4_LEN, RST_V6_LEN, UNREACH_V4_LEN, UNREACH_V6_LEN, port_unreachable_v4,
         port_unreachable_v6, rst_for, rst_v4, rst_v6,
     },
 };
@@ -91,30 +91,35 @@ impl Rewrite for TcContext {
     }
 }
 
+/// The MAC addresses of the answer, the packet's swapped, written into `out` (scratch space:
+/// nothing here goes on the small stack).
 #[inline(always)]
-fn be32(b: &[u8; TCP_HDR_LEN], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+fn swap_macs(pkt: &Packet, out: &mut [u8; MACS_LEN]) -> Option<()> {
+    let eth = pkt.ptr_at::<[u8; 6]>(0).ok()?;
+    let src = pkt.ptr_at::<[u8; 6]>(6).ok()?;
+    // SAFETY: bounds-checked by `ptr_at`; `out` is map memory, apart from the packet.
+    unsafe {
+        copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), 6);
+        copy_nonoverlapping(eth as *const u8, out[6..].as_mut_ptr(), 6);
+    }
+    Some(())
 }
 
-/// The MAC addresses of the answer: the packet's, swapped.
+/// The scratch buffer: room for the swapped MAC addresses, and the first `N` bytes of the
+/// room for an answer of `N` bytes.
 #[inline(always)]
-fn swapped_macs(pkt: &Packet) -> Option<[u8; MACS_LEN]> {
-    let eth = pkt.ptr_at::<[u8; MACS_LEN]>(0).ok()?;
-    // SAFETY: bounds-checked by `ptr_at`.
-    let m = unsafe { read_unaligned(eth) };
-    let mut out = [0u8; MACS_LEN];
-    out[..6].copy_from_slice(&m[6..]);
-    out[6..].copy_from_slice(&m[..6]);
-    Some(out)
-}
-
-/// The first `N` bytes of the scratch buffer, for building an answer of `N` bytes.
-#[inline(always)]
-fn scratch<const N: usize>() -> Option<&'static mut [u8; N]> {
+fn scratch<const N: usize>() -> Option<(&'static mut [u8; MACS_LEN], &'static mut [u8; N])> {
     const { assert!(N <= REPLY_SCRATCH_LEN) };
     let p = REPLY_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU map value of REPLY_SCRATCH_LEN >= N bytes, used by this run only.
-    Some(unsafe { &mut *(p as *mut [u8; N]) })
+    // SAFETY: per-CPU map value of MACS_LEN + REPLY_SCRATCH_LEN >= MACS_LEN + N bytes, used by
+    // this run only; the two parts do not overlap.
+    unsafe {
+        let base = p as *mut u8;
+        Some((
+            &mut *(base as *mut [u8; MACS_LEN]),
+            &mut *(base.add(MACS_LEN) as *mut [u8; N]),
+        ))
+    }
 }
 
 /// Rewrites the packet into the answer that refuses it. `false` when it cannot be answered
@@ -132,29 +137,32 @@ fn build<R: Rewrite>(r: &R, p: &Parsed) -> Option<bool> {
     if p.l3 > MAX_L3 || p.l4 != p.l3 + hdr {
         return None;
     }
-    let macs = swapped_macs(&pkt)?;
     Some(match (p.proto == PROTO_TCP, p.ipv6) {
         (true, false) => {
-            let (seg, b) = (segment(&pkt, p)?, scratch::<RST_V4_LEN>()?);
+            let (seg, (macs, b)) = (segment(&pkt, p)?, scratch::<RST_V4_LEN>()?);
+            swap_macs(&pkt, macs)?;
             rst_v4(b, v4(&p.dst), v4(&p.src), p.dport, p.sport, seg);
-            r.finish(p.l3, b, &macs)
+            r.finish(p.l3, b, macs)
         }
         (true, true) => {
-            let (seg, b) = (segment(&pkt, p)?, scratch::<RST_V6_LEN>()?);
+            let (seg, (macs, b)) = (segment(&pkt, p)?, scratch::<RST_V6_LEN>()?);
+            swap_macs(&pkt, macs)?;
             rst_v6(b, &p.dst, &p.src, p.dport, p.sport, seg);
-            r.finish(p.l3, b, &macs)
+            r.finish(p.l3, b, macs)
         }
         (false, false) => {
-            let b = scratch::<UNREACH_V4_LEN>()?;
+            let (macs, b) = scratch::<UNREACH_V4_LEN>()?;
+            swap_macs(&pkt, macs)?;
             copy_quote::<QUOTE_V4_LEN>(&pkt, p.l3, &mut b[QUOTE_AT_V4..])?;
             port_unreachable_v4(b);
-            r.finish(p.l3, b, &macs)
+            r.finish(p.l3, b, macs)
         }
         (false, true) => {
-            let b = scratch::<UNREACH_V6_LEN>()?;
+            let (macs, b) = scratch::<UNREACH_V6_LEN>()?;
+            swap_macs(&pkt, macs)?;
             copy_quote::<QUOTE_V6_LEN>(&pkt, p.l3, &mut b[QUOTE_AT_V6..])?;
             port_unreachable_v6(b);
-            r.finish(p.l3, b, &macs)
+            r.finish(p.l3, b, macs)
         }
     })
 }
@@ -175,21 +183,32 @@ fn copy_quote<const Q: usize>(pkt: &Packet, l3: usize, dst: &mut [u8]) -> Option
 /// The RST's sequence fields for the TCP segment at `p.l4`.
 #[inline(always)]
 fn segment(pkt: &Packet, p: &Parsed) -> Option<agent_common::reply::Rst> {
-    let tcp = pkt.ptr_at::<[u8; TCP_HDR_LEN]>(p.l4).ok()?;
+    let (seq, ack, off) = (
+        pkt.ptr_at::<[u8; 4]>(p.l4 + 4).ok()?,
+        pkt.ptr_at::<[u8; 4]>(p.l4 + 8).ok()?,
+        pkt.ptr_at::<u8>(p.l4 + 12).ok()?,
+    );
     // IPv4 total length (bytes 2-3) or IPv6 payload length (bytes 4-5).
     let len = pkt
         .ptr_at::<[u8; 2]>(p.l3 + if p.ipv6 { 4 } else { 2 })
         .ok()?;
     // SAFETY: bounds-checked by `ptr_at`.
-    let (tcp, len) = unsafe { (read_unaligned(tcp), read_unaligned(len)) };
-    let doff = u32::from(tcp[12] >> 4) * 4;
+    let (seq, ack, off, len) = unsafe {
+        (
+            u32::from_be_bytes(read_unaligned(seq)),
+            u32::from_be_bytes(read_unaligned(ack)),
+            *off,
+            read_unaligned(len),
+        )
+    };
+    let doff = u32::from(off >> 4) * 4;
     let ip_len = u32::from(u16::from_be_bytes(len));
     let payload = if p.ipv6 {
         ip_len.saturating_sub(doff)
     } else {
         ip_len.saturating_sub(IPV4_HDR_LEN as u32 + doff)
     };
-    Some(rst_for(be32(&tcp, 4), be32(&tcp, 8), p.tcp_flags, payload))
+    Some(rst_for(seq, ack, p.tcp_flags, payload))
 }
 
 /// The IPv4 address inside `::ffff:a.b.c.d`.

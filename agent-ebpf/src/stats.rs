@@ -1,8 +1,8 @@
 //! Per-CPU counters: no atomics needed, the agent sums the CPUs.
 
-use agent_common::{breaker::backend_slot, stats::svc_slot};
+use agent_common::{breaker::backend_slot, lb::lb_slot, stats::svc_slot};
 
-use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SVC_STATS};
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, LB_STATS, SVC_STATS};
 
 #[inline(always)]
 pub fn global(slot: u32, len: u64) {
@@ -29,6 +29,18 @@ pub fn service(service_id: u32, slot: u32, len: u64) {
 #[inline(always)]
 pub fn backend(id: u32, slot: u32, len: u64) {
     if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_slot(id, slot)) {
+        // SAFETY: as above.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    }
+}
+
+/// A balanced service's backend, by its LB index.
+#[inline(always)]
+pub fn lb_backend(index: u32, slot: u32, len: u64) {
+    if let Some(c) = LB_STATS.get_ptr_mut(lb_slot(index, slot)) {
         // SAFETY: as above.
         unsafe {
             (*c).packets += 1;

@@ -3,6 +3,7 @@
 
 pub mod backends;
 pub mod balance;
+pub mod balancer;
 pub mod breaker;
 pub mod cli;
 pub mod commands;

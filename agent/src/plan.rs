@@ -19,7 +19,8 @@ pub struct Plan {
     pub attach: Vec<AttachSpec>,
     pub services: Vec<ServiceInfo>,
     pub compiled: Compiled,
-    /// Backends, health checks and breakers as written: the supervisor is built once at start.
+    /// Backends (without weights), balancing, health checks and breakers as written: the
+    /// supervisor and the balancer are built once at start.
     pub backends: String,
 }
 
@@ -63,9 +64,11 @@ impl Plan {
                 .services
                 .iter()
                 .map(|s| {
+                    // Weights may change on reload (the balancer takes them); the rest not.
+                    let addresses: Vec<_> = s.backends.iter().map(|b| b.address).collect();
                     format!(
-                        "{:?}{:?}{:?}",
-                        s.backends, s.health_check, s.circuit_breaker
+                        "{:?}{:?}{:?}{:?}",
+                        addresses, s.health_check, s.circuit_breaker, s.load_balancing
                     )
                 })
                 .collect(),
@@ -81,7 +84,10 @@ impl Plan {
             return Some(("services", "the total of rate_limit.max_keys"));
         }
         if self.backends != running.backends {
-            return Some(("services", "backends, health_check or circuit_breaker"));
+            return Some((
+                "services",
+                "backends, load_balancing, health_check or circuit_breaker",
+            ));
         }
         if self.listen != running.listen {
             return Some(("agent.listen", "agent.listen"));

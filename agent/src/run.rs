@@ -17,6 +17,7 @@ use tokio::{
 
 use crate::{
     backends,
+    balancer::{self, LbView},
     commands::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{Datapath, DatapathError},
@@ -75,7 +76,8 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
             source,
         })?;
 
-    let mut datapath = Datapath::load(plan.compiled.max_keys)?;
+    let mut datapath =
+        Datapath::load_sized(plan.compiled.max_keys, Some(plan.compiled.lb_table_entries))?;
     let logger = match EbpfLogger::init(datapath.ebpf_mut()) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -85,6 +87,17 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     };
     let report = datapath.apply(&plan.compiled)?;
     tracing::info!("policy written to the maps: {report:?}");
+    // Balanced services get their tables before any packet can reach the programs.
+    let lb_maps = if plan.compiled.lb.is_empty() {
+        None
+    } else {
+        // Replies from backends are found behind the port bitmap, as breakers are.
+        let ports = plan.compiled.lb.iter().flat_map(|s| &s.backends);
+        datapath.mark_ports(ports.map(|b| b.address.port()))?;
+        let mut maps = datapath.lb_maps()?;
+        balancer::install(&mut maps, &plan.compiled.lb)?;
+        Some(maps)
+    };
     datapath.attach(&plan.attach)?;
     for a in datapath.attachments() {
         tracing::info!("attached {a}");
@@ -116,6 +129,18 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
             None
         }
     };
+    // The balancer follows health, breakers and reloaded weights from here on.
+    let (weights_tx, weights_rx) = watch::channel(balancer::configured(&plan.compiled.lb));
+    let balancer_task = lb_maps.map(|maps| {
+        let view = Arc::new(LbView::default());
+        state.set_balancing(view.clone());
+        let services = plan.compiled.lb.clone();
+        let health = state.backends();
+        let stop = stop_rx.clone();
+        tokio::task::spawn_blocking(move || {
+            balancer::run(maps, services, health, view, weights_rx, stop)
+        })
+    });
     state.set_ready(true);
     tracing::info!("ready; serving on http://{}", plan.listen);
 
@@ -126,7 +151,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
         let _ = http_stop.wait_for(|stop| *stop).await;
     }));
 
-    let result = wait_for_signals(file, &plan, &state).await;
+    let result = wait_for_signals(file, &plan, &state, &weights_tx).await;
 
     // Not ready any more, then detach, then stop serving.
     state.set_ready(false);
@@ -134,6 +159,9 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     let _ = stop_tx.send(true);
     let _ = keys_task.await;
     if let Some(t) = backends_task {
+        let _ = t.await;
+    }
+    if let Some(t) = balancer_task {
         let _ = t.await;
     }
     match http_task.await {
@@ -149,7 +177,12 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
 }
 
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads the policy file.
-async fn wait_for_signals(file: &Path, current: &Plan, state: &AgentState) -> Result<(), RunError> {
+async fn wait_for_signals(
+    file: &Path,
+    current: &Plan,
+    state: &AgentState,
+    weights: &watch::Sender<Vec<Vec<u32>>>,
+) -> Result<(), RunError> {
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
@@ -160,7 +193,7 @@ async fn wait_for_signals(file: &Path, current: &Plan, state: &AgentState) -> Re
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", file.display());
-                match reload(file, &current, state) {
+                match reload(file, &current, state, weights) {
                     Ok(plan) => current = plan,
                     Err(e) => tracing::error!("reload refused, the running policy stays in force:\n{e}"),
                 }
@@ -171,7 +204,12 @@ async fn wait_for_signals(file: &Path, current: &Plan, state: &AgentState) -> Re
 
 /// Validates the file again and writes what changed. Changes that need new maps or new
 /// attachments (interfaces, key-table size) are refused for now: the running policy stays.
-fn reload(file: &Path, current: &Plan, state: &AgentState) -> Result<Plan, RunError> {
+fn reload(
+    file: &Path,
+    current: &Plan,
+    state: &AgentState,
+    weights: &watch::Sender<Vec<Vec<u32>>>,
+) -> Result<Plan, RunError> {
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     let plan = Plan::new(&policy).map_err(RunError::Policy)?;
     if let Some(why) = plan.needs_restart_from(current) {
@@ -182,6 +220,13 @@ fn reload(file: &Path, current: &Plan, state: &AgentState) -> Result<Plan, RunEr
     }
     let report = state.datapath_mut().apply(&plan.compiled)?;
     state.set_services(plan.services.clone());
+    // Backends are the same (checked above); their configured weights may not be.
+    weights.send_if_modified(|w| {
+        let new = balancer::configured(&plan.compiled.lb);
+        let changed = *w != new;
+        *w = new;
+        changed
+    });
     tracing::info!("reloaded: {report:?}");
     Ok(plan)
 }

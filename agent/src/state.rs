@@ -7,6 +7,7 @@ use std::sync::{
 
 use crate::{
     backends::BackendTable,
+    balancer::LbView,
     datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
     telemetry::status::{ServiceInfo, StatusReport},
 };
@@ -19,6 +20,7 @@ pub struct AgentState {
     ready: AtomicBool,
     policy_file: String,
     backends: Mutex<Option<Arc<BackendTable>>>,
+    balancing: Mutex<Option<Arc<LbView>>>,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data is counters
@@ -36,6 +38,7 @@ impl AgentState {
             ready: AtomicBool::new(false),
             policy_file,
             backends: Mutex::new(None),
+            balancing: Mutex::new(None),
         }
     }
 
@@ -53,8 +56,16 @@ impl AgentState {
         *lock(&self.services) = services;
     }
 
+    pub fn backends(&self) -> Option<Arc<BackendTable>> {
+        lock(&self.backends).clone()
+    }
+
     pub fn set_backends(&self, table: Arc<BackendTable>) {
         *lock(&self.backends) = Some(table);
+    }
+
+    pub fn set_balancing(&self, view: Arc<LbView>) {
+        *lock(&self.balancing) = Some(view);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -98,7 +109,11 @@ impl AgentState {
             (dp.snapshot(services.len() as u32)?, dp.attachments())
         };
         let keys = lock(&self.keys).clone();
-        Ok(StatusReport::build(
+        let (balancing, lb_backends) = lock(&self.balancing)
+            .as_ref()
+            .map(|v| v.snapshot())
+            .unwrap_or_default();
+        let mut report = StatusReport::build(
             self.is_ready(),
             &self.policy_file,
             attachments,
@@ -106,6 +121,9 @@ impl AgentState {
             &snapshot,
             &keys,
             backends,
-        ))
+        );
+        report.balancing = balancing;
+        report.lb_backends = lb_backends;
+        Ok(report)
     }
 }

@@ -233,6 +233,18 @@ impl AgentProcess {
         }
     }
 
+    /// Asks the agent to reload its policy file (SIGHUP); returns at once.
+    pub fn reload(&self) -> Result<()> {
+        let Some(child) = &self.child else {
+            bail!("agent already stopped");
+        };
+        // SAFETY: kill(2) on our own child, which is not reaped yet.
+        if unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) } != 0 {
+            bail!("SIGHUP: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Stops the agent (SIGTERM, SIGKILL after [`STOP_TIMEOUT`]) and returns how it exited.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.terminate()

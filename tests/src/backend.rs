@@ -61,6 +61,7 @@ impl Drop for Worker {
 /// the listener: the port refuses (RST, ECONNREFUSED) from then on.
 pub struct TcpServer {
     accepted: Arc<AtomicU64>,
+    peers: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
     healthy: Arc<AtomicBool>,
     worker: Worker,
 }
@@ -73,12 +74,14 @@ impl TcpServer {
             .with_context(|| format!("binding the TCP backend {addr}"))?;
         listener.set_nonblocking(true)?;
         let accepted = Arc::new(AtomicU64::new(0));
+        let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
         let healthy = Arc::new(AtomicBool::new(true));
-        let (count, health) = (accepted.clone(), healthy.clone());
+        let (count, health, seen) = (accepted.clone(), healthy.clone(), peers.clone());
         let worker = Worker::spawn(move |stop| {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((conn, _)) => {
+                    Ok((conn, peer)) => {
+                        seen.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
                         count.fetch_add(1, Ordering::SeqCst);
                         let (stop, health) = (stop.clone(), health.clone());
                         std::thread::spawn(move || serve(conn, &stop, &health));
@@ -89,6 +92,7 @@ impl TcpServer {
         });
         Ok(TcpServer {
             accepted,
+            peers,
             healthy,
             worker,
         })
@@ -97,6 +101,11 @@ impl TcpServer {
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The client address and port of every connection accepted so far, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// What `GET` answers from now on: 200, or 503.

@@ -202,6 +202,15 @@ impl Netns {
         })?
     }
 
+    /// TCP segments received with a bad checksum (IPv4 and IPv6 share the TCP counters).
+    pub fn tcp_csum_errors(&self) -> Result<u64> {
+        self.run(|| {
+            let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            snmp_field(snmp_table(&text, "Tcp:")?, "InCsumErrors")
+                .context("no Tcp: InCsumErrors in /proc/net/snmp")
+        })?
+    }
+
     fn delete(&mut self) -> Result<()> {
         if self.owned {
             self.owned = false;
@@ -528,6 +537,57 @@ impl Topology {
             |t| &mut t.extra_server_v6,
             |i| Ok(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 2, i as u16 + 1)),
         )
+    }
+
+    /// A VIP for the client: an address no interface holds, reached through the server's MAC
+    /// (a permanent neighbour entry on the client), so the client's packets to it leave
+    /// through the client veth, where the datapath rewrites them toward a backend.
+    pub fn add_vip(&self, addr: IpAddr) -> Result<()> {
+        self.client.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            SERVER_MAC,
+            "dev",
+            &self.client_if,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
+    /// Turns checksum offload off on both veth ends (`ethtool -K IF tx off rx off`): senders
+    /// then write full checksums, and receivers verify them in software instead of trusting
+    /// a veth peer, so a wrong checksum after NAT is a dropped packet and a failed transfer.
+    pub fn checksum_offload_off(&self) -> Result<()> {
+        for (ns, ifname) in [
+            (&self.client, &self.client_if),
+            (&self.server, &self.server_if),
+        ] {
+            let out = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    ns.name(),
+                    "ethtool",
+                    "-K",
+                    ifname,
+                    "tx",
+                    "off",
+                    "rx",
+                    "off",
+                ])
+                .output()
+                .context("running ethtool (Debian package `ethtool`)")?;
+            if !out.status.success() {
+                bail!(
+                    "ethtool -K {ifname} tx off rx off: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Drop counters of the path client socket -> server stack, before any XDP verdict:

@@ -196,6 +196,8 @@ fn policy(ifname: &str, services: &[Service]) -> String {
              \x20     protocol: {proto}\n\
              \x20   backends:\n\
              \x20     - address: \"{backend}\"\n\
+             \x20   load_balancing:\n\
+             \x20     vip: false\n\
              \x20   health_check:\n\
              \x20     type: {kind}\n",
             name = s.name,

@@ -38,6 +38,7 @@ fn policy(topo: &Topology, backends: &[SocketAddr]) -> String {
          agent:\n  listen: 127.0.0.1:9090\n\
          interfaces:\n  - name: {ifname}\n    xdp_mode: generic\n    direction: ingress\n\
          services:\n  - name: pay\n    match: {{ address: {vip}/32, port: 8443 }}\n    backends:\n{list}\
+         \x20   load_balancing: {{ vip: false }}\n\
          \x20   health_check:\n      interval: 200ms\n      unhealthy_interval: 200ms\n      timeout: 100ms\n\
          \x20     healthy_threshold: 2\n      unhealthy_threshold: {UNHEALTHY_THRESHOLD}\n      jitter: 0%\n\
          \x20   circuit_breaker:\n      failure_threshold: {UNHEALTHY_THRESHOLD}\n      reset_timeout: 1s\n\

@@ -23,7 +23,7 @@ const TOOLCHAIN_DIR_UNDER_HOME: &str = ".local/share/agent-toolchain";
 pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the build, the tests and the demo call; nothing else (no compilers: rustup brings them).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "iputils-ping", "curl"];
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "iputils-ping", "curl", "ethtool"];
 pub const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]

@@ -38,6 +38,10 @@ pub struct Compiled {
     /// `BACKENDS` entries: every backend of a service with a `circuit_breaker`, in policy
     /// order (services, then their backends); `id` is the position in this list.
     pub backends: Vec<CompiledBackend>,
+    /// Services balanced in the datapath (`load_balancing.vip`), and the size of `LB_TABLE`
+    /// their table halves need.
+    pub lb: Vec<super::balance::CompiledLb>,
+    pub lb_table_entries: u32,
 }
 
 /// One backend whose breaker the datapath enforces.
@@ -299,11 +303,14 @@ pub fn compile(policy: &Policy) -> Compiled {
         .sum();
     let max_keys = keys.clamp(1, u64::from(super::model::MAX_TABLE_ENTRIES)) as u32;
 
+    let (lb, lb_table_entries) = super::balance::compile_lb(policy);
     Compiled {
         services,
         classify,
         max_keys,
         backends: compile_backends(policy),
+        lb,
+        lb_table_entries,
     }
 }
 
@@ -451,7 +458,7 @@ mod tests {
     fn backends_with_a_breaker_get_ids_keys_and_flags() {
         let c = compile(&policy(
             "  - name: no-breaker\n    match: {address: 198.18.0.1}\n    backends: [{address: '10.0.0.1:80'}]\n\
-             \x20 - name: web\n    match: {address: 198.18.0.2, port: 80}\n    backends: [{address: '10.0.0.2:80'}, {address: '[2001:db8::2]:80'}]\n    circuit_breaker: {on_open: drop}\n\
+             \x20 - name: web\n    match: {address: 198.18.0.2, port: 80}\n    backends: [{address: '10.0.0.2:80'}, {address: '[2001:db8::2]:80'}]\n    load_balancing: {vip: false}\n    circuit_breaker: {on_open: drop}\n\
              \x20 - name: dns\n    match: {address: 198.18.0.3, protocol: any}\n    backends: [{address: '10.0.0.3:53'}]\n    health_check: {timeout: 300ms}\n    circuit_breaker: {close_existing: true}\n\
              \x20 - name: quiet\n    match: {address: 198.18.0.4, protocol: udp}\n    backends: [{address: '10.0.0.4:53'}]\n    health_check: {passive: false}\n    circuit_breaker: {}\n",
         ));

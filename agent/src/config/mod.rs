@@ -9,6 +9,7 @@
 //! (`agent check`), in file order. A `Policy` is only ever built from a file without errors,
 //! so code reading it never re-checks what validation guarantees.
 
+mod balance;
 mod compile;
 mod decode;
 mod error;
@@ -26,6 +27,7 @@ mod tests;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use balance::{CompiledLb, LbBackendPlan};
 pub use compile::{
     ClassifyEntry, Compiled, CompiledBackend, CompiledService, backend_key, compile,
     compile_backends,

@@ -293,7 +293,7 @@ fn breaker_policy(per_service: u32) -> String {
     for s in 0..3 {
         src.push_str(&format!(
             "  - name: s{s}\n    match: {{address: 198.18.0.{s}, protocol: any}}\n\
-             \x20   load_balancing: {{algorithm: weighted_round_robin}}\n\
+             \x20   load_balancing: {{algorithm: weighted_round_robin, vip: false}}\n\
              \x20   circuit_breaker: {{}}\n    backends:\n"
         ));
         for b in 0..per_service {

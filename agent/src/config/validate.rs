@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use agent_common::breaker::MAX_BACKENDS;
 use agent_common::classify::{MAX_MATCH_RULES, PROTO_TCP};
+use agent_common::lb::{MAX_LB_BACKENDS, MAX_LEAST_CONN_BACKENDS};
 
 use super::compile::{backend_protocols, prefix_rules};
 use super::decode::{Cx, item};
@@ -36,6 +37,7 @@ pub(crate) fn check(draft: &Draft, spans: &SpanIndex, cx: &mut Cx) {
     rule_limits(&mut c, draft);
     one_breaker_per_backend(&mut c, draft);
     backend_id_limit(&mut c, draft);
+    lb_backend_limit(&mut c, draft);
     shaping_needs_egress(&mut c, draft);
 }
 
@@ -73,6 +75,7 @@ fn service_sections(c: &mut Checker<'_>, path: &str, s: &Service) {
     }
 
     let lb = s.load_balancing.clone().unwrap_or_default();
+    vip(c, path, s, &lb);
     let needed = 100 * s.backends.len() as u64;
     if lb.algorithm == Algorithm::Maglev && u64::from(lb.table_size) < needed {
         let shown = match &s.load_balancing {
@@ -220,6 +223,68 @@ fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft) {
             );
             c.error(&format!("services[{i}].circuit_breaker"), msg);
             return;
+        }
+    }
+}
+
+/// A service balanced in the kernel (`load_balancing.vip`, the default with backends): the
+/// packets its `match` selects are rewritten toward a backend, so no backend may itself be
+/// one of them (its traffic would be balanced again), and every backend must be of the
+/// match's IP family (addresses are rewritten in place).
+fn vip(c: &mut Checker<'_>, path: &str, s: &Service, lb: &LoadBalancing) {
+    if !lb.vip {
+        return;
+    }
+    let m = &s.r#match;
+    for (k, b) in s.backends.iter().enumerate() {
+        let bpath = format!("{path}.backends[{k}].address");
+        if b.address.is_ipv4() != m.address.addr().is_ipv4() {
+            let msg = format!(
+                "backend {} and the VIP {} are of different IP families; the datapath \
+                 rewrites addresses in place and cannot translate between them",
+                b.address, m.address
+            );
+            c.error(&bpath, msg);
+        } else if m.address.contains(b.address.ip()) && m.port.is_none_or(|p| p == b.address.port())
+        {
+            let msg = format!(
+                "backend {} is itself matched by the VIP (match {}{}): its traffic would be \
+                 balanced again; give the service an address of its own, or set \
+                 load_balancing.vip: false to enforce breakers on traffic addressed to the \
+                 backends themselves",
+                b.address,
+                m.address,
+                m.port.map_or(String::new(), |p| format!(" port {p}")),
+            );
+            c.error(&bpath, msg);
+        }
+    }
+    if lb.algorithm == Algorithm::LeastConn && s.backends.len() > MAX_LEAST_CONN_BACKENDS as usize {
+        let msg = format!(
+            "least_conn scans every backend of a new flow in the datapath, at most \
+             {MAX_LEAST_CONN_BACKENDS}; this service has {} (use maglev or \
+             weighted_round_robin)",
+            s.backends.len()
+        );
+        c.error(&format!("{path}.load_balancing.algorithm"), msg);
+    }
+}
+
+/// Backends of balanced services share `LB_BACKENDS` (`MAX_LB_BACKENDS`). Reported once, at
+/// the service that crosses the limit.
+fn lb_backend_limit(c: &mut Checker<'_>, draft: &Draft) {
+    let mut running = 0;
+    for (i, s) in draft.services() {
+        if !s.backends.is_empty() && s.load_balancing.clone().unwrap_or_default().vip {
+            running += s.backends.len();
+            if running > MAX_LB_BACKENDS as usize {
+                let msg = format!(
+                    "balanced services (load_balancing.vip) have more than {MAX_LB_BACKENDS} \
+                     backends in all, the most the datapath balances to"
+                );
+                c.error(&format!("services[{i}].backends"), msg);
+                return;
+            }
         }
     }
 }

@@ -136,17 +136,25 @@ impl Datapath {
     /// Sets the `BACKEND_PORTS` bit of every backend port (after the entries exist; bits are
     /// never cleared, since backends cannot change without a restart).
     fn mark_backend_ports(&mut self, backends: &[CompiledBackend]) -> Result<(), DatapathError> {
-        let mut ports: Array<&mut MapData, u32> = typed_mut(&mut self.ebpf, MAP_BACKEND_PORTS)?;
+        self.mark_ports(backends.iter().flat_map(|b| &b.keys).map(|k| k.port))
+    }
+
+    /// Sets the `BACKEND_PORTS` bits of `ports` (backends' ports): the datapath looks up
+    /// breakers, and replies to balanced flows, only for packets from or to a marked port.
+    pub fn mark_ports(
+        &mut self,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> Result<(), DatapathError> {
+        let mut map: Array<&mut MapData, u32> = typed_mut(&mut self.ebpf, MAP_BACKEND_PORTS)?;
         let mut words = std::collections::BTreeMap::<u32, u32>::new();
-        for key in backends.iter().flat_map(|b| &b.keys) {
-            let (word, mask) = port_bit(key.port);
+        for port in ports {
+            let (word, mask) = port_bit(port);
             *words.entry(word).or_default() |= mask;
         }
         for (word, mask) in words {
-            let old = ports.get(&word, 0).map_err(map_err(MAP_BACKEND_PORTS))?;
+            let old = map.get(&word, 0).map_err(map_err(MAP_BACKEND_PORTS))?;
             if old & mask != mask {
-                ports
-                    .set(word, old | mask, 0)
+                map.set(word, old | mask, 0)
                     .map_err(map_err(MAP_BACKEND_PORTS))?;
             }
         }
@@ -154,13 +162,13 @@ impl Datapath {
     }
 
     /// A new typed handle on one of the object's maps, from a duplicate of its descriptor.
-    fn reopen<M>(&self, name: &'static str) -> Result<M, DatapathError>
+    pub(super) fn reopen<M>(&self, name: &'static str) -> Result<M, DatapathError>
     where
         M: TryFrom<Map, Error = MapError>,
     {
         let data = match self.ebpf.map(name) {
             None => return Err(DatapathError::MissingMap(name)),
-            Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d)) => d,
+            Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::Array(d)) => d,
             Some(_) => return Err(DatapathError::MapType(name)),
         };
         let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| {

@@ -3,16 +3,21 @@
 
 mod attach;
 mod backends;
+mod lb;
 mod maps;
 
 pub use attach::{AttachSpec, XdpModeSetting};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
+pub use lb::{LbCounters, LbMaps};
 pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
 
-use agent_common::maps::{MAP_RL_BUCKETS, PROG_TC_EGRESS, PROG_XDP};
+use agent_common::maps::{
+    MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_STAGES_TC, MAP_STAGES_XDP, PROG_TC_EGRESS, PROG_TC_LB,
+    PROG_TC_NAT, PROG_XDP, PROG_XDP_LB, PROG_XDP_NAT, STAGE_LB, STAGE_NAT,
+};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Map, MapError},
+    maps::{Map, MapData, MapError, ProgramArray},
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 
@@ -89,6 +94,49 @@ where
         .map_err(map_err(name))
 }
 
+/// Puts the stages in the program arrays the main programs tail-call through.
+fn link_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    for (array, stages) in [
+        (
+            MAP_STAGES_XDP,
+            [(STAGE_LB, PROG_XDP_LB), (STAGE_NAT, PROG_XDP_NAT)],
+        ),
+        (
+            MAP_STAGES_TC,
+            [(STAGE_LB, PROG_TC_LB), (STAGE_NAT, PROG_TC_NAT)],
+        ),
+    ] {
+        link(ebpf, array, stages)?;
+    }
+    Ok(())
+}
+
+fn link(
+    ebpf: &mut Ebpf,
+    array: &'static str,
+    stages: [(u32, &'static str); 2],
+) -> Result<(), DatapathError> {
+    let mut fds = Vec::new();
+    for (index, name) in stages {
+        let program = ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        let fd = program
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+            .map_err(|source| DatapathError::LoadProgram {
+                program: name,
+                source: Box::new(source),
+            })?;
+        fds.push((index, fd));
+    }
+    let mut slots: ProgramArray<&mut MapData> = typed_mut(ebpf, array)?;
+    for (index, fd) in &fds {
+        slots.set(*index, fd, 0).map_err(map_err(array))?;
+    }
+    Ok(())
+}
+
 /// A loaded datapath. Dropping it detaches every program it attached: links are owned by the
 /// programs, and their file descriptors close with it.
 pub struct Datapath {
@@ -98,17 +146,34 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object and its programs into the kernel; attaches nothing yet.
-    /// `max_keys` sizes the token-bucket table (a load-time constant of the map).
+    /// `max_keys` sizes the token-bucket table (a load-time constant of the map); the
+    /// balancing table keeps the object's default size.
     pub fn load(max_keys: u32) -> Result<Self, DatapathError> {
+        Self::load_sized(max_keys, None)
+    }
+
+    /// As [`Datapath::load`], with `LB_TABLE` sized for the policy's balanced services.
+    pub fn load_sized(max_keys: u32, lb_table_entries: Option<u32>) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         raise_memlock_rlimit();
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_RL_BUCKETS, max_keys.max(1))
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(MAP_RL_BUCKETS, max_keys.max(1));
+        if let Some(n) = lb_table_entries {
+            loader.map_max_entries(MAP_LB_TABLE, n.max(1));
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for name in [PROG_XDP, PROG_TC_EGRESS] {
+        for name in [
+            PROG_XDP,
+            PROG_TC_EGRESS,
+            PROG_XDP_LB,
+            PROG_TC_LB,
+            PROG_XDP_NAT,
+            PROG_TC_NAT,
+        ] {
             let program = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
@@ -122,6 +187,7 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         }
+        link_stages(&mut ebpf)?;
         Ok(Self {
             ebpf,
             attached: Vec::new(),

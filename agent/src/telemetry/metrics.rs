@@ -150,8 +150,107 @@ impl Collector for ReportCollector {
         for f in &families {
             f.encode(&mut encoder)?;
         }
-        encode_backends(&r.backends, &mut encoder)
+        encode_backends(&r.backends, &mut encoder)?;
+        encode_balancing(r, &mut encoder)
     }
+}
+
+/// Balanced services (`load_balancing.vip`) and their backends.
+fn encode_balancing(
+    r: &StatusReport,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let svc = |name: &str| vec![("service", name.to_string())];
+    let who = |b: &crate::balancer::LbBackendView| {
+        vec![
+            ("service", b.service.clone()),
+            ("backend", b.address.clone()),
+        ]
+    };
+    let per_backend = |f: fn(&crate::balancer::LbBackendView) -> u64| {
+        r.lb_backends
+            .iter()
+            .map(|b| (who(b), f(b)))
+            .collect::<Vec<_>>()
+    };
+    let per_service = |f: fn(&crate::balancer::LbServiceView) -> u64| {
+        r.balancing
+            .iter()
+            .map(|s| (svc(&s.service), f(s)))
+            .collect::<Vec<_>>()
+    };
+    for f in [
+        Family {
+            name: "agent_lb_backend_weight",
+            help: "Configured weight of a balanced backend.",
+            kind: MetricType::Gauge,
+            samples: per_backend(|b| u64::from(b.configured)),
+        },
+        Family {
+            name: "agent_lb_backend_effective_weight",
+            help: "Weight in the datapath now: configured x health x breaker x slow-start ramp.",
+            kind: MetricType::Gauge,
+            samples: per_backend(|b| u64::from(b.effective)),
+        },
+        Family {
+            name: "agent_lb_backend_active_connections",
+            help: "Connections pinned to the backend and open (TCP until FIN/RST).",
+            kind: MetricType::Gauge,
+            samples: per_backend(|b| b.active),
+        },
+        Family {
+            name: "agent_lb_backend_new_flows",
+            help: "New flows the datapath pinned to the backend.",
+            kind: MetricType::Counter,
+            samples: per_backend(|b| b.new_flows),
+        },
+        Family {
+            name: "agent_lb_backend_packets",
+            help: "Packets forwarded to the backend (client to backend).",
+            kind: MetricType::Counter,
+            samples: per_backend(|b| b.packets),
+        },
+        Family {
+            name: "agent_lb_backend_bytes",
+            help: "Bytes forwarded to the backend (client to backend).",
+            kind: MetricType::Counter,
+            samples: per_backend(|b| b.bytes),
+        },
+        Family {
+            name: "agent_lb_connections",
+            help: "Live entries of the service in the connection table (walked once a second).",
+            kind: MetricType::Gauge,
+            samples: per_service(|s| s.connections),
+        },
+        Family {
+            name: "agent_lb_conntrack_lost",
+            help: "TCP packets whose flow had lost its connection-table entry (LRU eviction or \
+                   expiry) and was balanced again.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.lost),
+        },
+        Family {
+            name: "agent_lb_no_backend",
+            help: "New flows refused because no backend could take them.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.no_backend),
+        },
+        Family {
+            name: "agent_lb_table_swaps",
+            help: "Table or weight updates published to the datapath.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.publishes),
+        },
+        Family {
+            name: "agent_lb_write_errors",
+            help: "Failed writes of weights or tables (retried).",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.write_errors),
+        },
+    ] {
+        f.encode(encoder)?;
+    }
+    Ok(())
 }
 
 fn encode_backends(
@@ -373,6 +472,25 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            balancing: vec![crate::balancer::LbServiceView {
+                service: "checkout".into(),
+                algorithm: "maglev".into(),
+                connections: 12,
+                no_backend: 1,
+                lost: 2,
+                publishes: 3,
+                write_errors: 0,
+            }],
+            lb_backends: vec![crate::balancer::LbBackendView {
+                service: "checkout".into(),
+                address: "198.18.0.11:8080".into(),
+                configured: 100,
+                effective: 10,
+                active: 7,
+                new_flows: 40,
+                packets: 400,
+                bytes: 40_000,
+            }],
         }
     }
 
@@ -406,6 +524,12 @@ mod tests {
             "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"reject_icmp\"} 0",
             "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"drop\"} 2",
             "agent_backend_datapath_packets_total{service=\"checkout\",backend=\"198.18.0.11:8080\",action=\"close_existing\"} 0",
+            "agent_lb_backend_effective_weight{service=\"checkout\",backend=\"198.18.0.11:8080\"} 10",
+            "agent_lb_backend_active_connections{service=\"checkout\",backend=\"198.18.0.11:8080\"} 7",
+            "agent_lb_backend_new_flows_total{service=\"checkout\",backend=\"198.18.0.11:8080\"} 40",
+            "agent_lb_backend_bytes_total{service=\"checkout\",backend=\"198.18.0.11:8080\"} 40000",
+            "agent_lb_connections{service=\"checkout\"} 12",
+            "agent_lb_conntrack_lost_total{service=\"checkout\"} 2",
             "# TYPE agent_backend_passive_total counter",
             "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"synack\"} 90",
             "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"refused\"} 6",
@@ -464,6 +588,7 @@ mod tests {
             [
                 "checkout 198.18.0.11:8080 unhealthy open 0.0s 4 3 -",
                 "checkout 198.18.0.11:8080 open 120 0 40 2 0 90/6/1 (1 map write errors)",
+                "checkout 198.18.0.11:8080 100 10 7 40 400 40000",
             ],
             "{text}"
         );

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     backends::BackendStatus,
+    balancer::{LbBackendView, LbServiceView},
     datapath::{KeyCounts, Snapshot},
 };
 
@@ -22,6 +23,11 @@ pub struct StatusReport {
     /// Backends with health and breaker state (services with `backends`).
     #[serde(default)]
     pub backends: Vec<BackendStatus>,
+    /// Services balanced in the datapath, and their backends' weights and counters.
+    #[serde(default)]
+    pub balancing: Vec<LbServiceView>,
+    #[serde(default)]
+    pub lb_backends: Vec<LbBackendView>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -125,6 +131,8 @@ impl StatusReport {
                 .map(|(name, c)| ((*name).to_string(), (*c).into()))
                 .collect(),
             backends,
+            balancing: Vec::new(),
+            lb_backends: Vec::new(),
         }
     }
 
@@ -174,6 +182,7 @@ impl StatusReport {
             }
         }
         self.render_backends(&mut out);
+        self.render_balancing(&mut out);
         let _ = writeln!(out, "\nOUTSIDE ANY SERVICE (passed)");
         for (class, c) in &self.global {
             let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
@@ -237,6 +246,45 @@ impl StatusReport {
                 b.action("reject_rst") + b.action("reject_icmp"),
                 b.action("drop"),
                 b.action("close_existing"),
+            );
+        }
+    }
+
+    /// Balanced services: connection table, then each backend's weights and traffic.
+    fn render_balancing(&self, out: &mut String) {
+        if self.balancing.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nLOAD BALANCING (connections: live connection-table entries)\n\
+             {:<20} {:<22} {:>11} {:>10} {:>10} {:>9}",
+            "SERVICE", "ALGORITHM", "CONNECTIONS", "NO BACKEND", "LOST", "SWAPS"
+        );
+        for s in &self.balancing {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<22} {:>11} {:>10} {:>10} {:>9}",
+                s.service, s.algorithm, s.connections, s.no_backend, s.lost, s.publishes
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<20} {:<24} {:>7} {:>9} {:>7} {:>10} {:>12} {:>14}",
+            "SERVICE", "BACKEND", "WEIGHT", "EFFECTIVE", "ACTIVE", "NEW FLOWS", "PACKETS", "BYTES"
+        );
+        for b in &self.lb_backends {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<24} {:>7} {:>9} {:>7} {:>10} {:>12} {:>14}",
+                b.service,
+                b.address,
+                b.configured,
+                b.effective,
+                b.active,
+                b.new_flows,
+                b.packets,
+                b.bytes
             );
         }
     }

@@ -227,6 +227,7 @@ services:
     backends:
       - address: 198.18.0.11:8080
       - address: 198.18.0.12:8080
+    load_balancing: { vip: false }
     health_check: { interval: 200ms, timeout: 100ms }
     circuit_breaker: { failure_threshold: 3, reset_timeout: 2s, max_reset_timeout: 2s }
 "#;

@@ -1,0 +1,339 @@
+//! L4 load balancing (see `agent_common::lb`): flows to a service's VIP are pinned to a
+//! backend in `LB_CONNS` and rewritten toward it (DNAT); replies from the backend are
+//! rewritten back to the VIP using `LB_REVERSE`.
+
+use agent_common::{
+    breaker::{Enforce, FlowKey, STATE_HALF_OPEN, enforce},
+    classify::{ADDR_LEN, PROTO_TCP, PROTO_UDP},
+    lb::{
+        CONN_F_CLOSING, LB_F_ACTIVE, LB_LEAST_CONN, LB_NONE, LB_RETRIES, LB_WRR, LBSTAT_FORWARDED,
+        LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbReverse, LbService, MAX_LEAST_CONN_BACKENDS,
+        conn_expired, flow_hash,
+    },
+    maps::{STAGE_LB, STAGE_NAT},
+    reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::SVC_LB_LOST,
+};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ProgramArray};
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
+
+use crate::{
+    breaker::may_be_backend,
+    maps::{
+        BACKENDS, LB_ACTIVE, LB_ACTIVE_CONNS, LB_BACKENDS, LB_CONNS, LB_HANDOVER, LB_REVERSE,
+        LB_RR, LB_SVC, LB_TABLE, LEAST_CONN_BEST, SIDE_SRC,
+    },
+    nat::{Nat, Side},
+    parse::Parsed,
+    stats,
+};
+
+/// What balancing decided for a packet to a service.
+pub enum Forward {
+    /// Not balanced (no VIP, not TCP/UDP): go on unchanged.
+    Pass,
+    /// To this LB backend (index in `LB_BACKENDS`).
+    To(u32),
+    /// A new flow with no backend to take it (every weight 0, every breaker open): refuse it.
+    NoBackend,
+}
+
+/// Whether `service_id` is load-balanced (has a VIP).
+#[inline(always)]
+pub fn balanced(service_id: u32) -> bool {
+    LB_SVC
+        .get(service_id)
+        .is_some_and(|s| s.flags & LB_F_ACTIVE != 0)
+}
+
+/// Hands the packet to the balancing stage of the hook's `stages`. Returns only if the tail
+/// call failed (the stage is not loaded).
+#[inline(always)]
+pub fn hand_over<C: aya_ebpf::EbpfContext>(ctx: &C, service_id: u32, stages: &ProgramArray) {
+    if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; the tail-called program reads it on this CPU, before anything
+        // else can run here.
+        unsafe {
+            (*h).service_id = service_id;
+            stages.tail_call(ctx, STAGE_LB);
+        }
+    }
+}
+
+/// In the balancing stage: the service the main program handed over.
+#[inline(always)]
+pub fn handed_over() -> Option<u32> {
+    LB_HANDOVER.get(0).map(|h| h.service_id)
+}
+
+/// Hands the packet to the NAT stage of the hook's `stages`, to rewrite `side` to `addr` and
+/// `port`. Returns only if the tail call failed.
+#[inline(always)]
+pub fn hand_over_nat<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    stages: &ProgramArray,
+    side: u32,
+    addr: &[u8; ADDR_LEN],
+    port: u16,
+) {
+    if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
+        // SAFETY: as in `hand_over`.
+        unsafe {
+            (*h).side = side;
+            (*h).addr = *addr;
+            (*h).port = port;
+            stages.tail_call(ctx, STAGE_NAT);
+        }
+    }
+}
+
+/// The NAT stage: rewrites the packet as handed over. `Some(false)`: a DNAT that failed (the
+/// packet must not go to the VIP unchanged); `None` without a hand-over.
+#[inline(always)]
+pub fn nat<C: Nat>(ctx: &C, p: &Parsed) -> Option<bool> {
+    let h = LB_HANDOVER.get_ptr(0)?;
+    // SAFETY: this CPU's slot, written by the stage that tail-called this one.
+    let (side, addr, port) = unsafe { ((*h).side, &(*h).addr, (*h).port) };
+    let side = if side == SIDE_SRC {
+        Side::Src
+    } else {
+        Side::Dst
+    };
+    Some(ctx.nat(p, side, addr, port) || side == Side::Src)
+}
+
+/// Picks (or finds) the backend of a packet addressed to `service_id`'s VIP.
+// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+#[inline(never)]
+pub fn forward(service_id: u32, p: &Parsed) -> Forward {
+    let Some(svc) = LB_SVC.get(service_id) else {
+        return Forward::Pass;
+    };
+    if svc.flags & LB_F_ACTIVE == 0
+        || !p.has_ports
+        || (p.proto != PROTO_TCP && p.proto != PROTO_UDP)
+    {
+        return Forward::Pass;
+    }
+    let key = FlowKey {
+        client: p.src,
+        backend: p.dst,
+        client_port: p.sport,
+        backend_port: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tcp = p.proto == PROTO_TCP;
+    let backend = match LB_CONNS.get_ptr_mut(key) {
+        // SAFETY: a live map value for this run; fields are written whole.
+        // A SYN on a closing entry is a new connection reusing the 5-tuple: balanced afresh.
+        Some(c) if !conn_expired(unsafe { &*c }, tcp, now) && !reused(unsafe { &*c }, p) => unsafe {
+            (*c).last_ns = now;
+            let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+            if closing && (*c).flags & CONN_F_CLOSING == 0 {
+                (*c).flags |= CONN_F_CLOSING;
+                connections((*c).backend, false);
+            }
+            (*c).backend
+        },
+        _ => {
+            if tcp && p.tcp_flags & TCP_SYN == 0 {
+                stats::service(service_id, SVC_LB_LOST, 0);
+            }
+            let Some(b) = pick(svc, service_id, p) else {
+                return Forward::NoBackend;
+            };
+            track(&key, b, now, p);
+            b
+        }
+    };
+    Forward::To(backend)
+}
+
+/// A new TCP connection (a SYN without ACK) on the 5-tuple of one that closed.
+#[inline(always)]
+fn reused(c: &LbConn, p: &Parsed) -> bool {
+    c.flags & CONN_F_CLOSING != 0
+        && p.proto == PROTO_TCP
+        && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// The `LB_REVERSE` key of a packet that may be a backend's reply.
+#[inline(always)]
+fn reply_key(p: &Parsed) -> Option<FlowKey> {
+    if !p.has_ports || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !may_be_backend(p.sport) {
+        return None;
+    }
+    Some(FlowKey {
+        client: p.dst,
+        backend: p.src,
+        client_port: p.dport,
+        backend_port: p.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    })
+}
+
+/// In the main program: a reply to a balanced flow goes to the NAT stage, which gives it the
+/// VIP back as its source. Returns if it is not one, or the tail call failed.
+#[inline(always)]
+pub fn hand_over_reply<C: aya_ebpf::EbpfContext>(ctx: &C, p: &Parsed, stages: &ProgramArray) {
+    if let Some(key) = reply_key(p)
+        && let Some(rev) = unsafe { LB_REVERSE.get(key) }
+    {
+        hand_over_nat(ctx, stages, SIDE_SRC, &rev.vip, rev.vip_port);
+    }
+}
+
+/// The address and port of LB backend `index`.
+#[inline(always)]
+pub fn backend(index: u32) -> Option<([u8; ADDR_LEN], u16)> {
+    LB_BACKENDS.get(index).map(|b| (b.key.addr, b.key.port))
+}
+
+/// Counts a packet forwarded to LB backend `index`.
+#[inline(always)]
+pub fn count(index: u32, len: u64) {
+    stats::lb_backend(index, LBSTAT_FORWARDED, len);
+}
+
+/// Remembers a new flow both ways and counts it on its backend.
+// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+#[inline(never)]
+fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed) {
+    let Some(b) = LB_BACKENDS.get(backend) else {
+        return;
+    };
+    let conn = LbConn {
+        last_ns: now,
+        backend,
+        flags: 0,
+    };
+    let rkey = FlowKey {
+        client: p.src,
+        backend: b.key.addr,
+        client_port: p.sport,
+        backend_port: b.key.port,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let rev = LbReverse {
+        vip: p.dst,
+        vip_port: p.dport,
+        _pad: 0,
+    };
+    // Reverse first: a reply can only come after the forward packet leaves.
+    if LB_REVERSE.insert(rkey, rev, 0).is_ok() && LB_CONNS.insert(*key, conn, 0).is_ok() {
+        connections(backend, true);
+        stats::lb_backend(backend, LBSTAT_NEW_FLOWS, 0);
+    }
+}
+
+/// Active connections per backend, for `least_conn` and metrics.
+#[inline(always)]
+fn connections(backend: u32, up: bool) {
+    if let Some(n) = LB_ACTIVE_CONNS.get_ptr_mut(backend) {
+        // SAFETY: an aligned u64 in a live array value; atomic add/sub from any CPU.
+        unsafe {
+            if up {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1);
+            } else if *n > 0 {
+                atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1);
+            }
+        }
+    }
+}
+
+/// Whether the backend's breaker lets a new flow through (open: no; half-open: while quota
+/// is left; the breaker stage after DNAT takes the quota).
+#[inline(always)]
+fn admits(b: &LbBackend) -> bool {
+    match BACKENDS.get_ptr(b.key) {
+        None => true,
+        // SAFETY: a live map value for this run.
+        Some(st) => match enforce(unsafe { &*st }, true) {
+            Enforce::Pass => true,
+            Enforce::Trial => unsafe { (*st).state == STATE_HALF_OPEN && (*st).quota > 0 },
+            Enforce::Refuse | Enforce::Cut => false,
+        },
+    }
+}
+
+/// A backend for a new flow: the service's algorithm, skipping backends with weight 0 (not in
+/// the table) or whose breaker refuses.
+// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+#[inline(never)]
+fn pick(svc: &LbService, service_id: u32, p: &Parsed) -> Option<u32> {
+    if svc.algorithm == LB_LEAST_CONN {
+        return least_conn(svc);
+    }
+    let active = LB_ACTIVE.get(service_id).copied().unwrap_or(0);
+    let len = active >> 1;
+    if len == 0 || len > svc.table_size {
+        return None;
+    }
+    let start = if svc.algorithm == LB_WRR {
+        let n = LB_RR.get_ptr_mut(service_id)?;
+        // SAFETY: this CPU's slot; nothing else runs on this CPU while the program does.
+        unsafe {
+            let at = *n;
+            *n = at.wrapping_add(1);
+            at
+        }
+    } else {
+        flow_hash(&p.src, &p.dst, p.sport, p.dport, p.proto)
+    };
+    let base = svc.table_base + (active & 1) * svc.table_size;
+    let mut i = 0;
+    while i <= LB_RETRIES {
+        let at = start.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % len;
+        if let Some(&b) = LB_TABLE.get(base + at)
+            && b != LB_NONE
+            && let Some(backend) = LB_BACKENDS.get(b)
+            && admits(backend)
+        {
+            return Some(b);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The admitting backend with the fewest active connections per unit of weight.
+#[inline(always)]
+fn least_conn(svc: &LbService) -> Option<u32> {
+    let best = LEAST_CONN_BEST.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, for this run only (see `LeastConnBest`).
+    unsafe {
+        (*best).backend = LB_NONE;
+        (*best).conns = 0;
+        (*best).weight = 0;
+    }
+    let mut i = 0;
+    while i < MAX_LEAST_CONN_BACKENDS && i < svc.backend_count {
+        let idx = svc.backend_base + i;
+        i += 1;
+        let Some(b) = LB_BACKENDS.get(idx) else {
+            continue;
+        };
+        if b.weight == 0 || !admits(b) {
+            continue;
+        }
+        let conns = LB_ACTIVE_CONNS.get(idx).copied().unwrap_or(0);
+        let weight = u64::from(b.weight);
+        // SAFETY: as above.
+        unsafe {
+            // conns / weight < best.conns / best.weight, without division.
+            if (*best).backend == LB_NONE || conns * (*best).weight < (*best).conns * weight {
+                (*best).backend = idx;
+                (*best).conns = conns;
+                (*best).weight = weight;
+            }
+        }
+    }
+    // SAFETY: as above.
+    let best = unsafe { (*best).backend };
+    (best != LB_NONE).then_some(best)
+}

@@ -1,0 +1,358 @@
+//! The balancer: drives each balanced service's weights in the datapath.
+//!
+//! Every `TICK` it reads each backend's health and breaker (the supervisor's table), works
+//! out effective weights (`balance::weight::effective`: configured x health x slow-start
+//! ramp), and when they change, rebuilds the service's table (Maglev or weighted round
+//! robin), writes it into the half the datapath is not reading and flips `LB_ACTIVE`: one
+//! atomic swap per service. `least_conn` has no table; it reads the weights in
+//! `LB_BACKENDS`, which are written for every algorithm (status shows them).
+//!
+//! - Open breaker or unhealthy: weight 0, no new flows (established ones stay; the breaker's
+//!   `close_existing` decides about them).
+//! - Half-open: weight 1 (the start of a ramp): a trickle of flows, which the datapath caps
+//!   at the breaker's `half_open_max_flows`.
+//! - Closed again and healthy: the slow-start ramp begins (linear over `slow_start`, rebuilt
+//!   in at most `weight::MAX_STEPS` steps, never more often than `weight::MIN_STEP`).
+//! - Configured weight 0: drained.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::{
+    backends::{BackendStatus, BackendTable},
+    balance::{NO_BACKEND, backend_key, maglev, weight, weight::SlowStart, wrr},
+    config::{Algorithm, CompiledLb},
+    datapath::{DatapathError, LbCounters, LbMaps, ktime_now_ns},
+};
+
+/// How often health and breakers are read.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Two publishes of one service are at least this far apart, so the half being rewritten was
+/// flipped away from long before (a datapath run lasts microseconds).
+pub const MIN_PUBLISH_GAP: Duration = Duration::from_millis(50);
+/// The connection table is walked for occupancy this often.
+const OCCUPANCY_EVERY: Duration = Duration::from_secs(1);
+/// ...visiting at most this many entries.
+const OCCUPANCY_MAX_VISITS: usize = 1 << 20;
+
+/// What status and metrics show of one balanced backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbBackendView {
+    pub service: String,
+    pub address: String,
+    pub configured: u32,
+    /// The weight in the datapath now.
+    pub effective: u32,
+    /// Connections open now.
+    pub active: u64,
+    /// New flows pinned to it so far.
+    pub new_flows: u64,
+    /// Packets and bytes forwarded to it (client to backend).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What status and metrics show of one balanced service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbServiceView {
+    pub service: String,
+    pub algorithm: String,
+    /// Live connection-table entries (as of the last walk).
+    pub connections: u64,
+    /// New flows refused for want of an available backend.
+    pub no_backend: u64,
+    /// TCP packets whose connection-table entry was gone (evicted or expired).
+    pub lost: u64,
+    /// Table swaps so far.
+    pub publishes: u64,
+    pub write_errors: u64,
+}
+
+/// Shared between the balancer and the HTTP side.
+#[derive(Default)]
+pub struct LbView {
+    inner: Mutex<(Vec<LbServiceView>, Vec<LbBackendView>)>,
+}
+
+impl LbView {
+    pub fn snapshot(&self) -> (Vec<LbServiceView>, Vec<LbBackendView>) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+struct Service {
+    plan: CompiledLb,
+    slow: SlowStart<usize>,
+    /// Per backend: available (healthy, breaker closed) at the last tick.
+    available: Vec<bool>,
+    /// Per backend: weights in the datapath now, and the ones to publish.
+    written: Vec<u32>,
+    wanted: Vec<u32>,
+    last_build: Instant,
+    /// Configured weights changed since the last update.
+    dirty: bool,
+    last_publish: Option<Instant>,
+    publishes: u64,
+    write_errors: u64,
+}
+
+/// Writes the initial state of every balanced service (configured weights, table half 0),
+/// before the programs are attached.
+pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), DatapathError> {
+    for s in services {
+        let weights: Vec<u32> = s.backends.iter().map(|b| b.weight).collect();
+        maps.write_service(s, &weights)?;
+        if s.algorithm != Algorithm::LeastConn {
+            maps.publish(s, &table(s, &weights))?;
+        }
+    }
+    Ok(())
+}
+
+/// The table of `svc` for `weights` (LB indices; `NO_BACKEND` for none).
+pub fn table(svc: &CompiledLb, weights: &[u32]) -> Vec<u32> {
+    let local = match svc.algorithm {
+        Algorithm::Maglev => {
+            let keyed: Vec<(u64, u32)> = svc
+                .backends
+                .iter()
+                .zip(weights)
+                .map(|(b, &w)| (backend_key(&b.address), w))
+                .collect();
+            maglev::build(&keyed, svc.capacity)
+        }
+        // Validation keeps live backends within the schedule's capacity; an error (none
+        // expected) leaves the schedule empty: new flows are refused, never misrouted.
+        Algorithm::WeightedRoundRobin => wrr::build(weights, svc.capacity).unwrap_or_default(),
+        Algorithm::LeastConn => Vec::new(),
+    };
+    local
+        .into_iter()
+        .map(|i| {
+            if i == NO_BACKEND {
+                NO_BACKEND
+            } else {
+                svc.index(i as usize)
+            }
+        })
+        .collect()
+}
+
+/// Configured weights of every balanced service's backends, in order: what a reload may
+/// change.
+pub fn configured(services: &[CompiledLb]) -> Vec<Vec<u32>> {
+    services
+        .iter()
+        .map(|s| s.backends.iter().map(|b| b.weight).collect())
+        .collect()
+}
+
+/// Runs until `stop`; blocking (map syscalls), so on a blocking thread. `weights` brings the
+/// configured weights of a reloaded policy.
+pub fn run(
+    mut maps: LbMaps,
+    services: Vec<CompiledLb>,
+    health: Option<Arc<BackendTable>>,
+    view: Arc<LbView>,
+    mut weights: watch::Receiver<Vec<Vec<u32>>>,
+    stop: watch::Receiver<bool>,
+) {
+    let now = Instant::now();
+    let mut services: Vec<Service> = services
+        .into_iter()
+        .map(|plan| {
+            let configured: Vec<u32> = plan.backends.iter().map(|b| b.weight).collect();
+            Service {
+                slow: SlowStart::new(plan.slow_start),
+                available: vec![true; plan.backends.len()],
+                written: configured.clone(),
+                wanted: configured,
+                last_build: now,
+                dirty: false,
+                last_publish: None,
+                publishes: 0,
+                write_errors: 0,
+                plan,
+            }
+        })
+        .collect();
+    let mut occupancy = HashMap::new();
+    let mut last_walk: Option<Instant> = None;
+    while !*stop.borrow() {
+        let now = Instant::now();
+        let statuses = health.as_ref().map(|t| t.snapshot()).unwrap_or_default();
+        let reloaded = weights.has_changed().unwrap_or(false);
+        if reloaded {
+            let new = weights.borrow_and_update().clone();
+            for (s, w) in services.iter_mut().zip(new) {
+                s.reconfigure(&w);
+            }
+        }
+        for s in &mut services {
+            s.update(&statuses, now);
+            s.sync(&mut maps, now);
+        }
+        if last_walk.is_none_or(|t| now.duration_since(t) >= OCCUPANCY_EVERY)
+            && let Some(ns) = ktime_now_ns()
+        {
+            occupancy = maps.occupancy(ns, OCCUPANCY_MAX_VISITS);
+            last_walk = Some(now);
+        }
+        publish_view(&maps, &services, &occupancy, &view);
+        std::thread::sleep(TICK);
+    }
+}
+
+impl Service {
+    /// New configured weights (a reload): taken at the next update.
+    fn reconfigure(&mut self, weights: &[u32]) {
+        for (b, &w) in self.plan.backends.iter_mut().zip(weights) {
+            if b.weight != w {
+                b.weight = w;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Reads health and breakers, moves slow-start ramps, and works out the wanted weights.
+    fn update(&mut self, statuses: &[BackendStatus], now: Instant) {
+        let mut changed = std::mem::take(&mut self.dirty);
+        let mut states = Vec::with_capacity(self.plan.backends.len());
+        for (i, b) in self.plan.backends.iter().enumerate() {
+            let address = b.address.to_string();
+            let st = statuses
+                .iter()
+                .find(|s| s.service == self.plan.name && s.address == address);
+            let healthy = st.is_none_or(|s| s.health != "unhealthy");
+            let breaker = st.and_then(|s| s.breaker.as_deref()).unwrap_or("closed");
+            let available = healthy && breaker == "closed";
+            if available != self.available[i] {
+                changed = true;
+                if available {
+                    self.slow.recovered(i, now);
+                } else {
+                    self.slow.lost(&i);
+                }
+                self.available[i] = available;
+            }
+            states.push((healthy, breaker == "open", breaker == "half_open"));
+        }
+        let ramp_due = self
+            .slow
+            .next_rebuild(self.last_build)
+            .is_some_and(|t| t <= now);
+        if !changed && !ramp_due {
+            return;
+        }
+        self.last_build = now;
+        self.wanted = self
+            .plan
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let (healthy, open, half_open) = states[i];
+                if half_open {
+                    return if healthy { b.weight.min(1) } else { 0 };
+                }
+                weight::effective(
+                    b.weight,
+                    healthy,
+                    open,
+                    false,
+                    self.slow.recovered_at(&i),
+                    self.slow.window(),
+                    now,
+                )
+            })
+            .collect();
+        self.slow.expire(now);
+    }
+
+    /// Writes the wanted weights when they differ from the datapath's; a failed write is
+    /// retried on the next tick.
+    fn sync(&mut self, maps: &mut LbMaps, now: Instant) {
+        if self.wanted == self.written {
+            return;
+        }
+        if self
+            .last_publish
+            .is_some_and(|t| now.duration_since(t) < MIN_PUBLISH_GAP)
+        {
+            return;
+        }
+        let result = (|| -> Result<(), DatapathError> {
+            for (i, (&w, &old)) in self.wanted.iter().zip(&self.written).enumerate() {
+                if w != old {
+                    maps.write_weight(&self.plan, i, w)?;
+                }
+            }
+            if self.plan.algorithm != Algorithm::LeastConn {
+                maps.publish(&self.plan, &table(&self.plan, &self.wanted))?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    "service {}: weights {:?} -> {:?}",
+                    self.plan.name,
+                    self.written,
+                    self.wanted
+                );
+                self.written = self.wanted.clone();
+                self.last_publish = Some(now);
+                self.publishes += 1;
+            }
+            Err(e) => {
+                self.write_errors += 1;
+                tracing::warn!("service {}: writing weights: {e}; retrying", self.plan.name);
+            }
+        }
+    }
+}
+
+fn publish_view(
+    maps: &LbMaps,
+    services: &[Service],
+    occupancy: &HashMap<([u8; 16], u16), u64>,
+    view: &LbView,
+) {
+    let mut svcs = Vec::with_capacity(services.len());
+    let mut backends = Vec::new();
+    for s in services {
+        let (no_backend, lost) = maps.service_counters(&s.plan).unwrap_or_default();
+        svcs.push(LbServiceView {
+            service: s.plan.name.clone(),
+            algorithm: s.plan.algorithm.to_string(),
+            connections: occupancy.get(&s.plan.vip_key()).copied().unwrap_or(0),
+            no_backend,
+            lost,
+            publishes: s.publishes,
+            write_errors: s.write_errors,
+        });
+        for (i, b) in s.plan.backends.iter().enumerate() {
+            let c: LbCounters = maps.counters(&s.plan, i).unwrap_or_default();
+            backends.push(LbBackendView {
+                service: s.plan.name.clone(),
+                address: b.address.to_string(),
+                configured: b.weight,
+                effective: s.written[i],
+                active: c.active,
+                new_flows: c.new_flows,
+                packets: c.forwarded.packets,
+                bytes: c.forwarded.bytes,
+            });
+        }
+    }
+    *view.inner.lock().unwrap_or_else(PoisonError::into_inner) = (svcs, backends);
+}

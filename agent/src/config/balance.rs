@@ -1,0 +1,120 @@
+//! Compiling the balanced services (`load_balancing.vip`): where each one's backends and table
+//! halves sit in the datapath's shared arrays. Weights are not here: they change at run time
+//! (health, breakers, slow start) and the balancer writes them.
+
+use std::{net::SocketAddr, time::Duration};
+
+use agent_common::{
+    breaker::BackendKey,
+    classify::{PROTO_TCP, PROTO_UDP},
+    lb::{LB_F_ACTIVE, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService},
+};
+
+use super::{
+    compile::backend_key,
+    model::{Algorithm, Policy, Protocol},
+};
+use crate::balance::wrr::DEFAULT_MAX_LEN;
+
+/// One balanced service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledLb {
+    /// Service id (policy index).
+    pub service: usize,
+    pub name: String,
+    /// The address and port clients connect to (`match`).
+    pub vip: SocketAddr,
+    pub algorithm: Algorithm,
+    pub slow_start: Duration,
+    /// Entries of one table half: the Maglev table size; for weighted round robin the longest
+    /// schedule (the sum of configured weights, at most `wrr::DEFAULT_MAX_LEN`); 0 for
+    /// `least_conn`, which has no table.
+    pub capacity: u32,
+    /// Index of half 0 in `LB_TABLE`; half 1 follows it.
+    pub table_base: u32,
+    /// LB index (in `LB_BACKENDS`) of the first backend; the others follow, in policy order.
+    pub backend_base: u32,
+    pub backends: Vec<LbBackendPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbBackendPlan {
+    pub address: SocketAddr,
+    /// Configured weight (0 to 1000).
+    pub weight: u32,
+    /// The key its breaker has in `BACKENDS` (TCP for services matching `tcp` or `any`).
+    pub key: BackendKey,
+}
+
+impl CompiledLb {
+    /// The service's `LB_SVC` entry.
+    pub fn service_entry(&self) -> LbService {
+        LbService {
+            flags: LB_F_ACTIVE,
+            algorithm: match self.algorithm {
+                Algorithm::Maglev => LB_MAGLEV,
+                Algorithm::WeightedRoundRobin => LB_WRR,
+                Algorithm::LeastConn => LB_LEAST_CONN,
+            },
+            table_base: self.table_base,
+            table_size: self.capacity,
+            backend_base: self.backend_base,
+            backend_count: self.backends.len() as u32,
+        }
+    }
+
+    /// The VIP as the datapath's flow keys hold it (IPv4 as `::ffff:a.b.c.d`).
+    pub fn vip_key(&self) -> ([u8; 16], u16) {
+        let k = backend_key(self.vip, PROTO_TCP);
+        (k.addr, k.port)
+    }
+
+    /// LB index of backend `i` of the service.
+    pub fn index(&self, i: usize) -> u32 {
+        self.backend_base + i as u32
+    }
+}
+
+/// Every balanced service, in policy order, and the `LB_TABLE` size they need (at least 1).
+pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32) {
+    let (mut table, mut backends) = (0u32, 0u32);
+    let mut out = Vec::new();
+    for (service, s) in policy.services.iter().enumerate() {
+        let lb = s.load_balancing.clone().unwrap_or_default();
+        if s.backends.is_empty() || !lb.vip {
+            continue;
+        }
+        let configured: u64 = s.backends.iter().map(|b| u64::from(b.weight)).sum();
+        let capacity = match lb.algorithm {
+            Algorithm::Maglev => lb.table_size,
+            Algorithm::WeightedRoundRobin => configured.clamp(1, u64::from(DEFAULT_MAX_LEN)) as u32,
+            Algorithm::LeastConn => 0,
+        };
+        let proto = match s.r#match.protocol {
+            Protocol::Udp => PROTO_UDP,
+            Protocol::Tcp | Protocol::Any => PROTO_TCP,
+        };
+        out.push(CompiledLb {
+            service,
+            name: s.name.clone(),
+            vip: SocketAddr::new(s.r#match.address.addr(), s.r#match.port.unwrap_or(0)),
+            algorithm: lb.algorithm,
+            slow_start: lb.slow_start,
+            capacity,
+            table_base: table,
+            backend_base: backends,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| LbBackendPlan {
+                    address: b.address,
+                    weight: u32::from(b.weight),
+                    key: backend_key(b.address, proto),
+                })
+                .collect(),
+        });
+        table = table.saturating_add(capacity.saturating_mul(2));
+        backends += s.backends.len() as u32;
+    }
+    (out, table.max(1))
+}
