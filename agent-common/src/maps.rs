@@ -71,3 +71,8 @@ pub const MAP_STAGES_TC: &str = "STAGES_TC";
 /// Slots in each stage array.
 pub const STAGE_LB: u32 = 0;
 pub const STAGE_NAT: u32 = 1;
+pub const STAGE_ANSWER: u32 = 2;
+/// The answer stage of each hook: a RST / ICMP unreachable for a balanced flow that no backend
+/// takes or whose backend's breaker refuses it (from the VIP the client addressed).
+pub const PROG_XDP_ANSWER: &str = "agent_xdp_answer";
+pub const PROG_TC_ANSWER: &str = "agent_tc_answer";

@@ -37,6 +37,9 @@ pub const SVC_NO_BACKEND: u32 = 5;
 /// table (evicted by the LRU, or expired): it is balanced again (Maglev finds the same backend
 /// while the table is unchanged).
 pub const SVC_LB_LOST: u32 = 6;
+/// A balanced service's new flow whose connection-table entry took the place of an expired or
+/// closed one with the same 5-tuple (not an eviction: the agent subtracts these).
+pub const SVC_LB_REPLACED: u32 = 7;
 pub const SVC_STAT_SLOTS: u32 = 8;
 
 /// Drop reasons as exported in metrics, by slot.

@@ -10,11 +10,11 @@ use agent_common::{
         LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbReverse, LbService, MAX_LEAST_CONN_BACKENDS,
         conn_expired, flow_hash,
     },
-    maps::{STAGE_LB, STAGE_NAT},
+    maps::{STAGE_ANSWER, STAGE_LB, STAGE_NAT},
     reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::SVC_LB_LOST,
+    stats::{SVC_LB_LOST, SVC_LB_REPLACED},
 };
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::ProgramArray};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::ProgramArray};
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use crate::{
@@ -87,6 +87,32 @@ pub fn hand_over_nat<C: aya_ebpf::EbpfContext>(
     }
 }
 
+/// Hands the packet to the answer stage of the hook's `stages`, which answers it (RST / ICMP
+/// unreachable, from the VIP) and counts the answer on backend `id` in `slot`. Returns only
+/// if the tail call failed.
+#[inline(always)]
+pub fn hand_over_answer<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    stages: &ProgramArray,
+    id: u32,
+    slot: u32,
+) {
+    if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
+        // SAFETY: as in `hand_over`.
+        unsafe {
+            (*h).answer_id = id;
+            (*h).answer_slot = slot;
+            stages.tail_call(ctx, STAGE_ANSWER);
+        }
+    }
+}
+
+/// In the answer stage: the backend and counter slot the balancing stage handed over.
+#[inline(always)]
+pub fn answer_handed_over() -> Option<(u32, u32)> {
+    LB_HANDOVER.get(0).map(|h| (h.answer_id, h.answer_slot))
+}
+
 /// The NAT stage: rewrites the packet as handed over. `Some(false)`: a DNAT that failed (the
 /// packet must not go to the VIP unchanged); `None` without a hand-over.
 #[inline(always)]
@@ -145,7 +171,7 @@ pub fn forward(service_id: u32, p: &Parsed) -> Forward {
             let Some(b) = pick(svc, service_id, p) else {
                 return Forward::NoBackend;
             };
-            track(&key, b, now, p);
+            track(&key, b, now, p, service_id);
             b
         }
     };
@@ -202,7 +228,7 @@ pub fn count(index: u32, len: u64) {
 /// Remembers a new flow both ways and counts it on its backend.
 // A BPF subprogram with its own stack frame (see "Stack" in main.rs).
 #[inline(never)]
-fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed) {
+fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) {
     let Some(b) = LB_BACKENDS.get(backend) else {
         return;
     };
@@ -225,9 +251,22 @@ fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed) {
         _pad: 0,
     };
     // Reverse first: a reply can only come after the forward packet leaves.
-    if LB_REVERSE.insert(rkey, rev, 0).is_ok() && LB_CONNS.insert(*key, conn, 0).is_ok() {
-        connections(backend, true);
-        stats::lb_backend(backend, LBSTAT_NEW_FLOWS, 0);
+    if LB_REVERSE.insert(rkey, rev, 0).is_err() {
+        return;
+    }
+    // An entry of this 5-tuple may be there, expired or closed: then it is replaced (counted,
+    // so the agent can tell evictions from replacements).
+    let replaced = if LB_CONNS.insert(*key, conn, u64::from(BPF_NOEXIST)).is_ok() {
+        false
+    } else if LB_CONNS.insert(*key, conn, 0).is_ok() {
+        true
+    } else {
+        return;
+    };
+    connections(backend, true);
+    stats::lb_backend(backend, LBSTAT_NEW_FLOWS, 0);
+    if replaced {
+        stats::service(service_id, SVC_LB_REPLACED, 0);
     }
 }
 

@@ -57,7 +57,7 @@ use aya_log_ebpf::warn;
 
 use crate::{
     limit::Verdict,
-    maps::{SIDE_DST, STAGES_TC, STAGES_XDP, SVC_CFG},
+    maps::{NO_BACKEND_ID, SIDE_DST, STAGES_TC, STAGES_XDP, SVC_CFG},
     parse::{Packet, ParseError, Parsed},
     reply::Rewrite,
 };
@@ -84,6 +84,14 @@ pub fn agent_xdp_lb(ctx: XdpContext) -> u32 {
     let pkt = ctx.packet();
     let len = pkt.len();
     xdp_action(balanced(&ctx, &pkt, len, false, &STAGES_XDP))
+}
+
+/// The answer stage of XDP, tail-called by `agent_xdp_lb`.
+#[xdp]
+pub fn agent_xdp_answer(ctx: XdpContext) -> u32 {
+    let pkt = ctx.packet();
+    let len = pkt.len();
+    xdp_action(answer_stage(&ctx, &pkt, len))
 }
 
 /// The NAT stage of XDP, tail-called by `agent_xdp_lb` (DNAT) or `agent_xdp` (reverse NAT).
@@ -129,6 +137,16 @@ pub fn agent_tc_lb(ctx: TcContext) -> i32 {
     )
 }
 
+/// The answer stage of TC egress, tail-called by `agent_tc_lb`.
+#[classifier]
+pub fn agent_tc_answer(ctx: TcContext) -> i32 {
+    let pkt = ctx.packet();
+    let len = u64::from(ctx.len());
+    // SAFETY: the context's own skb, valid for this run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    tc_action(answer_stage(&ctx, &pkt, len), ifindex)
+}
+
 /// The NAT stage of TC egress, tail-called by `agent_tc_lb` (DNAT) or `agent_tc_egress`
 /// (reverse NAT of replies from a backend on this host).
 #[classifier]
@@ -164,7 +182,7 @@ fn tc_action(action: Action, ifindex: u32) -> i32 {
 /// handed over picked (or found in the connection table), that backend's breaker, then the
 /// NAT stage. Fails open without a service.
 #[inline(always)]
-fn balanced<C: aya_ebpf::EbpfContext + Rewrite>(
+fn balanced<C: aya_ebpf::EbpfContext>(
     ctx: &C,
     pkt: &Packet,
     len: u64,
@@ -181,25 +199,59 @@ fn balanced<C: aya_ebpf::EbpfContext + Rewrite>(
         }
         lb::Forward::NoBackend => {
             stats::service(id, SVC_NO_BACKEND, len);
-            return answer_or_drop(ctx, &parsed);
+            lb::hand_over_answer(ctx, stages, NO_BACKEND_ID, 0);
+            return Action::Drop;
         }
         lb::Forward::To(b) => match lb::backend(b) {
             Some((addr, port)) => (b, addr, port),
             None => return Action::Drop,
         },
     };
-    // The breaker sees the backend; an answer goes back from the VIP the client addressed.
+    // The breaker sees the backend. An answer goes back from the VIP the client addressed,
+    // built in a stage of its own: no packet access here after parsing keeps the verifier's
+    // paths through the pick few (parse results then merge).
     let mut to_backend = parsed;
     to_backend.dst = addr;
     to_backend.dport = port;
-    if let Some(action) = breaker_stage(ctx, &to_backend, &parsed, len, exempt) {
-        return action;
-    }
-    stats::service(id, SVC_PASSED, len);
-    lb::count(backend, len);
-    lb::hand_over_nat(ctx, stages, SIDE_DST, &addr, port);
-    // Only if the NAT stage is not loaded: the packet must not reach the VIP half-done.
+    let answer = match breaker::check(&to_backend, len, exempt) {
+        breaker::Verdict::Continue => {
+            stats::service(id, SVC_PASSED, len);
+            lb::count(backend, len);
+            lb::hand_over_nat(ctx, stages, SIDE_DST, &addr, port);
+            // Only if the NAT stage is not loaded: the packet must not reach the VIP
+            // half-done.
+            return Action::Drop;
+        }
+        breaker::Verdict::Drop { id } => {
+            stats::backend(id, BSTAT_DROP, len);
+            return Action::Drop;
+        }
+        breaker::Verdict::Refuse { id } => (id, refusal_slot(&parsed)),
+        breaker::Verdict::Cut { id } => (id, BSTAT_CUT),
+    };
+    lb::hand_over_answer(ctx, stages, answer.0, answer.1);
     Action::Drop
+}
+
+/// The answer stage: answers the packet the balancing stage could not send on, from the VIP.
+#[inline(always)]
+fn answer_stage<C: Rewrite>(ctx: &C, pkt: &Packet, len: u64) -> Action {
+    let (Ok(parsed), Some((id, slot))) = (parse::parse(pkt), lb::answer_handed_over()) else {
+        return Action::Drop;
+    };
+    if id == NO_BACKEND_ID {
+        return answer_or_drop(ctx, &parsed);
+    }
+    bounce(ctx, &parsed, id, slot, len)
+}
+
+#[inline(always)]
+fn refusal_slot(parsed: &Parsed) -> u32 {
+    if parsed.proto == PROTO_TCP {
+        BSTAT_REJECT_RST
+    } else {
+        BSTAT_REJECT_ICMP
+    }
 }
 
 /// `exempt`: the agent's own health probe, which no breaker may stop.
@@ -258,7 +310,7 @@ fn process<C: aya_ebpf::EbpfContext + Rewrite + nat::Nat>(
         stats::service(id, SVC_PASSED, len);
         return Action::Pass;
     }
-    if let Some(action) = breaker_stage(ctx, &parsed, &parsed, len, exempt) {
+    if let Some(action) = breaker_stage(ctx, &parsed, len, exempt) {
         return action;
     }
     match service {
@@ -269,31 +321,16 @@ fn process<C: aya_ebpf::EbpfContext + Rewrite + nat::Nat>(
 }
 
 /// The breaker's verdict on a packet: `None` to go on.
-/// `answered`: the packet as an answer must see it (for a balanced flow, still addressed to
-/// the VIP, while `parsed` names the backend).
 #[inline(always)]
-fn breaker_stage<C: Rewrite>(
-    ctx: &C,
-    parsed: &Parsed,
-    answered: &Parsed,
-    len: u64,
-    exempt: bool,
-) -> Option<Action> {
+fn breaker_stage<C: Rewrite>(ctx: &C, parsed: &Parsed, len: u64, exempt: bool) -> Option<Action> {
     match breaker::check(parsed, len, exempt) {
         breaker::Verdict::Continue => None,
         breaker::Verdict::Drop { id } => {
             stats::backend(id, BSTAT_DROP, len);
             Some(Action::Drop)
         }
-        breaker::Verdict::Refuse { id } => {
-            let slot = if parsed.proto == PROTO_TCP {
-                BSTAT_REJECT_RST
-            } else {
-                BSTAT_REJECT_ICMP
-            };
-            Some(bounce(ctx, answered, id, slot, len))
-        }
-        breaker::Verdict::Cut { id } => Some(bounce(ctx, answered, id, BSTAT_CUT, len)),
+        breaker::Verdict::Refuse { id } => Some(bounce(ctx, parsed, id, refusal_slot(parsed), len)),
+        breaker::Verdict::Cut { id } => Some(bounce(ctx, parsed, id, BSTAT_CUT, len)),
     }
 }
 

@@ -101,9 +101,9 @@ pub static LB_REVERSE: LruHashMap<FlowKey, LbReverse> =
 
 /// The balancing and reverse-NAT stages of XDP, and of TC (`STAGE_*` slots).
 #[map]
-pub static STAGES_XDP: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static STAGES_XDP: ProgramArray = ProgramArray::with_max_entries(3, 0);
 #[map]
-pub static STAGES_TC: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static STAGES_TC: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 /// What one stage hands the next one it tail-calls (same CPU, no preemption in between): the
 /// main program to the balancing stage, the service; the balancing stage or the main program
@@ -117,7 +117,14 @@ pub struct Handover {
     pub addr: [u8; ADDR_LEN],
     pub port: u16,
     pub _pad: u16,
+    /// For the answer stage: the backend whose counters count the answer (`NO_BACKEND_ID`:
+    /// none, the service had no backend for the flow) and the `BSTAT_*` slot.
+    pub answer_id: u32,
+    pub answer_slot: u32,
 }
+
+/// `Handover::answer_id` when no backend's counters apply.
+pub const NO_BACKEND_ID: u32 = u32::MAX;
 
 pub const SIDE_DST: u32 = 0;
 pub const SIDE_SRC: u32 = 1;

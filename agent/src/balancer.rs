@@ -65,6 +65,9 @@ pub struct LbServiceView {
     pub algorithm: String,
     /// Live connection-table entries (as of the last walk).
     pub connections: u64,
+    /// Entries the LRU evicted (as of the last walk): flows tracked, minus those that took an
+    /// expired entry's place, minus the entries present.
+    pub evictions: u64,
     /// New flows refused for want of an available backend.
     pub no_backend: u64,
     /// TCP packets whose connection-table entry was gone (evicted or expired).
@@ -185,7 +188,7 @@ pub fn run(
             }
         })
         .collect();
-    let mut occupancy = HashMap::new();
+    let mut occupancy = Occupancy::default();
     let mut last_walk: Option<Instant> = None;
     while !*stop.borrow() {
         let now = Instant::now();
@@ -204,7 +207,7 @@ pub fn run(
         if last_walk.is_none_or(|t| now.duration_since(t) >= OCCUPANCY_EVERY)
             && let Some(ns) = ktime_now_ns()
         {
-            occupancy = maps.occupancy(ns, OCCUPANCY_MAX_VISITS);
+            occupancy = Occupancy::walk(&maps, &services, ns);
             last_walk = Some(now);
         }
         publish_view(&maps, &services, &occupancy, &view);
@@ -321,22 +324,65 @@ impl Service {
     }
 }
 
-fn publish_view(
-    maps: &LbMaps,
-    services: &[Service],
-    occupancy: &HashMap<([u8; 16], u16), u64>,
-    view: &LbView,
-) {
+/// The connection table as of one walk, with the counters read right after it.
+#[derive(Default)]
+struct Occupancy {
+    /// Per VIP: (live, all) entries.
+    table: HashMap<([u8; 16], u16), (u64, u64)>,
+    /// Per service id: flows tracked, and flows that replaced an entry, read after the walk.
+    new_flows: HashMap<usize, u64>,
+    replaced: HashMap<usize, u64>,
+}
+
+impl Occupancy {
+    fn walk(maps: &LbMaps, services: &[Service], now_ns: u64) -> Occupancy {
+        let table = maps.occupancy(now_ns, OCCUPANCY_MAX_VISITS);
+        let mut new_flows = HashMap::new();
+        let mut replaced = HashMap::new();
+        for s in services {
+            let flows: u64 = (0..s.plan.backends.len())
+                .filter_map(|i| maps.counters(&s.plan, i).ok())
+                .map(|c| c.new_flows)
+                .sum();
+            new_flows.insert(s.plan.service, flows);
+            let c = maps.service_counters(&s.plan).unwrap_or_default();
+            replaced.insert(s.plan.service, c.replaced);
+        }
+        Occupancy {
+            table,
+            new_flows,
+            replaced,
+        }
+    }
+}
+
+fn publish_view(maps: &LbMaps, services: &[Service], occupancy: &Occupancy, view: &LbView) {
     let mut svcs = Vec::with_capacity(services.len());
     let mut backends = Vec::new();
     for s in services {
-        let (no_backend, lost) = maps.service_counters(&s.plan).unwrap_or_default();
+        let c = maps.service_counters(&s.plan).unwrap_or_default();
+        let (live, present) = occupancy
+            .table
+            .get(&s.plan.vip_key())
+            .copied()
+            .unwrap_or_default();
+        let tracked = occupancy
+            .new_flows
+            .get(&s.plan.service)
+            .copied()
+            .unwrap_or(0);
+        let replaced = occupancy
+            .replaced
+            .get(&s.plan.service)
+            .copied()
+            .unwrap_or(0);
         svcs.push(LbServiceView {
             service: s.plan.name.clone(),
             algorithm: s.plan.algorithm.to_string(),
-            connections: occupancy.get(&s.plan.vip_key()).copied().unwrap_or(0),
-            no_backend,
-            lost,
+            connections: live,
+            evictions: tracked.saturating_sub(replaced).saturating_sub(present),
+            no_backend: c.no_backend,
+            lost: c.lost,
             publishes: s.publishes,
             write_errors: s.write_errors,
         });

@@ -85,6 +85,9 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
             None
         }
     };
+    for (program, insns) in datapath.verified_instructions() {
+        tracing::debug!("{program}: {insns:?} instructions verified (budget 1,000,000)");
+    }
     let report = datapath.apply(&plan.compiled)?;
     tracing::info!("policy written to the maps: {report:?}");
     // Balanced services get their tables before any packet can reach the programs.

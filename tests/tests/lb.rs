@@ -283,6 +283,33 @@ fn spread(algorithm: &str, weights: &[u32]) -> Result<()> {
         &counts,
         weights,
     )?;
+    // The datapath's own counts: a new flow per connection on the backend that took it, and
+    // no eviction from a table with room for all of them (read after the next table walk).
+    wait(
+        "the agent's counters to agree with the backends",
+        SETUP,
+        || {
+            let text = lab.agent().metrics()?;
+            let flows: Vec<u64> = lab
+                .backends
+                .iter()
+                .map(|b| {
+                    metric(
+                        &text,
+                        "agent_lb_backend_new_flows_total",
+                        &[("service", "web"), ("backend", &b.to_string())],
+                    )
+                    .map_or(0, |v| v as u64)
+                })
+                .collect();
+            let evictions = metric(
+                &text,
+                "agent_lb_conntrack_evictions_total",
+                &[("service", "web")],
+            );
+            Ok(flows == counts && evictions == Some(0.0))
+        },
+    )?;
     Ok(())
 }
 
@@ -580,8 +607,14 @@ fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
             })
             .collect()
     })??;
+    // Health probes connect to the backends too: wait for these very client ports.
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|s| Ok(s.local_addr()?.port()))
+        .collect::<Result<_>>()?;
     wait("the held connections accepted", SETUP, || {
-        Ok(lab.accepted().iter().sum::<u64>() == 30)
+        let seen = lab.backend_by_client_port();
+        Ok(ports.iter().all(|p| seen.contains_key(p)))
     })?;
     let owner = lab.backend_by_client_port();
     let hung = lab.backends[2];

@@ -19,7 +19,7 @@ use agent_common::{
         MAP_LB_ACTIVE, MAP_LB_ACTIVE_CONNS, MAP_LB_BACKENDS, MAP_LB_CONNS, MAP_LB_STATS,
         MAP_LB_SVC, MAP_LB_TABLE, MAP_SVC_STATS,
     },
-    stats::{SVC_LB_LOST, SVC_NO_BACKEND, svc_slot},
+    stats::{SVC_LB_LOST, SVC_LB_REPLACED, SVC_NO_BACKEND, svc_slot},
 };
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 
@@ -168,9 +168,8 @@ impl LbMaps {
         })
     }
 
-    /// New flows refused for want of a backend, and TCP packets whose flow had lost its
-    /// connection-table entry (`SVC_LB_LOST`), for one service.
-    pub fn service_counters(&self, svc: &CompiledLb) -> Result<(u64, u64), DatapathError> {
+    /// Per-service counters of the datapath (summed over CPUs).
+    pub fn service_counters(&self, svc: &CompiledLb) -> Result<LbServiceCounters, DatapathError> {
         let sum = |slot| -> Result<u64, DatapathError> {
             let values = self
                 .svc_stats
@@ -178,22 +177,44 @@ impl LbMaps {
                 .map_err(map_err(MAP_SVC_STATS))?;
             Ok(values.iter().map(|c| c.packets).sum())
         };
-        Ok((sum(SVC_NO_BACKEND)?, sum(SVC_LB_LOST)?))
+        Ok(LbServiceCounters {
+            no_backend: sum(SVC_NO_BACKEND)?,
+            lost: sum(SVC_LB_LOST)?,
+            replaced: sum(SVC_LB_REPLACED)?,
+        })
     }
 
-    /// Live connection-table entries per VIP (address, port), walking at most `max_visits`
-    /// keys. Expired entries the LRU still holds are not counted.
-    pub fn occupancy(&self, now_ns: u64, max_visits: usize) -> StdHashMap<([u8; 16], u16), u64> {
+    /// Connection-table entries per VIP (address, port): (live, all), walking at most
+    /// `max_visits` keys. Live entries are those not expired; expired ones stay in the table
+    /// until the LRU evicts them or their 5-tuple comes back.
+    pub fn occupancy(
+        &self,
+        now_ns: u64,
+        max_visits: usize,
+    ) -> StdHashMap<([u8; 16], u16), (u64, u64)> {
         let mut out = StdHashMap::new();
         for item in self.conns.iter().take(max_visits) {
             let Ok((key, conn)) = item else {
                 continue;
             };
             let tcp = key.proto == agent_common::classify::PROTO_TCP;
+            let e: &mut (u64, u64) = out.entry((key.backend, key.backend_port)).or_default();
+            e.1 += 1;
             if !conn_expired(&conn, tcp, now_ns) {
-                *out.entry((key.backend, key.backend_port)).or_insert(0) += 1;
+                e.0 += 1;
             }
         }
         out
     }
+}
+
+/// What the datapath counted for one balanced service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LbServiceCounters {
+    /// New flows refused for want of an available backend.
+    pub no_backend: u64,
+    /// TCP packets (not SYNs) whose flow had no live entry.
+    pub lost: u64,
+    /// New flows whose entry replaced an expired or closed one of the same 5-tuple.
+    pub replaced: u64,
 }

@@ -8,12 +8,13 @@ mod maps;
 
 pub use attach::{AttachSpec, XdpModeSetting};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
-pub use lb::{LbCounters, LbMaps};
+pub use lb::{LbCounters, LbMaps, LbServiceCounters};
 pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
 
 use agent_common::maps::{
-    MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_STAGES_TC, MAP_STAGES_XDP, PROG_TC_EGRESS, PROG_TC_LB,
-    PROG_TC_NAT, PROG_XDP, PROG_XDP_LB, PROG_XDP_NAT, STAGE_LB, STAGE_NAT,
+    MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_STAGES_TC, MAP_STAGES_XDP, PROG_TC_ANSWER, PROG_TC_EGRESS,
+    PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER,
+    STAGE_LB, STAGE_NAT,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -94,16 +95,36 @@ where
         .map_err(map_err(name))
 }
 
+/// Every program of the object the agent loads.
+const PROGRAMS: [&str; 8] = [
+    PROG_XDP,
+    PROG_TC_EGRESS,
+    PROG_XDP_LB,
+    PROG_TC_LB,
+    PROG_XDP_NAT,
+    PROG_TC_NAT,
+    PROG_XDP_ANSWER,
+    PROG_TC_ANSWER,
+];
+
 /// Puts the stages in the program arrays the main programs tail-call through.
 fn link_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     for (array, stages) in [
         (
             MAP_STAGES_XDP,
-            [(STAGE_LB, PROG_XDP_LB), (STAGE_NAT, PROG_XDP_NAT)],
+            [
+                (STAGE_LB, PROG_XDP_LB),
+                (STAGE_NAT, PROG_XDP_NAT),
+                (STAGE_ANSWER, PROG_XDP_ANSWER),
+            ],
         ),
         (
             MAP_STAGES_TC,
-            [(STAGE_LB, PROG_TC_LB), (STAGE_NAT, PROG_TC_NAT)],
+            [
+                (STAGE_LB, PROG_TC_LB),
+                (STAGE_NAT, PROG_TC_NAT),
+                (STAGE_ANSWER, PROG_TC_ANSWER),
+            ],
         ),
     ] {
         link(ebpf, array, stages)?;
@@ -114,7 +135,7 @@ fn link_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
 fn link(
     ebpf: &mut Ebpf,
     array: &'static str,
-    stages: [(u32, &'static str); 2],
+    stages: [(u32, &'static str); 3],
 ) -> Result<(), DatapathError> {
     let mut fds = Vec::new();
     for (index, name) in stages {
@@ -166,14 +187,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for name in [
-            PROG_XDP,
-            PROG_TC_EGRESS,
-            PROG_XDP_LB,
-            PROG_TC_LB,
-            PROG_XDP_NAT,
-            PROG_TC_NAT,
-        ] {
+        for name in PROGRAMS {
             let program = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
@@ -192,6 +206,22 @@ impl Datapath {
             ebpf,
             attached: Vec::new(),
         })
+    }
+
+    /// Instructions the verifier processed for each program (its budget is 1,000,000 per
+    /// program): how close each is to being refused.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        PROGRAMS
+            .iter()
+            .map(|&name| {
+                let count = self
+                    .ebpf
+                    .program(name)
+                    .and_then(|p| p.info().ok())
+                    .and_then(|i| i.verified_instruction_count());
+                (name, count)
+            })
+            .collect()
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {

@@ -223,6 +223,13 @@ fn encode_balancing(
             samples: per_service(|s| s.connections),
         },
         Family {
+            name: "agent_lb_conntrack_evictions",
+            help: "Connection-table entries the LRU evicted: flows tracked, minus those that took \
+                   an expired entry's place, minus entries present (as of the last walk).",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.evictions),
+        },
+        Family {
             name: "agent_lb_conntrack_lost",
             help: "TCP packets whose flow had lost its connection-table entry (LRU eviction or \
                    expiry) and was balanced again.",
@@ -476,6 +483,7 @@ mod tests {
                 service: "checkout".into(),
                 algorithm: "maglev".into(),
                 connections: 12,
+                evictions: 4,
                 no_backend: 1,
                 lost: 2,
                 publishes: 3,
@@ -530,6 +538,7 @@ mod tests {
             "agent_lb_backend_bytes_total{service=\"checkout\",backend=\"198.18.0.11:8080\"} 40000",
             "agent_lb_connections{service=\"checkout\"} 12",
             "agent_lb_conntrack_lost_total{service=\"checkout\"} 2",
+            "agent_lb_conntrack_evictions_total{service=\"checkout\"} 4",
             "# TYPE agent_backend_passive_total counter",
             "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"synack\"} 90",
             "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"refused\"} 6",

@@ -258,14 +258,20 @@ impl StatusReport {
         let _ = writeln!(
             out,
             "\nLOAD BALANCING (connections: live connection-table entries)\n\
-             {:<20} {:<22} {:>11} {:>10} {:>10} {:>9}",
-            "SERVICE", "ALGORITHM", "CONNECTIONS", "NO BACKEND", "LOST", "SWAPS"
+             {:<20} {:<22} {:>11} {:>9} {:>10} {:>10} {:>9}",
+            "SERVICE", "ALGORITHM", "CONNECTIONS", "EVICTED", "NO BACKEND", "LOST", "SWAPS"
         );
         for s in &self.balancing {
             let _ = writeln!(
                 out,
-                "{:<20} {:<22} {:>11} {:>10} {:>10} {:>9}",
-                s.service, s.algorithm, s.connections, s.no_backend, s.lost, s.publishes
+                "{:<20} {:<22} {:>11} {:>9} {:>10} {:>10} {:>9}",
+                s.service,
+                s.algorithm,
+                s.connections,
+                s.evictions,
+                s.no_backend,
+                s.lost,
+                s.publishes
             );
         }
         let _ = writeln!(
