@@ -115,8 +115,13 @@ pub struct LbReverse {
     pub vip: [u8; ADDR_LEN],
     pub vip_port: u16,
     pub _pad: u16,
+    /// LB index of the backend: a reply is rewritten only while the forward entry of its
+    /// flow still names this backend (the reverse entry may outlive its flow in the LRU, and
+    /// another connection between the same endpoints, such as a health probe reusing the
+    /// port, must not be taken for it).
+    pub backend: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbReverse>() == 20);
+const _: () = assert!(core::mem::size_of::<LbReverse>() == 24);
 
 crate::impl_pod!(LbService, LbBackend, LbConn, LbReverse);
 

@@ -119,13 +119,52 @@ pub fn answer_handed_over() -> Option<(u32, u32)> {
 pub fn nat<C: Nat>(ctx: &C, p: &Parsed) -> Option<bool> {
     let h = LB_HANDOVER.get_ptr(0)?;
     // SAFETY: this CPU's slot, written by the stage that tail-called this one.
-    let (side, addr, port) = unsafe { ((*h).side, &(*h).addr, (*h).port) };
-    let side = if side == SIDE_SRC {
-        Side::Src
-    } else {
-        Side::Dst
+    let (side, addr, port, backend) = unsafe { ((*h).side, &(*h).addr, (*h).port, (*h).backend) };
+    if side != SIDE_SRC {
+        return Some(ctx.nat(p, Side::Dst, addr, port));
+    }
+    if reply_of_live_flow(p, addr, port, backend) {
+        ctx.nat(p, Side::Src, addr, port);
+    }
+    // A reply that cannot be rewritten passes as it is (fail open).
+    Some(true)
+}
+
+/// Whether a backend's reply belongs to the balanced flow its reverse entry names: the
+/// forward entry is there, live, on this backend, and a SYN-ACK does not answer a flow that
+/// already closed (a new handshake between the same endpoints is not the balanced flow). A
+/// FIN or RST from the backend closes the flow, as one from the client does.
+#[inline(always)]
+fn reply_of_live_flow(p: &Parsed, vip: &[u8; ADDR_LEN], vip_port: u16, backend: u32) -> bool {
+    let key = FlowKey {
+        client: p.dst,
+        backend: *vip,
+        client_port: p.dport,
+        backend_port: vip_port,
+        proto: p.proto,
+        _pad: [0; 3],
     };
-    Some(ctx.nat(p, side, addr, port) || side == Side::Src)
+    let Some(c) = LB_CONNS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a helper with no arguments; a live map value for this run.
+    let (now, c) = unsafe { (bpf_ktime_get_ns(), &mut *c) };
+    let tcp = p.proto == PROTO_TCP;
+    if c.backend != backend || conn_expired(c, tcp, now) {
+        return false;
+    }
+    if tcp {
+        let closing = c.flags & CONN_F_CLOSING != 0;
+        if closing && p.tcp_flags & TCP_SYN != 0 {
+            return false;
+        }
+        if !closing && p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            c.flags |= CONN_F_CLOSING;
+            c.last_ns = now;
+            connections(backend, false);
+        }
+    }
+    true
 }
 
 /// Picks (or finds) the backend of a packet addressed to `service_id`'s VIP.
@@ -209,6 +248,10 @@ pub fn hand_over_reply<C: aya_ebpf::EbpfContext>(ctx: &C, p: &Parsed, stages: &P
     if let Some(key) = reply_key(p)
         && let Some(rev) = unsafe { LB_REVERSE.get(key) }
     {
+        if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
+            // SAFETY: as in `hand_over`.
+            unsafe { (*h).backend = rev.backend };
+        }
         hand_over_nat(ctx, stages, SIDE_SRC, &rev.vip, rev.vip_port);
     }
 }
@@ -249,6 +292,7 @@ fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) {
         vip: p.dst,
         vip_port: p.dport,
         _pad: 0,
+        backend,
     };
     // Reverse first: a reply can only come after the forward packet leaves.
     if LB_REVERSE.insert(rkey, rev, 0).is_err() {

@@ -121,6 +121,8 @@ pub struct Handover {
     /// none, the service had no backend for the flow) and the `BSTAT_*` slot.
     pub answer_id: u32,
     pub answer_slot: u32,
+    /// For reverse NAT: the LB index of the backend the reply comes from.
+    pub backend: u32,
 }
 
 /// `Handover::answer_id` when no backend's counters apply.
