@@ -23,7 +23,7 @@ fn agent(args: &[&str]) -> Output {
 
 #[test]
 fn check_accepts_every_example_policy() {
-    for name in ["demo", "demo-breaker", "flash-sale", "payments"] {
+    for name in ["demo", "demo-breaker", "demo-lb", "flash-sale", "payments"] {
         let file = format!("config/{name}.yaml");
         let out = agent(&["check", &file]);
         assert!(

@@ -40,7 +40,8 @@ enum Command {
     /// The whole suite, as CI runs it: fmt, clippy, unit and datapath tests, end-to-end tests.
     Test,
     /// The demo in two network namespaces, with live counters: a rate limit under a 5x flood,
-    /// then a payment path whose hung backend is refused in microseconds by its breaker.
+    /// a payment path whose hung backend is refused in microseconds by its breaker, then a
+    /// flash sale balanced in the kernel over backends, one dying and ramping back.
     Demo(demo::Args),
     /// Run the benchmarks and write BENCHMARKS.md: per-packet costs (agent-bench), then the
     /// breaker's time to detect and recover, end to end (breaker-bench).

@@ -37,6 +37,13 @@ pub const REJECT_RST: Series = Series {
     labels: &[("action", "reject_rst")],
 };
 
+/// `agent_lb_backend_effective_weight{service,backend}`: the weight a balanced backend has in
+/// the datapath's tables now (configured x health x slow start).
+pub const EFFECTIVE_WEIGHT: Series = Series {
+    name: "agent_lb_backend_effective_weight",
+    labels: &[],
+};
+
 /// `agent_breaker_state{service,backend,state}`: 1 for the state the breaker is in, else 0.
 pub const BREAKER_STATE: &str = "agent_breaker_state";
 pub const BREAKER_STATES: [&str; 3] = ["closed", "open", "half_open"];
@@ -249,6 +256,7 @@ agent_backend_datapath_packets_total{service="pay",backend="198.18.0.12:8080",ac
 agent_breaker_transitions_total{service="pay",backend="198.18.0.12:8080",to="open",reason="consecutive_failures"} 1
 agent_breaker_transitions_total{service="pay",backend="198.18.0.12:8080",to="half_open",reason="reset_timeout"} 2
 agent_breaker_transitions_total{service="pay",backend="198.18.0.12:8080",to="open",reason="trial_failed"} 2
+agent_lb_backend_effective_weight{service="shop",backend="198.18.0.23:8080"} 50
 "#;
 
     #[test]
@@ -282,5 +290,17 @@ agent_breaker_transitions_total{service="pay",backend="198.18.0.12:8080",to="ope
         assert_eq!(backend_total(&samples, &REJECT_RST, "pay", one), None);
         assert_eq!(breaker_moves(&samples, "pay", two), [1, 0, 2, 2, 0]);
         assert_eq!(breaker_moves(&samples, "pay", one), [0; 5]);
+    }
+
+    #[test]
+    fn reads_balanced_backends() {
+        let samples = parse(TEXT);
+        let web3 = "198.18.0.23:8080";
+        let weight = backend_total(&samples, &EFFECTIVE_WEIGHT, "shop", web3);
+        assert_eq!(weight, Some(50.0));
+        assert_eq!(
+            backend_total(&samples, &EFFECTIVE_WEIGHT, "pay", web3),
+            None
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the agent in two network namespaces, in two acts.
+//! `cargo xtask demo`: the agent in two network namespaces, in three acts.
 //!
 //! client netns (veth-client 198.18.0.1) --veth--> server netns (veth-agent 198.18.0.2, ...)
 //!
@@ -7,6 +7,9 @@
 //! 2. Payment path fails fast (`breaker/`; config/demo-breaker.yaml): the agent on the client's
 //!    veth, backends on server addresses of their own, one made to hang and restored; connects
 //!    per backend per second next to its breaker state.
+//! 3. Flash sale (`lb/`; config/demo-lb.yaml): the agent on the client's veth balancing a VIP
+//!    over backends on server addresses of their own; a 10x surge spread by weight, one backend
+//!    dying and coming back; connections served per backend per second next to its weight.
 //!
 //! Shared: the topology, the agent process, /metrics. Cleanup is by guards, dropped in reverse
 //! order of creation (agent, pins, namespaces) on success, error, panic and Ctrl-C (the signal
@@ -15,6 +18,7 @@
 mod agent;
 mod breaker;
 mod http;
+mod lb;
 mod live;
 mod metrics;
 mod netns;
@@ -35,6 +39,7 @@ use anyhow::{Context as _, bail};
 use self::{
     agent::Agent,
     breaker::plan::BreakerPlan,
+    lb::plan::LbPlan,
     netns::Netns,
     plan::{AgentSide, Plan},
     topology::{Spec, Topology},
@@ -43,6 +48,7 @@ use crate::{build, setup, sys, workspace};
 
 const DEFAULT_POLICY: &str = "config/demo.yaml";
 const DEFAULT_BREAKER_POLICY: &str = "config/demo-breaker.yaml";
+const DEFAULT_LB_POLICY: &str = "config/demo-lb.yaml";
 const CLIENT_NS: &str = "agent-demo-client";
 const SERVER_NS: &str = "agent-demo-server";
 const CLIENT_IF: &str = "veth-client";
@@ -59,7 +65,9 @@ pub enum Act {
     Ratelimit,
     /// Circuit breakers: a hung payment backend refused in microseconds, then back.
     Breaker,
-    /// Both, one after the other.
+    /// Load balancing: a flash sale spread over backends by weight, one dying and ramping back.
+    Lb,
+    /// All three, one after the other.
     All,
 }
 
@@ -74,6 +82,9 @@ pub struct Args {
     /// Policy of the breaker act; copied before use [default: config/demo-breaker.yaml]
     #[arg(long, value_name = "FILE")]
     breaker_config: Option<PathBuf>,
+    /// Policy of the load-balancing act; copied before use [default: config/demo-lb.yaml]
+    #[arg(long, value_name = "FILE")]
+    lb_config: Option<PathBuf>,
     /// Seconds of traffic in the rate-limit act.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -104,6 +115,7 @@ pub struct Demo {
 struct Plans {
     ratelimit: Option<(Plan, PathBuf)>,
     breaker: Option<(BreakerPlan, PathBuf)>,
+    lb: Option<(LbPlan, PathBuf)>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -135,6 +147,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some((plan, config)) = &plans.breaker {
         breaker::run(&demo, &topology, plan, config)?;
     }
+    if let Some((plan, config)) = &plans.lb {
+        lb::run(&demo, &topology, plan, config)?;
+    }
     // Explicit, in order: the acts' agents are gone, then the namespaces go.
     drop(demo);
     drop(topology);
@@ -148,26 +163,47 @@ impl Plans {
                 .unwrap_or_else(|| workspace::root().join(default))
         };
         let ratelimit = match args.act {
-            Act::Breaker => None,
+            Act::Breaker | Act::Lb => None,
             Act::Ratelimit | Act::All => {
                 let config = policy(&args.config, DEFAULT_POLICY);
                 Some((ratelimit::plan(&config)?, config))
             }
         };
         let breaker = match args.act {
-            Act::Ratelimit => None,
+            Act::Ratelimit | Act::Lb => None,
             Act::Breaker | Act::All => {
                 let config = policy(&args.breaker_config, DEFAULT_BREAKER_POLICY);
                 Some((breaker::plan(&config)?, config))
             }
         };
-        Ok(Self { ratelimit, breaker })
+        let lb = match args.act {
+            Act::Ratelimit | Act::Breaker => None,
+            Act::Lb | Act::All => {
+                let config = policy(&args.lb_config, DEFAULT_LB_POLICY);
+                Some((lb::plan(&config)?, config))
+            }
+        };
+        Ok(Self {
+            ratelimit,
+            breaker,
+            lb,
+        })
     }
 
-    /// The topology both acts run in; each act's policy names the veth its agent attaches to.
+    /// The topology the acts run in; each act's policy names the veth its agent attaches to.
     fn spec(&self) -> anyhow::Result<Spec> {
         let server_if = self.ratelimit.as_ref().map(|(p, _)| &p.agent.interface);
-        let client_if = self.breaker.as_ref().map(|(p, _)| &p.agent.interface);
+        let breaker_if = self.breaker.as_ref().map(|(p, _)| &p.agent.interface);
+        let lb_if = self.lb.as_ref().map(|(p, _)| &p.breaker.agent.interface);
+        if let (Some(breaker_if), Some(lb_if)) = (breaker_if, lb_if)
+            && breaker_if != lb_if
+        {
+            bail!(
+                "the breaker act attaches the agent to {breaker_if}, the load-balancing act to \
+                 {lb_if}: both need the client's veth, one name"
+            );
+        }
+        let client_if = breaker_if.or(lb_if);
         let spec = Spec {
             client_ns: CLIENT_NS,
             server_ns: SERVER_NS,
@@ -179,8 +215,8 @@ impl Plans {
         };
         if spec.client_if == spec.server_if {
             bail!(
-                "both policies attach the agent to {}: the rate-limit act needs the server's veth, \
-                 the breaker act the client's",
+                "the policies attach the agent to {} on both sides: the rate-limit act needs the \
+                 server's veth, the breaker and load-balancing acts the client's",
                 spec.client_if
             );
         }

@@ -13,7 +13,8 @@ const SERVER_MAC: &str = "02:de:00:00:00:02";
 pub struct Spec {
     pub client_ns: &'static str,
     pub server_ns: &'static str,
-    /// The client's veth; the breaker act's agent attaches here, named by its policy.
+    /// The client's veth; the breaker and balancing acts' agents attach here, named by their
+    /// policies.
     pub client_if: String,
     /// The server's veth; the rate-limit act's agent attaches here, named by its policy.
     pub server_if: String,
@@ -122,6 +123,44 @@ impl Topology {
             "dev",
             &spec.server_if,
         ])?;
+        self.neighbour(addr)
+    }
+
+    /// A virtual address no interface holds: the client reaches it through the server's MAC (a
+    /// permanent neighbour entry, as nothing answers ARP for it), and the agent's datapath on
+    /// the client rewrites it to a backend before the packet leaves. Connections to it leave
+    /// from `source`, an address of their own added to the client's veth (a route for the VIP
+    /// alone says so), apart from everything else the client sends.
+    pub fn add_vip(&self, vip: Ipv4Addr, source: Ipv4Addr) -> Result<(), TopologyError> {
+        let spec = &self.spec;
+        let cidr = format!("{source}/{}", spec.prefix_len);
+        ip(&[
+            "-n",
+            spec.client_ns,
+            "address",
+            "add",
+            &cidr,
+            "dev",
+            &spec.client_if,
+        ])?;
+        let route = format!("{vip}/32");
+        ip(&[
+            "-n",
+            spec.client_ns,
+            "route",
+            "replace",
+            &route,
+            "dev",
+            &spec.client_if,
+            "src",
+            &source.to_string(),
+        ])?;
+        self.neighbour(vip)
+    }
+
+    /// `ip -n CLIENT neigh replace ADDR lladdr SERVER_MAC dev CLIENT_IF nud permanent`
+    fn neighbour(&self, addr: Ipv4Addr) -> Result<(), TopologyError> {
+        let spec = &self.spec;
         let addr = addr.to_string();
         ip(&[
             "-n",

@@ -9,7 +9,7 @@
 mod backends;
 mod clients;
 pub mod plan;
-mod watch;
+pub mod watch;
 
 use std::{
     net::TcpListener,

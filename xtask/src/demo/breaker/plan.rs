@@ -56,11 +56,7 @@ impl BreakerPlan {
             .ok_or_else(|| PlanError::NoBreakerService {
                 path: path.to_owned(),
             })?;
-        let fields = Fields {
-            path,
-            at: format!("services[{index}]"),
-            service,
-        };
+        let fields = Fields::new(path, index, service);
         let interval = fields.duration("health_check", "interval", DEFAULT_INTERVAL)?;
         let reset_timeout =
             fields.duration("circuit_breaker", "reset_timeout", DEFAULT_RESET_TIMEOUT)?;
@@ -148,25 +144,39 @@ fn saturating_u32(n: u64) -> u32 {
 }
 
 /// One service of the policy, read field by field with errors that name the field.
-struct Fields<'a> {
+pub(in crate::demo) struct Fields<'a> {
     path: &'a Path,
     at: String,
     service: &'a Value,
 }
 
-impl Fields<'_> {
-    fn error(&self, field: &str, message: impl Into<String>) -> PlanError {
+impl<'a> Fields<'a> {
+    /// `services[index]` of the policy at `path`.
+    pub(in crate::demo) fn new(path: &'a Path, index: usize, service: &'a Value) -> Self {
+        Self {
+            path,
+            at: format!("services[{index}]"),
+            service,
+        }
+    }
+
+    pub(in crate::demo) fn error(&self, field: &str, message: impl Into<String>) -> PlanError {
         field_error(self.path, &format!("{}.{field}", self.at), message.into())
     }
 
-    fn string(&self, key: &str) -> Result<String, PlanError> {
+    pub(in crate::demo) fn string(&self, key: &str) -> Result<String, PlanError> {
         self.service[key]
             .as_str()
             .map(str::to_owned)
             .ok_or_else(|| self.error(key, "missing"))
     }
 
-    fn duration(&self, section: &str, key: &str, default: Duration) -> Result<Duration, PlanError> {
+    pub(in crate::demo) fn duration(
+        &self,
+        section: &str,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, PlanError> {
         match &self.service[section][key] {
             Value::Null => Ok(default),
             Value::String(text) => plan::duration(text).ok_or_else(|| {
@@ -179,7 +189,12 @@ impl Fields<'_> {
         }
     }
 
-    fn count(&self, section: &str, key: &str, default: u64) -> Result<u64, PlanError> {
+    pub(in crate::demo) fn count(
+        &self,
+        section: &str,
+        key: &str,
+        default: u64,
+    ) -> Result<u64, PlanError> {
         match &self.service[section][key] {
             Value::Null => Ok(default),
             value => value
@@ -189,7 +204,7 @@ impl Fields<'_> {
     }
 
     /// Every backend address; the demo's network is IPv4.
-    fn backends(&self) -> Result<Vec<SocketAddrV4>, PlanError> {
+    pub(in crate::demo) fn backends(&self) -> Result<Vec<SocketAddrV4>, PlanError> {
         let list = self.service["backends"].as_sequence().map(Vec::as_slice);
         let backends = list
             .unwrap_or_default()

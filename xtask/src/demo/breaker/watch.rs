@@ -25,12 +25,60 @@ pub struct Transition {
     pub reason: Option<&'static str>,
 }
 
+/// A backend's breaker as last seen: its state, and the counters that tell what it did since.
+#[derive(Default)]
+pub struct BreakerSeen {
+    pub state: Option<&'static str>,
+    /// [`metrics::BREAKER_MOVES`] counters at the last reading.
+    moves: [u64; 5],
+}
+
+impl BreakerSeen {
+    /// Reads the breaker of `backend` (index `index`, for the transitions) of `service` from
+    /// `samples`; returns every change of state since the last reading, in order, also those
+    /// too brief to be seen in the state itself (half-open for a few milliseconds): the
+    /// transition counters tell them.
+    pub fn update(
+        &mut self,
+        samples: &[Sample],
+        service: &str,
+        backend: &str,
+        index: usize,
+    ) -> Vec<Transition> {
+        let moves = metrics::breaker_moves(samples, service, backend);
+        let grew = std::array::from_fn(|i| moves[i].saturating_sub(self.moves[i]));
+        self.moves = moves;
+        let Some(state) = metrics::breaker_state(samples, service, backend) else {
+            return Vec::new();
+        };
+        let Some(before) = self.state.replace(state) else {
+            return Vec::new(); // the first reading: a state, not a change
+        };
+        let path = replay(before, grew);
+        if path.last().map_or(before, |m| m.to) == state {
+            path.into_iter()
+                .map(|m| Transition {
+                    backend: index,
+                    from: m.from,
+                    to: m.to,
+                    reason: Some(m.reason),
+                })
+                .collect()
+        } else {
+            vec![Transition {
+                backend: index,
+                from: before,
+                to: state,
+                reason: None,
+            }]
+        }
+    }
+}
+
 /// One backend as last seen.
 struct Seen {
     label: String,
-    state: Option<&'static str>,
-    /// [`metrics::BREAKER_MOVES`] counters at the last poll.
-    moves: [u64; 5],
+    breaker: BreakerSeen,
     /// `reject_rst`, cumulative: at the last poll, and at the last row.
     rst: Option<f64>,
     rst_at_row: Option<f64>,
@@ -50,8 +98,7 @@ impl<'a> Watch<'a> {
     pub fn new(client: &'a Netns, plan: &'a BreakerPlan, scrape: bool) -> Self {
         let backends = plan.backends.iter().map(|b| Seen {
             label: b.to_string(),
-            state: None,
-            moves: [0; 5],
+            breaker: BreakerSeen::default(),
             rst: None,
             rst_at_row: None,
             counts_at_row: Counts::default(),
@@ -81,7 +128,11 @@ impl<'a> Watch<'a> {
 
     /// Whether every breaker was closed at the last poll (`false` without an agent).
     pub fn all_closed(&self) -> bool {
-        self.scrape && self.backends.iter().all(|b| b.state == Some("closed"))
+        self.scrape
+            && self
+                .backends
+                .iter()
+                .all(|b| b.breaker.state == Some("closed"))
     }
 
     /// Scrapes /metrics; returns every change of breaker state since the last poll, in order,
@@ -96,31 +147,7 @@ impl<'a> Watch<'a> {
         for (backend, seen) in self.backends.iter_mut().enumerate() {
             let label = &seen.label;
             seen.rst = metrics::backend_total(&samples, &metrics::REJECT_RST, service, label);
-            let moves = metrics::breaker_moves(&samples, service, label);
-            let grew = std::array::from_fn(|i| moves[i].saturating_sub(seen.moves[i]));
-            seen.moves = moves;
-            let Some(state) = metrics::breaker_state(&samples, service, label) else {
-                continue;
-            };
-            let Some(before) = seen.state.replace(state) else {
-                continue; // the first reading: a state, not a change
-            };
-            let path = replay(before, grew);
-            if path.last().map_or(before, |m| m.to) == state {
-                changes.extend(path.into_iter().map(|m| Transition {
-                    backend,
-                    from: m.from,
-                    to: m.to,
-                    reason: Some(m.reason),
-                }));
-            } else {
-                changes.push(Transition {
-                    backend,
-                    from: before,
-                    to: state,
-                    reason: None,
-                });
-            }
+            changes.extend(seen.breaker.update(&samples, service, label, backend));
         }
         changes
     }
@@ -165,7 +192,7 @@ impl<'a> Watch<'a> {
                 counts.refused,
                 tally.take_slowest_refusal().map_or("-".into(), millis),
                 counts.timed_out,
-                seen.state.unwrap_or("-"),
+                seen.breaker.state.unwrap_or("-"),
                 delta(seen.rst, seen.rst_at_row),
             );
             seen.counts_at_row = now;
