@@ -150,6 +150,17 @@ impl Lab {
         self.servers.iter().map(TcpServer::accepted).collect()
     }
 
+    /// Whether `backend`'s breaker is in `state`, per the agent's metrics.
+    fn breaker_is(&self, backend: SocketAddr, state: &str) -> Result<bool> {
+        let text = self.agent().metrics()?;
+        let labels = [
+            ("service", "web"),
+            ("backend", &backend.to_string()),
+            ("state", state),
+        ];
+        Ok(metric(&text, "agent_breaker_state", &labels) == Some(1.0))
+    }
+
     /// Connections accepted by each backend from client address `ip`.
     fn accepted_from(&self, ip: IpAddr) -> Vec<u64> {
         self.servers
@@ -580,16 +591,7 @@ fn after_a_killed_backends_breaker_opens_no_new_connection_fails() -> Result<()>
     lab.servers[2].stop();
     let t = Instant::now();
     wait("the killed backend's breaker to open", SETUP, || {
-        let text = lab.agent().metrics()?;
-        Ok(metric(
-            &text,
-            "agent_breaker_state",
-            &[
-                ("service", "web"),
-                ("backend", &killed.to_string()),
-                ("state", "open"),
-            ],
-        ) == Some(1.0))
+        lab.breaker_is(killed, "open")
     })?;
     println!("breaker of the killed backend open after {:?}", t.elapsed());
     wait("its weight to reach 0 in the datapath", SETUP, || {
@@ -647,16 +649,7 @@ fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
     ensure!(n_hung > 0, "none of 30 connections landed on backend 2");
     let _hole = agent_tests::backend::Blackhole::add(&lab.topo.server, hung.ip())?;
     wait("the hung backend's breaker to open", SETUP, || {
-        let text = lab.agent().metrics()?;
-        Ok(metric(
-            &text,
-            "agent_breaker_state",
-            &[
-                ("service", "web"),
-                ("backend", &hung.to_string()),
-                ("state", "open"),
-            ],
-        ) == Some(1.0))
+        lab.breaker_is(hung, "open")
     })?;
     let outcomes = lab.topo.client.run(move || {
         held.into_iter()
@@ -792,16 +785,7 @@ fn slow_start_ramps_a_recovered_backends_share() -> Result<()> {
     })?;
     lab.servers[1] = TcpServer::start(&lab.topo.server, recovering)?;
     wait("backend 1 to recover (breaker closed)", SETUP, || {
-        let text = lab.agent().metrics()?;
-        Ok(metric(
-            &text,
-            "agent_breaker_state",
-            &[
-                ("service", "web"),
-                ("backend", &recovering.to_string()),
-                ("state", "closed"),
-            ],
-        ) == Some(1.0))
+        lab.breaker_is(recovering, "closed")
     })?;
     // Clients from an address of their own: the agent's probes (from the client's main
     // address) are accepted by the same servers and must not count as clients.
