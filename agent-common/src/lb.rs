@@ -26,6 +26,10 @@ pub const fn lb_slot(index: u32, slot: u32) -> u32 {
 
 /// `LbService::flags`
 pub const LB_F_ACTIVE: u32 = 1 << 0;
+/// The service panics (`load_balancing.panic_threshold`): too few backends are available, so
+/// new flows go to any backend of non-zero weight, whatever its breaker says, and breakers
+/// refuse none of the service's packets.
+pub const LB_F_PANIC: u32 = 1 << 1;
 
 /// `LbService::algorithm`
 pub const LB_MAGLEV: u32 = 0;

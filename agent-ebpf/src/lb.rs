@@ -6,9 +6,9 @@ use agent_common::{
     breaker::{Enforce, FlowKey, STATE_HALF_OPEN, enforce},
     classify::{ADDR_LEN, PROTO_TCP, PROTO_UDP},
     lb::{
-        CONN_F_CLOSING, LB_F_ACTIVE, LB_LEAST_CONN, LB_NONE, LB_RETRIES, LB_WRR, LBSTAT_FORWARDED,
-        LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbReverse, LbService, MAX_LEAST_CONN_BACKENDS,
-        conn_expired, flow_hash,
+        CONN_F_CLOSING, LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_NONE, LB_RETRIES, LB_WRR,
+        LBSTAT_FORWARDED, LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbReverse, LbService,
+        MAX_LEAST_CONN_BACKENDS, conn_expired, flow_hash,
     },
     maps::{STAGE_ANSWER, STAGE_LB, STAGE_NAT},
     reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -36,6 +36,14 @@ pub enum Forward {
     To(u32),
     /// A new flow with no backend to take it (every weight 0, every breaker open): refuse it.
     NoBackend,
+}
+
+/// Whether `service_id` panics (`LB_F_PANIC`): its breakers refuse nothing.
+#[inline(always)]
+pub fn panicking(service_id: u32) -> bool {
+    LB_SVC
+        .get(service_id)
+        .is_some_and(|s| s.flags & LB_F_PANIC != 0)
 }
 
 /// Whether `service_id` is load-balanced (has a VIP).
@@ -369,13 +377,14 @@ fn pick(svc: &LbService, service_id: u32, p: &Parsed) -> Option<u32> {
         flow_hash(&p.src, &p.dst, p.sport, p.dport, p.proto)
     };
     let base = svc.table_base + (active & 1) * svc.table_size;
+    let panic = svc.flags & LB_F_PANIC != 0;
     let mut i = 0;
     while i <= LB_RETRIES {
         let at = start.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % len;
         if let Some(&b) = LB_TABLE.get(base + at)
             && b != LB_NONE
             && let Some(backend) = LB_BACKENDS.get(b)
-            && admits(backend)
+            && (panic || admits(backend))
         {
             return Some(b);
         }
@@ -401,7 +410,7 @@ fn least_conn(svc: &LbService) -> Option<u32> {
         let Some(b) = LB_BACKENDS.get(idx) else {
             continue;
         };
-        if b.weight == 0 || !admits(b) {
+        if b.weight == 0 || (svc.flags & LB_F_PANIC == 0 && !admits(b)) {
             continue;
         }
         let conns = LB_ACTIVE_CONNS.get(idx).copied().unwrap_or(0);

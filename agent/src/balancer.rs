@@ -74,6 +74,9 @@ pub struct LbServiceView {
     pub lost: u64,
     /// Table swaps so far.
     pub publishes: u64,
+    /// Panicking now (`load_balancing.panic_threshold`): health and breakers ignored.
+    #[serde(default)]
+    pub panic: bool,
     pub write_errors: u64,
 }
 
@@ -103,6 +106,9 @@ struct Service {
     last_build: Instant,
     /// Configured weights changed since the last update.
     dirty: bool,
+    /// Panicking in the datapath now, and wanted.
+    panic: bool,
+    wanted_panic: bool,
     last_publish: Option<Instant>,
     publishes: u64,
     write_errors: u64,
@@ -181,6 +187,8 @@ pub fn run(
                 wanted: configured,
                 last_build: now,
                 dirty: false,
+                panic: false,
+                wanted_panic: false,
                 last_publish: None,
                 publishes: 0,
                 write_errors: 0,
@@ -257,6 +265,8 @@ impl Service {
             return;
         }
         self.last_build = now;
+        self.wanted_panic = panics(&self.plan, &self.available);
+        let panic = self.wanted_panic;
         self.wanted = self
             .plan
             .backends
@@ -264,14 +274,14 @@ impl Service {
             .enumerate()
             .map(|(i, b)| {
                 let (healthy, open, half_open) = states[i];
-                if half_open {
+                if half_open && !panic {
                     return if healthy { b.weight.min(1) } else { 0 };
                 }
                 weight::effective(
                     b.weight,
                     healthy,
                     open,
-                    false,
+                    panic,
                     self.slow.recovered_at(&i),
                     self.slow.window(),
                     now,
@@ -284,7 +294,7 @@ impl Service {
     /// Writes the wanted weights when they differ from the datapath's; a failed write is
     /// retried on the next tick.
     fn sync(&mut self, maps: &mut LbMaps, now: Instant) {
-        if self.wanted == self.written {
+        if self.wanted == self.written && self.wanted_panic == self.panic {
             return;
         }
         if self
@@ -299,8 +309,16 @@ impl Service {
                     maps.write_weight(&self.plan, i, w)?;
                 }
             }
+            // Entering panic: the flag after the table, so new flows never see an open
+            // breaker ignored on a table that still lacks its backend; leaving it: before.
+            if !self.wanted_panic && self.panic {
+                maps.write_panic(&self.plan, false)?;
+            }
             if self.plan.algorithm != Algorithm::LeastConn {
                 maps.publish(&self.plan, &table(&self.plan, &self.wanted))?;
+            }
+            if self.wanted_panic && !self.panic {
+                maps.write_panic(&self.plan, true)?;
             }
             Ok(())
         })();
@@ -312,6 +330,19 @@ impl Service {
                     self.written,
                     self.wanted
                 );
+                if self.panic != self.wanted_panic {
+                    tracing::warn!(
+                        "service {}: {} panic (available backends below panic_threshold {})",
+                        self.plan.name,
+                        if self.wanted_panic {
+                            "entering"
+                        } else {
+                            "leaving"
+                        },
+                        self.plan.panic_threshold
+                    );
+                }
+                self.panic = self.wanted_panic;
                 self.written = self.wanted.clone();
                 self.last_publish = Some(now);
                 self.publishes += 1;
@@ -356,6 +387,24 @@ impl Occupancy {
     }
 }
 
+/// Whether a service with these available backends panics: the available backends carry
+/// less than `panic_threshold` of the configured weight (never with a threshold of 0, nor
+/// when every configured weight is 0).
+pub fn panics(plan: &CompiledLb, available: &[bool]) -> bool {
+    let total: u64 = plan.backends.iter().map(|b| u64::from(b.weight)).sum();
+    if plan.panic_threshold.is_zero() || total == 0 {
+        return false;
+    }
+    let up: u64 = plan
+        .backends
+        .iter()
+        .zip(available)
+        .filter(|(_, a)| **a)
+        .map(|(b, _)| u64::from(b.weight))
+        .sum();
+    u128::from(up) * 1_000_000 < u128::from(plan.panic_threshold.millionths()) * u128::from(total)
+}
+
 fn publish_view(maps: &LbMaps, services: &[Service], occupancy: &Occupancy, view: &LbView) {
     let mut svcs = Vec::with_capacity(services.len());
     let mut backends = Vec::new();
@@ -385,6 +434,7 @@ fn publish_view(maps: &LbMaps, services: &[Service], occupancy: &Occupancy, view
             lost: c.lost,
             publishes: s.publishes,
             write_errors: s.write_errors,
+            panic: s.panic,
         });
         for (i, b) in s.plan.backends.iter().enumerate() {
             let c: LbCounters = maps.counters(&s.plan, i).unwrap_or_default();
@@ -401,4 +451,59 @@ fn publish_view(maps: &LbMaps, services: &[Service], occupancy: &Occupancy, view
         }
     }
     *view.inner.lock().unwrap_or_else(PoisonError::into_inner) = (svcs, backends);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{compile, load_str};
+
+    fn service(threshold: &str, weights: &[u32]) -> CompiledLb {
+        let list: String = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                format!(
+                    "      - {{ address: \"10.0.0.{}:80\", weight: {w} }}\n",
+                    i + 1
+                )
+            })
+            .collect();
+        let text = format!(
+            "version: 1\ninterfaces: [{{ name: eth0 }}]\nservices:\n  - name: web\n    \
+             match: {{ address: 198.18.0.1, port: 80 }}\n    backends:\n{list}    \
+             load_balancing: {{ panic_threshold: \"{threshold}\" }}\n"
+        );
+        let policy = load_str(&text, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        compile(&policy).lb.remove(0)
+    }
+
+    #[test]
+    fn panic_below_the_threshold_of_configured_weight_only() {
+        let s = service("50%", &[100, 100, 200]);
+        // 200 of 400 available: exactly 50%, not below it.
+        assert!(!panics(&s, &[false, false, true]));
+        // 100 of 400: below.
+        assert!(panics(&s, &[true, false, false]));
+        assert!(panics(&s, &[false, false, false]));
+        assert!(!panics(&s, &[true, true, true]));
+    }
+
+    #[test]
+    fn zero_threshold_or_zero_weight_never_panics() {
+        assert!(!panics(&service("0%", &[100, 100]), &[false, false]));
+        assert!(!panics(&service("50%", &[0, 0]), &[false, false]));
+        // A drained backend (weight 0) counts for nothing either way.
+        assert!(!panics(&service("50%", &[100, 0]), &[true, false]));
+        assert!(panics(&service("50%", &[100, 0]), &[false, true]));
+    }
+
+    #[test]
+    fn tables_name_lb_indices_and_skip_weight_zero() {
+        let s = service("0%", &[100, 0, 100]);
+        let t = table(&s, &[100, 0, 100]);
+        assert_eq!(t.len(), s.capacity as usize);
+        assert!(t.iter().all(|&i| i == s.index(0) || i == s.index(2)));
+        assert!(table(&s, &[0, 0, 0]).iter().all(|&i| i == NO_BACKEND));
+    }
 }

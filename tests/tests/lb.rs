@@ -150,6 +150,12 @@ impl Lab {
         self.servers.iter().map(TcpServer::accepted).collect()
     }
 
+    /// Whether the service panics, per the agent's metrics.
+    fn panic(&self) -> Result<bool> {
+        let text = self.agent().metrics()?;
+        Ok(metric(&text, "agent_lb_panic", &[("service", "web")]) == Some(1.0))
+    }
+
     /// Whether `backend`'s breaker is in `state`, per the agent's metrics.
     fn breaker_is(&self, backend: SocketAddr, state: &str) -> Result<bool> {
         let text = self.agent().metrics()?;
@@ -843,6 +849,83 @@ fn slow_start_ramps_a_recovered_backends_share() -> Result<()> {
         weights.windows(2).all(|w| w[0] <= w[1]) && weights.iter().any(|w| *w > 1 && *w < 1000),
         "the weight did not ramp up step by step: {weights:?}"
     );
+    Ok(())
+}
+
+/// Health checks that fail on every backend while the backends still serve: with
+/// `panic_threshold` the service panics and keeps sending flows to all of them; once one is
+/// healthy again it takes every new flow; without a threshold, new flows are refused.
+#[test]
+fn panic_threshold_fails_open_when_too_few_backends_are_available() -> Result<()> {
+    for threshold in ["50%", "0%"] {
+        let mut lab = Lab::new(2, false)?;
+        let extra = format!(
+            "      panic_threshold: {threshold}\n\
+             \x20   health_check: {{ type: http, path: /, interval: 100ms, \
+             unhealthy_interval: 100ms, timeout: 50ms, unhealthy_threshold: 2, \
+             healthy_threshold: 1, jitter: 0% }}\n"
+        );
+        let policy = lab.policy("maglev", &[100, 100], &extra);
+        lab.start(&policy)?;
+        let shopper = IpAddr::from(lab.topo.add_client_v4(1)?[0]);
+        let vip = lab.vip();
+        for s in &lab.servers {
+            s.set_healthy(false);
+        }
+        wait("both backends out (effective weight 0)", SETUP, || {
+            Ok(lab.effective_weights()? == [0, 0] || lab.panic()?)
+        })?;
+        if threshold == "0%" {
+            let before = lab.accepted_from(shopper);
+            let r = lab.topo.client.run(move || {
+                Socket::bound(SocketAddr::new(shopper, 0))?.connect_timeout(&vip, CONNECT_TIMEOUT)
+            })?;
+            let err = r
+                .err()
+                .context("a connection succeeded with no backend available")?;
+            ensure!(
+                err.to_string().contains("refused"),
+                "no panic, no backend: expected a refusal, got {err:#}"
+            );
+            ensure!(
+                lab.accepted_from(shopper) == before,
+                "a backend got the connection"
+            );
+            println!("panic_threshold 0%, every backend unhealthy: new connections refused");
+            continue;
+        }
+        wait("the service to panic", SETUP, || lab.panic())?;
+        let weights = lab.effective_weights()?;
+        ensure!(
+            weights == [100, 100],
+            "in panic every backend keeps its weight: {weights:?}"
+        );
+        let before = lab.accepted_from(shopper);
+        connect_and_close_from(&lab.topo.client, shopper, vip, 200)?;
+        wait("the 200 connections accepted", SETUP, || {
+            Ok(lab.accepted_from(shopper).iter().sum::<u64>() >= before.iter().sum::<u64>() + 200)
+        })?;
+        let during = lab.accepted_from(shopper);
+        ensure!(
+            during.iter().zip(&before).all(|(d, b)| d > b),
+            "in panic both backends should serve: {before:?} -> {during:?}"
+        );
+        println!("panic (every backend unhealthy): 200 of 200 connections served, {during:?}");
+        lab.servers[0].set_healthy(true);
+        wait("the panic to end (one backend healthy: 50%)", SETUP, || {
+            Ok(!lab.panic()? && lab.effective_weights()? == [100, 0])
+        })?;
+        connect_and_close_from(&lab.topo.client, shopper, vip, 200)?;
+        wait("the 200 connections accepted", SETUP, || {
+            Ok(lab.accepted_from(shopper).iter().sum::<u64>() >= during.iter().sum::<u64>() + 200)
+        })?;
+        let after = lab.accepted_from(shopper);
+        ensure!(
+            after[1] == during[1] && after[0] == during[0] + 200,
+            "out of panic, the healthy backend should take every flow: {during:?} -> {after:?}"
+        );
+        println!("one backend healthy again: panic over, it took 200 of 200 new connections");
+    }
     Ok(())
 }
 

@@ -7,12 +7,13 @@ use std::{net::SocketAddr, time::Duration};
 use agent_common::{
     breaker::BackendKey,
     classify::{PROTO_TCP, PROTO_UDP},
-    lb::{LB_F_ACTIVE, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService},
+    lb::{LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService},
 };
 
 use super::{
     compile::backend_key,
     model::{Algorithm, Policy, Protocol},
+    units::Percent,
 };
 use crate::balance::wrr::DEFAULT_MAX_LEN;
 
@@ -26,6 +27,8 @@ pub struct CompiledLb {
     pub vip: SocketAddr,
     pub algorithm: Algorithm,
     pub slow_start: Duration,
+    /// `load_balancing.panic_threshold` (0: never).
+    pub panic_threshold: Percent,
     /// Entries of one table half: the Maglev table size; for weighted round robin the longest
     /// schedule (the sum of configured weights, at most `wrr::DEFAULT_MAX_LEN`); 0 for
     /// `least_conn`, which has no table.
@@ -47,10 +50,10 @@ pub struct LbBackendPlan {
 }
 
 impl CompiledLb {
-    /// The service's `LB_SVC` entry.
-    pub fn service_entry(&self) -> LbService {
+    /// The service's `LB_SVC` entry; `panic`: health and breakers are ignored.
+    pub fn service_entry(&self, panic: bool) -> LbService {
         LbService {
-            flags: LB_F_ACTIVE,
+            flags: LB_F_ACTIVE | if panic { LB_F_PANIC } else { 0 },
             algorithm: match self.algorithm {
                 Algorithm::Maglev => LB_MAGLEV,
                 Algorithm::WeightedRoundRobin => LB_WRR,
@@ -100,6 +103,7 @@ pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32) {
             vip: SocketAddr::new(s.r#match.address.addr(), s.r#match.port.unwrap_or(0)),
             algorithm: lb.algorithm,
             slow_start: lb.slow_start,
+            panic_threshold: lb.panic_threshold,
             capacity,
             table_base: table,
             backend_base: backends,

@@ -227,6 +227,11 @@ pub struct LoadBalancing {
     pub slow_start: Duration,
     /// Maglev lookup table size: prime, at least 100 x backends.
     pub table_size: u32,
+    /// Extension of POLICY.md v1: when the available backends (healthy, breaker not open)
+    /// carry less than this share of the configured weight, the service *panics*: health and
+    /// breakers are ignored and every backend gets its configured weight (Envoy's panic
+    /// routing). 0% (the default) never panics: with no backend left, new flows are refused.
+    pub panic_threshold: Percent,
 }
 
 impl Default for LoadBalancing {
@@ -236,6 +241,7 @@ impl Default for LoadBalancing {
             vip: true,
             slow_start: Duration::ZERO,
             table_size: 65537,
+            panic_threshold: Percent::whole(0),
         }
     }
 }

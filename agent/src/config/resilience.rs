@@ -13,7 +13,13 @@ use super::sections::backends;
 use super::units::{parse_duration, parse_percent};
 use super::yaml::{Node, Pos};
 
-const LOAD_BALANCING_FIELDS: &[&str] = &["algorithm", "vip", "slow_start", "table_size"];
+const LOAD_BALANCING_FIELDS: &[&str] = &[
+    "algorithm",
+    "vip",
+    "slow_start",
+    "table_size",
+    "panic_threshold",
+];
 
 pub(crate) fn load_balancing(cx: &mut Cx, node: &Node, path: &str) -> Option<LoadBalancing> {
     let mut m = MapReader::new(cx, node, path, LOAD_BALANCING_FIELDS)?;
@@ -21,6 +27,7 @@ pub(crate) fn load_balancing(cx: &mut Cx, node: &Node, path: &str) -> Option<Loa
     let algorithm = m.get(cx, "algorithm", keyword::<Algorithm>).or(d.algorithm);
     let vip = m.get(cx, "vip", boolean).or(d.vip);
     let slow_start = m.get(cx, "slow_start", duration).or(d.slow_start);
+    let panic_threshold = m.get(cx, "panic_threshold", percent).or(d.panic_threshold);
     let table_size = m.get(cx, "table_size", |cx, n, p| {
         let size = int_u32(cx, n, p, 1..=u64::from(MAX_TABLE_ENTRIES))?;
         if !is_prime(size) {
@@ -51,6 +58,7 @@ pub(crate) fn load_balancing(cx: &mut Cx, node: &Node, path: &str) -> Option<Loa
         vip: vip?,
         slow_start: slow_start?,
         table_size: table_size?,
+        panic_threshold: panic_threshold?,
     };
     ok.then_some(lb)
 }

@@ -89,8 +89,13 @@ impl LbMaps {
                 .set(svc.index(i), entry, 0)
                 .map_err(map_err(MAP_LB_BACKENDS))?;
         }
+        self.write_panic(svc, false)
+    }
+
+    /// Rewrites the service's entry with its panic flag.
+    pub fn write_panic(&mut self, svc: &CompiledLb, panic: bool) -> Result<(), DatapathError> {
         self.svc
-            .set(svc.service as u32, svc.service_entry(), 0)
+            .set(svc.service as u32, svc.service_entry(panic), 0)
             .map_err(map_err(MAP_LB_SVC))
     }
 

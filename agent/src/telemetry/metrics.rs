@@ -243,6 +243,13 @@ fn encode_balancing(
             samples: per_service(|s| s.no_backend),
         },
         Family {
+            name: "agent_lb_panic",
+            help: "1 while the service panics (available backends below panic_threshold): health \
+                   and breakers are ignored.",
+            kind: MetricType::Gauge,
+            samples: per_service(|s| u64::from(s.panic)),
+        },
+        Family {
             name: "agent_lb_table_swaps",
             help: "Table or weight updates published to the datapath.",
             kind: MetricType::Counter,
@@ -488,6 +495,7 @@ mod tests {
                 lost: 2,
                 publishes: 3,
                 write_errors: 0,
+                panic: false,
             }],
             lb_backends: vec![crate::balancer::LbBackendView {
                 service: "checkout".into(),

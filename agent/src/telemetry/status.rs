@@ -266,7 +266,11 @@ impl StatusReport {
                 out,
                 "{:<20} {:<22} {:>11} {:>9} {:>10} {:>10} {:>9}",
                 s.service,
-                s.algorithm,
+                if s.panic {
+                    format!("{} (PANIC)", s.algorithm)
+                } else {
+                    s.algorithm.clone()
+                },
                 s.connections,
                 s.evictions,
                 s.no_backend,
