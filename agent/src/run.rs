@@ -76,8 +76,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
             source,
         })?;
 
-    let mut datapath =
-        Datapath::load_sized(plan.compiled.max_keys, Some(plan.compiled.lb_table_entries))?;
+    let mut datapath = Datapath::load_for(&plan.compiled)?;
     let logger = match EbpfLogger::init(datapath.ebpf_mut()) {
         Ok(l) => Some(l),
         Err(e) => {

@@ -103,8 +103,7 @@ impl Lab {
         let policy = config::load_str(POLICY, "lb-test.yaml").expect("test policy");
         let compiled = config::compile(&policy);
         assert_eq!(compiled.lb.len(), 3, "three balanced services");
-        let mut dp = Datapath::load_sized(compiled.max_keys, Some(compiled.lb_table_entries))
-            .expect("loading the datapath");
+        let mut dp = Datapath::load_for(&compiled).expect("loading the datapath");
         dp.apply(&compiled).expect("writing the maps");
         let ports = compiled.lb.iter().flat_map(|s| &s.backends);
         dp.mark_ports(ports.map(|b| b.address.port()))

@@ -929,6 +929,61 @@ fn panic_threshold_fails_open_when_too_few_backends_are_available() -> Result<()
     Ok(())
 }
 
+/// A connection table too small for the flows: evictions are counted, and a held connection
+/// whose entry was evicted is balanced again on its next packet (Maglev finds the same
+/// backend) and keeps working.
+#[test]
+fn a_full_connection_table_evicts_and_evicted_flows_recover() -> Result<()> {
+    let mut lab = Lab::new(3, false)?;
+    let policy = lab.policy("maglev", &[100, 100, 100], "      max_connections: 100\n");
+    lab.start(&policy)?;
+    let vip = lab.vip();
+    let mut held = lab.topo.client.run(move || -> Result<TcpStream> {
+        let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })??;
+    let n = 1_000;
+    connect_and_close(&lab.topo.client, vip, n)?;
+    let read = |name: &str| -> Result<f64> {
+        let text = lab.agent().metrics()?;
+        metric(&text, name, &[("service", "web")]).with_context(|| format!("no {name}"))
+    };
+    wait("the evictions counted at a table walk", SETUP, || {
+        Ok(read("agent_lb_conntrack_evictions_total")? >= 800.0)
+    })?;
+    let (evictions, live) = (
+        read("agent_lb_conntrack_evictions_total")?,
+        read("agent_lb_connections")?,
+    );
+    ensure!(
+        evictions <= (n + 1) as f64 && live <= 100.0,
+        "{evictions} evictions and {live} live entries for {} flows in a table of 100",
+        n + 1
+    );
+    let lost_before = read("agent_lb_conntrack_lost_total")?;
+    let echoed = lab.topo.client.run(move || -> Result<bool> {
+        let mut buf = [0u8; 4];
+        held.write_all(b"ping")?;
+        held.read_exact(&mut buf)?;
+        Ok(&buf == b"ping")
+    })??;
+    ensure!(echoed, "the held connection's echo came back different");
+    // The agent's view of the counters is refreshed every 100 ms.
+    wait(
+        "the held connection's packet counted as lost",
+        SETUP,
+        || Ok(read("agent_lb_conntrack_lost_total")? > lost_before),
+    )?;
+    let lost = read("agent_lb_conntrack_lost_total")? - lost_before;
+    println!(
+        "{} flows through a table of 100: {evictions} evicted, {live} live; the first \
+         connection, evicted, still echoes ({lost} packet(s) balanced again)",
+        n + 1
+    );
+    Ok(())
+}
+
 /// A client socket bound before connecting (std has no bind-then-connect for TCP).
 struct Socket(i32);
 

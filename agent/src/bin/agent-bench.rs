@@ -348,7 +348,7 @@ services:
     let policy = config::load_str(&text, "bench-lb.yaml")
         .map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
     let compiled = config::compile(&policy);
-    let mut dp = Datapath::load_sized(compiled.max_keys, Some(compiled.lb_table_entries))?;
+    let mut dp = Datapath::load_for(&compiled)?;
     dp.apply(&compiled)?;
     dp.mark_ports([BACKEND_PORT])?;
     let mut maps = dp.lb_maps()?;

@@ -12,7 +12,7 @@ use agent_common::{
 
 use super::{
     compile::backend_key,
-    model::{Algorithm, Policy, Protocol},
+    model::{Algorithm, MAX_TABLE_ENTRIES, Policy, Protocol},
     units::Percent,
 };
 use crate::balance::wrr::DEFAULT_MAX_LEN;
@@ -78,9 +78,10 @@ impl CompiledLb {
     }
 }
 
-/// Every balanced service, in policy order, and the `LB_TABLE` size they need (at least 1).
-pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32) {
-    let (mut table, mut backends) = (0u32, 0u32);
+/// Every balanced service, in policy order, the `LB_TABLE` size they need, and the size of the
+/// connection tables (`max_connections` summed, at most 2^24); sizes at least 1.
+pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32, u32) {
+    let (mut table, mut backends, mut conns) = (0u32, 0u32, 0u64);
     let mut out = Vec::new();
     for (service, s) in policy.services.iter().enumerate() {
         let lb = s.load_balancing.clone().unwrap_or_default();
@@ -118,7 +119,9 @@ pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32) {
                 .collect(),
         });
         table = table.saturating_add(capacity.saturating_mul(2));
+        conns += u64::from(lb.max_connections);
         backends += s.backends.len() as u32;
     }
-    (out, table.max(1))
+    let conns = conns.clamp(1, u64::from(MAX_TABLE_ENTRIES)) as u32;
+    (out, table.max(1), conns)
 }

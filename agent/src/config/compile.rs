@@ -42,6 +42,8 @@ pub struct Compiled {
     /// their table halves need.
     pub lb: Vec<super::balance::CompiledLb>,
     pub lb_table_entries: u32,
+    /// Entries of the connection tables (`LB_CONNS`, `LB_REVERSE`).
+    pub lb_conn_entries: u32,
 }
 
 /// One backend whose breaker the datapath enforces.
@@ -303,7 +305,7 @@ pub fn compile(policy: &Policy) -> Compiled {
         .sum();
     let max_keys = keys.clamp(1, u64::from(super::model::MAX_TABLE_ENTRIES)) as u32;
 
-    let (lb, lb_table_entries) = super::balance::compile_lb(policy);
+    let (lb, lb_table_entries, lb_conn_entries) = super::balance::compile_lb(policy);
     Compiled {
         services,
         classify,
@@ -311,6 +313,7 @@ pub fn compile(policy: &Policy) -> Compiled {
         backends: compile_backends(policy),
         lb,
         lb_table_entries,
+        lb_conn_entries,
     }
 }
 

@@ -232,6 +232,10 @@ pub struct LoadBalancing {
     /// breakers are ignored and every backend gets its configured weight (Envoy's panic
     /// routing). 0% (the default) never panics: with no backend left, new flows are refused.
     pub panic_threshold: Percent,
+    /// Extension of POLICY.md v1: flows the connection table holds for this service (the
+    /// table is one LRU shared by the balanced services, sized by the sum; an evicted flow is
+    /// balanced again on its next packet).
+    pub max_connections: u32,
 }
 
 impl Default for LoadBalancing {
@@ -242,6 +246,7 @@ impl Default for LoadBalancing {
             slow_start: Duration::ZERO,
             table_size: 65537,
             panic_threshold: Percent::whole(0),
+            max_connections: 262_144,
         }
     }
 }

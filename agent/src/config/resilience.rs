@@ -19,6 +19,7 @@ const LOAD_BALANCING_FIELDS: &[&str] = &[
     "slow_start",
     "table_size",
     "panic_threshold",
+    "max_connections",
 ];
 
 pub(crate) fn load_balancing(cx: &mut Cx, node: &Node, path: &str) -> Option<LoadBalancing> {
@@ -28,6 +29,11 @@ pub(crate) fn load_balancing(cx: &mut Cx, node: &Node, path: &str) -> Option<Loa
     let vip = m.get(cx, "vip", boolean).or(d.vip);
     let slow_start = m.get(cx, "slow_start", duration).or(d.slow_start);
     let panic_threshold = m.get(cx, "panic_threshold", percent).or(d.panic_threshold);
+    let max_connections = m
+        .get(cx, "max_connections", |cx, n, p| {
+            int_u32(cx, n, p, 1..=u64::from(MAX_TABLE_ENTRIES))
+        })
+        .or(d.max_connections);
     let table_size = m.get(cx, "table_size", |cx, n, p| {
         let size = int_u32(cx, n, p, 1..=u64::from(MAX_TABLE_ENTRIES))?;
         if !is_prime(size) {
@@ -59,6 +65,7 @@ pub(crate) fn load_balancing(cx: &mut Cx, node: &Node, path: &str) -> Option<Loa
         slow_start: slow_start?,
         table_size: table_size?,
         panic_threshold: panic_threshold?,
+        max_connections: max_connections?,
     };
     ok.then_some(lb)
 }

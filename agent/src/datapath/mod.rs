@@ -11,10 +11,11 @@ pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime
 pub use lb::{LbCounters, LbMaps, LbServiceCounters};
 pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
 
+use crate::config::Compiled;
 use agent_common::maps::{
-    MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_STAGES_TC, MAP_STAGES_XDP, PROG_TC_ANSWER, PROG_TC_EGRESS,
-    PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER,
-    STAGE_LB, STAGE_NAT,
+    MAP_LB_CONNS, MAP_LB_REVERSE, MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_STAGES_TC, MAP_STAGES_XDP,
+    PROG_TC_ANSWER, PROG_TC_EGRESS, PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER,
+    PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER, STAGE_LB, STAGE_NAT,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -173,16 +174,27 @@ impl Datapath {
         Self::load_sized(max_keys, None)
     }
 
-    /// As [`Datapath::load`], with `LB_TABLE` sized for the policy's balanced services.
-    pub fn load_sized(max_keys: u32, lb_table_entries: Option<u32>) -> Result<Self, DatapathError> {
+    /// As [`Datapath::load`], with every load-time size from the compiled policy: the key
+    /// table, and the balancing table and connection tables of its balanced services.
+    pub fn load_for(compiled: &Compiled) -> Result<Self, DatapathError> {
+        Self::load_sized(
+            compiled.max_keys,
+            Some((compiled.lb_table_entries, compiled.lb_conn_entries)),
+        )
+    }
+
+    /// `lb`: entries of `LB_TABLE`, and of `LB_CONNS` and `LB_REVERSE` each.
+    fn load_sized(max_keys: u32, lb: Option<(u32, u32)>) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         raise_memlock_rlimit();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_RL_BUCKETS, max_keys.max(1));
-        if let Some(n) = lb_table_entries {
-            loader.map_max_entries(MAP_LB_TABLE, n.max(1));
+        if let Some((table, conns)) = lb {
+            loader.map_max_entries(MAP_LB_TABLE, table.max(1));
+            loader.map_max_entries(MAP_LB_CONNS, conns.max(1));
+            loader.map_max_entries(MAP_LB_REVERSE, conns.max(1));
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
