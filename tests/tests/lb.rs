@@ -582,15 +582,22 @@ fn a_weight_change_moves_only_its_share_and_breaks_no_connection() -> Result<()>
     Ok(())
 }
 
+/// Fast TCP health checks and a breaker that opens on 2 failures and stays open 30 s, for
+/// the tests where a backend dies; `close_existing` as given.
+fn checks_and_breaker(close_existing: bool) -> String {
+    format!(
+        "    health_check: {{ interval: 100ms, unhealthy_interval: 100ms, timeout: 50ms, \
+         unhealthy_threshold: 2, jitter: 0% }}\n\
+         \x20   circuit_breaker: {{ failure_threshold: 2, reset_timeout: 30s, \
+         max_ejection_percent: 50%, close_existing: {close_existing} }}\n"
+    )
+}
+
 /// A backend killed mid-run: once its breaker is open, no new connection fails.
 #[test]
 fn after_a_killed_backends_breaker_opens_no_new_connection_fails() -> Result<()> {
     let mut lab = Lab::new(3, false)?;
-    let extra = "    health_check: { interval: 100ms, unhealthy_interval: 100ms, timeout: 50ms, \
-                 unhealthy_threshold: 2, jitter: 0% }\n\
-                 \x20   circuit_breaker: { failure_threshold: 2, reset_timeout: 30s, \
-                 max_ejection_percent: 50% }\n";
-    let policy = lab.policy("maglev", &[100, 100, 100], extra);
+    let policy = lab.policy("maglev", &[100, 100, 100], &checks_and_breaker(false));
     lab.start(&policy)?;
     connect_and_close(&lab.topo.client, lab.vip(), 300)?;
     let killed = lab.backends[2];
@@ -620,11 +627,7 @@ fn after_a_killed_backends_breaker_opens_no_new_connection_fails() -> Result<()>
 #[test]
 fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
     let mut lab = Lab::new(3, false)?;
-    let extra = "    health_check: { interval: 100ms, unhealthy_interval: 100ms, timeout: 50ms, \
-                 unhealthy_threshold: 2, jitter: 0% }\n\
-                 \x20   circuit_breaker: { failure_threshold: 2, reset_timeout: 30s, \
-                 max_ejection_percent: 50%, close_existing: true }\n";
-    let policy = lab.policy("maglev", &[100, 100, 100], extra);
+    let policy = lab.policy("maglev", &[100, 100, 100], &checks_and_breaker(true));
     lab.start(&policy)?;
     let vip = lab.vip();
     let held = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {

@@ -248,6 +248,19 @@ pub fn contains(cidr: &str, ip: Ipv4Addr) -> bool {
     u32::from(net) & mask == u32::from(ip) & mask
 }
 
+/// Test helper for the acts' plan readers: `read` given `text` as a policy file of its own
+/// (`name`: tests run in parallel).
+#[cfg(test)]
+pub fn with_policy_file<T>(name: &str, text: &str, read: impl FnOnce(&Path) -> T) -> T {
+    let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, text).expect("write policy");
+    let out = read(&path);
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

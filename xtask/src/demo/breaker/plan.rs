@@ -247,15 +247,8 @@ services:
     circuit_breaker: { failure_threshold: 3, reset_timeout: 2s, max_reset_timeout: 2s }
 "#;
 
-    /// Loads `text` from a file of its own (`name`: tests run in parallel).
     fn load(name: &str, text: &str) -> Result<BreakerPlan, PlanError> {
-        let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("policy.yaml");
-        std::fs::write(&path, text).expect("write policy");
-        let plan = BreakerPlan::load(&path);
-        let _ = std::fs::remove_dir_all(&dir);
-        plan
+        crate::demo::plan::with_policy_file(name, text, BreakerPlan::load)
     }
 
     #[test]
