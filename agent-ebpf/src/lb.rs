@@ -32,18 +32,11 @@ use crate::{
 pub enum Forward {
     /// Not balanced (no VIP, not TCP/UDP): go on unchanged.
     Pass,
-    /// To this LB backend (index in `LB_BACKENDS`).
-    To(u32),
+    /// To this LB backend (index in `LB_BACKENDS`); `panic`: the service panics
+    /// (`LB_F_PANIC`), so its breakers refuse nothing.
+    To { backend: u32, panic: bool },
     /// A new flow with no backend to take it (every weight 0, every breaker open): refuse it.
     NoBackend,
-}
-
-/// Whether `service_id` panics (`LB_F_PANIC`): its breakers refuse nothing.
-#[inline(always)]
-pub fn panicking(service_id: u32) -> bool {
-    LB_SVC
-        .get(service_id)
-        .is_some_and(|s| s.flags & LB_F_PANIC != 0)
 }
 
 /// Whether `service_id` is load-balanced (has a VIP).
@@ -222,7 +215,10 @@ pub fn forward(service_id: u32, p: &Parsed) -> Forward {
             b
         }
     };
-    Forward::To(backend)
+    Forward::To {
+        backend,
+        panic: svc.flags & LB_F_PANIC != 0,
+    }
 }
 
 /// A new TCP connection (a SYN without ACK) on the 5-tuple of one that closed.

@@ -192,7 +192,7 @@ fn balanced<C: aya_ebpf::EbpfContext>(
     let (Ok(parsed), Some(id)) = (parse::parse(pkt), lb::handed_over()) else {
         return Action::Pass;
     };
-    let (backend, addr, port) = match lb::forward(id, &parsed) {
+    let (backend, addr, port, panic) = match lb::forward(id, &parsed) {
         lb::Forward::Pass => {
             stats::service(id, SVC_PASSED, len);
             return Action::Pass;
@@ -202,8 +202,8 @@ fn balanced<C: aya_ebpf::EbpfContext>(
             lb::hand_over_answer(ctx, stages, NO_BACKEND_ID, 0);
             return Action::Drop;
         }
-        lb::Forward::To(b) => match lb::backend(b) {
-            Some((addr, port)) => (b, addr, port),
+        lb::Forward::To { backend, panic } => match lb::backend(backend) {
+            Some((addr, port)) => (backend, addr, port, panic),
             None => return Action::Drop,
         },
     };
@@ -215,7 +215,7 @@ fn balanced<C: aya_ebpf::EbpfContext>(
     to_backend.dport = port;
     // A panicking service lets every packet through to its backends (the probe exemption,
     // widened to the service).
-    let exempt = exempt || lb::panicking(id);
+    let exempt = exempt || panic;
     let answer = match breaker::check(&to_backend, len, exempt) {
         breaker::Verdict::Continue => {
             stats::service(id, SVC_PASSED, len);

@@ -80,23 +80,53 @@ pub struct LbServiceView {
     pub write_errors: u64,
 }
 
-/// Shared between the balancer and the HTTP side.
-#[derive(Default)]
+/// Shared between the balancer and the HTTP side. The balancer publishes weights, panic and
+/// table figures each tick; the datapath's counters are read here, when a scrape asks (a
+/// handle of its own on the maps), not every tick for every backend.
 pub struct LbView {
     inner: Mutex<(Vec<LbServiceView>, Vec<LbBackendView>)>,
+    counters: Mutex<(LbMaps, Vec<CompiledLb>)>,
 }
 
 impl LbView {
+    pub fn new(maps: LbMaps, services: Vec<CompiledLb>) -> LbView {
+        LbView {
+            inner: Mutex::default(),
+            counters: Mutex::new((maps, services)),
+        }
+    }
+
+    /// The last published view, with the datapath's counters as of now (a counter that
+    /// cannot be read shows 0).
     pub fn snapshot(&self) -> (Vec<LbServiceView>, Vec<LbBackendView>) {
-        self.inner
+        let (mut svcs, mut backends) = self
+            .inner
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        let guard = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let (maps, plans) = &*guard;
+        let mut rows = backends.iter_mut();
+        for (view, plan) in svcs.iter_mut().zip(plans) {
+            let c = maps.service_counters(plan).unwrap_or_default();
+            view.no_backend = c.no_backend;
+            view.lost = c.lost;
+            for (i, row) in (0..plan.backends.len()).zip(rows.by_ref()) {
+                let c: LbCounters = maps.counters(plan, i).unwrap_or_default();
+                row.active = c.active;
+                row.new_flows = c.new_flows;
+                row.packets = c.forwarded.packets;
+                row.bytes = c.forwarded.bytes;
+            }
+        }
+        (svcs, backends)
     }
 }
 
 struct Service {
     plan: CompiledLb,
+    /// Each backend's address as the supervisor's table and the metrics name it.
+    addresses: Vec<String>,
     slow: SlowStart<usize>,
     /// Per backend: available (healthy, breaker closed) at the last tick.
     available: Vec<bool>,
@@ -181,6 +211,11 @@ pub fn run(
         .map(|plan| {
             let configured: Vec<u32> = plan.backends.iter().map(|b| b.weight).collect();
             Service {
+                addresses: plan
+                    .backends
+                    .iter()
+                    .map(|b| b.address.to_string())
+                    .collect(),
                 slow: SlowStart::new(plan.slow_start),
                 available: vec![true; plan.backends.len()],
                 written: configured.clone(),
@@ -201,6 +236,10 @@ pub fn run(
     while !*stop.borrow() {
         let now = Instant::now();
         let statuses = health.as_ref().map(|t| t.snapshot()).unwrap_or_default();
+        let statuses: HashMap<(&str, &str), &BackendStatus> = statuses
+            .iter()
+            .map(|st| ((st.service.as_str(), st.address.as_str()), st))
+            .collect();
         let reloaded = weights.has_changed().unwrap_or(false);
         if reloaded {
             let new = weights.borrow_and_update().clone();
@@ -218,7 +257,7 @@ pub fn run(
             occupancy = Occupancy::walk(&maps, &services, ns);
             last_walk = Some(now);
         }
-        publish_view(&maps, &services, &occupancy, &view);
+        publish_view(&services, &occupancy, &view);
         std::thread::sleep(TICK);
     }
 }
@@ -235,14 +274,13 @@ impl Service {
     }
 
     /// Reads health and breakers, moves slow-start ramps, and works out the wanted weights.
-    fn update(&mut self, statuses: &[BackendStatus], now: Instant) {
+    fn update(&mut self, statuses: &HashMap<(&str, &str), &BackendStatus>, now: Instant) {
         let mut changed = std::mem::take(&mut self.dirty);
         let mut states = Vec::with_capacity(self.plan.backends.len());
-        for (i, b) in self.plan.backends.iter().enumerate() {
-            let address = b.address.to_string();
+        for i in 0..self.plan.backends.len() {
             let st = statuses
-                .iter()
-                .find(|s| s.service == self.plan.name && s.address == address);
+                .get(&(self.plan.name.as_str(), self.addresses[i].as_str()))
+                .copied();
             let healthy = st.is_none_or(|s| s.health != "unhealthy");
             let breaker = st.and_then(|s| s.breaker.as_deref()).unwrap_or("closed");
             let available = healthy && breaker == "closed";
@@ -405,11 +443,11 @@ pub fn panics(plan: &CompiledLb, available: &[bool]) -> bool {
     u128::from(up) * 1_000_000 < u128::from(plan.panic_threshold.millionths()) * u128::from(total)
 }
 
-fn publish_view(maps: &LbMaps, services: &[Service], occupancy: &Occupancy, view: &LbView) {
+/// Publishes what the balancer knows; the counters are filled in by [`LbView::snapshot`].
+fn publish_view(services: &[Service], occupancy: &Occupancy, view: &LbView) {
     let mut svcs = Vec::with_capacity(services.len());
     let mut backends = Vec::new();
     for s in services {
-        let c = maps.service_counters(&s.plan).unwrap_or_default();
         let (live, present) = occupancy
             .table
             .get(&s.plan.vip_key())
@@ -430,23 +468,19 @@ fn publish_view(maps: &LbMaps, services: &[Service], occupancy: &Occupancy, view
             algorithm: s.plan.algorithm.to_string(),
             connections: live,
             evictions: tracked.saturating_sub(replaced).saturating_sub(present),
-            no_backend: c.no_backend,
-            lost: c.lost,
+            no_backend: 0,
+            lost: 0,
             publishes: s.publishes,
             write_errors: s.write_errors,
             panic: s.panic,
         });
         for (i, b) in s.plan.backends.iter().enumerate() {
-            let c: LbCounters = maps.counters(&s.plan, i).unwrap_or_default();
             backends.push(LbBackendView {
                 service: s.plan.name.clone(),
-                address: b.address.to_string(),
+                address: s.addresses[i].clone(),
                 configured: b.weight,
                 effective: s.written[i],
-                active: c.active,
-                new_flows: c.new_flows,
-                packets: c.forwarded.packets,
-                bytes: c.forwarded.bytes,
+                ..LbBackendView::default()
             });
         }
     }

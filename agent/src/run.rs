@@ -98,7 +98,8 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
         datapath.mark_ports(ports.map(|b| b.address.port()))?;
         let mut maps = datapath.lb_maps()?;
         balancer::install(&mut maps, &plan.compiled.lb)?;
-        Some(maps)
+        // A second handle for the HTTP side's counter reads.
+        Some((maps, datapath.lb_maps()?))
     };
     datapath.attach(&plan.attach)?;
     for a in datapath.attachments() {
@@ -133,8 +134,8 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     };
     // The balancer follows health, breakers and reloaded weights from here on.
     let (weights_tx, weights_rx) = watch::channel(balancer::configured(&plan.compiled.lb));
-    let balancer_task = lb_maps.map(|maps| {
-        let view = Arc::new(LbView::default());
+    let balancer_task = lb_maps.map(|(maps, counters)| {
+        let view = Arc::new(LbView::new(counters, plan.compiled.lb.clone()));
         state.set_balancing(view.clone());
         let services = plan.compiled.lb.clone();
         let health = state.backends();
