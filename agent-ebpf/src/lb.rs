@@ -171,6 +171,10 @@ fn reply_of_live_flow(p: &Parsed, vip: &[u8; ADDR_LEN], vip_port: u16, backend: 
 /// Picks (or finds) the backend of a packet addressed to `service_id`'s VIP.
 // A BPF subprogram with its own stack frame (see "Stack" in main.rs).
 #[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "passed by value, the key is copied into this frame (32 bytes more, measured)"
+)]
 pub fn forward(service_id: u32, p: &Parsed) -> Forward {
     let Some(svc) = LB_SVC.get(service_id) else {
         return Forward::Pass;
@@ -192,7 +196,7 @@ pub fn forward(service_id: u32, p: &Parsed) -> Forward {
     // SAFETY: helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let tcp = p.proto == PROTO_TCP;
-    let backend = match LB_CONNS.get_ptr_mut(key) {
+    let backend = match LB_CONNS.get_ptr_mut(&key) {
         // SAFETY: a live map value for this run; fields are written whole.
         // A SYN on a closing entry is a new connection reusing the 5-tuple: balanced afresh.
         Some(c) if !conn_expired(unsafe { &*c }, tcp, now) && !reused(unsafe { &*c }, p) => unsafe {
@@ -275,6 +279,10 @@ pub fn count(index: u32, len: u64) {
 /// Remembers a new flow both ways and counts it on its backend.
 // A BPF subprogram with its own stack frame (see "Stack" in main.rs).
 #[inline(never)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "passed by value, the values are copied into this frame (8 bytes more, measured)"
+)]
 fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) {
     let Some(b) = LB_BACKENDS.get(backend) else {
         return;
@@ -299,14 +307,14 @@ fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) {
         backend,
     };
     // Reverse first: a reply can only come after the forward packet leaves.
-    if LB_REVERSE.insert(rkey, rev, 0).is_err() {
+    if LB_REVERSE.insert(&rkey, &rev, 0).is_err() {
         return;
     }
     // An entry of this 5-tuple may be there, expired or closed: then it is replaced (counted,
     // so the agent can tell evictions from replacements).
-    let replaced = if LB_CONNS.insert(*key, conn, u64::from(BPF_NOEXIST)).is_ok() {
+    let replaced = if LB_CONNS.insert(key, &conn, u64::from(BPF_NOEXIST)).is_ok() {
         false
-    } else if LB_CONNS.insert(*key, conn, 0).is_ok() {
+    } else if LB_CONNS.insert(key, &conn, 0).is_ok() {
         true
     } else {
         return;

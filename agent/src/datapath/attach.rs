@@ -3,10 +3,11 @@
 
 use agent_common::maps::{PROG_TC_EGRESS, PROG_XDP};
 use aya::programs::{
-    SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    ProgramError, SchedClassifier, TcAttachType, TcError, Xdp, XdpMode, tc,
+    tc::SchedClassifierLinkId, xdp::XdpLinkId,
 };
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, Kernel};
 
 /// How to attach XDP (POLICY.md `xdp_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,8 +35,47 @@ pub(super) enum Attached {
     },
     TcEgress {
         interface: String,
+        mode: TcMode,
         link: SchedClassifierLinkId,
     },
+}
+
+/// How TC programs attach on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TcMode {
+    /// A TCX link (kernel 6.6 and later).
+    Tcx,
+    /// A `cls_bpf` filter under a `clsact` qdisc, through netlink (before 6.6).
+    Clsact,
+}
+
+impl TcMode {
+    fn describe(self) -> &'static str {
+        match self {
+            TcMode::Tcx => "tcx egress",
+            TcMode::Clsact => "clsact egress",
+        }
+    }
+}
+
+/// TCX came with 6.6; before it a TC program hangs under a `clsact` qdisc. aya's `attach`
+/// takes the same rule.
+fn tc_mode() -> TcMode {
+    if Kernel::current().has_tcx() {
+        TcMode::Tcx
+    } else {
+        TcMode::Clsact
+    }
+}
+
+/// Adds the `clsact` qdisc a netlink TC attach needs; one already there (ours from an
+/// earlier run, or another tool's) is used as it is. It stays after the agent stops, as
+/// Cilium's does: an empty `clsact` changes no packet.
+fn add_clsact(interface: &str) -> Result<(), TcError> {
+    match tc::qdisc_add_clsact(interface) {
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other,
+    }
 }
 
 impl Attached {
@@ -44,7 +84,9 @@ impl Attached {
             Attached::Xdp {
                 interface, mode, ..
             } => format!("xdp ({mode}) on {interface}"),
-            Attached::TcEgress { interface, .. } => format!("tc egress on {interface}"),
+            Attached::TcEgress {
+                interface, mode, ..
+            } => format!("{} on {interface}", mode.describe()),
         }
     }
 }
@@ -88,17 +130,29 @@ impl Datapath {
             });
         }
         if spec.egress {
+            let mode = tc_mode();
+            let error = |source: ProgramError| DatapathError::Attach {
+                program: PROG_TC_EGRESS,
+                interface: spec.interface.clone(),
+                mode: mode.describe(),
+                source: Box::new(source),
+            };
+            if mode == TcMode::Clsact {
+                tracing::info!(
+                    "kernel {} has no TCX (6.6 and later): tc egress on {} attaches as a \
+                     cls_bpf filter under a clsact qdisc",
+                    Kernel::current(),
+                    spec.interface
+                );
+                add_clsact(&spec.interface).map_err(|e| error(e.into()))?;
+            }
             let prog: &mut SchedClassifier = self.program_mut(PROG_TC_EGRESS)?;
             let link = prog
                 .attach(&spec.interface, TcAttachType::Egress)
-                .map_err(|source| DatapathError::Attach {
-                    program: PROG_TC_EGRESS,
-                    interface: spec.interface.clone(),
-                    mode: "tcx egress",
-                    source: Box::new(source),
-                })?;
+                .map_err(error)?;
             self.attached.push(Attached::TcEgress {
                 interface: spec.interface.clone(),
+                mode,
                 link,
             });
         }

@@ -3,11 +3,13 @@
 
 mod attach;
 mod backends;
+mod kernel;
 mod lb;
 mod maps;
 
 pub use attach::{AttachSpec, XdpModeSetting};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
+pub use kernel::{Kernel, MIN_KERNEL};
 pub use lb::{LbCounters, LbMaps, LbServiceCounters};
 pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
 
@@ -40,6 +42,18 @@ pub enum DatapathError {
     Load(#[source] Box<EbpfError>),
     #[error("program `{0}` is missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error("{0}; nothing was loaded")]
+    Kernel(String),
+    #[error(
+        "the verifier of kernel {kernel} refused program `{program}`: {reason} ({errno}; the \
+         whole verifier log is logged at log level debug)"
+    )]
+    Refused {
+        program: &'static str,
+        kernel: Kernel,
+        reason: String,
+        errno: std::io::Error,
+    },
     #[error("loading program `{program}` into the kernel: {source}")]
     LoadProgram {
         program: &'static str,
@@ -107,6 +121,30 @@ const PROGRAMS: [&str; 8] = [
     PROG_XDP_ANSWER,
     PROG_TC_ANSWER,
 ];
+
+/// A program the kernel would not load: the verifier's reason in one line, its whole log at
+/// debug level (thousands of lines that would bury the reason).
+fn refused(program: &'static str, kernel: Kernel, source: ProgramError) -> DatapathError {
+    match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            tracing::debug!("verifier log of `{program}` on kernel {kernel}:\n{log}");
+            DatapathError::Refused {
+                program,
+                kernel,
+                reason: kernel::refusal_reason(&log).to_owned(),
+                errno: io_error,
+            }
+        }
+        source => DatapathError::LoadProgram {
+            program,
+            source: Box::new(source),
+        },
+    }
+}
 
 /// Puts the stages in the program arrays the main programs tail-call through.
 fn link_stages(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
@@ -188,6 +226,8 @@ impl Datapath {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
+        let kernel = Kernel::current();
+        kernel.check().map_err(DatapathError::Kernel)?;
         raise_memlock_rlimit();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_RL_BUCKETS, max_keys.max(1));
@@ -208,10 +248,7 @@ impl Datapath {
                 aya::programs::Program::SchedClassifier(p) => p.load(),
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
-            loaded.map_err(|source| DatapathError::LoadProgram {
-                program: name,
-                source: Box::new(source),
-            })?;
+            loaded.map_err(|source| refused(name, kernel, source))?;
         }
         link_stages(&mut ebpf)?;
         Ok(Self {
