@@ -7,7 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_tests::timing::Scaled;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
+/// From spawn to `/health/ready`: loading, verifying and attaching the programs.
+const READY_TIMEOUT: Scaled = Scaled::secs(20);
+/// From SIGTERM to exit: detaching.
+const STOP_TIMEOUT: Scaled = Scaled::secs(10);
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -231,7 +237,7 @@ fn run_serves_health_and_detaches_on_sigterm() {
             .unwrap(),
     );
 
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + READY_TIMEOUT.get();
     let ready = loop {
         let probe = ns
             .command(&[
@@ -253,7 +259,10 @@ fn run_serves_health_and_detaches_on_sigterm() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(ready, "agent never became ready on agt-a within 20 s");
+    assert!(
+        ready,
+        "agent never became ready on agt-a within {READY_TIMEOUT}"
+    );
     assert!(ns.has_xdp("agt-a"), "ready, but no XDP program on agt-a");
     assert_eq!(
         tcx_links(),
@@ -293,14 +302,14 @@ fn run_serves_health_and_detaches_on_sigterm() {
 
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + STOP_TIMEOUT.get();
     let status = loop {
         if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(
             Instant::now() < deadline,
-            "agent did not exit within 10 s of SIGTERM"
+            "agent did not exit within {STOP_TIMEOUT} of SIGTERM"
         );
         std::thread::sleep(Duration::from_millis(20));
     };

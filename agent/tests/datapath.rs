@@ -13,6 +13,7 @@ use agent::{
     config,
     datapath::{Datapath, Snapshot},
 };
+use agent_tests::timing::{self, Scaled};
 use aya::programs::{TestRun, TestRunOptions};
 use packets::{EXT_DSTOPTS, EXT_FRAGMENT, EXT_HOPOPTS, EXT_ROUTING, Ext, Frame, L3, L4};
 
@@ -559,7 +560,10 @@ fn two_cpus_on_one_bucket_never_exceed_the_limit() {
     const RATE: f64 = 1_000_000.0;
     const BURST: f64 = 1_000.0;
     const CHUNK: u32 = 20_000;
-    const WINDOW: Duration = Duration::from_millis(300);
+    // How long the two CPUs contend. Not a bound: the ceiling below is computed from the
+    // wall time. Scaled so that a slower CPU still runs several chunks each and they
+    // interleave.
+    const WINDOW: Scaled = Scaled::millis(300);
     let svc = h.names.iter().position(|n| *n == "aggregate").unwrap();
     let frame = Frame::udp4(CLIENT, 7, [198, 18, 0, 4], 6000).bytes();
     let prog = h.dp.xdp_program().expect("xdp program");
@@ -578,7 +582,7 @@ fn two_cpus_on_one_bucket_never_exceed_the_limit() {
                     barrier.wait();
                     let t0 = Instant::now();
                     let mut runs = 0u64;
-                    while t0.elapsed() < WINDOW {
+                    while t0.elapsed() < WINDOW.get() {
                         prog.test_run(TestRunOptions {
                             data_in: Some(frame),
                             repeat: CHUNK,
@@ -624,6 +628,15 @@ fn two_cpus_on_one_bucket_never_exceed_the_limit() {
         "the two CPUs did not run together (overlap {overlap:?} of {shortest:?}): no contention tested"
     );
     let ceiling = BURST + RATE * wall.as_secs_f64();
+    // Offering no more than the limit allows would pass the check below whatever the
+    // datapath did: the CPUs must have offered more (a slow CPU may not).
+    timing::require(offered as f64 > 2.0 * ceiling, || {
+        format!(
+            "the two CPUs offered {offered} packets in {wall:?}, not over twice the {ceiling:.0} \
+             the limit lets through (burst {BURST} + {RATE}/s x time): the bucket was never \
+             contended"
+        )
+    });
     assert!(
         passed <= ceiling,
         "two CPUs on one bucket passed {passed} in {wall:?}; the limit allows at most {ceiling:.0} \

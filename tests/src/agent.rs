@@ -12,16 +12,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::netns::Netns;
+use crate::timing::Scaled;
 
 /// The variable `cargo xtask test` sets to the built agent binary.
 pub const AGENT_BIN_ENV: &str = "AGENT_BIN";
 /// How long the agent may take from spawn to `/health/ready` (loading and verifying the
 /// eBPF object, attaching XDP).
-pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const READY_TIMEOUT: Scaled = Scaled::secs(30);
 /// How long the agent may take to exit after SIGTERM before it is killed.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const STOP_TIMEOUT: Scaled = Scaled::secs(10);
+/// Connect, read and write timeout of one request to the agent's HTTP endpoints.
+pub const HTTP_TIMEOUT: Scaled = Scaled::secs(5);
 /// Interval of polling a condition (readiness, exit) while waiting for it with a deadline.
 const POLL: Duration = Duration::from_millis(20);
+/// Interval of polling `/metrics` in [`AgentProcess::wait_metric`].
+const METRIC_POLL: Duration = Duration::from_millis(100);
 
 /// The agent binary from `$AGENT_BIN`. A test that needs the agent calls this first and
 /// fails (never passes silently) when it is not set.
@@ -156,8 +161,8 @@ impl AgentProcess {
         Ok(agent)
     }
 
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+    fn wait_ready(&mut self, timeout: Scaled) -> Result<()> {
+        let deadline = Instant::now() + timeout.get();
         loop {
             if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
                 bail!(
@@ -172,7 +177,7 @@ impl AgentProcess {
             };
             if Instant::now() >= deadline {
                 bail!(
-                    "agent not ready after {timeout:?} (last /health/ready: {last}); its \
+                    "agent not ready after {timeout} (last /health/ready: {last}); its \
                      output:\n{}",
                     self.log_text()
                 );
@@ -196,7 +201,7 @@ impl AgentProcess {
         let addr = self.listen;
         let path = path.to_owned();
         self.ns
-            .run(move || http_get(addr, &path, Duration::from_secs(5)))?
+            .run(move || http_get(addr, &path, HTTP_TIMEOUT.get()))?
     }
 
     /// The text of `GET /metrics`; an error unless it answers 200.
@@ -214,10 +219,10 @@ impl AgentProcess {
         &self,
         name: &str,
         labels: &[(&str, &str)],
-        timeout: Duration,
+        timeout: Scaled,
         ok: impl Fn(f64) -> bool,
     ) -> Result<f64> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout.get();
         loop {
             let text = self.metrics()?;
             let v = metric(&text, name, labels);
@@ -227,9 +232,9 @@ impl AgentProcess {
                 return Ok(v);
             }
             if Instant::now() >= deadline {
-                bail!("{name}{labels:?} still {v:?} after {timeout:?}");
+                bail!("{name}{labels:?} still {v:?} after {timeout}");
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(METRIC_POLL);
         }
     }
 
@@ -260,7 +265,7 @@ impl AgentProcess {
             // SAFETY: kill(2) on our own child, which is not reaped yet.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
+        let deadline = Instant::now() + STOP_TIMEOUT.get();
         loop {
             if let Some(status) = child.try_wait()? {
                 return Ok(status);
@@ -269,7 +274,7 @@ impl AgentProcess {
                 child.kill()?;
                 let status = child.wait()?;
                 bail!(
-                    "agent did not exit within {STOP_TIMEOUT:?} of SIGTERM and was killed \
+                    "agent did not exit within {STOP_TIMEOUT} of SIGTERM and was killed \
                      ({status})"
                 );
             }

@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     agent::{AgentProcess, metric, parse_metrics},
+    timing::Scaled,
     wait::poll,
 };
 
@@ -152,13 +153,13 @@ impl BackendView<'_> {
     }
 
     /// Reads `/metrics` every [`POLL`] until `cond` holds on a scrape; returns the time from
-    /// `since` to that scrape, and the scrape. An error once `limit` has passed since `since`,
-    /// naming `what` and the last state seen; at once if `/metrics` cannot be read.
+    /// `since` to that scrape, and the scrape. An error once `limit` (scaled) has passed since
+    /// `since`, naming `what` and the last state seen; at once if `/metrics` cannot be read.
     pub fn wait(
         &self,
         what: &str,
         since: Instant,
-        limit: Duration,
+        limit: Scaled,
         mut cond: impl FnMut(&Scrape) -> bool,
     ) -> Result<(Duration, Scrape)> {
         let done = |s: &Result<Scrape>| s.as_ref().map_or(true, &mut cond);
@@ -167,7 +168,7 @@ impl BackendView<'_> {
             Err(s) => {
                 let s = s?;
                 bail!(
-                    "{what}: not within {limit:?}; last seen: breaker {:?}, healthy {:?}, \
+                    "{what}: not within {limit}; last seen: breaker {:?}, healthy {:?}, \
                      probes (ok, failed) {:?}",
                     s.state(),
                     s.healthy(),
@@ -182,7 +183,7 @@ impl BackendView<'_> {
         &self,
         state: &str,
         since: Instant,
-        limit: Duration,
+        limit: Scaled,
     ) -> Result<(Duration, Scrape)> {
         self.wait(
             &format!("breaker of {} {state}", self.backend),

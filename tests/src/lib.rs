@@ -1,6 +1,7 @@
 //! End-to-end test harness: network namespaces joined by veth, code run inside them, the
 //! agent as a guarded child process, paced traffic and exact counting at the receiver, test
-//! backends and the ways to break them, and waiting on a condition with a deadline.
+//! backends and the ways to break them, and waiting on a condition with a deadline. Every
+//! timing bound comes from [`timing`] and scales with `AGENT_TEST_TIME_SCALE`.
 //!
 //! Everything here needs root (namespaces, raw sockets, SO_RCVBUFFORCE). Tests built on it
 //! share kernel state and run serially: `cargo test -p agent-tests -- --test-threads=1`.
@@ -9,6 +10,7 @@ pub mod agent;
 pub mod backend;
 pub mod breaker;
 pub mod netns;
+pub mod timing;
 pub mod traffic;
 pub mod verify;
 pub mod wait;
@@ -16,6 +18,7 @@ pub mod xdp;
 
 pub use agent::{AgentProcess, TempDir, agent_bin, metric, require_metric};
 pub use netns::{Netns, Topology};
+pub use timing::Scaled;
 pub use traffic::{
     RecvReport, SendMethod, SendReport, TcpTransfer, UdpFlood, UdpReceiver, UdpSender, tcp_transfer,
 };

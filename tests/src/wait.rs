@@ -2,16 +2,20 @@
 
 use std::time::{Duration, Instant};
 
+use crate::timing::Scaled;
+
 /// Takes a `sample` every `every` until `done` holds on one; returns the time from `since` to
-/// that sample, and the sample. Once `limit` has passed since `since` with no such sample,
-/// `Err` with the last one, so the caller's message can say what was seen instead.
+/// that sample, and the sample. Once `limit` (scaled: [`Scaled::get`]) has passed since
+/// `since` with no such sample, `Err` with the last one, so the caller's message can say what
+/// was seen instead. `every` is a sampling period, not a bound, and is not scaled.
 pub fn poll<S>(
     since: Instant,
-    limit: Duration,
+    limit: Scaled,
     every: Duration,
     mut sample: impl FnMut() -> S,
     mut done: impl FnMut(&S) -> bool,
 ) -> Result<(Duration, S), S> {
+    let limit = limit.get();
     loop {
         let s = sample();
         let took = since.elapsed();
@@ -26,16 +30,16 @@ pub fn poll<S>(
 }
 
 /// Checks `cond` every `every` until it holds; returns how long that took. Panics with `what`
-/// once `limit` has passed.
+/// once `limit` (scaled) has passed.
 #[track_caller]
 pub fn wait_until(
     what: &str,
-    limit: Duration,
+    limit: Scaled,
     every: Duration,
     cond: impl FnMut() -> bool,
 ) -> Duration {
     match poll(Instant::now(), limit, every, cond, |held| *held) {
         Ok((took, _)) => took,
-        Err(_) => panic!("{what}: not within {limit:?}"),
+        Err(_) => panic!("{what}: not within {limit}"),
     }
 }

@@ -8,7 +8,9 @@
 //! once its listener is closed. Clients are plain std sockets in the client namespace.
 //!
 //! Every deadline is computed from the policy's numbers (see [`Check`] and [`Breaker`]) plus
-//! [`SLACK`]; every wait polls a condition, and the figures measured are printed.
+//! [`SLACK`]; every wait polls a condition, and the figures measured are printed. The
+//! policy's timings and the bounds scale together with `AGENT_TEST_TIME_SCALE`
+//! ([`Scaled`]); the connect timeouts tied to TCP's initial RTO of 1 s do not.
 //!
 //! Root only; run serially: `cargo test -p agent-tests --test breaker -- --test-threads=1`.
 
@@ -23,19 +25,22 @@ use agent_tests::{
     backend::{self, Attempt, Blackhole, TcpServer, UdpEcho},
     breaker::{BackendView, Scrape},
     netns::{Netns, Topology},
+    timing::Scaled,
     wait::wait_until,
 };
 
 /// Scrape and scheduling slack on a loaded 2-core machine (as in health.rs).
-const SLACK: Duration = Duration::from_millis(100);
-/// The agent feeds the datapath's passive results to the breakers this often.
-const PASSIVE_PERIOD: Duration = Duration::from_millis(100);
-/// A refused connect must fail within this: the datapath answers the SYN itself.
-const FAST_FAIL: Duration = Duration::from_millis(10);
+const SLACK: Scaled = Scaled::millis(100);
+/// The agent feeds the datapath's passive results to the breakers this often (its own
+/// period, not the policy's; scaled as the part of a deadline it is).
+const PASSIVE_PERIOD: Scaled = Scaled::millis(100);
+/// A refused connect must fail within this: the datapath answers the SYN itself. A latency
+/// bound of real hardware: 10 ms unless the scale says the CPU is slower.
+const FAST_FAIL: Scaled = Scaled::millis(10);
 /// Set-up waits that are not under test (first probe after start, agent bookkeeping).
-const SETUP: Duration = Duration::from_secs(5);
+const SETUP: Scaled = Scaled::secs(5);
 /// Connect timeout of clients that expect an answer (a refusal or a handshake).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Scaled = Scaled::secs(1);
 /// An address no packet is sent to: the services' `match`, so enforcement is shown to follow
 /// the backend's address, not the service's match.
 const VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
@@ -51,9 +56,9 @@ struct Check {
     kind: &'static str,
     /// `http` only.
     path: &'static str,
-    interval: Duration,
-    unhealthy_interval: Duration,
-    timeout: Duration,
+    interval: Scaled,
+    unhealthy_interval: Scaled,
+    timeout: Scaled,
     healthy_threshold: u32,
     unhealthy_threshold: u32,
     passive: bool,
@@ -65,9 +70,9 @@ impl Check {
         Check {
             kind: "tcp",
             path: "/",
-            interval: ms(200),
-            unhealthy_interval: ms(200),
-            timeout: ms(100),
+            interval: Scaled::millis(200),
+            unhealthy_interval: Scaled::millis(200),
+            timeout: Scaled::millis(100),
             healthy_threshold: 2,
             unhealthy_threshold: 3,
             passive: true,
@@ -76,10 +81,10 @@ impl Check {
 
     /// Active probes practically off (the first one falls somewhere in the first day):
     /// passive detection alone, a SYN unanswered for `timeout` failing.
-    fn passive_only(timeout: Duration) -> Check {
+    fn passive_only(timeout: Scaled) -> Check {
         Check {
-            interval: Duration::from_secs(86_400),
-            unhealthy_interval: Duration::from_secs(86_400),
+            interval: Scaled::secs(86_400),
+            unhealthy_interval: Scaled::secs(86_400),
             timeout,
             ..Check::fast_tcp()
         }
@@ -89,8 +94,8 @@ impl Check {
 #[derive(Clone, Copy, Debug)]
 struct Breaker {
     failure_threshold: u32,
-    reset_timeout: Duration,
-    max_reset_timeout: Duration,
+    reset_timeout: Scaled,
+    max_reset_timeout: Scaled,
     half_open_max_flows: u32,
     success_threshold: u32,
     /// `reject` | `drop`
@@ -103,8 +108,8 @@ impl Breaker {
     fn default_for(check: &Check) -> Breaker {
         Breaker {
             failure_threshold: check.unhealthy_threshold,
-            reset_timeout: Duration::from_secs(2),
-            max_reset_timeout: Duration::from_secs(4),
+            reset_timeout: Scaled::secs(2),
+            max_reset_timeout: Scaled::secs(4),
             half_open_max_flows: 3,
             success_threshold: 2,
             on_open: "reject",
@@ -115,8 +120,8 @@ impl Breaker {
     /// Like [`Breaker::default_for`], but stays open 10 s: through all a test does while open.
     fn held_open(check: &Check) -> Breaker {
         Breaker {
-            reset_timeout: Duration::from_secs(10),
-            max_reset_timeout: Duration::from_secs(10),
+            reset_timeout: Scaled::secs(10),
+            max_reset_timeout: Scaled::secs(10),
             ..Breaker::default_for(check)
         }
     }
@@ -154,13 +159,13 @@ impl Service {
     /// From the first failing probe's start (at most one healthy interval after the backend
     /// broke) to the breaker open: `failure_threshold` probes an interval apart, the last one
     /// failing after at most `timeout`.
-    fn open_bound(&self) -> Duration {
+    fn open_bound(&self) -> Scaled {
         self.check.interval * self.breaker.failure_threshold + self.check.timeout + SLACK
     }
 
     /// From a backend restored while its breaker is open to the breaker closed: the rest of
     /// the open period, then `success_threshold` probes at the unhealthy interval.
-    fn close_bound(&self) -> Duration {
+    fn close_bound(&self) -> Scaled {
         self.breaker.reset_timeout
             + self.check.unhealthy_interval * self.breaker.success_threshold
             + self.check.timeout
@@ -168,12 +173,10 @@ impl Service {
     }
 }
 
+/// An exact duration, not scaled: a connect timeout tied to TCP's initial RTO (1 s), or a
+/// sampling period.
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-fn dur(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
 }
 
 /// The policy: the agent on the client veth, both directions, generic XDP.
@@ -217,15 +220,15 @@ fn policy(ifname: &str, services: &[Service]) -> String {
              \x20   circuit_breaker:\n      failure_threshold: {}\n      reset_timeout: {}\n\
              \x20     max_reset_timeout: {}\n      half_open_max_flows: {}\n\
              \x20     success_threshold: {}\n      on_open: {}\n      close_existing: {}\n",
-            dur(c.interval),
-            dur(c.unhealthy_interval),
-            dur(c.timeout),
+            c.interval.yaml(),
+            c.unhealthy_interval.yaml(),
+            c.timeout.yaml(),
             c.healthy_threshold,
             c.unhealthy_threshold,
             c.passive,
             b.failure_threshold,
-            dur(b.reset_timeout),
-            dur(b.max_reset_timeout),
+            b.reset_timeout.yaml(),
+            b.max_reset_timeout.yaml(),
             b.half_open_max_flows,
             b.success_threshold,
             b.on_open,
@@ -273,7 +276,7 @@ fn wait_for(
     s: &Service,
     what: &str,
     since: Instant,
-    limit: Duration,
+    limit: Scaled,
     cond: impl FnMut(&Scrape) -> bool,
 ) -> (Duration, Scrape) {
     view(agent, s)
@@ -286,7 +289,7 @@ fn wait_state(
     s: &Service,
     state: &str,
     since: Instant,
-    limit: Duration,
+    limit: Scaled,
 ) -> (Duration, Scrape) {
     view(agent, s)
         .wait_state(state, since, limit)
@@ -315,7 +318,7 @@ fn wait_opened_passively(
     result: &str,
     n: usize,
     t_last: Instant,
-    bound: Duration,
+    bound: Scaled,
 ) -> Instant {
     let (took, opened) = wait_state(agent, svc, "open", t_last, bound);
     let t_open = Instant::now();
@@ -323,7 +326,7 @@ fn wait_opened_passively(
     let (probes_ok, probes_failed) = opened.probes();
     eprintln!(
         "{n} connects ending as passive `{result}` -> open {took:?} after the last (bound \
-         {bound:?}); passive {result} +{counted}; active probes ok {probes_ok} failed \
+         {bound}); passive {result} +{counted}; active probes ok {probes_ok} failed \
          {probes_failed}"
     );
     assert_eq!(
@@ -381,7 +384,7 @@ fn spread(attempts: &[Attempt]) -> (Duration, Duration, Duration) {
 
 /// Connects that must all succeed (the path to a backend works).
 fn assert_connects(ns: &Netns, addr: SocketAddr, n: usize, when: &str) {
-    let attempts = connect_many(ns, addr, n, CONNECT_TIMEOUT);
+    let attempts = connect_many(ns, addr, n, CONNECT_TIMEOUT.get());
     let bad: Vec<_> = attempts
         .iter()
         .enumerate()
@@ -421,12 +424,12 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
     let mut hole = hang(&topo, backend);
     let bound = svc.open_bound();
     let (took, _) = wait_state(&agent, &svc, "open", t0, bound);
-    eprintln!("[{backend}] hung -> open in {took:?} (bound {bound:?})");
+    eprintln!("[{backend}] hung -> open in {took:?} (bound {bound})");
 
     // Open: every connect refused by the datapath's RST, each in well under FAST_FAIL.
     const ATTEMPTS: usize = 20;
     let (before, attempts, after) = around(&agent, &svc, || {
-        connect_many(&topo.client, backend, ATTEMPTS, CONNECT_TIMEOUT)
+        connect_many(&topo.client, backend, ATTEMPTS, CONNECT_TIMEOUT.get())
     });
     let (min, med, max) = spread(&attempts);
     eprintln!("[{backend}] {ATTEMPTS} connects while open: min {min:?} median {med:?} max {max:?}");
@@ -439,8 +442,8 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
         );
     }
     assert!(
-        max < FAST_FAIL,
-        "the slowest refused connect took {max:?}, expected under {FAST_FAIL:?}"
+        max < FAST_FAIL.get(),
+        "the slowest refused connect took {max:?}, expected under {FAST_FAIL}"
     );
     let rst = after.action("reject_rst") - before.action_or_zero("reject_rst");
     eprintln!("[{backend}] reject_rst grew by {rst}");
@@ -456,10 +459,11 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
 
     // match.protocol tcp (the default): UDP to the same address:port is not the breaker's
     // business and reaches the backend's stack (which has no UDP socket there; its ICMP
-    // answer is blackholed like every answer from that address).
+    // answer is blackholed like every answer from that address). The wait for that answer
+    // is the datagram's time to get there.
     let before = scrape(&agent, &svc);
     let snmp0 = topo.server.udp_snmp().expect("server UDP counters");
-    let (r, _) = udp_exchange(&topo.client, backend, b"not tcp", ms(100));
+    let (r, _) = udp_exchange(&topo.client, backend, b"not tcp", Scaled::millis(100).get());
     let snmp1 = topo.server.udp_snmp().expect("server UDP counters");
     let after = scrape(&agent, &svc);
     let icmp = after.action_or_zero("reject_icmp") - before.action_or_zero("reject_icmp");
@@ -480,7 +484,7 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
     restore(&mut hole);
     let bound = svc.close_bound();
     let (took, _) = wait_state(&agent, &svc, "closed", t1, bound);
-    eprintln!("[{backend}] restored -> closed in {took:?} (bound {bound:?})");
+    eprintln!("[{backend}] restored -> closed in {took:?} (bound {bound})");
     assert_connects(&topo.client, backend, 3, "breaker closed again");
 }
 
@@ -501,12 +505,12 @@ fn hung_backend_is_refused_fast_and_comes_back_v6() {
 /// falls somewhere in the first day). The breaker opens on 3 failures for 1 s, then admits 3
 /// trial flows and closes only after 10 successes (so it stays half-open while a test looks).
 /// `timeout`: how long an admitted SYN may go unanswered before it counts as a failure.
-fn passive_only(backend: SocketAddr, timeout: Duration) -> Service {
+fn passive_only(backend: SocketAddr, timeout: Scaled) -> Service {
     let check = Check::passive_only(timeout);
     let breaker = Breaker {
         failure_threshold: 3,
-        reset_timeout: Duration::from_secs(1),
-        max_reset_timeout: Duration::from_secs(2),
+        reset_timeout: Scaled::secs(1),
+        max_reset_timeout: Scaled::secs(2),
         half_open_max_flows: 3,
         success_threshold: 10,
         ..Breaker::default_for(&check)
@@ -522,7 +526,7 @@ fn open_by_refusals(topo: &Topology, agent: &AgentProcess, svc: &Service) -> Ins
     let first = scrape(agent, svc);
     assert_eq!(first.state(), Some("closed"), "starts closed");
     let n = svc.breaker.failure_threshold as usize;
-    let attempts = connect_many(&topo.client, backend, n, CONNECT_TIMEOUT);
+    let attempts = connect_many(&topo.client, backend, n, CONNECT_TIMEOUT.get());
     let t_last = Instant::now();
     for (i, a) in attempts.iter().enumerate() {
         assert_eq!(
@@ -538,7 +542,7 @@ fn open_by_refusals(topo: &Topology, agent: &AgentProcess, svc: &Service) -> Ins
 #[test]
 fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
     let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
-    let svc = passive_only(backend, Duration::from_secs(1));
+    let svc = passive_only(backend, Scaled::secs(1));
     let breaker = svc.breaker;
     let dir = TempDir::new().expect("temp dir");
     // No listener yet: the backend's own kernel refuses.
@@ -549,7 +553,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
     let server = tcp_server(&topo, backend);
     let bound = breaker.reset_timeout + SLACK;
     let (took, _) = wait_state(&agent, &svc, "half_open", t_open, bound);
-    eprintln!("open -> half_open in {took:?} (bound {bound:?})");
+    eprintln!("open -> half_open in {took:?} (bound {bound})");
 
     // M connects in quick succession: exactly half_open_max_flows reach the backend, the
     // rest are refused by the datapath.
@@ -557,7 +561,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
     let quota = breaker.half_open_max_flows as usize;
     let before = scrape(&agent, &svc);
     let segs0 = topo.server.tcp_in_segs().expect("server TCP counters");
-    let attempts = connect_many(&topo.client, backend, M, CONNECT_TIMEOUT);
+    let attempts = connect_many(&topo.client, backend, M, CONNECT_TIMEOUT.get());
     let outcomes: Vec<Result<(), ErrorKind>> = attempts.iter().map(Attempt::kind).collect();
     let (min, med, max) = spread(&attempts);
     eprintln!("{M} connects while half-open: {outcomes:?}; min {min:?} median {med:?} max {max:?}");
@@ -570,7 +574,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
     );
     let refused_times: Vec<Duration> = attempts[quota..].iter().map(|a| a.took).collect();
     assert!(
-        refused_times.iter().all(|t| *t < FAST_FAIL),
+        refused_times.iter().all(|t| *t < FAST_FAIL.get()),
         "refusals in half-open must be as fast as in open: {refused_times:?}"
     );
 
@@ -638,8 +642,9 @@ fn half_open_counts_a_retransmitted_syn_once() {
     let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     // The passive timeout outlasts the hung trial below (SYN at 0, its retransmission after
     // the initial RTO of 1 s, given up at 1.5 s), so that flow is not judged, and the breaker
-    // not re-opened, before the quota is checked at about 1.5 s.
-    let svc = passive_only(backend, Duration::from_secs(3));
+    // not re-opened, before the quota is checked at about 1.5 s. The 1.5 s is the kernel's
+    // (exactly one retransmission) and does not scale; the passive timeout only grows.
+    let svc = passive_only(backend, Scaled::secs(3));
     let quota = svc.breaker.half_open_max_flows as usize;
     let dir = TempDir::new().expect("temp dir");
     let agent = start_agent(&topo, &dir, std::slice::from_ref(&svc));
@@ -676,7 +681,7 @@ fn half_open_counts_a_retransmitted_syn_once() {
     );
 
     // What is left of the quota: quota - 1 new flows, then refusals.
-    let attempts = connect_many(&topo.client, backend, quota, CONNECT_TIMEOUT);
+    let attempts = connect_many(&topo.client, backend, quota, CONNECT_TIMEOUT.get());
     let outcomes: Vec<Result<(), ErrorKind>> = attempts.iter().map(Attempt::kind).collect();
     let end = scrape(&agent, &svc);
     eprintln!(
@@ -698,7 +703,7 @@ fn half_open_counts_a_retransmitted_syn_once() {
 fn passive_syn_timeouts_open_the_breaker_of_a_hung_backend() {
     let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     let _server = tcp_server(&topo, backend);
-    let check = Check::passive_only(ms(200));
+    let check = Check::passive_only(Scaled::millis(200));
     let breaker = Breaker::held_open(&check);
     let svc = Service::new("pay", backend, check, breaker);
     let dir = TempDir::new().expect("temp dir");
@@ -708,9 +713,9 @@ fn passive_syn_timeouts_open_the_breaker_of_a_hung_backend() {
     let first = scrape(&agent, &svc);
     assert_eq!(first.state(), Some("closed"), "closed before the SYNs");
 
-    // failure_threshold connects that give up after 300 ms (before any SYN retransmission).
-    // The last SYN times out `timeout` after it left; the agent reads it within
-    // PASSIVE_PERIOD.
+    // failure_threshold connects that give up after 300 ms (before any SYN retransmission, at
+    // the kernel's 1 s: not scaled). The last SYN times out `timeout` after it left; the
+    // agent reads it within PASSIVE_PERIOD.
     let n = breaker.failure_threshold as usize;
     let give_up = ms(300);
     let attempts = connect_many(&topo.client, backend, n - 1, give_up);
@@ -755,9 +760,10 @@ fn open_breaker_with_on_open_drop_drops_syns() {
     drop(server);
     let bound = svc.open_bound();
     let (took, _) = wait_state(&agent, &svc, "open", t0, bound);
-    eprintln!("[{backend}] refusing -> open in {took:?} (bound {bound:?})");
+    eprintln!("[{backend}] refusing -> open in {took:?} (bound {bound})");
 
     const ATTEMPTS: usize = 3;
+    // Under the kernel's first SYN retransmission (1 s): not scaled.
     let timeout = ms(300);
     let (before, attempts, after) = around(&agent, &svc, || {
         connect_many(&topo.client, backend, ATTEMPTS, timeout)
@@ -816,11 +822,11 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
     // An established flow, echoing while the breaker is closed.
     let mut held = topo
         .client
-        .run(move || TcpStream::connect_timeout(&backend, CONNECT_TIMEOUT))
+        .run(move || TcpStream::connect_timeout(&backend, CONNECT_TIMEOUT.get()))
         .expect("entering the client namespace")
         .unwrap_or_else(|e| panic!("connecting to {backend}: {e}"));
-    held.set_read_timeout(Some(CONNECT_TIMEOUT)).unwrap();
-    held.set_write_timeout(Some(CONNECT_TIMEOUT)).unwrap();
+    held.set_read_timeout(Some(CONNECT_TIMEOUT.get())).unwrap();
+    held.set_write_timeout(Some(CONNECT_TIMEOUT.get())).unwrap();
     assert_eq!(echo(&mut held, b"PING"), Ok(()), "echo while closed");
 
     // Health fails (503) while TCP works: open within the probes' bound.
@@ -828,7 +834,7 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
     server.set_healthy(false);
     let bound = svc.open_bound();
     let (took, _) = wait_state(&agent, &svc, "open", t0, bound);
-    eprintln!("[{backend}] 503 -> open in {took:?} (bound {bound:?})");
+    eprintln!("[{backend}] 503 -> open in {took:?} (bound {bound})");
 
     let (before, (r, took), after) = around(&agent, &svc, || {
         let t = Instant::now();
@@ -845,8 +851,8 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
             "close_existing: the held flow's next packet must be answered by a RST, got {r:?}"
         );
         assert!(
-            took < FAST_FAIL,
-            "the reset must come at once, took {took:?}"
+            took < FAST_FAIL.get(),
+            "the reset must come at once (under {FAST_FAIL}), took {took:?}"
         );
         assert!(
             after.action("close_existing") > before.action_or_zero("close_existing"),
@@ -863,7 +869,7 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
 
     // New flows are refused either way.
     let (before, attempts, after) = around(&agent, &svc, || {
-        connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT)
+        connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT.get())
     });
     eprintln!(
         "new connect while open: {:?} in {:?}",
@@ -875,7 +881,11 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
         Err(ErrorKind::ConnectionRefused),
         "a new connect to the open backend"
     );
-    assert!(attempts[0].took < FAST_FAIL, "refused at once");
+    assert!(
+        attempts[0].took < FAST_FAIL.get(),
+        "refused at once (under {FAST_FAIL}), took {:?}",
+        attempts[0].took
+    );
     assert_eq!(
         after.action("reject_rst") - before.action_or_zero("reject_rst"),
         1,
@@ -933,9 +943,9 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
     // enough (at least (failure_threshold - 1) x interval after the first probe) that the
     // echo below runs while it is still closed, which is checked, not assumed.
     let check = Check {
-        interval: Duration::from_secs(1),
-        unhealthy_interval: Duration::from_secs(1),
-        timeout: ms(200),
+        interval: Scaled::secs(1),
+        unhealthy_interval: Scaled::secs(1),
+        timeout: Scaled::millis(200),
         unhealthy_threshold: 5,
         ..Check::fast_tcp()
     };
@@ -950,7 +960,7 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
     let agent = start_agent(&topo, &dir, std::slice::from_ref(&svc));
     let ready = Instant::now();
 
-    let (r, took) = udp_exchange(&topo.client, backend, b"hello", CONNECT_TIMEOUT);
+    let (r, took) = udp_exchange(&topo.client, backend, b"hello", CONNECT_TIMEOUT.get());
     let closed = scrape(&agent, &svc);
     eprintln!("echo before opening: {r:?} in {took:?}");
     assert_eq!(
@@ -968,7 +978,7 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
     // The first probe anywhere in the first interval, then failure_threshold failures.
     let bound = svc.check.interval + svc.open_bound();
     let (took, _) = wait_state(&agent, &svc, "open", ready, bound);
-    eprintln!("[{backend}] refused probes -> open {took:?} after ready (bound {bound:?})");
+    eprintln!("[{backend}] refused probes -> open {took:?} after ready (bound {bound})");
 
     const ATTEMPTS: usize = 5;
     let before = scrape(&agent, &svc);
@@ -976,7 +986,7 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
     let snmp0 = topo.server.udp_snmp().expect("server UDP counters");
     let mut times = Vec::new();
     for i in 0..ATTEMPTS {
-        let (r, took) = udp_exchange(&topo.client, backend, b"ping", CONNECT_TIMEOUT);
+        let (r, took) = udp_exchange(&topo.client, backend, b"ping", CONNECT_TIMEOUT.get());
         eprintln!("datagram {i} while open: {r:?} in {took:?}");
         assert_eq!(
             r,
@@ -1010,12 +1020,15 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
         "no datagram may reach the backend's stack while the breaker is open"
     );
     let max = times.iter().max().copied().unwrap_or_default();
-    assert!(max < FAST_FAIL, "slowest ICMP refusal {max:?}");
+    assert!(
+        max < FAST_FAIL.get(),
+        "slowest ICMP refusal {max:?}, expected under {FAST_FAIL}"
+    );
 
     // match.protocol udp: TCP to the same address:port is not the breaker's business (the
     // backend's own kernel refuses it, no reject_rst).
     let (before, attempts, after) = around(&agent, &svc, || {
-        connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT)
+        connect_many(&topo.client, backend, 1, CONNECT_TIMEOUT.get())
     });
     assert_eq!(
         attempts[0].kind(),

@@ -15,16 +15,22 @@ use agent_tests::{
     backend::TcpServer,
     breaker::Scrape,
     netns::Topology,
+    timing::Scaled,
     wait::wait_until,
 };
 
-const INTERVAL: Duration = Duration::from_millis(200);
-const TIMEOUT: Duration = Duration::from_millis(100);
+// The policy's timings, and every bound computed from them, scale together (the probes get
+// as much more time as the bounds do), so the bounds keep their meaning on a slow machine.
+const INTERVAL: Scaled = Scaled::millis(200);
+const TIMEOUT: Scaled = Scaled::millis(100);
 const UNHEALTHY_THRESHOLD: u32 = 3;
 const SUCCESS_THRESHOLD: u32 = 2;
-const MAX_RESET_TIMEOUT: Duration = Duration::from_secs(4);
+const RESET_TIMEOUT: Scaled = Scaled::secs(1);
+const MAX_RESET_TIMEOUT: Scaled = Scaled::secs(4);
 /// Scrape and scheduling slack on a loaded 2-core machine.
-const SLACK: Duration = Duration::from_millis(100);
+const SLACK: Scaled = Scaled::millis(100);
+/// Set-up waits that are not under test (the first probes after start).
+const SETUP: Scaled = Scaled::secs(5);
 /// How often a condition is checked while waiting on it.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -39,13 +45,17 @@ fn policy(topo: &Topology, backends: &[SocketAddr]) -> String {
          interfaces:\n  - name: {ifname}\n    xdp_mode: generic\n    direction: ingress\n\
          services:\n  - name: pay\n    match: {{ address: {vip}/32, port: 8443 }}\n    backends:\n{list}\
          \x20   load_balancing: {{ vip: false }}\n\
-         \x20   health_check:\n      interval: 200ms\n      unhealthy_interval: 200ms\n      timeout: 100ms\n\
+         \x20   health_check:\n      interval: {interval}\n      unhealthy_interval: {interval}\n      timeout: {timeout}\n\
          \x20     healthy_threshold: 2\n      unhealthy_threshold: {UNHEALTHY_THRESHOLD}\n      jitter: 0%\n\
-         \x20   circuit_breaker:\n      failure_threshold: {UNHEALTHY_THRESHOLD}\n      reset_timeout: 1s\n\
-         \x20     max_reset_timeout: 4s\n      success_threshold: {SUCCESS_THRESHOLD}\n\
+         \x20   circuit_breaker:\n      failure_threshold: {UNHEALTHY_THRESHOLD}\n      reset_timeout: {reset}\n\
+         \x20     max_reset_timeout: {max_reset}\n      success_threshold: {SUCCESS_THRESHOLD}\n\
          \x20     max_ejection_percent: 50%\n",
         ifname = topo.server_if,
         vip = topo.server_v4,
+        interval = INTERVAL.yaml(),
+        timeout = TIMEOUT.yaml(),
+        reset = RESET_TIMEOUT.yaml(),
+        max_reset = MAX_RESET_TIMEOUT.yaml(),
     )
 }
 
@@ -81,12 +91,9 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
     let agent = AgentProcess::start(&topo.server, &config).expect("agent start");
 
     // Both closed and healthy once the first probes came back.
-    wait_until(
-        "both backends probed healthy",
-        Duration::from_secs(5),
-        POLL,
-        || addrs.iter().all(|a| healthy(&agent, *a) == Some(1.0)),
-    );
+    wait_until("both backends probed healthy", SETUP, POLL, || {
+        addrs.iter().all(|a| healthy(&agent, *a) == Some(1.0))
+    });
     assert!(addrs.iter().all(|a| breaker_is(&agent, *a, "closed")));
 
     // Kill one: open within unhealthy_threshold x interval + timeout (+ slack).
@@ -98,7 +105,7 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
         POLL,
         || breaker_is(&agent, addrs[0], "open"),
     );
-    eprintln!("time to open: {took:?} (bound {open_bound:?})");
+    eprintln!("time to open: {took:?} (bound {open_bound})");
     assert!(
         breaker_is(&agent, addrs[1], "closed"),
         "the live backend's breaker must stay closed"
@@ -113,7 +120,7 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
         POLL,
         || breaker_is(&agent, addrs[0], "closed"),
     );
-    eprintln!("time to close after restore: {took:?} (bound {close_bound:?})");
+    eprintln!("time to close after restore: {took:?} (bound {close_bound})");
 
     // Kill both: max_ejection_percent 50% of 2 backends lets only one open.
     for b in &mut backends {
@@ -132,7 +139,7 @@ fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
     };
     let watch = Instant::now();
     let mut last = 0;
-    while watch.elapsed() < INTERVAL * 3 {
+    while watch.elapsed() < (INTERVAL * 3).get() {
         last = ejected();
         assert!(
             last <= 1,

@@ -20,6 +20,7 @@ use agent_tests::{
     agent::{AgentProcess, TempDir, metric},
     backend::{TcpServer, UdpEcho},
     netns::{Netns, Topology},
+    timing::{self, Scaled},
     wait::poll,
 };
 use anyhow::{Context, Result, bail, ensure};
@@ -28,8 +29,12 @@ const VIP_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 const VIP_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const SETUP: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Scaled = Scaled::secs(2);
+/// Read timeout of a client waiting for an echo.
+const READ_TIMEOUT: Scaled = Scaled::secs(2);
+const SETUP: Scaled = Scaled::secs(5);
+/// How often a condition is checked while waiting on it (a period, not a bound).
+const POLL: Duration = Duration::from_millis(20);
 /// Allowed relative error of each backend's share of new connections (the issue's ±5%).
 const SHARE_TOLERANCE: f64 = 0.05;
 
@@ -191,7 +196,7 @@ impl Lab {
 fn connect_and_close(ns: &Netns, vip: SocketAddr, n: usize) -> Result<()> {
     ns.run(move || -> Result<()> {
         for i in 0..n {
-            let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)
+            let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())
                 .with_context(|| format!("connection {i} of {n} to {vip}"))?;
             // RST instead of FIN: no TIME_WAIT piling up over thousands of connections.
             rst_on_close(&s)?;
@@ -205,7 +210,7 @@ fn connect_and_close_from(ns: &Netns, src: IpAddr, vip: SocketAddr, n: usize) ->
     ns.run(move || -> Result<()> {
         for i in 0..n {
             let s = Socket::bound(SocketAddr::new(src, 0))?
-                .connect_timeout(&vip, CONNECT_TIMEOUT)
+                .connect_timeout(&vip, CONNECT_TIMEOUT.get())
                 .with_context(|| format!("connection {i} of {n} to {vip} from {src}"))?;
             rst_on_close(&s)?;
         }
@@ -217,20 +222,20 @@ fn connect_and_close_from(ns: &Netns, src: IpAddr, vip: SocketAddr, n: usize) ->
 fn connect_from(ns: &Netns, src: SocketAddr, vip: SocketAddr) -> Result<()> {
     ns.run(move || -> Result<()> {
         let socket = Socket::bound(src)?;
-        let s = socket.connect_timeout(&vip, CONNECT_TIMEOUT)?;
+        let s = socket.connect_timeout(&vip, CONNECT_TIMEOUT.get())?;
         rst_on_close(&s)?;
         Ok(())
     })?
 }
 
-/// Polls `cond` every 20 ms until it holds (an error ends the wait at once); fails with
-/// `what` once `limit` has passed.
-fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<Duration> {
+/// Polls `cond` every [`POLL`] until it holds (an error ends the wait at once); fails with
+/// `what` once `limit` (scaled) has passed.
+fn wait(what: &str, limit: Scaled, mut cond: impl FnMut() -> Result<bool>) -> Result<Duration> {
     let mut last_err = None;
     let r = poll(
         Instant::now(),
         limit,
-        Duration::from_millis(20),
+        POLL,
         || match cond() {
             Ok(b) => b,
             Err(e) => {
@@ -243,8 +248,8 @@ fn wait(what: &str, limit: Duration, mut cond: impl FnMut() -> Result<bool>) -> 
     match r {
         Ok((took, _)) => Ok(took),
         Err(_) => match last_err {
-            Some(e) => Err(e.context(format!("{what}: not within {limit:?}"))),
-            None => bail!("{what}: not within {limit:?}"),
+            Some(e) => Err(e.context(format!("{what}: not within {limit}"))),
+            None => bail!("{what}: not within {limit}"),
         },
     }
 }
@@ -399,8 +404,8 @@ fn transfers(v6: bool) -> Result<()> {
         lab.topo
             .client
             .run(move || -> Result<(Vec<u8>, Vec<u8>, SocketAddr)> {
-                let mut s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())?;
+                s.set_read_timeout(Some(Scaled::secs(5).get()))?;
                 let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
                 let mut reader = s.try_clone()?;
                 let expect = data.len();
@@ -435,7 +440,7 @@ fn transfers(v6: bool) -> Result<()> {
             }
             .parse()?;
             let u = UdpSocket::bind(any)?;
-            u.set_read_timeout(Some(Duration::from_secs(2)))?;
+            u.set_read_timeout(Some(READ_TIMEOUT.get()))?;
             u.send_to(&[i; 100], udp_vip)?;
             let mut buf = [0u8; 200];
             let (n, src) = u
@@ -504,8 +509,8 @@ fn a_weight_change_moves_only_its_share_and_breaks_no_connection() -> Result<()>
     let held = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {
         (0..40)
             .map(|_| {
-                let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())?;
+                s.set_read_timeout(Some(READ_TIMEOUT.get()))?;
                 Ok(s)
             })
             .collect()
@@ -583,13 +588,19 @@ fn a_weight_change_moves_only_its_share_and_breaks_no_connection() -> Result<()>
 }
 
 /// Fast TCP health checks and a breaker that opens on 2 failures and stays open 30 s, for
-/// the tests where a backend dies; `close_existing` as given.
+/// the tests where a backend dies; `close_existing` as given. The tests rely on the breaker
+/// staying open through everything they do after it opened, so that time scales (and the
+/// ceiling on it, the agent's default of 300 s, with it); the probe timings are not what
+/// these tests bound, and stay as written.
 fn checks_and_breaker(close_existing: bool) -> String {
     format!(
         "    health_check: {{ interval: 100ms, unhealthy_interval: 100ms, timeout: 50ms, \
          unhealthy_threshold: 2, jitter: 0% }}\n\
-         \x20   circuit_breaker: {{ failure_threshold: 2, reset_timeout: 30s, \
-         max_ejection_percent: 50%, close_existing: {close_existing} }}\n"
+         \x20   circuit_breaker: {{ failure_threshold: 2, reset_timeout: {reset}, \
+         max_reset_timeout: {max_reset}, max_ejection_percent: 50%, \
+         close_existing: {close_existing} }}\n",
+        reset = Scaled::secs(30).yaml(),
+        max_reset = Scaled::secs(300).yaml(),
     )
 }
 
@@ -632,8 +643,8 @@ fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
     let held = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {
         (0..30)
             .map(|_| {
-                let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())?;
+                s.set_read_timeout(Some(READ_TIMEOUT.get()))?;
                 Ok(s)
             })
             .collect()
@@ -697,7 +708,7 @@ fn least_conn_sends_new_connections_to_the_least_loaded_backend() -> Result<()> 
     // Ten long-lived connections: least_conn alternates, five each.
     let held = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {
         (0..10)
-            .map(|_| Ok(TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)?))
+            .map(|_| Ok(TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())?))
             .collect()
     })??;
     wait("the 10 connections accepted", SETUP, || {
@@ -743,7 +754,7 @@ fn least_conn_sends_new_connections_to_the_least_loaded_backend() -> Result<()> 
     let before = lab.accepted();
     let new = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {
         (0..5)
-            .map(|_| Ok(TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)?))
+            .map(|_| Ok(TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())?))
             .collect()
     })??;
     wait("the 5 new connections accepted", SETUP, || {
@@ -778,13 +789,19 @@ fn least_conn_sends_new_connections_to_the_least_loaded_backend() -> Result<()> 
 #[test]
 fn slow_start_ramps_a_recovered_backends_share() -> Result<()> {
     let mut lab = Lab::new(2, false)?;
-    let window = Duration::from_secs(4);
-    let extra = "      slow_start: 4s\n\
-                 \x20   health_check: { interval: 100ms, unhealthy_interval: 100ms, timeout: 50ms, \
-                 unhealthy_threshold: 2, healthy_threshold: 1, jitter: 0% }\n\
-                 \x20   circuit_breaker: { failure_threshold: 2, reset_timeout: 500ms, \
-                 max_reset_timeout: 500ms, success_threshold: 1, max_ejection_percent: 50% }\n";
-    let policy = lab.policy("maglev", &[1000, 1000], extra);
+    // The ramp is sampled over `slow_start` itself: the two scale together, and the samples
+    // with them (the same number at the same points of the ramp).
+    let window = Scaled::secs(4);
+    let sample_every = Scaled::millis(500);
+    let extra = format!(
+        "      slow_start: {slow_start}\n\
+         \x20   health_check: {{ interval: 100ms, unhealthy_interval: 100ms, timeout: 50ms, \
+         unhealthy_threshold: 2, healthy_threshold: 1, jitter: 0% }}\n\
+         \x20   circuit_breaker: {{ failure_threshold: 2, reset_timeout: 500ms, \
+         max_reset_timeout: 500ms, success_threshold: 1, max_ejection_percent: 50% }}\n",
+        slow_start = window.yaml()
+    );
+    let policy = lab.policy("maglev", &[1000, 1000], &extra);
     lab.start(&policy)?;
     let recovering = lab.backends[1];
     lab.servers[1].stop();
@@ -812,7 +829,7 @@ fn slow_start_ramps_a_recovered_backends_share() -> Result<()> {
     let t0 = Instant::now();
     // Backend 1's weight, and its share of 200 new connections, every half second.
     let mut rows = Vec::new();
-    while t0.elapsed() < window {
+    while t0.elapsed() < window.get() {
         let weight = lab.effective_weights()?[1];
         let share = batch(&lab)?;
         rows.push((t0.elapsed(), weight, share));
@@ -821,8 +838,18 @@ fn slow_start_ramps_a_recovered_backends_share() -> Result<()> {
             t0.elapsed().as_secs_f64(),
             share * 100.0
         );
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(sample_every.get());
     }
+    // One sample cannot show a ramp: a machine too slow for two inside it says so.
+    ensure!(
+        rows.len() >= 2,
+        "{}",
+        timing::unmet(&format!(
+            "the ramp over slow_start {window} was sampled {} times, at least 2 are needed to \
+             see it ramp: 200 connections take too long on this machine ({rows:?})",
+            rows.len()
+        ))
+    );
     wait("backend 1 at full weight", window + SETUP, || {
         Ok(lab.effective_weights()?[1] == 1000)
     })?;
@@ -880,7 +907,8 @@ fn panic_threshold_fails_open_when_too_few_backends_are_available() -> Result<()
         if threshold == "0%" {
             let before = lab.accepted_from(shopper);
             let r = lab.topo.client.run(move || {
-                Socket::bound(SocketAddr::new(shopper, 0))?.connect_timeout(&vip, CONNECT_TIMEOUT)
+                Socket::bound(SocketAddr::new(shopper, 0))?
+                    .connect_timeout(&vip, CONNECT_TIMEOUT.get())
             })?;
             let err = r
                 .err()
@@ -945,8 +973,8 @@ fn a_full_connection_table_evicts_and_evicted_flows_recover() -> Result<()> {
     let held = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {
         (0..HELD)
             .map(|_| {
-                let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())?;
+                s.set_read_timeout(Some(READ_TIMEOUT.get()))?;
                 Ok(s)
             })
             .collect()

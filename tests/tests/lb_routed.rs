@@ -17,19 +17,25 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use agent_tests::{
     agent::{AgentProcess, TempDir},
     backend::TcpServer,
     netns::{Netns, unique_name},
+    timing::Scaled,
+    wait::poll,
 };
 use anyhow::{Context, Result, bail, ensure};
 
 const VIP_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Scaled = Scaled::secs(2);
+/// Read timeout of a client waiting for its echo.
+const READ_TIMEOUT: Scaled = Scaled::secs(5);
+/// Bound on duplicate address detection of the new links' IPv6 addresses (about 2 s).
+const DAD_DONE: Scaled = Scaled::secs(10);
 
 /// One address family's plan of the three namespaces.
 struct Plan {
@@ -129,7 +135,33 @@ impl Routed {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
             std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
         })??;
+        for ns in [&r.client, &r.router, &r.server] {
+            r.wait_dad(ns)?;
+        }
         Ok(r)
+    }
+
+    /// Waits until no IPv6 address of `ns` is tentative. The link-local addresses go through
+    /// duplicate address detection for about 2 s after a link comes up, and until then the
+    /// router cannot resolve a backend (it asks from its link-local address): a forwarded
+    /// SYN waits for that, past the SYN retransmission a 2 s connect timeout allows.
+    fn wait_dad(&self, ns: &Netns) -> Result<()> {
+        let tentative = || ns.ip(&["-6", "addr", "show", "tentative"]);
+        let done = |out: &Result<String>| out.as_ref().map_or(true, |o| o.trim().is_empty());
+        match poll(
+            Instant::now(),
+            DAD_DONE,
+            Duration::from_millis(20),
+            tentative,
+            done,
+        ) {
+            Ok((_, out)) => out.map(drop),
+            Err(out) => bail!(
+                "IPv6 addresses in {} still tentative after {DAD_DONE}:\n{}",
+                ns.name(),
+                out?
+            ),
+        }
     }
 
     fn address(&self, p: &Plan) -> Result<()> {
@@ -239,9 +271,9 @@ fn routed(p: &Plan) -> Result<()> {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         let mut peers = Vec::with_capacity(n);
         for i in 0..n {
-            let mut s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT)
+            let mut s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())
                 .with_context(|| format!("connection {i} of {n} to {vip}"))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_read_timeout(Some(READ_TIMEOUT.get()))?;
             let mut reader = s.try_clone()?;
             let reading = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
                 let mut got = vec![0u8; len];

@@ -30,6 +30,7 @@ use agent_tests::{
     backend::{Blackhole, TcpServer, connect_many},
     breaker::{self, BackendView},
     netns::{Netns, Topology},
+    timing::Scaled,
 };
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
@@ -81,10 +82,12 @@ const TIMED_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
 /// The target for a refused connect.
 const REFUSE_TARGET: Duration = Duration::from_millis(10);
 /// A wait gives up at this many times its bound: far enough to measure a figure over the
-/// bound, near enough that a breaker that never moves fails the run quickly.
+/// bound, near enough that a breaker that never moves fails the run quickly. The give-up
+/// times scale with `AGENT_TEST_TIME_SCALE` (they are deadlines); the bounds in the report,
+/// the policy and the timeouts of the measured connects do not (they are what is measured).
 const GIVE_UP_FACTOR: u32 = 3;
 /// Waits that are not measured: first probes after start, health back before a round.
-const SETUP: Duration = Duration::from_secs(5);
+const SETUP: Scaled = Scaled::secs(5);
 const SECTION: &str = "## Breaker, end to end";
 
 /// From the backend hung to the breaker open: the next probe starts within one interval,
@@ -225,8 +228,8 @@ fn round(
 
     let mut hole = Blackhole::add(&topo.server, backend.ip())?;
     let t0 = Instant::now();
-    let give_up = detect_bound() * GIVE_UP_FACTOR;
-    let client = first_attempt(&topo.client, backend, Want::Refused, t0, give_up)?;
+    let give_up = Scaled::new(detect_bound() * GIVE_UP_FACTOR);
+    let client = first_attempt(&topo.client, backend, Want::Refused, t0, give_up.get())?;
     let (open_seen, _) = view.wait_state("open", t0, give_up)?;
     let refused = join(client)?;
     let t_open = t0 + open_seen;
@@ -235,8 +238,8 @@ fn round(
 
     hole.remove()?;
     let t1 = Instant::now();
-    let give_up = recover_bound() * GIVE_UP_FACTOR;
-    let client = first_attempt(&topo.client, backend, Want::Connected, t1, give_up)?;
+    let give_up = Scaled::new(recover_bound() * GIVE_UP_FACTOR);
+    let client = first_attempt(&topo.client, backend, Want::Connected, t1, give_up.get())?;
     let (closed_seen, _) = view.wait_state("closed", t1, give_up)?;
     let connected = join(client)?;
     Ok(Round {

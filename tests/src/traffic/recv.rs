@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use super::send::payload_byte;
 use super::sys::{SockAddr, queued_bytes, setsockopt_int, socket_drops};
 use crate::netns::Netns;
+use crate::timing::Scaled;
 
 /// Receive buffer asked for with SO_RCVBUFFORCE (root may exceed rmem_max): room for about a
 /// million small datagrams, so a scheduling hiccup of the receiver thread never overflows it.
@@ -58,9 +59,11 @@ pub struct UdpReceiver {
 /// After the sender stops, the receiver ends once nothing arrived for this long and its
 /// queue is empty. Packets still on their way then are in a per-CPU backlog, which drains
 /// in microseconds; this is a condition with a wide margin, not a guess at a duration.
-pub const RECV_QUIET: Duration = Duration::from_millis(100);
+pub const RECV_QUIET: Scaled = Scaled::millis(100);
 /// Bound on the whole drain.
-pub const RECV_DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+pub const RECV_DRAIN_DEADLINE: Scaled = Scaled::secs(10);
+/// The receiving thread wakes up this often to look at its stop flag (a period, not a bound).
+const RECV_WAKE: Duration = Duration::from_millis(20);
 
 impl UdpReceiver {
     /// Binds `bind` inside `ns` and starts counting.
@@ -75,7 +78,7 @@ impl UdpReceiver {
             )
             .context("SO_RCVBUFFORCE (needs CAP_NET_ADMIN)")?;
             // Wake up regularly to look at the stop flag.
-            s.set_read_timeout(Some(Duration::from_millis(20)))?;
+            s.set_read_timeout(Some(RECV_WAKE))?;
             Ok(s)
         })??;
         let local = sock.local_addr()?;
@@ -135,6 +138,7 @@ fn recv_loop(sock: UdpSocket, stop: &AtomicBool, live: &AtomicU64) -> Result<Rec
     let mut iov: Vec<libc::iovec> = vec![unsafe { zeroed() }; BATCH];
     let mut hdr: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
     let mut report = RecvReport::default();
+    let (quiet, drain) = (RECV_QUIET.get(), RECV_DRAIN_DEADLINE.get());
     let mut last_rx = Instant::now();
     let mut stop_at: Option<Instant> = None;
     loop {
@@ -189,12 +193,12 @@ fn recv_loop(sock: UdpSocket, stop: &AtomicBool, live: &AtomicU64) -> Result<Rec
         if stop.load(Ordering::Relaxed) {
             let t = *stop_at.get_or_insert(now);
             let quiet_since = last_rx.max(t);
-            if now - quiet_since >= RECV_QUIET && queued_bytes(fd) == 0 {
+            if now - quiet_since >= quiet && queued_bytes(fd) == 0 {
                 break;
             }
-            if now - t > RECV_DRAIN_DEADLINE {
+            if now - t > drain {
                 bail!(
-                    "receiver on {:?} still receiving {RECV_DRAIN_DEADLINE:?} after stop",
+                    "receiver on {:?} still receiving {RECV_DRAIN_DEADLINE} after stop",
                     sock.local_addr()
                 );
             }

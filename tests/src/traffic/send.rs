@@ -11,6 +11,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::sys::{SockAddr, raise_nofile, setsockopt_int};
 use crate::netns::Netns;
+use crate::timing;
 
 /// How the sender puts packets on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +149,9 @@ impl SendReport {
     }
 
     /// Fails when the run fell short of its schedule: a limiter test at an offered rate the
-    /// sender did not reach would test something else than it says.
+    /// sender did not reach would test something else than it says. A precondition, not a
+    /// bound: the offered rate is what is tested and does not scale with the machine, so the
+    /// message says so ([`timing::unmet`]).
     pub fn ensure_on_schedule(&self, min_fraction: f64) -> Result<()> {
         ensure!(
             self.failed == 0,
@@ -158,13 +161,16 @@ impl SendReport {
         );
         ensure!(
             self.achieved_pps >= self.offered_pps * min_fraction,
-            "sender reached {:.0} pps of the {:.0} pps asked for (< {:.0}%): this machine cannot \
-             offer that load; max lag {:?}, {} sends > 1 ms late",
-            self.achieved_pps,
-            self.offered_pps,
-            min_fraction * 100.0,
-            self.max_lag,
-            self.late
+            "{}",
+            timing::unmet(&format!(
+                "the sender reached {:.0} pps of the {:.0} pps asked for (< {:.0}%), max lag \
+                 {:?}, {} sends > 1 ms late: this machine cannot offer that load",
+                self.achieved_pps,
+                self.offered_pps,
+                min_fraction * 100.0,
+                self.max_lag,
+                self.late
+            ))
         );
         Ok(())
     }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::sys::poll_readable;
 use crate::netns::Netns;
+use crate::timing::Scaled;
 
 /// Byte `i` of the TCP test stream: a position-dependent pseudo-random sequence, so a lost,
 /// duplicated or reordered segment shows as a mismatch at a known offset.
@@ -46,14 +47,16 @@ impl TcpTransfer {
 }
 
 /// Sends `bytes` of [`pattern_byte`] from `client` to a listener on `addr` in `server` and
-/// checks what arrived, byte by byte. Both ends give up after `timeout`.
+/// checks what arrived, byte by byte. Both ends give up after `timeout` (scaled).
 pub fn tcp_transfer(
     client: &Netns,
     server: &Netns,
     addr: SocketAddr,
     bytes: u64,
-    timeout: Duration,
+    timeout: Scaled,
 ) -> Result<TcpTransfer> {
+    let limit = timeout;
+    let timeout = limit.get();
     let listener = server
         .run(move || TcpListener::bind(addr))?
         .with_context(|| format!("listening on {addr} in {}", server.name()))?;
@@ -93,7 +96,7 @@ pub fn tcp_transfer(
             got += n as u64;
             ensure!(
                 Instant::now() < deadline,
-                "TCP transfer slower than {timeout:?}"
+                "TCP transfer slower than {limit}"
             );
         }
         Ok((got, mismatch))

@@ -1,0 +1,211 @@
+//! Every timing bound of the tests, in one place, scaled for slow machines.
+//!
+//! The bounds are written as they hold on real hardware. `AGENT_TEST_TIME_SCALE` (a number
+//! of at least 1, default 1; `cargo xtask vm` sets it under software emulation) multiplies
+//! each one: deadlines (readiness, a breaker opening, connect and read timeouts, drains),
+//! latency bounds that only hold on fast hardware ("refused within 10 ms"), and the policy
+//! timings a test's bounds are computed from. At scale 1 every bound is exactly the written
+//! one.
+//!
+//! What never scales: what a test measures against a tolerance (a delivered rate, a share
+//! of connections), offered loads, and timings tied to the kernel (TCP's 1 s initial RTO). A
+//! slow machine cannot make a correct datapath deliver a wrong rate, but it can keep a
+//! generator from offering the load: such a test checks that precondition with [`require`]
+//! and fails saying so, naming the scale, instead of passing or failing on a meaningless
+//! figure.
+//!
+//! Sampling periods (how often a condition is polled) are not bounds and are not scaled.
+
+use std::fmt;
+use std::ops::{Add, Mul};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// The variable that scales every bound.
+pub const SCALE_ENV: &str = "AGENT_TEST_TIME_SCALE";
+
+/// Read once per test process. A bad value is kept as its message, so that every test that
+/// reads it panics with the same clear message (a panicking `LazyLock` would poison it and
+/// the later tests would only say so).
+static SCALE: LazyLock<Result<f64, String>> = LazyLock::new(|| match std::env::var(SCALE_ENV) {
+    Err(std::env::VarError::NotPresent) => Ok(1.0),
+    Err(std::env::VarError::NotUnicode(v)) => Err(format!("{SCALE_ENV}={v:?} is not UTF-8")),
+    Ok(v) => parse_scale(&v),
+});
+
+/// `text` as a scale: a finite number >= 1.
+pub fn parse_scale(text: &str) -> Result<f64, String> {
+    let bad = |why: &str| {
+        format!("{SCALE_ENV}={text:?}: {why}; it must be a number >= 1 (e.g. 10), or unset for 1")
+    };
+    let v: f64 = text.trim().parse().map_err(|_| bad("not a number"))?;
+    if !v.is_finite() {
+        return Err(bad("not finite"));
+    }
+    if v < 1.0 {
+        return Err(bad("below 1 (bounds are never tightened)"));
+    }
+    Ok(v)
+}
+
+/// The scale of this run; panics, naming the variable and its value, if it is not valid.
+pub fn scale() -> f64 {
+    match &*SCALE {
+        Ok(v) => *v,
+        Err(msg) => panic!("{msg}"),
+    }
+}
+
+/// `d` at this run's scale; exactly `d` at scale 1.
+pub fn scaled(d: Duration) -> Duration {
+    scale_by(d, scale())
+}
+
+fn scale_by(d: Duration, s: f64) -> Duration {
+    if s == 1.0 {
+        return d;
+    }
+    // In whole nanoseconds, rounded: 700 ms x 3 is 2.1 s, not 2.099999999 s.
+    let ns = (d.as_nanos() as f64 * s).round();
+    if ns >= u64::MAX as f64 {
+        panic!("{d:?} x {SCALE_ENV} {s} is too long for a Duration");
+    }
+    Duration::from_nanos(ns as u64)
+}
+
+/// A time bound as it holds on real hardware; [`Scaled::get`] is what it is in this run.
+/// `const`-friendly, so bounds can stay named constants:
+/// `const SETUP: Scaled = Scaled::secs(5);` and `SETUP.get()` where a `Duration` is needed.
+/// Sums and multiples of bounds are bounds (`INTERVAL * 3 + TIMEOUT + SLACK`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Scaled(Duration);
+
+impl Scaled {
+    pub const fn new(base: Duration) -> Scaled {
+        Scaled(base)
+    }
+
+    pub const fn secs(n: u64) -> Scaled {
+        Scaled(Duration::from_secs(n))
+    }
+
+    pub const fn millis(n: u64) -> Scaled {
+        Scaled(Duration::from_millis(n))
+    }
+
+    /// The bound as written (real hardware, scale 1).
+    pub const fn base(self) -> Duration {
+        self.0
+    }
+
+    /// The bound in this run: [`Scaled::base`] x [`scale`].
+    pub fn get(self) -> Duration {
+        scaled(self.0)
+    }
+
+    /// As a policy duration in milliseconds (`"200ms"`), at this run's scale.
+    pub fn yaml(self) -> String {
+        format!("{}ms", self.get().as_millis())
+    }
+}
+
+impl Add for Scaled {
+    type Output = Scaled;
+    fn add(self, rhs: Scaled) -> Scaled {
+        Scaled(self.0 + rhs.0)
+    }
+}
+
+impl Mul<u32> for Scaled {
+    type Output = Scaled;
+    fn mul(self, rhs: u32) -> Scaled {
+        Scaled(self.0 * rhs)
+    }
+}
+
+/// The bound in this run; at a scale other than 1 also the written one and the scale, so a
+/// message read from a slow machine says where the number came from.
+impl fmt::Debug for Scaled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = scale();
+        if s == 1.0 {
+            write!(f, "{:?}", self.0)
+        } else {
+            write!(f, "{:?} ({:?} x {SCALE_ENV} {s})", self.get(), self.0)
+        }
+    }
+}
+
+impl fmt::Display for Scaled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// `AGENT_TEST_TIME_SCALE=N`, for messages.
+pub fn describe() -> String {
+    format!("{SCALE_ENV}={}", scale())
+}
+
+/// The message of a failed precondition: `what` did not hold, so the measurement would mean
+/// nothing on this machine.
+pub fn unmet(what: &str) -> String {
+    format!(
+        "precondition not met: {what}. This machine is too slow for what the test measures at \
+         {} (bounds scale with it; offered loads and measured rates do not), so the test fails \
+         here rather than judge a meaningless figure",
+        describe()
+    )
+}
+
+/// Panics with [`unmet`] when a precondition of a measurement does not hold (a generator
+/// reached its offered rate, enough samples fell inside a ramp, ...).
+#[track_caller]
+pub fn require(holds: bool, what: impl FnOnce() -> String) {
+    if !holds {
+        panic!("{}", unmet(&what()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_is_a_finite_number_of_at_least_one() {
+        assert_eq!(parse_scale("1"), Ok(1.0));
+        assert_eq!(parse_scale("10"), Ok(10.0));
+        assert_eq!(parse_scale(" 2.5 "), Ok(2.5));
+        for bad in ["", "0", "0.5", "-3", "ten", "NaN", "inf", "1e999"] {
+            let e = parse_scale(bad).expect_err(bad);
+            assert!(
+                e.contains(SCALE_ENV) && e.contains(&format!("{bad:?}")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn scale_one_changes_nothing_and_others_multiply() {
+        let d = Duration::from_millis(123) + Duration::from_nanos(7);
+        assert_eq!(scale_by(d, 1.0), d);
+        assert_eq!(
+            scale_by(Duration::from_millis(200), 3.0),
+            Duration::from_millis(600)
+        );
+        assert_eq!(
+            scale_by(Duration::from_millis(100), 2.5),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            scale_by(Duration::from_millis(700), 3.0),
+            Duration::from_millis(2100)
+        );
+    }
+
+    #[test]
+    fn bounds_add_and_multiply_before_scaling() {
+        let b = Scaled::millis(200) * 3 + Scaled::millis(100);
+        assert_eq!(b.base(), Duration::from_millis(700));
+    }
+}
