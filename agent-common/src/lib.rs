@@ -1,6 +1,6 @@
 //! Everything that crosses the kernel/user boundary: map names, `#[repr(C)]` map keys and
 //! values (explicit padding, sizes asserted), counter slots, and the pure logic both sides
-//! share (classification order, token-bucket arithmetic), unit-tested on the host.
+//! share (classification order, token-bucket and pacing arithmetic), unit-tested on the host.
 #![no_std]
 
 pub mod breaker;
@@ -9,6 +9,7 @@ pub mod lb;
 pub mod limit;
 pub mod maps;
 pub mod reply;
+pub mod shape;
 pub mod stats;
 
 pub use classify::{MatchList, MatchRule};

@@ -10,13 +10,16 @@
 //! Over any interval of length `T` in which the key is saturated, at most
 //! `burst + rate * T` units are admitted.
 
+use crate::shape::ShapeConfig;
+
 pub const NS_PER_SEC: u64 = 1_000_000_000;
 
 /// `ServiceConfig::flags`
 pub const SVC_F_ACTIVE: u32 = 1 << 0;
 pub const SVC_F_RATE_LIMIT: u32 = 1 << 1;
 
-/// `ServiceConfig::rl_key`: what a bucket is kept per.
+/// `ServiceConfig::rl_key` (and `ShapeConfig::key`): what a bucket (a departure line) is kept
+/// per.
 pub const RL_KEY_FLOW: u32 = 0;
 pub const RL_KEY_SOURCE_IP: u32 = 1;
 pub const RL_KEY_SERVICE: u32 = 2;
@@ -42,8 +45,10 @@ pub struct ServiceConfig {
     pub rl_rate: u64,
     /// The burst expressed as time at `rl_rate`: `burst * 1e9 / rate`.
     pub rl_burst_ns: u64,
+    /// Pacing on egress, when `SVC_F_SHAPE` is set (`crate::shape`).
+    pub shape: ShapeConfig,
 }
-const _: () = assert!(core::mem::size_of::<ServiceConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<ServiceConfig>() == 56);
 
 /// Key of the token-bucket table. Fields the service's `rl_key` does not use are zero.
 #[repr(C)]
@@ -85,6 +90,7 @@ impl ServiceConfig {
             _pad: 0,
             rl_rate: rate,
             rl_burst_ns: u64::try_from(burst_ns).ok()?,
+            shape: ShapeConfig::default(),
         })
     }
 

@@ -7,6 +7,11 @@ pub const MAP_CLASSIFY: &str = "CLASSIFY";
 pub const MAP_SVC_CFG: &str = "SVC_CFG";
 /// LRU hash: [`crate::BucketKey`] -> [`crate::Bucket`]; size set at load time from `max_keys`.
 pub const MAP_RL_BUCKETS: &str = "RL_BUCKETS";
+/// LRU hash: [`crate::BucketKey`] -> [`crate::shape::Departure`], the next departure time of
+/// each shaping key; size set at load time from `shaping.max_keys`.
+pub const MAP_SHAPE_NEXT: &str = "SHAPE_NEXT";
+/// Per-CPU array indexed by service id -> [`crate::shape::ShapeDelay`].
+pub const MAP_SHAPE_DELAY: &str = "SHAPE_DELAY";
 /// Per-CPU array indexed by `service_id * SVC_STAT_SLOTS + slot` -> [`crate::Counter`].
 pub const MAP_SVC_STATS: &str = "SVC_STATS";
 /// Per-CPU array indexed by a `GSTAT_*` slot -> [`crate::Counter`].

@@ -32,7 +32,6 @@ pub const SVC_NEW_KEYS: u32 = 4;
 /// A new flow to a balanced service found no backend to take it (every weight 0 or every
 /// breaker open): refused like an open breaker (RST / ICMP unreachable).
 pub const SVC_NO_BACKEND: u32 = 5;
-/// Slots reserved per service; later features (breaker, LB) take the free ones.
 /// A balanced service's TCP packet, not a SYN, whose flow had no live entry in the connection
 /// table (evicted by the LRU, or expired): it is balanced again (Maglev finds the same backend
 /// while the table is unchanged).
@@ -40,13 +39,23 @@ pub const SVC_LB_LOST: u32 = 6;
 /// A balanced service's new flow whose connection-table entry took the place of an expired or
 /// closed one with the same 5-tuple (not an eviction: the agent subtracts these).
 pub const SVC_LB_REPLACED: u32 = 7;
-pub const SVC_STAT_SLOTS: u32 = 8;
+/// Shaping (TC egress): packets given a departure time (`skb->tstamp`).
+pub const SVC_SHAPE_PACED: u32 = 8;
+/// Shaping: dropped, their departure would have been more than `horizon` from now.
+pub const SVC_SHAPE_HORIZON: u32 = 9;
+/// Shaping: passed unpaced, the departure table refused a new key (fail open).
+pub const SVC_SHAPE_NO_KEY: u32 = 10;
+/// Shaping: paced after every compare-and-swap on the key's departure time lost to other
+/// CPUs; it left at the time its last attempt computed (also counted in `SVC_SHAPE_PACED`).
+pub const SVC_SHAPE_CONTENDED: u32 = 11;
+pub const SVC_STAT_SLOTS: u32 = 12;
 
 /// Drop reasons as exported in metrics, by slot.
-pub const SVC_DROP_REASONS: [(u32, &str); 3] = [
+pub const SVC_DROP_REASONS: [(u32, &str); 4] = [
     (SVC_DROP_RATE_LIMIT, "rate_limit"),
     (SVC_DROP_CONTENDED, "contended"),
     (SVC_NO_BACKEND, "no_backend"),
+    (SVC_SHAPE_HORIZON, "horizon"),
 ];
 
 /// Global slots, for packets that never reach a service.

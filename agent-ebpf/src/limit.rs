@@ -22,13 +22,15 @@ pub enum Verdict {
     DropContended,
 }
 
+/// The key of a packet for a table kept per `kind` (`RL_KEY_*`): the token buckets, and the
+/// departure times of shaping.
 #[inline(always)]
-fn bucket_key(service_id: u32, cfg: &ServiceConfig, p: &Parsed) -> BucketKey {
+pub fn key_of(service_id: u32, kind: u32, p: &Parsed) -> BucketKey {
     let mut key = BucketKey {
         service_id,
         ..BucketKey::default()
     };
-    if cfg.rl_key == RL_KEY_FLOW {
+    if kind == RL_KEY_FLOW {
         key.proto = p.proto;
         key.src = p.src;
         key.dst = p.dst;
@@ -36,7 +38,7 @@ fn bucket_key(service_id: u32, cfg: &ServiceConfig, p: &Parsed) -> BucketKey {
             key.sport = p.sport;
             key.dport = p.dport;
         }
-    } else if cfg.rl_key == RL_KEY_SOURCE_IP {
+    } else if kind == RL_KEY_SOURCE_IP {
         key.src = p.src;
     }
     key
@@ -45,7 +47,7 @@ fn bucket_key(service_id: u32, cfg: &ServiceConfig, p: &Parsed) -> BucketKey {
 // A BPF subprogram with its own stack frame (see "Stack" in main.rs).
 #[inline(never)]
 pub fn limit(service_id: u32, cfg: &ServiceConfig, p: &Parsed, len: u64) -> Verdict {
-    let key = bucket_key(service_id, cfg, p);
+    let key = key_of(service_id, cfg.rl_key, p);
     // SAFETY: helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
 

@@ -6,7 +6,7 @@
 //!
 //! Stack: BPF gives the deepest call chain 512 bytes in all, and 6.1's verifier rounds every
 //! frame of the chain up to 32 bytes first (6.12's to 8). The stages (parse,
-//! breaker check, rate limit, building an answer) are BPF subprograms (`#[inline(never)]`),
+//! breaker check, rate limit, pacing, building an answer) are BPF subprograms (`#[inline(never)]`),
 //! each with its own frame, so stages that run one after the other do not add up. Answers
 //! (RST / ICMP) are built in a program of their own, entered by tail call, so their frame
 //! is never stacked on a main program's. The deepest chain is 448 bytes under 6.1's rounding;
@@ -36,6 +36,7 @@ mod nat;
 mod parse;
 mod reply;
 mod rt;
+mod shape;
 mod stats;
 
 use agent_common::{
@@ -43,6 +44,7 @@ use agent_common::{
     breaker::{BSTAT_CUT, BSTAT_DROP, BSTAT_REJECT_ICMP, BSTAT_REJECT_RST, PROBE_MARK},
     classify::PROTO_TCP,
     limit::{SVC_F_ACTIVE, SVC_F_RATE_LIMIT},
+    shape::SVC_F_SHAPE,
     stats::{
         GSTAT_EXT_HDR_LIMIT, GSTAT_FRAGMENT, GSTAT_NO_CONFIG, GSTAT_NON_IP, GSTAT_SEEN,
         GSTAT_UNMATCHED, GSTAT_UNPARSED, SVC_DROP_CONTENDED, SVC_DROP_RATE_LIMIT, SVC_NO_BACKEND,
@@ -63,6 +65,7 @@ use crate::{
     maps::{NO_BACKEND_ID, SIDE_DST, STAGES_TC, STAGES_XDP, SVC_CFG},
     parse::{Packet, ParseError, Parsed},
     reply::Rewrite,
+    shape::Pace,
 };
 
 /// What the shared pipeline decided; each hook maps it to its own return codes.
@@ -262,7 +265,7 @@ fn refusal_slot(parsed: &Parsed) -> u32 {
 
 /// `exempt`: the agent's own health probe, which no breaker may stop.
 #[inline(always)]
-fn process<C: aya_ebpf::EbpfContext>(
+fn process<C: aya_ebpf::EbpfContext + Pace>(
     ctx: &C,
     pkt: &Packet,
     len: u64,
@@ -290,8 +293,9 @@ fn process<C: aya_ebpf::EbpfContext>(
     // its source and passes it.
     breaker::observe_answer(&parsed);
     lb::hand_over_reply(ctx, &parsed, stages);
-    // Order: the rate limit first (a dropped packet makes no state), then balancing (DNAT,
-    // so the breaker sees the backend), then the breaker, then reverse NAT of replies.
+    // Order: the rate limit first (a dropped packet makes no state), then pacing (egress),
+    // then balancing (DNAT, so the breaker sees the backend), then the breaker, then reverse
+    // NAT of replies.
     let service = match classify::classify(&parsed) {
         None => Err(GSTAT_UNMATCHED),
         Some(id) => match SVC_CFG.get(id) {
@@ -304,6 +308,16 @@ fn process<C: aya_ebpf::EbpfContext>(
         && let Some(drop) = rate_limit(ctx, id, cfg, &parsed, len)
     {
         return drop;
+    }
+    // Pacing (TC egress only; `Pace` does nothing on XDP) after the limit, so a packet the
+    // limit drops books no departure. A later stage may still refuse a paced packet (a
+    // breaker's answer, or its drop): its slot stays booked, one packet's wire time of the
+    // key's line left unused.
+    if let Ok((id, cfg)) = service
+        && cfg.flags & SVC_F_SHAPE != 0
+        && let shape::Verdict::DropHorizon = ctx.pace(id, cfg, &parsed)
+    {
+        return Action::Drop;
     }
     // A balanced service's packets take their own path (DNAT, then the breaker of the chosen
     // backend); everything else may be a reply from a backend (reverse NAT). Two disjoint

@@ -12,6 +12,7 @@ use agent_common::{
     },
     classify::ADDR_LEN,
     maps::{DEFAULT_MAX_KEYS, MAX_PREFIXES, MAX_SERVICES},
+    shape::{DEFAULT_SHAPE_KEYS, Departure, ShapeDelay},
     stats::{GSTAT_SLOTS, SVC_STAT_SLOTS},
 };
 use aya_ebpf::{
@@ -29,6 +30,14 @@ pub static SVC_CFG: Array<ServiceConfig> = Array::with_max_entries(MAX_SERVICES,
 #[map]
 pub static RL_BUCKETS: LruHashMap<BucketKey, Bucket> =
     LruHashMap::with_max_entries(DEFAULT_MAX_KEYS, 0);
+
+/// Next departure time per shaping key; the loader sizes it from `shaping.max_keys`.
+#[map]
+pub static SHAPE_NEXT: LruHashMap<BucketKey, Departure> =
+    LruHashMap::with_max_entries(DEFAULT_SHAPE_KEYS, 0);
+
+#[map]
+pub static SHAPE_DELAY: PerCpuArray<ShapeDelay> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
 pub static SVC_STATS: PerCpuArray<Counter> =

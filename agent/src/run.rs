@@ -1,10 +1,12 @@
 //! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP; detach on SIGTERM.
 //!
 //! Order of start-up, so that a failure leaves nothing behind: validate the policy (and the
-//! interfaces it names) -> bind the HTTP listener -> load the programs -> write the maps
-//! (breaker entries closed) -> attach (all interfaces or none) -> start health checks and
-//! breakers -> ready. Every step before `attach` touches nothing a packet sees; `Datapath`
-//! detaches what it attached when dropped.
+//! interfaces it names, and for shaping that the kernel has `sch_fq` and that no operator's
+//! qdisc is in the way) -> bind the HTTP listener -> load the programs -> write the maps
+//! (breaker entries closed) -> the pacing qdisc `fq` as root of the egress interfaces (when
+//! some service is shaped) -> attach (all interfaces or none) -> start health checks and
+//! breakers -> ready. Every step before the qdiscs touches nothing a packet sees; `Datapath`
+//! detaches what it attached when dropped, and `Pacers` puts back the default qdiscs.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -20,8 +22,11 @@ use crate::{
     balancer::{self, LbView},
     commands::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
-    datapath::{Datapath, DatapathError},
-    plan::Plan,
+    datapath::{
+        Datapath, DatapathError,
+        qdisc::{Pacers, QdiscError},
+    },
+    plan::{self, Plan},
     state::AgentState,
     telemetry::{http, logs},
 };
@@ -43,6 +48,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Datapath(#[from] DatapathError),
+    #[error("pacing qdisc: {0}")]
+    Qdisc(#[source] QdiscError),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("HTTP server: {0}")]
@@ -62,6 +69,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     logs::init(&policy.agent.log_level.to_string());
     let plan = Plan::new(&policy).map_err(RunError::Policy)?;
+    plan.check_pacing(&policy).map_err(RunError::Policy)?;
     tracing::info!(
         "policy {}: {} services on {} interfaces",
         file.display(),
@@ -101,6 +109,23 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
         // A second handle for the HTTP side's counter reads.
         Some((maps, datapath.lb_maps()?))
     };
+    // Before attaching, so a shaped service's first packet meets fq. Dropped (the default
+    // qdiscs back) on every way out of this function, a failed attach included.
+    let pacers = match &plan.pacing {
+        None => None,
+        Some(p) => Some(
+            Pacers::install(&p.spec, &p.interfaces).map_err(|e| match e {
+                // Only when the probe could not run: the same refusal as the probe's.
+                QdiscError::FqMissing(why) => {
+                    RunError::Policy(PolicyErrors(plan::fq_missing(&policy, &why)))
+                }
+                e => RunError::Qdisc(e),
+            })?,
+        ),
+    };
+    for p in pacers.iter().flat_map(Pacers::describe) {
+        tracing::info!("pacing qdisc {p}");
+    }
     datapath.attach(&plan.attach)?;
     for a in datapath.attachments() {
         tracing::info!("attached {a}");
@@ -156,9 +181,10 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
 
     let result = wait_for_signals(file, &plan, &state, &weights_tx).await;
 
-    // Not ready any more, then detach, then stop serving.
+    // Not ready any more, then detach, then put the default qdiscs back, then stop serving.
     state.set_ready(false);
     state.datapath_mut().detach_all();
+    drop(pacers);
     let _ = stop_tx.send(true);
     let _ = keys_task.await;
     if let Some(t) = backends_task {

@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use clap::Parser;
 
@@ -189,6 +189,70 @@ fn baseline(name: &str, args: &Args) -> anyhow::Result<Measure> {
         .try_into()?;
     prog.load()?;
     measure(prog, &frame(SPORT), args)
+}
+
+/// As [`measure`], through the TC egress program (the only hook that paces).
+fn measure_tc(prog: &SchedClassifier, data: &[u8], args: &Args) -> anyhow::Result<Measure> {
+    let mut kernel = Vec::with_capacity(args.samples);
+    let mut wall = Vec::with_capacity(args.samples);
+    for _ in 0..args.samples {
+        let start = Instant::now();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(data),
+                repeat: args.repeat,
+                ..TestRunOptions::new()
+            })
+            .context("BPF_PROG_TEST_RUN on tc")?;
+        wall.push(start.elapsed().as_secs_f64() * 1e9 / f64::from(args.repeat));
+        kernel.push(r.duration.as_secs_f64() * 1e9);
+    }
+    Ok(Measure {
+        kernel: median(kernel),
+        wall: median(wall),
+    })
+}
+
+/// The shaping path on TC egress: one flow of a shaped service whose packets are all paced
+/// (the rate so high that the key never reaches the horizon: every packet takes the
+/// compare-and-swap and gets its `tstamp`), one whose packets are all past the horizon
+/// (dropped before any write), and the same frame to the service without shaping.
+fn shaping_rows(args: &Args) -> anyhow::Result<Vec<(&'static str, Measure)>> {
+    let text = format!(
+        r#"
+version: 1
+interfaces: [{{ name: lo, direction: egress }}]
+services:
+  - name: paced
+    match: {{ address: 198.18.0.2/32, port: {DPORT}, protocol: udp }}
+    shaping: {{ rate: 100Gbit/s, key: flow, horizon: 2s }}
+  - name: unlimited
+    match: {{ address: 198.18.0.3/32, port: {DPORT}, protocol: udp }}
+  - name: full
+    match: {{ address: 198.18.0.4/32, port: {DPORT}, protocol: udp }}
+    shaping: {{ rate: 1KB/s, key: flow, horizon: 1ms }}
+"#
+    );
+    let policy = config::load_str(&text, "bench-shaping.yaml")
+        .map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
+    let compiled = config::compile(&policy);
+    let mut dp = Datapath::load_for(&compiled)?;
+    dp.apply(&compiled)?;
+    let prog = dp.tc_program()?;
+    Ok(vec![
+        (
+            "TC egress: service without shaping",
+            measure_tc(prog, &frame_to(UNLIMITED, SPORT), args)?,
+        ),
+        (
+            "TC egress: shaped, paced (key lookup, CAS, tstamp)",
+            measure_tc(prog, &frame(SPORT), args)?,
+        ),
+        (
+            "TC egress: shaped, past the horizon (drop)",
+            measure_tc(prog, &frame_to([198, 18, 0, 4], SPORT), args)?,
+        ),
+    ])
 }
 
 /// Paths of the agent's program that stop before the limiter, for the breakdown.
@@ -517,6 +581,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
     let stages = stages(args)?;
     let breaker = breaker_rows(args)?;
     let lb = lb_rows()?;
+    let shaping = shaping_rows(args)?;
     let mut rows = Vec::new();
     for keys in [1, 10_000, 1_000_000] {
         eprintln!("measuring with {keys} keys ...");
@@ -554,6 +619,9 @@ fn run(args: &Args) -> anyhow::Result<String> {
     for (what, m) in &lb {
         table.push((what.clone(), "-".into(), *m));
     }
+    for (what, m) in &shaping {
+        table.push((format!("agent: {what}"), "1".into(), *m));
+    }
     for r in &rows {
         table.push((
             "agent: limiter, admitted (CAS)".into(),
@@ -579,7 +647,8 @@ fn run(args: &Args) -> anyhow::Result<String> {
     writeln!(
         t,
         "Produced by `cargo xtask bench` (`agent-bench --repeat {} --samples {}`) on {}, kernel \
-         {}. One 64-byte IPv4/UDP frame is run through the XDP program with BPF_PROG_TEST_RUN, \
+         {}. One 64-byte IPv4/UDP frame is run through the XDP program (the TC egress program for \
+         the rows that say so) with BPF_PROG_TEST_RUN, \
          repeated (one key, hot in cache); each figure is a median over samples. *program* is the \
          kernel's own timing of the program runs (whole ns, +-1); *per run* is wall time per \
          repetition, which adds the test harness's frame set-up.\n",

@@ -15,9 +15,12 @@ use agent_common::classify::{
 use agent_common::limit::{
     RL_KEY_FLOW, RL_KEY_SERVICE, RL_KEY_SOURCE_IP, RL_UNIT_BYTES, RL_UNIT_PACKETS, SVC_F_ACTIVE,
 };
+use agent_common::shape::{SVC_F_SHAPE, ShapeConfig, ShapeConfigError};
 use agent_common::{MatchList, MatchRule, ServiceConfig};
 
-use super::model::{Cidr, KeyBy, Match, OnOpen, Policy, Priority, Protocol, RateLimit, Service};
+use super::model::{
+    Cidr, KeyBy, Match, OnOpen, Policy, Priority, Protocol, RateLimit, Service, Shaping,
+};
 
 // Every service has one prefix, plus the IPv4 guard entry: the trie never overflows.
 const _: () = assert!(agent_common::maps::MAX_SERVICES < agent_common::maps::MAX_PREFIXES);
@@ -44,6 +47,12 @@ pub struct Compiled {
     pub lb_table_entries: u32,
     /// Entries of the connection tables (`LB_CONNS`, `LB_REVERSE`).
     pub lb_conn_entries: u32,
+    /// Size of the departure table of shaping (`SHAPE_NEXT`): the sum of `shaping.max_keys`,
+    /// clamped to 1..=16777216; 1 when no service is shaped.
+    pub shape_keys: u32,
+    /// The longest `shaping.horizon` of the policy; `None` when no service is shaped (then
+    /// no qdisc is touched).
+    pub shape_horizon: Option<Duration>,
 }
 
 /// One backend whose breaker the datapath enforces.
@@ -220,7 +229,61 @@ pub(crate) fn prefix_rules<'a>(
         .collect()
 }
 
+/// Why a `shaping` section does not fit the datapath; validation refuses all of these first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeCompileError {
+    #[error("shaping.rate: pacing spaces bytes; a packet rate cannot be paced")]
+    PacketRate,
+    #[error("shaping.rate: must be greater than 0")]
+    ZeroRate,
+    #[error("shaping.horizon: must be greater than 0")]
+    ZeroHorizon,
+    #[error("shaping.horizon: longer than 2^64 ns")]
+    HorizonTooLong,
+}
+
+/// The datapath's form of a `shaping` section (`ServiceConfig::shape`).
+impl TryFrom<&Shaping> for ShapeConfig {
+    type Error = ShapeCompileError;
+
+    fn try_from(s: &Shaping) -> Result<ShapeConfig, ShapeCompileError> {
+        if !s.rate.is_bytes() {
+            return Err(ShapeCompileError::PacketRate);
+        }
+        let horizon =
+            u64::try_from(s.horizon.as_nanos()).map_err(|_| ShapeCompileError::HorizonTooLong)?;
+        ShapeConfig::new(key_kind(s.key), s.rate.per_second(), horizon).map_err(|e| match e {
+            ShapeConfigError::ZeroRate => ShapeCompileError::ZeroRate,
+            ShapeConfigError::ZeroHorizon => ShapeCompileError::ZeroHorizon,
+        })
+    }
+}
+
+/// `RL_KEY_*` of a `key` setting (token buckets and departure lines alike).
+fn key_kind(key: KeyBy) -> u32 {
+    match key {
+        KeyBy::Flow => RL_KEY_FLOW,
+        KeyBy::SourceIp => RL_KEY_SOURCE_IP,
+        KeyBy::Service => RL_KEY_SERVICE,
+    }
+}
+
 fn service_config(service: &Service) -> ServiceConfig {
+    let mut config = limit_config(service);
+    if let Some(shaping) = &service.shaping {
+        match ShapeConfig::try_from(shaping) {
+            Ok(shape) => {
+                config.flags |= SVC_F_SHAPE;
+                config.shape = shape;
+            }
+            // Unreachable after validation; no pacing is the datapath's fail-open.
+            Err(e) => debug_assert!(false, "validation let through {e}"),
+        }
+    }
+    config
+}
+
+fn limit_config(service: &Service) -> ServiceConfig {
     let active = ServiceConfig {
         flags: SVC_F_ACTIVE,
         ..Default::default()
@@ -231,11 +294,7 @@ fn service_config(service: &Service) -> ServiceConfig {
     else {
         return active;
     };
-    let key = match key {
-        KeyBy::Flow => RL_KEY_FLOW,
-        KeyBy::SourceIp => RL_KEY_SOURCE_IP,
-        KeyBy::Service => RL_KEY_SERVICE,
-    };
+    let key = key_kind(*key);
     let unit = if rate.is_bytes() {
         RL_UNIT_BYTES
     } else {
@@ -305,6 +364,10 @@ pub fn compile(policy: &Policy) -> Compiled {
         .sum();
     let max_keys = keys.clamp(1, u64::from(super::model::MAX_TABLE_ENTRIES)) as u32;
 
+    let shaped = || policy.services.iter().filter_map(|s| s.shaping.as_ref());
+    let shape_keys: u64 = shaped().map(|s| u64::from(s.max_keys)).sum();
+    let shape_keys = shape_keys.clamp(1, u64::from(super::model::MAX_TABLE_ENTRIES)) as u32;
+
     let (lb, lb_table_entries, lb_conn_entries) = super::balance::compile_lb(policy);
     Compiled {
         services,
@@ -314,6 +377,8 @@ pub fn compile(policy: &Policy) -> Compiled {
         lb,
         lb_table_entries,
         lb_conn_entries,
+        shape_keys,
+        shape_horizon: shaped().map(|s| s.horizon).max(),
     }
 }
 
@@ -501,6 +566,66 @@ mod tests {
                 initial.flags
             ),
             (STATE_CLOSED, u32::MAX, 0, 1, F_DROP)
+        );
+    }
+
+    #[test]
+    fn shaping_goes_into_the_service_config_with_its_table_size() {
+        let c = compile(&policy(
+            "  - name: video\n    match: {address: 198.18.0.1}\n    shaping: {rate: 50Mbit/s, key: source_ip, horizon: 500ms}\n\
+             \x20 - name: both\n    match: {address: 198.18.0.2}\n    rate_limit: {rate: 1000/s}\n    shaping: {rate: 12MB/s, max_keys: 10}\n\
+             \x20 - name: plain\n    match: {address: 198.18.0.3}\n",
+        ));
+        let video = c.services[0].config;
+        assert_eq!(video.flags, SVC_F_ACTIVE | SVC_F_SHAPE);
+        assert_eq!(
+            video.shape,
+            ShapeConfig::new(RL_KEY_SOURCE_IP, 6_250_000, 500_000_000).unwrap()
+        );
+        let both = c.services[1].config;
+        assert_eq!(
+            both.flags,
+            SVC_F_ACTIVE | agent_common::limit::SVC_F_RATE_LIMIT | SVC_F_SHAPE
+        );
+        assert_eq!(both.rl_rate, 1000, "the limit stays as it was");
+        assert_eq!(
+            both.shape,
+            ShapeConfig::new(RL_KEY_FLOW, 12_000_000, 2_000_000_000).unwrap(),
+            "defaults: key flow, horizon 2s"
+        );
+        assert_eq!(c.services[2].config.flags, SVC_F_ACTIVE);
+        assert_eq!(c.shape_keys, 65_536 + 10);
+        assert_eq!(c.shape_horizon, Some(Duration::from_secs(2)));
+
+        let none = compile(&policy("  - name: a\n    match: {address: 198.18.0.1}\n"));
+        assert_eq!((none.shape_keys, none.shape_horizon), (1, None));
+    }
+
+    #[test]
+    fn a_shaping_section_that_validation_would_refuse_does_not_convert() {
+        let shaping = |rate, horizon| Shaping {
+            rate,
+            key: KeyBy::Flow,
+            horizon,
+            max_keys: 1,
+        };
+        use super::super::units::Rate;
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            ShapeConfig::try_from(&shaping(Rate::Packets(10), second)),
+            Err(ShapeCompileError::PacketRate)
+        );
+        assert_eq!(
+            ShapeConfig::try_from(&shaping(Rate::Bytes(0), second)),
+            Err(ShapeCompileError::ZeroRate)
+        );
+        assert_eq!(
+            ShapeConfig::try_from(&shaping(Rate::Bytes(1), Duration::ZERO)),
+            Err(ShapeCompileError::ZeroHorizon)
+        );
+        assert_eq!(
+            ShapeConfig::try_from(&shaping(Rate::Bytes(1), Duration::MAX)),
+            Err(ShapeCompileError::HorizonTooLong)
         );
     }
 

@@ -452,7 +452,13 @@ pub struct Shaping {
     pub key: KeyBy,
     /// Packets that would leave later than this are dropped; > 0.
     pub horizon: Duration,
+    /// Extension of POLICY.md v1: entries of the departure table (one per key) this service
+    /// needs, 1 to 16777216. The table is one LRU shared by the shaped services, sized by the
+    /// sum; an evicted key starts again as idle (its next packet leaves at once).
+    pub max_keys: u32,
 }
 
 /// Default `shaping.horizon`.
 pub const DEFAULT_HORIZON: Duration = Duration::from_secs(2);
+/// Default `shaping.max_keys`.
+pub const DEFAULT_SHAPE_KEYS: u32 = agent_common::shape::DEFAULT_SHAPE_KEYS;

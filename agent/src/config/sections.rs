@@ -403,7 +403,7 @@ fn backend(cx: &mut Cx, node: &Node, path: &str) -> Option<Backend> {
     known.then_some(backend)
 }
 
-const SHAPING_FIELDS: &[&str] = &["rate", "key", "horizon"];
+const SHAPING_FIELDS: &[&str] = &["rate", "key", "horizon", "max_keys"];
 
 fn shaping(cx: &mut Cx, node: &Node, path: &str) -> Option<Shaping> {
     let mut m = MapReader::new(cx, node, path, SHAPING_FIELDS)?;
@@ -424,11 +424,17 @@ fn shaping(cx: &mut Cx, node: &Node, path: &str) -> Option<Shaping> {
     });
     let key = m.get(cx, "key", keyword::<KeyBy>).or(KeyBy::Flow);
     let horizon = m.get(cx, "horizon", positive_duration).or(DEFAULT_HORIZON);
+    let max_keys = m
+        .get(cx, "max_keys", |cx, n, p| {
+            int_u32(cx, n, p, 1..=u64::from(MAX_TABLE_ENTRIES))
+        })
+        .or(DEFAULT_SHAPE_KEYS);
     let known = m.finish(cx);
     let shaping = Shaping {
         rate: rate?,
         key: key?,
         horizon: horizon?,
+        max_keys: max_keys?,
     };
     known.then_some(shaping)
 }

@@ -192,6 +192,7 @@ fn defaults_are_those_of_policy_md() {
     assert_eq!(d.fallback.strategy, FallbackStrategy::StaticResponse);
     assert_eq!(d.recover_after, Duration::from_secs(60));
     let sh = s.shaping.as_ref().unwrap();
+    assert_eq!(sh.max_keys, 65_536, "extension: shaping.max_keys");
     assert_eq!(
         (sh.rate, sh.key, sh.horizon),
         (

@@ -14,9 +14,13 @@ use std::collections::{BTreeMap, HashSet};
 use agent_common::{
     Bucket, BucketKey, Counter, MatchList, ServiceConfig,
     classify::ADDR_LEN,
-    maps::{MAP_CLASSIFY, MAP_GLOBAL_STATS, MAP_RL_BUCKETS, MAP_SVC_CFG, MAP_SVC_STATS},
+    maps::{
+        MAP_CLASSIFY, MAP_GLOBAL_STATS, MAP_RL_BUCKETS, MAP_SHAPE_DELAY, MAP_SVC_CFG, MAP_SVC_STATS,
+    },
+    shape::ShapeDelay,
     stats::{
-        GSTAT_NAMES, SVC_DROP_REASONS, SVC_NEW_KEYS, SVC_PASS_NO_BUCKET, SVC_PASSED, svc_slot,
+        GSTAT_NAMES, SVC_DROP_REASONS, SVC_NEW_KEYS, SVC_PASS_NO_BUCKET, SVC_PASSED,
+        SVC_SHAPE_CONTENDED, SVC_SHAPE_HORIZON, SVC_SHAPE_NO_KEY, SVC_SHAPE_PACED, svc_slot,
     },
 };
 use aya::maps::{
@@ -54,6 +58,25 @@ pub struct ServiceCounters {
     /// Packets passed because the key table refused a new key.
     pub passed_no_bucket: Counter,
     pub new_keys: u64,
+    pub shaping: ShapeCounters,
+}
+
+/// What pacing did for one service (all zero for a service without shaping).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct ShapeCounters {
+    /// Packets given a departure time.
+    pub paced: Counter,
+    /// Dropped: their departure would have been past the horizon.
+    pub horizon_drops: Counter,
+    /// Passed unpaced: the departure table refused a new key (fail open).
+    pub unpaced: Counter,
+    /// Paced after losing every compare-and-swap to other CPUs (within `paced`).
+    pub contended: Counter,
+    /// How long the latest paced packet (of any CPU) still waits for its departure at the
+    /// time of the read, in ns; 0 once it has left.
+    pub waiting_ns: u64,
+    /// How long that packet was set to wait when it was paced, in ns.
+    pub last_delay_ns: u64,
 }
 
 /// Counters of the whole datapath at one instant.
@@ -162,14 +185,45 @@ impl Datapath {
                 dropped,
                 passed_no_bucket: read(&svc, svc_slot(id, SVC_PASS_NO_BUCKET), MAP_SVC_STATS)?,
                 new_keys: read(&svc, svc_slot(id, SVC_NEW_KEYS), MAP_SVC_STATS)?.packets,
+                shaping: ShapeCounters {
+                    paced: read(&svc, svc_slot(id, SVC_SHAPE_PACED), MAP_SVC_STATS)?,
+                    horizon_drops: read(&svc, svc_slot(id, SVC_SHAPE_HORIZON), MAP_SVC_STATS)?,
+                    unpaced: read(&svc, svc_slot(id, SVC_SHAPE_NO_KEY), MAP_SVC_STATS)?,
+                    contended: read(&svc, svc_slot(id, SVC_SHAPE_CONTENDED), MAP_SVC_STATS)?,
+                    ..ShapeCounters::default()
+                },
             });
         }
+        self.read_shape_delays(&mut out.services)?;
         let global: PerCpuArray<&MapData, Counter> = typed(ebpf, MAP_GLOBAL_STATS)?;
         for (slot, name) in GSTAT_NAMES {
             out.global
                 .push((name, read(&global, slot, MAP_GLOBAL_STATS)?));
         }
         Ok(out)
+    }
+
+    /// The latest departure each CPU set for each service: the latest of them, and how long
+    /// it still waits now (a gauge that falls to 0 when the service's traffic stops).
+    fn read_shape_delays(&self, services: &mut [ServiceCounters]) -> Result<(), DatapathError> {
+        if services.iter().all(|s| s.shaping.paced.packets == 0) {
+            return Ok(());
+        }
+        let delays: PerCpuArray<&MapData, ShapeDelay> = typed(&self.ebpf, MAP_SHAPE_DELAY)?;
+        let now = super::ktime_now_ns().unwrap_or(0);
+        for (id, svc) in services.iter_mut().enumerate() {
+            if svc.shaping.paced.packets == 0 {
+                continue;
+            }
+            let values = delays
+                .get(&(id as u32), 0)
+                .map_err(super::map_err(MAP_SHAPE_DELAY))?;
+            if let Some(latest) = values.iter().max_by_key(|d| d.departure) {
+                svc.shaping.waiting_ns = latest.departure.saturating_sub(now);
+                svc.shaping.last_delay_ns = latest.delay;
+            }
+        }
+        Ok(())
     }
 
     /// Walks the token-bucket table once and counts its entries per service. A walk of a

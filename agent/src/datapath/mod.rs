@@ -6,18 +6,19 @@ mod backends;
 mod kernel;
 mod lb;
 mod maps;
+pub mod qdisc;
 
 pub use attach::{AttachSpec, XdpModeSetting};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
 pub use kernel::{Kernel, MIN_KERNEL};
 pub use lb::{LbCounters, LbMaps, LbServiceCounters};
-pub use maps::{ApplyReport, KeyCounts, ServiceCounters, Snapshot};
+pub use maps::{ApplyReport, KeyCounts, ServiceCounters, ShapeCounters, Snapshot};
 
 use crate::config::Compiled;
 use agent_common::maps::{
-    MAP_LB_CONNS, MAP_LB_REVERSE, MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_STAGES_TC, MAP_STAGES_XDP,
-    PROG_TC_ANSWER, PROG_TC_EGRESS, PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER,
-    PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER, STAGE_LB, STAGE_NAT,
+    MAP_LB_CONNS, MAP_LB_REVERSE, MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_SHAPE_NEXT, MAP_STAGES_TC,
+    MAP_STAGES_XDP, PROG_TC_ANSWER, PROG_TC_EGRESS, PROG_TC_LB, PROG_TC_NAT, PROG_XDP,
+    PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER, STAGE_LB, STAGE_NAT,
 };
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -209,20 +210,27 @@ impl Datapath {
     /// `max_keys` sizes the token-bucket table (a load-time constant of the map); the
     /// balancing table keeps the object's default size.
     pub fn load(max_keys: u32) -> Result<Self, DatapathError> {
-        Self::load_sized(max_keys, None)
+        Self::load_sized(max_keys, None, None)
     }
 
     /// As [`Datapath::load`], with every load-time size from the compiled policy: the key
-    /// table, and the balancing table and connection tables of its balanced services.
+    /// table, the balancing table and connection tables of its balanced services, and the
+    /// departure table of its shaped services.
     pub fn load_for(compiled: &Compiled) -> Result<Self, DatapathError> {
         Self::load_sized(
             compiled.max_keys,
             Some((compiled.lb_table_entries, compiled.lb_conn_entries)),
+            Some(compiled.shape_keys),
         )
     }
 
-    /// `lb`: entries of `LB_TABLE`, and of `LB_CONNS` and `LB_REVERSE` each.
-    fn load_sized(max_keys: u32, lb: Option<(u32, u32)>) -> Result<Self, DatapathError> {
+    /// `lb`: entries of `LB_TABLE`, and of `LB_CONNS` and `LB_REVERSE` each; `shape_keys`:
+    /// entries of `SHAPE_NEXT` (the object's default when `None`).
+    fn load_sized(
+        max_keys: u32,
+        lb: Option<(u32, u32)>,
+        shape_keys: Option<u32>,
+    ) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
@@ -235,6 +243,9 @@ impl Datapath {
             loader.map_max_entries(MAP_LB_TABLE, table.max(1));
             loader.map_max_entries(MAP_LB_CONNS, conns.max(1));
             loader.map_max_entries(MAP_LB_REVERSE, conns.max(1));
+        }
+        if let Some(keys) = shape_keys {
+            loader.map_max_entries(MAP_SHAPE_NEXT, keys.max(1));
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -271,6 +282,11 @@ impl Datapath {
                 (name, count)
             })
             .collect()
+    }
+
+    /// The loaded object, for reading its maps (tests, benchmarks).
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {

@@ -150,9 +150,76 @@ impl Collector for ReportCollector {
         for f in &families {
             f.encode(&mut encoder)?;
         }
+        encode_shaping(r, &mut encoder)?;
         encode_backends(&r.backends, &mut encoder)?;
         encode_balancing(r, &mut encoder)
     }
+}
+
+/// Shaped services: pacing counters, and the current delay (a float gauge).
+fn encode_shaping(
+    r: &StatusReport,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let shaped: Vec<(&str, &super::status::ShapingStatus)> = r
+        .services
+        .iter()
+        .filter_map(|s| s.shaping.as_ref().map(|sh| (s.name.as_str(), sh)))
+        .collect();
+    if shaped.is_empty() {
+        return Ok(());
+    }
+    let svc = |name: &str| vec![("service", name.to_string())];
+    let per_service = |f: fn(&super::status::ShapingStatus) -> u64| {
+        shaped
+            .iter()
+            .map(|(name, sh)| (svc(name), f(sh)))
+            .collect::<Vec<_>>()
+    };
+    for f in [
+        Family {
+            name: "agent_shaping_paced_packets",
+            help: "Packets of a shaped service given a departure time on egress (fq holds each until then).",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.paced.packets),
+        },
+        Family {
+            name: "agent_shaping_paced_bytes",
+            help: "Bytes on the wire (every GSO segment) of the paced packets.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.paced.bytes),
+        },
+        Family {
+            name: "agent_shaping_horizon_drops",
+            help: "Packets dropped because their departure would have been more than shaping.horizon from now.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.horizon_drops.packets),
+        },
+        Family {
+            name: "agent_shaping_unpaced_packets",
+            help: "Packets passed unpaced because the departure table refused a new key (fail open).",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.unpaced.packets),
+        },
+        Family {
+            name: "agent_shaping_contended_packets",
+            help: "Packets paced after losing every compare-and-swap on their key's departure time to other CPUs.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.contended),
+        },
+    ] {
+        f.encode(encoder)?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "agent_shaping_delay_seconds",
+        "How long the latest paced packet of the service still waits for its departure time (0 once it has left).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (name, sh) in &shaped {
+        ConstGauge::new(sh.delay_seconds).encode(metric.encode_family(&svc(name))?)?;
+    }
+    Ok(())
 }
 
 /// Balanced services (`load_balancing.vip`) and their backends.
@@ -408,7 +475,9 @@ fn encode_backends(
 mod tests {
     use super::*;
     use crate::backends::PassiveCounts;
-    use crate::telemetry::status::{CounterJson, DropStatus, RateLimitStatus, ServiceStatus};
+    use crate::telemetry::status::{
+        CounterJson, DropStatus, RateLimitStatus, ServiceStatus, ShapingStatus,
+    };
 
     fn report() -> StatusReport {
         StatusReport {
@@ -443,6 +512,21 @@ mod tests {
                     },
                 ],
                 passed_no_bucket: CounterJson::default(),
+                shaping: Some(ShapingStatus {
+                    summary: "flow 6250000B/s horizon 2s".into(),
+                    paced: CounterJson {
+                        packets: 90,
+                        bytes: 136_260,
+                    },
+                    horizon_drops: CounterJson {
+                        packets: 5,
+                        bytes: 7570,
+                    },
+                    unpaced: CounterJson::default(),
+                    contended: 1,
+                    delay_seconds: 0.0025,
+                    last_delay_seconds: 0.003,
+                }),
             }],
             global: vec![(
                 "unmatched".into(),
@@ -552,6 +636,13 @@ mod tests {
             "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"refused\"} 6",
             "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"timeout\"} 1",
             "agent_backend_map_write_errors_total{service=\"checkout\",backend=\"198.18.0.11:8080\"} 1",
+            "agent_shaping_paced_packets_total{service=\"checkout\"} 90",
+            "agent_shaping_paced_bytes_total{service=\"checkout\"} 136260",
+            "agent_shaping_horizon_drops_total{service=\"checkout\"} 5",
+            "agent_shaping_unpaced_packets_total{service=\"checkout\"} 0",
+            "agent_shaping_contended_packets_total{service=\"checkout\"} 1",
+            "# TYPE agent_shaping_delay_seconds gauge",
+            "agent_shaping_delay_seconds{service=\"checkout\"} 0.0025",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -615,5 +706,10 @@ mod tests {
             "no breaker: not in the datapath table\n{text}"
         );
         assert!(text.contains("BREAKERS IN THE DATAPATH"), "{text}");
+        assert_eq!(
+            line("flow 6250000B/s"),
+            ["checkout flow 6250000B/s horizon 2s 90 5 0 1 2.500ms"],
+            "{text}"
+        );
     }
 }

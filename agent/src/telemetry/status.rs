@@ -40,6 +40,28 @@ pub struct ServiceStatus {
     pub passed: CounterJson,
     pub dropped: Vec<DropStatus>,
     pub passed_no_bucket: CounterJson,
+    /// Services with `shaping` only.
+    #[serde(default)]
+    pub shaping: Option<ShapingStatus>,
+}
+
+/// Pacing of one service on egress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShapingStatus {
+    /// e.g. `flow 6250000B/s horizon 2s`
+    pub summary: String,
+    /// Packets given a departure time.
+    pub paced: CounterJson,
+    /// Dropped: their departure would have been past the horizon.
+    pub horizon_drops: CounterJson,
+    /// Passed unpaced because the departure table refused a new key (fail open).
+    pub unpaced: CounterJson,
+    /// Paced after every compare-and-swap on the key lost to other CPUs.
+    pub contended: u64,
+    /// How long the latest paced packet still waits for its departure (0 once it left).
+    pub delay_seconds: f64,
+    /// How long that packet was set to wait when it was paced.
+    pub last_delay_seconds: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -79,6 +101,8 @@ pub struct ServiceInfo {
     pub name: String,
     pub matches: String,
     pub rate_limit: Option<String>,
+    /// e.g. `flow 6250000B/s horizon 2s`
+    pub shaping: Option<String>,
 }
 
 impl StatusReport {
@@ -117,6 +141,18 @@ impl StatusReport {
                         })
                         .collect(),
                     passed_no_bucket: c.passed_no_bucket.into(),
+                    shaping: info.shaping.as_ref().map(|summary| {
+                        let sh = &c.shaping;
+                        ShapingStatus {
+                            summary: summary.clone(),
+                            paced: sh.paced.into(),
+                            horizon_drops: sh.horizon_drops.into(),
+                            unpaced: sh.unpaced.into(),
+                            contended: sh.contended.packets,
+                            delay_seconds: sh.waiting_ns as f64 / 1e9,
+                            last_delay_seconds: sh.last_delay_ns as f64 / 1e9,
+                        }
+                    }),
                 }
             })
             .collect();
@@ -181,6 +217,7 @@ impl StatusReport {
                 );
             }
         }
+        self.render_shaping(&mut out);
         self.render_backends(&mut out);
         self.render_balancing(&mut out);
         let _ = writeln!(out, "\nOUTSIDE ANY SERVICE (passed)");
@@ -188,6 +225,37 @@ impl StatusReport {
             let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
         }
         out
+    }
+
+    /// Shaped services: what pacing did, and how long their packets wait.
+    fn render_shaping(&self, out: &mut String) {
+        let shaped: Vec<(&str, &ShapingStatus)> = self
+            .services
+            .iter()
+            .filter_map(|s| s.shaping.as_ref().map(|sh| (s.name.as_str(), sh)))
+            .collect();
+        if shaped.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "\nSHAPING (egress, fq; delay: how long the latest paced packet still waits)\n\
+             {:<20} {:<34} {:>12} {:>14} {:>9} {:>10} {:>12}",
+            "SERVICE", "SHAPING", "PACED", "HORIZON DROPS", "UNPACED", "CONTENDED", "DELAY"
+        );
+        for (name, sh) in shaped {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<34} {:>12} {:>14} {:>9} {:>10} {:>10.3}ms",
+                name,
+                sh.summary,
+                sh.paced.packets,
+                sh.horizon_drops.packets,
+                sh.unpaced.packets,
+                sh.contended,
+                sh.delay_seconds * 1e3,
+            );
+        }
     }
 
     /// Health and probes of every backend, then what the datapath did for the backends whose
