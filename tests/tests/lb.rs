@@ -970,7 +970,7 @@ fn a_full_connection_table_evicts_and_evicted_flows_recover() -> Result<()> {
     let vip = lab.vip();
     // Held connections, idle while 1,000 others go through: the LRU evicts most of them (it
     // keeps recently used entries, so which ones is not certain; that some are is).
-    let held = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {
+    let mut held = lab.topo.client.run(move || -> Result<Vec<TcpStream>> {
         (0..HELD)
             .map(|_| {
                 let s = TcpStream::connect_timeout(&vip, CONNECT_TIMEOUT.get())?;
@@ -980,47 +980,70 @@ fn a_full_connection_table_evicts_and_evicted_flows_recover() -> Result<()> {
             .collect()
     })??;
     let n = 1_000;
-    connect_and_close(&lab.topo.client, vip, n)?;
     let read = |name: &str| -> Result<f64> {
         let text = lab.agent().metrics()?;
         metric(&text, name, &[("service", "web")]).with_context(|| format!("no {name}"))
     };
     let flows = (n + HELD) as f64;
-    wait("the evictions counted at a table walk", SETUP, || {
-        Ok(read("agent_lb_conntrack_evictions_total")? >= flows - 200.0)
-    })?;
-    let (evictions, live) = (
-        read("agent_lb_conntrack_evictions_total")?,
-        read("agent_lb_connections")?,
-    );
+    // Which entries the kernel's LRU evicts is not certain (per-CPU free lists, reference
+    // bits): in about one run in three none of the held ones goes in the first flood. So
+    // flood again, up to FLOOD_ROUNDS times, until one has: every held connection must echo
+    // after every round, and at least one must have lost its entry by the end.
+    let (mut lost, mut rounds) = (0.0, 0);
+    while rounds < FLOOD_ROUNDS && lost == 0.0 {
+        rounds += 1;
+        connect_and_close(&lab.topo.client, vip, n)?;
+        if rounds == 1 {
+            wait("the evictions counted at a table walk", SETUP, || {
+                Ok(read("agent_lb_conntrack_evictions_total")? >= flows - 200.0)
+            })?;
+            let (evictions, live) = (
+                read("agent_lb_conntrack_evictions_total")?,
+                read("agent_lb_connections")?,
+            );
+            ensure!(
+                evictions <= flows && live <= 100.0,
+                "{evictions} evictions and {live} live entries for {flows} flows in a table of 100"
+            );
+            println!("{flows} flows through a table of 100: {evictions} evicted, {live} live");
+        }
+        let lost_before = read("agent_lb_conntrack_lost_total")?;
+        let (back, broken) = lab.topo.client.run(move || {
+            let broken = held
+                .iter()
+                .filter(|s| {
+                    let mut s = *s;
+                    let mut buf = [0u8; 4];
+                    s.write_all(b"ping").is_err()
+                        || s.read_exact(&mut buf).is_err()
+                        || &buf != b"ping"
+                })
+                .count();
+            (held, broken)
+        })?;
+        held = back;
+        ensure!(
+            broken == 0,
+            "flood round {rounds}: {broken} of {HELD} held connections broke"
+        );
+        // Counters are read at each scrape: the pings' packets are in.
+        lost += read("agent_lb_conntrack_lost_total")? - lost_before;
+    }
     ensure!(
-        evictions <= flows && live <= 100.0,
-        "{evictions} evictions and {live} live entries for {flows} flows in a table of 100"
+        lost > 0.0,
+        "after {rounds} floods of {n} flows through a table of 100, no held connection had \
+         lost its entry (agent_lb_conntrack_lost_total did not move)"
     );
-    let lost_before = read("agent_lb_conntrack_lost_total")?;
-    let broken = lab.topo.client.run(move || {
-        held.into_iter()
-            .filter(|s| {
-                let mut s = s;
-                let mut buf = [0u8; 4];
-                s.write_all(b"ping").is_err() || s.read_exact(&mut buf).is_err() || &buf != b"ping"
-            })
-            .count()
-    })?;
-    ensure!(broken == 0, "{broken} of {HELD} held connections broke");
-    // The agent's view of the counters is read at each scrape.
-    wait(
-        "evicted held connections counted as balanced again",
-        SETUP,
-        || Ok(read("agent_lb_conntrack_lost_total")? > lost_before),
-    )?;
-    let lost = read("agent_lb_conntrack_lost_total")? - lost_before;
     println!(
-        "{flows} flows through a table of 100: {evictions} evicted, {live} live; all {HELD} held \
-         connections still echo, {lost} of them after losing their entry (balanced again)"
+        "all {HELD} held connections still echo after {rounds} flood(s); {lost} of their packets \
+         found no entry and were balanced again"
     );
     Ok(())
 }
+
+/// Floods of [`a_full_connection_table_evicts_and_evicted_flows_recover`] at most, each a new
+/// chance for the LRU to evict a held connection's entry.
+const FLOOD_ROUNDS: usize = 6;
 
 /// Connections held across the flood of [`a_full_connection_table_evicts_and_evicted_flows_recover`].
 const HELD: usize = 20;
