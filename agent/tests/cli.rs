@@ -117,6 +117,25 @@ impl Netns {
         self.ip(&["-d", "link", "show", ifname])
             .contains("prog/xdp")
     }
+
+    /// The agent's egress programs on `ifname` that hang under a `clsact` qdisc as `cls_bpf`
+    /// filters: how the agent attaches TC before kernel 6.6 (no TCX).
+    fn clsact_egress_filters(&self, ifname: &str) -> usize {
+        let out = self
+            .command(&["tc", "filter", "show", "dev", ifname, "egress"])
+            .output()
+            .expect("tc (iproute2)");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("agent_tc_egress"))
+            .count()
+    }
+
+    /// The agent's TC egress attachments: TCX links in the whole kernel (see [`tcx_links`])
+    /// plus `clsact` filters on `ifname`, whichever this kernel uses.
+    fn tc_egress(&self, ifname: &str) -> usize {
+        tcx_links() + self.clsact_egress_filters(ifname)
+    }
 }
 
 impl Drop for Netns {
@@ -210,9 +229,9 @@ fn run_attaches_all_interfaces_or_none() {
         ns.ip(&["-d", "link", "show", "agt-a"])
     );
     assert_eq!(
-        tcx_links(),
+        ns.tc_egress("agt-a"),
         tcx_before,
-        "a TCX link stayed after the failed start"
+        "a TC egress attachment (TCX link or clsact filter) stayed after the failed start"
     );
 }
 
@@ -265,9 +284,10 @@ fn run_serves_health_and_detaches_on_sigterm() {
     );
     assert!(ns.has_xdp("agt-a"), "ready, but no XDP program on agt-a");
     assert_eq!(
-        tcx_links(),
+        ns.tc_egress("agt-a"),
         tcx_before + 1,
-        "direction both: expected one more TCX (egress) link while the agent runs"
+        "direction both: expected one more TC egress attachment (a TCX link, or a clsact filter \
+         before 6.6) while the agent runs"
     );
 
     // `agent status` reads the running agent, as text and as JSON.
@@ -319,9 +339,9 @@ fn run_serves_health_and_detaches_on_sigterm() {
         "XDP program left on agt-a after SIGTERM"
     );
     assert_eq!(
-        tcx_links(),
+        ns.tc_egress("agt-a"),
         tcx_before,
-        "TCX (egress) link left after SIGTERM"
+        "TC egress attachment (TCX link or clsact filter) left after SIGTERM"
     );
 }
 

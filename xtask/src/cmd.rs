@@ -110,6 +110,20 @@ pub fn run_tests(cmd: &mut Command) -> (TestCounts, Result<(), CmdError>) {
 }
 
 fn run_tests_into(cmd: &mut Command, counts: &mut TestCounts) -> Result<(), CmdError> {
+    run_with_stdout_lines(cmd, |line| {
+        println!("{line}");
+        if let Some(c) = TestCounts::parse(line) {
+            counts.add(c);
+        }
+    })
+}
+
+/// Runs with stdout piped to `on_line`, one line at a time as the program prints them (stderr
+/// inherited, so progress and diagnostics stay live); fails on a non-zero exit.
+pub fn run_with_stdout_lines(
+    cmd: &mut Command,
+    mut on_line: impl FnMut(&str),
+) -> Result<(), CmdError> {
     use std::io::{BufRead as _, BufReader};
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -120,10 +134,7 @@ fn run_tests_into(cmd: &mut Command, counts: &mut TestCounts) -> Result<(), CmdE
         })?;
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
-            println!("{line}");
-            if let Some(c) = TestCounts::parse(&line) {
-                counts.add(c);
-            }
+            on_line(&line);
         }
     }
     let status = child.wait().map_err(|source| CmdError::Spawn {

@@ -11,6 +11,7 @@ mod manifests;
 mod setup;
 mod suite;
 mod sys;
+mod vm;
 mod workspace;
 
 use std::process::ExitCode;
@@ -51,6 +52,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The datapath and end-to-end tests in QEMU on Debian's cloud kernels (default 6.1 and
+    /// 6.12): one boot per kernel, a table of results per kernel at the end.
+    Vm(vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Test => suite::run(),
         Command::Demo(args) => demo::run(&args),
         Command::Bench { args } => bench::run(&args),
+        Command::Vm(args) => vm::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,8 +22,22 @@ const TOOLCHAIN_DIR_ENV: &str = "AGENT_TOOLCHAIN_DIR";
 const TOOLCHAIN_DIR_UNDER_HOME: &str = ".local/share/agent-toolchain";
 pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// What the build, the tests and the demo call; nothing else (no compilers: rustup brings them).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "bpftool", "iputils-ping", "curl", "ethtool"];
+/// What the build, the tests, the demo and `cargo xtask vm` call; nothing else (no compilers:
+/// rustup brings them). The VM: QEMU, busybox for the initramfs, cpio to pack it, xz for
+/// compressed modules, kmod's depmod for module dependencies, binutils' strip.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "iputils-ping",
+    "curl",
+    "ethtool",
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "xz-utils",
+    "kmod",
+    "binutils",
+];
 pub const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +175,8 @@ fn dpkg_installed(package: &str) -> bool {
         })
 }
 
-fn apt_get() -> Command {
+/// `apt-get -q`, non-interactive.
+pub fn apt_get() -> Command {
     let mut command = Command::new("apt-get");
     command
         .env("DEBIAN_FRONTEND", "noninteractive")

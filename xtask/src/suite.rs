@@ -8,13 +8,15 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{build, cmd, manifests, setup, sys, workspace};
+use crate::{build, cmd, manifests, setup, sys, vm, workspace};
 
 const EBPF_CRATE: &str = "agent-ebpf";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
-const E2E_CRATE: &str = "agent-tests";
+pub const E2E_CRATE: &str = "agent-tests";
+/// The kernel of the suite's VM pass: Debian 12's own.
+const VM_KERNEL: &str = "6.1";
 /// How the end-to-end tests find the agent (tests/src/agent.rs).
-const AGENT_BIN_ENV: &str = "AGENT_BIN";
+pub const AGENT_BIN_ENV: &str = "AGENT_BIN";
 
 /// Environment for `cargo clippy`. agent/build.rs supports `AYA_BUILD_SKIP=1` (an empty object
 /// is embedded), which makes a lone `cargo clippy` fast. Not set here on purpose: the build
@@ -80,6 +82,16 @@ pub fn run() -> anyhow::Result<()> {
             "--exclude",
             E2E_CRATE,
         ]))
+    });
+    // The datapath tests again inside QEMU on Debian 12's own kernel (6.1 LTS): every program
+    // must load and behave on the kernels users run, not only on this machine's. The
+    // end-to-end suite there, and 6.12, are `cargo xtask vm` (too long for CI under TCG).
+    suite.step("datapath tests (VM 6.1)", || {
+        let (c, result) = vm::run_suite(&toolchain, &[VM_KERNEL], vm::Suite::Datapath, None);
+        let mut total = counts.get();
+        total.add(c);
+        counts.set(total);
+        result
     });
     let agent = suite.step("build agent", || build::agent_binary(&toolchain, false));
     suite.step("deploy manifests", || manifests::validate(agent.as_deref()));
