@@ -2,6 +2,7 @@
 //! with real maps, each with the verdict and the counter effect it must have.
 //! Needs root (loading BPF programs); run by `cargo xtask test`.
 
+mod cpu;
 mod packets;
 
 use std::{
@@ -15,6 +16,7 @@ use agent::{
 };
 use agent_tests::timing::{self, Scaled};
 use aya::programs::{TestRun, TestRunOptions};
+use cpu::pin_to_cpu;
 use packets::{EXT_DSTOPTS, EXT_FRAGMENT, EXT_HOPOPTS, EXT_ROUTING, Ext, Frame, L3, L4};
 
 const XDP_DROP: u32 = 1;
@@ -532,21 +534,6 @@ fn burst_then_drop_per_flow() {
     );
     let s = h.snapshot();
     assert_eq!(s.services[0].new_keys, 2, "two flows, two keys");
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "pinning to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// Two CPUs hammer one bucket (`key: service`) at once through BPF_PROG_TEST_RUN. The

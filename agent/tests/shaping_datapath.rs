@@ -2,6 +2,7 @@
 //! `__sk_buff` context in (`wire_len`, a sender's `tstamp`) and hands it back, so the
 //! departure time it wrote into `skb->tstamp` is read directly. Needs root.
 
+mod cpu;
 mod packets;
 
 use std::sync::{Barrier, Mutex, MutexGuard, PoisonError};
@@ -21,6 +22,7 @@ use aya::{
     maps::{HashMap, MapData},
     programs::{TestRun, TestRunOptions},
 };
+use cpu::pin_to_cpu;
 use packets::Frame;
 
 const XDP_PASS: u32 = 2;
@@ -319,21 +321,6 @@ fn a_senders_later_departure_is_kept_and_unshaped_services_are_untouched() {
         .expect("xdp run");
     assert_eq!(x.return_value, XDP_PASS);
     assert_eq!(h.shaping("per-flow").paced.packets, before);
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "pinning to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
 }
 
 /// Two CPUs book departures on one key at once. At 1 KB/s a 1,000-byte wire length is one

@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use clap::Parser;
 
@@ -106,8 +106,11 @@ struct Measure {
     wall: f64,
 }
 
-/// Medians over `--samples` calls of `--repeat` repetitions of one frame.
-fn measure(prog: &Xdp, data: &[u8], args: &Args) -> anyhow::Result<Measure> {
+/// Medians over `--samples` calls of `--repeat` repetitions of one frame, through XDP or TC.
+fn measure<P>(prog: &P, data: &[u8], args: &Args) -> anyhow::Result<Measure>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
     let mut kernel = Vec::with_capacity(args.samples);
     let mut wall = Vec::with_capacity(args.samples);
     for _ in 0..args.samples {
@@ -191,28 +194,6 @@ fn baseline(name: &str, args: &Args) -> anyhow::Result<Measure> {
     measure(prog, &frame(SPORT), args)
 }
 
-/// As [`measure`], through the TC egress program (the only hook that paces).
-fn measure_tc(prog: &SchedClassifier, data: &[u8], args: &Args) -> anyhow::Result<Measure> {
-    let mut kernel = Vec::with_capacity(args.samples);
-    let mut wall = Vec::with_capacity(args.samples);
-    for _ in 0..args.samples {
-        let start = Instant::now();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(data),
-                repeat: args.repeat,
-                ..TestRunOptions::new()
-            })
-            .context("BPF_PROG_TEST_RUN on tc")?;
-        wall.push(start.elapsed().as_secs_f64() * 1e9 / f64::from(args.repeat));
-        kernel.push(r.duration.as_secs_f64() * 1e9);
-    }
-    Ok(Measure {
-        kernel: median(kernel),
-        wall: median(wall),
-    })
-}
-
 /// The shaping path on TC egress: one flow of a shaped service whose packets are all paced
 /// (the rate so high that the key never reaches the horizon: every packet takes the
 /// compare-and-swap and gets its `tstamp`), one whose packets are all past the horizon
@@ -242,15 +223,15 @@ services:
     Ok(vec![
         (
             "TC egress: service without shaping",
-            measure_tc(prog, &frame_to(UNLIMITED, SPORT), args)?,
+            measure(prog, &frame_to(UNLIMITED, SPORT), args)?,
         ),
         (
             "TC egress: shaped, paced (key lookup, CAS, tstamp)",
-            measure_tc(prog, &frame(SPORT), args)?,
+            measure(prog, &frame(SPORT), args)?,
         ),
         (
             "TC egress: shaped, past the horizon (drop)",
-            measure_tc(prog, &frame_to([198, 18, 0, 4], SPORT), args)?,
+            measure(prog, &frame_to([198, 18, 0, 4], SPORT), args)?,
         ),
     ])
 }

@@ -261,13 +261,7 @@ impl Rtnl {
     /// the kernel itself refuses to replace a configured root qdisc (only a default one,
     /// handle `0:`, gives way).
     fn add_root(&mut self, index: u32, spec: &PacerSpec) -> io::Result<()> {
-        let mut msg = TcMessage::default();
-        msg.header.index = index as i32;
-        msg.header.parent = TcHandle::ROOT;
-        msg.header.handle = TcHandle {
-            major: PACER_HANDLE,
-            minor: 0,
-        };
+        let mut msg = pacer_root(index);
         msg.attributes
             .push(TcAttribute::Kind(spec.kind.to_string()));
         if !spec.options.is_empty() {
@@ -288,13 +282,7 @@ impl Rtnl {
     /// Deletes the root qdisc if it has our handle (the kernel checks the handle: another
     /// qdisc put there since is left alone, with EINVAL).
     fn delete_ours(&mut self, index: u32) -> io::Result<()> {
-        let mut msg = TcMessage::default();
-        msg.header.index = index as i32;
-        msg.header.parent = TcHandle::ROOT;
-        msg.header.handle = TcHandle {
-            major: PACER_HANDLE,
-            minor: 0,
-        };
+        let msg = pacer_root(index);
         self.request(RouteNetlinkMessage::DelQueueDiscipline(msg), NLM_F_ACK)
             .map(drop)
     }
@@ -521,6 +509,18 @@ impl Drop for Pacers {
     fn drop(&mut self) {
         self.restore();
     }
+}
+
+/// A message about the root qdisc of interface `index` with the pacer's handle.
+fn pacer_root(index: u32) -> TcMessage {
+    let mut msg = TcMessage::default();
+    msg.header.index = index as i32;
+    msg.header.parent = TcHandle::ROOT;
+    msg.header.handle = TcHandle {
+        major: PACER_HANDLE,
+        minor: 0,
+    };
+    msg
 }
 
 #[cfg(test)]
