@@ -733,12 +733,39 @@ fn kernel() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// `table`, then the `## ` sections of `old` that it does not itself write (the breaker's and
+/// the VM suites', which their own commands keep up to date).
+fn with_others(table: &str, old: &str) -> String {
+    let mut sections: Vec<String> = Vec::new();
+    let mut keep = false;
+    for line in old.lines() {
+        if line.starts_with("## ") {
+            keep = !table.lines().any(|l| l == line);
+            if keep {
+                sections.push(String::new());
+            }
+        }
+        if let Some(section) = sections.last_mut().filter(|_| keep) {
+            section.push_str(line);
+            section.push('\n');
+        }
+    }
+    let mut out = table.trim_end().to_owned();
+    for section in sections {
+        out.push_str("\n\n");
+        out.push_str(section.trim_end());
+    }
+    out.push('\n');
+    out
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(table) => {
             print!("{table}");
-            if let Err(e) = std::fs::write(&args.out, &table) {
+            let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+            if let Err(e) = std::fs::write(&args.out, with_others(&table, &old)) {
                 eprintln!("agent-bench: writing {}: {e}", args.out.display());
                 return ExitCode::FAILURE;
             }
@@ -755,6 +782,16 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sections_written_by_other_commands_are_kept() {
+        let table = "# Benchmarks\n\n## XDP per-packet cost\n\nnew rows\n";
+        let old = "# Benchmarks\n\n## XDP per-packet cost\n\nold rows\n\n## Breaker, end to end\n\nb\n\n## Test suites in VMs\n\nv\n";
+        assert_eq!(
+            with_others(table, old),
+            "# Benchmarks\n\n## XDP per-packet cost\n\nnew rows\n\n## Breaker, end to end\n\nb\n\n## Test suites in VMs\n\nv\n"
+        );
+    }
 
     #[test]
     fn maglev_section_has_a_row_per_case() {

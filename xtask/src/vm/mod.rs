@@ -37,6 +37,8 @@ use results::{Event, Transcript};
 use run::{Accel, Machine};
 
 pub const DEFAULT_KERNELS: &[&str] = &["6.1", "6.12"];
+/// Where a whole suite's times go (its own section; `cargo xtask bench` writes the rest).
+const BENCHMARKS: &str = "BENCHMARKS.md";
 const CPUS: u32 = 2;
 const MEMORY_MIB: u32 = 4096;
 /// How long a run waits for another one on the same target directory to finish.
@@ -170,7 +172,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         release: args.release,
         test_args: args.test_args.clone(),
     };
-    execute(&toolchain, &kernels, &options)?.verdict()
+    let report = execute(&toolchain, &kernels, &options)?;
+    // Only a whole suite's figures stand for it: a filtered or partial run writes nothing.
+    if options.filter.is_none() && options.test_args.is_empty() {
+        let path = workspace::root().join(BENCHMARKS);
+        report::write_section(&path, &report.markdown(options.suite.name()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("vm: times written to {}", path.display());
+    }
+    report.verdict()
 }
 
 /// One suite on `kernels` with the defaults (auto accelerator, default limits), for

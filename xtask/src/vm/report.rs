@@ -19,6 +19,8 @@ use crate::cmd::TestCounts;
 /// Lines of each failure printed at the end (the logs under target/vm/runs keep everything).
 const FAILURE_LINES_SHOWN: usize = 8;
 const SLOWEST_SHOWN: usize = 5;
+/// The heading of the section `cargo xtask vm` keeps in BENCHMARKS.md.
+pub const BENCHMARKS_SECTION: &str = "## Test suites in VMs";
 
 /// One kernel's boot and what it printed.
 pub struct KernelRun {
@@ -115,6 +117,41 @@ impl Report {
             total.add(run.transcript.counts());
         }
         total
+    }
+
+    /// BENCHMARKS.md's section for this run: what each kernel's VM took, per test binary.
+    pub fn markdown(&self, suite: &str) -> String {
+        let mut t = format!(
+            "{BENCHMARKS_SECTION}\n\nProduced by `cargo xtask vm --suite {suite}` ({}, {CPUS} \
+             vCPUs, {TIME_SCALE_ENV}={}): one boot per kernel, the test binaries run serially in \
+             the guest. Times are the guest's clock; *wall* is the whole VM, boot included.\n\n\
+             | kernel | package | binary | passed | failed | skipped | time |\n\
+             |---|---|---|---:|---:|---:|---:|\n",
+            self.accel, self.time_scale
+        );
+        for run in &self.runs {
+            let (spec, package) = (&run.kernel.spec, &run.kernel.package);
+            for b in &run.transcript.binaries {
+                let c = b.counts();
+                t.push_str(&format!(
+                    "| {spec} | {package} | {} | {} | {} | {} | {} |\n",
+                    b.name,
+                    c.passed,
+                    c.failed,
+                    c.ignored,
+                    b.duration().map_or("?".into(), secs)
+                ));
+            }
+            let c = run.transcript.counts();
+            t.push_str(&format!(
+                "| {spec} | {package} | **wall** | {} | {} | {} | {} |\n",
+                c.passed,
+                c.failed,
+                c.ignored,
+                secs(run.wall.as_secs_f64())
+            ));
+        }
+        t
     }
 
     pub fn print(&self) {
@@ -251,5 +288,53 @@ impl Report {
                 unfinished.join(", ")
             ),
         }
+    }
+}
+/// Replaces the section headed [`BENCHMARKS_SECTION`] of the Markdown file at `path` (up to
+/// the next `## ` heading) with `section`, or appends it; the rest of the file is kept.
+pub fn write_section(path: &std::path::Path, section: &str) -> std::io::Result<()> {
+    let old = match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        other => other?,
+    };
+    std::fs::write(path, splice(&old, section))
+}
+
+fn splice(old: &str, section: &str) -> String {
+    let mut lines = old.lines();
+    let before: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| *l != BENCHMARKS_SECTION)
+        .collect();
+    let after: Vec<&str> = lines.skip_while(|l| !l.starts_with("## ")).collect();
+    let mut text = before.join("\n").trim_end().to_owned();
+    if !text.is_empty() {
+        text.push_str("\n\n");
+    }
+    text.push_str(section.trim_end());
+    text.push('\n');
+    if !after.is_empty() {
+        text.push('\n');
+        text.push_str(&after.join("\n"));
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_is_appended_then_replaced_in_place() {
+        let first = format!("{BENCHMARKS_SECTION}\n\nold\n");
+        let appended = splice("# B\n\n## XDP\n\nrows\n", &first);
+        assert_eq!(appended, format!("# B\n\n## XDP\n\nrows\n\n{first}"));
+        let with_tail = format!("{appended}\n## Breaker\n\nmore\n");
+        let second = format!("{BENCHMARKS_SECTION}\n\nnew\n");
+        assert_eq!(
+            splice(&with_tail, &second),
+            format!("# B\n\n## XDP\n\nrows\n\n{second}\n## Breaker\n\nmore\n")
+        );
     }
 }
