@@ -125,7 +125,9 @@ pub fn init_script(
          mkdir -p /dev/pts /dev/shm\n\
          mount -t devpts devpts /dev/pts\n\
          mount -t tmpfs tmpfs /dev/shm\n\
-         mount -t tmpfs tmpfs /tmp\n\
+         # /tmp stays the initramfs' own (already in memory, writable): the workspace, whose\n\
+         # paths the tests have compiled in, may itself lie under /tmp.\n\
+         chmod 1777 /tmp\n\
          mount -t tmpfs tmpfs /run\n\
          mkdir -p /run/netns\n\
          /usr/sbin/ip link set lo up || note 'ip link set lo up failed'\n",
