@@ -55,7 +55,7 @@ pub fn may_be_backend(port: u16) -> bool {
 }
 
 /// `exempt`: the packet is one of the agent's own probes.
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 pub fn check(p: &Parsed, len: u64, exempt: bool) -> Verdict {
     if !p.has_ports || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {

@@ -169,7 +169,7 @@ fn reply_of_live_flow(p: &Parsed, vip: &[u8; ADDR_LEN], vip_port: u16, backend: 
 }
 
 /// Picks (or finds) the backend of a packet addressed to `service_id`'s VIP.
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -277,7 +277,7 @@ pub fn count(index: u32, len: u64) {
 }
 
 /// Remembers a new flow both ways and counts it on its backend.
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -358,7 +358,7 @@ fn admits(b: &LbBackend) -> bool {
 
 /// A backend for a new flow: the service's algorithm, skipping backends with weight 0 (not in
 /// the table) or whose breaker refuses.
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 fn pick(svc: &LbService, service_id: u32, p: &Parsed) -> Option<u32> {
     if svc.algorithm == LB_LEAST_CONN {

@@ -44,7 +44,7 @@ pub fn key_of(service_id: u32, kind: u32, p: &Parsed) -> BucketKey {
     key
 }
 
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 pub fn limit(service_id: u32, cfg: &ServiceConfig, p: &Parsed, len: u64) -> Verdict {
     let key = key_of(service_id, cfg.rl_key, p);

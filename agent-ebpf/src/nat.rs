@@ -124,7 +124,7 @@ unsafe fn finish_l4(
     }
 }
 
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 fn xdp_nat_v4(ctx: &XdpContext, p: &Parsed, side: Side, addr: &[u8; 16], port: u16) -> bool {
     let pkt = ctx.packet();
@@ -156,7 +156,7 @@ fn xdp_nat_v4(ctx: &XdpContext, p: &Parsed, side: Side, addr: &[u8; 16], port: u
     true
 }
 
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 fn xdp_nat_v6(ctx: &XdpContext, p: &Parsed, side: Side, addr: &[u8; 16], port: u16) -> bool {
     let pkt = ctx.packet();
@@ -192,7 +192,7 @@ fn xdp_nat_v6(ctx: &XdpContext, p: &Parsed, side: Side, addr: &[u8; 16], port: u
 }
 
 impl Nat for TcContext {
-    // A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+    // A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
     #[inline(never)]
     fn nat(&self, p: &Parsed, side: Side, addr: &[u8; 16], port: u16) -> bool {
         let pkt = self.packet();

@@ -120,7 +120,7 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 pub fn parse(pkt: &Packet) -> Result<Parsed, ParseError> {
     let eth: *const EthHdr = pkt.ptr_at(0)?;

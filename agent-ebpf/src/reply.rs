@@ -124,7 +124,7 @@ fn scratch<const N: usize>() -> Option<(&'static mut [u8; MACS_LEN], &'static mu
 
 /// Rewrites the packet into the answer that refuses it. `false` when it cannot be answered
 /// (unusual headers, a resize the hook refused); the caller drops it then.
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 pub fn answer<R: Rewrite>(r: &R, p: &Parsed) -> bool {
     build(r, p).unwrap_or(false)

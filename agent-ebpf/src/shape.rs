@@ -61,7 +61,7 @@ impl Pace for TcContext {
     }
 }
 
-// A BPF subprogram with its own stack frame (see "Stack" in main.rs).
+// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 fn shape(ctx: &TcContext, service_id: u32, cfg: &ServiceConfig, p: &Parsed) -> Verdict {
     let shape = &cfg.shape;
