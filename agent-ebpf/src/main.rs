@@ -38,8 +38,8 @@ use aya_ebpf::{
 
 use crate::{
     maps::{STAGES_TC, STAGES_XDP},
+    parse::HasPacket,
     pipeline::{Action, answer_stage, lb_stage, main_stage, nat_stage},
-    reply::Rewrite,
 };
 
 /// Ingress: the main stage on every packet off the wire. Fails open (see above).

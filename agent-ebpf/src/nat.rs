@@ -20,10 +20,7 @@ use aya_ebpf::{
 };
 use core::ptr::{read_unaligned, write_unaligned};
 
-use crate::{
-    parse::{Packet, Parsed},
-    reply::Rewrite,
-};
+use crate::parse::{HasPacket, Packet, Parsed};
 
 const V4_SRC: usize = 12;
 const V4_DST: usize = 16;

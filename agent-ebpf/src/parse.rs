@@ -14,6 +14,7 @@
 //! services without a port. Packets of other protocols also carry no ports.
 
 use agent_common::classify::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, v4_mapped};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use core::mem;
 use network_types::{
     eth::EthHdr,
@@ -80,6 +81,31 @@ impl Packet {
     #[inline(always)]
     pub fn len(&self) -> u64 {
         (self.end - self.start) as u64
+    }
+}
+
+/// A hook's packet: XDP and TC (the linear part of the skb) alike.
+pub trait HasPacket {
+    fn packet(&self) -> Packet;
+}
+
+impl HasPacket for XdpContext {
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet {
+            start: self.data(),
+            end: self.data_end(),
+        }
+    }
+}
+
+impl HasPacket for TcContext {
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet {
+            start: self.data(),
+            end: self.data_end(),
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use core::ptr::{copy_nonoverlapping, read_unaligned, write_unaligned};
 
 use crate::{
     maps::{REPLY_SCRATCH, REPLY_SCRATCH_LEN},
-    parse::{Packet, Parsed},
+    parse::{HasPacket, Packet, Parsed},
 };
 
 /// Ethernet destination + source.
@@ -32,21 +32,12 @@ const MACS_LEN: usize = 12;
 const MAX_L3: usize = 22;
 
 /// A hook's way to resize and write the packet.
-pub trait Rewrite {
-    fn packet(&self) -> Packet;
+pub trait Rewrite: HasPacket {
     /// Resizes the packet to `l3 + N` bytes, writes `macs` at 0 and `bytes` at `l3`.
     fn finish<const N: usize>(&self, l3: usize, bytes: &[u8; N], macs: &[u8; MACS_LEN]) -> bool;
 }
 
 impl Rewrite for XdpContext {
-    #[inline(always)]
-    fn packet(&self) -> Packet {
-        Packet {
-            start: self.data(),
-            end: self.data_end(),
-        }
-    }
-
     #[inline(always)]
     fn finish<const N: usize>(&self, l3: usize, bytes: &[u8; N], macs: &[u8; MACS_LEN]) -> bool {
         // The verifier refuses 32-bit arithmetic on packet pointers, which is what LLVM makes
@@ -73,14 +64,6 @@ impl Rewrite for XdpContext {
 }
 
 impl Rewrite for TcContext {
-    #[inline(always)]
-    fn packet(&self) -> Packet {
-        Packet {
-            start: self.data(),
-            end: self.data_end(),
-        }
-    }
-
     #[inline(always)]
     fn finish<const N: usize>(&self, l3: usize, bytes: &[u8; N], macs: &[u8; MACS_LEN]) -> bool {
         // SAFETY: helper on this program's own skb.
