@@ -8,7 +8,7 @@
 
 use std::process::Command;
 
-use crate::{build, cmd, setup, sys, workspace};
+use crate::{build, cmd, setup, sys, toolchain::Toolchain, workspace};
 
 const DEFAULT_OUT: &str = "BENCHMARKS.md";
 /// How breaker-bench finds the agent, as the end-to-end tests do (tests/src/agent.rs).
@@ -41,7 +41,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
 }
 
 /// `cargo run --release --package PACKAGE --bin BIN --`, in the workspace root.
-fn release_bin(toolchain: &setup::Toolchain, package: &str, bin: &str) -> Command {
+fn release_bin(toolchain: &Toolchain, package: &str, bin: &str) -> Command {
     let mut run = workspace::cargo(toolchain);
     run.args(["run", "--release", "--package", package, "--bin", bin, "--"]);
     run

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use crate::{
     cmd::{self, CmdError},
-    setup::{self, Toolchain},
+    setup,
+    toolchain::Toolchain,
     workspace::{self, MetadataError},
 };
 

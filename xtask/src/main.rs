@@ -11,6 +11,7 @@ mod manifests;
 mod setup;
 mod suite;
 mod sys;
+mod toolchain;
 mod vm;
 mod workspace;
 

@@ -4,7 +4,6 @@
 //! (apt-get, mounting bpffs). Facts behind each step: /work/shared/TOOLCHAIN.md.
 
 use std::{
-    env,
     ffi::OsString,
     fs, io,
     os::unix::fs::symlink,
@@ -15,12 +14,10 @@ use std::{
 use crate::{
     cmd::{self, CmdError},
     sys::{self, NotRoot},
+    toolchain::{NIGHTLY, Toolchain, ToolchainError},
+    workspace,
 };
 
-/// Overrides where bpf-linker is installed (default `$HOME/.local/share/agent-toolchain`).
-const TOOLCHAIN_DIR_ENV: &str = "AGENT_TOOLCHAIN_DIR";
-const TOOLCHAIN_DIR_UNDER_HOME: &str = ".local/share/agent-toolchain";
-pub const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// What the build, the tests, the demo and `cargo xtask vm` call; nothing else (no compilers:
 /// rustup brings them). The VM: QEMU, busybox for the initramfs, cpio to pack it, xz for
@@ -46,13 +43,8 @@ pub enum SetupError {
     Cmd(#[from] CmdError),
     #[error(transparent)]
     NotRoot(#[from] NotRoot),
-    #[error("neither {TOOLCHAIN_DIR_ENV} nor HOME is set: no place for the project toolchain")]
-    NoToolchainDir,
-    #[error("toolchain directory {} cannot go on PATH: {source}", .dir.display())]
-    BadPath {
-        dir: PathBuf,
-        source: env::JoinPathsError,
-    },
+    #[error(transparent)]
+    Toolchain(#[from] ToolchainError),
     #[error("`rustc +{NIGHTLY} -vV` printed no `LLVM version: MAJOR.x` line")]
     NoLlvmVersion,
     #[error("no libLLVM.so.{major}.*-rust-* in {}: the nightly toolchain ships its own libLLVM", .dir.display())]
@@ -71,45 +63,6 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Setu
         action,
         path,
         source,
-    }
-}
-
-/// The project's own tools: `bin/bpf-linker` and the libLLVM symlinks it links against.
-pub struct Toolchain {
-    root: PathBuf,
-    path_env: OsString,
-}
-
-impl Toolchain {
-    fn locate() -> Result<Self, SetupError> {
-        let root = match env::var_os(TOOLCHAIN_DIR_ENV) {
-            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-            _ => env::var_os("HOME")
-                .filter(|home| !home.is_empty())
-                .map(|home| PathBuf::from(home).join(TOOLCHAIN_DIR_UNDER_HOME))
-                .ok_or(SetupError::NoToolchainDir)?,
-        };
-        let bin = root.join("bin");
-        let inherited = env::var_os("PATH").unwrap_or_default();
-        let path_env =
-            env::join_paths(std::iter::once(bin.clone()).chain(env::split_paths(&inherited)))
-                .map_err(|source| SetupError::BadPath { dir: bin, source })?;
-        Ok(Self { root, path_env })
-    }
-
-    fn bin_dir(&self) -> PathBuf {
-        self.root.join("bin")
-    }
-
-    /// `LLVM_PREFIX` for building bpf-linker: holds `lib/libLLVM.so*`.
-    fn llvm_prefix(&self) -> PathBuf {
-        self.root.join("llvm")
-    }
-
-    /// PATH for spawned cargo processes: the project toolchain first (aya-build looks up
-    /// `bpf-linker` there).
-    pub fn path_env(&self) -> &OsString {
-        &self.path_env
     }
 }
 
@@ -286,7 +239,7 @@ fn bpf_linker_problem(toolchain: &Toolchain, feature: &str) -> Option<String> {
         Err(e) => return Some(format!("cannot run {}: {e}", bin.display())),
     }
     // cargo's install record says which LLVM feature the binary was built with.
-    let record = toolchain.root.join(".crates2.json");
+    let record = toolchain.root().join(".crates2.json");
     let features = fs::read_to_string(&record)
         .ok()
         .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
@@ -324,13 +277,13 @@ fn bpf_linker(toolchain: &Toolchain) -> Result<Outcome, SetupError> {
         "setup: bpf-linker: {problem}; building it against {}",
         llvm.lib.display()
     );
-    let mut install = crate::workspace::cargo(toolchain);
+    let mut install = workspace::cargo(toolchain);
     install
         .env("LLVM_PREFIX", &prefix)
         .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
         .args(["--no-default-features", "--features", &feature, "--force"])
         .arg("--root")
-        .arg(&toolchain.root);
+        .arg(toolchain.root());
     cmd::run(&mut install)?;
     Ok(Outcome::Done(format!(
         "{problem} -> installed {BPF_LINKER_VERSION} with {feature} at {}",

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{build, cmd, manifests, setup, sys, vm, workspace};
+use crate::{build, cmd, manifests, setup, sys, toolchain::Toolchain, vm, workspace};
 
 const EBPF_CRATE: &str = "agent-ebpf";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
@@ -112,7 +112,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// Network-namespace tests: serial, because kernel state is shared.
-fn e2e(toolchain: &setup::Toolchain, agent: &Path) -> std::process::Command {
+fn e2e(toolchain: &Toolchain, agent: &Path) -> std::process::Command {
     let mut test = workspace::cargo(toolchain);
     test.args(["test", "--package", E2E_CRATE, "--", "--test-threads=1"])
         .env(AGENT_BIN_ENV, agent);

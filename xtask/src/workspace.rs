@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     cmd::{self, CmdError},
-    setup::Toolchain,
+    toolchain::{NIGHTLY, Toolchain},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ pub fn cargo(toolchain: &Toolchain) -> Command {
 pub fn nightly_cargo(toolchain: &Toolchain) -> Command {
     let mut command = Command::new("rustup");
     command
-        .args(["run", crate::setup::NIGHTLY, "cargo"])
+        .args(["run", NIGHTLY, "cargo"])
         .current_dir(root())
         .env("PATH", toolchain.path_env());
     command

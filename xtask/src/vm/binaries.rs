@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     cmd::{self, CmdError},
-    setup::Toolchain,
+    toolchain::Toolchain,
     workspace,
 };
 

@@ -22,12 +22,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{
-    build,
-    cmd::TestCounts,
-    setup::{self, Toolchain},
-    suite, sys, workspace,
-};
+use crate::{build, cmd::TestCounts, setup, suite, sys, toolchain::Toolchain, workspace};
 use binaries::{Built, PackageTests};
 use guest::{TIME_SCALE_ENV, init_script, stage_common, stage_kernel};
 use initramfs::Staging;
