@@ -8,15 +8,17 @@ use std::{
 
 use anyhow::bail;
 
-use crate::{build, cmd, manifests, setup, sys, toolchain::Toolchain, vm, workspace};
+use crate::{
+    build, cmd, manifests, setup, sys,
+    toolchain::Toolchain,
+    vm,
+    workspace::{self, AGENT_BIN_ENV, E2E_CRATE},
+};
 
 const EBPF_CRATE: &str = "agent-ebpf";
 const EBPF_TARGET: &str = "bpfel-unknown-none";
-pub const E2E_CRATE: &str = "agent-tests";
 /// The kernel of the suite's VM pass: Debian 12's own.
 const VM_KERNEL: &str = "6.1";
-/// How the end-to-end tests find the agent (tests/src/agent.rs).
-pub const AGENT_BIN_ENV: &str = "AGENT_BIN";
 
 /// Environment for `cargo clippy`. agent/build.rs supports `AYA_BUILD_SKIP=1` (an empty object
 /// is embedded), which makes a lone `cargo clippy` fast. Not set here on purpose: the build

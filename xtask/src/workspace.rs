@@ -12,6 +12,11 @@ use crate::{
     toolchain::{NIGHTLY, Toolchain},
 };
 
+/// The end-to-end tests' package (tests/).
+pub const E2E_CRATE: &str = "agent-tests";
+/// How the end-to-end tests find the agent (tests/src/agent.rs).
+pub const AGENT_BIN_ENV: &str = "AGENT_BIN";
+
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
     #[error(transparent)]

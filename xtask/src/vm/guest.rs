@@ -15,7 +15,7 @@ use super::{
     initramfs::{self, Libraries, Staging, sh_quote},
     kernel::{self, Kernel},
 };
-use crate::{suite, workspace};
+use crate::workspace;
 
 /// Every timing bound of the tests is multiplied by it (tests/src, agent/tests).
 pub const TIME_SCALE_ENV: &str = "AGENT_TEST_TIME_SCALE";
@@ -101,7 +101,10 @@ pub fn init_script(
     let mut s = String::new();
     let mut env = vec![(TIME_SCALE_ENV, limits.time_scale.to_string())];
     if let Some(agent) = agent {
-        env.push((suite::AGENT_BIN_ENV, agent.to_string_lossy().into_owned()));
+        env.push((
+            workspace::AGENT_BIN_ENV,
+            agent.to_string_lossy().into_owned(),
+        ));
     }
     s.push_str(
         "#!/bin/sh\n\

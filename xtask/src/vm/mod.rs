@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{build, cmd::TestCounts, setup, suite, sys, toolchain::Toolchain, workspace};
+use crate::{build, cmd::TestCounts, setup, sys, toolchain::Toolchain, workspace};
 use binaries::{Built, PackageTests};
 use guest::{TIME_SCALE_ENV, init_script, stage_common, stage_kernel};
 use initramfs::Staging;
@@ -47,7 +47,7 @@ const DATAPATH: PackageTests = PackageTests {
     kinds: &["test"],
 };
 const E2E: PackageTests = PackageTests {
-    package: suite::E2E_CRATE,
+    package: workspace::E2E_CRATE,
     dir: "tests",
     kinds: &["test"],
 };
