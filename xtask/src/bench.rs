@@ -12,7 +12,6 @@ use crate::{build, cmd, setup, sys, toolchain::Toolchain, workspace};
 
 const DEFAULT_OUT: &str = "BENCHMARKS.md";
 /// How breaker-bench finds the agent, as the end-to-end tests do (tests/src/agent.rs).
-const AGENT_BIN_ENV: &str = "AGENT_BIN";
 /// breaker-bench's own options: (name, takes a value).
 const BREAKER_ONLY: &[(&str, bool)] = &[
     ("--rounds", true),
@@ -35,7 +34,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     // crate is already built by the step above.
     let agent = build::agent_binary(&toolchain, true)?;
     let mut breaker = release_bin(&toolchain, "agent-tests", "breaker-bench");
-    breaker.args(&args.breaker).env(AGENT_BIN_ENV, &agent);
+    breaker.args(&args.breaker).env(workspace::AGENT_BIN_ENV, &agent);
     cmd::run(&mut breaker)?;
     Ok(())
 }
