@@ -11,7 +11,6 @@ use std::process::Command;
 use crate::{build, cmd, setup, sys, toolchain::Toolchain, workspace};
 
 const DEFAULT_OUT: &str = "BENCHMARKS.md";
-/// How breaker-bench finds the agent, as the end-to-end tests do (tests/src/agent.rs).
 /// breaker-bench's own options: (name, takes a value).
 const BREAKER_ONLY: &[(&str, bool)] = &[
     ("--rounds", true),
