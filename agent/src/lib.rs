@@ -3,13 +3,13 @@
 
 pub mod backends;
 pub mod balance;
-pub mod balancer;
 pub mod breaker;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod datapath;
 pub mod health;
+pub mod lb;
 pub mod plan;
 pub mod run;
 pub mod state;

@@ -19,13 +19,13 @@ use tokio::{
 
 use crate::{
     backends,
-    balancer::{self, LbView},
     commands::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{
         Datapath, DatapathError,
         qdisc::{Pacers, QdiscError},
     },
+    lb::balancer::{self, LbView},
     plan::{self, Plan},
     state::AgentState,
     telemetry::{http, logs},

@@ -7,8 +7,8 @@ use std::sync::{
 
 use crate::{
     backends::BackendTable,
-    balancer::LbView,
     datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
+    lb::balancer::LbView,
     telemetry::status::{ServiceInfo, StatusReport},
 };
 

@@ -228,19 +228,19 @@ fn encode_balancing(
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
     let svc = |name: &str| vec![("service", name.to_string())];
-    let who = |b: &crate::balancer::LbBackendView| {
+    let who = |b: &crate::lb::balancer::LbBackendView| {
         vec![
             ("service", b.service.clone()),
             ("backend", b.address.clone()),
         ]
     };
-    let per_backend = |f: fn(&crate::balancer::LbBackendView) -> u64| {
+    let per_backend = |f: fn(&crate::lb::balancer::LbBackendView) -> u64| {
         r.lb_backends
             .iter()
             .map(|b| (who(b), f(b)))
             .collect::<Vec<_>>()
     };
-    let per_service = |f: fn(&crate::balancer::LbServiceView) -> u64| {
+    let per_service = |f: fn(&crate::lb::balancer::LbServiceView) -> u64| {
         r.balancing
             .iter()
             .map(|s| (svc(&s.service), f(s)))
@@ -570,7 +570,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
-            balancing: vec![crate::balancer::LbServiceView {
+            balancing: vec![crate::lb::balancer::LbServiceView {
                 service: "checkout".into(),
                 algorithm: "maglev".into(),
                 connections: 12,
@@ -581,7 +581,7 @@ mod tests {
                 write_errors: 0,
                 panic: false,
             }],
-            lb_backends: vec![crate::balancer::LbBackendView {
+            lb_backends: vec![crate::lb::balancer::LbBackendView {
                 service: "checkout".into(),
                 address: "198.18.0.11:8080".into(),
                 configured: 100,

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     backends::BackendStatus,
-    balancer::{LbBackendView, LbServiceView},
     datapath::{KeyCounts, Snapshot},
+    lb::balancer::{LbBackendView, LbServiceView},
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

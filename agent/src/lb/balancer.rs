@@ -1,7 +1,7 @@
 //! The balancer: drives each balanced service's weights in the datapath.
 //!
 //! Every `TICK` it reads each backend's health and breaker (the supervisor's table), works
-//! out effective weights (`balance::weight::effective`: configured x health x slow-start
+//! out effective weights (`lb::weight::effective`: configured x health x slow-start
 //! ramp), and when they change, rebuilds the service's table (Maglev or weighted round
 //! robin), writes it into the half the datapath is not reading and flips `LB_ACTIVE`: one
 //! atomic swap per service. `least_conn` has no table; it reads the weights in
@@ -26,9 +26,9 @@ use tokio::sync::watch;
 
 use crate::{
     backends::{BackendStatus, BackendTable},
-    balance::{NO_BACKEND, backend_key, maglev, weight, weight::SlowStart, wrr},
     config::{Algorithm, CompiledLb},
     datapath::{DatapathError, LbCounters, LbMaps, ktime_now_ns},
+    lb::{NO_BACKEND, backend_key, maglev, weight, weight::SlowStart, wrr},
 };
 
 /// How often health and breakers are read.
