@@ -1,7 +1,6 @@
 //! The userspace agent: policy, datapath control, telemetry, and the `run` loop tying them.
 //! `main.rs` only parses the command line; everything else lives here so tests reach it.
 
-pub mod backends;
 pub mod balance;
 pub mod breaker;
 pub mod cli;
@@ -13,4 +12,5 @@ pub mod lb;
 pub mod plan;
 pub mod run;
 pub mod state;
+pub mod supervisor;
 pub mod telemetry;

@@ -18,7 +18,6 @@ use tokio::{
 };
 
 use crate::{
-    backends,
     commands::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{
@@ -28,6 +27,7 @@ use crate::{
     lb::balancer::{self, LbView},
     plan::{self, Plan},
     state::AgentState,
+    supervisor,
     telemetry::{http, logs},
 };
 
@@ -142,7 +142,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = {
         let dp = state.datapath();
-        backends::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
+        supervisor::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
     };
     let backends_task = match started {
         Ok(Some((table, task))) => {

@@ -6,9 +6,9 @@ use std::sync::{
 };
 
 use crate::{
-    backends::BackendTable,
     datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
     lb::balancer::LbView,
+    supervisor::BackendTable,
     telemetry::status::{ServiceInfo, StatusReport},
 };
 

@@ -25,10 +25,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
-    backends::{BackendStatus, BackendTable},
     config::{Algorithm, CompiledLb},
     datapath::{DatapathError, LbCounters, LbMaps, ktime_now_ns},
     lb::{NO_BACKEND, backend_key, maglev, weight, weight::SlowStart, wrr},
+    supervisor::{BackendStatus, BackendTable},
 };
 
 /// How often health and breakers are read.

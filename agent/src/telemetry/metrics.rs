@@ -335,13 +335,13 @@ fn encode_balancing(
 }
 
 fn encode_backends(
-    backends: &[crate::backends::BackendStatus],
+    backends: &[crate::supervisor::BackendStatus],
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
     if backends.is_empty() {
         return Ok(());
     }
-    let who = |b: &crate::backends::BackendStatus| {
+    let who = |b: &crate::supervisor::BackendStatus| {
         vec![
             ("service", b.service.clone()),
             ("backend", b.address.clone()),
@@ -453,7 +453,7 @@ fn encode_backends(
         // Per-bucket counts; the encoder accumulates them.
         let total = b.probes_ok + b.probes_failed;
         let finite: u64 = b.latency_buckets.iter().sum();
-        let buckets: Vec<(f64, u64)> = crate::backends::LATENCY_BUCKETS
+        let buckets: Vec<(f64, u64)> = crate::supervisor::LATENCY_BUCKETS
             .iter()
             .copied()
             .zip(b.latency_buckets.iter().copied())
@@ -474,7 +474,7 @@ fn encode_backends(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::PassiveCounts;
+    use crate::supervisor::PassiveCounts;
     use crate::telemetry::status::{
         CounterJson, DropStatus, RateLimitStatus, ServiceStatus, ShapingStatus,
     };
@@ -536,7 +536,7 @@ mod tests {
                 },
             )],
             backends: vec![
-                crate::backends::BackendStatus {
+                crate::supervisor::BackendStatus {
                     service: "checkout".into(),
                     address: "198.18.0.11:8080".into(),
                     health: "unhealthy".into(),
@@ -562,7 +562,7 @@ mod tests {
                     map_write_errors: 1,
                     ..Default::default()
                 },
-                crate::backends::BackendStatus {
+                crate::supervisor::BackendStatus {
                     service: "checkout".into(),
                     address: "198.18.0.12:8080".into(),
                     health: "unchecked".into(),

@@ -7,9 +7,9 @@ use agent_common::Counter;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    backends::BackendStatus,
     datapath::{KeyCounts, Snapshot},
     lb::balancer::{LbBackendView, LbServiceView},
+    supervisor::BackendStatus,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

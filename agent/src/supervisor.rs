@@ -1,4 +1,4 @@
-//! Backends in the running agent: health checks and passive observations feed each backend's
+//! The backend supervisor: health checks and passive observations feed each backend's
 //! circuit breaker, and every breaker transition is written to the datapath, which enforces
 //! it (`BACKENDS`: RST / ICMP unreachable or drop while open, a quota of trial flows while
 //! half-open; see `agent_common::breaker`). The result is kept for `/status` and `/metrics`.
@@ -137,7 +137,7 @@ impl BackendTable {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum BackendsError {
+pub enum SupervisorError {
     #[error("health check of {backend}: {source}")]
     Health {
         backend: String,
@@ -202,7 +202,7 @@ pub fn start(
     enforced: &[CompiledBackend],
     datapath: Option<&Datapath>,
     stop: watch::Receiver<bool>,
-) -> Result<Option<Started>, BackendsError> {
+) -> Result<Option<Started>, SupervisorError> {
     let (tx, rx) = mpsc::channel(1024);
     // Probes carry the mark the datapath exempts, or an open backend could never recover.
     let options = ProbeOptions {
@@ -224,9 +224,9 @@ pub fn start(
     let (passive_tx, passive_rx) = mpsc::channel(16);
     let mut poller = None;
     if let Some(dp) = datapath.filter(|_| !enforced.is_empty()) {
-        sup.sink = Some(Box::new(dp.backend_maps().map_err(BackendsError::Maps)?));
+        sup.sink = Some(Box::new(dp.backend_maps().map_err(SupervisorError::Maps)?));
         if !passive.is_empty() {
-            let maps = dp.backend_maps().map_err(BackendsError::Maps)?;
+            let maps = dp.backend_maps().map_err(SupervisorError::Maps)?;
             let stop = stop.clone();
             poller = Some(tokio::task::spawn_blocking(move || {
                 passive::poll(maps, passive, passive_tx, stop)
@@ -246,7 +246,7 @@ pub fn start(
 }
 
 /// One probe task per backend of every service with a `health_check`.
-fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), BackendsError> {
+fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorError> {
     for svc in &policy.services {
         let Some(hc) = &svc.health_check else {
             continue;
@@ -260,7 +260,7 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), BackendsErro
             };
             checker
                 .add(backend.clone(), hc)
-                .map_err(|source| BackendsError::Health {
+                .map_err(|source| SupervisorError::Health {
                     backend: backend.to_string(),
                     source,
                 })?;
