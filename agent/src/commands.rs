@@ -2,7 +2,11 @@
 
 use std::{net::SocketAddr, path::Path, process::ExitCode, time::Duration};
 
-use crate::{cli::Output, config, run, telemetry::status::StatusReport};
+use crate::{
+    cli::Output,
+    config, run,
+    telemetry::status::{self, StatusReport},
+};
 
 pub const EXIT_RUNTIME: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
@@ -75,7 +79,7 @@ pub fn status(addr: SocketAddr, output: Output) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         },
-        Output::Text => print!("{}", report.render_text()),
+        Output::Text => print!("{}", status::render_text(&report)),
     }
     ExitCode::SUCCESS
 }

@@ -9,7 +9,7 @@ use crate::{
     datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
     lb::balancer::LbView,
     supervisor::BackendTable,
-    telemetry::status::{ServiceInfo, StatusReport},
+    telemetry::status::{self, ServiceInfo, StatusReport},
 };
 
 pub struct AgentState {
@@ -113,7 +113,7 @@ impl AgentState {
             .as_ref()
             .map(|v| v.snapshot())
             .unwrap_or_default();
-        let mut report = StatusReport::build(
+        let mut report = status::build(
             self.is_ready(),
             &self.policy_file,
             attachments,

@@ -24,7 +24,7 @@ mod passive;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -32,12 +32,12 @@ use std::{
 use agent_common::breaker::{
     BackendKey, BackendState, PROBE_MARK, STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK, PassiveCounts};
+pub use agent_common::status::{BackendStatus, LATENCY_BUCKETS, PassiveCounts};
+pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK};
 
-use passive::{PassiveBackend, PassiveBatch};
+use passive::{BreakerFeed as _, PassiveBackend, PassiveBatch};
 
 use crate::{
     breaker::{EjectionGuard, Event, Outcome, State},
@@ -53,57 +53,8 @@ const _: () = assert!(
         && State::HalfOpen.code() == STATE_HALF_OPEN
 );
 
-/// Upper bounds (seconds) of the probe-latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 10] = [
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
-
 /// A failed map write is tried again after this long (the entry keeps its last state).
 const WRITE_RETRY: Duration = Duration::from_secs(1);
-
-/// One backend as status and metrics show it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BackendStatus {
-    pub service: String,
-    pub address: String,
-    /// `healthy` / `unhealthy`; `unchecked` without `health_check`.
-    pub health: String,
-    /// `closed` / `open` / `half_open`; `None` without `circuit_breaker`.
-    pub breaker: Option<String>,
-    /// Time in the current breaker state (or health, without a breaker), in ms.
-    pub in_state_ms: u64,
-    pub probes_ok: u64,
-    pub probes_failed: u64,
-    /// Failed probes by reason (`refused`, `timeout`, `status`, ...).
-    pub failures: BTreeMap<String, u64>,
-    pub last_failure: Option<String>,
-    /// Breaker transitions by `to/reason`.
-    pub transitions: BTreeMap<String, u64>,
-    /// Probe latency: counts per `LATENCY_BUCKETS` bucket (not cumulative; slower probes are
-    /// the rest of `probes_ok + probes_failed`), and the sum in seconds.
-    pub latency_buckets: Vec<u64>,
-    pub latency_sum: f64,
-    /// The backend's id in the datapath (`BACKEND_STATS`) when its breaker is enforced there.
-    #[serde(default)]
-    pub id: Option<u32>,
-    /// Datapath packets toward the backend by action (`admitted`, `trial`, `reject_rst`,
-    /// `reject_icmp`, `drop`, `close_existing`), read from the maps when a report is built.
-    #[serde(default)]
-    pub datapath: BTreeMap<String, u64>,
-    /// Passive detection results; `None` without `health_check.passive`.
-    #[serde(default)]
-    pub passive: Option<PassiveCounts>,
-    /// Breaker states the datapath map refused (each retried until written).
-    #[serde(default)]
-    pub map_write_errors: u64,
-}
-
-impl BackendStatus {
-    /// Packets of one datapath action (0 when never seen).
-    pub fn action(&self, action: &str) -> u64 {
-        self.datapath.get(action).copied().unwrap_or(0)
-    }
-}
 
 struct Entry {
     status: BackendStatus,

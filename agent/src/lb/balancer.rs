@@ -21,8 +21,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+pub use agent_common::status::{LbBackendView, LbServiceView};
 
 use crate::{
     config::{Algorithm, CompiledLb},
@@ -40,45 +41,6 @@ pub const MIN_PUBLISH_GAP: Duration = Duration::from_millis(50);
 const OCCUPANCY_EVERY: Duration = Duration::from_secs(1);
 /// ...visiting at most this many entries.
 const OCCUPANCY_MAX_VISITS: usize = 1 << 20;
-
-/// What status and metrics show of one balanced backend.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LbBackendView {
-    pub service: String,
-    pub address: String,
-    pub configured: u32,
-    /// The weight in the datapath now.
-    pub effective: u32,
-    /// Connections open now.
-    pub active: u64,
-    /// New flows pinned to it so far.
-    pub new_flows: u64,
-    /// Packets and bytes forwarded to it (client to backend).
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// What status and metrics show of one balanced service.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LbServiceView {
-    pub service: String,
-    pub algorithm: String,
-    /// Live connection-table entries (as of the last walk).
-    pub connections: u64,
-    /// Entries the LRU evicted (as of the last walk): flows tracked, minus those that took an
-    /// expired entry's place, minus the entries present.
-    pub evictions: u64,
-    /// New flows refused for want of an available backend.
-    pub no_backend: u64,
-    /// TCP packets whose connection-table entry was gone (evicted or expired).
-    pub lost: u64,
-    /// Table swaps so far.
-    pub publishes: u64,
-    /// Panicking now (`load_balancing.panic_threshold`): health and breakers ignored.
-    #[serde(default)]
-    pub panic: bool,
-    pub write_errors: u64,
-}
 
 /// Shared between the balancer and the HTTP side. The balancer publishes weights, panic and
 /// table figures each tick; the datapath's counters are read here, when a scrape asks (a

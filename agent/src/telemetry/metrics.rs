@@ -476,7 +476,7 @@ mod tests {
     use super::*;
     use crate::supervisor::PassiveCounts;
     use crate::telemetry::status::{
-        CounterJson, DropStatus, RateLimitStatus, ServiceStatus, ShapingStatus,
+        CounterJson, DropStatus, RateLimitStatus, ServiceStatus, ShapingStatus, render_text,
     };
 
     fn report() -> StatusReport {
@@ -677,14 +677,14 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         let back: StatusReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
-        let text = r.render_text();
+        let text = render_text(&r);
         assert!(text.contains("checkout"), "{text}");
         assert!(text.contains("rate_limit"), "{text}");
     }
 
     #[test]
     fn status_text_shows_breakers_in_the_datapath() {
-        let text = report().render_text();
+        let text = render_text(&report());
         let line = |needle: &str| {
             text.lines()
                 .filter(|l| l.contains(needle))
