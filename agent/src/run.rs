@@ -145,8 +145,8 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
         supervisor::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
     };
     let backends_task = match started {
-        Ok(Some((table, task))) => {
-            state.set_backends(table);
+        Ok(Some((backends, task))) => {
+            state.set_backends(backends);
             Some(task)
         }
         Ok(None) => None,

@@ -8,7 +8,7 @@ use std::sync::{
 use crate::{
     datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
     lb::balancer::LbView,
-    supervisor::BackendTable,
+    supervisor::BackendsRx,
     telemetry::status::{self, ServiceInfo, StatusReport},
 };
 
@@ -19,7 +19,8 @@ pub struct AgentState {
     keys: Mutex<KeyCounts>,
     ready: AtomicBool,
     policy_file: String,
-    backends: Mutex<Option<Arc<BackendTable>>>,
+    /// The supervisor's channel, when it runs.
+    backends: Mutex<Option<BackendsRx>>,
     balancing: Mutex<Option<Arc<LbView>>>,
 }
 
@@ -56,12 +57,13 @@ impl AgentState {
         *lock(&self.services) = services;
     }
 
-    pub fn backends(&self) -> Option<Arc<BackendTable>> {
+    /// A receiver of the supervisor's channel, for another reader (the balancer).
+    pub fn backends(&self) -> Option<BackendsRx> {
         lock(&self.backends).clone()
     }
 
-    pub fn set_backends(&self, table: Arc<BackendTable>) {
-        *lock(&self.backends) = Some(table);
+    pub fn set_backends(&self, backends: BackendsRx) {
+        *lock(&self.backends) = Some(backends);
     }
 
     pub fn set_balancing(&self, view: Arc<LbView>) {
@@ -88,9 +90,10 @@ impl AgentState {
 
     pub fn report(&self) -> Result<StatusReport, DatapathError> {
         let services = lock(&self.services).clone();
-        let mut backends = lock(&self.backends)
+        let now = std::time::Instant::now();
+        let mut backends: Vec<_> = lock(&self.backends)
             .as_ref()
-            .map(|t| t.snapshot())
+            .map(|rx| rx.borrow().iter().map(|b| b.status(now)).collect())
             .unwrap_or_default();
         let (snapshot, attachments) = {
             let dp = self.datapath();

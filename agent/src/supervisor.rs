@@ -1,7 +1,9 @@
 //! The backend supervisor: health checks and passive observations feed each backend's
 //! circuit breaker, and every breaker transition is written to the datapath, which enforces
 //! it (`BACKENDS`: RST / ICMP unreachable or drop while open, a quota of trial flows while
-//! half-open; see `agent_common::breaker`). The result is kept for `/status` and `/metrics`.
+//! half-open; see `agent_common::breaker`). Each backend's typed state and counters are
+//! published on a `watch` channel ([`Backends`], keyed by [`BackendId`]): the balancer takes
+//! its weights from it, `/status` and `/metrics` show it.
 //!
 //! ```text
 //! probes (SO_MARK = PROBE_MARK, exempt) --\
@@ -19,13 +21,14 @@
 //! A reload that changes backends, health checks or breakers is refused (see
 //! `Plan::needs_restart_from`): ids and breakers are built once, at start.
 
+mod backend;
 mod passive;
 #[cfg(test)]
 mod tests;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -35,6 +38,7 @@ use agent_common::breaker::{
 use tokio::sync::{mpsc, watch};
 
 pub use agent_common::status::{BackendStatus, LATENCY_BUCKETS, PassiveCounts};
+pub use backend::{Backend, BackendId, Backends, BackendsRx, UNCHECKED};
 pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK};
 
 use passive::{BreakerFeed as _, PassiveBackend, PassiveBatch};
@@ -43,7 +47,7 @@ use crate::{
     breaker::{EjectionGuard, Event, Outcome, State},
     config::{CompiledBackend, model::Policy},
     datapath::{BackendMaps, Datapath, DatapathError},
-    health::{BackendRef, Checker, Health, HealthError, ProbeOptions, ProbeResult},
+    health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult},
 };
 
 // The agent's breaker codes are the datapath's: a mismatch would enforce the wrong state.
@@ -56,34 +60,13 @@ const _: () = assert!(
 /// A failed map write is tried again after this long (the entry keeps its last state).
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
-struct Entry {
-    status: BackendStatus,
-    since: Instant,
-}
+/// The supervisor's side of the channel: it alone writes, at every probe, passive report and
+/// transition. `send_modify` updates the value even while nobody is subscribed.
+struct Publisher(watch::Sender<Backends>);
 
-/// The table the supervisor writes and the HTTP side reads.
-#[derive(Default)]
-pub struct BackendTable {
-    entries: Mutex<Vec<Entry>>,
-}
-
-impl BackendTable {
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<Entry>) -> T) -> T {
-        f(&mut self.entries.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Every backend, with `in_state_ms` as of now.
-    pub fn snapshot(&self) -> Vec<BackendStatus> {
-        let now = Instant::now();
-        self.with(|v| {
-            v.iter()
-                .map(|e| {
-                    let mut s = e.status.clone();
-                    s.in_state_ms = now.saturating_duration_since(e.since).as_millis() as u64;
-                    s
-                })
-                .collect()
-        })
+impl Publisher {
+    fn update(&self, f: impl FnOnce(&mut Backends)) {
+        self.0.send_modify(f);
     }
 }
 
@@ -99,8 +82,8 @@ pub enum SupervisorError {
     Maps(#[source] DatapathError),
 }
 
-/// The table status reads, and the task that keeps it.
-pub type Started = (Arc<BackendTable>, tokio::task::JoinHandle<()>);
+/// The channel the balancer and status read, and the task that publishes on it.
+pub type Started = (BackendsRx, tokio::task::JoinHandle<()>);
 
 /// Where breaker states go: the kernel's `BACKENDS` map, or a recorder in tests.
 trait StateSink: Send {
@@ -123,16 +106,17 @@ struct Enforced {
 
 /// One backend of the supervisor.
 struct Row {
-    /// Position in the table.
+    /// Position in the published [`Backends`].
     entry: usize,
     enforced: Option<Enforced>,
 }
 
 type Key = (Arc<str>, usize);
 
-/// Owns the breakers; the only writer of the table and of `BACKENDS` after start.
+/// Owns the breakers; the only writer of the published backends and of `BACKENDS` after
+/// start.
 struct Supervisor {
-    table: Arc<BackendTable>,
+    table: Publisher,
     rows: HashMap<Key, Row>,
     guards: HashMap<Arc<str>, EjectionGuard>,
     /// Enforced backends by datapath id, for passive reports.
@@ -146,7 +130,7 @@ struct Supervisor {
 /// Starts health checks and breakers for every service with backends, and the passive
 /// poller when a backend has passive detection. `enforced` are the backends whose entries
 /// `Datapath::apply` wrote (`Compiled::backends`); with `datapath`, transitions are written
-/// there, without it they stay in the agent (tests). Returns the table and the task, or
+/// there, without it they stay in the agent (tests). Returns the channel and the task, or
 /// `None` when no service has backends. Stops when `stop` turns true.
 pub fn start(
     policy: &Policy,
@@ -184,7 +168,7 @@ pub fn start(
             }));
         }
     }
-    let table = sup.table.clone();
+    let backends = sup.table.0.subscribe();
     let task = tokio::spawn(async move {
         sup.run(checker, rx, passive_rx, stop).await;
         if let Some(p) = poller
@@ -193,7 +177,7 @@ pub fn start(
             tracing::warn!("passive detection poller: {e}");
         }
     });
-    Ok(Some((table, task)))
+    Ok(Some((backends, task)))
 }
 
 /// One probe task per backend of every service with a `health_check`.
@@ -220,30 +204,11 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorEr
     Ok(())
 }
 
-fn initial_status(svc: &crate::config::Service, address: String, passive: bool) -> BackendStatus {
-    BackendStatus {
-        service: svc.name.clone(),
-        address,
-        health: if svc.health_check.is_some() {
-            Health::Healthy.to_string()
-        } else {
-            "unchecked".into()
-        },
-        breaker: svc
-            .circuit_breaker
-            .as_ref()
-            .map(|_| State::Closed.to_string()),
-        latency_buckets: vec![0; LATENCY_BUCKETS.len()],
-        passive: passive.then(PassiveCounts::default),
-        ..BackendStatus::default()
-    }
-}
-
 impl Supervisor {
     /// A row per backend and a guard per service with a breaker.
     fn new(policy: &Policy, enforced: &[CompiledBackend], now: Instant) -> Supervisor {
         let mut sup = Supervisor {
-            table: Arc::new(BackendTable::default()),
+            table: Publisher(watch::channel(Vec::new()).0),
             rows: HashMap::new(),
             guards: HashMap::new(),
             by_id: HashMap::new(),
@@ -266,31 +231,30 @@ impl Supervisor {
                     backend: c.clone(),
                     epoch: c.initial().epoch,
                 });
-                let passive = enforced
-                    .as_ref()
-                    .is_some_and(|e| e.backend.passive_timeout.is_some());
-                let status = initial_status(svc, b.address.to_string(), passive);
-                sup.add_row((name.clone(), index), status, enforced, now);
+                let backend = Backend::new(
+                    BackendId { service: s, index },
+                    name.clone(),
+                    b.address,
+                    svc.health_check.is_some(),
+                    svc.circuit_breaker.is_some(),
+                    now,
+                );
+                sup.add_row((name.clone(), index), backend, enforced);
             }
         }
         sup
     }
 
-    fn add_row(
-        &mut self,
-        key: Key,
-        mut status: BackendStatus,
-        enforced: Option<Enforced>,
-        now: Instant,
-    ) {
+    fn add_row(&mut self, key: Key, mut backend: Backend, enforced: Option<Enforced>) {
         if let Some(e) = &enforced {
-            status.id = Some(e.backend.id);
+            backend.datapath_id = Some(e.backend.id);
+            if e.backend.passive_timeout.is_some() {
+                backend.passive = Some(PassiveCounts::default());
+            }
             self.by_id.insert(e.backend.id, key.clone());
         }
-        let entry = self.table.with(|v| {
-            v.push(Entry { status, since: now });
-            v.len() - 1
-        });
+        let entry = self.table.0.borrow().len();
+        self.table.update(|v| v.push(backend));
         self.rows.insert(key, Row { entry, enforced });
     }
 
@@ -338,26 +302,25 @@ impl Supervisor {
             tracing::info!("backend {} is now {}", r.backend, r.health);
         }
         let has_breaker = self.guards.contains_key(&r.backend.service);
-        self.table.with(|v| {
-            let e = &mut v[entry];
-            let s = &mut e.status;
+        self.table.update(|v| {
+            let b = &mut v[entry];
             match &r.outcome {
-                Ok(()) => s.probes_ok += 1,
+                Ok(()) => b.probes_ok += 1,
                 Err(f) => {
-                    s.probes_failed += 1;
-                    *s.failures.entry(f.label().to_string()).or_default() += 1;
-                    s.last_failure = Some(f.to_string());
+                    b.probes_failed += 1;
+                    *b.failures.entry(f.label()).or_default() += 1;
+                    b.last_failure = Some(f.to_string());
                 }
             }
             let secs = r.latency.as_secs_f64();
-            s.latency_sum += secs;
+            b.latency_sum += secs;
             if let Some(i) = LATENCY_BUCKETS.iter().position(|le| secs <= *le) {
-                s.latency_buckets[i] += 1;
+                b.latency_buckets[i] += 1;
             }
             if r.changed {
-                s.health = r.health.to_string();
+                b.health = Some(r.health);
                 if !has_breaker {
-                    e.since = r.at;
+                    b.since = r.at;
                 }
             }
         });
@@ -378,9 +341,8 @@ impl Supervisor {
             let Some(entry) = self.rows.get(&key).map(|row| row.entry) else {
                 continue;
             };
-            self.table.with(|v| {
+            self.table.update(|v| {
                 v[entry]
-                    .status
                     .passive
                     .get_or_insert_with(PassiveCounts::default)
                     .add(&seen)
@@ -444,26 +406,24 @@ impl Supervisor {
                     e.epoch = e.epoch.wrapping_add(1);
                 }
             }
-            self.table.with(|v| {
-                let e = &mut v[row.entry];
-                tracing::info!(
-                    "breaker {}[{}] {}: {} -> {} ({})",
-                    service,
-                    ev.backend,
-                    e.status.address,
-                    t.from,
-                    t.to,
-                    t.reason.as_str()
-                );
-                *e.status
-                    .transitions
-                    .entry(format!("{}/{}", t.to, t.reason.as_str()))
-                    .or_default() += 1;
+            let entry = row.entry;
+            self.table.update(|v| {
+                let b = &mut v[entry];
+                *b.transitions.entry((t.to, t.reason)).or_default() += 1;
                 if t.from != t.to {
-                    e.status.breaker = Some(t.to.to_string());
-                    e.since = t.at;
+                    b.breaker = Some(t.to);
+                    b.since = t.at;
                 }
             });
+            tracing::info!(
+                "breaker {}[{}] {}: {} -> {} ({})",
+                service,
+                ev.backend,
+                self.table.0.borrow()[entry].address,
+                t.from,
+                t.to,
+                t.reason.as_str()
+            );
         }
         for key in changed {
             self.sync(&key, now);
@@ -503,8 +463,8 @@ impl Supervisor {
             }
         }
         if failed {
-            self.table
-                .with(|v| v[row.entry].status.map_write_errors += 1);
+            let entry = row.entry;
+            self.table.update(|v| v[entry].map_write_errors += 1);
             self.unsynced.insert(key.clone());
             self.retry_at.get_or_insert(now + WRITE_RETRY);
         } else {

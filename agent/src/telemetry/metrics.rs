@@ -9,7 +9,7 @@ use prometheus_client::{
 };
 
 use super::status::StatusReport;
-use crate::datapath::BACKEND_ACTIONS;
+use crate::{breaker::State, datapath::BACKEND_ACTIONS, health::Health, supervisor::UNCHECKED};
 
 /// Renders the Prometheus text format of one status report.
 pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
@@ -370,11 +370,11 @@ fn encode_backends(
                 passive.push((l, n));
             }
         }
-        if b.health != "unchecked" {
-            healthy.push((who(b), u64::from(b.health == "healthy")));
+        if b.health != UNCHECKED {
+            healthy.push((who(b), u64::from(b.health == Health::Healthy.as_str())));
         }
         if let Some(current) = &b.breaker {
-            for s in ["closed", "open", "half_open"] {
+            for s in [State::Closed, State::Open, State::HalfOpen].map(State::as_str) {
                 let mut l = who(b);
                 l.push(("state", s.to_string()));
                 state.push((l, u64::from(current == s)));
@@ -448,7 +448,7 @@ fn encode_backends(
         None,
         MetricType::Histogram,
     )?;
-    for b in backends.iter().filter(|b| b.health != "unchecked") {
+    for b in backends.iter().filter(|b| b.health != UNCHECKED) {
         let labels = who(b);
         // Per-bucket counts; the encoder accumulates them.
         let total = b.probes_ok + b.probes_failed;
