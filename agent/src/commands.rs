@@ -3,13 +3,10 @@
 use std::{net::SocketAddr, path::Path, process::ExitCode, time::Duration};
 
 use crate::{
-    cli::Output,
+    cli::{EXIT_INVALID, EXIT_RUNTIME, Output},
     config, run,
     telemetry::status::{self, StatusReport},
 };
-
-pub const EXIT_RUNTIME: u8 = 1;
-pub const EXIT_INVALID: u8 = 2;
 
 pub fn check(file: &Path) -> ExitCode {
     match config::load_file(file) {

@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    commands::{EXIT_INVALID, EXIT_RUNTIME},
+    cli::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{
         Datapath, DatapathError,
