@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod datapath;
 pub mod health;
+pub mod http;
 pub mod lb;
 pub mod plan;
 pub mod run;

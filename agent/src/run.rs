@@ -24,11 +24,12 @@ use crate::{
         Datapath, DatapathError,
         qdisc::{Pacers, QdiscError},
     },
+    http,
     lb::balancer::{self, LbView},
     plan::{self, Plan},
     state::AgentState,
     supervisor,
-    telemetry::{http, logs},
+    telemetry::logs,
 };
 
 /// The token-bucket table is walked for occupancy at most this often...
