@@ -2,12 +2,12 @@
 //!
 //! Every `TICK` it reads each backend's health and breaker, typed, from the supervisor's
 //! channel (`supervisor::Backends`, by `BackendId`; a backend it does not publish counts as
-//! healthy and closed: fail open), works
-//! out effective weights (`lb::weight::effective`: configured x health x slow-start
-//! ramp), and when they change, rebuilds the service's table (Maglev or weighted round
-//! robin), writes it into the half the datapath is not reading and flips `LB_ACTIVE`: one
-//! atomic swap per service. `least_conn` has no table; it reads the weights in
-//! `LB_BACKENDS`, which are written for every algorithm (status shows them).
+//! healthy and closed: fail open), works out effective weights (`lb::weight::effective`:
+//! configured x health x slow-start ramp), and when they change, rebuilds the service's
+//! table (Maglev or weighted round robin), writes it into the half the datapath is not
+//! reading and flips `LB_ACTIVE`: one atomic swap per service. `least_conn` has no table;
+//! it reads the weights in `LB_BACKENDS`, which are written for every algorithm (status
+//! shows them).
 //!
 //! - Open breaker or unhealthy: weight 0, no new flows (established ones stay; the breaker's
 //!   `close_existing` decides about them).
