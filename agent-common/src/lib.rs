@@ -11,6 +11,8 @@ pub mod maps;
 pub mod reply;
 pub mod shape;
 pub mod stats;
+#[cfg(feature = "user")]
+pub mod status;
 
 pub use classify::{MatchList, MatchRule};
 pub use limit::{Bucket, BucketKey, ServiceConfig};

@@ -1,8 +1,14 @@
-//! Command line: `agent check`, `agent run`, `agent status`.
+//! Command line: `agent check`, `agent run`, `agent status`, and the exit codes
+//! (POLICY.md): 0 success, [`EXIT_RUNTIME`], [`EXIT_INVALID`].
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+/// A runtime failure (kernel, network, I/O).
+pub const EXIT_RUNTIME: u8 = 1;
+/// An invalid policy or command line.
+pub const EXIT_INVALID: u8 = 2;
 
 /// eBPF traffic shaper and health agent.
 #[derive(Debug, Parser)]

@@ -2,10 +2,11 @@
 
 use std::{net::SocketAddr, path::Path, process::ExitCode, time::Duration};
 
-use crate::{cli::Output, config, run, telemetry::status::StatusReport};
-
-pub const EXIT_RUNTIME: u8 = 1;
-pub const EXIT_INVALID: u8 = 2;
+use crate::{
+    cli::{EXIT_INVALID, EXIT_RUNTIME, Output},
+    config, run,
+    telemetry::status::{self, StatusReport},
+};
 
 pub fn check(file: &Path) -> ExitCode {
     match config::load_file(file) {
@@ -75,7 +76,7 @@ pub fn status(addr: SocketAddr, output: Output) -> ExitCode {
                 return ExitCode::from(EXIT_RUNTIME);
             }
         },
-        Output::Text => print!("{}", report.render_text()),
+        Output::Text => print!("{}", status::render_text(&report)),
     }
     ExitCode::SUCCESS
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use agent::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, EXIT_INVALID},
     commands,
 };
 use clap::Parser;
@@ -15,7 +15,7 @@ fn main() -> ExitCode {
             let _ = e.print();
             // --help and --version are not usage errors.
             return if e.use_stderr() {
-                ExitCode::from(2)
+                ExitCode::from(EXIT_INVALID)
             } else {
                 ExitCode::SUCCESS
             };

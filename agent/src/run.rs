@@ -18,17 +18,18 @@ use tokio::{
 };
 
 use crate::{
-    backends,
-    balancer::{self, LbView},
-    commands::{EXIT_INVALID, EXIT_RUNTIME},
+    cli::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{
         Datapath, DatapathError,
         qdisc::{Pacers, QdiscError},
     },
+    http,
+    lb::balancer::{self, LbView},
     plan::{self, Plan},
     state::AgentState,
-    telemetry::{http, logs},
+    supervisor,
+    telemetry::logs,
 };
 
 /// The token-bucket table is walked for occupancy at most this often...
@@ -142,11 +143,11 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = {
         let dp = state.datapath();
-        backends::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
+        supervisor::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
     };
     let backends_task = match started {
-        Ok(Some((table, task))) => {
-            state.set_backends(table);
+        Ok(Some((backends, task))) => {
+            state.set_backends(backends);
             Some(task)
         }
         Ok(None) => None,

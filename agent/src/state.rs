@@ -6,10 +6,10 @@ use std::sync::{
 };
 
 use crate::{
-    backends::BackendTable,
-    balancer::LbView,
     datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
-    telemetry::status::{ServiceInfo, StatusReport},
+    lb::balancer::LbView,
+    supervisor::BackendsRx,
+    telemetry::status::{self, ServiceInfo, StatusReport},
 };
 
 pub struct AgentState {
@@ -19,7 +19,8 @@ pub struct AgentState {
     keys: Mutex<KeyCounts>,
     ready: AtomicBool,
     policy_file: String,
-    backends: Mutex<Option<Arc<BackendTable>>>,
+    /// The supervisor's channel, when it runs.
+    backends: Mutex<Option<BackendsRx>>,
     balancing: Mutex<Option<Arc<LbView>>>,
 }
 
@@ -56,12 +57,13 @@ impl AgentState {
         *lock(&self.services) = services;
     }
 
-    pub fn backends(&self) -> Option<Arc<BackendTable>> {
+    /// A receiver of the supervisor's channel, for another reader (the balancer).
+    pub fn backends(&self) -> Option<BackendsRx> {
         lock(&self.backends).clone()
     }
 
-    pub fn set_backends(&self, table: Arc<BackendTable>) {
-        *lock(&self.backends) = Some(table);
+    pub fn set_backends(&self, backends: BackendsRx) {
+        *lock(&self.backends) = Some(backends);
     }
 
     pub fn set_balancing(&self, view: Arc<LbView>) {
@@ -88,9 +90,10 @@ impl AgentState {
 
     pub fn report(&self) -> Result<StatusReport, DatapathError> {
         let services = lock(&self.services).clone();
-        let mut backends = lock(&self.backends)
+        let now = std::time::Instant::now();
+        let mut backends: Vec<_> = lock(&self.backends)
             .as_ref()
-            .map(|t| t.snapshot())
+            .map(|rx| rx.borrow().iter().map(|b| b.status(now)).collect())
             .unwrap_or_default();
         let (snapshot, attachments) = {
             let dp = self.datapath();
@@ -113,7 +116,7 @@ impl AgentState {
             .as_ref()
             .map(|v| v.snapshot())
             .unwrap_or_default();
-        let mut report = StatusReport::build(
+        let mut report = status::build(
             self.is_ready(),
             &self.policy_file,
             attachments,

@@ -14,9 +14,9 @@ use std::{
 };
 
 use agent::{
-    balancer,
     config::{self, Compiled, CompiledLb},
     datapath::{Datapath, LbMaps},
+    lb::balancer,
 };
 use aya::programs::{TestRun, TestRunOptions};
 use packets::{ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_TCP, IPPROTO_UDP, L4};

@@ -8,9 +8,9 @@
 use std::{fmt::Write as _, path::PathBuf, process::ExitCode, time::Instant};
 
 use agent::{
-    balance::{backend_key, maglev},
     config,
     datapath::{Datapath, EBPF_BENCH_TRIVIAL},
+    lb::{backend_key, maglev},
 };
 use agent_common::{
     Bucket, BucketKey,
@@ -397,7 +397,7 @@ services:
     dp.apply(&compiled)?;
     dp.mark_ports([BACKEND_PORT])?;
     let mut maps = dp.lb_maps()?;
-    agent::balancer::install(&mut maps, &compiled.lb)?;
+    agent::lb::balancer::install(&mut maps, &compiled.lb)?;
     let prog = dp.xdp_program()?;
 
     // Each flow's SYN once, noting the backend it was rewritten to.
@@ -533,7 +533,7 @@ fn maglev_section(rows: &[MaglevRow]) -> Result<String, std::fmt::Error> {
     writeln!(t, "\n## Maglev table build\n")?;
     writeln!(
         t,
-        "Userspace, one thread: `balance::maglev::build` of a weighted Maglev table, median of {} \
+        "Userspace, one thread: `lb::maglev::build` of a weighted Maglev table, median of {} \
          builds. The agent rebuilds a service's table when its backends' effective weights \
          change (health, breaker, drain, slow-start steps), then swaps it in.\n",
         MAGLEV_RUNS

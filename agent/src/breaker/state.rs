@@ -7,7 +7,7 @@ use std::time::Instant;
 ///
 /// The datapath cannot read a Rust enum: it gets [`State::code`], a `u32` that stays stable
 /// across agent versions because pinned maps outlive the agent that wrote them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum State {
     /// Traffic flows; failures are counted.
     Closed,
@@ -61,7 +61,7 @@ impl fmt::Display for State {
 }
 
 /// Why a breaker changed state (or, for [`Reason::PanicThreshold`], why it did not).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
     /// `failure_threshold` consecutive failures while closed.
     ConsecutiveFailures,

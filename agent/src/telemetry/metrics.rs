@@ -9,7 +9,7 @@ use prometheus_client::{
 };
 
 use super::status::StatusReport;
-use crate::datapath::BACKEND_ACTIONS;
+use crate::{breaker::State, datapath::BACKEND_ACTIONS, health::Health, supervisor::UNCHECKED};
 
 /// Renders the Prometheus text format of one status report.
 pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
@@ -228,19 +228,19 @@ fn encode_balancing(
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
     let svc = |name: &str| vec![("service", name.to_string())];
-    let who = |b: &crate::balancer::LbBackendView| {
+    let who = |b: &crate::lb::balancer::LbBackendView| {
         vec![
             ("service", b.service.clone()),
             ("backend", b.address.clone()),
         ]
     };
-    let per_backend = |f: fn(&crate::balancer::LbBackendView) -> u64| {
+    let per_backend = |f: fn(&crate::lb::balancer::LbBackendView) -> u64| {
         r.lb_backends
             .iter()
             .map(|b| (who(b), f(b)))
             .collect::<Vec<_>>()
     };
-    let per_service = |f: fn(&crate::balancer::LbServiceView) -> u64| {
+    let per_service = |f: fn(&crate::lb::balancer::LbServiceView) -> u64| {
         r.balancing
             .iter()
             .map(|s| (svc(&s.service), f(s)))
@@ -335,13 +335,13 @@ fn encode_balancing(
 }
 
 fn encode_backends(
-    backends: &[crate::backends::BackendStatus],
+    backends: &[crate::supervisor::BackendStatus],
     encoder: &mut DescriptorEncoder,
 ) -> Result<(), std::fmt::Error> {
     if backends.is_empty() {
         return Ok(());
     }
-    let who = |b: &crate::backends::BackendStatus| {
+    let who = |b: &crate::supervisor::BackendStatus| {
         vec![
             ("service", b.service.clone()),
             ("backend", b.address.clone()),
@@ -370,11 +370,11 @@ fn encode_backends(
                 passive.push((l, n));
             }
         }
-        if b.health != "unchecked" {
-            healthy.push((who(b), u64::from(b.health == "healthy")));
+        if b.health != UNCHECKED {
+            healthy.push((who(b), u64::from(b.health == Health::Healthy.as_str())));
         }
         if let Some(current) = &b.breaker {
-            for s in ["closed", "open", "half_open"] {
+            for s in [State::Closed, State::Open, State::HalfOpen].map(State::as_str) {
                 let mut l = who(b);
                 l.push(("state", s.to_string()));
                 state.push((l, u64::from(current == s)));
@@ -448,12 +448,12 @@ fn encode_backends(
         None,
         MetricType::Histogram,
     )?;
-    for b in backends.iter().filter(|b| b.health != "unchecked") {
+    for b in backends.iter().filter(|b| b.health != UNCHECKED) {
         let labels = who(b);
         // Per-bucket counts; the encoder accumulates them.
         let total = b.probes_ok + b.probes_failed;
         let finite: u64 = b.latency_buckets.iter().sum();
-        let buckets: Vec<(f64, u64)> = crate::backends::LATENCY_BUCKETS
+        let buckets: Vec<(f64, u64)> = crate::supervisor::LATENCY_BUCKETS
             .iter()
             .copied()
             .zip(b.latency_buckets.iter().copied())
@@ -474,9 +474,9 @@ fn encode_backends(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::PassiveCounts;
+    use crate::supervisor::PassiveCounts;
     use crate::telemetry::status::{
-        CounterJson, DropStatus, RateLimitStatus, ServiceStatus, ShapingStatus,
+        CounterJson, DropStatus, RateLimitStatus, ServiceStatus, ShapingStatus, render_text,
     };
 
     fn report() -> StatusReport {
@@ -536,7 +536,7 @@ mod tests {
                 },
             )],
             backends: vec![
-                crate::backends::BackendStatus {
+                crate::supervisor::BackendStatus {
                     service: "checkout".into(),
                     address: "198.18.0.11:8080".into(),
                     health: "unhealthy".into(),
@@ -562,7 +562,7 @@ mod tests {
                     map_write_errors: 1,
                     ..Default::default()
                 },
-                crate::backends::BackendStatus {
+                crate::supervisor::BackendStatus {
                     service: "checkout".into(),
                     address: "198.18.0.12:8080".into(),
                     health: "unchecked".into(),
@@ -570,7 +570,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
-            balancing: vec![crate::balancer::LbServiceView {
+            balancing: vec![crate::lb::balancer::LbServiceView {
                 service: "checkout".into(),
                 algorithm: "maglev".into(),
                 connections: 12,
@@ -581,7 +581,7 @@ mod tests {
                 write_errors: 0,
                 panic: false,
             }],
-            lb_backends: vec![crate::balancer::LbBackendView {
+            lb_backends: vec![crate::lb::balancer::LbBackendView {
                 service: "checkout".into(),
                 address: "198.18.0.11:8080".into(),
                 configured: 100,
@@ -677,14 +677,14 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         let back: StatusReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
-        let text = r.render_text();
+        let text = render_text(&r);
         assert!(text.contains("checkout"), "{text}");
         assert!(text.contains("rate_limit"), "{text}");
     }
 
     #[test]
     fn status_text_shows_breakers_in_the_datapath() {
-        let text = report().render_text();
+        let text = render_text(&report());
         let line = |needle: &str| {
             text.lines()
                 .filter(|l| l.contains(needle))

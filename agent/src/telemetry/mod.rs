@@ -1,6 +1,6 @@
-//! What the agent tells the outside: Prometheus metrics, health endpoints, status, logs.
+//! What the agent tells the outside, as data: Prometheus metrics, the status report, logs.
+//! The HTTP endpoints serving them are `crate::http`.
 
-pub mod http;
 pub mod logs;
 pub mod metrics;
 pub mod status;

@@ -1,99 +1,16 @@
 //! The running datapath's state as one report: served as JSON on `/status`, printed by
-//! `agent status`, and the source of `/metrics`.
+//! `agent status`, and the source of `/metrics`. The report's types are
+//! `agent_common::status` (the JSON format, shared with `xtask` and the tests); here they are
+//! built from the agent's state and rendered as text.
 
 use std::fmt::Write as _;
 
-use agent_common::Counter;
-use serde::{Deserialize, Serialize};
-
-use crate::{
-    backends::BackendStatus,
-    balancer::{LbBackendView, LbServiceView},
-    datapath::{KeyCounts, Snapshot},
+pub use agent_common::status::{
+    BackendStatus, CounterJson, DropStatus, LbBackendView, LbServiceView, RateLimitStatus,
+    ServiceStatus, ShapingStatus, StatusReport,
 };
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub ready: bool,
-    pub policy_file: String,
-    pub attachments: Vec<String>,
-    pub services: Vec<ServiceStatus>,
-    /// Packets outside any service, by class.
-    pub global: Vec<(String, CounterJson)>,
-    /// Backends with health and breaker state (services with `backends`).
-    #[serde(default)]
-    pub backends: Vec<BackendStatus>,
-    /// Services balanced in the datapath, and their backends' weights and counters.
-    #[serde(default)]
-    pub balancing: Vec<LbServiceView>,
-    #[serde(default)]
-    pub lb_backends: Vec<LbBackendView>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    pub id: u32,
-    pub name: String,
-    /// `match` as written in the policy, e.g. `198.18.0.2/32 udp/5000`.
-    pub matches: String,
-    pub rate_limit: Option<RateLimitStatus>,
-    pub passed: CounterJson,
-    pub dropped: Vec<DropStatus>,
-    pub passed_no_bucket: CounterJson,
-    /// Services with `shaping` only.
-    #[serde(default)]
-    pub shaping: Option<ShapingStatus>,
-}
-
-/// Pacing of one service on egress.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ShapingStatus {
-    /// e.g. `flow 6250000B/s horizon 2s`
-    pub summary: String,
-    /// Packets given a departure time.
-    pub paced: CounterJson,
-    /// Dropped: their departure would have been past the horizon.
-    pub horizon_drops: CounterJson,
-    /// Passed unpaced because the departure table refused a new key (fail open).
-    pub unpaced: CounterJson,
-    /// Paced after every compare-and-swap on the key lost to other CPUs.
-    pub contended: u64,
-    /// How long the latest paced packet still waits for its departure (0 once it left).
-    pub delay_seconds: f64,
-    /// How long that packet was set to wait when it was paced.
-    pub last_delay_seconds: f64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RateLimitStatus {
-    /// e.g. `flow 1000/s burst 200`
-    pub summary: String,
-    pub keys: u64,
-    pub new_keys: u64,
-    pub evictions: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DropStatus {
-    pub reason: String,
-    pub counter: CounterJson,
-}
-
-/// `Counter` as it appears in JSON.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CounterJson {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-impl From<Counter> for CounterJson {
-    fn from(c: Counter) -> Self {
-        CounterJson {
-            packets: c.packets,
-            bytes: c.bytes,
-        }
-    }
-}
+use crate::datapath::{KeyCounts, Snapshot};
 
 /// What the agent knows of a service beyond its counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,265 +22,264 @@ pub struct ServiceInfo {
     pub shaping: Option<String>,
 }
 
-impl StatusReport {
-    pub fn build(
-        ready: bool,
-        policy_file: &str,
-        attachments: Vec<String>,
-        services: &[ServiceInfo],
-        snapshot: &Snapshot,
-        keys: &KeyCounts,
-        backends: Vec<BackendStatus>,
-    ) -> StatusReport {
-        let services = services
-            .iter()
-            .zip(&snapshot.services)
-            .enumerate()
-            .map(|(id, (info, c))| {
-                let id = id as u32;
-                ServiceStatus {
-                    id,
-                    name: info.name.clone(),
-                    matches: info.matches.clone(),
-                    rate_limit: info.rate_limit.as_ref().map(|summary| RateLimitStatus {
+/// The report of the datapath's counters and the supervisor's backends; the balancer's part
+/// (`balancing`, `lb_backends`) is the caller's to fill in.
+pub fn build(
+    ready: bool,
+    policy_file: &str,
+    attachments: Vec<String>,
+    services: &[ServiceInfo],
+    snapshot: &Snapshot,
+    keys: &KeyCounts,
+    backends: Vec<BackendStatus>,
+) -> StatusReport {
+    let services = services
+        .iter()
+        .zip(&snapshot.services)
+        .enumerate()
+        .map(|(id, (info, c))| {
+            let id = id as u32;
+            ServiceStatus {
+                id,
+                name: info.name.clone(),
+                matches: info.matches.clone(),
+                rate_limit: info.rate_limit.as_ref().map(|summary| RateLimitStatus {
+                    summary: summary.clone(),
+                    keys: keys.present(id),
+                    new_keys: c.new_keys,
+                    evictions: keys.evicted(id),
+                }),
+                passed: c.passed.into(),
+                dropped: c
+                    .dropped
+                    .iter()
+                    .map(|(reason, counter)| DropStatus {
+                        reason: (*reason).to_string(),
+                        counter: (*counter).into(),
+                    })
+                    .collect(),
+                passed_no_bucket: c.passed_no_bucket.into(),
+                shaping: info.shaping.as_ref().map(|summary| {
+                    let sh = &c.shaping;
+                    ShapingStatus {
                         summary: summary.clone(),
-                        keys: keys.present(id),
-                        new_keys: c.new_keys,
-                        evictions: keys.evicted(id),
-                    }),
-                    passed: c.passed.into(),
-                    dropped: c
-                        .dropped
-                        .iter()
-                        .map(|(reason, counter)| DropStatus {
-                            reason: (*reason).to_string(),
-                            counter: (*counter).into(),
-                        })
-                        .collect(),
-                    passed_no_bucket: c.passed_no_bucket.into(),
-                    shaping: info.shaping.as_ref().map(|summary| {
-                        let sh = &c.shaping;
-                        ShapingStatus {
-                            summary: summary.clone(),
-                            paced: sh.paced.into(),
-                            horizon_drops: sh.horizon_drops.into(),
-                            unpaced: sh.unpaced.into(),
-                            contended: sh.contended.packets,
-                            delay_seconds: sh.waiting_ns as f64 / 1e9,
-                            last_delay_seconds: sh.last_delay_ns as f64 / 1e9,
-                        }
-                    }),
-                }
-            })
-            .collect();
-        StatusReport {
-            ready,
-            policy_file: policy_file.to_string(),
-            attachments,
-            services,
-            global: snapshot
-                .global
-                .iter()
-                .map(|(name, c)| ((*name).to_string(), (*c).into()))
-                .collect(),
-            backends,
-            balancing: Vec::new(),
-            lb_backends: Vec::new(),
-        }
-    }
-
-    /// The human table of `agent status`.
-    pub fn render_text(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "policy: {}   ready: {}   attached: {}",
-            self.policy_file,
-            if self.ready { "yes" } else { "no" },
-            if self.attachments.is_empty() {
-                "-".to_string()
-            } else {
-                self.attachments.join(", ")
+                        paced: sh.paced.into(),
+                        horizon_drops: sh.horizon_drops.into(),
+                        unpaced: sh.unpaced.into(),
+                        contended: sh.contended.packets,
+                        delay_seconds: sh.waiting_ns as f64 / 1e9,
+                        last_delay_seconds: sh.last_delay_ns as f64 / 1e9,
+                    }
+                }),
             }
-        );
-        let _ = writeln!(
-            out,
-            "\n{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
-            "SERVICE", "MATCH", "RATE LIMIT", "PASSED", "DROPPED", "KEYS", "EVICTED"
-        );
-        for s in &self.services {
-            let dropped: u64 = s.dropped.iter().map(|d| d.counter.packets).sum();
-            let (limit, keys, evicted) = match &s.rate_limit {
-                Some(rl) => (
-                    rl.summary.clone(),
-                    rl.keys.to_string(),
-                    rl.evictions.to_string(),
-                ),
-                None => ("-".into(), "-".into(), "-".into()),
-            };
-            let _ = writeln!(
-                out,
-                "{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
-                s.name, s.matches, limit, s.passed.packets, dropped, keys, evicted
-            );
-        }
-        let _ = writeln!(out, "\nDROPS BY REASON");
-        for s in &self.services {
-            for d in s.dropped.iter().filter(|d| d.counter.packets > 0) {
-                let _ = writeln!(
-                    out,
-                    "  {:<20} {:<12} {:>12} pkts {:>14} bytes",
-                    s.name, d.reason, d.counter.packets, d.counter.bytes
-                );
-            }
-        }
-        self.render_shaping(&mut out);
-        self.render_backends(&mut out);
-        self.render_balancing(&mut out);
-        let _ = writeln!(out, "\nOUTSIDE ANY SERVICE (passed)");
-        for (class, c) in &self.global {
-            let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
-        }
-        out
-    }
-
-    /// Shaped services: what pacing did, and how long their packets wait.
-    fn render_shaping(&self, out: &mut String) {
-        let shaped: Vec<(&str, &ShapingStatus)> = self
-            .services
+        })
+        .collect();
+    StatusReport {
+        ready,
+        policy_file: policy_file.to_string(),
+        attachments,
+        services,
+        global: snapshot
+            .global
             .iter()
-            .filter_map(|s| s.shaping.as_ref().map(|sh| (s.name.as_str(), sh)))
-            .collect();
-        if shaped.is_empty() {
-            return;
+            .map(|(name, c)| ((*name).to_string(), (*c).into()))
+            .collect(),
+        backends,
+        balancing: Vec::new(),
+        lb_backends: Vec::new(),
+    }
+}
+
+/// The human table of `agent status`.
+pub fn render_text(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "policy: {}   ready: {}   attached: {}",
+        report.policy_file,
+        if report.ready { "yes" } else { "no" },
+        if report.attachments.is_empty() {
+            "-".to_string()
+        } else {
+            report.attachments.join(", ")
         }
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
+        "SERVICE", "MATCH", "RATE LIMIT", "PASSED", "DROPPED", "KEYS", "EVICTED"
+    );
+    for s in &report.services {
+        let dropped: u64 = s.dropped.iter().map(|d| d.counter.packets).sum();
+        let (limit, keys, evicted) = match &s.rate_limit {
+            Some(rl) => (
+                rl.summary.clone(),
+                rl.keys.to_string(),
+                rl.evictions.to_string(),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
         let _ = writeln!(
             out,
-            "\nSHAPING (egress, fq; delay: how long the latest paced packet still waits)\n\
-             {:<20} {:<34} {:>12} {:>14} {:>9} {:>10} {:>12}",
-            "SERVICE", "SHAPING", "PACED", "HORIZON DROPS", "UNPACED", "CONTENDED", "DELAY"
+            "{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
+            s.name, s.matches, limit, s.passed.packets, dropped, keys, evicted
         );
-        for (name, sh) in shaped {
+    }
+    let _ = writeln!(out, "\nDROPS BY REASON");
+    for s in &report.services {
+        for d in s.dropped.iter().filter(|d| d.counter.packets > 0) {
             let _ = writeln!(
                 out,
-                "{:<20} {:<34} {:>12} {:>14} {:>9} {:>10} {:>10.3}ms",
-                name,
-                sh.summary,
-                sh.paced.packets,
-                sh.horizon_drops.packets,
-                sh.unpaced.packets,
-                sh.contended,
-                sh.delay_seconds * 1e3,
+                "  {:<20} {:<12} {:>12} pkts {:>14} bytes",
+                s.name, d.reason, d.counter.packets, d.counter.bytes
             );
         }
     }
+    render_shaping(report, &mut out);
+    render_backends(report, &mut out);
+    render_balancing(report, &mut out);
+    let _ = writeln!(out, "\nOUTSIDE ANY SERVICE (passed)");
+    for (class, c) in &report.global {
+        let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
+    }
+    out
+}
 
-    /// Health and probes of every backend, then what the datapath did for the backends whose
-    /// breaker it enforces.
-    fn render_backends(&self, out: &mut String) {
-        if self.backends.is_empty() {
-            return;
-        }
+/// Shaped services: what pacing did, and how long their packets wait.
+fn render_shaping(report: &StatusReport, out: &mut String) {
+    let shaped: Vec<(&str, &ShapingStatus)> = report
+        .services
+        .iter()
+        .filter_map(|s| s.shaping.as_ref().map(|sh| (s.name.as_str(), sh)))
+        .collect();
+    if shaped.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nSHAPING (egress, fq; delay: how long the latest paced packet still waits)\n\
+         {:<20} {:<34} {:>12} {:>14} {:>9} {:>10} {:>12}",
+        "SERVICE", "SHAPING", "PACED", "HORIZON DROPS", "UNPACED", "CONTENDED", "DELAY"
+    );
+    for (name, sh) in shaped {
         let _ = writeln!(
             out,
-            "\n{:<20} {:<24} {:<10} {:<10} {:>10} {:>9} {:>9}  LAST FAILURE",
-            "SERVICE", "BACKEND", "HEALTH", "BREAKER", "IN STATE", "PROBES OK", "FAILED"
+            "{:<20} {:<34} {:>12} {:>14} {:>9} {:>10} {:>10.3}ms",
+            name,
+            sh.summary,
+            sh.paced.packets,
+            sh.horizon_drops.packets,
+            sh.unpaced.packets,
+            sh.contended,
+            sh.delay_seconds * 1e3,
         );
-        for b in &self.backends {
-            let _ = writeln!(
-                out,
-                "{:<20} {:<24} {:<10} {:<10} {:>9.1}s {:>9} {:>9}  {}",
-                b.service,
-                b.address,
-                b.health,
-                b.breaker.as_deref().unwrap_or("-"),
-                b.in_state_ms as f64 / 1000.0,
-                b.probes_ok,
-                b.probes_failed,
-                b.last_failure.as_deref().unwrap_or("-")
-            );
-        }
-        let enforced: Vec<&BackendStatus> =
-            self.backends.iter().filter(|b| b.id.is_some()).collect();
-        if enforced.is_empty() {
-            return;
-        }
+    }
+}
+
+/// Health and probes of every backend, then what the datapath did for the backends whose
+/// breaker it enforces.
+fn render_backends(report: &StatusReport, out: &mut String) {
+    if report.backends.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<24} {:<10} {:<10} {:>10} {:>9} {:>9}  LAST FAILURE",
+        "SERVICE", "BACKEND", "HEALTH", "BREAKER", "IN STATE", "PROBES OK", "FAILED"
+    );
+    for b in &report.backends {
         let _ = writeln!(
             out,
-            "\nBREAKERS IN THE DATAPATH (packets; passive: syn-ack/refused/timeout)\n\
-             {:<20} {:<24} {:<10} {:>10} {:>7} {:>9} {:>9} {:>9}  PASSIVE",
-            "SERVICE", "BACKEND", "BREAKER", "ADMITTED", "TRIAL", "REJECTED", "DROPPED", "CUT"
+            "{:<20} {:<24} {:<10} {:<10} {:>9.1}s {:>9} {:>9}  {}",
+            b.service,
+            b.address,
+            b.health,
+            b.breaker.as_deref().unwrap_or("-"),
+            b.in_state_ms as f64 / 1000.0,
+            b.probes_ok,
+            b.probes_failed,
+            b.last_failure.as_deref().unwrap_or("-")
         );
-        for b in enforced {
-            let passive = b.passive.map_or("-".to_string(), |p| {
-                format!("{}/{}/{}", p.synack, p.refused, p.timeout)
-            });
-            let write_errors = if b.map_write_errors > 0 {
-                format!("  ({} map write errors)", b.map_write_errors)
+    }
+    let enforced: Vec<&BackendStatus> = report.backends.iter().filter(|b| b.id.is_some()).collect();
+    if enforced.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nBREAKERS IN THE DATAPATH (packets; passive: syn-ack/refused/timeout)\n\
+         {:<20} {:<24} {:<10} {:>10} {:>7} {:>9} {:>9} {:>9}  PASSIVE",
+        "SERVICE", "BACKEND", "BREAKER", "ADMITTED", "TRIAL", "REJECTED", "DROPPED", "CUT"
+    );
+    for b in enforced {
+        let passive = b.passive.map_or("-".to_string(), |p| {
+            format!("{}/{}/{}", p.synack, p.refused, p.timeout)
+        });
+        let write_errors = if b.map_write_errors > 0 {
+            format!("  ({} map write errors)", b.map_write_errors)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:<24} {:<10} {:>10} {:>7} {:>9} {:>9} {:>9}  {passive}{write_errors}",
+            b.service,
+            b.address,
+            b.breaker.as_deref().unwrap_or("-"),
+            b.action("admitted"),
+            b.action("trial"),
+            b.action("reject_rst") + b.action("reject_icmp"),
+            b.action("drop"),
+            b.action("close_existing"),
+        );
+    }
+}
+
+/// Balanced services: connection table, then each backend's weights and traffic.
+fn render_balancing(report: &StatusReport, out: &mut String) {
+    if report.balancing.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nLOAD BALANCING (connections: live connection-table entries)\n\
+         {:<20} {:<22} {:>11} {:>9} {:>10} {:>10} {:>9}",
+        "SERVICE", "ALGORITHM", "CONNECTIONS", "EVICTED", "NO BACKEND", "LOST", "SWAPS"
+    );
+    for s in &report.balancing {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<22} {:>11} {:>9} {:>10} {:>10} {:>9}",
+            s.service,
+            if s.panic {
+                format!("{} (PANIC)", s.algorithm)
             } else {
-                String::new()
-            };
-            let _ = writeln!(
-                out,
-                "{:<20} {:<24} {:<10} {:>10} {:>7} {:>9} {:>9} {:>9}  {passive}{write_errors}",
-                b.service,
-                b.address,
-                b.breaker.as_deref().unwrap_or("-"),
-                b.action("admitted"),
-                b.action("trial"),
-                b.action("reject_rst") + b.action("reject_icmp"),
-                b.action("drop"),
-                b.action("close_existing"),
-            );
-        }
+                s.algorithm.clone()
+            },
+            s.connections,
+            s.evictions,
+            s.no_backend,
+            s.lost,
+            s.publishes
+        );
     }
-
-    /// Balanced services: connection table, then each backend's weights and traffic.
-    fn render_balancing(&self, out: &mut String) {
-        if self.balancing.is_empty() {
-            return;
-        }
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<24} {:>7} {:>9} {:>7} {:>10} {:>12} {:>14}",
+        "SERVICE", "BACKEND", "WEIGHT", "EFFECTIVE", "ACTIVE", "NEW FLOWS", "PACKETS", "BYTES"
+    );
+    for b in &report.lb_backends {
         let _ = writeln!(
             out,
-            "\nLOAD BALANCING (connections: live connection-table entries)\n\
-             {:<20} {:<22} {:>11} {:>9} {:>10} {:>10} {:>9}",
-            "SERVICE", "ALGORITHM", "CONNECTIONS", "EVICTED", "NO BACKEND", "LOST", "SWAPS"
+            "{:<20} {:<24} {:>7} {:>9} {:>7} {:>10} {:>12} {:>14}",
+            b.service,
+            b.address,
+            b.configured,
+            b.effective,
+            b.active,
+            b.new_flows,
+            b.packets,
+            b.bytes
         );
-        for s in &self.balancing {
-            let _ = writeln!(
-                out,
-                "{:<20} {:<22} {:>11} {:>9} {:>10} {:>10} {:>9}",
-                s.service,
-                if s.panic {
-                    format!("{} (PANIC)", s.algorithm)
-                } else {
-                    s.algorithm.clone()
-                },
-                s.connections,
-                s.evictions,
-                s.no_backend,
-                s.lost,
-                s.publishes
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\n{:<20} {:<24} {:>7} {:>9} {:>7} {:>10} {:>12} {:>14}",
-            "SERVICE", "BACKEND", "WEIGHT", "EFFECTIVE", "ACTIVE", "NEW FLOWS", "PACKETS", "BYTES"
-        );
-        for b in &self.lb_backends {
-            let _ = writeln!(
-                out,
-                "{:<20} {:<24} {:>7} {:>9} {:>7} {:>10} {:>12} {:>14}",
-                b.service,
-                b.address,
-                b.configured,
-                b.effective,
-                b.active,
-                b.new_flows,
-                b.packets,
-                b.bytes
-            );
-        }
     }
 }

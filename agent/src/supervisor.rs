@@ -1,7 +1,9 @@
-//! Backends in the running agent: health checks and passive observations feed each backend's
+//! The backend supervisor: health checks and passive observations feed each backend's
 //! circuit breaker, and every breaker transition is written to the datapath, which enforces
 //! it (`BACKENDS`: RST / ICMP unreachable or drop while open, a quota of trial flows while
-//! half-open; see `agent_common::breaker`). The result is kept for `/status` and `/metrics`.
+//! half-open; see `agent_common::breaker`). Each backend's typed state and counters are
+//! published on a `watch` channel ([`Backends`], keyed by [`BackendId`]): the balancer takes
+//! its weights from it, `/status` and `/metrics` show it.
 //!
 //! ```text
 //! probes (SO_MARK = PROBE_MARK, exempt) --\
@@ -19,31 +21,33 @@
 //! A reload that changes backends, health checks or breakers is refused (see
 //! `Plan::needs_restart_from`): ids and breakers are built once, at start.
 
+mod backend;
 mod passive;
 #[cfg(test)]
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex, PoisonError},
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use agent_common::breaker::{
     BackendKey, BackendState, PROBE_MARK, STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK, PassiveCounts};
+pub use agent_common::status::{BackendStatus, LATENCY_BUCKETS, PassiveCounts};
+pub use backend::{Backend, BackendId, Backends, BackendsRx, UNCHECKED};
+pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK};
 
-use passive::{PassiveBackend, PassiveBatch};
+use passive::{BreakerFeed as _, PassiveBackend, PassiveBatch};
 
 use crate::{
     breaker::{EjectionGuard, Event, Outcome, State},
     config::{CompiledBackend, model::Policy},
     datapath::{BackendMaps, Datapath, DatapathError},
-    health::{BackendRef, Checker, Health, HealthError, ProbeOptions, ProbeResult},
+    health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult},
 };
 
 // The agent's breaker codes are the datapath's: a mismatch would enforce the wrong state.
@@ -53,91 +57,21 @@ const _: () = assert!(
         && State::HalfOpen.code() == STATE_HALF_OPEN
 );
 
-/// Upper bounds (seconds) of the probe-latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 10] = [
-    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
-
 /// A failed map write is tried again after this long (the entry keeps its last state).
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
-/// One backend as status and metrics show it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BackendStatus {
-    pub service: String,
-    pub address: String,
-    /// `healthy` / `unhealthy`; `unchecked` without `health_check`.
-    pub health: String,
-    /// `closed` / `open` / `half_open`; `None` without `circuit_breaker`.
-    pub breaker: Option<String>,
-    /// Time in the current breaker state (or health, without a breaker), in ms.
-    pub in_state_ms: u64,
-    pub probes_ok: u64,
-    pub probes_failed: u64,
-    /// Failed probes by reason (`refused`, `timeout`, `status`, ...).
-    pub failures: BTreeMap<String, u64>,
-    pub last_failure: Option<String>,
-    /// Breaker transitions by `to/reason`.
-    pub transitions: BTreeMap<String, u64>,
-    /// Probe latency: counts per `LATENCY_BUCKETS` bucket (not cumulative; slower probes are
-    /// the rest of `probes_ok + probes_failed`), and the sum in seconds.
-    pub latency_buckets: Vec<u64>,
-    pub latency_sum: f64,
-    /// The backend's id in the datapath (`BACKEND_STATS`) when its breaker is enforced there.
-    #[serde(default)]
-    pub id: Option<u32>,
-    /// Datapath packets toward the backend by action (`admitted`, `trial`, `reject_rst`,
-    /// `reject_icmp`, `drop`, `close_existing`), read from the maps when a report is built.
-    #[serde(default)]
-    pub datapath: BTreeMap<String, u64>,
-    /// Passive detection results; `None` without `health_check.passive`.
-    #[serde(default)]
-    pub passive: Option<PassiveCounts>,
-    /// Breaker states the datapath map refused (each retried until written).
-    #[serde(default)]
-    pub map_write_errors: u64,
-}
+/// The supervisor's side of the channel: it alone writes, at every probe, passive report and
+/// transition. `send_modify` updates the value even while nobody is subscribed.
+struct Publisher(watch::Sender<Backends>);
 
-impl BackendStatus {
-    /// Packets of one datapath action (0 when never seen).
-    pub fn action(&self, action: &str) -> u64 {
-        self.datapath.get(action).copied().unwrap_or(0)
-    }
-}
-
-struct Entry {
-    status: BackendStatus,
-    since: Instant,
-}
-
-/// The table the supervisor writes and the HTTP side reads.
-#[derive(Default)]
-pub struct BackendTable {
-    entries: Mutex<Vec<Entry>>,
-}
-
-impl BackendTable {
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<Entry>) -> T) -> T {
-        f(&mut self.entries.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Every backend, with `in_state_ms` as of now.
-    pub fn snapshot(&self) -> Vec<BackendStatus> {
-        let now = Instant::now();
-        self.with(|v| {
-            v.iter()
-                .map(|e| {
-                    let mut s = e.status.clone();
-                    s.in_state_ms = now.saturating_duration_since(e.since).as_millis() as u64;
-                    s
-                })
-                .collect()
-        })
+impl Publisher {
+    fn update(&self, f: impl FnOnce(&mut Backends)) {
+        self.0.send_modify(f);
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum BackendsError {
+pub enum SupervisorError {
     #[error("health check of {backend}: {source}")]
     Health {
         backend: String,
@@ -148,8 +82,8 @@ pub enum BackendsError {
     Maps(#[source] DatapathError),
 }
 
-/// The table status reads, and the task that keeps it.
-pub type Started = (Arc<BackendTable>, tokio::task::JoinHandle<()>);
+/// The channel the balancer and status read, and the task that publishes on it.
+pub type Started = (BackendsRx, tokio::task::JoinHandle<()>);
 
 /// Where breaker states go: the kernel's `BACKENDS` map, or a recorder in tests.
 trait StateSink: Send {
@@ -172,16 +106,17 @@ struct Enforced {
 
 /// One backend of the supervisor.
 struct Row {
-    /// Position in the table.
+    /// Position in the published [`Backends`].
     entry: usize,
     enforced: Option<Enforced>,
 }
 
 type Key = (Arc<str>, usize);
 
-/// Owns the breakers; the only writer of the table and of `BACKENDS` after start.
+/// Owns the breakers; the only writer of the published backends and of `BACKENDS` after
+/// start.
 struct Supervisor {
-    table: Arc<BackendTable>,
+    table: Publisher,
     rows: HashMap<Key, Row>,
     guards: HashMap<Arc<str>, EjectionGuard>,
     /// Enforced backends by datapath id, for passive reports.
@@ -195,14 +130,14 @@ struct Supervisor {
 /// Starts health checks and breakers for every service with backends, and the passive
 /// poller when a backend has passive detection. `enforced` are the backends whose entries
 /// `Datapath::apply` wrote (`Compiled::backends`); with `datapath`, transitions are written
-/// there, without it they stay in the agent (tests). Returns the table and the task, or
+/// there, without it they stay in the agent (tests). Returns the channel and the task, or
 /// `None` when no service has backends. Stops when `stop` turns true.
 pub fn start(
     policy: &Policy,
     enforced: &[CompiledBackend],
     datapath: Option<&Datapath>,
     stop: watch::Receiver<bool>,
-) -> Result<Option<Started>, BackendsError> {
+) -> Result<Option<Started>, SupervisorError> {
     let (tx, rx) = mpsc::channel(1024);
     // Probes carry the mark the datapath exempts, or an open backend could never recover.
     let options = ProbeOptions {
@@ -224,16 +159,16 @@ pub fn start(
     let (passive_tx, passive_rx) = mpsc::channel(16);
     let mut poller = None;
     if let Some(dp) = datapath.filter(|_| !enforced.is_empty()) {
-        sup.sink = Some(Box::new(dp.backend_maps().map_err(BackendsError::Maps)?));
+        sup.sink = Some(Box::new(dp.backend_maps().map_err(SupervisorError::Maps)?));
         if !passive.is_empty() {
-            let maps = dp.backend_maps().map_err(BackendsError::Maps)?;
+            let maps = dp.backend_maps().map_err(SupervisorError::Maps)?;
             let stop = stop.clone();
             poller = Some(tokio::task::spawn_blocking(move || {
                 passive::poll(maps, passive, passive_tx, stop)
             }));
         }
     }
-    let table = sup.table.clone();
+    let backends = sup.table.0.subscribe();
     let task = tokio::spawn(async move {
         sup.run(checker, rx, passive_rx, stop).await;
         if let Some(p) = poller
@@ -242,11 +177,11 @@ pub fn start(
             tracing::warn!("passive detection poller: {e}");
         }
     });
-    Ok(Some((table, task)))
+    Ok(Some((backends, task)))
 }
 
 /// One probe task per backend of every service with a `health_check`.
-fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), BackendsError> {
+fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorError> {
     for svc in &policy.services {
         let Some(hc) = &svc.health_check else {
             continue;
@@ -260,7 +195,7 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), BackendsErro
             };
             checker
                 .add(backend.clone(), hc)
-                .map_err(|source| BackendsError::Health {
+                .map_err(|source| SupervisorError::Health {
                     backend: backend.to_string(),
                     source,
                 })?;
@@ -269,30 +204,11 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), BackendsErro
     Ok(())
 }
 
-fn initial_status(svc: &crate::config::Service, address: String, passive: bool) -> BackendStatus {
-    BackendStatus {
-        service: svc.name.clone(),
-        address,
-        health: if svc.health_check.is_some() {
-            Health::Healthy.to_string()
-        } else {
-            "unchecked".into()
-        },
-        breaker: svc
-            .circuit_breaker
-            .as_ref()
-            .map(|_| State::Closed.to_string()),
-        latency_buckets: vec![0; LATENCY_BUCKETS.len()],
-        passive: passive.then(PassiveCounts::default),
-        ..BackendStatus::default()
-    }
-}
-
 impl Supervisor {
     /// A row per backend and a guard per service with a breaker.
     fn new(policy: &Policy, enforced: &[CompiledBackend], now: Instant) -> Supervisor {
         let mut sup = Supervisor {
-            table: Arc::new(BackendTable::default()),
+            table: Publisher(watch::channel(Vec::new()).0),
             rows: HashMap::new(),
             guards: HashMap::new(),
             by_id: HashMap::new(),
@@ -315,31 +231,30 @@ impl Supervisor {
                     backend: c.clone(),
                     epoch: c.initial().epoch,
                 });
-                let passive = enforced
-                    .as_ref()
-                    .is_some_and(|e| e.backend.passive_timeout.is_some());
-                let status = initial_status(svc, b.address.to_string(), passive);
-                sup.add_row((name.clone(), index), status, enforced, now);
+                let backend = Backend::new(
+                    BackendId { service: s, index },
+                    name.clone(),
+                    b.address,
+                    svc.health_check.is_some(),
+                    svc.circuit_breaker.is_some(),
+                    now,
+                );
+                sup.add_row((name.clone(), index), backend, enforced);
             }
         }
         sup
     }
 
-    fn add_row(
-        &mut self,
-        key: Key,
-        mut status: BackendStatus,
-        enforced: Option<Enforced>,
-        now: Instant,
-    ) {
+    fn add_row(&mut self, key: Key, mut backend: Backend, enforced: Option<Enforced>) {
         if let Some(e) = &enforced {
-            status.id = Some(e.backend.id);
+            backend.datapath_id = Some(e.backend.id);
+            if e.backend.passive_timeout.is_some() {
+                backend.passive = Some(PassiveCounts::default());
+            }
             self.by_id.insert(e.backend.id, key.clone());
         }
-        let entry = self.table.with(|v| {
-            v.push(Entry { status, since: now });
-            v.len() - 1
-        });
+        let entry = self.table.0.borrow().len();
+        self.table.update(|v| v.push(backend));
         self.rows.insert(key, Row { entry, enforced });
     }
 
@@ -387,26 +302,25 @@ impl Supervisor {
             tracing::info!("backend {} is now {}", r.backend, r.health);
         }
         let has_breaker = self.guards.contains_key(&r.backend.service);
-        self.table.with(|v| {
-            let e = &mut v[entry];
-            let s = &mut e.status;
+        self.table.update(|v| {
+            let b = &mut v[entry];
             match &r.outcome {
-                Ok(()) => s.probes_ok += 1,
+                Ok(()) => b.probes_ok += 1,
                 Err(f) => {
-                    s.probes_failed += 1;
-                    *s.failures.entry(f.label().to_string()).or_default() += 1;
-                    s.last_failure = Some(f.to_string());
+                    b.probes_failed += 1;
+                    *b.failures.entry(f.label()).or_default() += 1;
+                    b.last_failure = Some(f.to_string());
                 }
             }
             let secs = r.latency.as_secs_f64();
-            s.latency_sum += secs;
+            b.latency_sum += secs;
             if let Some(i) = LATENCY_BUCKETS.iter().position(|le| secs <= *le) {
-                s.latency_buckets[i] += 1;
+                b.latency_buckets[i] += 1;
             }
             if r.changed {
-                s.health = r.health.to_string();
+                b.health = Some(r.health);
                 if !has_breaker {
-                    e.since = r.at;
+                    b.since = r.at;
                 }
             }
         });
@@ -427,9 +341,8 @@ impl Supervisor {
             let Some(entry) = self.rows.get(&key).map(|row| row.entry) else {
                 continue;
             };
-            self.table.with(|v| {
+            self.table.update(|v| {
                 v[entry]
-                    .status
                     .passive
                     .get_or_insert_with(PassiveCounts::default)
                     .add(&seen)
@@ -493,26 +406,24 @@ impl Supervisor {
                     e.epoch = e.epoch.wrapping_add(1);
                 }
             }
-            self.table.with(|v| {
-                let e = &mut v[row.entry];
-                tracing::info!(
-                    "breaker {}[{}] {}: {} -> {} ({})",
-                    service,
-                    ev.backend,
-                    e.status.address,
-                    t.from,
-                    t.to,
-                    t.reason.as_str()
-                );
-                *e.status
-                    .transitions
-                    .entry(format!("{}/{}", t.to, t.reason.as_str()))
-                    .or_default() += 1;
+            let entry = row.entry;
+            self.table.update(|v| {
+                let b = &mut v[entry];
+                *b.transitions.entry((t.to, t.reason)).or_default() += 1;
                 if t.from != t.to {
-                    e.status.breaker = Some(t.to.to_string());
-                    e.since = t.at;
+                    b.breaker = Some(t.to);
+                    b.since = t.at;
                 }
             });
+            tracing::info!(
+                "breaker {}[{}] {}: {} -> {} ({})",
+                service,
+                ev.backend,
+                self.table.0.borrow()[entry].address,
+                t.from,
+                t.to,
+                t.reason.as_str()
+            );
         }
         for key in changed {
             self.sync(&key, now);
@@ -552,8 +463,8 @@ impl Supervisor {
             }
         }
         if failed {
-            self.table
-                .with(|v| v[row.entry].status.map_write_errors += 1);
+            let entry = row.entry;
+            self.table.update(|v| v[entry].map_write_errors += 1);
             self.unsynced.insert(key.clone());
             self.retry_at.get_or_insert(now + WRITE_RETRY);
         } else {

@@ -1,7 +1,10 @@
 //! The supervisor without a kernel: probe results and passive reports go in, breaker states
 //! come out as the map writes the datapath would get.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{
+    Mutex, PoisonError,
+    atomic::{AtomicBool, Ordering},
+};
 use std::time::Duration;
 
 use agent_common::breaker::{
@@ -11,7 +14,7 @@ use agent_common::classify::{PROTO_TCP, PROTO_UDP};
 
 use super::*;
 use crate::config::{self, Compiled};
-use crate::health::ProbeFailure;
+use crate::health::{Health, ProbeFailure};
 
 const POLICY: &str = "
 version: 1
@@ -118,11 +121,15 @@ impl Fixture {
         self.sup.on_probe(r);
     }
 
+    /// The backend at `address` as `/status` shows it, converted from what is published.
     fn status(&self, address: &str) -> BackendStatus {
+        let now = Instant::now();
         self.sup
             .table
-            .snapshot()
-            .into_iter()
+            .0
+            .borrow()
+            .iter()
+            .map(|b| b.status(now))
             .find(|b| b.address == address)
             .unwrap_or_else(|| panic!("no backend {address} in the table"))
     }
@@ -275,4 +282,39 @@ fn only_backends_with_a_breaker_are_enforced() {
     assert_eq!(plain.breaker, None);
     assert_eq!(plain.health, "unchecked");
     assert_eq!(f.sup.by_id.len(), 2);
+}
+
+#[test]
+fn the_channel_carries_typed_state_by_policy_position() {
+    let mut f = fixture();
+    let rx = f.sup.table.0.subscribe();
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    assert!(
+        rx.has_changed().unwrap_or(false),
+        "a transition is published"
+    );
+    let backends = rx.borrow();
+    let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
+    assert_eq!(
+        ids,
+        [
+            BackendId {
+                service: 0,
+                index: 0
+            },
+            BackendId {
+                service: 0,
+                index: 1
+            },
+            BackendId {
+                service: 1,
+                index: 0
+            },
+        ]
+    );
+    assert_eq!(backends[0].breaker, Some(State::Open));
+    assert_eq!(backends[0].health, Some(Health::Healthy));
+    assert_eq!(backends[1].breaker, Some(State::Closed));
+    assert_eq!((backends[2].health, backends[2].breaker), (None, None));
 }

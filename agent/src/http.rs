@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoints on `agent.listen`: `/metrics`, `/health/live`, `/health/ready`
-//! (the DaemonSet's probes) and `/status` (JSON, read by `agent status`).
+//! (the DaemonSet's probes) and `/status` (JSON, read by `agent status`). They read the
+//! shared [`AgentState`] and render it through `telemetry`.
 
 use std::sync::Arc;
 
@@ -12,8 +13,7 @@ use axum::{
 };
 use tokio::net::TcpListener;
 
-use super::metrics;
-use crate::state::AgentState;
+use crate::{state::AgentState, telemetry::metrics};
 
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 

@@ -5,14 +5,16 @@
 //! deltas, sweeps the SYNs older than the service's `health_check.timeout` (timeouts), and
 //! sends what it saw to the supervisor, which feeds it to the breakers.
 //!
-//! The pure part ([`PassiveTracker`], [`PassiveCounts::outcomes`]) is unit-tested; the loop
+//! The pure part ([`PassiveTracker`], [`BreakerFeed::outcomes`]) is unit-tested; the loop
 //! around it only reads and deletes map entries.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use agent_common::breaker::{BSTAT_REFUSED, BSTAT_SYNACK};
-use serde::{Deserialize, Serialize};
+use agent_common::{
+    breaker::{BSTAT_REFUSED, BSTAT_SYNACK},
+    status::PassiveCounts,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::breaker::Outcome;
@@ -29,34 +31,9 @@ pub const PASSIVE_FEED_CAP: u64 = 1_000;
 /// walk, it may take at most 1/this of the time, so a full table is swept less often.
 const SWEEP_DUTY: u32 = 20;
 
-/// What passive detection saw of one backend: answered SYNs, refused ones, unanswered ones.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PassiveCounts {
-    pub synack: u64,
-    pub refused: u64,
-    pub timeout: u64,
-}
-
-impl PassiveCounts {
-    pub fn add(&mut self, other: &PassiveCounts) {
-        self.synack = self.synack.saturating_add(other.synack);
-        self.refused = self.refused.saturating_add(other.refused);
-        self.timeout = self.timeout.saturating_add(other.timeout);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        *self == PassiveCounts::default()
-    }
-
-    /// By result, as `agent_backend_passive_total{result}` labels them.
-    pub fn by_result(&self) -> [(&'static str, u64); 3] {
-        [
-            ("synack", self.synack),
-            ("refused", self.refused),
-            ("timeout", self.timeout),
-        ]
-    }
-
+/// What passive detection saw, as breaker input. A trait because [`PassiveCounts`] is the
+/// status JSON's type (`agent_common::status`), which knows nothing of breakers.
+pub trait BreakerFeed {
     /// The outcomes to feed the breaker: a success per SYN-ACK, a failure per refusal or
     /// timeout, at most `cap` of them in the same proportions (a kind seen at all keeps at
     /// least one).
@@ -64,7 +41,11 @@ impl PassiveCounts {
     /// Within one tick the order is unknown, so failures are spread evenly among successes:
     /// 3 refusals among 300 SYN-ACKs are not "3 consecutive failures", while a tick of
     /// nothing but failures is.
-    pub fn outcomes(&self, cap: u64) -> Vec<Outcome> {
+    fn outcomes(&self, cap: u64) -> Vec<Outcome>;
+}
+
+impl BreakerFeed for PassiveCounts {
+    fn outcomes(&self, cap: u64) -> Vec<Outcome> {
         let (successes, failures) =
             scale(self.synack, self.refused.saturating_add(self.timeout), cap);
         let n = successes + failures;

@@ -1,5 +1,5 @@
 use super::*;
-use crate::balance::backend_key;
+use crate::lb::backend_key;
 
 const M: u32 = 65537;
 

@@ -1,11 +1,13 @@
 //! The balancer: drives each balanced service's weights in the datapath.
 //!
-//! Every `TICK` it reads each backend's health and breaker (the supervisor's table), works
-//! out effective weights (`balance::weight::effective`: configured x health x slow-start
-//! ramp), and when they change, rebuilds the service's table (Maglev or weighted round
-//! robin), writes it into the half the datapath is not reading and flips `LB_ACTIVE`: one
-//! atomic swap per service. `least_conn` has no table; it reads the weights in
-//! `LB_BACKENDS`, which are written for every algorithm (status shows them).
+//! Every `TICK` it reads each backend's health and breaker, typed, from the supervisor's
+//! channel (`supervisor::Backends`, by `BackendId`; a backend it does not publish counts as
+//! healthy and closed: fail open), works out effective weights (`lb::weight::effective`:
+//! configured x health x slow-start ramp), and when they change, rebuilds the service's
+//! table (Maglev or weighted round robin), writes it into the half the datapath is not
+//! reading and flips `LB_ACTIVE`: one atomic swap per service. `least_conn` has no table;
+//! it reads the weights in `LB_BACKENDS`, which are written for every algorithm (status
+//! shows them).
 //!
 //! - Open breaker or unhealthy: weight 0, no new flows (established ones stay; the breaker's
 //!   `close_existing` decides about them).
@@ -21,14 +23,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use agent_common::status::{LbBackendView, LbServiceView};
+
 use crate::{
-    backends::{BackendStatus, BackendTable},
-    balance::{NO_BACKEND, backend_key, maglev, weight, weight::SlowStart, wrr},
+    breaker::State,
     config::{Algorithm, CompiledLb},
     datapath::{DatapathError, LbCounters, LbMaps, ktime_now_ns},
+    health::Health,
+    lb::{NO_BACKEND, backend_key, maglev, weight, weight::SlowStart, wrr},
+    supervisor::{BackendId, BackendsRx},
 };
 
 /// How often health and breakers are read.
@@ -40,45 +45,6 @@ pub const MIN_PUBLISH_GAP: Duration = Duration::from_millis(50);
 const OCCUPANCY_EVERY: Duration = Duration::from_secs(1);
 /// ...visiting at most this many entries.
 const OCCUPANCY_MAX_VISITS: usize = 1 << 20;
-
-/// What status and metrics show of one balanced backend.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LbBackendView {
-    pub service: String,
-    pub address: String,
-    pub configured: u32,
-    /// The weight in the datapath now.
-    pub effective: u32,
-    /// Connections open now.
-    pub active: u64,
-    /// New flows pinned to it so far.
-    pub new_flows: u64,
-    /// Packets and bytes forwarded to it (client to backend).
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-/// What status and metrics show of one balanced service.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LbServiceView {
-    pub service: String,
-    pub algorithm: String,
-    /// Live connection-table entries (as of the last walk).
-    pub connections: u64,
-    /// Entries the LRU evicted (as of the last walk): flows tracked, minus those that took an
-    /// expired entry's place, minus the entries present.
-    pub evictions: u64,
-    /// New flows refused for want of an available backend.
-    pub no_backend: u64,
-    /// TCP packets whose connection-table entry was gone (evicted or expired).
-    pub lost: u64,
-    /// Table swaps so far.
-    pub publishes: u64,
-    /// Panicking now (`load_balancing.panic_threshold`): health and breakers ignored.
-    #[serde(default)]
-    pub panic: bool,
-    pub write_errors: u64,
-}
 
 /// Shared between the balancer and the HTTP side. The balancer publishes weights, panic and
 /// table figures each tick; the datapath's counters are read here, when a scrape asks (a
@@ -123,9 +89,50 @@ impl LbView {
     }
 }
 
+/// One backend's health and breaker as the balancer read them at a tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Seen {
+    /// `None`: not checked.
+    health: Option<Health>,
+    /// `None`: no breaker.
+    breaker: Option<State>,
+}
+
+impl Seen {
+    fn healthy(self) -> bool {
+        self.health != Some(Health::Unhealthy)
+    }
+
+    fn breaker(self) -> State {
+        self.breaker.unwrap_or(State::Closed)
+    }
+
+    /// May take new flows at its full weight (after slow start): healthy and closed.
+    fn available(self) -> bool {
+        self.healthy() && self.breaker() == State::Closed
+    }
+}
+
+/// Every published backend's state, copied out so the channel is not held.
+fn read(backends: Option<&BackendsRx>) -> HashMap<BackendId, Seen> {
+    let Some(rx) = backends else {
+        return HashMap::new();
+    };
+    rx.borrow()
+        .iter()
+        .map(|b| {
+            let seen = Seen {
+                health: b.health,
+                breaker: b.breaker,
+            };
+            (b.id, seen)
+        })
+        .collect()
+}
+
 struct Service {
     plan: CompiledLb,
-    /// Each backend's address as the supervisor's table and the metrics name it.
+    /// Each backend's address as status and metrics show it.
     addresses: Vec<String>,
     slow: SlowStart<usize>,
     /// Per backend: available (healthy, breaker closed) at the last tick.
@@ -200,7 +207,7 @@ pub fn configured(services: &[CompiledLb]) -> Vec<Vec<u32>> {
 pub fn run(
     mut maps: LbMaps,
     services: Vec<CompiledLb>,
-    health: Option<Arc<BackendTable>>,
+    health: Option<BackendsRx>,
     view: Arc<LbView>,
     mut weights: watch::Receiver<Vec<Vec<u32>>>,
     stop: watch::Receiver<bool>,
@@ -208,38 +215,13 @@ pub fn run(
     let now = Instant::now();
     let mut services: Vec<Service> = services
         .into_iter()
-        .map(|plan| {
-            let configured: Vec<u32> = plan.backends.iter().map(|b| b.weight).collect();
-            Service {
-                addresses: plan
-                    .backends
-                    .iter()
-                    .map(|b| b.address.to_string())
-                    .collect(),
-                slow: SlowStart::new(plan.slow_start),
-                available: vec![true; plan.backends.len()],
-                written: configured.clone(),
-                wanted: configured,
-                last_build: now,
-                dirty: false,
-                panic: false,
-                wanted_panic: false,
-                last_publish: None,
-                publishes: 0,
-                write_errors: 0,
-                plan,
-            }
-        })
+        .map(|plan| Service::new(plan, now))
         .collect();
     let mut occupancy = Occupancy::default();
     let mut last_walk: Option<Instant> = None;
     while !*stop.borrow() {
         let now = Instant::now();
-        let statuses = health.as_ref().map(|t| t.snapshot()).unwrap_or_default();
-        let statuses: HashMap<(&str, &str), &BackendStatus> = statuses
-            .iter()
-            .map(|st| ((st.service.as_str(), st.address.as_str()), st))
-            .collect();
+        let seen = read(health.as_ref());
         let reloaded = weights.has_changed().unwrap_or(false);
         if reloaded {
             let new = weights.borrow_and_update().clone();
@@ -248,7 +230,7 @@ pub fn run(
             }
         }
         for s in &mut services {
-            s.update(&statuses, now);
+            s.update(&seen, now);
             s.sync(&mut maps, now);
         }
         if last_walk.is_none_or(|t| now.duration_since(t) >= OCCUPANCY_EVERY)
@@ -263,6 +245,30 @@ pub fn run(
 }
 
 impl Service {
+    /// A service as installed: configured weights, every backend available.
+    fn new(plan: CompiledLb, now: Instant) -> Service {
+        let configured: Vec<u32> = plan.backends.iter().map(|b| b.weight).collect();
+        Service {
+            addresses: plan
+                .backends
+                .iter()
+                .map(|b| b.address.to_string())
+                .collect(),
+            slow: SlowStart::new(plan.slow_start),
+            available: vec![true; plan.backends.len()],
+            written: configured.clone(),
+            wanted: configured,
+            last_build: now,
+            dirty: false,
+            panic: false,
+            wanted_panic: false,
+            last_publish: None,
+            publishes: 0,
+            write_errors: 0,
+            plan,
+        }
+    }
+
     /// New configured weights (a reload): taken at the next update.
     fn reconfigure(&mut self, weights: &[u32]) {
         for (b, &w) in self.plan.backends.iter_mut().zip(weights) {
@@ -274,16 +280,18 @@ impl Service {
     }
 
     /// Reads health and breakers, moves slow-start ramps, and works out the wanted weights.
-    fn update(&mut self, statuses: &HashMap<(&str, &str), &BackendStatus>, now: Instant) {
+    fn update(&mut self, seen: &HashMap<BackendId, Seen>, now: Instant) {
         let mut changed = std::mem::take(&mut self.dirty);
         let mut states = Vec::with_capacity(self.plan.backends.len());
         for i in 0..self.plan.backends.len() {
-            let st = statuses
-                .get(&(self.plan.name.as_str(), self.addresses[i].as_str()))
-                .copied();
-            let healthy = st.is_none_or(|s| s.health != "unhealthy");
-            let breaker = st.and_then(|s| s.breaker.as_deref()).unwrap_or("closed");
-            let available = healthy && breaker == "closed";
+            let id = BackendId {
+                service: self.plan.service,
+                index: i,
+            };
+            let st = seen.get(&id).copied().unwrap_or_default();
+            let healthy = st.healthy();
+            let breaker = st.breaker();
+            let available = st.available();
             if available != self.available[i] {
                 changed = true;
                 if available {
@@ -293,7 +301,7 @@ impl Service {
                 }
                 self.available[i] = available;
             }
-            states.push((healthy, breaker == "open", breaker == "half_open"));
+            states.push((healthy, breaker == State::Open, breaker == State::HalfOpen));
         }
         let ramp_due = self
             .slow
@@ -490,7 +498,10 @@ fn publish_view(services: &[Service], occupancy: &Occupancy, view: &LbView) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{compile, load_str};
+    use crate::{
+        config::{compile, load_str},
+        supervisor::Backend,
+    };
 
     fn service(threshold: &str, weights: &[u32]) -> CompiledLb {
         let list: String = weights
@@ -539,5 +550,66 @@ mod tests {
         assert_eq!(t.len(), s.capacity as usize);
         assert!(t.iter().all(|&i| i == s.index(0) || i == s.index(2)));
         assert!(table(&s, &[0, 0, 0]).iter().all(|&i| i == NO_BACKEND));
+    }
+
+    /// Backend `index` of service `service` as the supervisor would publish it.
+    fn published(
+        service: usize,
+        index: usize,
+        health: Option<Health>,
+        breaker: Option<State>,
+    ) -> Backend {
+        let mut b = Backend::new(
+            BackendId { service, index },
+            Arc::from("web"),
+            format!("10.0.0.{}:80", index + 1).parse().unwrap(),
+            health.is_some(),
+            breaker.is_some(),
+            Instant::now(),
+        );
+        b.health = health;
+        b.breaker = breaker;
+        b
+    }
+
+    #[test]
+    fn new_flows_follow_the_typed_state_on_the_channel() {
+        use {Health::*, State::*};
+        let t0 = Instant::now();
+        let mut s = Service::new(service("0%", &[100; 6]), t0);
+        let (tx, rx) = watch::channel(vec![
+            published(0, 0, Some(Healthy), Some(Closed)),
+            published(0, 1, Some(Unhealthy), Some(Closed)),
+            published(0, 2, Some(Healthy), Some(Open)),
+            published(0, 3, Some(Healthy), Some(HalfOpen)),
+            published(0, 4, Some(Unhealthy), Some(HalfOpen)),
+            // Neither checked nor guarded: takes flows (fail open).
+            published(0, 5, None, None),
+            // Another service's backend at the same index: not this one.
+            published(1, 0, Some(Unhealthy), Some(Open)),
+        ]);
+        s.update(&read(Some(&rx)), t0);
+        assert_eq!(s.available, [true, false, false, false, false, true]);
+        assert_eq!(
+            s.wanted,
+            [100, 0, 0, 1, 0, 100],
+            "unhealthy and open: no new flows; half-open: a trickle (weight 1) if healthy"
+        );
+
+        // Closed again (no slow start configured): back at its full weight.
+        tx.send_modify(|v| v[2].breaker = Some(Closed));
+        s.update(&read(Some(&rx)), t0 + Duration::from_millis(1));
+        assert_eq!(s.available, [true, false, true, false, false, true]);
+        assert_eq!(s.wanted, [100, 0, 100, 1, 0, 100]);
+    }
+
+    #[test]
+    fn without_a_supervisor_every_backend_takes_flows() {
+        let t0 = Instant::now();
+        let mut s = Service::new(service("0%", &[100, 50]), t0);
+        s.dirty = true;
+        s.update(&read(None), t0);
+        assert_eq!(s.available, [true, true]);
+        assert_eq!(s.wanted, [100, 50]);
     }
 }

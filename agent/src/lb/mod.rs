@@ -1,6 +1,11 @@
-//! Load-balancing tables the agent builds and the datapath reads (POLICY.md `backends`,
-//! `load_balancing`). Pure and deterministic: time and health come in as arguments, tables
-//! come out as plain vectors of backend indices for the caller to write to a map and swap in.
+//! Load balancing on the agent's side (POLICY.md `backends`, `load_balancing`): the tables the
+//! datapath reads, and the [`balancer`] task that rebuilds them as health, breakers and slow
+//! start change weights. The maps it writes are `datapath::lb`; the compiled layout of each
+//! balanced service (`CompiledLb`) is `config`'s.
+//!
+//! The table builders are pure and deterministic: time and health come in as arguments,
+//! tables come out as plain vectors of backend indices for the caller to write to a map and
+//! swap in.
 //!
 //! - [`weight::effective`]: configured weight x health/breaker (unless the service fails open
 //!   past its panic threshold) x slow-start ramp; [`weight::SlowStart`] tracks the ramps and
@@ -15,6 +20,7 @@
 //! flow. When they all are 0 there is no backend: a Maglev table is all [`NO_BACKEND`], a WRR
 //! schedule is empty, and the datapath passes or refuses the flow.
 
+pub mod balancer;
 mod hash;
 pub mod maglev;
 pub mod weight;

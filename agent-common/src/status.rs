@@ -1,0 +1,215 @@
+//! The JSON of `/status` and `agent status --output json`, as the agent serves it: here so that
+//! `xtask` and the end-to-end tests deserialize it without depending on the agent. Userspace
+//! only (feature `user`); the agent fills it in (`agent::telemetry::status`).
+//!
+//! The field names and types are the JSON format: change them only together with every
+//! reader. Health and breaker states are their display names here (`healthy`, `half_open`);
+//! the agent decides on typed states and only writes these strings.
+
+extern crate alloc;
+
+use alloc::{collections::BTreeMap, string::String, vec::Vec};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Counter;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub ready: bool,
+    pub policy_file: String,
+    pub attachments: Vec<String>,
+    pub services: Vec<ServiceStatus>,
+    /// Packets outside any service, by class.
+    pub global: Vec<(String, CounterJson)>,
+    /// Backends with health and breaker state (services with `backends`).
+    #[serde(default)]
+    pub backends: Vec<BackendStatus>,
+    /// Services balanced in the datapath, and their backends' weights and counters.
+    #[serde(default)]
+    pub balancing: Vec<LbServiceView>,
+    #[serde(default)]
+    pub lb_backends: Vec<LbBackendView>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub id: u32,
+    pub name: String,
+    /// `match` as written in the policy, e.g. `198.18.0.2/32 udp/5000`.
+    pub matches: String,
+    pub rate_limit: Option<RateLimitStatus>,
+    pub passed: CounterJson,
+    pub dropped: Vec<DropStatus>,
+    pub passed_no_bucket: CounterJson,
+    /// Services with `shaping` only.
+    #[serde(default)]
+    pub shaping: Option<ShapingStatus>,
+}
+
+/// Pacing of one service on egress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShapingStatus {
+    /// e.g. `flow 6250000B/s horizon 2s`
+    pub summary: String,
+    /// Packets given a departure time.
+    pub paced: CounterJson,
+    /// Dropped: their departure would have been past the horizon.
+    pub horizon_drops: CounterJson,
+    /// Passed unpaced because the departure table refused a new key (fail open).
+    pub unpaced: CounterJson,
+    /// Paced after every compare-and-swap on the key lost to other CPUs.
+    pub contended: u64,
+    /// How long the latest paced packet still waits for its departure (0 once it left).
+    pub delay_seconds: f64,
+    /// How long that packet was set to wait when it was paced.
+    pub last_delay_seconds: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitStatus {
+    /// e.g. `flow 1000/s burst 200`
+    pub summary: String,
+    pub keys: u64,
+    pub new_keys: u64,
+    pub evictions: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DropStatus {
+    pub reason: String,
+    pub counter: CounterJson,
+}
+
+/// `Counter` as it appears in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterJson {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl From<Counter> for CounterJson {
+    fn from(c: Counter) -> Self {
+        CounterJson {
+            packets: c.packets,
+            bytes: c.bytes,
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the probe-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 10] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// One backend as status and metrics show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub service: String,
+    pub address: String,
+    /// `healthy` / `unhealthy`; `unchecked` without `health_check`.
+    pub health: String,
+    /// `closed` / `open` / `half_open`; `None` without `circuit_breaker`.
+    pub breaker: Option<String>,
+    /// Time in the current breaker state (or health, without a breaker), in ms.
+    pub in_state_ms: u64,
+    pub probes_ok: u64,
+    pub probes_failed: u64,
+    /// Failed probes by reason (`refused`, `timeout`, `status`, ...).
+    pub failures: BTreeMap<String, u64>,
+    pub last_failure: Option<String>,
+    /// Breaker transitions by `to/reason`.
+    pub transitions: BTreeMap<String, u64>,
+    /// Probe latency: counts per `LATENCY_BUCKETS` bucket (not cumulative; slower probes are
+    /// the rest of `probes_ok + probes_failed`), and the sum in seconds.
+    pub latency_buckets: Vec<u64>,
+    pub latency_sum: f64,
+    /// The backend's id in the datapath (`BACKEND_STATS`) when its breaker is enforced there.
+    #[serde(default)]
+    pub id: Option<u32>,
+    /// Datapath packets toward the backend by action (`admitted`, `trial`, `reject_rst`,
+    /// `reject_icmp`, `drop`, `close_existing`), read from the maps when a report is built.
+    #[serde(default)]
+    pub datapath: BTreeMap<String, u64>,
+    /// Passive detection results; `None` without `health_check.passive`.
+    #[serde(default)]
+    pub passive: Option<PassiveCounts>,
+    /// Breaker states the datapath map refused (each retried until written).
+    #[serde(default)]
+    pub map_write_errors: u64,
+}
+
+impl BackendStatus {
+    /// Packets of one datapath action (0 when never seen).
+    pub fn action(&self, action: &str) -> u64 {
+        self.datapath.get(action).copied().unwrap_or(0)
+    }
+}
+
+/// What passive detection saw of one backend: answered SYNs, refused ones, unanswered ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassiveCounts {
+    pub synack: u64,
+    pub refused: u64,
+    pub timeout: u64,
+}
+
+impl PassiveCounts {
+    pub fn add(&mut self, other: &PassiveCounts) {
+        self.synack = self.synack.saturating_add(other.synack);
+        self.refused = self.refused.saturating_add(other.refused);
+        self.timeout = self.timeout.saturating_add(other.timeout);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == PassiveCounts::default()
+    }
+
+    /// By result, as `agent_backend_passive_total{result}` labels them.
+    pub fn by_result(&self) -> [(&'static str, u64); 3] {
+        [
+            ("synack", self.synack),
+            ("refused", self.refused),
+            ("timeout", self.timeout),
+        ]
+    }
+}
+
+/// What status and metrics show of one balanced backend.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbBackendView {
+    pub service: String,
+    pub address: String,
+    pub configured: u32,
+    /// The weight in the datapath now.
+    pub effective: u32,
+    /// Connections open now.
+    pub active: u64,
+    /// New flows pinned to it so far.
+    pub new_flows: u64,
+    /// Packets and bytes forwarded to it (client to backend).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What status and metrics show of one balanced service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbServiceView {
+    pub service: String,
+    pub algorithm: String,
+    /// Live connection-table entries (as of the last walk).
+    pub connections: u64,
+    /// Entries the LRU evicted (as of the last walk): flows tracked, minus those that took an
+    /// expired entry's place, minus the entries present.
+    pub evictions: u64,
+    /// New flows refused for want of an available backend.
+    pub no_backend: u64,
+    /// TCP packets whose connection-table entry was gone (evicted or expired).
+    pub lost: u64,
+    /// Table swaps so far.
+    pub publishes: u64,
+    /// Panicking now (`load_balancing.panic_threshold`): health and breakers ignored.
+    #[serde(default)]
+    pub panic: bool,
+    pub write_errors: u64,
+}
