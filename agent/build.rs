@@ -7,7 +7,10 @@ use std::{env, fs, path::PathBuf};
 
 use anyhow::Context as _;
 
+include!("../tests/build/root_cfg.rs");
+
 fn main() -> anyhow::Result<()> {
+    emit_root_cfg();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?);

@@ -33,7 +33,9 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     // crate is already built by the step above.
     let agent = build::agent_binary(&toolchain, true)?;
     let mut breaker = release_bin(&toolchain, "agent-tests", "breaker-bench");
-    breaker.args(&args.breaker).env(workspace::AGENT_BIN_ENV, &agent);
+    breaker
+        .args(&args.breaker)
+        .env(workspace::AGENT_BIN_ENV, &agent);
     cmd::run(&mut breaker)?;
     Ok(())
 }

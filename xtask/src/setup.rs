@@ -19,6 +19,9 @@ use crate::{
 };
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Finds dependencies a crate declares and never uses (`cargo xtask test` runs it); a lint
+/// (`unused_crate_dependencies`) cannot: it flags every dev-dependency in every test binary.
+const CARGO_MACHETE_VERSION: &str = "0.9.2";
 /// What the build, the tests, the demo and `cargo xtask vm` call; nothing else (no compilers:
 /// rustup brings them). The VM: QEMU, busybox for the initramfs, cpio to pack it, xz for
 /// compressed modules, kmod's depmod for module dependencies, binutils' strip.
@@ -84,6 +87,7 @@ pub fn run() -> Result<Toolchain, SetupError> {
     report("rust-src (nightly)", &rust_src()?);
     report("debian packages", &debian_packages()?);
     report("bpf-linker", &bpf_linker(&toolchain)?);
+    report("cargo-machete", &cargo_machete(&toolchain)?);
     report("bpffs", &bpffs()?);
     Ok(toolchain)
 }
@@ -289,6 +293,24 @@ fn bpf_linker(toolchain: &Toolchain) -> Result<Outcome, SetupError> {
         "{problem} -> installed {BPF_LINKER_VERSION} with {feature} at {}",
         bin.display()
     )))
+}
+
+fn cargo_machete(toolchain: &Toolchain) -> Result<Outcome, SetupError> {
+    let bin = toolchain.bin_dir().join("cargo-machete");
+    let wanted = format!("cargo-machete {CARGO_MACHETE_VERSION}");
+    // It prints its bare version.
+    let installed = cmd::output(Command::new(&bin).arg("--version")).ok();
+    if installed.as_deref().map(str::trim) == Some(CARGO_MACHETE_VERSION) {
+        return Ok(Outcome::Skipped(format!("{wanted} at {}", bin.display())));
+    }
+    let mut install = workspace::cargo(toolchain);
+    install
+        .args(["install", "--locked", "cargo-machete", "--version"])
+        .arg(CARGO_MACHETE_VERSION)
+        .arg("--root")
+        .arg(toolchain.root());
+    cmd::run(&mut install)?;
+    Ok(Outcome::Done(format!("{wanted} at {}", bin.display())))
 }
 
 fn bpffs() -> Result<Outcome, SetupError> {

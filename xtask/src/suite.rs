@@ -68,6 +68,9 @@ pub fn run() -> anyhow::Result<()> {
         clippy.envs(CLIPPY_ENV.iter().copied());
         cmd::run(&mut clippy)
     });
+    suite.step("unused dependencies (cargo machete)", || {
+        cmd::run(workspace::cargo(&toolchain).arg("machete"))
+    });
     suite.step("clippy (eBPF)", || {
         let mut clippy = workspace::nightly_cargo(&toolchain);
         clippy.args(["clippy", "--package", EBPF_CRATE, "--target", EBPF_TARGET]);
