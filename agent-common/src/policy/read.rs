@@ -705,6 +705,7 @@ pub(crate) struct SyntaxError {
 /// The message of a serde-saphyr error, without position or snippet.
 fn message(e: &Error) -> String {
     match e.without_snippet() {
+        Error::AliasError { error, .. } => message(error),
         Error::MultipleDocuments { .. } => "only one YAML document per file".into(),
         Error::Budget { breach, .. } => match breach {
             BudgetBreach::Depth { .. } => format!("nesting deeper than {MAX_DEPTH} levels"),
@@ -815,5 +816,176 @@ pub(crate) fn read_policy(src: &str, index: &Index) -> Read {
                 stopped: Some((pos, path, message)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::model::Protocol;
+    use super::*;
+
+    /// The value of `v: SRC`, as a leaf reader sees it.
+    fn value(src: &str) -> Raw {
+        let doc = format!("v: {src}\n");
+        COLLECTOR.with(|c| {
+            *c.borrow_mut() = Some(Collector {
+                src: doc.clone(),
+                errors: Vec::new(),
+            })
+        });
+        let mut map: BTreeMap<String, Spanned<Raw>> = serde_saphyr::from_str(&doc).unwrap();
+        let v = map.remove("v").unwrap();
+        as_written(v.value, &v.defined)
+    }
+
+    #[test]
+    fn integers() {
+        let port = 1..=65535;
+        assert_eq!(int(&value("80"), port.clone()), Ok(80));
+        assert_eq!(int(&value("-0"), 0..=5), Ok(0));
+        let count = 1..=u64::from(u32::MAX);
+        let messages: Vec<String> = [
+            int(&value("0"), port.clone()),
+            int(&value("70000"), port.clone()),
+            int(&value("-1"), port.clone()),
+            int(&value("'80'"), port.clone()),
+            int(&value("1.5"), port.clone()),
+            int(&value("[1]"), port.clone()),
+            int(&value("99999999999999999999999"), 1..=9),
+            int(&value("5000000000"), count.clone()),
+            int(&value("0"), count),
+            int(&value("-3"), 0..=u64::MAX),
+            int(&value("99999999999999999999999"), 0..=u64::MAX),
+        ]
+        .into_iter()
+        .map(|r| r.unwrap_err())
+        .collect();
+        assert_eq!(
+            messages,
+            [
+                "must be between 1 and 65535",
+                "must be between 1 and 65535",
+                "must be between 1 and 65535",
+                "expected an integer, found the string \"80\" (remove the quotes)",
+                "expected an integer, found `1.5`",
+                "expected an integer, found a list",
+                "must be between 1 and 9",
+                "must be at most 4294967295",
+                "must be at least 1",
+                "must not be negative",
+                "must be at most 18446744073709551615",
+            ]
+        );
+    }
+
+    #[test]
+    fn booleans_and_keywords() {
+        assert_eq!(bool_of(&value("true")), Ok(true));
+        assert_eq!(
+            bool_of(&value("yes")).unwrap_err(),
+            "expected true or false, found `yes`"
+        );
+        assert_eq!(keyword::<Protocol>(&value("udp")), Ok(Protocol::Udp));
+        assert_eq!(
+            keyword::<Protocol>(&value("icmp")).unwrap_err(),
+            "expected one of `tcp`, `udp`, `any`, found `icmp`"
+        );
+    }
+
+    #[test]
+    fn scalars_keep_their_style() {
+        let scalar = |text: &str, typed| Raw::Scalar {
+            text: text.into(),
+            typed,
+        };
+        assert_eq!(value("80"), scalar("80", true));
+        assert_eq!(value("'80'"), scalar("80", false));
+        assert_eq!(value("!!str 5"), scalar("5", false));
+        assert_eq!(value("0x10"), scalar("0x10", true));
+        assert_eq!(value("~"), Raw::Null);
+        assert_eq!(value(""), Raw::Null);
+    }
+
+    fn at(line: usize, column: usize) -> Pos {
+        Pos { line, column }
+    }
+
+    #[test]
+    fn positions_of_values() {
+        let src = "a: 1\nb:\n  c: 'x'\n  d:\n    - 5\n    - e: f\n  g:\n";
+        let index = index(src).unwrap().unwrap();
+        assert_eq!(index.lookup("a"), at(1, 4));
+        assert_eq!(index.lookup("b.c"), at(3, 6));
+        assert_eq!(index.lookup("b.d[0]"), at(5, 7));
+        assert_eq!(index.lookup("b.d[1].e"), at(6, 10));
+        // A value written as nothing is at its key, and absent for required fields.
+        assert_eq!(index.lookup("b.g"), at(7, 3));
+        assert!(!index.has("b.g") && index.has("b.c"));
+        // Missing fields fall back to the enclosing mapping.
+        assert_eq!(index.lookup("b.d[1].zzz"), index.lookup("b.d[1]"));
+        assert_eq!(index.lookup("nothing.at.all"), index.lookup(""));
+        assert_eq!(index.value_at(at(6, 10)), Some("b.d[1].e"));
+        assert_eq!(index.key_at(at(6, 7)), Some("b.d[1].e"));
+    }
+
+    #[test]
+    fn syntax_errors_have_positions_and_paths() {
+        let e = index("a:\n  b: [1, 2\n").unwrap_err();
+        assert!(e.path.starts_with("a.b["), "{e:?}");
+        assert!(e.pos.line >= 2, "{e:?}");
+        let e = index("a: 1\n---\nb: 2\n").unwrap_err();
+        assert_eq!(e.message, "only one YAML document per file");
+    }
+
+    #[test]
+    fn every_duplicate_key_is_found() {
+        let index = index("a: 1\nb: {c: 1, c: 2}\na: 3\n").unwrap().unwrap();
+        assert_eq!(
+            index.duplicates,
+            [
+                (at(2, 11), "b.c".to_owned(), 2),
+                (at(3, 1), "a".to_owned(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn aliases_expand_within_limits() {
+        let index = index("a: &x {k: 1}\nb: *x\n").unwrap().unwrap();
+        assert!(index.has("b.k"));
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let prev = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]\n"
+            ));
+        }
+        let e = super::index(&bomb).unwrap_err();
+        assert!(e.message.contains("more than"), "{e:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let deep = "[".repeat(10_000);
+        assert!(index(&deep).is_err());
+        let deep = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        let e = index(&deep).unwrap_err();
+        // Block nesting is bounded by the budget, flow nesting by the parser.
+        assert!(e.message.contains("recursion limit"), "{e:?}");
+        let deep = "a:\n".to_owned()
+            + &(1..30)
+                .map(|i| format!("{}b:\n", "  ".repeat(i)))
+                .collect::<String>();
+        let e = index(&deep).unwrap_err();
+        assert!(e.message.contains("nesting deeper"), "{e:?}");
+    }
+
+    #[test]
+    fn empty_input_is_no_document() {
+        assert_eq!(index(""), Ok(None));
+        assert_eq!(index("# only a comment\n"), Ok(None));
+        assert_eq!(index("~"), Ok(None));
     }
 }

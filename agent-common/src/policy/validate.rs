@@ -653,3 +653,17 @@ fn shaping_needs_egress(c: &mut Checker<'_>, draft: &Draft<'_>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_in_whole_units() {
+        assert_eq!(show(Duration::from_secs(600)), "10m");
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(7200)), "2h");
+        assert_eq!(show(Duration::from_nanos(7)), "7ns");
+        assert_eq!(show(Duration::ZERO), "0s");
+    }
+}
