@@ -1,13 +1,16 @@
 //! Everything that crosses the kernel/user boundary: map names, `#[repr(C)]` map keys and
 //! values (explicit padding, sizes asserted), counter slots, and the pure logic both sides
 //! share (classification order, token-bucket and pacing arithmetic), unit-tested on the host.
-#![no_std]
+// `no_std` for the eBPF side; the policy model (feature `policy`) is host-only and uses std.
+#![cfg_attr(not(feature = "policy"), no_std)]
 
 pub mod breaker;
 pub mod classify;
 pub mod lb;
 pub mod limit;
 pub mod maps;
+#[cfg(feature = "policy")]
+pub mod policy;
 pub mod reply;
 pub mod shape;
 pub mod stats;

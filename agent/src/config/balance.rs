@@ -10,12 +10,12 @@ use agent_common::{
     lb::{LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService},
 };
 
-use super::{
-    compile::backend_key,
+use crate::balance::wrr::DEFAULT_MAX_LEN;
+use agent_common::policy::{
     model::{Algorithm, MAX_TABLE_ENTRIES, Policy, Protocol},
+    rules::backend_key,
     units::Percent,
 };
-use crate::balance::wrr::DEFAULT_MAX_LEN;
 
 /// One balanced service.
 #[derive(Debug, Clone, PartialEq, Eq)]

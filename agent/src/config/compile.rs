@@ -2,24 +2,22 @@
 //! refused everything that would not fit (rule lists, token-bucket arithmetic, service count,
 //! backends with breakers, one breaker per backend address and protocol).
 
-use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use agent_common::breaker::{
     BackendKey, BackendState, F_CLOSE_EXISTING, F_DROP, F_PASSIVE, STATE_CLOSED,
 };
-use agent_common::classify::{
-    MAX_MATCH_RULES, PORT_ANY, PROTO_ANY, PROTO_TCP, PROTO_UDP, V4_MAPPED_PREFIX, v4_mapped,
-};
-use agent_common::limit::{
-    RL_KEY_FLOW, RL_KEY_SERVICE, RL_KEY_SOURCE_IP, RL_UNIT_BYTES, RL_UNIT_PACKETS, SVC_F_ACTIVE,
-};
-use agent_common::shape::{SVC_F_SHAPE, ShapeConfig, ShapeConfigError};
+use agent_common::classify::{MAX_MATCH_RULES, PORT_ANY, V4_MAPPED_PREFIX, v4_mapped};
+use agent_common::limit::{RL_UNIT_BYTES, RL_UNIT_PACKETS, SVC_F_ACTIVE};
+use agent_common::shape::{SVC_F_SHAPE, ShapeConfig};
 use agent_common::{MatchList, MatchRule, ServiceConfig};
 
-use super::model::{
-    Cidr, KeyBy, Match, OnOpen, Policy, Priority, Protocol, RateLimit, Service, Shaping,
+use agent_common::policy::model::{
+    MAX_TABLE_ENTRIES, OnOpen, Policy, Priority, RateLimit, Service,
+};
+use agent_common::policy::rules::{
+    PrefixRules, backend_key, backend_protocols, key_kind, prefix_rules, proto,
 };
 
 // Every service has one prefix, plus the IPv4 guard entry: the trie never overflows.
@@ -115,45 +113,6 @@ pub struct ClassifyEntry {
     pub rules: MatchList,
 }
 
-/// The rules that apply at one prefix, most specific first.
-pub(crate) struct PrefixRules<'a> {
-    pub prefix: Cidr,
-    /// (service index, its match), sorted by `MatchRule::specificity`, ties in policy order.
-    pub rules: Vec<(usize, &'a Match)>,
-}
-
-fn proto(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => PROTO_TCP,
-        Protocol::Udp => PROTO_UDP,
-        Protocol::Any => PROTO_ANY,
-    }
-}
-
-/// The protocols a service's backends receive, as `BACKENDS` keys them. Shared with
-/// validation, which refuses a backend address with two breakers for one protocol.
-pub(crate) fn backend_protocols(p: Protocol) -> &'static [u8] {
-    match p {
-        Protocol::Tcp => &[PROTO_TCP],
-        Protocol::Udp => &[PROTO_UDP],
-        Protocol::Any => &[PROTO_TCP, PROTO_UDP],
-    }
-}
-
-/// `BACKENDS` key of a backend address and protocol (IPv4 as `::ffff:a.b.c.d`).
-pub fn backend_key(address: SocketAddr, proto: u8) -> BackendKey {
-    let addr = match address.ip() {
-        IpAddr::V4(a) => v4_mapped(a.octets()),
-        IpAddr::V6(a) => a.octets(),
-    };
-    BackendKey {
-        addr,
-        port: address.port(),
-        proto,
-        _pad: 0,
-    }
-}
-
 fn backend_flags(s: &Service) -> u32 {
     let mut flags = 0;
     if let Some(cb) = &s.circuit_breaker {
@@ -202,72 +161,6 @@ pub fn compile_backends(policy: &Policy) -> Vec<CompiledBackend> {
     }
     out
 }
-
-fn specificity(m: &Match) -> (u32, u8, u8) {
-    let (_, prefix_len) = m.address.trie_key();
-    MatchRule::specificity(prefix_len, m.port.unwrap_or(PORT_ANY), proto(m.protocol))
-}
-
-/// For each distinct prefix, the rules that apply there: what the one LPM lookup of the
-/// datapath must find. Shared with validation, which limits the list length.
-pub(crate) fn prefix_rules<'a>(
-    matches: impl IntoIterator<Item = (usize, &'a Match)>,
-) -> Vec<PrefixRules<'a>> {
-    let matches: Vec<(usize, &Match)> = matches.into_iter().collect();
-    let prefixes: BTreeSet<Cidr> = matches.iter().map(|(_, m)| m.address).collect();
-    prefixes
-        .into_iter()
-        .map(|prefix| {
-            let mut rules: Vec<(usize, &Match)> = matches
-                .iter()
-                .filter(|(_, m)| m.address.covers(&prefix))
-                .copied()
-                .collect();
-            rules.sort_by_key(|(i, m)| (specificity(m), *i));
-            PrefixRules { prefix, rules }
-        })
-        .collect()
-}
-
-/// Why a `shaping` section does not fit the datapath; validation refuses all of these first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ShapeCompileError {
-    #[error("shaping.rate: pacing spaces bytes; a packet rate cannot be paced")]
-    PacketRate,
-    #[error("shaping.rate: must be greater than 0")]
-    ZeroRate,
-    #[error("shaping.horizon: must be greater than 0")]
-    ZeroHorizon,
-    #[error("shaping.horizon: longer than 2^64 ns")]
-    HorizonTooLong,
-}
-
-/// The datapath's form of a `shaping` section (`ServiceConfig::shape`).
-impl TryFrom<&Shaping> for ShapeConfig {
-    type Error = ShapeCompileError;
-
-    fn try_from(s: &Shaping) -> Result<ShapeConfig, ShapeCompileError> {
-        if !s.rate.is_bytes() {
-            return Err(ShapeCompileError::PacketRate);
-        }
-        let horizon =
-            u64::try_from(s.horizon.as_nanos()).map_err(|_| ShapeCompileError::HorizonTooLong)?;
-        ShapeConfig::new(key_kind(s.key), s.rate.per_second(), horizon).map_err(|e| match e {
-            ShapeConfigError::ZeroRate => ShapeCompileError::ZeroRate,
-            ShapeConfigError::ZeroHorizon => ShapeCompileError::ZeroHorizon,
-        })
-    }
-}
-
-/// `RL_KEY_*` of a `key` setting (token buckets and departure lines alike).
-fn key_kind(key: KeyBy) -> u32 {
-    match key {
-        KeyBy::Flow => RL_KEY_FLOW,
-        KeyBy::SourceIp => RL_KEY_SOURCE_IP,
-        KeyBy::Service => RL_KEY_SERVICE,
-    }
-}
-
 fn service_config(service: &Service) -> ServiceConfig {
     let mut config = limit_config(service);
     if let Some(shaping) = &service.shaping {
@@ -341,7 +234,7 @@ pub fn compile(policy: &Policy) -> Compiled {
 
     let table = prefix_rules(policy.services.iter().map(|s| &s.r#match).enumerate());
     let mut classify: Vec<ClassifyEntry> = table.iter().map(classify_entry).collect();
-    let mapped = Cidr::V4_MAPPED_RANGE;
+    let mapped = agent_common::policy::net::Cidr::V4_MAPPED_RANGE;
     let v6_covers_v4 = table
         .iter()
         .any(|p| p.prefix.addr().is_ipv6() && p.prefix.covers(&mapped));
@@ -362,11 +255,11 @@ pub fn compile(policy: &Policy) -> Compiled {
         .filter_map(|s| s.rate_limit.as_ref())
         .map(|r| u64::from(r.max_keys))
         .sum();
-    let max_keys = keys.clamp(1, u64::from(super::model::MAX_TABLE_ENTRIES)) as u32;
+    let max_keys = keys.clamp(1, u64::from(MAX_TABLE_ENTRIES)) as u32;
 
     let shaped = || policy.services.iter().filter_map(|s| s.shaping.as_ref());
     let shape_keys: u64 = shaped().map(|s| u64::from(s.max_keys)).sum();
-    let shape_keys = shape_keys.clamp(1, u64::from(super::model::MAX_TABLE_ENTRIES)) as u32;
+    let shape_keys = shape_keys.clamp(1, u64::from(MAX_TABLE_ENTRIES)) as u32;
 
     let (lb, lb_table_entries, lb_conn_entries) = super::balance::compile_lb(policy);
     Compiled {
@@ -387,6 +280,10 @@ mod tests {
     use super::*;
     use crate::config::load_str;
     use agent_common::classify::PROTO_ICMP;
+    use agent_common::classify::{PROTO_TCP, PROTO_UDP};
+    use agent_common::limit::{RL_KEY_FLOW, RL_KEY_SOURCE_IP};
+    use agent_common::policy::model::{KeyBy, Shaping};
+    use agent_common::policy::rules::ShapeCompileError;
     use std::net::IpAddr;
 
     /// The datapath's decision: one longest-prefix lookup, then the first accepting rule.
@@ -609,7 +506,7 @@ mod tests {
             horizon,
             max_keys: 1,
         };
-        use super::super::units::Rate;
+        use agent_common::policy::units::Rate;
         let second = Duration::from_secs(1);
         assert_eq!(
             ShapeConfig::try_from(&shaping(Rate::Packets(10), second)),

@@ -1,21 +1,29 @@
-//! The typed policy: POLICY.md as Rust types, every default as POLICY.md shows it.
+//! The typed policy: POLICY.md as Rust types, declared once, read by serde.
 //!
 //! Field names are the YAML names (hence `r#match`, `r#type`), so the path in an error message
-//! is also the chain of fields in code. Everything here has been validated: a `Rate` is never
+//! is also the chain of fields in code. Each field's rule is on the field (`deserialize_with`,
+//! read.rs) or in its type's parser; each default is in its section's `Default` (POLICY.md's
+//! values), which `#[serde(default)]` uses for fields the file leaves out. A required field's
+//! `Default` is a placeholder that validation never lets through (it reports the field missing).
+//!
+//! Everything in a `Policy` from `load_str`/`load_file` has been validated: a `Rate` is never
 //! 0, a `Cidr` has no host bits, a timeout is shorter than its interval, and so on.
-//! Optional sections are `Option`s and say what their absence means; each section also
-//! implements `Default` with POLICY.md's values, for code that wants "the section or its
-//! defaults" (`svc.load_balancing.clone().unwrap_or_default()`).
+//! Optional sections are `Option`s and say what their absence means; code that wants "the
+//! section or its defaults" writes `svc.load_balancing.clone().unwrap_or_default()`.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use super::net::Cidr;
+use super::read::{self as r, Index, Raw};
 pub use super::units::{Percent, Rate};
-use super::yaml::SpanIndex;
+use super::units::{parse_duration, parse_percent};
 
 /// A word-valued setting: the YAML words and their variants in one place.
 pub trait Keyword: Copy + 'static {
@@ -44,6 +52,11 @@ macro_rules! keywords {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(self.as_str())
+            }
+        }
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                r::keyword_leaf(d)
             }
         }
     };
@@ -107,16 +120,26 @@ keywords! {
 #[derive(Debug, Default)]
 pub(crate) struct Source {
     pub file: String,
-    pub spans: SpanIndex,
+    pub spans: Index,
 }
 
-/// A validated policy (POLICY.md, version 1).
-#[derive(Debug, Clone)]
+/// A validated policy (POLICY.md, version 1). Read it with `load_str` or `load_file`: the
+/// `Deserialize` impls of the model are the reading half only, without validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Policy {
+    /// Required.
+    #[serde(default, deserialize_with = "r::version")]
     pub version: u32,
+    #[serde(default, deserialize_with = "r::or_default")]
     pub agent: AgentSettings,
+    /// Required, at least one.
+    #[serde(default, deserialize_with = "r::list")]
     pub interfaces: Vec<Interface>,
+    /// Required, at least one.
+    #[serde(default, deserialize_with = "r::list")]
     pub services: Vec<Service>,
+    #[serde(skip)]
     pub(crate) source: Arc<Source>,
 }
 
@@ -132,11 +155,14 @@ impl PartialEq for Policy {
 }
 impl Eq for Policy {}
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
     /// Serves `/metrics`, `/health/live`, `/health/ready`.
+    #[serde(deserialize_with = "r::socket")]
     pub listen: SocketAddr,
     /// Where maps and links are pinned; absolute.
+    #[serde(deserialize_with = "r::absolute_path")]
     pub pin_path: PathBuf,
     pub log_level: LogLevel,
 }
@@ -151,81 +177,129 @@ impl Default for AgentSettings {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Interface {
     /// A valid Linux name; whether it exists is checked by `agent run`, not here.
+    #[serde(deserialize_with = "r::interface_name")]
     pub name: String,
     pub xdp_mode: XdpMode,
     pub direction: Direction,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Service {
-    /// `[a-z0-9-]`, 1 to 63 characters, unique.
+    /// `[a-z0-9-]`, 1 to 63 characters, unique. Required.
+    #[serde(deserialize_with = "r::service_name")]
     pub name: String,
+    /// Required.
+    #[serde(deserialize_with = "r::or_default")]
     pub r#match: Match,
     pub priority: Priority,
     /// `None`: no rate limit.
+    #[serde(deserialize_with = "r::section")]
     pub rate_limit: Option<RateLimit>,
     /// Empty: no load balancing; traffic goes to the matched address untouched.
+    #[serde(deserialize_with = "r::list")]
     pub backends: Vec<Backend>,
     /// `None` with backends: `LoadBalancing::default()` applies.
+    #[serde(deserialize_with = "r::section")]
     pub load_balancing: Option<LoadBalancing>,
     /// `None`: no active probes; backends count as healthy unless the breaker opens them.
+    #[serde(deserialize_with = "r::section")]
     pub health_check: Option<HealthCheck>,
     /// `None`: no circuit breaker.
+    #[serde(deserialize_with = "r::section")]
     pub circuit_breaker: Option<CircuitBreaker>,
     /// `None`: the service never degrades.
+    #[serde(deserialize_with = "r::section")]
     pub degradation: Option<Degradation>,
     /// `None`: no pacing.
+    #[serde(deserialize_with = "r::section")]
     pub shaping: Option<Shaping>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Match {
+    /// Required.
     pub address: Cidr,
     /// `None`: every port.
+    #[serde(deserialize_with = "r::port")]
     pub port: Option<u16>,
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RateLimit {
     pub key: KeyBy,
     /// Never 0.
     pub rate: Rate,
     /// Packets for a packet rate, bytes for a bit or byte rate. Resolved: when the policy
     /// omits it, one second of `rate`. Never 0; for byte rates at least one full frame.
+    #[serde(deserialize_with = "r::burst")]
     pub burst: u64,
     /// Size of the key table (LRU), 1 to 16777216.
+    #[serde(deserialize_with = "r::entries")]
     pub max_keys: u32,
 }
 
+impl Default for RateLimit {
+    /// `rate` is a placeholder (required); `burst` 0 is "not given", resolved by validation.
+    fn default() -> RateLimit {
+        RateLimit {
+            key: KeyBy::SourceIp,
+            rate: Rate::Packets(0),
+            burst: 0,
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+}
+
 /// Default `rate_limit.max_keys`.
-pub const DEFAULT_MAX_KEYS: u32 = agent_common::maps::DEFAULT_MAX_KEYS;
+pub const DEFAULT_MAX_KEYS: u32 = crate::maps::DEFAULT_MAX_KEYS;
 /// Largest `rate_limit.max_keys` (and Maglev `table_size`): 2^24.
 pub const MAX_TABLE_ENTRIES: u32 = 1 << 24;
 /// A byte bucket must hold one full Ethernet frame (1500 + 14), or nothing passes it.
 pub const MIN_BYTE_BURST: u64 = 1514;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Backend {
+    /// Required.
+    #[serde(deserialize_with = "r::backend_address")]
     pub address: SocketAddr,
     /// 0 to 1000; 0 drains (existing flows stay, no new ones).
+    #[serde(deserialize_with = "r::weight")]
     pub weight: u16,
+}
+
+impl Default for Backend {
+    fn default() -> Backend {
+        Backend {
+            address: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            weight: DEFAULT_WEIGHT,
+        }
+    }
 }
 
 /// Default backend weight.
 pub const DEFAULT_WEIGHT: u16 = 100;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoadBalancing {
     pub algorithm: Algorithm,
     /// Rewrite traffic addressed to `match` onto a backend (DNAT + reverse NAT).
+    #[serde(deserialize_with = "r::boolean")]
     pub vip: bool,
     /// A recovered backend's weight ramps linearly over this window.
+    #[serde(deserialize_with = "r::duration")]
     pub slow_start: Duration,
     /// Maglev lookup table size: prime, at least 100 x backends.
+    #[serde(deserialize_with = "r::entries")]
     pub table_size: u32,
     /// Extension of POLICY.md v1: when the available backends (healthy, breaker not open)
     /// carry less than this share of the configured weight, the service *panics*: health and
@@ -235,6 +309,7 @@ pub struct LoadBalancing {
     /// Extension of POLICY.md v1: flows the connection table holds for this service (the
     /// table is one LRU shared by the balanced services, sized by the sum; an evicted flow is
     /// balanced again on its next packet).
+    #[serde(deserialize_with = "r::entries")]
     pub max_connections: u32,
 }
 
@@ -251,27 +326,37 @@ impl Default for LoadBalancing {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HealthCheck {
     pub r#type: CheckType,
     /// http only; starts with `/`.
+    #[serde(deserialize_with = "r::http_path")]
     pub path: String,
     /// http Host header; empty = the backend address.
+    #[serde(deserialize_with = "r::header")]
     pub host: String,
     /// http only.
     pub expected_status: StatusRange,
+    #[serde(deserialize_with = "r::positive_duration")]
     pub interval: Duration,
     /// Interval while a backend is unhealthy.
+    #[serde(deserialize_with = "r::positive_duration")]
     pub unhealthy_interval: Duration,
     /// Shorter than both intervals.
+    #[serde(deserialize_with = "r::positive_duration")]
     pub timeout: Duration,
     /// Consecutive successes to become healthy (rise), >= 1.
+    #[serde(deserialize_with = "r::count")]
     pub healthy_threshold: u32,
     /// Consecutive failures to become unhealthy (fall), >= 1.
+    #[serde(deserialize_with = "r::count")]
     pub unhealthy_threshold: u32,
     pub jitter: Percent,
+    #[serde(deserialize_with = "r::or_default")]
     pub retry: Retry,
     /// Also count failed connection attempts the datapath sees.
+    #[serde(deserialize_with = "r::boolean")]
     pub passive: bool,
 }
 
@@ -281,7 +366,7 @@ impl Default for HealthCheck {
             r#type: CheckType::Tcp,
             path: "/".into(),
             host: String::new(),
-            expected_status: StatusRange { min: 200, max: 399 },
+            expected_status: StatusRange::default(),
             interval: Duration::from_secs(1),
             unhealthy_interval: Duration::from_secs(1),
             timeout: Duration::from_millis(500),
@@ -301,6 +386,36 @@ pub struct StatusRange {
     pub max: u16,
 }
 
+/// 200-399: what POLICY.md counts as healthy.
+impl Default for StatusRange {
+    fn default() -> StatusRange {
+        StatusRange { min: 200, max: 399 }
+    }
+}
+
+/// `200` or `200-399`, within 100-599.
+pub fn parse_status_range(text: &str) -> Result<StatusRange, String> {
+    let bad =
+        || format!("`{text}` is not a status like 200 or a range like 200-399, within 100-599");
+    let status = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|v| (100..=599).contains(v))
+    };
+    let (min, max) = match text.split_once('-') {
+        Some((a, b)) => (status(a).ok_or_else(bad)?, status(b).ok_or_else(bad)?),
+        None => {
+            let s = status(text).ok_or_else(bad)?;
+            (s, s)
+        }
+    };
+    if min > max {
+        return Err(format!("`{text}` is an empty range: {min} is above {max}"));
+    }
+    Ok(StatusRange { min, max })
+}
+
 impl StatusRange {
     pub fn contains(&self, status: u16) -> bool {
         (self.min..=self.max).contains(&status)
@@ -318,12 +433,16 @@ impl fmt::Display for StatusRange {
 }
 
 /// Retries of one probe inside its interval (the datapath never retries).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Retry {
     /// Attempts in all, >= 1; 1 = no retry.
+    #[serde(deserialize_with = "r::count")]
     pub max_attempts: u32,
+    #[serde(deserialize_with = "r::duration")]
     pub initial_backoff: Duration,
     /// >= `initial_backoff`.
+    #[serde(deserialize_with = "r::duration")]
     pub max_backoff: Duration,
 }
 
@@ -337,25 +456,34 @@ impl Default for Retry {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CircuitBreaker {
     /// Consecutive failures that open the breaker, >= 1.
+    #[serde(deserialize_with = "r::count")]
     pub failure_threshold: u32,
     /// 0% = off; else open when failures/attempts over `window` exceed it.
     pub error_rate: Percent,
     /// Attempts needed in `window` before `error_rate` applies, >= 1.
+    #[serde(deserialize_with = "r::count")]
     pub min_requests: u32,
+    #[serde(deserialize_with = "r::positive_duration")]
     pub window: Duration,
     /// open -> half_open; <= `max_reset_timeout`.
+    #[serde(deserialize_with = "r::positive_duration")]
     pub reset_timeout: Duration,
     /// `reset_timeout` doubles on each consecutive re-open, up to this.
+    #[serde(deserialize_with = "r::positive_duration")]
     pub max_reset_timeout: Duration,
     /// New flows admitted while half-open, >= 1.
+    #[serde(deserialize_with = "r::count")]
     pub half_open_max_flows: u32,
     /// Successes in half-open that close it, >= 1.
+    #[serde(deserialize_with = "r::count")]
     pub success_threshold: u32,
     pub on_open: OnOpen,
     /// Also cut established flows when it opens.
+    #[serde(deserialize_with = "r::boolean")]
     pub close_existing: bool,
     /// Never open more than this share of a service's backends (one may always open).
     pub max_ejection_percent: Percent,
@@ -379,23 +507,101 @@ impl Default for CircuitBreaker {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Degradation {
-    /// At least one; any condition true => degraded.
+    /// At least one; any condition true => degraded. Required.
+    #[serde(deserialize_with = "r::list")]
     pub conditions: Vec<Condition>,
+    /// Required unless its strategy is `shed` (validation reports it missing).
+    #[serde(deserialize_with = "r::or_default")]
     pub fallback: Fallback,
     /// Conditions must stay false this long before recovering.
+    #[serde(deserialize_with = "r::duration")]
     pub recover_after: Duration,
+}
+
+impl Default for Degradation {
+    fn default() -> Degradation {
+        Degradation {
+            conditions: Vec::new(),
+            fallback: Fallback::default(),
+            recover_after: DEFAULT_RECOVER_AFTER,
+        }
+    }
 }
 
 /// Default `degradation.recover_after`.
 pub const DEFAULT_RECOVER_AFTER: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "ConditionYaml")]
 pub struct Condition {
     pub kind: ConditionKind,
     /// The window the measure is taken over.
     pub window: Duration,
+}
+
+/// A condition as written: the kind of its threshold follows its `type`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConditionYaml {
+    /// Required; `None` when missing or wrong (both reported).
+    #[serde(default, deserialize_with = "r::known")]
+    r#type: Option<ConditionType>,
+    #[serde(default)]
+    threshold: Option<Spanned<Raw>>,
+    #[serde(
+        default = "default_condition_window",
+        deserialize_with = "r::positive_duration"
+    )]
+    window: Duration,
+}
+
+fn default_condition_window() -> Duration {
+    DEFAULT_CONDITION_WINDOW
+}
+
+impl From<ConditionYaml> for Condition {
+    fn from(c: ConditionYaml) -> Condition {
+        // Without a valid type the threshold cannot be read; a placeholder stands in.
+        let t = c.r#type.unwrap_or_default();
+        let kind = match (c.r#type, c.threshold) {
+            (Some(t), Some(threshold)) => r::parse_at(threshold, |raw| threshold_of(t, raw)),
+            _ => None,
+        };
+        Condition {
+            kind: kind.unwrap_or(ConditionKind::default_for(t)),
+            window: c.window,
+        }
+    }
+}
+
+/// A threshold of the kind its condition measures: a duration for latency, a percentage
+/// for the rates.
+fn threshold_of(t: ConditionType, raw: &Raw) -> Result<ConditionKind, String> {
+    let Raw::Scalar { text, .. } = raw else {
+        return Err(format!("expected a string, found {}", raw.describe()));
+    };
+    let wrong_kind = |what: &str, example: &str| {
+        format!("{t} thresholds are {what} (e.g. {example}), found `{text}`")
+    };
+    match t {
+        ConditionType::Latency => match parse_duration(text) {
+            Ok(d) if d.is_zero() => Err("must be greater than 0".into()),
+            Ok(threshold) => Ok(ConditionKind::Latency { threshold }),
+            Err(_) if parse_percent(text).is_ok() => Err(wrong_kind("durations", "500ms")),
+            Err(e) => Err(e.to_string()),
+        },
+        ConditionType::ErrorRate | ConditionType::Availability => match parse_percent(text) {
+            Ok(threshold) if t == ConditionType::ErrorRate => {
+                Ok(ConditionKind::ErrorRate { threshold })
+            }
+            Ok(threshold) => Ok(ConditionKind::Availability { threshold }),
+            Err(_) if parse_duration(text).is_ok() => Err(wrong_kind("percentages", "50%")),
+            Err(e) => Err(e.to_string()),
+        },
+    }
 }
 
 /// Default condition `window`.
@@ -437,28 +643,44 @@ impl ConditionKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Fallback {
     pub strategy: FallbackStrategy,
     /// Where traffic goes while degraded; non-empty unless `strategy` is `shed`, empty then.
+    #[serde(deserialize_with = "r::list")]
     pub backends: Vec<Backend>,
 }
 
 /// Pacing instead of dropping, on egress (needs `sch_fq`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Shaping {
-    /// Always `Rate::Bytes`: pacing spaces bytes.
+    /// Always `Rate::Bytes`: pacing spaces bytes. Required.
     pub rate: Rate,
     pub key: KeyBy,
     /// Packets that would leave later than this are dropped; > 0.
+    #[serde(deserialize_with = "r::positive_duration")]
     pub horizon: Duration,
     /// Extension of POLICY.md v1: entries of the departure table (one per key) this service
     /// needs, 1 to 16777216. The table is one LRU shared by the shaped services, sized by the
     /// sum; an evicted key starts again as idle (its next packet leaves at once).
+    #[serde(deserialize_with = "r::entries")]
     pub max_keys: u32,
+}
+
+impl Default for Shaping {
+    fn default() -> Shaping {
+        Shaping {
+            rate: Rate::Packets(0),
+            key: KeyBy::Flow,
+            horizon: DEFAULT_HORIZON,
+            max_keys: DEFAULT_SHAPE_KEYS,
+        }
+    }
 }
 
 /// Default `shaping.horizon`.
 pub const DEFAULT_HORIZON: Duration = Duration::from_secs(2);
 /// Default `shaping.max_keys`.
-pub const DEFAULT_SHAPE_KEYS: u32 = agent_common::shape::DEFAULT_SHAPE_KEYS;
+pub const DEFAULT_SHAPE_KEYS: u32 = crate::shape::DEFAULT_SHAPE_KEYS;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use agent_common::classify::{ADDR_LEN, V4_MAPPED_PREFIX, v4_mapped};
+use crate::classify::{ADDR_LEN, V4_MAPPED_PREFIX, v4_mapped};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
@@ -40,6 +40,16 @@ pub enum AddrError {
 pub struct Cidr {
     addr: IpAddr,
     prefix_len: u8,
+}
+
+/// `0.0.0.0/0`; a placeholder for a missing or wrong address (validation reports it).
+impl Default for Cidr {
+    fn default() -> Cidr {
+        Cidr {
+            addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            prefix_len: 0,
+        }
+    }
 }
 
 /// `addr` with every bit past `len` cleared.

@@ -1,0 +1,355 @@
+//! Whole-file tests: the invalid fixtures with their exact messages, the example policies,
+//! defaults, and robustness against mangled input.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+/// The workspace root: fixture paths in messages are relative to it.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `config/invalid/NAME.yaml` must fail with exactly the lines of `NAME.expected`.
+/// `BLESS=1` rewrites the expected files (review the diff before committing).
+#[test]
+fn invalid_fixtures_report_exactly_the_expected_errors() {
+    let dir = root().join("config/invalid");
+    let files = yaml_files(&dir);
+    assert!(
+        files.len() >= 17,
+        "expected the fixture set, found {files:?}"
+    );
+    let bless = std::env::var_os("BLESS").is_some();
+    let mut failures = Vec::new();
+    for file in files {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let shown = format!("config/invalid/{name}");
+        let src = fs::read_to_string(&file).unwrap();
+        let got = match load_str(&src, &shown) {
+            Ok(_) => "(valid)".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let expected_path = file.with_extension("expected");
+        if bless {
+            fs::write(&expected_path, format!("{got}\n")).unwrap();
+            continue;
+        }
+        let expected = fs::read_to_string(&expected_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", expected_path.display()));
+        if expected.trim_end() != got {
+            failures.push(format!(
+                "{shown}\n--- expected\n{}\n--- got\n{got}",
+                expected.trim_end()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n\n"));
+}
+
+#[test]
+fn example_policies_are_valid() {
+    let files = yaml_files(&root().join("config"));
+    assert!(files.len() >= 3, "expected the examples, found {files:?}");
+    for file in files {
+        if let Err(e) = load_file(&file) {
+            panic!("{} should be valid:\n{e}", file.display());
+        }
+    }
+}
+
+#[test]
+fn the_demo_policy_is_what_the_demo_expects() {
+    let p = load_file(&root().join("config/demo.yaml")).unwrap();
+    assert_eq!(p.interfaces[0].name, "veth-agent");
+    let udp = &p.services[0];
+    assert_eq!(udp.name, "demo-udp");
+    assert_eq!(udp.r#match.address.to_string(), "198.18.0.2/32");
+    assert_eq!(udp.r#match.port, Some(5000));
+    assert_eq!(udp.r#match.protocol, Protocol::Udp);
+    let rl = udp.rate_limit.as_ref().unwrap();
+    assert_eq!(
+        (rl.key, rl.rate, rl.burst),
+        (KeyBy::Flow, Rate::Packets(1000), 200)
+    );
+    assert!(p.services[1].rate_limit.is_none());
+    assert_eq!(
+        p.services[2].rate_limit.as_ref().map(|r| r.key),
+        Some(KeyBy::SourceIp)
+    );
+}
+
+const MINIMAL: &str = "\
+version: 1
+interfaces:
+  - name: eth0
+services:
+  - name: web
+    match:
+      address: 198.18.0.1
+    rate_limit:
+      rate: 100Mbit/s
+    backends:
+      - address: 198.18.1.1:80
+    load_balancing: {}
+    health_check: {}
+    circuit_breaker: {}
+    degradation:
+      conditions:
+        - type: latency
+        - type: error_rate
+        - type: availability
+      fallback:
+        backends:
+          - address: 198.18.2.1:80
+    shaping:
+      rate: 1Gbit/s
+";
+
+#[test]
+fn defaults_are_those_of_policy_md() {
+    let p = load_str(MINIMAL, "minimal.yaml").unwrap();
+    assert_eq!(p.agent, AgentSettings::default());
+    assert_eq!(p.agent.listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(p.agent.pin_path, Path::new("/sys/fs/bpf/agent"));
+    assert_eq!(p.agent.log_level, LogLevel::Info);
+    assert_eq!(p.interfaces[0].xdp_mode, XdpMode::Auto);
+    assert_eq!(p.interfaces[0].direction, Direction::Both);
+    let s = &p.services[0];
+    assert_eq!(s.r#match.port, None);
+    assert_eq!(s.r#match.protocol, Protocol::Tcp);
+    assert_eq!(s.priority, Priority::Core);
+    let rl = s.rate_limit.as_ref().unwrap();
+    assert_eq!(rl.key, KeyBy::SourceIp);
+    assert_eq!(rl.rate, Rate::Bytes(12_500_000));
+    assert_eq!(rl.burst, 12_500_000, "one second of rate");
+    assert_eq!(rl.max_keys, 1_048_576);
+    assert_eq!(s.backends[0].weight, 100);
+    let lb = s.load_balancing.as_ref().unwrap();
+    assert_eq!(
+        (lb.algorithm, lb.vip, lb.slow_start, lb.table_size),
+        (Algorithm::Maglev, true, Duration::ZERO, 65537)
+    );
+    let hc = s.health_check.as_ref().unwrap();
+    assert_eq!(*hc, HealthCheck::default());
+    assert_eq!(hc.r#type, CheckType::Tcp);
+    assert_eq!((hc.path.as_str(), hc.host.as_str()), ("/", ""));
+    assert_eq!(hc.expected_status, StatusRange { min: 200, max: 399 });
+    assert_eq!(hc.interval, Duration::from_secs(1));
+    assert_eq!(hc.unhealthy_interval, Duration::from_secs(1));
+    assert_eq!(hc.timeout, Duration::from_millis(500));
+    assert_eq!((hc.healthy_threshold, hc.unhealthy_threshold), (2, 3));
+    assert_eq!(hc.jitter, Percent::whole(10));
+    assert_eq!(hc.retry.max_attempts, 1);
+    assert_eq!(hc.retry.initial_backoff, Duration::from_millis(50));
+    assert_eq!(hc.retry.max_backoff, Duration::from_millis(500));
+    assert!(hc.passive);
+    let cb = s.circuit_breaker.as_ref().unwrap();
+    assert_eq!(*cb, CircuitBreaker::default());
+    assert_eq!(cb.failure_threshold, 5);
+    assert!(cb.error_rate.is_zero());
+    assert_eq!(cb.min_requests, 20);
+    assert_eq!(cb.window, Duration::from_secs(10));
+    assert_eq!(cb.reset_timeout, Duration::from_secs(30));
+    assert_eq!(cb.max_reset_timeout, Duration::from_secs(300));
+    assert_eq!((cb.half_open_max_flows, cb.success_threshold), (3, 2));
+    assert_eq!(cb.on_open, OnOpen::Reject);
+    assert!(!cb.close_existing);
+    assert_eq!(cb.max_ejection_percent, Percent::whole(50));
+    let d = s.degradation.as_ref().unwrap();
+    let kinds: Vec<_> = d.conditions.iter().map(|c| c.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ConditionKind::Latency {
+                threshold: Duration::from_millis(500)
+            },
+            ConditionKind::ErrorRate {
+                threshold: Percent::whole(50)
+            },
+            ConditionKind::Availability {
+                threshold: Percent::whole(80)
+            },
+        ]
+    );
+    assert!(
+        d.conditions
+            .iter()
+            .all(|c| c.window == Duration::from_secs(30))
+    );
+    assert_eq!(d.fallback.strategy, FallbackStrategy::StaticResponse);
+    assert_eq!(d.recover_after, Duration::from_secs(60));
+    let sh = s.shaping.as_ref().unwrap();
+    assert_eq!(sh.max_keys, 65_536, "extension: shaping.max_keys");
+    assert_eq!(
+        (sh.rate, sh.key, sh.horizon),
+        (
+            Rate::Bytes(125_000_000),
+            KeyBy::Flow,
+            Duration::from_secs(2)
+        )
+    );
+}
+
+#[test]
+fn an_empty_section_is_the_section_with_its_defaults() {
+    let src = "\
+version: 1
+interfaces: [{name: eth0}]
+services:
+  - name: web
+    match: {address: 198.18.0.1}
+    backends: [{address: '198.18.1.1:80'}]
+    health_check:
+    circuit_breaker: ~
+    rate_limit:
+";
+    let e = load_str(src, "s.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "s.yaml:9:5: services[0].rate_limit.rate: required field is missing"
+    );
+    let p = load_str(&src.replace("    rate_limit:\n", ""), "s.yaml").unwrap();
+    assert_eq!(p.services[0].health_check, Some(HealthCheck::default()));
+    assert_eq!(
+        p.services[0].circuit_breaker,
+        Some(CircuitBreaker::default())
+    );
+    let d = p.error_at("services[0].health_check.interval", "x");
+    assert_eq!(
+        (d.line, d.column),
+        (7, 5),
+        "points at the empty section's key"
+    );
+}
+
+#[test]
+fn error_at_points_into_the_loaded_file() {
+    let p = load_str(MINIMAL, "minimal.yaml").unwrap();
+    assert_eq!(p.file_name(), "minimal.yaml");
+    let d = p.error_at("interfaces[0].name", "interface \"eth0\" does not exist");
+    assert_eq!(
+        d.to_string(),
+        "minimal.yaml:3:11: interfaces[0].name: interface \"eth0\" does not exist"
+    );
+    // A defaulted field points at its section.
+    let d = p.error_at("services[0].health_check.timeout", "x");
+    assert_eq!((d.line, d.column), (13, 19));
+    let d = p.error_at("", "whole file");
+    assert_eq!(d.to_string(), "minimal.yaml:1:1: (root): whole file");
+}
+
+#[test]
+fn unreadable_files_are_one_diagnostic() {
+    let e = load_file(Path::new("/nonexistent/policy.yaml")).unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    let d = &e.0[0];
+    assert_eq!((d.line, d.column, d.path.as_str()), (1, 1, "(file)"));
+    assert!(
+        d.to_string()
+            .starts_with("/nonexistent/policy.yaml:1:1: (file): cannot read")
+    );
+}
+
+#[test]
+fn more_services_than_the_datapath_holds_is_an_error() {
+    let mut src = String::from("version: 1\ninterfaces: [{name: eth0}]\nservices:\n");
+    for i in 0..1025u32 {
+        src.push_str(&format!(
+            "  - {{name: s{i}, match: {{address: 198.18.{}.{}}}}}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let e = load_str(&src, "big.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "big.yaml:4:3: services: 1025 services; the datapath holds at most 1024"
+    );
+}
+
+/// Variants of a valid file: truncations, dropped and duplicated lines, shifted indentation,
+/// replaced characters, and hostile documents. None may panic.
+#[test]
+fn mangled_input_never_panics() {
+    let base = fs::read_to_string(root().join("config/flash-sale.yaml")).unwrap();
+    let lines: Vec<&str> = base.lines().collect();
+    let mut variants: Vec<String> = Vec::new();
+    for cut in [1, 7, 50, 333, base.len() / 2, base.len() - 3] {
+        let cut = (0..=cut.min(base.len()))
+            .rev()
+            .find(|i| base.is_char_boundary(*i))
+            .unwrap_or(0);
+        variants.push(base[..cut].to_owned());
+    }
+    for (i, _) in lines.iter().enumerate().step_by(9) {
+        let mut dropped = lines.clone();
+        dropped.remove(i);
+        variants.push(dropped.join("\n"));
+        let mut doubled = lines.clone();
+        doubled.insert(i, lines[i]);
+        variants.push(doubled.join("\n"));
+        let mut shifted: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        shifted[i] = format!("   {}", shifted[i]);
+        variants.push(shifted.join("\n"));
+    }
+    for (from, to) in [
+        (":", ""),
+        ("-", ""),
+        ("s", "\u{0}"),
+        ("1", "-1"),
+        ("1", "99999999999999999999999"),
+        ("/", "//"),
+        ("  ", "\t"),
+        ("%", ""),
+        ("address", "<<"),
+        ("e", "é"),
+    ] {
+        variants.push(base.replacen(from, to, 3));
+        variants.push(base.replace(from, to));
+    }
+    variants.extend(
+        [
+            "",
+            "~",
+            "[]",
+            "42",
+            "- - -",
+            "{",
+            "version: 1\nservices: *nothing",
+            "a: &a [*a]",
+            "version: !!binary aGVsbG8=",
+            "? [complex, key]\n: value",
+            "version: 1\n---\nversion: 1",
+            "\u{feff}version: 1",
+            "version: 1\ninterfaces: [{name: eth0}]\nservices: [{name: a, match: {address: '::ffff:1.2.3.4'}}]",
+        ]
+        .map(String::from),
+    );
+    variants.push("[".repeat(100_000));
+    variants.push(format!("a: {}", "{b: ".repeat(5_000)));
+    assert!(variants.len() >= 36, "only {} variants", variants.len());
+    for (i, v) in variants.iter().enumerate() {
+        let result = std::panic::catch_unwind(|| load_str(v, "mangled.yaml"));
+        let Ok(result) = result else {
+            panic!("variant {i} panicked:\n{v}");
+        };
+        if let Err(e) = result {
+            for d in &e.0 {
+                assert!(d.line >= 1 && d.column >= 1, "variant {i}: {d}");
+            }
+        }
+    }
+}

@@ -1,0 +1,669 @@
+//! What serde cannot check: required fields, rules between the fields of a section, and
+//! rules across sections and services. Positions come from the index by field path.
+//!
+//! Reading has already reported every wrong value (read.rs); a check whose inputs were
+//! reported is skipped, so a placeholder never causes a second, spurious error. Checks across
+//! services see only the services (and interfaces) that read without errors, as before.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::ServiceConfig;
+use crate::breaker::MAX_BACKENDS;
+use crate::classify::{MAX_MATCH_RULES, PROTO_TCP};
+use crate::lb::{MAX_LB_BACKENDS, MAX_LEAST_CONN_BACKENDS};
+use crate::limit::{RL_KEY_FLOW, RL_UNIT_BYTES, RL_UNIT_PACKETS};
+use crate::maps::MAX_SERVICES;
+
+use super::error::{Diagnostic, display_path};
+use super::model::*;
+use super::read::{Index, Pos, child};
+use super::rules::{backend_protocols, is_prime, next_prime, prefix_rules};
+
+/// Above this a packet costs 0 ns in the datapath's arithmetic and nothing is limited.
+const MAX_PACKET_RATE: u64 = 1_000_000_000;
+
+pub(crate) struct Checker<'a> {
+    file: &'a str,
+    index: &'a Index,
+    /// Paths with an error: checks that read them (or a part of them) are skipped.
+    bad: Vec<String>,
+    pub diags: Vec<Diagnostic>,
+}
+
+impl<'a> Checker<'a> {
+    pub fn new(file: &'a str, index: &'a Index) -> Checker<'a> {
+        Checker {
+            file,
+            index,
+            bad: Vec::new(),
+            diags: Vec::new(),
+        }
+    }
+
+    /// An error about `path`, at `pos`.
+    pub fn error_at(&mut self, pos: Pos, path: &str, message: impl Into<String>) {
+        self.bad.push(path.to_owned());
+        self.diags.push(Diagnostic {
+            file: self.file.to_owned(),
+            line: pos.line,
+            column: pos.column,
+            path: display_path(path),
+            message: message.into(),
+        });
+    }
+
+    /// An error about `path`, at its value (or the closest enclosing one in the file).
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        self.error_at(self.index.lookup(path), path, message);
+    }
+
+    /// No error so far in `path`, in a part of it, or in what encloses it.
+    fn ok(&self, path: &str) -> bool {
+        let within = |inner: &str, outer: &str| {
+            inner.strip_prefix(outer).is_some_and(|rest| {
+                outer.is_empty() || rest.is_empty() || rest.starts_with(['.', '['])
+            })
+        };
+        !self.bad.iter().any(|b| within(b, path) || within(path, b))
+    }
+
+    fn has(&self, path: &str) -> bool {
+        self.index.has(path)
+    }
+
+    /// Reports each of `fields` of the mapping at `path` that the file leaves out.
+    fn require(&mut self, path: &str, fields: &[&str]) {
+        for f in fields {
+            let p = child(path, f);
+            if !self.has(&p) {
+                self.error(&p, "required field is missing");
+            }
+        }
+    }
+}
+
+/// Every check, on a policy as read; resolves what the file may leave to the policy
+/// (`rate_limit.burst`).
+pub(crate) fn check(p: &mut Policy, c: &mut Checker<'_>) {
+    c.require("", &["version", "interfaces", "services"]);
+    for (i, _) in p.interfaces.iter().enumerate() {
+        c.require(&format!("interfaces[{i}]"), &["name"]);
+    }
+    non_empty(c, "interfaces", p.interfaces.is_empty(), "interface");
+    non_empty(c, "services", p.services.is_empty(), "service");
+    if p.services.len() > MAX_SERVICES as usize {
+        let msg = format!(
+            "{} services; the datapath holds at most {MAX_SERVICES}",
+            p.services.len()
+        );
+        c.error("services", msg);
+    }
+    for (i, s) in p.services.iter_mut().enumerate() {
+        service(c, &format!("services[{i}]"), s);
+    }
+    let draft = Draft {
+        interfaces: (p.interfaces.iter().enumerate())
+            .filter(|(i, _)| c.ok(&format!("interfaces[{i}]")))
+            .collect(),
+        services: (p.services.iter().enumerate())
+            .filter(|(i, _)| c.ok(&format!("services[{i}]")))
+            .collect(),
+        all_interfaces: c.ok("interfaces"),
+    };
+    unique_interfaces(c, &draft);
+    for (i, service) in draft.services() {
+        service_sections(c, &format!("services[{i}]"), service);
+    }
+    unique_services(c, &draft);
+    rule_limits(c, &draft);
+    one_breaker_per_backend(c, &draft);
+    backend_id_limit(c, &draft);
+    lb_backend_limit(c, &draft);
+    shaping_needs_egress(c, &draft);
+}
+
+/// "at least one" for a list the file gives (an absent one is reported as missing).
+fn non_empty(c: &mut Checker<'_>, path: &str, empty: bool, what: &str) {
+    if empty && c.has(path) && c.ok(path) {
+        c.error(path, format!("at least one {what} is required"));
+    }
+}
+
+/// The checks within one service: its own sections, each on its own.
+fn service(c: &mut Checker<'_>, path: &str, s: &mut Service) {
+    c.require(path, &["name", "match"]);
+    let m = child(path, "match");
+    if c.has(&m) {
+        c.require(&m, &["address"]);
+    }
+    backends(c, &child(path, "backends"), &s.backends);
+    if let Some(rl) = &mut s.rate_limit {
+        rate_limit(c, &child(path, "rate_limit"), rl);
+    }
+    if let Some(lb) = &s.load_balancing {
+        load_balancing(c, &child(path, "load_balancing"), lb);
+    }
+    if let Some(hc) = &s.health_check {
+        health_check(c, &child(path, "health_check"), hc);
+    }
+    if let Some(cb) = &s.circuit_breaker {
+        let p = child(path, "circuit_breaker");
+        let (reset, max) = (child(&p, "reset_timeout"), child(&p, "max_reset_timeout"));
+        if c.ok(&reset) && c.ok(&max) && cb.reset_timeout > cb.max_reset_timeout {
+            let msg = format!(
+                "reset_timeout ({}) must not be longer than max_reset_timeout ({})",
+                show(cb.reset_timeout),
+                show(cb.max_reset_timeout)
+            );
+            c.error(&reset, msg);
+        }
+    }
+    if let Some(d) = &s.degradation {
+        degradation(c, &child(path, "degradation"), d);
+    }
+    if let Some(sh) = &s.shaping {
+        let p = child(path, "shaping");
+        c.require(&p, &["rate"]);
+        let rate = child(&p, "rate");
+        if c.has(&rate) && c.ok(&rate) {
+            match sh.rate {
+                Rate::Packets(_) => c.error(
+                    &rate,
+                    "pacing spaces bytes; use a bit or byte rate like 100Mbit/s",
+                ),
+                Rate::Bytes(0) => c.error(&rate, "must be greater than 0"),
+                Rate::Bytes(_) => {}
+            }
+        }
+    }
+}
+
+/// A list of backends (also `degradation.fallback.backends`); duplicates are refused because
+/// a backend listed twice silently gets twice its weight.
+fn backends(c: &mut Checker<'_>, path: &str, backends: &[Backend]) {
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, b) in backends.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        c.require(&p, &["address"]);
+        if !c.ok(&p) {
+            continue;
+        }
+        match seen.get(&b.address) {
+            Some(first) => {
+                let msg = format!("duplicate backend {} (also {path}[{first}])", b.address);
+                c.error(&child(&p, "address"), msg);
+            }
+            None => {
+                seen.insert(b.address, i);
+            }
+        }
+    }
+}
+
+/// Resolves the burst (one second of `rate` when the file gives none) and checks that the
+/// bucket fits the datapath.
+fn rate_limit(c: &mut Checker<'_>, path: &str, rl: &mut RateLimit) {
+    c.require(path, &["rate"]);
+    let (rate, burst) = (child(path, "rate"), child(path, "burst"));
+    if !c.has(&rate) || !c.ok(&rate) {
+        return;
+    }
+    if rl.rate.per_second() == 0 {
+        return c.error(&rate, "must be greater than 0");
+    }
+    if let Rate::Packets(r) = rl.rate
+        && r > MAX_PACKET_RATE
+    {
+        let msg = format!(
+            "must be at most {MAX_PACKET_RATE}/s: the datapath charges a packet in whole \
+             nanoseconds"
+        );
+        return c.error(&rate, msg);
+    }
+    if !c.ok(&burst) {
+        return;
+    }
+    let given = c.has(&burst);
+    if !given {
+        rl.burst = rl.rate.per_second();
+    }
+    let (r, b) = (rl.rate, rl.burst);
+    if r.is_bytes() && b < MIN_BYTE_BURST {
+        let msg = if given {
+            format!(
+                "must be at least {MIN_BYTE_BURST} bytes (one full frame) with a byte rate, \
+                 or no full-size packet ever passes"
+            )
+        } else {
+            format!(
+                "the default burst (one second of {r} = {b} bytes) is less than one full \
+                 frame; set burst to at least {MIN_BYTE_BURST}"
+            )
+        };
+        return c.error(&burst, msg);
+    }
+    let unit = if r.is_bytes() {
+        RL_UNIT_BYTES
+    } else {
+        RL_UNIT_PACKETS
+    };
+    if ServiceConfig::with_rate_limit(RL_KEY_FLOW, unit, r.per_second(), b).is_none() {
+        let msg = format!("burst {b} at {r} is more tokens than the datapath can hold");
+        c.error(&burst, msg);
+    }
+}
+
+fn load_balancing(c: &mut Checker<'_>, path: &str, lb: &LoadBalancing) {
+    let table = child(path, "table_size");
+    if !c.has(&table) || !c.ok(&table) {
+        return;
+    }
+    if !is_prime(lb.table_size) {
+        let msg = format!(
+            "{} is not prime; Maglev needs a prime table size (next prime: {})",
+            lb.table_size,
+            next_prime(lb.table_size)
+        );
+        c.error(&table, msg);
+    } else if c.ok(&child(path, "algorithm")) && lb.algorithm != Algorithm::Maglev {
+        let msg = format!(
+            "table_size applies only to algorithm maglev, not {}",
+            lb.algorithm
+        );
+        c.error(&table, msg);
+    }
+}
+
+fn health_check(c: &mut Checker<'_>, path: &str, hc: &HealthCheck) {
+    // Fields that only an http check reads: setting them on a tcp check is a mistake.
+    if c.ok(&child(path, "type")) && hc.r#type == CheckType::Tcp {
+        for field in ["path", "host", "expected_status"] {
+            let p = child(path, field);
+            if c.has(&p) {
+                c.error(&p, format!("`{field}` applies only to type http"));
+            }
+        }
+    }
+    // How each duration reads in a message: "(default 500ms)" when the file does not set it.
+    let shown = |c: &Checker<'_>, field: &str, v: Duration| {
+        if c.has(&child(path, field)) {
+            show(v)
+        } else {
+            format!("default {}", show(v))
+        }
+    };
+    let timeout = child(path, "timeout");
+    if c.ok(&timeout) {
+        for (name, limit) in [
+            ("interval", hc.interval),
+            ("unhealthy_interval", hc.unhealthy_interval),
+        ] {
+            if c.ok(&child(path, name)) && hc.timeout >= limit {
+                let msg = format!(
+                    "timeout ({}) must be shorter than {name} ({})",
+                    shown(c, "timeout", hc.timeout),
+                    shown(c, name, limit)
+                );
+                c.error(&timeout, msg);
+            }
+        }
+    }
+    let retry = child(path, "retry");
+    let initial = child(&retry, "initial_backoff");
+    if c.ok(&initial)
+        && c.ok(&child(&retry, "max_backoff"))
+        && hc.retry.initial_backoff > hc.retry.max_backoff
+    {
+        let msg = format!(
+            "initial_backoff ({}) must not be longer than max_backoff ({})",
+            show(hc.retry.initial_backoff),
+            show(hc.retry.max_backoff)
+        );
+        c.error(&initial, msg);
+    }
+}
+
+fn degradation(c: &mut Checker<'_>, path: &str, d: &Degradation) {
+    c.require(path, &["conditions"]);
+    let conditions = child(path, "conditions");
+    non_empty(c, &conditions, d.conditions.is_empty(), "condition");
+    for (i, _) in d.conditions.iter().enumerate() {
+        c.require(&format!("{conditions}[{i}]"), &["type"]);
+    }
+    let f = child(path, "fallback");
+    let list = child(&f, "backends");
+    backends(c, &list, &d.fallback.backends);
+    if c.ok(&child(&f, "strategy")) && c.ok(&list) {
+        let shed = d.fallback.strategy == FallbackStrategy::Shed;
+        if !shed && d.fallback.backends.is_empty() {
+            // The default strategy (static_response) needs backends, so a missing fallback
+            // is an error, not a silent "shed".
+            c.error(
+                &list,
+                "required unless strategy is shed: where traffic goes while degraded",
+            );
+        }
+        if shed && !d.fallback.backends.is_empty() {
+            c.error(
+                &list,
+                "not used with strategy shed, which drops the traffic; remove them",
+            );
+        }
+    }
+}
+
+/// How a duration reads in a message, in its largest whole unit: `500ms`, `10m`, `1500ms`.
+pub(crate) fn show(d: Duration) -> String {
+    let ns = d.as_nanos();
+    let units: [(u128, &str); 6] = [
+        (3_600_000_000_000, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "us"),
+        (1, "ns"),
+    ];
+    match units.iter().find(|(n, _)| ns != 0 && ns.is_multiple_of(*n)) {
+        Some((n, unit)) => format!("{}{unit}", ns / n),
+        None => "0s".into(),
+    }
+}
+
+/// The services and interfaces that read without errors, with their index in the file.
+struct Draft<'a> {
+    interfaces: Vec<(usize, &'a Interface)>,
+    services: Vec<(usize, &'a Service)>,
+    /// Every interface read without errors.
+    all_interfaces: bool,
+}
+
+impl<'a> Draft<'a> {
+    fn services(&self) -> impl Iterator<Item = (usize, &'a Service)> + '_ {
+        self.services.iter().copied()
+    }
+
+    fn interfaces(&self) -> impl Iterator<Item = (usize, &'a Interface)> + '_ {
+        self.interfaces.iter().copied()
+    }
+}
+
+fn unique_interfaces(c: &mut Checker<'_>, draft: &Draft<'_>) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, interface) in draft.interfaces() {
+        if let Some(first) = seen.get(interface.name.as_str()) {
+            let msg = format!(
+                "interface `{}` is listed twice (also interfaces[{first}])",
+                interface.name
+            );
+            c.error(&format!("interfaces[{i}].name"), msg);
+        } else {
+            seen.insert(&interface.name, i);
+        }
+    }
+}
+
+/// Rules between the sections of one service.
+fn service_sections(c: &mut Checker<'_>, path: &str, s: &Service) {
+    if s.backends.is_empty() {
+        let sections = [
+            ("load_balancing", s.load_balancing.is_some()),
+            ("health_check", s.health_check.is_some()),
+            ("circuit_breaker", s.circuit_breaker.is_some()),
+            ("degradation", s.degradation.is_some()),
+        ];
+        for (name, present) in sections {
+            if present {
+                let msg = format!("{name} needs backends; add `backends` or remove {name}");
+                c.error(&format!("{path}.{name}"), msg);
+            }
+        }
+        return;
+    }
+
+    let lb = s.load_balancing.clone().unwrap_or_default();
+    vip(c, path, s, &lb);
+    let needed = 100 * s.backends.len() as u64;
+    if lb.algorithm == Algorithm::Maglev && u64::from(lb.table_size) < needed {
+        let shown = match &s.load_balancing {
+            Some(_) => lb.table_size.to_string(),
+            None => format!("the default {}", LoadBalancing::default().table_size),
+        };
+        let next = u32::try_from(needed).map_or(needed, next_prime);
+        let msg = format!(
+            "table_size {shown} is less than 100 x {} backends; use a prime >= {needed} \
+             (e.g. {next}) so every backend gets its share of the Maglev table",
+            s.backends.len()
+        );
+        c.error(&format!("{path}.load_balancing.table_size"), msg);
+    }
+
+    if let Some(d) = &s.degradation {
+        for (k, cond) in d.conditions.iter().enumerate() {
+            let cpath = format!("{path}.degradation.conditions[{k}].type");
+            match cond.kind {
+                ConditionKind::Latency { .. } if s.health_check.is_none() => {
+                    let msg = "latency is measured by health-check probes; add health_check";
+                    c.error(&cpath, msg);
+                }
+                ConditionKind::Availability { .. }
+                    if s.health_check.is_none() && s.circuit_breaker.is_none() =>
+                {
+                    let msg = "availability needs health_check or circuit_breaker: without \
+                               them no backend is ever unhealthy";
+                    c.error(&cpath, msg);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn unique_services(c: &mut Checker<'_>, draft: &Draft<'_>) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut matches = HashMap::new();
+    for (i, s) in draft.services() {
+        if let Some(first) = names.get(s.name.as_str()) {
+            let msg = format!(
+                "duplicate service name `{}` (also services[{first}])",
+                s.name
+            );
+            c.error(&format!("services[{i}].name"), msg);
+        } else {
+            names.insert(&s.name, i);
+        }
+        let m = &s.r#match;
+        let key = (m.address, m.port, m.protocol);
+        if let Some((first, first_name)) = matches.get(&key) {
+            let port = m
+                .port
+                .map_or("every port".to_owned(), |p| format!("port {p}"));
+            let msg = format!(
+                "ambiguous: services[{first}] (`{first_name}`) has the same match \
+                 ({}, {port}, {})",
+                m.address, m.protocol
+            );
+            c.error(&format!("services[{i}].match"), msg);
+        } else {
+            matches.insert(key, (i, s.name.as_str()));
+        }
+    }
+}
+
+/// The datapath keeps at most `MAX_MATCH_RULES` rules per prefix: its own and those of every
+/// covering prefix. Reported at the first service of the prefix that overflows.
+fn rule_limits(c: &mut Checker<'_>, draft: &Draft<'_>) {
+    let services: Vec<(usize, &Service)> = draft.services().collect();
+    let table = prefix_rules(services.iter().map(|(i, s)| (*i, &s.r#match)));
+    for p in table {
+        if p.rules.len() <= MAX_MATCH_RULES {
+            continue;
+        }
+        let Some(owner) = services.iter().find(|(_, s)| s.r#match.address == p.prefix) else {
+            continue;
+        };
+        let names: Vec<String> = p
+            .rules
+            .iter()
+            .filter_map(|(i, _)| services.iter().find(|(j, _)| j == i))
+            .map(|(_, s)| s.name.clone())
+            .collect();
+        let msg = format!(
+            "service `{}`: {} rules apply to {} (its own and those of covering prefixes: {}); \
+             the datapath matches at most {MAX_MATCH_RULES} rules per prefix",
+            owner.1.name,
+            p.rules.len(),
+            p.prefix,
+            names.join(", ")
+        );
+        c.error(&format!("services[{}].match.address", owner.0), msg);
+    }
+}
+
+/// The datapath keys breaker state by where packets go (backend address, port, protocol): two
+/// services with breakers on one backend would overwrite each other's state, so v1 allows one.
+/// Reported at the later backend, once per backend even when both protocols collide.
+fn one_breaker_per_backend(c: &mut Checker<'_>, draft: &Draft<'_>) {
+    let mut owners: HashMap<(SocketAddr, u8), (usize, &str)> = HashMap::new();
+    for (i, s) in draft
+        .services()
+        .filter(|(_, s)| s.circuit_breaker.is_some())
+    {
+        let protocols = backend_protocols(s.r#match.protocol);
+        for (k, b) in s.backends.iter().enumerate() {
+            let clash = protocols
+                .iter()
+                .find_map(|p| owners.get(&(b.address, *p)).map(|o| (*p, *o)));
+            if let Some((proto, (first, first_name))) = clash {
+                let proto = if proto == PROTO_TCP { "tcp" } else { "udp" };
+                let msg = format!(
+                    "backend {} already has a circuit breaker for {proto} in services[{first}] \
+                     (`{first_name}`); a backend address can have one breaker per protocol",
+                    b.address
+                );
+                c.error(&format!("services[{i}].backends[{k}].address"), msg);
+                continue;
+            }
+            for p in protocols {
+                owners.insert((b.address, *p), (i, s.name.as_str()));
+            }
+        }
+    }
+}
+
+/// Every backend with a breaker gets an id (its counters in `BACKEND_STATS`, sized for
+/// `MAX_BACKENDS`; `BACKENDS` holds two keys for each, TCP and UDP). Reported once, at the
+/// breaker of the service that crosses the limit.
+fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft<'_>) {
+    let with_breaker: Vec<(usize, &Service)> = draft
+        .services()
+        .filter(|(_, s)| s.circuit_breaker.is_some())
+        .collect();
+    let total: usize = with_breaker.iter().map(|(_, s)| s.backends.len()).sum();
+    let mut running = 0;
+    for (i, s) in with_breaker {
+        running += s.backends.len();
+        if running > MAX_BACKENDS as usize {
+            let msg = format!(
+                "services with circuit_breaker have {total} backends in all; the datapath \
+                 enforces breakers for at most {MAX_BACKENDS}"
+            );
+            c.error(&format!("services[{i}].circuit_breaker"), msg);
+            return;
+        }
+    }
+}
+
+/// A service balanced in the kernel (`load_balancing.vip`, the default with backends): the
+/// packets its `match` selects are rewritten toward a backend, so no backend may itself be
+/// one of them (its traffic would be balanced again), and every backend must be of the
+/// match's IP family (addresses are rewritten in place).
+fn vip(c: &mut Checker<'_>, path: &str, s: &Service, lb: &LoadBalancing) {
+    if !lb.vip {
+        return;
+    }
+    let m = &s.r#match;
+    for (k, b) in s.backends.iter().enumerate() {
+        let bpath = format!("{path}.backends[{k}].address");
+        if b.address.is_ipv4() != m.address.addr().is_ipv4() {
+            let msg = format!(
+                "backend {} and the VIP {} are of different IP families; the datapath \
+                 rewrites addresses in place and cannot translate between them",
+                b.address, m.address
+            );
+            c.error(&bpath, msg);
+        } else if m.address.contains(b.address.ip()) && m.port.is_none_or(|p| p == b.address.port())
+        {
+            let msg = format!(
+                "backend {} is itself matched by the VIP (match {}{}): its traffic would be \
+                 balanced again; give the service an address of its own, or set \
+                 load_balancing.vip: false to enforce breakers on traffic addressed to the \
+                 backends themselves",
+                b.address,
+                m.address,
+                m.port.map_or(String::new(), |p| format!(" port {p}")),
+            );
+            c.error(&bpath, msg);
+        }
+    }
+    if lb.algorithm == Algorithm::LeastConn && s.backends.len() > MAX_LEAST_CONN_BACKENDS as usize {
+        let msg = format!(
+            "least_conn scans every backend of a new flow in the datapath, at most \
+             {MAX_LEAST_CONN_BACKENDS}; this service has {} (use maglev or \
+             weighted_round_robin)",
+            s.backends.len()
+        );
+        c.error(&format!("{path}.load_balancing.algorithm"), msg);
+    }
+}
+
+/// Backends of balanced services share `LB_BACKENDS` (`MAX_LB_BACKENDS`). Reported once, at
+/// the service that crosses the limit.
+fn lb_backend_limit(c: &mut Checker<'_>, draft: &Draft<'_>) {
+    let mut running = 0;
+    for (i, s) in draft.services() {
+        if !s.backends.is_empty() && s.load_balancing.clone().unwrap_or_default().vip {
+            running += s.backends.len();
+            if running > MAX_LB_BACKENDS as usize {
+                let msg = format!(
+                    "balanced services (load_balancing.vip) have more than {MAX_LB_BACKENDS} \
+                     backends in all, the most the datapath balances to"
+                );
+                c.error(&format!("services[{i}].backends"), msg);
+                return;
+            }
+        }
+    }
+}
+
+/// Pacing happens on egress: a policy that shapes with no egress hook would do nothing.
+fn shaping_needs_egress(c: &mut Checker<'_>, draft: &Draft<'_>) {
+    let egress = draft
+        .interfaces()
+        .any(|(_, i)| matches!(i.direction, Direction::Egress | Direction::Both));
+    let all_decoded = draft.all_interfaces;
+    if egress || !all_decoded {
+        return;
+    }
+    for (i, s) in draft.services() {
+        if s.shaping.is_some() {
+            let msg = "shaping paces egress traffic, but no interface has direction egress or both";
+            c.error(&format!("services[{i}].shaping"), msg);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_in_whole_units() {
+        assert_eq!(show(Duration::from_secs(600)), "10m");
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(7200)), "2h");
+        assert_eq!(show(Duration::from_nanos(7)), "7ns");
+        assert_eq!(show(Duration::ZERO), "0s");
+    }
+}
