@@ -48,6 +48,9 @@ pub const fn lb_active(half: u32, len: u32) -> u32 {
 pub const LB_NONE: u32 = u32::MAX;
 /// Backends (over all services) the datapath can balance to.
 pub const MAX_LB_BACKENDS: u32 = 4096;
+/// The longest weighted round-robin schedule: fits any service of up to 65 backends exactly
+/// (weights up to 1000) and approximates larger ones closely; 256 KiB as a `u32` array.
+pub const WRR_MAX_LEN: u32 = 1 << 16;
 /// Backends of one `least_conn` service the datapath scans for the fewest connections.
 pub const MAX_LEAST_CONN_BACKENDS: u32 = 16;
 /// Other table entries tried when the first pick's breaker refuses the flow.

@@ -1,7 +1,6 @@
 //! The userspace agent: policy, datapath control, telemetry, and the `run` loop tying them.
 //! `main.rs` only parses the command line; everything else lives here so tests reach it.
 
-pub mod balance;
 pub mod breaker;
 pub mod cli;
 pub mod commands;

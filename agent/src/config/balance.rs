@@ -7,10 +7,9 @@ use std::{net::SocketAddr, time::Duration};
 use agent_common::{
     breaker::BackendKey,
     classify::{PROTO_TCP, PROTO_UDP},
-    lb::{LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService},
+    lb::{LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService, WRR_MAX_LEN},
 };
 
-use crate::balance::wrr::DEFAULT_MAX_LEN;
 use agent_common::policy::{
     model::{Algorithm, MAX_TABLE_ENTRIES, Policy, Protocol},
     rules::backend_key,
@@ -30,7 +29,7 @@ pub struct CompiledLb {
     /// `load_balancing.panic_threshold` (0: never).
     pub panic_threshold: Percent,
     /// Entries of one table half: the Maglev table size; for weighted round robin the longest
-    /// schedule (the sum of configured weights, at most `wrr::DEFAULT_MAX_LEN`); 0 for
+    /// schedule (the sum of configured weights, at most `WRR_MAX_LEN`); 0 for
     /// `least_conn`, which has no table.
     pub capacity: u32,
     /// Index of half 0 in `LB_TABLE`; half 1 follows it.
@@ -91,7 +90,7 @@ pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32, u32) {
         let configured: u64 = s.backends.iter().map(|b| u64::from(b.weight)).sum();
         let capacity = match lb.algorithm {
             Algorithm::Maglev => lb.table_size,
-            Algorithm::WeightedRoundRobin => configured.clamp(1, u64::from(DEFAULT_MAX_LEN)) as u32,
+            Algorithm::WeightedRoundRobin => configured.clamp(1, u64::from(WRR_MAX_LEN)) as u32,
             Algorithm::LeastConn => 0,
         };
         let proto = match s.r#match.protocol {

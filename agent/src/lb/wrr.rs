@@ -8,9 +8,7 @@
 
 use thiserror::Error;
 
-/// A schedule length that fits any service of up to 65 backends exactly (weights up to 1000)
-/// and approximates larger ones closely (see [`build`]); 256 KiB as a `u32` array.
-pub const DEFAULT_MAX_LEN: u32 = 1 << 16;
+pub use agent_common::lb::WRR_MAX_LEN as DEFAULT_MAX_LEN;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum WrrError {
