@@ -519,6 +519,18 @@ impl Index {
         self.by_key.get(&pos).map(String::as_str)
     }
 
+    /// Every key in the file: (its position, its path). For the reference test.
+    #[cfg(test)]
+    pub fn keys(&self) -> impl Iterator<Item = (Pos, &str)> {
+        self.by_key.iter().map(|(pos, path)| (*pos, path.as_str()))
+    }
+
+    /// Whether the file has `path` at all, null or not.
+    #[cfg(test)]
+    pub fn mentions(&self, path: &str) -> bool {
+        self.values.contains_key(path)
+    }
+
     fn record(&mut self, path: String, value: &Spanned<Node>, key: Option<Pos>) {
         let at = Pos::of(&value.referenced);
         let empty = value.value == Node::Null && value.referenced.span().is_empty();
