@@ -275,6 +275,7 @@ fn parse_rst_v4(sent: &[u8], out: &[u8], l3: usize) -> (u32, u32, u8) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn closed_backend_passes_and_counts_new_flows() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_CLOSED, 0, 1));
@@ -295,6 +296,7 @@ fn closed_backend_passes_and_counts_new_flows() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn open_backend_answers_a_syn_with_a_rst_that_acknowledges_it() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_OPEN, 0, 2));
@@ -316,6 +318,7 @@ fn open_backend_answers_a_syn_with_a_rst_that_acknowledges_it() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn open_backend_behind_vlan_tags_keeps_them_in_the_answer() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_OPEN, 0, 3));
@@ -328,6 +331,7 @@ fn open_backend_behind_vlan_tags_keeps_them_in_the_answer() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn established_flows_pass_an_open_breaker_unless_close_existing() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_OPEN, 0, 4));
@@ -360,6 +364,7 @@ fn established_flows_pass_an_open_breaker_unless_close_existing() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_backend_port_missing_from_the_prefilter_is_not_enforced() {
     let mut h = Harness::new();
     // The entry alone, without its port bit: the datapath never looks it up.
@@ -372,6 +377,7 @@ fn a_backend_port_missing_from_the_prefilter_is_not_enforced() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn on_open_drop_drops_new_flows() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_OPEN, F_DROP, 5));
@@ -385,6 +391,7 @@ fn on_open_drop_drops_new_flows() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn open_udp_backend_answers_with_icmp_port_unreachable() {
     let mut h = Harness::new();
     h.set(key4(17), state(STATE_OPEN, 0, 6));
@@ -413,6 +420,7 @@ fn open_udp_backend_answers_with_icmp_port_unreachable() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn open_ipv6_backend_answers_rst_and_icmpv6() {
     let mut h = Harness::new();
     let client: Ipv6Addr = "2001:db8::1".parse().unwrap();
@@ -497,6 +505,7 @@ fn open_ipv6_backend_answers_rst_and_icmpv6() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn ipv4_options_cannot_be_answered_and_are_dropped() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_OPEN, 0, 8));
@@ -512,6 +521,7 @@ fn ipv4_options_cannot_be_answered_and_are_dropped() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn half_open_admits_exactly_the_quota_and_remembers_admitted_flows() {
     let mut h = Harness::new();
     let mut st = state(STATE_HALF_OPEN, 0, 9);
@@ -565,6 +575,7 @@ fn half_open_admits_exactly_the_quota_and_remembers_admitted_flows() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn probes_carrying_the_mark_pass_an_open_breaker() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_OPEN, F_CLOSE_EXISTING, 10));
@@ -583,6 +594,7 @@ fn probes_carrying_the_mark_pass_an_open_breaker() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn passive_detection_pairs_answers_with_tracked_syns() {
     let mut h = Harness::new();
     h.set(key4(6), state(STATE_CLOSED, F_PASSIVE, 11));

@@ -171,6 +171,7 @@ fn write_policy(ns: &Netns, interfaces: &str) -> PathBuf {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn run_refuses_a_missing_interface_with_its_position() {
     require_root();
     let _lock = attach_lock();
@@ -199,6 +200,7 @@ fn run_refuses_a_missing_interface_with_its_position() {
 /// The first interface attaches, the second cannot (loopback has no native XDP): the agent
 /// must undo the first and exit 1, leaving no program behind.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn run_attaches_all_interfaces_or_none() {
     require_root();
     let _lock = attach_lock();
@@ -237,6 +239,7 @@ fn run_attaches_all_interfaces_or_none() {
 
 /// Ready once attached; SIGTERM detaches and exits 0.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn run_serves_health_and_detaches_on_sigterm() {
     require_root();
     let _lock = attach_lock();

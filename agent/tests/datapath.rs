@@ -424,6 +424,7 @@ fn table() -> Vec<Case> {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn verdicts_and_counters_xdp() {
     let h = Harness::new();
     for c in table() {
@@ -432,6 +433,7 @@ fn verdicts_and_counters_xdp() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn verdicts_and_counters_tc_egress() {
     let h = Harness::new();
     for c in table() {
@@ -442,6 +444,7 @@ fn verdicts_and_counters_tc_egress() {
 /// Truncating a valid frame at every byte (from the Ethernet header on; BPF_PROG_TEST_RUN
 /// refuses frames shorter than 14 bytes) passes it and counts it as unparsed.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn truncated_at_every_offset() {
     use Effect::*;
     let h = Harness::new();
@@ -506,6 +509,7 @@ fn truncated_at_every_offset() {
 /// The bucket of one flow: `burst` packets at once, then drops counted as `rate_limit`; other
 /// flows have their own buckets.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn burst_then_drop_per_flow() {
     use Effect::*;
     let h = Harness::new();
@@ -541,6 +545,7 @@ fn burst_then_drop_per_flow() {
 /// over the wall time both ran in. A plain read-modify-write would let each CPU spend the same
 /// tokens, up to twice the limit.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn two_cpus_on_one_bucket_never_exceed_the_limit() {
     // The limit is what the two CPUs must be able to exceed twice over: 1M/s on hardware, a
     // tenth of it on a CPU emulated ten times slower (AGENT_TEST_TIME_SCALE). Whatever the
@@ -660,6 +665,7 @@ fn two_cpus_on_one_bucket_never_exceed_the_limit() {
 /// before it was split into stages). Changes that grow a program toward the budget show here
 /// first, with the figures.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn every_program_verifies_with_headroom() {
     require_root();
     let dp = Datapath::load(64).expect("loading the datapath");

@@ -475,6 +475,7 @@ fn tcp_flow(lab: &Lab, hook: Hook, svc: &str, client: SocketAddr) {
 /// checksums valid; the flow's ACK goes to the same backend; the backend's SYN-ACK leaves
 /// with the VIP as its source and valid checksums.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn xdp_ipv4_tcp_dnat_and_reverse_nat() {
     let lab = Lab::new();
     tcp_flow(&lab, Hook::Xdp, "web4", v4(CLIENT4, 40000));
@@ -482,6 +483,7 @@ fn xdp_ipv4_tcp_dnat_and_reverse_nat() {
 
 /// XDP, IPv6 TCP: the same, with the TCP checksum over the IPv6 pseudo-header.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn xdp_ipv6_tcp_dnat_and_reverse_nat() {
     let lab = Lab::new();
     tcp_flow(&lab, Hook::Xdp, "web6", v6(CLIENT6, 40000));
@@ -490,6 +492,7 @@ fn xdp_ipv6_tcp_dnat_and_reverse_nat() {
 /// TC egress, IPv4 TCP (test-run skbs are CHECKSUM_NONE: the checksum fields themselves must
 /// come out right from `bpf_l3/l4_csum_replace`): DNAT, then reverse NAT of the reply.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn tc_ipv4_tcp_dnat_and_reverse_nat() {
     let lab = Lab::new();
     tcp_flow(&lab, Hook::Tc, "web4", v4(CLIENT4, 40000));
@@ -497,6 +500,7 @@ fn tc_ipv4_tcp_dnat_and_reverse_nat() {
 
 /// TC egress, IPv6 TCP: DNAT, then reverse NAT of the reply.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn tc_ipv6_tcp_dnat_and_reverse_nat() {
     let lab = Lab::new();
     tcp_flow(&lab, Hook::Tc, "web6", v6(CLIENT6, 40000));
@@ -506,6 +510,7 @@ fn tc_ipv6_tcp_dnat_and_reverse_nat() {
 /// checksum, the next one of the flow to the same backend, the backend's answer comes back
 /// from the VIP; a datagram without checksum (0) keeps 0, its header checksum valid.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn xdp_ipv4_udp_dnat_keeps_checksums_and_no_checksum() {
     let lab = Lab::new();
     let vip = lab.svc("dns4").vip;
@@ -531,6 +536,7 @@ fn xdp_ipv4_udp_dnat_keeps_checksums_and_no_checksum() {
 /// gets half of them within 10% (Maglev table, flow hash), every flow's second packet goes
 /// where its first went, and the datapath's new-flow counters agree.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn xdp_many_flows_spread_evenly_and_stick() {
     let lab = Lab::new();
     let vip = lab.svc("web4").vip;

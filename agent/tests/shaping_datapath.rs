@@ -161,6 +161,7 @@ fn udp(src: [u8; 4], sport: u16, dst: [u8; 4]) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn consecutive_packets_of_a_key_leave_one_wire_time_apart() {
     let h = Harness::new();
     let frame = udp(CLIENT, 40_000, [198, 18, 0, 2]);
@@ -211,6 +212,7 @@ fn consecutive_packets_of_a_key_leave_one_wire_time_apart() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_packet_past_the_horizon_is_dropped_and_counted() {
     let h = Harness::new();
     // Horizon 1 s, 650 ms a packet: departures now and now + 650 ms fit, now + 1300 ms not.
@@ -257,6 +259,7 @@ fn departure_of(h: &Harness, key: BucketKey) -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn key_source_ip_shares_one_line_among_a_sources_flows() {
     let h = Harness::new();
     let dst = [198, 18, 0, 3];
@@ -276,6 +279,7 @@ fn key_source_ip_shares_one_line_among_a_sources_flows() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn key_service_shares_one_line_among_everyone() {
     let h = Harness::new();
     let dst = [198, 18, 0, 4];
@@ -285,6 +289,7 @@ fn key_service_shares_one_line_among_everyone() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_senders_later_departure_is_kept_and_unshaped_services_are_untouched() {
     let h = Harness::new();
     let dst = [198, 18, 0, 4];
@@ -328,6 +333,7 @@ fn a_senders_later_departure_is_kept_and_unshaped_services_are_untouched() {
 /// last: with no booking lost or doubled, the key's `next` ends exactly one second per booked
 /// packet after the first departure (which lies within a second of the start).
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn two_cpus_on_one_key_book_every_slot_once() {
     let h = Harness::new();
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
@@ -387,6 +393,7 @@ fn two_cpus_on_one_key_book_every_slot_once() {
 /// own: `fq` where the kernel has it, else `pfifo` standing in for it (the install, the
 /// refusal of an operator's qdisc and the restore do not depend on the kind).
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn the_pacer_replaces_only_a_default_root_qdisc_and_puts_it_back() {
     use agent::datapath::qdisc::{self, PacerSpec, Pacers, QdiscError, Support};
     require_root();

@@ -489,11 +489,13 @@ fn hung_backend_is_refused_fast_and_comes_back(v6: bool) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn hung_backend_is_refused_fast_and_comes_back_v4() {
     hung_backend_is_refused_fast_and_comes_back(false);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn hung_backend_is_refused_fast_and_comes_back_v6() {
     hung_backend_is_refused_fast_and_comes_back(true);
 }
@@ -540,6 +542,7 @@ fn open_by_refusals(topo: &Topology, agent: &AgentProcess, svc: &Service) -> Ins
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
     let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     let svc = passive_only(backend, Scaled::secs(1));
@@ -638,6 +641,7 @@ fn passive_refusals_open_and_half_open_admits_exactly_max_flows() {
 /// Half-open: a SYN the client retransmits belongs to a flow admitted already and takes no
 /// second slot of the quota.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn half_open_counts_a_retransmitted_syn_once() {
     let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     // The passive timeout outlasts the hung trial below (SYN at 0, its retransmission after
@@ -700,6 +704,7 @@ fn half_open_counts_a_retransmitted_syn_once() {
 /// Passive detection of a hung backend: SYNs left unanswered for `health_check.timeout` are
 /// failures, and open the breaker with no active probe involved.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn passive_syn_timeouts_open_the_breaker_of_a_hung_backend() {
     let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     let _server = tcp_server(&topo, backend);
@@ -736,6 +741,7 @@ fn passive_syn_timeouts_open_the_breaker_of_a_hung_backend() {
 // on_open: drop.
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn open_breaker_with_on_open_drop_drops_syns() {
     let (topo, backend) = topology_with_backend(false, BACKEND_PORT);
     let server = tcp_server(&topo, backend);
@@ -895,11 +901,13 @@ fn established_flow_when_the_breaker_opens(close_existing: bool) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn close_existing_resets_established_flows_when_open() {
     established_flow_when_the_breaker_opens(true);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn established_flows_survive_an_open_breaker_without_close_existing() {
     established_flow_when_the_breaker_opens(false);
 }
@@ -1044,11 +1052,13 @@ fn open_breaker_of_a_udp_service_answers_icmp_unreachable(v6: bool) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn open_breaker_of_a_udp_service_answers_icmp_unreachable_v4() {
     open_breaker_of_a_udp_service_answers_icmp_unreachable(false);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn open_breaker_of_a_udp_service_answers_icmpv6_unreachable_v6() {
     open_breaker_of_a_udp_service_answers_icmp_unreachable(true);
 }

@@ -68,6 +68,7 @@ fn flood_once(
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn harness_selftest() {
     let topo = Topology::new().expect("topology");
     // Modest load: 20 flows x 500 pps for 1 s over raw sockets, then 1 flow over a plain
@@ -146,6 +147,7 @@ fn harness_selftest() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn namespaces_are_removed_after_a_panic() {
     let (tx, rx) = std::sync::mpsc::channel();
     let r = std::thread::spawn(move || {
@@ -167,6 +169,7 @@ fn namespaces_are_removed_after_a_panic() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn extra_client_addresses_are_distinct_sources() {
     let mut topo = Topology::new().expect("topology");
     let srcs = topo.add_client_v4(4).expect("addresses");

@@ -78,6 +78,7 @@ fn start_backend(topo: &Topology, addr: SocketAddr) -> TcpServer {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn breaker_opens_on_a_killed_backend_and_closes_after_restore() {
     agent_bin().unwrap_or_else(|e| panic!("{e:#}"));
     let topo = Topology::new().expect("topology");

@@ -357,11 +357,13 @@ fn spread(algorithm: &str, weights: &[u32]) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn maglev_spreads_ten_thousand_connections_by_weight() -> Result<()> {
     spread("maglev", &[100, 100, 200])
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn weighted_round_robin_spreads_ten_thousand_connections_by_weight() -> Result<()> {
     spread("weighted_round_robin", &[100, 200, 300])
 }
@@ -485,17 +487,20 @@ fn transfers(v6: bool) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn ipv4_nat_carries_tcp_and_udp_with_verified_checksums() -> Result<()> {
     transfers(false)
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn ipv6_nat_carries_tcp_and_udp_with_verified_checksums() -> Result<()> {
     transfers(true)
 }
 
 /// Raising one of four equal Maglev weights moves few flows, and no established one.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_weight_change_moves_only_its_share_and_breaks_no_connection() -> Result<()> {
     let mut lab = Lab::new(4, false)?;
     let before = [100, 100, 100, 100];
@@ -606,6 +611,7 @@ fn checks_and_breaker(close_existing: bool) -> String {
 
 /// A backend killed mid-run: once its breaker is open, no new connection fails.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn after_a_killed_backends_breaker_opens_no_new_connection_fails() -> Result<()> {
     let mut lab = Lab::new(3, false)?;
     let policy = lab.policy("maglev", &[100, 100, 100], &checks_and_breaker(false));
@@ -635,6 +641,7 @@ fn after_a_killed_backends_breaker_opens_no_new_connection_fails() -> Result<()>
 /// flows are reset by the datapath (answering from the VIP, so the client's kernel takes the
 /// RST), the other backends' flows keep working, and new connections avoid it.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
     let mut lab = Lab::new(3, false)?;
     let policy = lab.policy("maglev", &[100, 100, 100], &checks_and_breaker(true));
@@ -700,6 +707,7 @@ fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
 
 /// `least_conn`: new connections go to the backend holding fewer open ones.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn least_conn_sends_new_connections_to_the_least_loaded_backend() -> Result<()> {
     let mut lab = Lab::new(2, false)?;
     let policy = lab.policy("least_conn", &[100, 100], "");
@@ -787,6 +795,7 @@ fn least_conn_sends_new_connections_to_the_least_loaded_backend() -> Result<()> 
 
 /// Slow start: a backend back from an open breaker ramps its weight over the window.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn slow_start_ramps_a_recovered_backends_share() -> Result<()> {
     let mut lab = Lab::new(2, false)?;
     // The ramp is sampled over `slow_start` itself: the two scale together, and the samples
@@ -885,6 +894,7 @@ fn slow_start_ramps_a_recovered_backends_share() -> Result<()> {
 /// `panic_threshold` the service panics and keeps sending flows to all of them; once one is
 /// healthy again it takes every new flow; without a threshold, new flows are refused.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn panic_threshold_fails_open_when_too_few_backends_are_available() -> Result<()> {
     for threshold in ["50%", "0%"] {
         let mut lab = Lab::new(2, false)?;
@@ -963,6 +973,7 @@ fn panic_threshold_fails_open_when_too_few_backends_are_available() -> Result<()
 /// whose entry was evicted is balanced again on its next packet (Maglev finds the same
 /// backend) and keeps working.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_full_connection_table_evicts_and_evicted_flows_recover() -> Result<()> {
     let mut lab = Lab::new(3, false)?;
     let policy = lab.policy("maglev", &[100, 100, 100], "      max_connections: 100\n");

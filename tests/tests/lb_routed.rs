@@ -311,11 +311,13 @@ fn routed(p: &Plan) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn ipv4_traffic_routed_through_the_host_is_balanced_by_xdp() -> Result<()> {
     routed(&V4)
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn ipv6_traffic_routed_through_the_host_is_balanced_by_xdp() -> Result<()> {
     routed(&V6)
 }

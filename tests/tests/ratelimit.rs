@@ -434,6 +434,7 @@ fn run_case(c: &Case) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn flow_key_1_flow() {
     run_case(&Case {
         name: "flow_key_1_flow",
@@ -449,6 +450,7 @@ fn flow_key_1_flow() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn flow_key_100_flows() {
     run_case(&Case {
         name: "flow_key_100_flows",
@@ -464,6 +466,7 @@ fn flow_key_100_flows() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn flow_key_10000_flows() {
     run_case(&Case {
         name: "flow_key_10000_flows",
@@ -479,6 +482,7 @@ fn flow_key_10000_flows() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn source_ip_key_ipv4() {
     run_case(&Case {
         name: "source_ip_key_ipv4",
@@ -494,6 +498,7 @@ fn source_ip_key_ipv4() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn source_ip_key_ipv6() {
     run_case(&Case {
         name: "source_ip_key_ipv6",
@@ -513,6 +518,7 @@ fn source_ip_key_ipv6() {
 /// arrives complete and intact, the unmatched packets all arrive, the limited service obeys
 /// its limit, and the agent's counters agree with the receivers.
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn unlimited_and_unmatched_traffic_pass_during_a_flood() {
     require_agent();
     let topo = Topology::new().expect("topology");

@@ -86,6 +86,7 @@ fn root_qdisc(ns: &Netns, ifname: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn shaping_is_refused_without_sch_fq_before_anything_is_touched() {
     require_agent();
     if let Ok(()) = fq_available() {
@@ -312,6 +313,7 @@ fn counter(agent: &AgentProcess, name: &str) -> f64 {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn shaping_paces_a_tcp_stream_to_the_rate_without_retransmissions() {
     let topo = Topology::new().expect("topology");
     let dir = TempDir::new().expect("temp dir");
@@ -345,6 +347,7 @@ fn shaping_paces_a_tcp_stream_to_the_rate_without_retransmissions() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn shaping_key_flow_gives_each_flow_the_rate() {
     let topo = Topology::new().expect("topology");
     let dir = TempDir::new().expect("temp dir");
@@ -370,6 +373,7 @@ fn shaping_key_flow_gives_each_flow_the_rate() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn shaping_key_source_ip_shares_one_rate_among_a_sources_flows() {
     let topo = Topology::new().expect("topology");
     let dir = TempDir::new().expect("temp dir");
@@ -427,6 +431,7 @@ fn udp_burst(topo: &Topology, rate: f64, times: f64, secs: f64) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn shaping_horizon_drops_only_past_the_horizon() {
     let topo = Topology::new().expect("topology");
     let dir = TempDir::new().expect("temp dir");
