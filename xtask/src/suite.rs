@@ -69,7 +69,11 @@ pub fn run() -> anyhow::Result<()> {
         cmd::run(&mut clippy)
     });
     suite.step("unused dependencies (cargo machete)", || {
-        cmd::run(workspace::cargo(&toolchain).arg("machete"))
+        // Run directly: as `cargo machete` under `cargo xtask` it sees xtask's CARGO_PKG_NAME,
+        // takes itself for a plain command and reads `machete` as the directory to analyze.
+        let mut machete = std::process::Command::new(toolchain.bin_dir().join("cargo-machete"));
+        machete.current_dir(workspace::root()).env_remove("CARGO");
+        cmd::run(&mut machete)
     });
     suite.step("clippy (eBPF)", || {
         let mut clippy = workspace::nightly_cargo(&toolchain);
