@@ -1,21 +1,18 @@
 //! Offline checks of `deploy/kubernetes`: every document parses, names its kind, and the
 //! DaemonSet's references (ServiceAccount, ConfigMap) exist; the policy inside each ConfigMap
-//! passes `agent check`. Cheap and without network, so it runs in `cargo xtask test`.
+//! is valid, read by the agent's own policy reader (`agent_common::policy`). Cheap and without
+//! network, so it runs in `cargo xtask test`.
 
 use std::{
     collections::BTreeSet,
     fmt, fs, io,
     path::{Path, PathBuf},
-    process::Command,
 };
 
-use serde::Deserialize as _;
-use serde_yaml::Value;
+use agent_common::policy::{self, PolicyErrors};
+use serde_json::Value;
 
-use crate::{
-    cmd::{self, CmdError},
-    workspace::{self, MetadataError},
-};
+use crate::workspace;
 
 const KUBERNETES_DIR: &str = "deploy/kubernetes";
 
@@ -23,11 +20,10 @@ const KUBERNETES_DIR: &str = "deploy/kubernetes";
 pub enum ManifestError {
     #[error("read {}: {source}", .path.display())]
     Io { path: PathBuf, source: io::Error },
-    #[error("{}: document {doc}: {source}", .path.display())]
+    #[error("{}: {source}", .path.display())]
     Yaml {
         path: PathBuf,
-        doc: usize,
-        source: serde_yaml::Error,
+        source: Box<serde_saphyr::Error>,
     },
     #[error("{}: document {doc}: missing {field}", .path.display())]
     Missing {
@@ -41,14 +37,12 @@ pub enum ManifestError {
         what: &'static str,
         name: String,
     },
-    #[error("ConfigMap {configmap}, key {key}: `agent check` rejects the policy: {source}")]
+    #[error("ConfigMap {configmap}, key {key}: the policy is invalid:\n{source}")]
     Policy {
         configmap: String,
         key: String,
-        source: CmdError,
+        source: PolicyErrors,
     },
-    #[error(transparent)]
-    Metadata(#[from] MetadataError),
 }
 
 /// Every problem found, one per line.
@@ -72,14 +66,11 @@ struct Object {
     doc: Value,
 }
 
-pub fn validate(agent: Option<&Path>) -> Result<(), Problems> {
+pub fn validate() -> Result<(), Problems> {
     let mut problems = Vec::new();
     let objects = load(&workspace::root().join(KUBERNETES_DIR), &mut problems);
     check_references(&objects, &mut problems);
-    match agent {
-        Some(agent) => check_policies(agent, &objects, &mut problems),
-        None => println!("deploy manifests: no agent binary, policies not checked"),
-    }
+    check_policies(&objects, &mut problems);
     if problems.is_empty() {
         println!("deploy manifests: {} objects valid", objects.len());
         Ok(())
@@ -113,19 +104,23 @@ fn load(dir: &Path, problems: &mut Vec<ManifestError>) -> Vec<Object> {
                 continue;
             }
         };
-        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let doc = index + 1;
-            match Value::deserialize(document) {
-                Ok(Value::Null) => {} // empty document, e.g. after a trailing `---`
-                Ok(value) => match object(&path, doc, value) {
-                    Ok(object) => objects.push(object),
-                    Err(e) => problems.push(e),
-                },
-                Err(source) => problems.push(ManifestError::Yaml {
-                    path: path.clone(),
-                    doc,
-                    source,
-                }),
+        let documents = match serde_saphyr::from_multiple::<Value>(&text) {
+            Ok(documents) => documents,
+            Err(source) => {
+                problems.push(ManifestError::Yaml {
+                    path,
+                    source: Box::new(source),
+                });
+                continue;
+            }
+        };
+        for (index, value) in documents.into_iter().enumerate() {
+            if value.is_null() {
+                continue; // an empty document, e.g. after a trailing `---`
+            }
+            match object(&path, index + 1, value) {
+                Ok(object) => objects.push(object),
+                Err(e) => problems.push(e),
             }
         }
     }
@@ -175,7 +170,7 @@ fn check_references(objects: &[Object], problems: &mut Vec<ManifestError>) {
         {
             problems.push(dangling("ServiceAccount", account));
         }
-        for volume in pod["volumes"].as_sequence().into_iter().flatten() {
+        for volume in pod["volumes"].as_array().into_iter().flatten() {
             if let Some(configmap) = volume["configMap"]["name"].as_str()
                 && !configmaps.contains(configmap)
             {
@@ -185,38 +180,58 @@ fn check_references(objects: &[Object], problems: &mut Vec<ManifestError>) {
     }
 }
 
-/// Runs `agent check` on every `*.yaml` key of every ConfigMap.
-fn check_policies(agent: &Path, objects: &[Object], problems: &mut Vec<ManifestError>) {
-    let dir = match workspace::target_dir() {
-        Ok(target) => target.join("xtask").join("deploy-policies"),
-        Err(e) => return problems.push(e.into()),
-    };
-    if let Err(source) = fs::create_dir_all(&dir) {
-        return problems.push(ManifestError::Io { path: dir, source });
-    }
+/// Reads every `*.yaml` key of every ConfigMap as a policy.
+fn check_policies(objects: &[Object], problems: &mut Vec<ManifestError>) {
     for configmap in objects.iter().filter(|o| o.kind == "ConfigMap") {
-        let Some(data) = configmap.doc["data"].as_mapping() else {
+        let Some(data) = configmap.doc["data"].as_object() else {
             continue;
         };
         for (key, value) in data {
-            let (Some(key), Some(policy)) = (key.as_str(), value.as_str()) else {
+            let Some(text) = value.as_str() else {
                 continue;
             };
             if !(key.ends_with(".yaml") || key.ends_with(".yml")) {
                 continue;
             }
-            let file = dir.join(format!("{}-{key}", configmap.name));
-            if let Err(source) = fs::write(&file, policy) {
-                problems.push(ManifestError::Io { path: file, source });
-                continue;
-            }
-            if let Err(source) = cmd::output(Command::new(agent).arg("check").arg(&file)) {
+            let name = format!("{KUBERNETES_DIR} ConfigMap {} key {key}", configmap.name);
+            if let Err(source) = policy::load_str(text, &name) {
                 problems.push(ManifestError::Policy {
                     configmap: configmap.name.clone(),
-                    key: key.to_owned(),
+                    key: key.clone(),
                     source,
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_manifests_are_valid() {
+        if let Err(problems) = validate() {
+            panic!("{problems}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_policy_in_a_configmap_is_reported_with_its_position() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: p}\ndata:\n  \
+                    policy.yaml: |\n    version: 2\n";
+        let doc: Value = serde_saphyr::from_str(text).unwrap();
+        let objects = [object(Path::new("x.yaml"), 1, doc).unwrap()];
+        let mut problems = Vec::new();
+        check_policies(&objects, &mut problems);
+        let [ManifestError::Policy { source, .. }] = problems.as_slice() else {
+            panic!("{problems:?}");
+        };
+        assert!(
+            source
+                .to_string()
+                .contains(":1:10: version: unsupported version 2"),
+            "{source}"
+        );
     }
 }
