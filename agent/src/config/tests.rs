@@ -3,32 +3,7 @@
 
 use super::*;
 
-const MINIMAL: &str = "\
-version: 1
-interfaces:
-  - name: eth0
-services:
-  - name: web
-    match:
-      address: 198.18.0.1
-    rate_limit:
-      rate: 100Mbit/s
-    backends:
-      - address: 198.18.1.1:80
-    load_balancing: {}
-    health_check: {}
-    circuit_breaker: {}
-    degradation:
-      conditions:
-        - type: latency
-        - type: error_rate
-        - type: availability
-      fallback:
-        backends:
-          - address: 198.18.2.1:80
-    shaping:
-      rate: 1Gbit/s
-";
+const MINIMAL: &str = include_str!("../../../agent-common/src/policy/minimal.yaml");
 
 #[test]
 fn equal_policies_compare_equal_wherever_written() {
