@@ -1,4 +1,4 @@
-//! The agent under test as a child process, its HTTP endpoints, and its metrics.
+//! The agent under test as a child process, its HTTP endpoints, its status and its metrics.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::netns::Netns;
+use crate::status::StatusReport;
 use crate::timing::Scaled;
 
 /// The variable `cargo xtask test` sets to the built agent binary.
@@ -108,23 +109,31 @@ pub fn listen_of(policy: &str) -> Result<SocketAddr> {
 #[derive(Debug)]
 pub struct AgentProcess {
     child: Option<Child>,
+    bin: PathBuf,
     ns: Netns,
     listen: SocketAddr,
     log: PathBuf,
 }
 
 impl AgentProcess {
-    /// Starts `$AGENT_BIN run --config CONFIG` in `netns` (`ip netns exec`) and waits until
+    /// Starts `$AGENT_BIN run --config CONFIG` in `netns` and waits until
     /// `GET /health/ready` on `agent.listen` answers 200.
     pub fn start(netns: &Netns, config: &Path) -> Result<AgentProcess> {
-        let bin = agent_bin()?;
+        let mut agent = AgentProcess::spawn(&agent_bin()?, netns, config)?;
+        agent.wait_ready(READY_TIMEOUT)?;
+        Ok(agent)
+    }
+
+    /// Starts `BIN run --config CONFIG` in `netns` ([`Netns::spawn_process`]), its output in
+    /// `CONFIG` with the extension `agent.log`; returns at once.
+    pub fn spawn(bin: &Path, netns: &Netns, config: &Path) -> Result<AgentProcess> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let listen = listen_of(&text)?;
         let log = config.with_extension("agent.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new("ip");
+        let mut cmd = Command::new(bin);
         // SAFETY: prctl is async-signal-safe and touches only the child. PDEATHSIG: if the
         // test process dies without running Drop (SIGKILL, CI timeout), the kernel kills the
         // agent too instead of leaving it attached. It fires when the spawning *thread*
@@ -137,32 +146,27 @@ impl AgentProcess {
                 Ok(())
             });
         }
-        let child = cmd
-            .args(["netns", "exec", netns.name()])
-            .arg(&bin)
-            .arg("run")
+        cmd.arg("run")
             .arg("--config")
             .arg(config)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| {
-                format!("spawning ip netns exec {} {}", netns.name(), bin.display())
-            })?;
-        let mut agent = AgentProcess {
+            .stderr(err);
+        let child = netns.spawn_process(&mut cmd)?;
+        Ok(AgentProcess {
             child: Some(child),
+            bin: bin.to_owned(),
             ns: netns.handle(),
             listen,
             log,
-        };
-        agent.wait_ready(READY_TIMEOUT)?;
-        Ok(agent)
+        })
     }
 
-    fn wait_ready(&mut self, timeout: Scaled) -> Result<()> {
-        let deadline = Instant::now() + timeout.get();
+    /// Polls `/health/ready` until it answers 200 (returns how long that took from now), the
+    /// agent exits, or `timeout` passes; the errors carry the agent's output.
+    pub fn wait_ready(&mut self, timeout: Scaled) -> Result<Duration> {
+        let start = Instant::now();
         loop {
             if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
                 bail!(
@@ -171,11 +175,11 @@ impl AgentProcess {
                 );
             }
             let last = match self.get("/health/ready") {
-                Ok((200, _)) => return Ok(()),
+                Ok((200, _)) => return Ok(start.elapsed()),
                 Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
                 Err(e) => format!("{e:#}"),
             };
-            if Instant::now() >= deadline {
+            if start.elapsed() >= timeout.get() {
                 bail!(
                     "agent not ready after {timeout} (last /health/ready: {last}); its \
                      output:\n{}",
@@ -186,8 +190,32 @@ impl AgentProcess {
         }
     }
 
+    /// An error, with the agent's output, once the agent is no longer running.
+    pub fn check_running(&mut self) -> Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("agent already stopped");
+        };
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the agent exited ({status}); its output:\n{}",
+                self.log_text()
+            );
+        }
+        Ok(())
+    }
+
     pub fn listen(&self) -> SocketAddr {
         self.listen
+    }
+
+    /// The agent's process id (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Where the agent's output goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// Everything the agent printed so far.
@@ -210,6 +238,36 @@ impl AgentProcess {
             (200, body) => Ok(body),
             (code, body) => bail!("GET /metrics answered {code}: {body}"),
         }
+    }
+
+    /// `GET /status`: the agent's state as JSON (what `agent status --output json` prints).
+    pub fn status(&self) -> Result<StatusReport> {
+        match self.get("/status")? {
+            (200, body) => serde_json::from_str(&body)
+                .with_context(|| format!("GET /status answered no status report: {body}")),
+            (code, body) => bail!("GET /status answered {code}: {body}"),
+        }
+    }
+
+    /// Runs the agent binary with `args` (e.g. `status --addr ...`) inside the agent's
+    /// namespace and returns what it printed; an error unless it exits 0.
+    pub fn command(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = self.ns.spawn_process(&mut cmd)?.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "`agent {}` failed ({}):\n{text}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(text)
     }
 
     /// Polls `/metrics` until the sample `name{labels}` satisfies `ok`, for gauges the agent
@@ -259,7 +317,7 @@ impl AgentProcess {
         let Some(mut child) = self.child.take() else {
             bail!("agent already stopped");
         };
-        // `ip netns exec` execs the agent, so the child's pid is the agent's.
+        // The child's pid is the agent's (spawned directly, no wrapper).
         let pid = child.id() as libc::pid_t;
         if child.try_wait()?.is_none() {
             // SAFETY: kill(2) on our own child, which is not reaped yet.

@@ -69,6 +69,17 @@ pub struct TcpServer {
 impl TcpServer {
     /// Binds `addr` in `ns` and serves until stopped.
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<TcpServer> {
+        TcpServer::serve(ns, addr, None)
+    }
+
+    /// Like [`TcpServer::start`], and every HTTP answer names the server: a header
+    /// `X-Served-By: NAME` ([`served_by`]), so clients that only see a VIP can count who
+    /// served them.
+    pub fn start_named(ns: &Netns, addr: SocketAddr, name: &str) -> Result<TcpServer> {
+        TcpServer::serve(ns, addr, Some(name.into()))
+    }
+
+    fn serve(ns: &Netns, addr: SocketAddr, name: Option<Arc<str>>) -> Result<TcpServer> {
         let listener = ns
             .run(move || TcpListener::bind(addr))?
             .with_context(|| format!("binding the TCP backend {addr}"))?;
@@ -83,8 +94,8 @@ impl TcpServer {
                     Ok((conn, peer)) => {
                         seen.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
                         count.fetch_add(1, Ordering::SeqCst);
-                        let (stop, health) = (stop.clone(), health.clone());
-                        std::thread::spawn(move || serve(conn, &stop, &health));
+                        let (stop, health, name) = (stop.clone(), health.clone(), name.clone());
+                        std::thread::spawn(move || serve(conn, &stop, &health, name.as_deref()));
                     }
                     Err(_) => std::thread::sleep(ACCEPT_IDLE),
                 }
@@ -119,8 +130,19 @@ impl TcpServer {
     }
 }
 
+/// The header of [`TcpServer::start_named`]'s answers.
+pub const SERVED_BY: &str = "X-Served-By: ";
+
+/// The server named in an HTTP answer of [`TcpServer::start_named`], if any.
+pub fn served_by(answer: &str) -> Option<&str> {
+    answer
+        .lines()
+        .find_map(|line| line.strip_prefix(SERVED_BY))
+        .map(str::trim)
+}
+
 /// One accepted connection of [`TcpServer`].
-fn serve(mut conn: TcpStream, stop: &AtomicBool, healthy: &AtomicBool) {
+fn serve(mut conn: TcpStream, stop: &AtomicBool, healthy: &AtomicBool, name: Option<&str>) {
     // Blocking reads with a timeout, so the thread notices `stop`.
     if conn.set_nonblocking(false).is_err() || conn.set_read_timeout(Some(READ_IDLE)).is_err() {
         return;
@@ -163,9 +185,10 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool, healthy: &AtomicBool) {
                 } else {
                     "503 Service Unavailable"
                 };
+                let name = name.map_or_else(String::new, |n| format!("{SERVED_BY}{n}\r\n"));
                 let _ = write!(
                     conn,
-                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n{name}\r\n"
                 );
                 return;
             }
@@ -251,6 +274,17 @@ impl Blackhole {
         let addr = self.addr.to_string();
         self.ns
             .ip(&[family, "rule", action, "from", &addr, "blackhole"])
+    }
+
+    /// The command line [`Blackhole::add`] (`add`) or [`Blackhole::remove`] (`del`) runs,
+    /// for a reader to see what was done.
+    pub fn command(&self, action: &str) -> String {
+        let family = if self.addr.is_ipv4() { "-4" } else { "-6" };
+        format!(
+            "ip -n {} {family} rule {action} from {} blackhole",
+            self.ns.name(),
+            self.addr
+        )
     }
 }
 

@@ -9,7 +9,8 @@
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 
@@ -146,8 +147,7 @@ impl Netns {
         T: Send + 'static,
     {
         // Opened here, not in the thread, so a missing namespace is an error of the caller.
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        let file = self.open()?;
         let name = self.name.clone();
         let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
         let handle = std::thread::Builder::new()
@@ -174,6 +174,59 @@ impl Netns {
             }
             Err(_) => bail!("namespace thread for {} died before setns", self.name),
         }
+    }
+
+    fn open(&self) -> Result<File> {
+        let path = format!("/var/run/netns/{}", self.name);
+        File::open(&path).with_context(|| format!("opening {path}"))
+    }
+
+    /// Moves the calling thread into this namespace, for good: call it only on a thread made
+    /// for the purpose (threads of a traffic generator that borrow from their scope).
+    pub fn enter(&self) -> Result<()> {
+        let file = self.open()?;
+        // SAFETY: setns on a valid fd; only this thread's network namespace changes.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("setns(CLONE_NEWNET) into {}", self.name));
+        }
+        Ok(())
+    }
+
+    /// Spawns `command` with the child moved into this namespace before it executes. Only
+    /// the network namespace changes: unlike `ip netns exec`, which also remounts /sys and so
+    /// hides the bpffs at /sys/fs/bpf, the child keeps the host's mounts, and its pid is the
+    /// program's own.
+    pub fn spawn_process(&self, command: &mut Command) -> Result<Child> {
+        let file = self.open()?;
+        let fd = file.as_raw_fd();
+        // SAFETY: between fork and exec the closure makes one async-signal-safe syscall; `fd`
+        // stays open because `file` lives until `spawn` returns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command.spawn().with_context(|| {
+            format!(
+                "spawning {} in namespace {}",
+                command.get_program().to_string_lossy(),
+                self.name
+            )
+        })?;
+        drop(file);
+        Ok(child)
+    }
+
+    /// `ip netns exec NAME ARGS...`, to be run (for tools that want the namespace's /sys).
+    pub fn exec(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).args(args);
+        command
     }
 
     /// `/proc/net/dev` counters of `ifname` in this namespace.
@@ -363,7 +416,7 @@ impl Topology {
     /// Builds client ns <-veth-> server ns: 198.18.0.1/16 and 2001:db8::1/64 on the client,
     /// 198.18.0.2/16 and 2001:db8::2/64 on the server, every link up, permanent neighbour
     /// entries both ways (a paced sender must not lose its first packets to ARP/ND
-    /// resolution, whose queue holds only a few packets).
+    /// resolution, whose queue holds only a few packets). Namespaces of unique names.
     pub fn new() -> Result<Topology> {
         static SWEEP: std::sync::Once = std::sync::Once::new();
         SWEEP.call_once(|| match sweep_stale() {
@@ -371,13 +424,29 @@ impl Topology {
             Ok(_) => {}
             Err(e) => eprintln!("warning: sweeping stale namespaces: {e:#}"),
         });
-        let client = Netns::create(&unique_name("c"))?;
-        let server = Netns::create(&unique_name("s"))?;
+        Self::named(
+            &unique_name("c"),
+            &unique_name("s"),
+            Self::CLIENT_IF,
+            Self::SERVER_IF,
+        )
+    }
+
+    /// Like [`Topology::new`], with the namespaces and veth ends named by the caller (the
+    /// demo's fixed names; the namespaces must not exist yet).
+    pub fn named(
+        client_ns: &str,
+        server_ns: &str,
+        client_if: &str,
+        server_if: &str,
+    ) -> Result<Topology> {
+        let client = Netns::create(client_ns)?;
+        let server = Netns::create(server_ns)?;
         let topo = Topology {
             client,
             server,
-            client_if: Self::CLIENT_IF.to_owned(),
-            server_if: Self::SERVER_IF.to_owned(),
+            client_if: client_if.to_owned(),
+            server_if: server_if.to_owned(),
             client_v4: Ipv4Addr::new(198, 18, 0, 1),
             server_v4: Ipv4Addr::new(198, 18, 0, 2),
             client_v6: "2001:db8::1".parse().expect("literal"),
@@ -390,23 +459,20 @@ impl Topology {
         topo.client.ip(&[
             "link",
             "add",
-            Self::CLIENT_IF,
+            client_if,
             "address",
             CLIENT_MAC,
             "type",
             "veth",
             "peer",
             "name",
-            Self::SERVER_IF,
+            server_if,
             "address",
             SERVER_MAC,
             "netns",
             topo.server.name(),
         ])?;
-        for (ns, ifname) in [
-            (&topo.client, Self::CLIENT_IF),
-            (&topo.server, Self::SERVER_IF),
-        ] {
+        for (ns, ifname) in [(&topo.client, client_if), (&topo.server, server_if)] {
             ns.ip(&["link", "set", ifname, "up"])?;
         }
         for (side, v4, v6) in [
@@ -417,6 +483,20 @@ impl Topology {
             topo.add_addr(side, v6.into())?;
         }
         Ok(topo)
+    }
+
+    /// The prefix length of the test network's IPv4 addresses.
+    pub const V4_PREFIX: u8 = V4_PREFIX;
+
+    /// One more address of the caller's choosing on the server's veth end (a backend of its
+    /// own, which can be broken alone), reached from the client without ARP/ND.
+    pub fn add_server_addr(&self, addr: IpAddr) -> Result<()> {
+        self.add_addr(Side::Server, addr)
+    }
+
+    /// One more address of the caller's choosing on the client's veth end.
+    pub fn add_client_addr(&self, addr: IpAddr) -> Result<()> {
+        self.add_addr(Side::Client, addr)
     }
 
     /// One more address on `side`'s veth end (IPv6 without duplicate detection), and a

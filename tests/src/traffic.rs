@@ -7,6 +7,8 @@ mod sys;
 mod tcp;
 
 pub use recv::{RCVBUF_BYTES, RECV_DRAIN_DEADLINE, RECV_QUIET, RecvReport, UdpReceiver};
-pub use send::{FlowSent, RAW_BATCH, SendMethod, SendReport, UdpFlood, UdpSender, payload_byte};
+pub use send::{
+    FlowSent, RAW_BATCH, SendMethod, SendProgress, SendReport, UdpFlood, UdpSender, payload_byte,
+};
 pub use sys::{raise_nofile, socket_drops};
 pub use tcp::{TcpTransfer, pattern_byte, tcp_transfer};

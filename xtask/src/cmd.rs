@@ -2,9 +2,7 @@
 
 use std::{
     io,
-    process::{Child, Command, ExitStatus, Stdio},
-    thread,
-    time::{Duration, Instant},
+    process::{Command, ExitStatus, Stdio},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -167,20 +165,6 @@ pub fn output(cmd: &mut Command) -> Result<String, CmdError> {
         });
     }
     String::from_utf8(out.stdout).map_err(|_| CmdError::NotUtf8 { cmd: describe(cmd) })
-}
-
-/// Waits for `child` until `timeout`; `None` when it is still running then.
-pub fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[cfg(test)]

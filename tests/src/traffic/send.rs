@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::mem::zeroed;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -192,6 +194,27 @@ pub struct UdpSender {
     spec: UdpFlood,
     wire: Wire,
     srcs: Vec<SocketAddr>,
+    progress: SendProgress,
+}
+
+/// A running sender seen from another thread: packets sent so far, and a way to end the
+/// schedule early (for a live display, or Ctrl-C).
+#[derive(Clone, Default)]
+pub struct SendProgress {
+    sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl SendProgress {
+    /// Packets sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Ends the schedule at the next packet; the report counts what was sent.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl UdpSender {
@@ -206,11 +229,21 @@ impl UdpSender {
         }
         let spec2 = spec.clone();
         let (wire, srcs) = ns.run(move || open_wire(&spec2))??;
-        Ok(UdpSender { spec, wire, srcs })
+        Ok(UdpSender {
+            spec,
+            wire,
+            srcs,
+            progress: SendProgress::default(),
+        })
     }
 
     pub fn spec(&self) -> &UdpFlood {
         &self.spec
+    }
+
+    /// The live count and stop switch of this sender's run.
+    pub fn progress(&self) -> SendProgress {
+        self.progress.clone()
     }
 
     /// Source address of every flow, in flow order.
@@ -248,7 +281,8 @@ impl UdpSender {
         let t0 = Instant::now() + Duration::from_millis(1);
         let mut j: u64 = 0;
         let mut mm = MmsgBuf::new();
-        while j < total {
+        let live = &self.progress;
+        while j < total && !live.stop.load(Ordering::Relaxed) {
             let due_at = t0 + sched(j);
             let now = Instant::now();
             if now < due_at {
@@ -266,6 +300,7 @@ impl UdpSender {
                     let f = &mut flows[flow];
                     match socks[flow].send(&payload) {
                         Ok(_) => {
+                            live.sent.fetch_add(1, Ordering::Relaxed);
                             f.sent += 1;
                             f.first.get_or_insert(now);
                             f.last = Some(now);
@@ -302,6 +337,7 @@ impl UdpSender {
                         Ok(k) if k > 0 => (k, 0),
                         _ => (0, 1),
                     };
+                    live.sent.fetch_add(ok as u64, Ordering::Relaxed);
                     for i in 0..ok + failed {
                         let flow = ((j + i as u64) % n as u64) as usize;
                         let f = &mut flows[flow];

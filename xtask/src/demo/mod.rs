@@ -2,48 +2,41 @@
 //!
 //! client netns (veth-client 198.18.0.1) --veth--> server netns (veth-agent 198.18.0.2, ...)
 //!
-//! 1. Rate limit (`ratelimit.rs`, `live.rs`, `traffic.rs`; config/demo.yaml): the agent on the
-//!    server's veth, a UDP flood at a multiple of the limit, offered against passed per second.
-//! 2. Payment path fails fast (`breaker/`; config/demo-breaker.yaml): the agent on the client's
-//!    veth, backends on server addresses of their own, one made to hang and restored; connects
-//!    per backend per second next to its breaker state.
-//! 3. Flash sale (`lb/`; config/demo-lb.yaml): the agent on the client's veth balancing a VIP
+//! 1. Rate limit (`ratelimit.rs`; config/demo.yaml): the agent on the server's veth, a UDP
+//!    flood at a multiple of the limit, offered against passed per second.
+//! 2. Payment path fails fast (`breaker.rs`; config/demo-breaker.yaml): the agent on the
+//!    client's veth, backends on server addresses of their own, one made to hang and restored;
+//!    connects per backend per second next to its breaker state.
+//! 3. Flash sale (`lb.rs`; config/demo-lb.yaml): the agent on the client's veth balancing a VIP
 //!    over backends on server addresses of their own; a 10x surge spread by weight, one backend
 //!    dying and coming back; connections served per backend per second next to its weight.
 //!
-//! Shared: the topology, the agent process, /metrics. Cleanup is by guards, dropped in reverse
-//! order of creation (agent, pins, namespaces) on success, error, panic and Ctrl-C (the signal
-//! handler turns it into an error that unwinds).
+//! The namespaces, the agent process, the backends and the UDP flood are the end-to-end
+//! tests' own (crate `agent-tests`); the acts read the agent's state from its JSON `/status`
+//! (`watch.rs`) and their policies through `policy.rs` alone. Cleanup is by guards, dropped in
+//! reverse order of creation (agent, servers, namespaces) on success, error, panic and Ctrl-C (the
+//! signal handler turns it into an error that unwinds).
 
-mod agent;
 mod breaker;
-mod http;
 mod lb;
-mod live;
-mod metrics;
-mod netns;
-mod plan;
+mod policy;
 mod ratelimit;
-mod topology;
-mod traffic;
+mod watch;
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
+    ops::ControlFlow,
     path::{Path, PathBuf},
-    time::Duration,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
 };
 
+use agent_tests::{AgentProcess, Netns, Scaled, Topology, netns};
 use anyhow::{Context as _, bail};
 
-use self::{
-    agent::Agent,
-    breaker::plan::BreakerPlan,
-    lb::plan::LbPlan,
-    netns::Netns,
-    plan::{AgentSide, Plan},
-    topology::{Spec, Topology},
-};
+use self::policy::{Balanced, Guarded, RateLimited};
 use crate::{build, setup, sys, workspace};
 
 const DEFAULT_POLICY: &str = "config/demo.yaml";
@@ -51,13 +44,15 @@ const DEFAULT_BREAKER_POLICY: &str = "config/demo-breaker.yaml";
 const DEFAULT_LB_POLICY: &str = "config/demo-lb.yaml";
 const CLIENT_NS: &str = "agent-demo-client";
 const SERVER_NS: &str = "agent-demo-server";
+/// The veth ends when no act that runs names them.
 const CLIENT_IF: &str = "veth-client";
+const SERVER_IF: &str = "veth-agent";
+/// The addresses of the veth ends ([`Topology`]'s) and their network.
 const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const PREFIX_LEN: u8 = 24;
+const PREFIX_LEN: u8 = Topology::V4_PREFIX;
 /// A debug build loading and attaching its programs; generous, it is a deadline, not a sleep.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Scaled = Scaled::secs(60);
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Act {
@@ -106,16 +101,15 @@ pub struct Args {
 pub struct Demo {
     /// `None` with `--no-agent`.
     agent_bin: Option<PathBuf>,
-    client: Netns,
-    server: Netns,
+    topology: Topology,
     run_dir: PathBuf,
 }
 
-/// The policy of each act that runs.
+/// The policy of each act that runs, and its file.
 struct Plans {
-    ratelimit: Option<(Plan, PathBuf)>,
-    breaker: Option<(BreakerPlan, PathBuf)>,
-    lb: Option<(LbPlan, PathBuf)>,
+    ratelimit: Option<(RateLimited, PathBuf)>,
+    breaker: Option<(Guarded, PathBuf)>,
+    lb: Option<((Guarded, Balanced), PathBuf)>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -134,25 +128,35 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bail!("interrupted");
     }
 
-    let topology = Topology::create(plans.spec()?)?;
+    let (client_if, server_if) = plans.interfaces()?;
+    for ns in [CLIENT_NS, SERVER_NS] {
+        if netns::netns_list()?.iter().any(|n| n == ns) {
+            netns::ip(&["netns", "delete", ns])?;
+            println!("demo: removed netns {ns} left over from an earlier run");
+        }
+    }
+    let topology = Topology::named(CLIENT_NS, SERVER_NS, &client_if, &server_if)?;
+    println!(
+        "demo: {CLIENT_NS} ({client_if} {CLIENT_ADDR}/{PREFIX_LEN}) <-> {SERVER_NS} ({server_if} \
+         {SERVER_ADDR}/{PREFIX_LEN})"
+    );
     let demo = Demo {
         agent_bin,
-        client: Netns::open(CLIENT_NS)?,
-        server: Netns::open(SERVER_NS)?,
+        topology,
         run_dir,
     };
     if let Some((plan, config)) = &plans.ratelimit {
         ratelimit::run(&demo, args, plan, config)?;
     }
     if let Some((plan, config)) = &plans.breaker {
-        breaker::run(&demo, &topology, plan, config)?;
+        breaker::run(&demo, plan, config)?;
     }
     if let Some((plan, config)) = &plans.lb {
-        lb::run(&demo, &topology, plan, config)?;
+        lb::run(&demo, plan, config)?;
     }
-    // Explicit, in order: the acts' agents are gone, then the namespaces go.
+    // The acts' agents are gone; the namespaces go with the topology.
     drop(demo);
-    drop(topology);
+    println!("demo: deleted netns {CLIENT_NS} and {SERVER_NS}");
     Ok(())
 }
 
@@ -162,39 +166,33 @@ impl Plans {
             path.clone()
                 .unwrap_or_else(|| workspace::root().join(default))
         };
-        let ratelimit = match args.act {
-            Act::Breaker | Act::Lb => None,
-            Act::Ratelimit | Act::All => {
-                let config = policy(&args.config, DEFAULT_POLICY);
-                Some((ratelimit::plan(&config)?, config))
-            }
+        let runs = |act| args.act == act || args.act == Act::All;
+        let mut plans = Self {
+            ratelimit: None,
+            breaker: None,
+            lb: None,
         };
-        let breaker = match args.act {
-            Act::Ratelimit | Act::Lb => None,
-            Act::Breaker | Act::All => {
-                let config = policy(&args.breaker_config, DEFAULT_BREAKER_POLICY);
-                Some((breaker::plan(&config)?, config))
-            }
-        };
-        let lb = match args.act {
-            Act::Ratelimit | Act::Breaker => None,
-            Act::Lb | Act::All => {
-                let config = policy(&args.lb_config, DEFAULT_LB_POLICY);
-                Some((lb::plan(&config)?, config))
-            }
-        };
-        Ok(Self {
-            ratelimit,
-            breaker,
-            lb,
-        })
+        if runs(Act::Ratelimit) {
+            let config = policy(&args.config, DEFAULT_POLICY);
+            plans.ratelimit = Some((ratelimit::plan(&config)?, config));
+        }
+        if runs(Act::Breaker) {
+            let config = policy(&args.breaker_config, DEFAULT_BREAKER_POLICY);
+            plans.breaker = Some((breaker::plan(&config)?, config));
+        }
+        if runs(Act::Lb) {
+            let config = policy(&args.lb_config, DEFAULT_LB_POLICY);
+            plans.lb = Some((lb::plan(&config)?, config));
+        }
+        Ok(plans)
     }
 
-    /// The topology the acts run in; each act's policy names the veth its agent attaches to.
-    fn spec(&self) -> anyhow::Result<Spec> {
+    /// The veth ends (client, server) the acts run on; each act's policy names the one its
+    /// agent attaches to.
+    fn interfaces(&self) -> anyhow::Result<(String, String)> {
         let server_if = self.ratelimit.as_ref().map(|(p, _)| &p.agent.interface);
         let breaker_if = self.breaker.as_ref().map(|(p, _)| &p.agent.interface);
-        let lb_if = self.lb.as_ref().map(|(p, _)| &p.breaker.agent.interface);
+        let lb_if = self.lb.as_ref().map(|((p, _), _)| &p.agent.interface);
         if let (Some(breaker_if), Some(lb_if)) = (breaker_if, lb_if)
             && breaker_if != lb_if
         {
@@ -203,97 +201,145 @@ impl Plans {
                  {lb_if}: both need the client's veth, one name"
             );
         }
-        let client_if = breaker_if.or(lb_if);
-        let spec = Spec {
-            client_ns: CLIENT_NS,
-            server_ns: SERVER_NS,
-            client_if: client_if.map_or(CLIENT_IF.into(), Clone::clone),
-            server_if: server_if.map_or(plan::DEFAULT_INTERFACE.into(), Clone::clone),
-            client_addr: CLIENT_ADDR,
-            server_addr: SERVER_ADDR,
-            prefix_len: PREFIX_LEN,
-        };
-        if spec.client_if == spec.server_if {
+        let client_if = breaker_if.or(lb_if).map_or(CLIENT_IF, String::as_str);
+        let server_if = server_if.map_or(SERVER_IF, String::as_str);
+        if client_if == server_if {
             bail!(
-                "the policies attach the agent to {} on both sides: the rate-limit act needs the \
-                 server's veth, the breaker and load-balancing acts the client's",
-                spec.client_if
+                "the policies attach the agent to {client_if} on both sides: the rate-limit act \
+                 needs the server's veth, the breaker and load-balancing acts the client's"
             );
         }
-        Ok(spec)
+        Ok((client_if.to_owned(), server_if.to_owned()))
     }
 }
 
 impl Demo {
     /// Copies the policy into the run directory as `{prefix}policy.yaml` (edits to the original
     /// during the demo do not reload the agent) and starts the agent on it inside `netns`, its
-    /// log in `{prefix}agent.log`. `None` with `--no-agent`.
+    /// log next to the copy. `None` with `--no-agent`.
     fn start_agent(
         &self,
-        side: &AgentSide,
         config: &Path,
         netns: &Netns,
         prefix: &str,
-    ) -> anyhow::Result<Option<Agent>> {
+    ) -> anyhow::Result<Option<AgentProcess>> {
         let Some(bin) = &self.agent_bin else {
             return Ok(None);
         };
-        let Some(policy) = &side.policy else {
-            bail!(
-                "{} does not exist: the agent needs a policy (`cargo xtask demo --no-agent` runs \
-                 the topology and the traffic without it)",
-                config.display()
-            );
-        };
         let copy = self.run_dir.join(format!("{prefix}policy.yaml"));
-        fs::copy(policy, &copy)
-            .with_context(|| format!("copy {} to {}", policy.display(), copy.display()))?;
-        let log = self.run_dir.join(format!("{prefix}agent.log"));
-        let mut agent = Agent::start(bin, &copy, netns, &log)?;
-        let took = agent.wait_ready(netns, side.listen, READY_TIMEOUT)?;
+        fs::copy(config, &copy)
+            .with_context(|| format!("copy {} to {}", config.display(), copy.display()))?;
+        let mut agent = AgentProcess::spawn(bin, netns, &copy)?;
+        println!(
+            "demo: started `{} run --config {}` in netns {} (pid {}, log {})",
+            bin.display(),
+            copy.display(),
+            netns.name(),
+            agent.pid(),
+            agent.log_path().display()
+        );
+        let took = agent.wait_ready(READY_TIMEOUT)?;
         println!("demo: agent ready after {:.1}s", took.as_secs_f64());
         Ok(Some(agent))
     }
+}
 
-    /// `agent status` against the agent answering on `listen` inside `netns`, printed.
-    fn print_status(&self, netns: &Netns, listen: SocketAddr, prefix: &str) -> anyhow::Result<()> {
-        let Some(bin) = &self.agent_bin else {
-            return Ok(());
+/// Prints `agent status` of the act's agent and stops it (SIGTERM).
+fn stop_agent(agent: Option<AgentProcess>) -> anyhow::Result<()> {
+    let Some(agent) = agent else {
+        return Ok(());
+    };
+    println!("\ndemo: agent status");
+    let addr = agent.listen().to_string();
+    print!("{}", agent.command(&["status", "--addr", &addr])?);
+    let status = agent.stop()?;
+    println!("demo: agent stopped ({status})");
+    Ok(())
+}
+
+/// Whether `ip` is an address the demo can give a backend or a VIP of its own: in the
+/// topology's network, and none of `taken` (the veth ends' own among them).
+fn free_address(ip: Ipv4Addr, taken: &[Ipv4Addr]) -> bool {
+    let network = |ip: Ipv4Addr| u32::from(ip) >> (32 - u32::from(PREFIX_LEN));
+    network(ip) == network(CLIENT_ADDR)
+        && ![CLIENT_ADDR, SERVER_ADDR].contains(&ip)
+        && !taken.contains(&ip)
+}
+
+/// A client of a scene: runs on a thread of its own until the flag is set.
+type Client<'a> = Box<dyn FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'a>;
+
+/// Acts 2 and 3: `clients` run on threads of their own while `tick` runs on this one every
+/// `every` (the `n`th tick at `n` x `every`), once the agent was seen still running, until
+/// `tick` ends the scene. Every thread is stopped and joined before this returns, whatever
+/// happens; a client that ends before the scene does fails it.
+fn scene<T>(
+    every: Duration,
+    clients: Vec<Client<'_>>,
+    mut agent: Option<&mut AgentProcess>,
+    mut tick: impl FnMut(u32, Option<&AgentProcess>) -> anyhow::Result<ControlFlow<T>>,
+) -> anyhow::Result<T> {
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        let threads: Vec<_> = clients
+            .into_iter()
+            .map(|client| scope.spawn(|| client(&stop)))
+            .collect();
+        let start = Instant::now();
+        let mut played = || -> anyhow::Result<T> {
+            for n in 1.. {
+                sleep_until(start + every * n)?;
+                if threads.iter().any(|t| t.is_finished()) {
+                    break;
+                }
+                if let Some(agent) = agent.as_deref_mut() {
+                    agent.check_running()?;
+                }
+                if let ControlFlow::Break(ending) = tick(n, agent.as_deref())? {
+                    return Ok(ending);
+                }
+            }
+            bail!("a client thread ended before the act did")
         };
-        println!("\ndemo: agent status");
-        let scratch = self.run_dir.join(format!("{prefix}status.out"));
-        print!(
-            "{}",
-            agent::status(bin, netns, listen, &scratch, STATUS_TIMEOUT)?
-        );
-        Ok(())
-    }
+        let played = played();
+        stop.store(true, Ordering::Relaxed);
+        for thread in threads {
+            match thread.join() {
+                Ok(result) => result?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        played
+    })
 }
 
-/// Removes the pin directory after an act, but only if this run created it: a directory that
-/// was there before may belong to an agent running on the host.
-struct PinCleanup {
-    path: PathBuf,
-    existed: bool,
+/// Sleeps until `deadline`, failing at once on Ctrl-C.
+fn sleep_until(deadline: Instant) -> anyhow::Result<()> {
+    if sys::interrupted() {
+        bail!("interrupted");
+    }
+    if let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        thread::sleep(left);
+    }
+    Ok(())
 }
 
-impl PinCleanup {
-    fn new(path: &Path) -> Self {
-        Self {
-            path: path.to_owned(),
-            existed: path.exists(),
-        }
-    }
+/// `+1.25s`: the time since `start`, for the lines of a story.
+fn clock(start: Instant) -> String {
+    format!("+{:.2}s", start.elapsed().as_secs_f64())
 }
 
-impl Drop for PinCleanup {
-    fn drop(&mut self) {
-        if self.existed || !self.path.exists() || !self.path.starts_with(setup::BPFFS) {
-            return;
-        }
-        match fs::remove_dir_all(&self.path) {
-            Ok(()) => println!("demo: removed pins under {}", self.path.display()),
-            Err(e) => eprintln!("demo: could not remove {}: {e}", self.path.display()),
-        }
-    }
+/// `0.12 s`: from `from` to `to`.
+fn since(from: Instant, to: Instant) -> String {
+    format!("{:.2} s", to.saturating_duration_since(from).as_secs_f64())
+}
+
+/// `now - before` for a table cell; `-` when the agent says nothing.
+fn delta(now: Option<u64>, before: Option<u64>) -> String {
+    now.map_or("-".into(), |now| (now - before.unwrap_or(0)).to_string())
+}
+
+/// `0.042` (milliseconds, to the microsecond).
+fn millis(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
 }

@@ -6,14 +6,14 @@ use std::{
     io,
     net::{SocketAddrV4, TcpStream},
     sync::{
-        Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
-use crate::demo::{netns::Netns, traffic::TrafficError};
+use agent_tests::Netns;
 
 pub const CONNECT_EVERY: Duration = Duration::from_millis(20);
 /// What a payment client would wait for a handshake before giving up.
@@ -21,15 +21,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// What became of the connects to one backend, counted as they end.
 #[derive(Default)]
-pub struct Tally {
-    ok: AtomicU64,
-    refused: AtomicU64,
-    timed_out: AtomicU64,
-    other: AtomicU64,
-    /// Slowest refused connect since the last [`Tally::take_slowest_refusal`], in ns.
-    slowest_refusal: AtomicU64,
+pub struct Tally(Mutex<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    counts: Counts,
+    /// Slowest refused connect since the last [`Tally::take_slowest_refusal`].
+    slowest_refusal: Option<Duration>,
     /// Every refused connect's time, for the median and the maximum of the run.
-    refusals: Mutex<Vec<Duration>>,
+    refusals: Vec<Duration>,
 }
 
 /// A reading of a [`Tally`]: connects ended so far.
@@ -54,50 +54,38 @@ impl Counts {
 }
 
 impl Tally {
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     pub fn counts(&self) -> Counts {
-        Counts {
-            ok: self.ok.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
-            timed_out: self.timed_out.load(Ordering::Relaxed),
-            other: self.other.load(Ordering::Relaxed),
-        }
+        self.with(|t| t.counts)
     }
 
     /// The slowest refusal since the last call; `None` when nothing was refused.
     pub fn take_slowest_refusal(&self) -> Option<Duration> {
-        nanos(self.slowest_refusal.swap(0, Ordering::Relaxed))
+        self.with(|t| t.slowest_refusal.take())
     }
 
     /// Median and slowest refused connect of the run; `None` when nothing was refused.
     pub fn refusal_spread(&self) -> Option<(Duration, Duration)> {
-        let mut times = self
-            .refusals
-            .lock()
-            .map_or_else(|e| e.into_inner().clone(), |t| t.clone());
+        let mut times = self.with(|t| t.refusals.clone());
         times.sort_unstable();
         Some((*times.get(times.len() / 2)?, *times.last()?))
     }
 
     fn record(&self, result: io::Result<TcpStream>, took: Duration) {
-        let counter = match result {
-            Ok(_) => &self.ok,
+        self.with(|t| match result {
+            Ok(_) => t.counts.ok += 1,
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
-                self.slowest_refusal.fetch_max(ns, Ordering::Relaxed);
-                if let Ok(mut times) = self.refusals.lock() {
-                    times.push(took);
-                }
-                &self.refused
+                t.slowest_refusal = t.slowest_refusal.max(Some(took));
+                t.refusals.push(took);
+                t.counts.refused += 1;
             }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => &self.timed_out,
-            Err(_) => &self.other,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => t.counts.timed_out += 1,
+            Err(_) => t.counts.other += 1,
+        });
     }
-}
-
-fn nanos(ns: u64) -> Option<Duration> {
-    (ns > 0).then(|| Duration::from_nanos(ns))
 }
 
 /// Connects to `backend` from inside `client` every [`CONNECT_EVERY`] until `stop`; the
@@ -108,8 +96,8 @@ pub fn run(
     backend: SocketAddrV4,
     tally: &Tally,
     stop: &AtomicBool,
-) -> Result<(), TrafficError> {
-    client.enter_this_thread()?;
+) -> anyhow::Result<()> {
+    client.enter()?;
     // Threads spawned from here inherit this thread's network namespace.
     thread::scope(|scope| {
         let start = Instant::now();

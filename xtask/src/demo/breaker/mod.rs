@@ -6,35 +6,24 @@
 //! from timeouts into refusals in microseconds, answered by the datapath. Restored, the breaker
 //! goes half-open, then closed. Timings are measured and set against what the policy implies.
 
-mod backends;
 mod clients;
-pub mod plan;
-pub mod watch;
 
 use std::{
-    net::TcpListener,
     ops::ControlFlow,
     path::Path,
-    sync::atomic::{AtomicBool, Ordering},
-    thread,
     time::{Duration, Instant},
 };
 
+use agent_tests::{AgentProcess, Netns, backend::Blackhole, backend::TcpServer};
 use anyhow::bail;
 
-use self::{
-    clients::{CONNECT_EVERY, CONNECT_TIMEOUT, Tally},
-    plan::BreakerPlan,
-    watch::{Transition, Watch, millis},
-};
+use self::clients::{CONNECT_EVERY, CONNECT_TIMEOUT, Counts, Tally};
 use super::{
-    CLIENT_ADDR, Demo, PREFIX_LEN, PinCleanup, SERVER_ADDR,
-    agent::Agent,
-    plan as policy,
-    topology::{Hang, Topology},
-    traffic::{self, StopOnDrop},
+    CLIENT_ADDR, Client, Demo, PREFIX_LEN, SERVER_ADDR, clock, delta, free_address, millis,
+    policy::Guarded,
+    scene, stop_agent,
+    watch::{Event, Transition, Watch},
 };
-use crate::sys;
 
 /// Seconds of healthy traffic before the last backend hangs, and how long it hangs.
 const HEALTHY_SECS: u64 = 3;
@@ -51,16 +40,30 @@ const BASELINE_AFTER_RESTORE: u64 = 2;
 
 /// Reads the act's policy, says what it will show, and checks that the demo can place every
 /// backend on an address of its own.
-pub fn plan(config: &Path) -> anyhow::Result<BreakerPlan> {
-    let plan = BreakerPlan::load(config)?;
-    println!("demo: {plan}");
-    let network = format!("{CLIENT_ADDR}/{PREFIX_LEN}");
+pub fn plan(config: &Path) -> anyhow::Result<Guarded> {
+    let plan = Guarded::load(config)?;
+    let backends: Vec<String> = plan.backends.iter().map(ToString::to_string).collect();
+    println!(
+        "demo: policy {}: service {} backends {}, probes every {:?} (timeout {:?}), breaker \
+         opens after {} failures, on_open {}, reset_timeout {:?}, closes after {} successes, \
+         agent on {} at http://{}",
+        config.display(),
+        plan.service,
+        backends.join(" "),
+        plan.interval,
+        plan.timeout,
+        plan.failure_threshold,
+        plan.on_open,
+        plan.reset_timeout,
+        plan.success_threshold,
+        plan.agent.interface,
+        plan.agent.listen
+    );
     for (i, backend) in plan.backends.iter().enumerate() {
-        let ip = *backend.ip();
-        if !policy::contains(&network, ip) || [CLIENT_ADDR, SERVER_ADDR].contains(&ip) {
+        if !free_address(*backend.ip(), &[]) {
             bail!(
                 "{}: backend {backend}: the demo places backends on addresses of their own in \
-                 {network}, other than {CLIENT_ADDR} and {SERVER_ADDR}",
+                 {CLIENT_ADDR}/{PREFIX_LEN}, other than {CLIENT_ADDR} and {SERVER_ADDR}",
                 config.display()
             );
         }
@@ -75,46 +78,65 @@ pub fn plan(config: &Path) -> anyhow::Result<BreakerPlan> {
     Ok(plan)
 }
 
-pub fn run(
-    demo: &Demo,
-    topology: &Topology,
-    plan: &BreakerPlan,
-    config: &Path,
-) -> anyhow::Result<()> {
+/// From a backend hanging to its breaker open, by active probes alone: the first failing
+/// probe starts at most one interval after the hang, `failure_threshold` of them run an
+/// interval apart, the last fails after `timeout`. Passive detection can be sooner.
+pub fn open_bound(plan: &Guarded) -> Duration {
+    plan.interval * saturating_u32(plan.failure_threshold) + plan.timeout
+}
+
+/// From a restored backend to its breaker closed: what is left of the open period (at most
+/// `max_reset_timeout`), then `success_threshold` probes at the unhealthy interval.
+pub fn close_bound(plan: &Guarded) -> Duration {
+    plan.max_reset_timeout
+        + plan.unhealthy_interval * saturating_u32(plan.success_threshold)
+        + plan.timeout
+}
+
+pub fn saturating_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+pub fn run(demo: &Demo, plan: &Guarded, config: &Path) -> anyhow::Result<()> {
     println!("\ndemo: act 2: payment path fails fast");
-    for backend in &plan.backends {
-        topology.add_server_addr(*backend.ip())?;
-    }
-    let listeners = backends::bind(&demo.server, &plan.backends)?;
-    let pins = PinCleanup::new(&plan.agent.pin_path);
-    let mut agent = demo.start_agent(&plan.agent, config, &demo.client, "breaker-")?;
+    let topology = &demo.topology;
+    let servers = plan
+        .backends
+        .iter()
+        .map(|&backend| {
+            topology.add_server_addr((*backend.ip()).into())?;
+            TcpServer::start(&topology.server, backend.into())
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut agent = demo.start_agent(config, &topology.client, "breaker-")?;
     introduce(demo, plan, agent.is_some());
     let tallies: Vec<Tally> = plan.backends.iter().map(|_| Tally::default()).collect();
-    let mut watch = Watch::new(&demo.client, plan, agent.is_some());
-    let mut story = Story::new(plan, topology);
-    play(
-        demo,
-        &listeners,
-        &tallies,
-        &mut story,
-        &mut watch,
-        agent.as_mut(),
-    )?;
+    let mut watch = Watch::new(agent.as_ref(), &plan.service, &plan.backends);
+    let mut story = Story::new(plan, &topology.server);
+    let clients = plan.backends.iter().zip(&tallies).map(|(&backend, tally)| {
+        let client = &topology.client;
+        Box::new(move |stop: &_| clients::run(client, backend, tally, stop)) as Client<'_>
+    });
+    let mut rows = Rows::new(&watch, &tallies);
+    story.start = Instant::now();
+    scene(TICK, clients.collect(), agent.as_mut(), |n, agent| {
+        story.tick(n, agent, &mut watch, &mut rows)
+    })?;
     story.summary(&watch, &tallies);
-    demo.print_status(&demo.client, plan.agent.listen, "breaker-")?;
-    // Explicit, in order: the agent lets go of its pins and the interface, then the pins go.
-    drop(agent);
-    drop(pins);
+    drop(watch);
+    stop_agent(agent)?;
+    // The agent has let go of the interface; the servers go.
+    drop(servers);
     Ok(())
 }
 
-fn introduce(demo: &Demo, plan: &BreakerPlan, with_agent: bool) {
+fn introduce(demo: &Demo, plan: &Guarded, with_agent: bool) {
     println!(
         "demo: backends of {} in {}, each a TCP server on an address of its own; clients in {} \
          connect to each every {} ms (timeout {} ms)",
         plan.service,
-        demo.server.name(),
-        demo.client.name(),
+        demo.topology.server.name(),
+        demo.topology.client.name(),
         CONNECT_EVERY.as_millis(),
         CONNECT_TIMEOUT.as_millis()
     );
@@ -142,51 +164,19 @@ fn introduce(demo: &Demo, plan: &BreakerPlan, with_agent: bool) {
     );
     println!(
         "demo: per second and backend: connects ok, refused (ECONNREFUSED; max ms: the slowest), \
-         timed out; the breaker's state and the RSTs the datapath sent (agent /metrics)\n"
+         timed out; the breaker's state and the RSTs the datapath sent (agent status)\n"
     );
-}
-
-/// Serves and connects on threads of their own while the story plays on this one; every
-/// thread is stopped and joined before this returns, whatever happens.
-fn play(
-    demo: &Demo,
-    listeners: &[TcpListener],
-    tallies: &[Tally],
-    story: &mut Story<'_>,
-    watch: &mut Watch<'_>,
-    agent: Option<&mut Agent>,
-) -> anyhow::Result<()> {
-    let stop = AtomicBool::new(false);
-    let plan = story.plan;
-    thread::scope(|scope| {
-        let _stop = StopOnDrop(&stop);
-        let stop = &stop;
-        let mut threads = Vec::new();
-        for listener in listeners {
-            threads.push(scope.spawn(move || backends::serve(listener, stop)));
-        }
-        for (&backend, tally) in plan.backends.iter().zip(tallies) {
-            threads.push(scope.spawn(move || clients::run(&demo.client, backend, tally, stop)));
-        }
-        let played = story.play(watch, tallies, agent, || {
-            threads.iter().all(|t| !t.is_finished())
-        });
-        stop.store(true, Ordering::Relaxed);
-        for thread in threads {
-            traffic::join(thread)?;
-        }
-        played
-    })
 }
 
 /// The act's timeline, and what it measured.
 struct Story<'a> {
-    plan: &'a BreakerPlan,
-    topology: &'a Topology,
+    plan: &'a Guarded,
+    /// Where the backends live.
+    server: &'a Netns,
     /// The backend made to hang: the last one.
     victim: usize,
     start: Instant,
-    hang: Option<Hang>,
+    hang: Option<Blackhole>,
     hung_at: Option<Instant>,
     restored_at: Option<Instant>,
     opened_after: Option<Duration>,
@@ -196,10 +186,10 @@ struct Story<'a> {
 }
 
 impl<'a> Story<'a> {
-    fn new(plan: &'a BreakerPlan, topology: &'a Topology) -> Self {
+    fn new(plan: &'a Guarded, server: &'a Netns) -> Self {
         Self {
             plan,
-            topology,
+            server,
             victim: plan.backends.len().saturating_sub(1),
             start: Instant::now(),
             hang: None,
@@ -211,43 +201,29 @@ impl<'a> Story<'a> {
         }
     }
 
-    /// Polls the breakers every tick and prints the rows every second until the story ends,
-    /// the agent dies, or a traffic thread ends (`alive` turns false; the caller's joins say
-    /// why).
-    fn play(
+    /// Every tick: the breakers' changes; every second: the rows, then the script.
+    fn tick(
         &mut self,
-        watch: &mut Watch<'_>,
-        tallies: &[Tally],
-        mut agent: Option<&mut Agent>,
-        alive: impl Fn() -> bool,
-    ) -> anyhow::Result<()> {
-        watch.header();
-        self.start = Instant::now();
-        let mut tick: u32 = 0;
-        loop {
-            tick += 1;
-            sleep_until(self.start + TICK * tick)?;
-            if !alive() {
-                return Ok(());
-            }
-            if let Some(agent) = agent.as_deref_mut() {
-                agent.check_running()?;
-            }
-            for transition in watch.poll() {
+        n: u32,
+        agent: Option<&AgentProcess>,
+        watch: &mut Watch,
+        rows: &mut Rows,
+    ) -> anyhow::Result<ControlFlow<()>> {
+        for event in watch.poll(agent) {
+            if let Event::Breaker(transition) = event {
                 self.transition(&transition, watch);
             }
-            if tick.is_multiple_of(TICKS_PER_SECOND) {
-                let second = u64::from(tick / TICKS_PER_SECOND);
-                watch.rows(second, tallies);
-                if self.step(second, watch)?.is_break() {
-                    return Ok(());
-                }
-            }
         }
+        if !n.is_multiple_of(TICKS_PER_SECOND) {
+            return Ok(ControlFlow::Continue(()));
+        }
+        let second = u64::from(n / TICKS_PER_SECOND);
+        rows.print(second, watch);
+        self.step(second, watch)
     }
 
     /// What happens at the end of `second`.
-    fn step(&mut self, second: u64, watch: &Watch<'_>) -> anyhow::Result<ControlFlow<()>> {
+    fn step(&mut self, second: u64, watch: &Watch) -> anyhow::Result<ControlFlow<()>> {
         let restore = HEALTHY_SECS + HANG_SECS;
         if second == HEALTHY_SECS {
             self.hang()?;
@@ -261,11 +237,11 @@ impl<'a> Story<'a> {
 
     fn hang(&mut self) -> anyhow::Result<()> {
         let backend = self.plan.backends[self.victim];
-        let hang = self.topology.hang(*backend.ip())?;
+        let hang = Blackhole::add(self.server, (*backend.ip()).into())?;
         self.hung_at = Some(Instant::now());
         println!(
             "demo: {} {backend} hangs: `{}` (SYNs reach it, nothing it sends leaves)",
-            self.clock(),
+            clock(self.start),
             hang.command("add")
         );
         self.hang = Some(hang);
@@ -273,15 +249,15 @@ impl<'a> Story<'a> {
     }
 
     fn restore(&mut self) -> anyhow::Result<()> {
-        let Some(hang) = self.hang.take() else {
+        let Some(mut hang) = self.hang.take() else {
             return Ok(());
         };
         let command = hang.command("del");
-        hang.restore()?;
+        hang.remove()?;
         self.restored_at = Some(Instant::now());
         println!(
             "demo: {} {} restored: `{command}`",
-            self.clock(),
+            clock(self.start),
             self.plan.backends[self.victim]
         );
         Ok(())
@@ -289,8 +265,8 @@ impl<'a> Story<'a> {
 
     /// After the restore: done once every breaker has been closed for [`CLOSED_ROWS`] rows, or
     /// when the policy's bound (plus slack) has passed.
-    fn recovered(&mut self, since_restore: u64, watch: &Watch<'_>) -> ControlFlow<()> {
-        if !watch.scraping() {
+    fn recovered(&mut self, since_restore: u64, watch: &Watch) -> ControlFlow<()> {
+        if !watch.reading() {
             return if since_restore >= BASELINE_AFTER_RESTORE {
                 ControlFlow::Break(())
             } else {
@@ -305,7 +281,7 @@ impl<'a> Story<'a> {
         if self.closed_rows >= CLOSED_ROWS {
             return ControlFlow::Break(());
         }
-        let bound = self.plan.close_bound() + SLACK;
+        let bound = close_bound(self.plan) + SLACK;
         if Duration::from_secs(since_restore) >= bound {
             println!(
                 "demo: warning: not every breaker closed within {:.1} s of the restore (the \
@@ -320,14 +296,14 @@ impl<'a> Story<'a> {
 
     /// Prints a breaker's change of state, timed against the hang or the restore when it is
     /// the one the script was waiting for.
-    fn transition(&mut self, t: &Transition, watch: &Watch<'_>) {
+    fn transition(&mut self, t: &Transition, watch: &Watch) {
         let reason = t.reason.map_or_else(String::new, |r| format!(" ({r})"));
         let why = self
             .why(t)
             .map_or_else(String::new, |why| format!(": {why}"));
         println!(
             "demo: {} {} breaker {} -> {}{reason}{why}",
-            self.clock(),
+            clock(self.start),
             watch.label(t.backend),
             t.from,
             t.to
@@ -345,7 +321,7 @@ impl<'a> Story<'a> {
                     "{:.2} s after the hang (by active probes alone: within {:.2} s); new \
                      connects are refused",
                     took.as_secs_f64(),
-                    self.plan.open_bound().as_secs_f64()
+                    open_bound(self.plan).as_secs_f64()
                 ))
             }
             ("half_open", "closed") if victim && self.closed_after.is_none() => {
@@ -362,11 +338,7 @@ impl<'a> Story<'a> {
         }
     }
 
-    fn clock(&self) -> String {
-        format!("+{:.2}s", self.start.elapsed().as_secs_f64())
-    }
-
-    fn summary(&self, watch: &Watch<'_>, tallies: &[Tally]) {
+    fn summary(&self, watch: &Watch, tallies: &[Tally]) {
         println!("\ndemo: connects over the act");
         for (i, tally) in tallies.iter().enumerate() {
             let c = tally.counts();
@@ -395,8 +367,8 @@ impl<'a> Story<'a> {
         self.timings(watch, &tallies[self.victim]);
     }
 
-    fn timings(&self, watch: &Watch<'_>, victim_tally: &Tally) {
-        if !watch.scraping() {
+    fn timings(&self, watch: &Watch, victim_tally: &Tally) {
+        if !watch.reading() {
             return;
         }
         let victim = watch.label(self.victim);
@@ -410,7 +382,7 @@ impl<'a> Story<'a> {
                  within {:.2} s); from then on a connect to it was refused in {refused} \
                  instead of hanging for {} ms",
                 took.as_secs_f64(),
-                self.plan.open_bound().as_secs_f64(),
+                open_bound(self.plan).as_secs_f64(),
                 CONNECT_TIMEOUT.as_millis()
             ),
             None => println!("demo: warning: the breaker of {victim} never opened"),
@@ -420,20 +392,55 @@ impl<'a> Story<'a> {
                 "demo: {victim} restored: its breaker closed {:.2} s later (within {:.2} s: what \
                  was left of the open period, then {} successes)",
                 took.as_secs_f64(),
-                self.plan.close_bound().as_secs_f64(),
+                close_bound(self.plan).as_secs_f64(),
                 self.plan.success_threshold
             );
         }
     }
 }
 
-/// Sleeps until `deadline`, failing at once on Ctrl-C.
-fn sleep_until(deadline: Instant) -> anyhow::Result<()> {
-    if sys::interrupted() {
-        bail!("interrupted");
+/// The table: once a second a row per backend of the clients' connects that ended in that
+/// second, the slowest refusal among them, the breaker's state now, and the RSTs the datapath
+/// sent in that second.
+struct Rows<'a> {
+    tallies: &'a [Tally],
+    /// Per backend, at the last row: connects, and the RSTs.
+    before: Vec<(Counts, Option<u64>)>,
+}
+
+impl<'a> Rows<'a> {
+    fn new(watch: &Watch, tallies: &'a [Tally]) -> Self {
+        println!(
+            "{:>5}  {:<21} {:>4} {:>8} {:>7} {:>10}  {:<10} {:>10}",
+            "time", "backend", "ok", "refused", "max ms", "timed out", "breaker", "reject_rst"
+        );
+        let before = (0..watch.count()).map(|i| (Counts::default(), watch.rst(i)));
+        Self {
+            tallies,
+            before: before.collect(),
+        }
     }
-    if let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        thread::sleep(left);
+
+    fn print(&mut self, second: u64, watch: &Watch) {
+        for (i, (before, tally)) in self.before.iter_mut().zip(self.tallies).enumerate() {
+            let now = (tally.counts(), watch.rst(i));
+            let counts = now.0.since(&before.0);
+            let time = if i == 0 {
+                format!("{second}s")
+            } else {
+                String::new()
+            };
+            println!(
+                "{time:>5}  {:<21} {:>4} {:>8} {:>7} {:>10}  {:<10} {:>10}",
+                watch.label(i),
+                counts.ok,
+                counts.refused,
+                tally.take_slowest_refusal().map_or("-".into(), millis),
+                counts.timed_out,
+                watch.state(i).unwrap_or("-"),
+                delta(now.1, before.1),
+            );
+            *before = now;
+        }
     }
-    Ok(())
 }

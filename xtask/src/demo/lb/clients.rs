@@ -3,19 +3,18 @@
 //! backend served it, then closing. What became of every connection is counted.
 
 use std::{
-    io::{self, Read as _},
+    io::{self, Read as _, Write as _},
     net::{SocketAddrV4, TcpStream},
     os::fd::AsRawFd as _,
     sync::{
-        Mutex,
+        Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
-use super::backends::served_by;
-use crate::demo::{netns::Netns, traffic::TrafficError};
+use agent_tests::{Netns, backend::served_by};
 
 /// Connecting threads: each runs its connections one after the other.
 pub const WORKERS: u32 = 8;
@@ -30,44 +29,43 @@ const MAX_LAG: Duration = Duration::from_millis(100);
 /// Longest sleep of a worker before it looks at the rate (and its stop flag) again.
 const IDLE: Duration = Duration::from_millis(10);
 
-/// What became of the connections, counted as they end.
-pub struct Tally {
-    /// Connections started (the offered load).
-    started: AtomicU64,
-    /// Per backend, by the name in its answer: connections it served.
-    served: Vec<AtomicU64>,
-    refused: AtomicU64,
-    timed_out: AtomicU64,
-    /// Anything else: reset, no or an unknown answer, unreachable.
-    other: AtomicU64,
-    /// When each failed connection ended.
-    failures: Mutex<Vec<Instant>>,
-}
+/// What became of the connections, counted as they end, and when each failure ended.
+pub struct Tally(Mutex<(Counts, Vec<Instant>)>);
 
-/// A reading of a [`Tally`].
+/// Connections so far.
 #[derive(Clone, Default)]
 pub struct Counts {
+    /// Connections started (the offered load).
     pub started: u64,
+    /// Per backend, by the name in its answer: connections it served.
     pub served: Vec<u64>,
     pub refused: u64,
     pub timed_out: u64,
+    /// Anything else: reset, no or an unknown answer, unreachable.
     pub other: u64,
 }
 
 impl Counts {
-    pub fn since(&self, before: &Counts) -> Counts {
+    /// These counts minus `before` (`add` with `sign` -1), or plus.
+    fn combine(&self, other: &Counts, sign: i64) -> Counts {
+        let f = |a: u64, b: u64| a.saturating_add_signed(sign * b as i64);
+        let n = self.served.len().max(other.served.len());
+        let at = |c: &Counts, i: usize| c.served.get(i).copied().unwrap_or(0);
         Counts {
-            started: self.started - before.started,
-            served: self
-                .served
-                .iter()
-                .zip(before.served.iter().chain(std::iter::repeat(&0)))
-                .map(|(now, then)| now - then)
-                .collect(),
-            refused: self.refused - before.refused,
-            timed_out: self.timed_out - before.timed_out,
-            other: self.other - before.other,
+            started: f(self.started, other.started),
+            served: (0..n).map(|i| f(at(self, i), at(other, i))).collect(),
+            refused: f(self.refused, other.refused),
+            timed_out: f(self.timed_out, other.timed_out),
+            other: f(self.other, other.other),
         }
+    }
+
+    pub fn since(&self, before: &Counts) -> Counts {
+        self.combine(before, -1)
+    }
+
+    pub fn add(&mut self, other: &Counts) {
+        *self = self.combine(other, 1);
     }
 
     pub fn failed(&self) -> u64 {
@@ -77,63 +75,40 @@ impl Counts {
     pub fn served_total(&self) -> u64 {
         self.served.iter().sum()
     }
-
-    /// Adds `other` to these counts.
-    pub fn add(&mut self, other: &Counts) {
-        self.started += other.started;
-        if self.served.len() < other.served.len() {
-            self.served.resize(other.served.len(), 0);
-        }
-        for (sum, n) in self.served.iter_mut().zip(&other.served) {
-            *sum += n;
-        }
-        self.refused += other.refused;
-        self.timed_out += other.timed_out;
-        self.other += other.other;
-    }
 }
 
 impl Tally {
     pub fn new(backends: usize) -> Self {
-        Self {
-            started: AtomicU64::new(0),
-            served: (0..backends).map(|_| AtomicU64::new(0)).collect(),
-            refused: AtomicU64::new(0),
-            timed_out: AtomicU64::new(0),
-            other: AtomicU64::new(0),
-            failures: Mutex::new(Vec::new()),
-        }
+        let served = vec![0; backends];
+        Self(Mutex::new((
+            Counts {
+                served,
+                ..Counts::default()
+            },
+            Vec::new(),
+        )))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut (Counts, Vec<Instant>)) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub fn counts(&self) -> Counts {
-        Counts {
-            started: self.started.load(Ordering::Relaxed),
-            served: self
-                .served
-                .iter()
-                .map(|n| n.load(Ordering::Relaxed))
-                .collect(),
-            refused: self.refused.load(Ordering::Relaxed),
-            timed_out: self.timed_out.load(Ordering::Relaxed),
-            other: self.other.load(Ordering::Relaxed),
-        }
+        self.with(|(counts, _)| counts.clone())
     }
 
     /// When every failed connection ended, in order.
     pub fn failures(&self) -> Vec<Instant> {
-        let mut times = self
-            .failures
-            .lock()
-            .map_or_else(|e| e.into_inner().clone(), |t| t.clone());
+        let mut times = self.with(|(_, failures)| failures.clone());
         times.sort_unstable();
         times
     }
 
-    fn fail(&self, counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut times) = self.failures.lock() {
-            times.push(Instant::now());
-        }
+    fn fail(&self, counter: impl FnOnce(&mut Counts) -> &mut u64) {
+        self.with(|(counts, failures)| {
+            *counter(counts) += 1;
+            failures.push(Instant::now());
+        });
     }
 }
 
@@ -148,8 +123,8 @@ pub fn run(
     rate: &AtomicU64,
     tally: &Tally,
     stop: &AtomicBool,
-) -> Result<(), TrafficError> {
-    client.enter_this_thread()?;
+) -> anyhow::Result<()> {
+    client.enter()?;
     let start = Instant::now();
     let mut last: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -167,39 +142,37 @@ pub fn run(
             continue;
         }
         last = Some(if now - due > MAX_LAG { now } else { due });
-        tally.started.fetch_add(1, Ordering::Relaxed);
+        tally.with(|(counts, _)| counts.started += 1);
         shop(vip, names, tally);
     }
     Ok(())
 }
 
-/// One connection: connect, read the answer, close with a RST (`SO_LINGER` 0: no TIME_WAIT on
+/// One connection: connect, ask, read the answer, close with a RST (`SO_LINGER` 0: no TIME_WAIT on
 /// either side however many connections the act opens), count the outcome.
 fn shop(vip: SocketAddrV4, names: &[String], tally: &Tally) {
     let stream = match TcpStream::connect_timeout(&vip.into(), CONNECT_TIMEOUT) {
         Ok(stream) => stream,
         Err(e) => {
-            let counter = match e.kind() {
-                io::ErrorKind::ConnectionRefused => &tally.refused,
-                io::ErrorKind::TimedOut => &tally.timed_out,
-                _ => &tally.other,
-            };
-            tally.fail(counter);
+            tally.fail(|c| match e.kind() {
+                io::ErrorKind::ConnectionRefused => &mut c.refused,
+                io::ErrorKind::TimedOut => &mut c.timed_out,
+                _ => &mut c.other,
+            });
             return;
         }
     };
     let mut answer = String::new();
     let read = stream
         .set_read_timeout(Some(READ_TIMEOUT))
+        .and_then(|()| (&stream).write_all(b"GET / HTTP/1.0\r\n\r\n"))
         .and_then(|()| (&stream).take(MAX_ANSWER).read_to_string(&mut answer));
     reset_on_close(&stream);
     drop(stream);
     let backend = served_by(&answer).and_then(|name| names.iter().position(|n| n == name));
     match (read, backend) {
-        (Ok(_), Some(i)) => {
-            tally.served[i].fetch_add(1, Ordering::Relaxed);
-        }
-        _ => tally.fail(&tally.other),
+        (Ok(_), Some(i)) => tally.with(|(counts, _)| counts.served[i] += 1),
+        _ => tally.fail(|c| &mut c.other),
     }
 }
 

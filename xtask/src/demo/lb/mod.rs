@@ -8,39 +8,29 @@
 //! measured: the clients' counts, the agent's /metrics, the times between events. A phase that
 //! does not happen within its deadline fails the act.
 
-mod backends;
 mod clients;
-pub mod plan;
-mod watch;
 
 use std::{
     fmt::Write as _,
     net::Ipv4Addr,
     ops::ControlFlow,
     path::Path,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
-    thread,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
+use agent_tests::{AgentProcess, Netns, Scaled, backend::TcpServer, wait};
 use anyhow::bail;
 
-use self::{
-    backends::Server,
-    clients::{Counts, Tally, WORKERS},
-    plan::LbPlan,
-    watch::{Event, Watch},
-};
+use self::clients::{Counts, Tally, WORKERS};
 use super::{
-    CLIENT_ADDR, Demo, PREFIX_LEN, PinCleanup, SERVER_ADDR,
-    agent::Agent,
-    breaker::watch::Transition,
-    netns::Netns,
-    plan as policy,
-    topology::Topology,
-    traffic::{self, StopOnDrop},
+    CLIENT_ADDR, Client, Demo, PREFIX_LEN, SERVER_ADDR,
+    breaker::{close_bound, open_bound, saturating_u32},
+    clock, free_address,
+    policy::{Balanced, Guarded},
+    scene, since, stop_agent,
+    watch::{Event, Transition, Watch},
 };
-use crate::sys;
 
 /// Where the shoppers connect from: an address of their own on the client's veth, not
 /// `CLIENT_ADDR`, which the agent's probes to the backends leave from. The datapath keys its
@@ -65,90 +55,122 @@ const FULL_ROWS: u32 = 2;
 /// share of the weights, over the rows the act checks (a few hundred connections each).
 const SHARE_TOLERANCE: f64 = 0.10;
 /// How long the agent may take to publish the configured weights once ready.
-const WEIGHTS_TIMEOUT: Duration = Duration::from_secs(5);
+const WEIGHTS_TIMEOUT: Scaled = Scaled::secs(5);
 /// The act gives up after this, whatever the phase.
 const ACT_LIMIT: Duration = Duration::from_secs(50);
+
+/// The act's policy: the guarded service (as act 2 reads it) and its balancing.
+pub type LbPlan = (Guarded, Balanced);
 
 /// Reads the act's policy, says what it will show, and checks that the demo can place the VIP
 /// and every backend on an address of its own.
 pub fn plan(config: &Path) -> anyhow::Result<LbPlan> {
-    let plan = LbPlan::load(config)?;
-    println!("demo: {plan}");
-    let network = format!("{CLIENT_ADDR}/{PREFIX_LEN}");
-    let taken = [CLIENT_ADDR, SERVER_ADDR, SHOPPERS_ADDR];
-    let vip = *plan.vip.ip();
-    if !policy::contains(&network, vip) || taken.contains(&vip) {
+    let (g, lb) = (Guarded::load(config)?, Balanced::load(config)?);
+    let backends: Vec<String> = (g.backends.iter().zip(&lb.weights))
+        .map(|(b, w)| format!("{b} (weight {w})"))
+        .collect();
+    println!(
+        "demo: policy {}: service {} VIP {} -> {}, {}, slow_start {:?}; probes every {:?} \
+         (timeout {:?}), breaker opens after {} failures, reset_timeout {:?}; agent on {} at \
+         http://{}",
+        config.display(),
+        g.service,
+        lb.vip,
+        backends.join(" "),
+        lb.algorithm,
+        lb.slow_start,
+        g.interval,
+        g.timeout,
+        g.failure_threshold,
+        g.reset_timeout,
+        g.agent.interface,
+        g.agent.listen
+    );
+    let file = config.display();
+    let vip = *lb.vip.ip();
+    if !free_address(vip, &[SHOPPERS_ADDR]) {
         bail!(
-            "{}: VIP {}: the demo needs a VIP in {network}, other than {CLIENT_ADDR}, \
-             {SERVER_ADDR} and {SHOPPERS_ADDR}",
-            config.display(),
-            plan.vip
+            "{file}: VIP {}: the demo needs a VIP in {CLIENT_ADDR}/{PREFIX_LEN}, other than \
+             {CLIENT_ADDR}, {SERVER_ADDR} and {SHOPPERS_ADDR}",
+            lb.vip
         );
     }
-    for (i, backend) in plan.backends().iter().enumerate() {
-        let ip = *backend.ip();
-        if !policy::contains(&network, ip) || taken.contains(&ip) || ip == vip {
+    for (i, backend) in g.backends.iter().enumerate() {
+        if !free_address(*backend.ip(), &[SHOPPERS_ADDR, vip]) {
             bail!(
-                "{}: backend {backend}: the demo places backends on addresses of their own in \
-                 {network}, other than {CLIENT_ADDR}, {SERVER_ADDR}, {SHOPPERS_ADDR} and the VIP",
-                config.display()
+                "{file}: backend {backend}: the demo places backends on addresses of their own \
+                 in {CLIENT_ADDR}/{PREFIX_LEN}, other than {CLIENT_ADDR}, {SERVER_ADDR}, \
+                 {SHOPPERS_ADDR} and the VIP"
             );
         }
-        if plan.backends()[..i].iter().any(|b| b.ip() == backend.ip()) {
-            bail!(
-                "{}: backend {backend}: each backend needs an address of its own",
-                config.display()
-            );
+        if g.backends[..i].iter().any(|b| b.ip() == backend.ip()) {
+            bail!("{file}: backend {backend}: each backend needs an address of its own");
         }
     }
-    if plan.backends().len() < 2 {
+    if g.backends.len() < 2 {
         bail!(
-            "{}: service {}: the act needs at least 2 backends (one dies, the others serve)",
-            config.display(),
-            plan.service()
+            "{file}: service {}: the act needs at least 2 backends (one dies, the others serve)",
+            g.service
         );
     }
-    Ok(plan)
+    Ok((g, lb))
 }
 
-pub fn run(demo: &Demo, topology: &Topology, plan: &LbPlan, config: &Path) -> anyhow::Result<()> {
+pub fn run(demo: &Demo, plan: &LbPlan, config: &Path) -> anyhow::Result<()> {
     println!("\ndemo: act 3: flash sale, balanced in the kernel");
+    let (g, lb) = plan;
     if demo.agent_bin.is_none() {
         println!(
             "demo: --no-agent: skipped; the VIP {} exists only in the agent's datapath",
-            plan.vip
+            lb.vip
         );
         return Ok(());
     }
-    topology.add_vip(*plan.vip.ip(), SHOPPERS_ADDR)?;
-    for backend in plan.backends() {
-        topology.add_server_addr(*backend.ip())?;
+    let topology = &demo.topology;
+    // The shoppers' address, and a route that makes connections to the VIP leave from it.
+    topology.add_client_addr(SHOPPERS_ADDR.into())?;
+    let (vip, shoppers) = (format!("{}/32", lb.vip.ip()), SHOPPERS_ADDR.to_string());
+    let route = [
+        "route",
+        "replace",
+        &vip,
+        "dev",
+        &topology.client_if,
+        "src",
+        &shoppers,
+    ];
+    topology.client.ip(&route)?;
+    topology.add_vip((*lb.vip.ip()).into())?;
+    let names: Vec<String> = (1..=g.backends.len()).map(|i| format!("web-{i}")).collect();
+    let mut servers = Vec::new();
+    for (&addr, name) in g.backends.iter().zip(&names) {
+        topology.add_server_addr((*addr.ip()).into())?;
+        servers.push(TcpServer::start_named(&topology.server, addr.into(), name)?);
     }
-    let names: Vec<String> = (1..=plan.backends().len())
-        .map(|i| format!("web-{i}"))
-        .collect();
-    let mut servers = plan
-        .backends()
-        .iter()
-        .zip(&names)
-        .map(|(&addr, name)| Server::start(&demo.server, name.clone(), addr))
-        .collect::<Result<Vec<_>, _>>()?;
-    let pins = PinCleanup::new(&plan.breaker.agent.pin_path);
-    let mut agent = demo.start_agent(&plan.breaker.agent, config, &demo.client, "lb-")?;
-    let mut watch = Watch::new(&demo.client, plan);
-    wait_for_weights(&mut watch, plan)?;
+    let mut agent = demo.start_agent(config, &topology.client, "lb-")?;
+    let mut watch = Watch::new(agent.as_ref(), &g.service, &g.backends);
+    wait_for_weights(&mut watch, agent.as_ref(), lb)?;
     introduce(demo, plan, &names);
     let tally = Tally::new(names.len());
     let mut story = Story::new(plan, &names);
-    let ending = play(
-        demo,
-        &names,
-        &mut servers,
-        &tally,
-        &mut story,
-        &mut watch,
-        agent.as_mut(),
-    )?;
+    let rate = AtomicU64::new(USUAL_RATE);
+    let mut stage = Stage {
+        server_ns: &topology.server,
+        servers: &mut servers,
+        rate: &rate,
+        tally: &tally,
+    };
+    let shoppers = (0..WORKERS).map(|i| {
+        let (client, names, rate, tally) = (&topology.client, &names, &rate, &tally);
+        Box::new(move |stop: &_| clients::run(client, lb.vip, names, i, rate, tally, stop))
+            as Client<'_>
+    });
+    story.header();
+    story.counts_at_row = tally.counts();
+    story.start = Instant::now();
+    let ending = scene(TICK, shoppers.collect(), agent.as_mut(), |n, agent| {
+        story.tick(n, agent, &mut stage, &mut watch)
+    })?;
     let verdict = match ending {
         Ending::Done => story.summary(&tally),
         Ending::Missed(what) => {
@@ -156,12 +178,10 @@ pub fn run(demo: &Demo, topology: &Topology, plan: &LbPlan, config: &Path) -> an
             Err(what)
         }
     };
-    demo.print_status(&demo.client, plan.breaker.agent.listen, "lb-")?;
-    // Explicit, in order: the servers, the agent lets go of its pins and the interface, then
-    // the pins go.
+    drop(watch);
+    stop_agent(agent)?;
+    // The agent has let go of the interface; the servers go.
     drop(servers);
-    drop(agent);
-    drop(pins);
     if let Err(what) = verdict {
         bail!("act 3 (flash sale): {what}");
     }
@@ -170,47 +190,48 @@ pub fn run(demo: &Demo, topology: &Topology, plan: &LbPlan, config: &Path) -> an
 
 /// Waits until the agent's datapath holds every backend at its configured weight: the starting
 /// point of the story.
-fn wait_for_weights(watch: &mut Watch<'_>, plan: &LbPlan) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let all = (0..plan.weights.len()).all(|i| watch.weight(i) == Some(plan.weights[i]));
-        if all {
-            return Ok(());
-        }
-        if start.elapsed() > WEIGHTS_TIMEOUT {
-            bail!(
-                "the agent did not publish the configured weights {:?} within {} s",
-                plan.weights,
-                WEIGHTS_TIMEOUT.as_secs()
-            );
-        }
-        sleep_until(Instant::now() + TICK)?;
-        watch.poll();
+fn wait_for_weights(
+    watch: &mut Watch,
+    agent: Option<&AgentProcess>,
+    plan: &Balanced,
+) -> anyhow::Result<()> {
+    let configured =
+        |watch: &Watch| (0..plan.weights.len()).all(|i| watch.weight(i) == Some(plan.weights[i]));
+    let sample = || {
+        watch.poll(agent);
+        configured(watch)
+    };
+    match wait::poll(Instant::now(), WEIGHTS_TIMEOUT, TICK, sample, |all| *all) {
+        Ok(_) => Ok(()),
+        Err(_) => bail!(
+            "the agent did not publish the configured weights {:?} within {WEIGHTS_TIMEOUT}",
+            plan.weights
+        ),
     }
 }
 
-fn introduce(demo: &Demo, plan: &LbPlan, names: &[String]) {
-    let shares = plan.shares();
+fn introduce(demo: &Demo, (g, lb): &LbPlan, names: &[String]) {
+    let shares = lb.shares();
     let backends: Vec<String> = names
         .iter()
-        .zip(plan.backends())
-        .zip(plan.weights.iter().zip(&shares))
+        .zip(&g.backends)
+        .zip(lb.weights.iter().zip(&shares))
         .map(|((name, addr), (weight, share))| {
             format!("{name} {addr} (weight {weight}, {:.0}%)", share * 100.0)
         })
         .collect();
     println!(
         "demo: {} serves VIP {}: {}",
-        plan.service(),
-        plan.vip,
+        g.service,
+        lb.vip,
         backends.join(", ")
     );
     println!(
         "demo: shoppers in {} ({SHOPPERS_ADDR}) open short TCP connections to the VIP \
          ({WORKERS} threads); each backend in {} answers with its name, so the shoppers count \
          who served them",
-        demo.client.name(),
-        demo.server.name()
+        demo.topology.client.name(),
+        demo.topology.server.name()
     );
     let victim = names.last().map_or("", String::as_str);
     println!(
@@ -218,11 +239,11 @@ fn introduce(demo: &Demo, plan: &LbPlan, names: &[String]) {
          ({SURGE_FACTOR}x); {SALE_SECS} s later {victim}'s server dies (listener closed); once \
          its breaker has been open for half its reset_timeout ({:.1} s), it is restarted",
         USUAL_RATE * SURGE_FACTOR,
-        (plan.breaker.reset_timeout / 2).as_secs_f64()
+        (g.reset_timeout / 2).as_secs_f64()
     );
     println!(
         "demo: per second: connections started; per backend, connections it served (the \
-         shoppers' count) and its effective weight (agent /metrics); failed connections; \
+         shoppers' count) and its effective weight (agent status); failed connections; \
          breakers not closed\n"
     );
 }
@@ -234,52 +255,11 @@ enum Ending {
     Missed(String),
 }
 
-/// Shoppers connect on threads of their own while the story plays on this one; every thread
-/// is stopped and joined before this returns, whatever happens.
-fn play(
-    demo: &Demo,
-    names: &[String],
-    servers: &mut [Server],
-    tally: &Tally,
-    story: &mut Story<'_>,
-    watch: &mut Watch<'_>,
-    agent: Option<&mut Agent>,
-) -> anyhow::Result<Ending> {
-    let stop = AtomicBool::new(false);
-    let rate = AtomicU64::new(USUAL_RATE);
-    let vip = story.plan.vip;
-    thread::scope(|scope| {
-        let _stop = StopOnDrop(&stop);
-        let (stop, rate) = (&stop, &rate);
-        let threads: Vec<_> = (0..WORKERS)
-            .map(|i| {
-                scope.spawn(move || clients::run(&demo.client, vip, names, i, rate, tally, stop))
-            })
-            .collect();
-        let stage = Stage {
-            server_ns: &demo.server,
-            servers,
-            rate,
-            tally,
-        };
-        let played = story.play(stage, watch, agent, || {
-            threads.iter().all(|t| !t.is_finished())
-        });
-        stop.store(true, Ordering::Relaxed);
-        for thread in threads {
-            traffic::join(thread)?;
-        }
-        match played? {
-            Some(ending) => Ok(ending),
-            None => bail!("the shoppers' threads ended before the act did"),
-        }
-    })
-}
-
 /// What the story acts on.
 struct Stage<'a> {
     server_ns: &'a Netns,
-    servers: &'a mut [Server],
+    /// Each backend's server; `None` while dead.
+    servers: &'a mut Vec<TcpServer>,
     rate: &'a AtomicU64,
     tally: &'a Tally,
 }
@@ -309,7 +289,8 @@ struct Row {
 
 /// The act's timeline, and what it measured.
 struct Story<'a> {
-    plan: &'a LbPlan,
+    g: &'a Guarded,
+    lb: &'a Balanced,
     names: &'a [String],
     /// The backend that dies: the last one.
     victim: usize,
@@ -332,9 +313,10 @@ struct Story<'a> {
 }
 
 impl<'a> Story<'a> {
-    fn new(plan: &'a LbPlan, names: &'a [String]) -> Self {
+    fn new((g, lb): &'a LbPlan, names: &'a [String]) -> Self {
         Self {
-            plan,
+            g,
+            lb,
             names,
             victim: names.len() - 1,
             phase: Phase::Usual,
@@ -354,46 +336,29 @@ impl<'a> Story<'a> {
         }
     }
 
-    /// Polls the agent every tick and prints a row every second until the story ends, a phase
-    /// misses its deadline, or a shopper thread ends (`alive` turns false: `None`; the
-    /// caller's joins say why).
-    fn play(
+    /// Every tick: the agent's changes, and whether a phase is late; every second: the row,
+    /// then the script.
+    fn tick(
         &mut self,
-        mut stage: Stage<'_>,
-        watch: &mut Watch<'_>,
-        mut agent: Option<&mut Agent>,
-        alive: impl Fn() -> bool,
-    ) -> anyhow::Result<Option<Ending>> {
-        self.header();
-        self.start = Instant::now();
-        self.counts_at_row = stage.tally.counts();
-        let mut tick: u32 = 0;
-        loop {
-            tick += 1;
-            sleep_until(self.start + TICK * tick)?;
-            if !alive() {
-                return Ok(None);
-            }
-            if let Some(agent) = agent.as_deref_mut() {
-                agent.check_running()?;
-            }
-            for server in stage.servers.iter_mut() {
-                server.check()?;
-            }
-            for event in watch.poll() {
-                self.event(&event, watch);
-            }
-            if tick.is_multiple_of(TICKS_PER_SECOND) {
-                let second = u64::from(tick / TICKS_PER_SECOND);
-                self.row(second, stage.tally, watch);
-                if self.step(second, &mut stage, watch)?.is_break() {
-                    return Ok(Some(Ending::Done));
-                }
-            }
-            if let Some(missed) = self.missed() {
-                return Ok(Some(Ending::Missed(missed)));
+        n: u32,
+        agent: Option<&AgentProcess>,
+        stage: &mut Stage<'_>,
+        watch: &mut Watch,
+    ) -> anyhow::Result<ControlFlow<Ending>> {
+        for event in watch.poll(agent) {
+            self.event(&event, watch);
+        }
+        if n.is_multiple_of(TICKS_PER_SECOND) {
+            let second = u64::from(n / TICKS_PER_SECOND);
+            self.row(second, stage.tally, watch);
+            if self.step(second, stage, watch)?.is_break() {
+                return Ok(ControlFlow::Break(Ending::Done));
             }
         }
+        Ok(match self.missed() {
+            Some(missed) => ControlFlow::Break(Ending::Missed(missed)),
+            None => ControlFlow::Continue(()),
+        })
     }
 
     fn header(&self) {
@@ -412,7 +377,7 @@ impl<'a> Story<'a> {
 
     /// The row of `second`: connections started, each backend's served count and weight, the
     /// failed connections, breakers not closed.
-    fn row(&mut self, second: u64, tally: &Tally, watch: &Watch<'_>) {
+    fn row(&mut self, second: u64, tally: &Tally, watch: &Watch) {
         let now = tally.counts();
         let counts = now.since(&self.counts_at_row);
         self.counts_at_row = now;
@@ -444,7 +409,7 @@ impl<'a> Story<'a> {
         &mut self,
         second: u64,
         stage: &mut Stage<'_>,
-        watch: &Watch<'_>,
+        watch: &Watch,
     ) -> anyhow::Result<ControlFlow<()>> {
         match self.phase {
             Phase::Usual if second >= USUAL_SECS => {
@@ -453,22 +418,21 @@ impl<'a> Story<'a> {
                 self.phase = Phase::Sale;
                 println!(
                     "demo: {} the sale opens: {surge} connections/s, {SURGE_FACTOR}x the usual",
-                    self.clock()
+                    clock(self.start)
                 );
             }
             Phase::Sale if second >= USUAL_SECS + SALE_SECS => {
-                let server = &mut stage.servers[self.victim];
                 // Timed from before: connections are refused from the moment the listener
-                // closes, before `kill` returns.
+                // closes, before `stop` returns.
                 self.killed_at = Some(Instant::now());
-                server.kill()?;
+                stage.servers[self.victim].stop();
                 self.phase = Phase::Failover;
                 println!(
                     "demo: {} {} ({}) dies: its listener is closed, connections to it are \
                      refused",
-                    self.clock(),
-                    server.name,
-                    server.addr
+                    clock(self.start),
+                    self.names[self.victim],
+                    self.g.backends[self.victim]
                 );
             }
             Phase::Failover => {
@@ -480,18 +444,19 @@ impl<'a> Story<'a> {
                 }
                 let open_long_enough = self
                     .opened_at
-                    .is_some_and(|t| t.elapsed() >= self.plan.breaker.reset_timeout / 2);
+                    .is_some_and(|t| t.elapsed() >= self.g.reset_timeout / 2);
                 if self.quiet_at.is_some() && open_long_enough {
-                    let server = &mut stage.servers[self.victim];
-                    server.restart(stage.server_ns)?;
+                    let (name, addr) = (&self.names[self.victim], self.g.backends[self.victim]);
+                    stage.servers[self.victim] =
+                        TcpServer::start_named(stage.server_ns, addr.into(), name)?;
                     self.restored_at = Some(Instant::now());
                     self.phase = Phase::Recovery;
                     println!(
                         "demo: {} {} restarted: listening again; its breaker stays open until \
                          its reset_timeout ({:?}) has passed",
-                        self.clock(),
-                        server.name,
-                        self.plan.breaker.reset_timeout
+                        clock(self.start),
+                        name,
+                        self.g.reset_timeout
                     );
                 }
             }
@@ -511,14 +476,14 @@ impl<'a> Story<'a> {
         Ok(ControlFlow::Continue(()))
     }
 
-    fn at_full_weight(&self, watch: &Watch<'_>) -> bool {
+    fn at_full_weight(&self, watch: &Watch) -> bool {
         watch.state(self.victim) == Some("closed")
-            && watch.weight(self.victim) == Some(self.plan.weights[self.victim])
+            && watch.weight(self.victim) == Some(self.lb.weights[self.victim])
     }
 
     /// Prints a change the agent made, timed against the event it follows from, and records
     /// the victim's.
-    fn event(&mut self, event: &Event, watch: &Watch<'_>) {
+    fn event(&mut self, event: &Event, watch: &Watch) {
         match event {
             Event::Breaker(t) => self.transition(t),
             &Event::Weight { backend, from, to } => self.weight(backend, from, to, watch),
@@ -537,7 +502,7 @@ impl<'a> Story<'a> {
                         "{} after its death (by probes alone: within {:.1} s); the datapath \
                          skips it from now on",
                         since(k, now),
-                        self.plan.breaker.open_bound().as_secs_f64()
+                        open_bound(self.g).as_secs_f64()
                     )
                 })
             }
@@ -547,7 +512,7 @@ impl<'a> Story<'a> {
                     format!(
                         "{} after it opened; up to {} trial flows may pass",
                         since(o, now),
-                        self.plan.breaker.half_open_max_flows
+                        self.g.half_open_max_flows
                     )
                 })
             }
@@ -566,19 +531,19 @@ impl<'a> Story<'a> {
         let why = why.map_or_else(String::new, |why| format!(": {why}"));
         println!(
             "demo: {} {} breaker {} -> {}{reason}{why}",
-            self.clock(),
+            clock(self.start),
             self.names[t.backend],
             t.from,
             t.to
         );
     }
 
-    fn weight(&mut self, backend: usize, from: Option<u32>, to: u32, watch: &Watch<'_>) {
+    fn weight(&mut self, backend: usize, from: Option<u32>, to: u32, watch: &Watch) {
         let Some(from) = from else {
             return; // the first reading
         };
         let now = Instant::now();
-        let configured = self.plan.weights[backend];
+        let configured = self.lb.weights[backend];
         let victim = backend == self.victim;
         if victim && to == 0 && self.killed_at.is_some() && self.drained_at.is_none() {
             self.drained_at = Some(now);
@@ -612,7 +577,7 @@ impl<'a> Story<'a> {
         };
         println!(
             "demo: {} {} weight {from} -> {to} ({why})",
-            self.clock(),
+            clock(self.start),
             self.names[backend]
         );
     }
@@ -624,15 +589,14 @@ impl<'a> Story<'a> {
             since.is_some_and(|t| done.is_none() && now - t > limit)
         };
         let victim = &self.names[self.victim];
-        let open_limit = self.plan.breaker.open_bound() + SLACK;
+        let open_limit = open_bound(self.g) + SLACK;
         let drain_limit = open_limit + SLACK;
         // Two full rows after the drain, and the one the drain happened in.
         let quiet_limit = SLACK * 3;
-        let close_limit = self.plan.breaker.close_bound() + SLACK;
+        let close_limit = close_bound(self.g) + SLACK;
         // The ramp starts once the backend is also healthy again, which may lag the breaker.
-        let healthy = self.plan.breaker.unhealthy_interval
-            * u32::try_from(self.plan.healthy_threshold).unwrap_or(u32::MAX);
-        let ramp_limit = self.plan.slow_start + healthy + SLACK * 2;
+        let healthy = self.g.unhealthy_interval * saturating_u32(self.g.healthy_threshold);
+        let ramp_limit = self.lb.slow_start + healthy + SLACK * 2;
         let within = |d: Duration| format!("{:.1} s", d.as_secs_f64());
         if late(self.killed_at, self.opened_at, open_limit) {
             return Some(format!(
@@ -662,9 +626,9 @@ impl<'a> Story<'a> {
             return Some(format!(
                 "the weight of {victim} did not ramp back to {} within {} of its breaker closing \
                  (slow_start {:?})",
-                self.plan.weights[self.victim],
+                self.lb.weights[self.victim],
                 within(ramp_limit),
-                self.plan.slow_start
+                self.lb.slow_start
             ));
         }
         if now - self.start > ACT_LIMIT {
@@ -674,10 +638,6 @@ impl<'a> Story<'a> {
             ));
         }
         None
-    }
-
-    fn clock(&self) -> String {
-        format!("+{:.2}s", self.start.elapsed().as_secs_f64())
     }
 
     /// Totals of the rows in `phase` (and drained, when asked).
@@ -714,7 +674,7 @@ impl<'a> Story<'a> {
     /// at full weight again were not what the weights say.
     fn summary(&self, tally: &Tally) -> Result<(), String> {
         println!("\ndemo: the act, measured");
-        let weights = self.plan.shares();
+        let weights = self.lb.shares();
         let mut problems = Vec::new();
         let (sale, rows) = self.totals(|r| r.phase == Phase::Sale);
         let (line, ok) = self.shares(&sale, &weights);
@@ -815,7 +775,7 @@ impl<'a> Story<'a> {
              {:?})",
             since(restored, closed),
             steps.join(", "),
-            self.plan.slow_start
+            self.lb.slow_start
         );
         let (recovering, _) = self.totals(|r| r.phase == Phase::Recovery);
         if recovering.failed() > 0 {
@@ -825,20 +785,4 @@ impl<'a> Story<'a> {
             );
         }
     }
-}
-
-/// `0.12 s`: from `from` to `to`.
-fn since(from: Instant, to: Instant) -> String {
-    format!("{:.2} s", to.saturating_duration_since(from).as_secs_f64())
-}
-
-/// Sleeps until `deadline`, failing at once on Ctrl-C.
-fn sleep_until(deadline: Instant) -> anyhow::Result<()> {
-    if sys::interrupted() {
-        bail!("interrupted");
-    }
-    if let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        thread::sleep(left);
-    }
-    Ok(())
 }
