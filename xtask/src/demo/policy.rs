@@ -1,39 +1,17 @@
 //! Everything the demo reads from its policies, and the only place that reads them: where each
 //! act's agent attaches and answers, the rate-limited UDP service of act 1, the guarded (and
-//! balanced) service of acts 2 and 3. The agent validates the files; this reads the handful of
-//! values the acts follow, with POLICY.md's defaults for what a file leaves out.
-//!
-//! TODO(merge): read through `agent_common::config::load_file` (the policy model, feature
-//! `policy`) instead of `serde_yaml::Value`: the bodies below shrink to field accesses, and the
-//! defaults, duration parser and CIDR check here go.
+//! balanced) service of acts 2 and 3. Read and validated by the agent's own policy reader
+//! (`agent_common::policy`), defaults included: this picks out the handful of values the acts
+//! follow, and refuses, naming the field, what the demo's network cannot play.
 
 use std::{
-    fs,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::{Path, PathBuf},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
     time::Duration,
 };
 
-use anyhow::{Context as _, anyhow, bail};
-use serde_yaml::Value;
-
-/// POLICY.md's defaults, for fields the demo reads and a policy may leave out.
-mod default {
-    use std::time::Duration;
-
-    pub const LISTEN: &str = "127.0.0.1:9090";
-    pub const INTERVAL: Duration = Duration::from_secs(1);
-    pub const TIMEOUT: Duration = Duration::from_millis(500);
-    pub const HEALTHY_THRESHOLD: u64 = 2;
-    pub const FAILURE_THRESHOLD: u64 = 5;
-    pub const RESET_TIMEOUT: Duration = Duration::from_secs(30);
-    pub const MAX_RESET_TIMEOUT: Duration = Duration::from_secs(300);
-    pub const HALF_OPEN_MAX_FLOWS: u64 = 3;
-    pub const SUCCESS_THRESHOLD: u64 = 2;
-    pub const ON_OPEN: &str = "reject";
-    pub const WEIGHT: u64 = 100;
-    pub const ALGORITHM: &str = "maglev";
-}
+use agent_common::policy::{self, Cidr, Policy, Protocol, Rate, Service};
+use anyhow::anyhow;
 
 /// The service act 1 shows, when the policy has it; else the first UDP service with a packet
 /// rate.
@@ -50,8 +28,8 @@ pub struct AgentSide {
 pub struct RateLimited {
     pub agent: AgentSide,
     pub service: String,
-    /// `match.address` as written (`198.18.0.2/32`), if any.
-    pub address: Option<String>,
+    /// `match.address`.
+    pub address: Cidr,
     pub port: u16,
     pub rate_pps: u64,
     pub burst: u64,
@@ -89,93 +67,140 @@ pub struct Balanced {
     pub slow_start: Duration,
 }
 
+/// A valid policy and the file it came from, for messages.
+struct Read {
+    file: String,
+    policy: Policy,
+}
+
+impl Read {
+    fn load(path: &Path) -> anyhow::Result<Self> {
+        let policy = policy::load_file(path).map_err(|e| anyhow!("{e}"))?;
+        Ok(Self {
+            file: path.display().to_string(),
+            policy,
+        })
+    }
+
+    fn error(&self, index: usize, field: &str, message: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("{}: services[{index}].{field}: {message}", self.file)
+    }
+
+    /// The `agent` and `interfaces` sections (validation guarantees one interface).
+    fn agent_side(&self) -> AgentSide {
+        AgentSide {
+            interface: self.policy.interfaces[0].name.clone(),
+            listen: self.policy.agent.listen,
+        }
+    }
+
+    /// The first service with backends and a circuit breaker.
+    fn guarded(&self) -> anyhow::Result<(usize, &Service)> {
+        let found = self
+            .policy
+            .services
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !s.backends.is_empty() && s.circuit_breaker.is_some());
+        found.ok_or_else(|| {
+            anyhow!(
+                "{}: no service with backends and a circuit_breaker",
+                self.file
+            )
+        })
+    }
+}
+
+/// A packet rate's packets per second; bit and byte rates are not packet rates.
+fn packets_per_second(service: &Service) -> Option<u64> {
+    match service.rate_limit.as_ref()?.rate {
+        Rate::Packets(n) => Some(n),
+        _ => None,
+    }
+}
+
 impl RateLimited {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let policy = Policy::read(path)?;
-        let pps = |s: &Value| {
-            s["rate_limit"]["rate"]
-                .as_str()
-                .and_then(packets_per_second)
-        };
-        let (index, service) = policy
-            .find(|s| s["name"].as_str() == Some(RATE_LIMITED_SERVICE))
+        let read = Read::load(path)?;
+        let services = &read.policy.services;
+        let (index, service) = services
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == RATE_LIMITED_SERVICE)
             .or_else(|| {
-                policy.find(|s| s["match"]["protocol"].as_str() == Some("udp") && pps(s).is_some())
+                services.iter().enumerate().find(|(_, s)| {
+                    s.r#match.protocol == Protocol::Udp && packets_per_second(s).is_some()
+                })
             })
             .ok_or_else(|| {
                 anyhow!(
                     "{}: no UDP service with a rate_limit in packets per second (looked for \
                      `{RATE_LIMITED_SERVICE}` first)",
-                    path.display()
+                    read.file
                 )
             })?;
-        let s = policy.service(index, service);
-        let rate_pps = pps(service).ok_or_else(|| {
-            s.error(
+        let rate_pps = packets_per_second(service).ok_or_else(|| {
+            read.error(
+                index,
                 "rate_limit.rate",
-                "the demo needs a packet rate like 1000/s".into(),
+                "the demo needs a packet rate like 1000/s",
             )
         })?;
-        let port = service["match"]["port"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or_else(|| s.error("match.port", "the demo needs the service's port".into()))?;
+        let port = service
+            .r#match
+            .port
+            .ok_or_else(|| read.error(index, "match.port", "the demo needs the service's port"))?;
         Ok(Self {
-            agent: policy.agent_side()?,
-            service: s.string("name")?,
-            address: service["match"]["address"].as_str().map(str::to_owned),
+            agent: read.agent_side(),
+            service: service.name.clone(),
+            address: service.r#match.address,
             port,
             rate_pps,
-            // POLICY.md: the default burst is one second of rate.
-            burst: s.count("rate_limit", "burst", rate_pps)?,
+            // Resolved by validation: one second of rate unless given.
+            burst: service.rate_limit.as_ref().map_or(rate_pps, |r| r.burst),
         })
     }
 
-    /// Whether the service's `match.address` (if any) covers `ip`.
+    /// Whether the service's `match.address` covers `ip`.
     pub fn matches(&self, ip: Ipv4Addr) -> bool {
-        self.address
-            .as_deref()
-            .is_none_or(|cidr| contains(cidr, ip))
+        self.address.contains(IpAddr::V4(ip))
     }
 }
 
 impl Guarded {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let policy = Policy::read(path)?;
-        let (index, service) = policy.guarded()?;
-        let s = policy.service(index, service);
-        let interval = s.duration("health_check", "interval", default::INTERVAL)?;
-        let reset_timeout =
-            s.duration("circuit_breaker", "reset_timeout", default::RESET_TIMEOUT)?;
-        let cb_count = |key, default| s.count("circuit_breaker", key, default);
+        let read = Read::load(path)?;
+        let (index, service) = read.guarded()?;
+        let backends = service
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| match b.address {
+                SocketAddr::V4(addr) => Ok(addr),
+                SocketAddr::V6(_) => Err(read.error(
+                    index,
+                    &format!("backends[{i}].address"),
+                    format_args!("\"{}\": the demo needs IPv4:port", b.address),
+                )),
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let health = service.health_check.clone().unwrap_or_default();
+        let cb = service.circuit_breaker.clone().unwrap_or_default();
         Ok(Self {
-            agent: policy.agent_side()?,
-            service: s.string("name")?,
-            backends: s.backends()?,
-            interval,
-            unhealthy_interval: s.duration("health_check", "unhealthy_interval", interval)?,
-            timeout: s.duration("health_check", "timeout", default::TIMEOUT)?,
-            passive: service["health_check"]["passive"].as_bool().unwrap_or(true),
-            healthy_threshold: s.count(
-                "health_check",
-                "healthy_threshold",
-                default::HEALTHY_THRESHOLD,
-            )?,
-            failure_threshold: cb_count("failure_threshold", default::FAILURE_THRESHOLD)?,
-            reset_timeout,
-            max_reset_timeout: s
-                .duration(
-                    "circuit_breaker",
-                    "max_reset_timeout",
-                    default::MAX_RESET_TIMEOUT,
-                )?
-                .max(reset_timeout),
-            half_open_max_flows: cb_count("half_open_max_flows", default::HALF_OPEN_MAX_FLOWS)?,
-            success_threshold: cb_count("success_threshold", default::SUCCESS_THRESHOLD)?,
-            on_open: service["circuit_breaker"]["on_open"]
-                .as_str()
-                .unwrap_or(default::ON_OPEN)
-                .to_owned(),
+            agent: read.agent_side(),
+            service: service.name.clone(),
+            backends,
+            interval: health.interval,
+            unhealthy_interval: health.unhealthy_interval,
+            timeout: health.timeout,
+            passive: health.passive,
+            healthy_threshold: health.healthy_threshold.into(),
+            failure_threshold: cb.failure_threshold.into(),
+            reset_timeout: cb.reset_timeout,
+            max_reset_timeout: cb.max_reset_timeout.max(cb.reset_timeout),
+            half_open_max_flows: cb.half_open_max_flows.into(),
+            success_threshold: cb.success_threshold.into(),
+            on_open: cb.on_open.to_string(),
         })
     }
 }
@@ -184,58 +209,50 @@ impl Balanced {
     /// The guarded service's VIP (`match.address`, one IPv4 address; `match.port`; TCP) and
     /// its backends' weights.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let policy = Policy::read(path)?;
-        let (index, service) = policy.guarded()?;
-        let s = policy.service(index, service);
-        let lb = &service["load_balancing"];
-        if lb["vip"].as_bool() == Some(false) {
-            return Err(s.error(
+        let read = Read::load(path)?;
+        let (index, service) = read.guarded()?;
+        let lb = service.load_balancing.clone().unwrap_or_default();
+        if !lb.vip {
+            return Err(read.error(
+                index,
                 "load_balancing.vip",
                 "false: the act balances a VIP (the first service with backends and a \
-                 circuit_breaker)"
-                    .into(),
+                 circuit_breaker)",
             ));
         }
-        let address = service["match"]["address"].as_str().unwrap_or_default();
-        let ip = match address.split_once('/').unwrap_or((address, "32")) {
-            (ip, "32") => ip.parse().ok(),
-            _ => None,
+        let m = &service.r#match;
+        let ip = match m.address.addr() {
+            IpAddr::V4(ip) if m.address.prefix_len() == 32 => ip,
+            _ => {
+                return Err(read.error(
+                    index,
+                    "match.address",
+                    format_args!(
+                        "\"{}\": the demo needs one IPv4 address as the VIP",
+                        m.address
+                    ),
+                ));
+            }
         };
-        let ip = ip.ok_or_else(|| {
-            s.error(
-                "match.address",
-                format!("{address:?}: the demo needs one IPv4 address as the VIP"),
-            )
-        })?;
-        let port = service["match"]["port"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|&p| p > 0)
-            .ok_or_else(|| s.error("match.port", "the demo needs the VIP's port".into()))?;
-        if let Some(other) = service["match"]["protocol"]
-            .as_str()
-            .filter(|p| !["tcp", "any"].contains(p))
-        {
-            return Err(s.error(
+        let port = m
+            .port
+            .ok_or_else(|| read.error(index, "match.port", "the demo needs the VIP's port"))?;
+        if !matches!(m.protocol, Protocol::Tcp | Protocol::Any) {
+            return Err(read.error(
+                index,
                 "match.protocol",
-                format!("{other:?}: the demo's clients connect over TCP"),
+                format_args!("\"{}\": the demo's clients connect over TCP", m.protocol),
             ));
         }
-        let weights = s.list("backends", |i, backend| {
-            let weight = backend["weight"]
-                .as_u64()
-                .or(backend["weight"].is_null().then_some(default::WEIGHT));
-            let weight = weight.and_then(|w| u32::try_from(w).ok());
-            weight.ok_or_else(|| s.error(&format!("backends[{i}].weight"), "not a weight".into()))
-        })?;
         Ok(Self {
             vip: SocketAddrV4::new(ip, port),
-            weights,
-            algorithm: lb["algorithm"]
-                .as_str()
-                .unwrap_or(default::ALGORITHM)
-                .to_owned(),
-            slow_start: s.duration("load_balancing", "slow_start", Duration::ZERO)?,
+            weights: service
+                .backends
+                .iter()
+                .map(|b| u32::from(b.weight))
+                .collect(),
+            algorithm: lb.algorithm.to_string(),
+            slow_start: lb.slow_start,
         })
     }
 
@@ -247,167 +264,10 @@ impl Balanced {
     }
 }
 
-/// A policy file as plain YAML.
-struct Policy {
-    path: PathBuf,
-    yaml: Value,
-}
-
-impl Policy {
-    fn read(path: &Path) -> anyhow::Result<Self> {
-        let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-        let yaml =
-            serde_yaml::from_str(&text).with_context(|| format!("{}: not YAML", path.display()))?;
-        Ok(Self {
-            path: path.to_owned(),
-            yaml,
-        })
-    }
-
-    fn services(&self) -> &[Value] {
-        self.yaml["services"]
-            .as_sequence()
-            .map_or(&[], Vec::as_slice)
-    }
-
-    /// The first service that satisfies `pick`, and its index.
-    fn find(&self, pick: impl Fn(&Value) -> bool) -> Option<(usize, &Value)> {
-        self.services().iter().enumerate().find(|(_, s)| pick(s))
-    }
-
-    fn guarded(&self) -> anyhow::Result<(usize, &Value)> {
-        self.find(|s| s["backends"].is_sequence() && s["circuit_breaker"].is_mapping())
-            .ok_or_else(|| {
-                anyhow!(
-                    "{}: no service with backends and a circuit_breaker",
-                    self.path.display()
-                )
-            })
-    }
-
-    fn service<'a>(&'a self, index: usize, yaml: &'a Value) -> Service<'a> {
-        Service {
-            path: &self.path,
-            at: format!("services[{index}]"),
-            yaml,
-        }
-    }
-
-    /// The `agent` and `interfaces` sections.
-    fn agent_side(&self) -> anyhow::Result<AgentSide> {
-        let agent = &self.yaml["agent"];
-        let listen = agent["listen"].as_str().unwrap_or(default::LISTEN);
-        let Some(interface) = self.yaml["interfaces"][0]["name"].as_str() else {
-            bail!("{}: interfaces[0].name: missing", self.path.display());
-        };
-        Ok(AgentSide {
-            interface: interface.to_owned(),
-            listen: listen
-                .parse()
-                .with_context(|| format!("{}: agent.listen: {listen:?}", self.path.display()))?,
-        })
-    }
-}
-
-/// One service of a policy, read field by field with errors that name the field.
-struct Service<'a> {
-    path: &'a Path,
-    at: String,
-    yaml: &'a Value,
-}
-
-impl Service<'_> {
-    fn error(&self, field: &str, message: String) -> anyhow::Error {
-        anyhow!("{}: {}.{field}: {message}", self.path.display(), self.at)
-    }
-
-    fn string(&self, key: &str) -> anyhow::Result<String> {
-        let value = self.yaml[key].as_str().map(str::to_owned);
-        value.ok_or_else(|| self.error(key, "missing".into()))
-    }
-
-    fn duration(&self, section: &str, key: &str, default: Duration) -> anyhow::Result<Duration> {
-        match &self.yaml[section][key] {
-            Value::Null => Ok(default),
-            Value::String(text) => duration(text).ok_or_else(|| {
-                self.error(
-                    &format!("{section}.{key}"),
-                    format!("{text:?}: the demo reads durations like 200ms or 2s"),
-                )
-            }),
-            other => Err(self.error(&format!("{section}.{key}"), format!("{other:?}"))),
-        }
-    }
-
-    fn count(&self, section: &str, key: &str, default: u64) -> anyhow::Result<u64> {
-        match &self.yaml[section][key] {
-            Value::Null => Ok(default),
-            value => value
-                .as_u64()
-                .ok_or_else(|| self.error(&format!("{section}.{key}"), format!("{value:?}"))),
-        }
-    }
-
-    /// Every item of the list `key`, read by `item` (given its index).
-    fn list<T>(
-        &self,
-        key: &str,
-        item: impl Fn(usize, &Value) -> anyhow::Result<T>,
-    ) -> anyhow::Result<Vec<T>> {
-        let list = self.yaml[key].as_sequence().map_or(&[][..], Vec::as_slice);
-        list.iter().enumerate().map(|(i, v)| item(i, v)).collect()
-    }
-
-    /// Every backend address; the demo's network is IPv4.
-    fn backends(&self) -> anyhow::Result<Vec<SocketAddrV4>> {
-        let backends = self.list("backends", |i, backend| {
-            let text = backend["address"].as_str().unwrap_or_default();
-            match text.parse::<SocketAddr>() {
-                Ok(SocketAddr::V4(addr)) => Ok(addr),
-                _ => Err(self.error(
-                    &format!("backends[{i}].address"),
-                    format!("{text:?}: the demo needs IPv4:port"),
-                )),
-            }
-        })?;
-        if backends.is_empty() {
-            return Err(self.error("backends", "empty".into()));
-        }
-        Ok(backends)
-    }
-}
-
-/// `1000/s` -> 1000; bit and byte rates are not packet rates.
-fn packets_per_second(rate: &str) -> Option<u64> {
-    let n = rate.strip_suffix("/s")?.trim().parse().ok();
-    n.filter(|&n| n > 0)
-}
-
-/// `200ms`, `2s`, `1.5s`, `1m`: the single-unit durations the demo policies use.
-fn duration(text: &str) -> Option<Duration> {
-    let (number, seconds_per_unit) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1.0)
-    } else {
-        (text.strip_suffix('m')?, 60.0)
-    };
-    let n: f64 = number.trim().parse().ok()?;
-    Duration::try_from_secs_f64(n * seconds_per_unit).ok()
-}
-
-/// Whether `cidr` (`198.18.0.2/32`, `198.18.0.0/24`, or a bare address) contains `ip`.
-fn contains(cidr: &str, ip: Ipv4Addr) -> bool {
-    let (net, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
-    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
-        return false;
-    };
-    let mask = u32::MAX.checked_shl(32u32.saturating_sub(len)).unwrap_or(0);
-    len <= 32 && u32::from(net) & mask == u32::from(ip) & mask
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     const POLICY: &str =
@@ -453,9 +313,10 @@ services:
             );
             assert_eq!(
                 (g.unhealthy_interval, g.max_reset_timeout),
-                (Duration::from_millis(200), Duration::from_secs(2))
+                // The agent's default (1s), not `interval` as the demo's own reader assumed.
+                (Duration::from_secs(1), Duration::from_secs(2))
             );
-            assert_eq!(g.success_threshold, default::SUCCESS_THRESHOLD);
+            assert_eq!(g.success_threshold, 2, "POLICY.md's default");
             let lb = Balanced::load(path)?;
             assert_eq!(
                 (lb.vip, lb.slow_start),
@@ -472,7 +333,10 @@ services:
 
     #[test]
     fn names_the_field_it_cannot_use() {
-        let v6 = POLICY.replace("198.18.0.22:8080", "\"[2001:db8::1]:8080\"");
+        // Without a VIP: the agent itself refuses IPv6 backends behind an IPv4 VIP.
+        let v6 = POLICY
+            .replace("198.18.0.22:8080", "\"[2001:db8::1]:8080\"")
+            .replace("algorithm: maglev,", "vip: false, algorithm: maglev,");
         let e = load("v6", &v6, Guarded::load);
         assert!(
             e.ends_with(
@@ -486,29 +350,5 @@ services:
         let no_vip = POLICY.replace("algorithm: maglev,", "vip: false, algorithm: maglev,");
         let e = load("no-vip", &no_vip, Balanced::load);
         assert!(e.contains("services[1].load_balancing.vip: false"), "{e}");
-    }
-
-    #[test]
-    fn rates_durations_and_networks() {
-        assert_eq!(
-            (
-                packets_per_second("1000/s"),
-                packets_per_second("100Mbit/s")
-            ),
-            (Some(1000), None)
-        );
-        assert_eq!(
-            (duration("200ms"), duration("1.5s")),
-            (
-                Some(Duration::from_millis(200)),
-                Some(Duration::from_millis(1500))
-            )
-        );
-        assert_eq!(
-            (duration("1m"), duration("1m30s")),
-            (Some(Duration::from_secs(60)), None)
-        );
-        assert!(contains("0.0.0.0/0", Ipv4Addr::new(198, 18, 0, 2)));
-        assert!(!contains("198.18.0.3", Ipv4Addr::new(198, 18, 0, 2)));
     }
 }

@@ -31,8 +31,7 @@ pub fn plan(config: &Path) -> anyhow::Result<RateLimited> {
         println!(
             "demo: warning: service {} matches {}, which does not contain {SERVER_ADDR}, where \
              the demo sends",
-            plan.service,
-            plan.address.as_deref().unwrap_or_default()
+            plan.service, plan.address
         );
     }
     Ok(plan)
