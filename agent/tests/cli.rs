@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_tests::timing::Scaled;
+use agent_tests::{
+    netns::{Netns, unique_name},
+    timing::Scaled,
+};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_agent");
 /// From spawn to `/health/ready`: loading, verifying and attaching the programs.
@@ -87,78 +90,41 @@ fn require_root() {
     );
 }
 
-/// A network namespace for one test, deleted on drop even when the test panics.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("agt-cli-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut v = vec!["ip", "-n", &self.0];
-        v.extend_from_slice(args);
-        sh(&v)
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-
-    /// Whether any XDP program is attached to `ifname`.
-    fn has_xdp(&self, ifname: &str) -> bool {
-        self.ip(&["-d", "link", "show", ifname])
-            .contains("prog/xdp")
-    }
-
-    /// The agent's egress programs on `ifname` that hang under a `clsact` qdisc as `cls_bpf`
-    /// filters: how the agent attaches TC before kernel 6.6 (no TCX).
-    fn clsact_egress_filters(&self, ifname: &str) -> usize {
-        let out = self
-            .command(&["tc", "filter", "show", "dev", ifname, "egress"])
-            .output()
-            .expect("tc (iproute2)");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("agent_tc_egress"))
-            .count()
-    }
-
-    /// The agent's TC egress attachments: TCX links in the whole kernel (see [`tcx_links`])
-    /// plus `clsact` filters on `ifname`, whichever this kernel uses.
-    fn tc_egress(&self, ifname: &str) -> usize {
-        tcx_links() + self.clsact_egress_filters(ifname)
-    }
+/// A network namespace for one test (the shared guard: deleted on drop, even on a panic).
+fn netns(tag: &str) -> Netns {
+    Netns::create(&unique_name(&format!("cli-{tag}"))).expect("ip netns add")
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
+fn ip(ns: &Netns, args: &[&str]) -> String {
+    ns.ip(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
+/// Whether any XDP program is attached to `ifname`.
+fn has_xdp(ns: &Netns, ifname: &str) -> bool {
+    ip(ns, &["-d", "link", "show", ifname]).contains("prog/xdp")
+}
+
+/// The agent's egress programs on `ifname` that hang under a `clsact` qdisc as `cls_bpf`
+/// filters: how the agent attaches TC before kernel 6.6 (no TCX).
+fn clsact_egress_filters(ns: &Netns, ifname: &str) -> usize {
+    let out = ns
+        .exec(&["tc", "filter", "show", "dev", ifname, "egress"])
         .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .expect("tc (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("agent_tc_egress"))
+        .count()
+}
+
+/// The agent's TC egress attachments: TCX links in the whole kernel (see [`tcx_links`])
+/// plus `clsact` filters on `ifname`, whichever this kernel uses.
+fn tc_egress(ns: &Netns, ifname: &str) -> usize {
+    tcx_links() + clsact_egress_filters(ns, ifname)
 }
 
 fn write_policy(ns: &Netns, interfaces: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.yaml", ns.0));
+    let path = std::env::temp_dir().join(format!("{}.yaml", ns.name()));
     std::fs::write(
         &path,
         format!(
@@ -175,10 +141,10 @@ fn write_policy(ns: &Netns, interfaces: &str) -> PathBuf {
 fn run_refuses_a_missing_interface_with_its_position() {
     require_root();
     let _lock = attach_lock();
-    let ns = Netns::new("missing");
+    let ns = netns("missing");
     let policy = write_policy(&ns, "  - name: lo\n  - name: agt-nosuch0\n");
     let out = ns
-        .command(&[AGENT, "run", "--config", policy.to_str().unwrap()])
+        .exec(&[AGENT, "run", "--config", policy.to_str().unwrap()])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -192,7 +158,7 @@ fn run_refuses_a_missing_interface_with_its_position() {
         "expected the line {want:?} in:\n{stderr}"
     );
     assert!(
-        !ns.has_xdp("lo"),
+        !has_xdp(&ns, "lo"),
         "nothing may stay attached after a refused policy"
     );
 }
@@ -205,18 +171,21 @@ fn run_attaches_all_interfaces_or_none() {
     require_root();
     let _lock = attach_lock();
     let tcx_before = tcx_links();
-    let ns = Netns::new("rollback");
-    ns.ip(&[
-        "link", "add", "agt-a", "type", "veth", "peer", "name", "agt-b",
-    ]);
-    ns.ip(&["link", "set", "agt-a", "up"]);
-    ns.ip(&["link", "set", "agt-b", "up"]);
+    let ns = netns("rollback");
+    ip(
+        &ns,
+        &[
+            "link", "add", "agt-a", "type", "veth", "peer", "name", "agt-b",
+        ],
+    );
+    ip(&ns, &["link", "set", "agt-a", "up"]);
+    ip(&ns, &["link", "set", "agt-b", "up"]);
     let policy = write_policy(
         &ns,
         "  - name: agt-a\n    xdp_mode: generic\n  - name: lo\n    xdp_mode: native\n",
     );
     let out = ns
-        .command(&[AGENT, "run", "--config", policy.to_str().unwrap()])
+        .exec(&[AGENT, "run", "--config", policy.to_str().unwrap()])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -226,12 +195,12 @@ fn run_attaches_all_interfaces_or_none() {
         "the error names the interface and mode:\n{stderr}"
     );
     assert!(
-        !ns.has_xdp("agt-a"),
+        !has_xdp(&ns, "agt-a"),
         "agt-a kept its program after the start failed:\n{}",
-        ns.ip(&["-d", "link", "show", "agt-a"])
+        ip(&ns, &["-d", "link", "show", "agt-a"])
     );
     assert_eq!(
-        ns.tc_egress("agt-a"),
+        tc_egress(&ns, "agt-a"),
         tcx_before,
         "a TC egress attachment (TCX link or clsact filter) stayed after the failed start"
     );
@@ -244,15 +213,18 @@ fn run_serves_health_and_detaches_on_sigterm() {
     require_root();
     let _lock = attach_lock();
     let tcx_before = tcx_links();
-    let ns = Netns::new("sigterm");
-    ns.ip(&[
-        "link", "add", "agt-a", "type", "veth", "peer", "name", "agt-b",
-    ]);
-    ns.ip(&["link", "set", "agt-a", "up"]);
-    ns.ip(&["link", "set", "agt-b", "up"]);
+    let ns = netns("sigterm");
+    ip(
+        &ns,
+        &[
+            "link", "add", "agt-a", "type", "veth", "peer", "name", "agt-b",
+        ],
+    );
+    ip(&ns, &["link", "set", "agt-a", "up"]);
+    ip(&ns, &["link", "set", "agt-b", "up"]);
     let policy = write_policy(&ns, "  - name: agt-a\n    direction: both\n");
     let mut child = Child(
-        ns.command(&[AGENT, "run", "--config", policy.to_str().unwrap()])
+        ns.exec(&[AGENT, "run", "--config", policy.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -262,7 +234,7 @@ fn run_serves_health_and_detaches_on_sigterm() {
     let deadline = Instant::now() + READY_TIMEOUT.get();
     let ready = loop {
         let probe = ns
-            .command(&[
+            .exec(&[
                 "curl",
                 "-s",
                 "-o",
@@ -285,9 +257,9 @@ fn run_serves_health_and_detaches_on_sigterm() {
         ready,
         "agent never became ready on agt-a within {READY_TIMEOUT}"
     );
-    assert!(ns.has_xdp("agt-a"), "ready, but no XDP program on agt-a");
+    assert!(has_xdp(&ns, "agt-a"), "ready, but no XDP program on agt-a");
     assert_eq!(
-        ns.tc_egress("agt-a"),
+        tc_egress(&ns, "agt-a"),
         tcx_before + 1,
         "direction both: expected one more TC egress attachment (a TCX link, or a clsact filter \
          before 6.6) while the agent runs"
@@ -295,7 +267,7 @@ fn run_serves_health_and_detaches_on_sigterm() {
 
     // `agent status` reads the running agent, as text and as JSON.
     let out = ns
-        .command(&[
+        .exec(&[
             AGENT,
             "status",
             "--addr",
@@ -314,7 +286,7 @@ fn run_serves_health_and_detaches_on_sigterm() {
     assert_eq!(json["ready"], true, "status: {json}");
     assert_eq!(json["services"][0]["name"], "web", "status: {json}");
     let out = ns
-        .command(&[AGENT, "status", "--addr", "127.0.0.1:9590"])
+        .exec(&[AGENT, "status", "--addr", "127.0.0.1:9590"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -338,11 +310,11 @@ fn run_serves_health_and_detaches_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0), "exit code after SIGTERM");
     assert!(
-        !ns.has_xdp("agt-a"),
+        !has_xdp(&ns, "agt-a"),
         "XDP program left on agt-a after SIGTERM"
     );
     assert_eq!(
-        ns.tc_egress("agt-a"),
+        tc_egress(&ns, "agt-a"),
         tcx_before,
         "TC egress attachment (TCX link or clsact filter) left after SIGTERM"
     );
