@@ -17,6 +17,9 @@ pub mod stats;
 #[cfg(feature = "user")]
 pub mod status;
 
+/// Nanoseconds in a second: the clock unit of token buckets and pacing alike.
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
 pub use classify::{MatchList, MatchRule};
 pub use limit::{Bucket, BucketKey, ServiceConfig};
 pub use stats::Counter;

@@ -12,7 +12,7 @@
 
 use crate::shape::ShapeConfig;
 
-pub const NS_PER_SEC: u64 = 1_000_000_000;
+pub use crate::NS_PER_SEC;
 
 /// `ServiceConfig::flags`
 pub const SVC_F_ACTIVE: u32 = 1 << 0;

@@ -104,7 +104,7 @@ impl ShapeConfig {
         if self.rate == 0 {
             return 0;
         }
-        wire_len * crate::limit::NS_PER_SEC / self.rate
+        wire_len * crate::NS_PER_SEC / self.rate
     }
 }
 

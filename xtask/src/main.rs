@@ -6,6 +6,8 @@
 mod bench;
 mod build;
 mod cmd;
+#[cfg(test)]
+mod cycles;
 mod demo;
 mod manifests;
 mod setup;
