@@ -1,7 +1,8 @@
 //! No import cycles between the top-level modules of a crate: a module reaches only into
 //! modules that do not reach back (ARCHITECTURE.md's layers). Read from the sources as text:
-//! every `crate::NAME` path and every name of a `use crate::{...}` group, outside comments and
-//! outside a file's trailing `#[cfg(test)] mod tests`. A unit test holds it for every crate.
+//! every `crate::NAME` path and every name of a `use crate::{...}` group, outside comments,
+//! a file's trailing `#[cfg(test)] mod tests` and test-only `tests.rs` files. A unit test
+//! holds it for every crate.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,8 +24,10 @@ pub fn graph(src: &Path) -> io::Result<Graph> {
         (!matches!(name, "main" | "lib" | "bin")).then(|| name.to_owned())
     };
     let modules: BTreeSet<String> = files.iter().filter_map(|f| module(f)).collect();
+    // Test-only files (`tests.rs`, `mod tests;` of a module) may reach anywhere.
+    let test_only = |path: &Path| path.file_stem().is_some_and(|s| s == "tests");
     let mut graph = Graph::new();
-    for file in &files {
+    for file in files.iter().filter(|f| !test_only(f)) {
         let Some(from) = module(file) else { continue };
         let text = fs::read_to_string(file)?;
         let edges = graph.entry(from.clone()).or_default();

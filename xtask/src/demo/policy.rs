@@ -111,10 +111,12 @@ impl Read {
     }
 }
 
-/// A packet rate's packets per second; bit and byte rates are not packet rates.
-fn packets_per_second(service: &Service) -> Option<u64> {
-    match service.rate_limit.as_ref()?.rate {
-        Rate::Packets(n) => Some(n),
+/// A packet rate limit's packets per second and burst (resolved by validation: one second of
+/// rate unless given); bit and byte rates are not packet rates.
+fn packet_limit(service: &Service) -> Option<(u64, u64)> {
+    let limit = service.rate_limit.as_ref()?;
+    match limit.rate {
+        Rate::Packets(n) => Some((n, limit.burst)),
         _ => None,
     }
 }
@@ -128,9 +130,10 @@ impl RateLimited {
             .enumerate()
             .find(|(_, s)| s.name == RATE_LIMITED_SERVICE)
             .or_else(|| {
-                services.iter().enumerate().find(|(_, s)| {
-                    s.r#match.protocol == Protocol::Udp && packets_per_second(s).is_some()
-                })
+                services
+                    .iter()
+                    .enumerate()
+                    .find(|(_, s)| s.r#match.protocol == Protocol::Udp && packet_limit(s).is_some())
             })
             .ok_or_else(|| {
                 anyhow!(
@@ -139,7 +142,7 @@ impl RateLimited {
                     read.file
                 )
             })?;
-        let rate_pps = packets_per_second(service).ok_or_else(|| {
+        let (rate_pps, burst) = packet_limit(service).ok_or_else(|| {
             read.error(
                 index,
                 "rate_limit.rate",
@@ -156,8 +159,7 @@ impl RateLimited {
             address: service.r#match.address,
             port,
             rate_pps,
-            // Resolved by validation: one second of rate unless given.
-            burst: service.rate_limit.as_ref().map_or(rate_pps, |r| r.burst),
+            burst,
         })
     }
 
