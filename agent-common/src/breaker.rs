@@ -38,8 +38,6 @@ pub const F_CLOSE_EXISTING: u32 = 1 << 1;
 /// `health_check.passive: true`: track SYNs for passive failure detection.
 pub const F_PASSIVE: u32 = 1 << 2;
 
-/// Backends (x protocols) the datapath knows; also the size of the per-backend counters.
-pub const MAX_BACKENDS: u32 = 4096;
 /// Half-open flows remembered, and SYNs awaiting an answer (LRU tables).
 pub const MAX_TRACKED_FLOWS: u32 = 65_536;
 
@@ -77,7 +75,7 @@ pub struct BackendState {
     /// Bumped by the agent on every entry into half-open, so flows admitted in an earlier
     /// half-open period are not taken for this one's.
     pub epoch: u32,
-    /// Index of the backend's counters in `BACKEND_STATS` (< `MAX_BACKENDS`).
+    /// Index of the backend's counters in `BACKEND_STATS` (< `agent.tables.backends`).
     pub id: u32,
     pub _pad: u32,
 }

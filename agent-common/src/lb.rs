@@ -2,10 +2,9 @@
 //! datapath reads, and the pure arithmetic both share (flow hash, incremental checksums).
 //!
 //! A packet to a service with a VIP is a *forward* packet: its flow is looked up in
-//! `LB_CONNS`; a new flow gets a backend from the service's live table half (`LB_ACTIVE`
-//! says which of the two halves, and how long it is; the agent writes the other one and
-//! flips, so the datapath never reads a half-written table) and two entries: the forward one,
-//! and a reverse one
+//! `LB_CONNS`; a new flow gets a backend from the service's table (its own map in
+//! `LB_TABLES`, replaced whole by the agent with one write, so the datapath never reads a
+//! half-written table) and two entries: the forward one, and a reverse one
 //! (`LB_REVERSE`, keyed by the backend side) so replies get their source rewritten back to the
 //! VIP. Destination address and port are rewritten (DNAT); checksums are updated
 //! incrementally.
@@ -36,18 +35,41 @@ pub const LB_MAGLEV: u32 = 0;
 pub const LB_WRR: u32 = 1;
 pub const LB_LEAST_CONN: u32 = 2;
 
-/// `LB_ACTIVE[service]`: which table half is live (bit 0) and how many of its entries are in
-/// use (the rest). One `u32`, written at once, so the datapath never pairs a half with
-/// another half's length.
+/// Map flags of every service table in `LB_TABLES`, on the template and on each table the
+/// agent creates (the kernel insists they match): `BPF_F_INNER_MAP`, so tables may differ in
+/// size, and `BPF_F_MMAPABLE`, so the agent fills a new table with one copy instead of a
+/// system call per entry.
+pub const LB_TABLE_FLAGS: u32 = (1 << 12) | (1 << 10);
+
+/// One element of a service table: two entries. The kernel lays array elements out 8 bytes
+/// apart, so a `u32` element would waste half of a table; two per element waste nothing.
+/// Element 0 is the header (`[length, 0]`); entry `k` is [`lb_table_pos`]`(k)`.
+pub type LbTableSlot = [u32; 2];
+
+/// Elements of a service table of `len` entries (header included).
+pub const fn lb_table_elements(len: u32) -> u32 {
+    1 + len.div_ceil(2)
+}
+
+/// Element and lane (0 or 1) of entry `k` of a service table.
 #[inline(always)]
-pub const fn lb_active(half: u32, len: u32) -> u32 {
-    (len << 1) | (half & 1)
+pub const fn lb_table_pos(k: u32) -> (u32, usize) {
+    (1 + k / 2, (k & 1) as usize)
+}
+
+/// The elements of a service table holding `entries`, header first.
+#[cfg(feature = "user")]
+pub fn lb_table_slots(entries: &[u32]) -> impl Iterator<Item = LbTableSlot> + '_ {
+    let header = [entries.len() as u32, 0];
+    core::iter::once(header).chain(
+        entries
+            .chunks(2)
+            .map(|c| [c[0], c.get(1).copied().unwrap_or(LB_NONE)]),
+    )
 }
 
 /// A table entry with no backend (every backend weighs 0).
 pub const LB_NONE: u32 = u32::MAX;
-/// Backends (over all services) the datapath can balance to.
-pub const MAX_LB_BACKENDS: u32 = 4096;
 /// The longest weighted round-robin schedule: fits any service of up to 65 backends exactly
 /// (weights up to 1000) and approximates larger ones closely; 256 KiB as a `u32` array.
 pub const WRR_MAX_LEN: u32 = 1 << 16;
@@ -55,8 +77,6 @@ pub const WRR_MAX_LEN: u32 = 1 << 16;
 pub const MAX_LEAST_CONN_BACKENDS: u32 = 16;
 /// Other table entries tried when the first pick's breaker refuses the flow.
 pub const LB_RETRIES: u32 = 3;
-/// Connections tracked (forward and reverse tables each), by default.
-pub const DEFAULT_MAX_CONNS: u32 = 1 << 18;
 
 /// How long a TCP flow's entries live after its FIN or RST, and a UDP flow's after its last
 /// packet.
@@ -65,22 +85,64 @@ pub const UDP_IDLE_NS: u64 = 60_000_000_000;
 /// A TCP flow with no packet for this long is taken as gone.
 pub const TCP_IDLE_NS: u64 = 3_600_000_000_000;
 
-/// Per-service balancing configuration, indexed by service id in `LB_SVC`. Written once
-/// when the policy is applied; only `LB_ACTIVE` and the table contents change afterwards.
+/// Per-service balancing configuration, indexed by service id in `LB_SVC`. Written when the
+/// policy is applied and when the service's panic state changes; its table lives in
+/// `LB_TABLES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbService {
     pub flags: u32,
     pub algorithm: u32,
-    /// Index in `LB_TABLE` of half 0; half 1 starts `table_size` later.
-    pub table_base: u32,
-    /// Entries reserved for each half (its capacity); `LB_ACTIVE` says how many are in use.
-    pub table_size: u32,
     /// The service's backends are `LB_BACKENDS[backend_base .. backend_base + backend_count]`.
     pub backend_base: u32,
     pub backend_count: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbService>() == 24);
+const _: () = assert!(core::mem::size_of::<LbService>() == 16);
+
+/// Cilium's default Maglev table size: what a service of up to 163 backends gets when its
+/// policy sets no `table_size`.
+pub const DEFAULT_MAGLEV_SIZE: u32 = 16_381;
+
+/// Whether `n` is prime (trial division; table sizes are at most 2^24).
+pub const fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = n as u64;
+    let mut d = 2;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// The smallest prime at least `n` (as `u64`: past `u32::MAX` when there is none in `u32`).
+pub fn next_prime(n: u32) -> u64 {
+    let mut p = u64::from(n.max(2));
+    while !u32::try_from(p).is_ok_and(is_prime) {
+        p += 1;
+        if p > u64::from(u32::MAX) {
+            break;
+        }
+    }
+    p
+}
+
+/// The smallest prime at least 100 x `backends`: the smallest Maglev table the policy accepts
+/// for them. `None` when that is beyond `u32`.
+pub fn min_maglev_size(backends: usize) -> Option<u32> {
+    let needed = u32::try_from(backends.checked_mul(100)?).ok()?.max(2);
+    u32::try_from(next_prime(needed)).ok()
+}
+
+/// The Maglev table of a service whose policy sets no `table_size`: [`DEFAULT_MAGLEV_SIZE`],
+/// or the smallest accepted size when its backends need more.
+pub fn default_maglev_size(backends: usize) -> Option<u32> {
+    min_maglev_size(backends).map(|m| m.max(DEFAULT_MAGLEV_SIZE))
+}
 
 /// One backend of a balanced service, indexed by its LB index in `LB_BACKENDS`.
 #[repr(C)]
@@ -214,6 +276,45 @@ pub fn csum_replace<const N: usize>(csum: u16, old: &[u8; N], new: &[u8; N]) -> 
 mod tests {
     use super::*;
     use crate::reply::{checksum, sum_words};
+
+    #[test]
+    fn primes_and_maglev_sizes() {
+        assert!(is_prime(65537));
+        assert!(is_prime(2));
+        assert!(!is_prime(1));
+        assert!(!is_prime(65536));
+        assert!(!is_prime(100));
+        assert_eq!(next_prime(65536), 65537);
+        assert_eq!(next_prime(100), 101);
+        assert!(is_prime(16_777_213));
+        assert!(next_prime(u32::MAX) > u64::from(u32::MAX));
+        assert!(is_prime(DEFAULT_MAGLEV_SIZE));
+        assert_eq!(min_maglev_size(0), Some(2));
+        assert_eq!(min_maglev_size(1), Some(101));
+        assert_eq!(min_maglev_size(10), Some(1009));
+        assert_eq!(min_maglev_size(1000), Some(100_003));
+        assert_eq!(min_maglev_size(167_772), Some(16_777_213));
+        assert_eq!(min_maglev_size(usize::MAX), None);
+        // Up to 163 backends the default; past it the smallest accepted size.
+        assert_eq!(default_maglev_size(4), Some(DEFAULT_MAGLEV_SIZE));
+        assert_eq!(default_maglev_size(163), Some(DEFAULT_MAGLEV_SIZE));
+        assert_eq!(default_maglev_size(164), Some(16_411));
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn table_slots_hold_every_entry_where_the_datapath_reads_it() {
+        for len in [0u32, 1, 2, 3, 16_381] {
+            let entries: Vec<u32> = (0..len).map(|k| k * 7).collect();
+            let slots: Vec<LbTableSlot> = lb_table_slots(&entries).collect();
+            assert_eq!(slots.len() as u32, lb_table_elements(len));
+            assert_eq!(slots[0][0], len);
+            for k in 0..len {
+                let (e, lane) = lb_table_pos(k);
+                assert_eq!(slots[e as usize][lane], k * 7);
+            }
+        }
+    }
 
     #[test]
     fn incremental_checksum_equals_a_full_recompute() {

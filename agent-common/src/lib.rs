@@ -16,6 +16,7 @@ pub mod shape;
 pub mod stats;
 #[cfg(feature = "user")]
 pub mod status;
+pub mod tables;
 
 /// Nanoseconds in a second: the clock unit of token buckets and pacing alike.
 pub const NS_PER_SEC: u64 = 1_000_000_000;

@@ -33,10 +33,9 @@ pub const MAP_PENDING_SYNS: &str = "PENDING_SYNS";
 
 /// Array indexed by service id -> [`crate::lb::LbService`].
 pub const MAP_LB_SVC: &str = "LB_SVC";
-/// Array indexed by service id -> u32: which half of the service's table is live (0 or 1).
-pub const MAP_LB_ACTIVE: &str = "LB_ACTIVE";
-/// Array of u32 LB backend indices (`LB_NONE` for none): every service's two table halves.
-pub const MAP_LB_TABLE: &str = "LB_TABLE";
+/// Array of maps indexed by service id -> the service's table (`lb::LB_TABLE_FLAGS`): entry 0
+/// its length, then u32 LB backend indices (`LB_NONE` for none).
+pub const MAP_LB_TABLES: &str = "LB_TABLES";
 /// Array indexed by LB index -> [`crate::lb::LbBackend`].
 pub const MAP_LB_BACKENDS: &str = "LB_BACKENDS";
 /// Array indexed by LB index -> u64: active connections (atomic in the datapath).
@@ -50,12 +49,51 @@ pub const MAP_LB_CONNS: &str = "LB_CONNS";
 /// LRU hash: [`crate::breaker::FlowKey`] (client -> backend) -> [`crate::lb::LbReverse`].
 pub const MAP_LB_REVERSE: &str = "LB_REVERSE";
 
-/// Service ids are indices into `SVC_CFG`; a policy has at most this many services.
-pub const MAX_SERVICES: u32 = 1024;
-/// Distinct prefixes in the classifier trie.
-pub const MAX_PREFIXES: u32 = 4096;
 /// Default size of the token-bucket key table when the policy sets none.
 pub const DEFAULT_MAX_KEYS: u32 = 1 << 20;
+
+/// `agent.tables.services`: service ids are indices into `SVC_CFG` and the other per-service
+/// arrays, so a policy has at most this many services.
+pub const DEFAULT_SERVICES: u32 = 16_384;
+/// `agent.tables.backends`: backends with a breaker (ids into `BACKEND_STATS`; `BACKENDS`
+/// holds two keys for each, TCP and UDP) and balanced backends (indices into `LB_BACKENDS`),
+/// each counted over all services.
+pub const DEFAULT_BACKENDS: u32 = 65_536;
+/// The most `agent.tables.services` and `agent.tables.backends` may be.
+pub const MAX_TABLE_LIMIT: u32 = 1 << 20;
+/// `agent.tables.connections: auto`: entries of `LB_CONNS` and of `LB_REVERSE` (each) take
+/// this share of the node's memory, in millionths (Cilium's
+/// `bpf-map-dynamic-size-ratio` default, 0.25%, for the two tables together) ...
+pub const CONNECTIONS_MEMORY_PPM: u64 = 2_500;
+/// ... at [`CONNECTION_ENTRY_BYTES`] per entry of each, and never fewer than this (Cilium's
+/// floor) ...
+pub const MIN_AUTO_CONNECTIONS: u32 = 131_072;
+/// ... nor more than this.
+pub const MAX_CONNECTIONS: u32 = 1 << 24;
+/// Kernel memory of one LRU hash entry of `LB_CONNS` or `LB_REVERSE` (40-byte key, 16-byte
+/// value, the kernel's element header), as `memlock` reports it.
+pub const CONNECTION_ENTRY_BYTES: u64 = 128;
+/// The object's size of the connection tables (the loader always sets the real one).
+pub const DEFAULT_CONNECTIONS: u32 = MIN_AUTO_CONNECTIONS;
+
+/// `agent.tables.connections: auto` on a node of `mem_total` bytes: entries of each of the
+/// two connection tables.
+pub const fn auto_connections(mem_total: u64) -> u32 {
+    let n = mem_total / 1_000_000 * CONNECTIONS_MEMORY_PPM / (2 * CONNECTION_ENTRY_BYTES);
+    if n < MIN_AUTO_CONNECTIONS as u64 {
+        MIN_AUTO_CONNECTIONS
+    } else if n > MAX_CONNECTIONS as u64 {
+        MAX_CONNECTIONS
+    } else {
+        n as u32
+    }
+}
+
+/// Entries of the classifier trie for `services` services: a service matches one prefix, so
+/// twice that leaves room to spare (the trie allocates per entry, not up front).
+pub const fn classify_entries(services: u32) -> u32 {
+    services.saturating_mul(2)
+}
 
 /// Program names in the object, as the loader looks them up.
 pub const PROG_XDP: &str = "agent_xdp";

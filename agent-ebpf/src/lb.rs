@@ -8,7 +8,7 @@ use agent_common::{
     lb::{
         CONN_F_CLOSING, LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_NONE, LB_RETRIES, LB_WRR,
         LBSTAT_FORWARDED, LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbReverse, LbService,
-        MAX_LEAST_CONN_BACKENDS, conn_expired, flow_hash,
+        MAX_LEAST_CONN_BACKENDS, conn_expired, flow_hash, lb_table_pos,
     },
     maps::{STAGE_ANSWER, STAGE_LB, STAGE_NAT},
     reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -20,8 +20,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 use crate::{
     breaker::may_be_backend,
     maps::{
-        BACKENDS, LB_ACTIVE, LB_ACTIVE_CONNS, LB_BACKENDS, LB_CONNS, LB_HANDOVER, LB_REVERSE,
-        LB_RR, LB_SVC, LB_TABLE, LEAST_CONN_BEST, SIDE_SRC,
+        BACKENDS, LB_ACTIVE_CONNS, LB_BACKENDS, LB_CONNS, LB_HANDOVER, LB_REVERSE, LB_RR, LB_SVC,
+        LB_TABLES, LEAST_CONN_BEST, SIDE_SRC,
     },
     nat::{Nat, Side},
     parse::Parsed,
@@ -364,9 +364,11 @@ fn pick(svc: &LbService, service_id: u32, p: &Parsed) -> Option<u32> {
     if svc.algorithm == LB_LEAST_CONN {
         return least_conn(svc);
     }
-    let active = LB_ACTIVE.get(service_id).copied().unwrap_or(0);
-    let len = active >> 1;
-    if len == 0 || len > svc.table_size {
+    // One lookup of the service's table: a publish swaps the whole table, and this run keeps
+    // the one it found (the kernel frees a replaced table only after running programs end).
+    let table = LB_TABLES.get(service_id)?;
+    let len = table.get(0).map_or(0, |h| h[0]);
+    if len == 0 {
         return None;
     }
     let start = if svc.algorithm == LB_WRR {
@@ -380,12 +382,13 @@ fn pick(svc: &LbService, service_id: u32, p: &Parsed) -> Option<u32> {
     } else {
         flow_hash(&p.src, &p.dst, p.sport, p.dport, p.proto)
     };
-    let base = svc.table_base + (active & 1) * svc.table_size;
     let panic = svc.flags & LB_F_PANIC != 0;
     let mut i = 0;
     while i <= LB_RETRIES {
         let at = start.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % len;
-        if let Some(&b) = LB_TABLE.get(base + at)
+        let (element, lane) = lb_table_pos(at);
+        if let Some(slot) = table.get(element)
+            && let b = if lane == 0 { slot[0] } else { slot[1] }
             && b != LB_NONE
             && let Some(backend) = LB_BACKENDS.get(b)
             && (panic || admits(backend))

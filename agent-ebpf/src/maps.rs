@@ -1,28 +1,33 @@
 //! Map definitions. Names come from `agent_common::maps` (the symbol name is the map name);
-//! sizes here are defaults the loader overrides (`EbpfLoader::map_max_entries`).
+//! sizes here are the defaults of `agent.tables`; the loader sets every size from the policy's
+//! `agent.tables` (`EbpfLoader::map_max_entries`), never from the services it lists.
 
 use agent_common::lb::{
-    DEFAULT_MAX_CONNS, LBSTAT_SLOTS, LbBackend, LbConn, LbReverse, LbService, MAX_LB_BACKENDS,
+    LB_TABLE_FLAGS, LBSTAT_SLOTS, LbBackend, LbConn, LbReverse, LbService, LbTableSlot,
 };
 use agent_common::{
     Bucket, BucketKey, Counter, MatchList, ServiceConfig,
     breaker::{
-        AdmittedFlow, BSTAT_SLOTS, BackendKey, BackendState, FlowKey, MAX_BACKENDS,
-        MAX_TRACKED_FLOWS, PORT_BITMAP_WORDS, PendingSyn,
+        AdmittedFlow, BSTAT_SLOTS, BackendKey, BackendState, FlowKey, MAX_TRACKED_FLOWS,
+        PORT_BITMAP_WORDS, PendingSyn,
     },
     classify::ADDR_LEN,
-    maps::{DEFAULT_MAX_KEYS, MAX_PREFIXES, MAX_SERVICES},
+    maps::{
+        DEFAULT_BACKENDS as MAX_BACKENDS, DEFAULT_CONNECTIONS, DEFAULT_MAX_KEYS,
+        DEFAULT_SERVICES as MAX_SERVICES, classify_entries,
+    },
     shape::{DEFAULT_SHAPE_KEYS, Departure, ShapeDelay},
     stats::{GSTAT_SLOTS, SVC_STAT_SLOTS},
 };
 use aya_ebpf::{
-    macros::map,
+    btf_maps::{self, ArrayOfMaps},
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 
 #[map]
 pub static CLASSIFY: LpmTrie<[u8; ADDR_LEN], MatchList> =
-    LpmTrie::with_max_entries(MAX_PREFIXES, 0);
+    LpmTrie::with_max_entries(classify_entries(MAX_SERVICES), 0);
 
 #[map]
 pub static SVC_CFG: Array<ServiceConfig> = Array::with_max_entries(MAX_SERVICES, 0);
@@ -78,22 +83,25 @@ pub const REPLY_SCRATCH_LEN: usize = agent_common::reply::UNREACH_V6_LEN;
 #[map]
 pub static LB_SVC: Array<LbService> = Array::with_max_entries(MAX_SERVICES, 0);
 
-#[map]
-pub static LB_ACTIVE: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
+/// The lookup table of one balanced service (Maglev table or round-robin schedule), laid out
+/// as `agent_common::lb::LbTableSlot` says. The agent creates one of the exact size per
+/// publish (`BPF_F_INNER_MAP`: sizes may differ) and swaps it in `LB_TABLES` with one write,
+/// so the datapath reads a whole table, old or new, never a mix.
+pub type LbTable = btf_maps::Array<LbTableSlot, 1, { LB_TABLE_FLAGS as usize }>;
 
-/// Both halves of every balanced service's table; the loader sizes it from the policy.
-#[map]
-pub static LB_TABLE: Array<u32> = Array::with_max_entries(2 * 65_537, 0);
+/// Indexed by service id: each balanced service's [`LbTable`] (empty for `least_conn`).
+#[btf_map]
+pub static LB_TABLES: ArrayOfMaps<LbTable, { MAX_SERVICES as usize }> = ArrayOfMaps::new();
 
 #[map]
-pub static LB_BACKENDS: Array<LbBackend> = Array::with_max_entries(MAX_LB_BACKENDS, 0);
+pub static LB_BACKENDS: Array<LbBackend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
-pub static LB_ACTIVE_CONNS: Array<u64> = Array::with_max_entries(MAX_LB_BACKENDS, 0);
+pub static LB_ACTIVE_CONNS: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static LB_STATS: PerCpuArray<Counter> =
-    PerCpuArray::with_max_entries(MAX_LB_BACKENDS * LBSTAT_SLOTS, 0);
+    PerCpuArray::with_max_entries(MAX_BACKENDS * LBSTAT_SLOTS, 0);
 
 /// Each CPU's position in each weighted-round-robin schedule: per CPU, so no atomics; each
 /// CPU walks the whole schedule, so the shares stay exact to within a cycle per CPU.
@@ -102,11 +110,11 @@ pub static LB_RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES,
 
 #[map]
 pub static LB_CONNS: LruHashMap<FlowKey, LbConn> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
 
 #[map]
 pub static LB_REVERSE: LruHashMap<FlowKey, LbReverse> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_CONNS, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONNECTIONS, 0);
 
 /// The balancing and reverse-NAT stages of XDP, and of TC (`STAGE_*` slots).
 #[map]

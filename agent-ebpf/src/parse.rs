@@ -146,9 +146,30 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
+impl Parsed {
+    /// What `parse` writes over.
+    pub const EMPTY: Parsed = Parsed {
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        has_ports: false,
+        fragment: false,
+        ipv6: false,
+        l3: 0,
+        l4: 0,
+        tcp_flags: 0,
+    };
+}
+
+/// Parses the packet into `out`. A BPF subprogram with its own stack frame (see "Stack" in
+/// pipeline.rs), so its signature goes into the object's BTF: `Result<(), _>` and an out
+/// parameter, not `Result<Parsed, _>`, whose tag sits in a niche of `Parsed` and comes out as
+/// a union member at an offset, which the kernel refuses (`Invalid member bits_offset`), and
+/// without loaded BTF the maps defined by BTF (`LB_TABLES`) cannot be created.
 #[inline(never)]
-pub fn parse(pkt: &Packet) -> Result<Parsed, ParseError> {
+pub fn parse(pkt: &Packet, out: &mut Parsed) -> Result<(), ParseError> {
     let eth: *const EthHdr = pkt.ptr_at(0)?;
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut off = EthHdr::LEN;
@@ -166,14 +187,14 @@ pub fn parse(pkt: &Packet) -> Result<Parsed, ParseError> {
     }
 
     match ether_type {
-        ETH_P_IP => parse_ipv4(pkt, off),
-        ETH_P_IPV6 => parse_ipv6(pkt, off),
+        ETH_P_IP => parse_ipv4(pkt, off, out),
+        ETH_P_IPV6 => parse_ipv6(pkt, off, out),
         _ => Err(ParseError::NotIp),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
+fn parse_ipv4(pkt: &Packet, off: usize, p: &mut Parsed) -> Result<(), ParseError> {
     let ip: *const Ipv4Hdr = pkt.ptr_at(off)?;
     let ip = unsafe { &*ip };
     let vihl = ip.vihl;
@@ -185,7 +206,7 @@ fn parse_ipv4(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
     // Options must be inside the packet too.
     pkt.ptr_at::<u8>(off + hdr_len - 1)?;
     let fragment = be16(ip.frags) & IPV4_FRAG_OFFSET_MASK != 0;
-    let mut p = Parsed {
+    *p = Parsed {
         proto: ip.proto,
         src: v4_mapped(ip.src_addr),
         dst: v4_mapped(ip.dst_addr),
@@ -199,19 +220,19 @@ fn parse_ipv4(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
         tcp_flags: 0,
     };
     if !fragment {
-        parse_l4(pkt, off + hdr_len, &mut p)?;
+        parse_l4(pkt, off + hdr_len, p)?;
     }
-    Ok(p)
+    Ok(())
 }
 
 #[inline(always)]
-fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
+fn parse_ipv6(pkt: &Packet, off: usize, p: &mut Parsed) -> Result<(), ParseError> {
     let ip: *const Ipv6Hdr = pkt.ptr_at(off)?;
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
         return Err(ParseError::Malformed);
     }
-    let mut p = Parsed {
+    *p = Parsed {
         proto: ip.next_hdr,
         src: ip.src_addr,
         dst: ip.dst_addr,
@@ -255,9 +276,9 @@ fn parse_ipv6(pkt: &Packet, off: usize) -> Result<Parsed, ParseError> {
     }
     p.l4 = off;
     if !p.fragment {
-        parse_l4(pkt, off, &mut p)?;
+        parse_l4(pkt, off, p)?;
     }
-    Ok(p)
+    Ok(())
 }
 
 #[inline(always)]

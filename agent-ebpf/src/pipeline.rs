@@ -62,8 +62,9 @@ pub fn main_stage<C: EbpfContext + Pace>(
     stages: &ProgramArray,
 ) -> Action {
     stats::global(GSTAT_SEEN, len);
-    let parsed = match parse::parse(pkt) {
-        Ok(p) => p,
+    let mut parsed = Parsed::EMPTY;
+    match parse::parse(pkt, &mut parsed) {
+        Ok(()) => {}
         Err(e) => {
             let slot = match e {
                 ParseError::NotIp => GSTAT_NON_IP,
@@ -73,7 +74,7 @@ pub fn main_stage<C: EbpfContext + Pace>(
             stats::global(slot, len);
             return Action::Pass;
         }
-    };
+    }
     if parsed.fragment {
         stats::global(GSTAT_FRAGMENT, len);
     }
@@ -200,7 +201,8 @@ pub fn lb_stage<C: EbpfContext>(
     exempt: bool,
     stages: &ProgramArray,
 ) -> Action {
-    let (Ok(mut parsed), Some(id)) = (parse::parse(pkt), lb::handed_over()) else {
+    let mut parsed = Parsed::EMPTY;
+    let (Ok(()), Some(id)) = (parse::parse(pkt, &mut parsed), lb::handed_over()) else {
         return Action::Pass;
     };
     let (backend, addr, port, panic) = match lb::forward(id, &parsed) {
@@ -251,8 +253,9 @@ pub fn lb_stage<C: EbpfContext>(
 /// done drops the packet rather than let it reach the VIP.
 #[inline(always)]
 pub fn nat_stage<C: Nat>(ctx: &C, pkt: &Packet) -> Action {
-    match parse::parse(pkt) {
-        Ok(parsed) if lb::nat(ctx, &parsed) == Some(false) => Action::Drop,
+    let mut parsed = Parsed::EMPTY;
+    match parse::parse(pkt, &mut parsed) {
+        Ok(()) if lb::nat(ctx, &parsed) == Some(false) => Action::Drop,
         _ => Action::Pass,
     }
 }
@@ -260,7 +263,9 @@ pub fn nat_stage<C: Nat>(ctx: &C, pkt: &Packet) -> Action {
 /// The answer stage: answers the packet the balancing stage could not send on, from the VIP.
 #[inline(always)]
 pub fn answer_stage<C: Rewrite>(ctx: &C, pkt: &Packet, len: u64) -> Action {
-    let (Ok(parsed), Some((id, slot))) = (parse::parse(pkt), lb::answer_handed_over()) else {
+    let mut parsed = Parsed::EMPTY;
+    let (Ok(()), Some((id, slot))) = (parse::parse(pkt, &mut parsed), lb::answer_handed_over())
+    else {
         return Action::Drop;
     };
     if id == NO_BACKEND_ID {

@@ -128,6 +128,12 @@ impl Plan {
         if self.listen != running.listen {
             return Some(("agent.listen", "agent.listen"));
         }
+        if self.compiled.tables != running.compiled.tables {
+            return Some((
+                "agent.tables",
+                "agent.tables (every table is sized at start)",
+            ));
+        }
         None
     }
 }

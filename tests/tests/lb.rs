@@ -976,7 +976,11 @@ fn panic_threshold_fails_open_when_too_few_backends_are_available() -> Result<()
 #[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_full_connection_table_evicts_and_evicted_flows_recover() -> Result<()> {
     let mut lab = Lab::new(3, false)?;
-    let policy = lab.policy("maglev", &[100, 100, 100], "      max_connections: 100\n");
+    // The node-wide connection table, made small.
+    let policy = lab.policy("maglev", &[100, 100, 100], "").replace(
+        "agent:\n  listen: 127.0.0.1:9090\n",
+        "agent:\n  listen: 127.0.0.1:9090\n  tables: {connections: 100}\n",
+    );
     lab.start(&policy)?;
     let vip = lab.vip();
     // Held connections, idle while 1,000 others go through: the LRU evicts most of them (it

@@ -165,6 +165,9 @@ pub struct AgentSettings {
     #[serde(deserialize_with = "r::absolute_path")]
     pub pin_path: PathBuf,
     pub log_level: LogLevel,
+    /// Extension: the sizes of the datapath's node-wide tables, fixed when the agent starts.
+    #[serde(deserialize_with = "r::or_default")]
+    pub tables: Tables,
 }
 
 impl Default for AgentSettings {
@@ -173,6 +176,35 @@ impl Default for AgentSettings {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9090),
             pin_path: PathBuf::from("/sys/fs/bpf/agent"),
             log_level: LogLevel::Info,
+            tables: Tables::default(),
+        }
+    }
+}
+
+/// `agent.tables`: properties of the node, not of the services a policy lists, so a policy
+/// that adds or removes services never resizes (and so never empties) a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tables {
+    /// The most services a policy may have (1 to 2^20).
+    #[serde(deserialize_with = "r::table_limit")]
+    pub services: u32,
+    /// The most backends with a breaker, and the most balanced backends, each over all
+    /// services (1 to 2^20).
+    #[serde(deserialize_with = "r::table_limit")]
+    pub backends: u32,
+    /// Entries of the connection table and of the reverse-NAT table, each; `None` (`auto`):
+    /// from the node's memory (`maps::auto_connections`).
+    #[serde(deserialize_with = "r::connections")]
+    pub connections: Option<u32>,
+}
+
+impl Default for Tables {
+    fn default() -> Tables {
+        Tables {
+            services: crate::maps::DEFAULT_SERVICES,
+            backends: crate::maps::DEFAULT_BACKENDS,
+            connections: None,
         }
     }
 }
@@ -298,19 +330,19 @@ pub struct LoadBalancing {
     /// A recovered backend's weight ramps linearly over this window.
     #[serde(deserialize_with = "r::duration")]
     pub slow_start: Duration,
-    /// Maglev lookup table size: prime, at least 100 x backends.
-    #[serde(deserialize_with = "r::entries")]
-    pub table_size: u32,
+    /// Maglev lookup table size: prime, at least 100 x backends; `None`:
+    /// `lb::default_maglev_size` of the service's backends.
+    #[serde(deserialize_with = "r::some_entries")]
+    pub table_size: Option<u32>,
     /// Extension of POLICY.md v1: when the available backends (healthy, breaker not open)
     /// carry less than this share of the configured weight, the service *panics*: health and
     /// breakers are ignored and every backend gets its configured weight (Envoy's panic
     /// routing). 0% (the default) never panics: with no backend left, new flows are refused.
     pub panic_threshold: Percent,
-    /// Extension of POLICY.md v1: flows the connection table holds for this service (the
-    /// table is one LRU shared by the balanced services, sized by the sum; an evicted flow is
-    /// balanced again on its next packet).
-    #[serde(deserialize_with = "r::entries")]
-    pub max_connections: u32,
+    /// Removed: the connection table is node-wide (`agent.tables.connections`). Read only so
+    /// that validation can say so where it is written.
+    #[serde(deserialize_with = "r::some_entries")]
+    pub max_connections: Option<u32>,
 }
 
 impl Default for LoadBalancing {
@@ -319,9 +351,9 @@ impl Default for LoadBalancing {
             algorithm: Algorithm::Maglev,
             vip: true,
             slow_start: Duration::ZERO,
-            table_size: 65537,
+            table_size: None,
             panic_threshold: Percent::whole(0),
-            max_connections: 262_144,
+            max_connections: None,
         }
     }
 }

@@ -23,9 +23,7 @@ use std::time::Duration;
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::budget::BudgetBreach;
 use serde_saphyr::options::{DuplicateKeyPolicy, MergeKeyPolicy};
-use serde_saphyr::{
-    Budget, DefaultMessageFormatter, Error, Location, MessageFormatter, Options, Spanned,
-};
+use serde_saphyr::{DefaultMessageFormatter, Error, Location, MessageFormatter, Options, Spanned};
 
 use super::model::{Keyword, Policy, StatusRange, parse_status_range};
 use super::net::{Cidr, check_interface_name, parse_backend, parse_cidr};
@@ -53,13 +51,23 @@ impl Pos {
 /// Deeper nesting than any policy needs.
 const MAX_DEPTH: usize = 24;
 
-/// Parser settings of both passes. The budget (nodes, depth, aliases) and alias-replay limits
-/// are serde-saphyr's defaults, spelled out: a "billion laughs" file is refused, not expanded.
+/// Nodes (and, twice that, parser events) a policy may have: a catalog at the default
+/// `agent.tables.services` (16,384) of about 60 nodes a service (a dozen backends, checks,
+/// breaker, limit) fits with room to spare; serde-saphyr's default, 250,000, does not.
+const MAX_NODES: usize = 4_000_000;
+
+/// Parser settings of both passes. The alias limits are serde-saphyr's defaults, spelled out:
+/// a "billion laughs" file is refused, not expanded.
 fn options(duplicate_keys: DuplicateKeyPolicy) -> Options {
     serde_saphyr::options! {
         // A policy nests 8 levels deep. The readers recurse per level, so the bound keeps
         // them well inside a 2 MiB thread stack, even unoptimized.
-        budget: serde_saphyr::budget! { max_depth: MAX_DEPTH, flow_nesting_limit: MAX_DEPTH },
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+            flow_nesting_limit: MAX_DEPTH,
+            max_nodes: MAX_NODES,
+            max_events: 2 * MAX_NODES,
+        },
         alias_limits: serde_saphyr::alias_limits! {
             max_total_replayed_events: 1_000_000,
             max_replay_stack_depth: 64,
@@ -380,6 +388,25 @@ leaves! {
     entries -> u32 = 0, |r| {
         let max = u64::from(super::model::MAX_TABLE_ENTRIES);
         Ok(u32::try_from(int(r, 1..=max)?).unwrap_or_default())
+    };
+    /// An optional table size, when given: as `entries`.
+    some_entries -> Option<u32> = None, |r| {
+        let max = u64::from(super::model::MAX_TABLE_ENTRIES);
+        Ok(u32::try_from(int(r, 1..=max)?).ok())
+    };
+    /// `agent.tables.services` and `.backends`.
+    table_limit -> u32 = 0, |r| {
+        let max = u64::from(crate::maps::MAX_TABLE_LIMIT);
+        Ok(u32::try_from(int(r, 1..=max)?).unwrap_or_default())
+    };
+    /// `agent.tables.connections`: `auto` (`None`) or a number of entries.
+    connections -> Option<u32> = None, |r| match r {
+        Raw::Scalar { text, .. } if &**text == "auto" => Ok(None),
+        Raw::Scalar { text, .. } if text.trim_start_matches(['-', '+']).bytes().all(|b| b.is_ascii_digit()) => {
+            let max = u64::from(crate::maps::MAX_CONNECTIONS);
+            Ok(u32::try_from(int(r, 1..=max)?).ok())
+        }
+        r => Err(wrong(r, "`auto` or a number of entries")),
     };
     /// `rate_limit.burst`: 0 stands for "not given" until validation resolves it.
     burst -> u64 = 0, |r| match int(r, 0..=u64::MAX)? {
@@ -721,9 +748,12 @@ fn message(e: &Error) -> String {
         Error::MultipleDocuments { .. } => "only one YAML document per file".into(),
         Error::Budget { breach, .. } => match breach {
             BudgetBreach::Depth { .. } => format!("nesting deeper than {MAX_DEPTH} levels"),
-            BudgetBreach::Nodes { .. } => format!(
-                "the document has more than {} nodes (after expanding aliases)",
-                Budget::default().max_nodes
+            BudgetBreach::Nodes { .. } => {
+                format!("the document has more than {MAX_NODES} nodes (after expanding aliases)")
+            }
+            BudgetBreach::RecordedAnchorEvents { .. } => format!(
+                "anchors and aliases expand to more than {} events",
+                serde_saphyr::Budget::default().max_recorded_anchor_events
             ),
             other => format!("the document is beyond the reader's limits ({other:?})"),
         },

@@ -117,50 +117,9 @@ pub fn prefix_rules<'a>(
         .collect()
 }
 
-/// Trial division: table sizes are at most 2^24, so at most 2^12 divisions.
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let n = u64::from(n);
-    let mut d = 2u64;
-    while d * d <= n {
-        if n % d == 0 {
-            return false;
-        }
-        d += 1;
-    }
-    true
-}
-
-/// The smallest prime >= `n` (for suggestions in messages).
-pub fn next_prime(n: u32) -> u64 {
-    let mut p = u64::from(n.max(2));
-    while !u32::try_from(p).is_ok_and(is_prime) {
-        p += 1;
-        if p > u64::from(u32::MAX) {
-            break;
-        }
-    }
-    p
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::model::{StatusRange, parse_status_range};
-    use super::*;
-
-    #[test]
-    fn primes() {
-        assert!(is_prime(65537));
-        assert!(is_prime(2));
-        assert!(!is_prime(1));
-        assert!(!is_prime(65536));
-        assert!(!is_prime(100));
-        assert_eq!(next_prime(65536), 65537);
-        assert_eq!(next_prime(100), 101);
-        assert!(is_prime(16_777_213));
-    }
 
     #[test]
     fn status_ranges() {

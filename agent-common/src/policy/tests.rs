@@ -116,7 +116,7 @@ fn defaults_are_those_of_policy_md() {
     let lb = s.load_balancing.as_ref().unwrap();
     assert_eq!(
         (lb.algorithm, lb.vip, lb.slow_start, lb.table_size),
-        (Algorithm::Maglev, true, Duration::ZERO, 65537)
+        (Algorithm::Maglev, true, Duration::ZERO, None)
     );
     let hc = s.health_check.as_ref().unwrap();
     assert_eq!(*hc, HealthCheck::default());
@@ -239,20 +239,115 @@ fn unreadable_files_are_one_diagnostic() {
     );
 }
 
-#[test]
-fn more_services_than_the_datapath_holds_is_an_error() {
-    let mut src = String::from("version: 1\ninterfaces: [{name: eth0}]\nservices:\n");
-    for i in 0..1025u32 {
+/// `n` services of `backends` backends each (balanced, with breakers), under `agent`.
+fn catalog(agent: &str, n: u32, backends: u32) -> String {
+    let mut src = format!("version: 1\n{agent}interfaces: [{{name: eth0}}]\nservices:\n");
+    for i in 0..n {
+        let (a, b) = (i / 250, i % 250 + 1);
         src.push_str(&format!(
-            "  - {{name: s{i}, match: {{address: 198.18.{}.{}}}}}\n",
-            i / 256,
-            i % 256
+            "  - {{name: s{i}, match: {{address: 10.{a}.{b}.1, port: 80}}"
         ));
+        if backends > 0 {
+            src.push_str(", circuit_breaker: {}, backends: [");
+            for k in 0..backends {
+                src.push_str(&format!("{{address: '10.{a}.{b}.{}:80'}}, ", k + 2));
+            }
+            src.push(']');
+        }
+        src.push_str("}\n");
     }
+    src
+}
+
+#[test]
+fn more_services_than_agent_tables_allows_is_an_error_with_the_numbers() {
+    let src = catalog("agent: {tables: {services: 100}}\n", 101, 0);
     let e = load_str(&src, "big.yaml").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "big.yaml:4:3: services: 1025 services; the datapath holds at most 1024"
+        "big.yaml:105:5: services[100]: 101 services; agent.tables.services allows 100 \
+         (raise it, up to 1048576)"
+    );
+    assert!(
+        load_str(
+            &catalog("agent: {tables: {services: 101}}\n", 101, 0),
+            "ok.yaml"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn more_backends_than_agent_tables_allows_is_an_error_with_the_numbers() {
+    let src = catalog("agent: {tables: {backends: 10}}\n", 3, 4);
+    let e = load_str(&src, "big.yaml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "big.yaml:7:71: services[2].circuit_breaker: services with circuit_breaker have 12 \
+         backends in all; agent.tables.backends allows 10 (raise it, up to 1048576)\n\
+         big.yaml:7:85: services[2].backends: balanced services (load_balancing.vip) have 12 \
+         backends in all; agent.tables.backends allows 10 (raise it, up to 1048576)"
+    );
+    assert!(
+        load_str(
+            &catalog("agent: {tables: {backends: 12}}\n", 3, 4),
+            "ok.yaml"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn a_large_cluster_catalog_is_accepted_at_the_default_limits() {
+    let p = load_str(&catalog("", 10_000, 6), "big.yaml").unwrap();
+    assert_eq!(p.services.len(), 10_000);
+}
+
+#[test]
+fn table_sizes_read_auto_or_numbers_and_refuse_the_rest() {
+    let p = |agent: &str| load_str(&catalog(agent, 1, 0), "t.yaml");
+    let t = p("agent: {tables: {connections: auto}}\n")
+        .unwrap()
+        .agent
+        .tables;
+    assert_eq!(t.connections, None);
+    let t = p("agent: {tables: {connections: 1000}}\n")
+        .unwrap()
+        .agent
+        .tables;
+    assert_eq!(t.connections, Some(1000));
+    let e = p("agent: {tables: {connections: lots}}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("agent.tables.connections: expected `auto` or a number of entries"),
+        "{e}"
+    );
+    let e = p("agent: {tables: {services: 0}}\n")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "t.yaml:2:28: agent.tables.services: must be between 1 and 1048576"
+    );
+    let e = p("agent: {tables: {backends: 2000000}}\n")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "t.yaml:2:28: agent.tables.backends: must be between 1 and 1048576"
+    );
+}
+
+#[test]
+fn max_connections_is_refused_where_it_is_written() {
+    let src = "version: 1\ninterfaces: [{name: eth0}]\nservices:\n  - name: web\n    match: {address: 10.0.0.1, port: 80}\n    backends: [{address: '10.0.0.2:80'}]\n    load_balancing: {max_connections: 100}\n";
+    let e = load_str(src, "m.yaml").unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "m.yaml:7:39: services[0].load_balancing.max_connections: no longer a setting: \
+         balanced flows are tracked in one node-wide table, sized by agent.tables.connections; \
+         remove it"
     );
 }
 

@@ -10,16 +10,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::ServiceConfig;
-use crate::breaker::MAX_BACKENDS;
 use crate::classify::{MAX_MATCH_RULES, PROTO_TCP};
-use crate::lb::{MAX_LB_BACKENDS, MAX_LEAST_CONN_BACKENDS};
+use crate::lb::{MAX_LEAST_CONN_BACKENDS, default_maglev_size, is_prime, next_prime};
 use crate::limit::{RL_KEY_FLOW, RL_UNIT_BYTES, RL_UNIT_PACKETS};
-use crate::maps::MAX_SERVICES;
 
 use super::error::{Diagnostic, display_path};
 use super::model::*;
 use super::read::{Index, Pos, child};
-use super::rules::{backend_protocols, is_prime, next_prime, prefix_rules};
+use super::rules::{backend_protocols, prefix_rules};
 
 /// Above this a packet costs 0 ns in the datapath's arithmetic and nothing is limited.
 const MAX_PACKET_RATE: u64 = 1_000_000_000;
@@ -93,12 +91,33 @@ pub(crate) fn check(p: &mut Policy, c: &mut Checker<'_>) {
     }
     non_empty(c, "interfaces", p.interfaces.is_empty(), "interface");
     non_empty(c, "services", p.services.is_empty(), "service");
-    if p.services.len() > MAX_SERVICES as usize {
+    // Limits from `agent.tables` that could not be read are reported there; the defaults
+    // stand in for them here.
+    let mut tables = p.agent.tables;
+    for (path, limit, default) in [
+        (
+            "agent.tables.services",
+            &mut tables.services,
+            Tables::default().services,
+        ),
+        (
+            "agent.tables.backends",
+            &mut tables.backends,
+            Tables::default().backends,
+        ),
+    ] {
+        if !c.ok(path) {
+            *limit = default;
+        }
+    }
+    if p.services.len() > tables.services as usize {
         let msg = format!(
-            "{} services; the datapath holds at most {MAX_SERVICES}",
-            p.services.len()
+            "{} services; agent.tables.services allows {} (raise it, up to {})",
+            p.services.len(),
+            tables.services,
+            crate::maps::MAX_TABLE_LIMIT
         );
-        c.error("services", msg);
+        c.error(&format!("services[{}]", tables.services), msg);
     }
     for (i, s) in p.services.iter_mut().enumerate() {
         service(c, &format!("services[{i}]"), s);
@@ -119,8 +138,8 @@ pub(crate) fn check(p: &mut Policy, c: &mut Checker<'_>) {
     unique_services(c, &draft);
     rule_limits(c, &draft);
     one_breaker_per_backend(c, &draft);
-    backend_id_limit(c, &draft);
-    lb_backend_limit(c, &draft);
+    backend_id_limit(c, &draft, tables.backends);
+    lb_backend_limit(c, &draft, tables.backends);
     shaping_needs_egress(c, &draft);
 }
 
@@ -256,15 +275,22 @@ fn rate_limit(c: &mut Checker<'_>, path: &str, rl: &mut RateLimit) {
 }
 
 fn load_balancing(c: &mut Checker<'_>, path: &str, lb: &LoadBalancing) {
+    if lb.max_connections.is_some() {
+        let msg = "no longer a setting: balanced flows are tracked in one node-wide table, \
+                   sized by agent.tables.connections; remove it";
+        c.error(&child(path, "max_connections"), msg);
+    }
     let table = child(path, "table_size");
-    if !c.has(&table) || !c.ok(&table) {
+    let Some(size) = lb.table_size else {
+        return;
+    };
+    if !c.ok(&table) {
         return;
     }
-    if !is_prime(lb.table_size) {
+    if !is_prime(size) {
         let msg = format!(
-            "{} is not prime; Maglev needs a prime table size (next prime: {})",
-            lb.table_size,
-            next_prime(lb.table_size)
+            "{size} is not prime; Maglev needs a prime table size (next prime: {})",
+            next_prime(size)
         );
         c.error(&table, msg);
     } else if c.ok(&child(path, "algorithm")) && lb.algorithm != Algorithm::Maglev {
@@ -425,10 +451,14 @@ fn service_sections(c: &mut Checker<'_>, path: &str, s: &Service) {
     let lb = s.load_balancing.clone().unwrap_or_default();
     vip(c, path, s, &lb);
     let needed = 100 * s.backends.len() as u64;
-    if lb.algorithm == Algorithm::Maglev && u64::from(lb.table_size) < needed {
-        let shown = match &s.load_balancing {
-            Some(_) => lb.table_size.to_string(),
-            None => format!("the default {}", LoadBalancing::default().table_size),
+    let short = match lb.table_size {
+        Some(size) => u64::from(size) < needed,
+        None => default_maglev_size(s.backends.len()).is_none_or(|m| m > MAX_TABLE_ENTRIES),
+    };
+    if lb.algorithm == Algorithm::Maglev && short {
+        let shown = match lb.table_size {
+            Some(size) => size.to_string(),
+            None => "the default".into(),
         };
         let next = u32::try_from(needed).map_or(needed, next_prime);
         let msg = format!(
@@ -553,9 +583,9 @@ fn one_breaker_per_backend(c: &mut Checker<'_>, draft: &Draft<'_>) {
 }
 
 /// Every backend with a breaker gets an id (its counters in `BACKEND_STATS`, sized for
-/// `MAX_BACKENDS`; `BACKENDS` holds two keys for each, TCP and UDP). Reported once, at the
-/// breaker of the service that crosses the limit.
-fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft<'_>) {
+/// `agent.tables.backends`; `BACKENDS` holds two keys for each, TCP and UDP). Reported once,
+/// at the breaker of the service that crosses the limit.
+fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft<'_>, limit: u32) {
     let with_breaker: Vec<(usize, &Service)> = draft
         .services()
         .filter(|(_, s)| s.circuit_breaker.is_some())
@@ -564,10 +594,11 @@ fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft<'_>) {
     let mut running = 0;
     for (i, s) in with_breaker {
         running += s.backends.len();
-        if running > MAX_BACKENDS as usize {
+        if running > limit as usize {
             let msg = format!(
-                "services with circuit_breaker have {total} backends in all; the datapath \
-                 enforces breakers for at most {MAX_BACKENDS}"
+                "services with circuit_breaker have {total} backends in all; \
+                 agent.tables.backends allows {limit} (raise it, up to {})",
+                crate::maps::MAX_TABLE_LIMIT
             );
             c.error(&format!("services[{i}].circuit_breaker"), msg);
             return;
@@ -618,17 +649,24 @@ fn vip(c: &mut Checker<'_>, path: &str, s: &Service, lb: &LoadBalancing) {
     }
 }
 
-/// Backends of balanced services share `LB_BACKENDS` (`MAX_LB_BACKENDS`). Reported once, at
-/// the service that crosses the limit.
-fn lb_backend_limit(c: &mut Checker<'_>, draft: &Draft<'_>) {
+/// Backends of balanced services share `LB_BACKENDS` (`agent.tables.backends`). Reported once,
+/// at the service that crosses the limit.
+fn lb_backend_limit(c: &mut Checker<'_>, draft: &Draft<'_>, limit: u32) {
+    let balanced =
+        |s: &&Service| !s.backends.is_empty() && s.load_balancing.clone().unwrap_or_default().vip;
+    let total: usize = (draft.services().map(|(_, s)| s))
+        .filter(balanced)
+        .map(|s| s.backends.len())
+        .sum();
     let mut running = 0;
     for (i, s) in draft.services() {
         if !s.backends.is_empty() && s.load_balancing.clone().unwrap_or_default().vip {
             running += s.backends.len();
-            if running > MAX_LB_BACKENDS as usize {
+            if running > limit as usize {
                 let msg = format!(
-                    "balanced services (load_balancing.vip) have more than {MAX_LB_BACKENDS} \
-                     backends in all, the most the datapath balances to"
+                    "balanced services (load_balancing.vip) have {total} backends in all; \
+                     agent.tables.backends allows {limit} (raise it, up to {})",
+                    crate::maps::MAX_TABLE_LIMIT
                 );
                 c.error(&format!("services[{i}].backends"), msg);
                 return;

@@ -481,7 +481,7 @@ struct MaglevRow {
 fn maglev_cases() -> Vec<(usize, u32)> {
     let mut cases = Vec::new();
     for n in [10, 100, 1_000] {
-        cases.push((n, maglev::min_table_size(n).expect("fits u32")));
+        cases.push((n, agent_common::lb::min_maglev_size(n).expect("fits u32")));
         if n <= 100 {
             cases.push((n, 65_537));
         }

@@ -1,17 +1,20 @@
-//! Compiling the balanced services (`load_balancing.vip`): where each one's backends and table
-//! halves sit in the datapath's shared arrays. Weights are not here: they change at run time
-//! (health, breakers, slow start) and the balancer writes them.
+//! Compiling the balanced services (`load_balancing.vip`): where each one's backends sit in
+//! the datapath's shared arrays, and how long its table is. Weights are not here: they change
+//! at run time (health, breakers, slow start) and the balancer writes them.
 
 use std::{net::SocketAddr, time::Duration};
 
 use agent_common::{
     breaker::BackendKey,
     classify::{PROTO_TCP, PROTO_UDP},
-    lb::{LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService, WRR_MAX_LEN},
+    lb::{
+        LB_F_ACTIVE, LB_F_PANIC, LB_LEAST_CONN, LB_MAGLEV, LB_WRR, LbService, WRR_MAX_LEN,
+        default_maglev_size,
+    },
 };
 
 use agent_common::policy::{
-    model::{Algorithm, MAX_TABLE_ENTRIES, Policy, Protocol},
+    model::{Algorithm, Policy, Protocol},
     rules::backend_key,
     units::Percent,
 };
@@ -28,12 +31,10 @@ pub struct CompiledLb {
     pub slow_start: Duration,
     /// `load_balancing.panic_threshold` (0: never).
     pub panic_threshold: Percent,
-    /// Entries of one table half: the Maglev table size; for weighted round robin the longest
+    /// Entries of its table: the Maglev table size; for weighted round robin the longest
     /// schedule (the sum of configured weights, at most `WRR_MAX_LEN`); 0 for
     /// `least_conn`, which has no table.
     pub capacity: u32,
-    /// Index of half 0 in `LB_TABLE`; half 1 follows it.
-    pub table_base: u32,
     /// LB index (in `LB_BACKENDS`) of the first backend; the others follow, in policy order.
     pub backend_base: u32,
     pub backends: Vec<LbBackendPlan>,
@@ -58,8 +59,6 @@ impl CompiledLb {
                 Algorithm::WeightedRoundRobin => LB_WRR,
                 Algorithm::LeastConn => LB_LEAST_CONN,
             },
-            table_base: self.table_base,
-            table_size: self.capacity,
             backend_base: self.backend_base,
             backend_count: self.backends.len() as u32,
         }
@@ -77,10 +76,9 @@ impl CompiledLb {
     }
 }
 
-/// Every balanced service, in policy order, the `LB_TABLE` size they need, and the size of the
-/// connection tables (`max_connections` summed, at most 2^24); sizes at least 1.
-pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32, u32) {
-    let (mut table, mut backends, mut conns) = (0u32, 0u32, 0u64);
+/// Every balanced service, in policy order.
+pub fn compile_lb(policy: &Policy) -> Vec<CompiledLb> {
+    let mut backends = 0u32;
     let mut out = Vec::new();
     for (service, s) in policy.services.iter().enumerate() {
         let lb = s.load_balancing.clone().unwrap_or_default();
@@ -89,7 +87,10 @@ pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32, u32) {
         }
         let configured: u64 = s.backends.iter().map(|b| u64::from(b.weight)).sum();
         let capacity = match lb.algorithm {
-            Algorithm::Maglev => lb.table_size,
+            // Validation refuses a service whose default table would not fit.
+            Algorithm::Maglev => (lb.table_size)
+                .or_else(|| default_maglev_size(s.backends.len()))
+                .unwrap_or_default(),
             Algorithm::WeightedRoundRobin => configured.clamp(1, u64::from(WRR_MAX_LEN)) as u32,
             Algorithm::LeastConn => 0,
         };
@@ -105,7 +106,6 @@ pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32, u32) {
             slow_start: lb.slow_start,
             panic_threshold: lb.panic_threshold,
             capacity,
-            table_base: table,
             backend_base: backends,
             backends: s
                 .backends
@@ -117,10 +117,7 @@ pub fn compile_lb(policy: &Policy) -> (Vec<CompiledLb>, u32, u32) {
                 })
                 .collect(),
         });
-        table = table.saturating_add(capacity.saturating_mul(2));
-        conns += u64::from(lb.max_connections);
         backends += s.backends.len() as u32;
     }
-    let conns = conns.clamp(1, u64::from(MAX_TABLE_ENTRIES)) as u32;
-    (out, table.max(1), conns)
+    out
 }

@@ -14,14 +14,14 @@ use agent_common::shape::{SVC_F_SHAPE, ShapeConfig};
 use agent_common::{MatchList, MatchRule, ServiceConfig};
 
 use agent_common::policy::model::{
-    MAX_TABLE_ENTRIES, OnOpen, Policy, Priority, RateLimit, Service,
+    MAX_TABLE_ENTRIES, OnOpen, Policy, Priority, RateLimit, Service, Tables,
 };
 use agent_common::policy::rules::{
     PrefixRules, backend_key, backend_protocols, key_kind, prefix_rules, proto,
 };
 
-// Every service has one prefix, plus the IPv4 guard entry: the trie never overflows.
-const _: () = assert!(agent_common::maps::MAX_SERVICES < agent_common::maps::MAX_PREFIXES);
+// Every service has one prefix, plus the IPv4 guard entry: with at most `agent.tables.services`
+// services the trie (`maps::classify_entries`, twice that) never overflows.
 
 /// Everything the datapath maps hold for one policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,12 +39,10 @@ pub struct Compiled {
     /// `BACKENDS` entries: every backend of a service with a `circuit_breaker`, in policy
     /// order (services, then their backends); `id` is the position in this list.
     pub backends: Vec<CompiledBackend>,
-    /// Services balanced in the datapath (`load_balancing.vip`), and the size of `LB_TABLE`
-    /// their table halves need.
+    /// Services balanced in the datapath (`load_balancing.vip`).
     pub lb: Vec<super::balance::CompiledLb>,
-    pub lb_table_entries: u32,
-    /// Entries of the connection tables (`LB_CONNS`, `LB_REVERSE`).
-    pub lb_conn_entries: u32,
+    /// `agent.tables`: the sizes of the node-wide tables.
+    pub tables: Tables,
     /// Size of the departure table of shaping (`SHAPE_NEXT`): the sum of `shaping.max_keys`,
     /// clamped to 1..=16777216; 1 when no service is shaped.
     pub shape_keys: u32,
@@ -62,7 +60,7 @@ pub struct CompiledBackend {
     pub index: usize,
     pub address: SocketAddr,
     /// `BackendState::id`: where its counters are in `BACKEND_STATS`. Sequential from 0 and
-    /// below `MAX_BACKENDS` (validation refuses more).
+    /// below `agent.tables.backends` (validation refuses more).
     pub id: u32,
     /// One `BACKENDS` key per protocol the service matches: a breaker acts on where packets
     /// go, and `any` sends both TCP and UDP there.
@@ -261,15 +259,13 @@ pub fn compile(policy: &Policy) -> Compiled {
     let shape_keys: u64 = shaped().map(|s| u64::from(s.max_keys)).sum();
     let shape_keys = shape_keys.clamp(1, u64::from(MAX_TABLE_ENTRIES)) as u32;
 
-    let (lb, lb_table_entries, lb_conn_entries) = super::balance::compile_lb(policy);
     Compiled {
         services,
         classify,
         max_keys,
         backends: compile_backends(policy),
-        lb,
-        lb_table_entries,
-        lb_conn_entries,
+        lb: super::balance::compile_lb(policy),
+        tables: policy.agent.tables,
         shape_keys,
         shape_horizon: shaped().map(|s| s.horizon).max(),
     }

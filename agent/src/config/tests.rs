@@ -13,9 +13,12 @@ fn equal_policies_compare_equal_wherever_written() {
     assert_eq!(compile(&a), compile(&b));
 }
 
-/// Three services with a breaker and `per_service` backends each (`any`: two keys apiece).
+/// Three services with a breaker and `per_service` backends each (`any`: two keys apiece),
+/// under a limit of 4096 backends.
 fn breaker_policy(per_service: u32) -> String {
-    let mut src = String::from("version: 1\ninterfaces: [{name: eth0}]\nservices:\n");
+    let mut src = String::from(
+        "version: 1\nagent: {tables: {backends: 4096}}\ninterfaces: [{name: eth0}]\nservices:\n",
+    );
     for s in 0..3 {
         src.push_str(&format!(
             "  - name: s{s}\n    match: {{address: 198.18.0.{s}, protocol: any}}\n\
@@ -40,8 +43,8 @@ fn more_backends_with_breakers_than_the_datapath_holds_is_an_error() {
     };
     assert_eq!(
         e,
-        "big.yaml:2749:22: services[2].circuit_breaker: services with circuit_breaker have 4098 \
-         backends in all; the datapath enforces breakers for at most 4096",
+        "big.yaml:2750:22: services[2].circuit_breaker: services with circuit_breaker have 4098 \
+         backends in all; agent.tables.backends allows 4096 (raise it, up to 1048576)",
         "{e}"
     );
     let fits = load_str(&breaker_policy(1365), "fits.yaml");

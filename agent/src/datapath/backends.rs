@@ -168,7 +168,13 @@ impl Datapath {
     {
         let data = match self.ebpf.map(name) {
             None => return Err(DatapathError::MissingMap(name)),
-            Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) | Map::Array(d)) => d,
+            Some(
+                Map::HashMap(d)
+                | Map::LruHashMap(d)
+                | Map::PerCpuArray(d)
+                | Map::Array(d)
+                | Map::ArrayOfMaps(d),
+            ) => d,
             Some(_) => return Err(DatapathError::MapType(name)),
         };
         let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| {

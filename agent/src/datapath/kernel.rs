@@ -9,6 +9,15 @@ use aya::util::KernelVersion;
 /// value BPF's atomic compare-and-exchange returns (BPF ISA v3, Linux 5.12).
 pub const MIN_KERNEL: (u8, u8) = (5, 12);
 
+/// The node's memory in bytes (`MemTotal` of /proc/meminfo), what `agent.tables.connections:
+/// auto` follows; `None` if it cannot be read.
+pub fn mem_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// The running kernel's version, as aya reads it (`uname`, or Debian and Ubuntu's own
 /// version files where `uname` lies).
 #[derive(Clone, Copy, Debug)]

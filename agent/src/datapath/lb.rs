@@ -1,27 +1,29 @@
 //! Balancing maps: the agent writes each balanced service (`LB_SVC`), its backends
-//! (`LB_BACKENDS`, with their effective weights) and its table halves (`LB_TABLE`, flipped
-//! live by one write of `LB_ACTIVE`), and reads the datapath's per-backend counters and
-//! connection table. See `agent_common::lb`.
+//! (`LB_BACKENDS`, with their effective weights) and its table (a map of its own, swapped into
+//! `LB_TABLES` whole), and reads the datapath's per-backend counters and connection table.
+//! See `agent_common::lb`.
 //!
 //! [`LbMaps`] is a handle of its own on those maps (duplicated descriptors), like
 //! `BackendMaps`: the balancer writes through it without the datapath lock.
 
 use std::collections::HashMap as StdHashMap;
+use std::os::fd::{AsFd, AsRawFd};
 
 use agent_common::{
     Counter,
     breaker::FlowKey,
     lb::{
-        LBSTAT_FORWARDED, LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbService, conn_expired, lb_active,
-        lb_slot,
+        LB_TABLE_FLAGS, LBSTAT_FORWARDED, LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbService,
+        LbTableSlot, conn_expired, lb_slot, lb_table_elements, lb_table_slots,
     },
     maps::{
-        MAP_LB_ACTIVE, MAP_LB_ACTIVE_CONNS, MAP_LB_BACKENDS, MAP_LB_CONNS, MAP_LB_STATS,
-        MAP_LB_SVC, MAP_LB_TABLE, MAP_SVC_STATS,
+        MAP_LB_ACTIVE_CONNS, MAP_LB_BACKENDS, MAP_LB_CONNS, MAP_LB_STATS, MAP_LB_SVC,
+        MAP_LB_TABLES, MAP_SVC_STATS,
     },
     stats::{SVC_LB_LOST, SVC_LB_REPLACED, SVC_NO_BACKEND, svc_slot},
 };
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray};
+use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY;
 
 use super::{Datapath, DatapathError, map_err};
 use crate::config::CompiledLb;
@@ -29,8 +31,10 @@ use crate::config::CompiledLb;
 /// An independent handle on the balancing maps.
 pub struct LbMaps {
     svc: Array<MapData, LbService>,
-    active: Array<MapData, u32>,
-    table: Array<MapData, u32>,
+    tables: ArrayOfMaps<MapData, MapData>,
+    /// The table each service has in `LB_TABLES` now, kept open so that the agent's account
+    /// of the datapath's kernel memory (its map descriptors) includes every table.
+    live: StdHashMap<u32, MapData>,
     backends: Array<MapData, LbBackend>,
     conns_active: Array<MapData, u64>,
     stats: PerCpuArray<MapData, Counter>,
@@ -60,8 +64,8 @@ impl Datapath {
     pub fn lb_maps(&self) -> Result<LbMaps, DatapathError> {
         Ok(LbMaps {
             svc: self.reopen(MAP_LB_SVC)?,
-            active: self.reopen(MAP_LB_ACTIVE)?,
-            table: self.reopen(MAP_LB_TABLE)?,
+            tables: self.reopen(MAP_LB_TABLES)?,
+            live: StdHashMap::new(),
             backends: self.reopen(MAP_LB_BACKENDS)?,
             conns_active: self.reopen(MAP_LB_ACTIVE_CONNS)?,
             stats: self.reopen(MAP_LB_STATS)?,
@@ -117,36 +121,27 @@ impl LbMaps {
             .map_err(map_err(MAP_LB_BACKENDS))
     }
 
-    /// The half `LB_ACTIVE` names as live now (0 before the first publish).
-    pub fn live_half(&self, svc: &CompiledLb) -> Result<u32, DatapathError> {
-        let a = self
-            .active
-            .get(&(svc.service as u32), 0)
-            .map_err(map_err(MAP_LB_ACTIVE))?;
-        Ok(a & 1)
+    /// Makes `entries` (LB indices) the service's table: a new map of exactly their size,
+    /// filled through one shared mapping of its memory, then put in `LB_TABLES` with one write.
+    /// The datapath reads the old table whole or the new one whole; the kernel frees the old
+    /// one once no running program holds it.
+    pub fn publish(&mut self, svc: &CompiledLb, entries: &[u32]) -> Result<(), DatapathError> {
+        let table = new_table(entries).map_err(map_err(MAP_LB_TABLES))?;
+        let id = svc.service as u32;
+        self.tables
+            .set(id, &table, 0)
+            .map_err(map_err(MAP_LB_TABLES))?;
+        self.live.insert(id, table);
+        Ok(())
     }
 
-    /// Writes `entries` (LB indices; at most the service's capacity) into the half that is not
-    /// live, then makes it live with one write of `LB_ACTIVE`. The datapath reads either the
-    /// old half whole or the new one whole. Returns the half now live.
-    ///
-    /// The half written was live before the previous publish; a packet that read `LB_ACTIVE`
-    /// before that flip could still be reading it only if it were still running, and a
-    /// datapath run lasts microseconds: the caller spaces publishes of a service by far more
-    /// (`balancer::MIN_PUBLISH_GAP`).
-    pub fn publish(&mut self, svc: &CompiledLb, entries: &[u32]) -> Result<u32, DatapathError> {
-        let len = (entries.len() as u32).min(svc.capacity);
-        let half = self.live_half(svc)? ^ 1;
-        let base = svc.table_base + half * svc.capacity;
-        for (i, e) in entries.iter().take(len as usize).enumerate() {
-            self.table
-                .set(base + i as u32, e, 0)
-                .map_err(map_err(MAP_LB_TABLE))?;
-        }
-        self.active
-            .set(svc.service as u32, lb_active(half, len), 0)
-            .map_err(map_err(MAP_LB_ACTIVE))?;
-        Ok(half)
+    /// The entries of the service's table as the datapath sees it (tests; `None` before the
+    /// first publish).
+    pub fn table(&self, svc: &CompiledLb) -> Option<Vec<u32>> {
+        let map = self.live.get(&(svc.service as u32))?;
+        let slots = read_table(map).ok()?;
+        let len = slots.first()?[0] as usize;
+        Some(slots[1..].iter().flatten().copied().take(len).collect())
     }
 
     /// The datapath's counters for backend `i` of `svc`.
@@ -210,6 +205,65 @@ impl LbMaps {
             }
         }
         out
+    }
+}
+
+/// A service table holding `entries` (see `agent_common::lb::LbTableSlot`).
+fn new_table(entries: &[u32]) -> Result<MapData, MapError> {
+    let len = u32::try_from(entries.len()).map_err(|_| MapError::OutOfBounds {
+        index: u32::MAX,
+        max_entries: u32::MAX,
+    })?;
+    let def = aya_obj::Map::new_from_params(
+        BPF_MAP_TYPE_ARRAY as u32,
+        size_of::<u32>() as u32,
+        size_of::<LbTableSlot>() as u32,
+        lb_table_elements(len),
+        LB_TABLE_FLAGS,
+    );
+    let map = MapData::create(def, "LB_TABLE", None)?;
+    let slots: Vec<LbTableSlot> = lb_table_slots(entries).collect();
+    with_mapping(&map, slots.len(), |mem| mem.copy_from_slice(&slots))?;
+    Ok(map)
+}
+
+fn read_table(map: &MapData) -> Result<Vec<LbTableSlot>, MapError> {
+    let elements = map.info()?.max_entries() as usize;
+    with_mapping(map, elements, |mem| mem.to_vec())
+}
+
+/// Runs `f` on the memory of a `BPF_F_MMAPABLE` array of `elements` slots, mapped shared.
+fn with_mapping<T>(
+    map: &MapData,
+    elements: usize,
+    f: impl FnOnce(&mut [LbTableSlot]) -> T,
+) -> Result<T, MapError> {
+    let syscall =
+        |call| move |io_error| MapError::SyscallError(aya::sys::SyscallError { call, io_error });
+    // The kernel maps whole pages of the array's memory; slots are 8 bytes, 8-byte aligned.
+    let len = (elements * size_of::<LbTableSlot>()).max(1);
+    // SAFETY: a fresh shared mapping of the map's own memory, `len` bytes long (the kernel
+    // refuses a longer one); unmapped before return; `f` sees exactly `elements` slots.
+    unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            map.fd().as_fd().as_raw_fd(),
+            0,
+        );
+        if ptr == libc::MAP_FAILED {
+            return Err(syscall("mmap")(std::io::Error::last_os_error()));
+        }
+        let out = f(std::slice::from_raw_parts_mut(
+            ptr.cast::<LbTableSlot>(),
+            elements,
+        ));
+        if libc::munmap(ptr, len) != 0 {
+            return Err(syscall("munmap")(std::io::Error::last_os_error()));
+        }
+        Ok(out)
     }
 }
 

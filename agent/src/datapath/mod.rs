@@ -16,10 +16,12 @@ pub use maps::{ApplyReport, KeyCounts, ServiceCounters, ShapeCounters, Snapshot}
 
 use crate::config::Compiled;
 use agent_common::maps::{
-    MAP_LB_CONNS, MAP_LB_REVERSE, MAP_LB_TABLE, MAP_RL_BUCKETS, MAP_SHAPE_NEXT, MAP_STAGES_TC,
-    MAP_STAGES_XDP, PROG_TC_ANSWER, PROG_TC_EGRESS, PROG_TC_LB, PROG_TC_NAT, PROG_XDP,
-    PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER, STAGE_LB, STAGE_NAT,
+    MAP_RL_BUCKETS, MAP_SHAPE_NEXT, MAP_STAGES_TC, MAP_STAGES_XDP, PROG_TC_ANSWER, PROG_TC_EGRESS,
+    PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER,
+    STAGE_LB, STAGE_NAT,
 };
+use agent_common::policy::model::Tables;
+use agent_common::tables::TableSizes;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Map, MapData, MapError, ProgramArray},
@@ -203,33 +205,33 @@ fn link(
 pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<attach::Attached>,
+    sizes: TableSizes,
 }
 
 impl Datapath {
     /// Loads the object and its programs into the kernel; attaches nothing yet.
     /// `max_keys` sizes the token-bucket table (a load-time constant of the map); the
-    /// balancing table keeps the object's default size.
+    /// node-wide tables take `agent.tables`' defaults.
     pub fn load(max_keys: u32) -> Result<Self, DatapathError> {
-        Self::load_sized(max_keys, None, None)
+        Self::load_sized(max_keys, None, Tables::default())
     }
 
     /// As [`Datapath::load`], with every load-time size from the compiled policy: the key
-    /// table, the balancing table and connection tables of its balanced services, and the
-    /// departure table of its shaped services.
+    /// table and the departure table from its services, the node-wide tables from its
+    /// `agent.tables`.
     pub fn load_for(compiled: &Compiled) -> Result<Self, DatapathError> {
         Self::load_sized(
             compiled.max_keys,
-            Some((compiled.lb_table_entries, compiled.lb_conn_entries)),
             Some(compiled.shape_keys),
+            compiled.tables,
         )
     }
 
-    /// `lb`: entries of `LB_TABLE`, and of `LB_CONNS` and `LB_REVERSE` each; `shape_keys`:
-    /// entries of `SHAPE_NEXT` (the object's default when `None`).
+    /// `shape_keys`: entries of `SHAPE_NEXT` (the object's default when `None`).
     fn load_sized(
         max_keys: u32,
-        lb: Option<(u32, u32)>,
         shape_keys: Option<u32>,
+        tables: Tables,
     ) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
@@ -237,12 +239,16 @@ impl Datapath {
         let kernel = Kernel::current();
         kernel.check().map_err(DatapathError::Kernel)?;
         raise_memlock_rlimit();
+        let sizes = TableSizes::new(
+            tables.services,
+            tables.backends,
+            tables.connections,
+            kernel::mem_total,
+        );
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(MAP_RL_BUCKETS, max_keys.max(1));
-        if let Some((table, conns)) = lb {
-            loader.map_max_entries(MAP_LB_TABLE, table.max(1));
-            loader.map_max_entries(MAP_LB_CONNS, conns.max(1));
-            loader.map_max_entries(MAP_LB_REVERSE, conns.max(1));
+        for (name, entries) in sizes.maps() {
+            loader.map_max_entries(name, entries);
         }
         if let Some(keys) = shape_keys {
             loader.map_max_entries(MAP_SHAPE_NEXT, keys.max(1));
@@ -265,7 +271,13 @@ impl Datapath {
         Ok(Self {
             ebpf,
             attached: Vec::new(),
+            sizes,
         })
+    }
+
+    /// The sizes of the node-wide tables this datapath was loaded with.
+    pub fn sizes(&self) -> &TableSizes {
+        &self.sizes
     }
 
     /// Instructions the verifier processed for each program (its budget is 1,000,000 per

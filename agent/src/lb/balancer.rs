@@ -4,8 +4,8 @@
 //! channel (`supervisor::Backends`, by `BackendId`; a backend it does not publish counts as
 //! healthy and closed: fail open), works out effective weights (`lb::weight::effective`:
 //! configured x health x slow-start ramp), and when they change, rebuilds the service's
-//! table (Maglev or weighted round robin), writes it into the half the datapath is not
-//! reading and flips `LB_ACTIVE`: one atomic swap per service. `least_conn` has no table;
+//! table (Maglev or weighted round robin) as a new map and swaps it into `LB_TABLES`: one
+//! atomic write per service. `least_conn` has no table;
 //! it reads the weights in `LB_BACKENDS`, which are written for every algorithm (status
 //! shows them).
 //!
@@ -38,8 +38,8 @@ use crate::{
 
 /// How often health and breakers are read.
 pub const TICK: Duration = Duration::from_millis(100);
-/// Two publishes of one service are at least this far apart, so the half being rewritten was
-/// flipped away from long before (a datapath run lasts microseconds).
+/// Two publishes of one service are at least this far apart: a backend flapping at the
+/// tick's pace rebuilds its service's table at most 20 times a second.
 pub const MIN_PUBLISH_GAP: Duration = Duration::from_millis(50);
 /// The connection table is walked for occupancy this often.
 const OCCUPANCY_EVERY: Duration = Duration::from_secs(1);
@@ -151,7 +151,7 @@ struct Service {
     write_errors: u64,
 }
 
-/// Writes the initial state of every balanced service (configured weights, table half 0),
+/// Writes the initial state of every balanced service (configured weights, first table),
 /// before the programs are attached.
 pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), DatapathError> {
     for s in services {

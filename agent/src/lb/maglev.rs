@@ -144,21 +144,6 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
-/// The smallest prime at least 100 x `backends`: the smallest table the policy accepts for
-/// them. `None` when that is beyond `u32`.
-pub fn min_table_size(backends: usize) -> Option<u32> {
-    let mut n = u32::try_from(backends.checked_mul(100)?).ok()?.max(2);
-    while !is_prime(n) {
-        n = n.checked_add(1)?;
-    }
-    Some(n)
-}
-
-fn is_prime(n: u32) -> bool {
-    let n = u64::from(n);
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
-}
-
 /// A backend waiting for its next turn, in the order turns are taken.
 #[derive(Debug)]
 struct Turn {

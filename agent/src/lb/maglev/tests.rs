@@ -1,5 +1,6 @@
 use super::*;
 use crate::lb::backend_key;
+use agent_common::lb::min_maglev_size as min_table_size;
 
 const M: u32 = 65537;
 
@@ -268,17 +269,6 @@ fn sizes_that_are_not_prime_still_fill() {
         let table = build(&with_weights(&k, &[1, 2, 3]), size);
         assert!(table.iter().all(|&e| e < 3), "table {size} is full");
     }
-}
-
-#[test]
-fn smallest_tables() {
-    assert_eq!(min_table_size(0), Some(2));
-    assert_eq!(min_table_size(1), Some(101));
-    assert_eq!(min_table_size(10), Some(1009));
-    assert_eq!(min_table_size(100), Some(10007));
-    assert_eq!(min_table_size(1000), Some(100_003));
-    assert_eq!(min_table_size(167_772), Some(16_777_213));
-    assert_eq!(min_table_size(usize::MAX), None);
 }
 
 /// The turn order without the shortcut of its period: the earliest due turn by a scan of every
