@@ -154,14 +154,15 @@ struct Service {
 /// Writes the initial state of every balanced service (configured weights, first table),
 /// before the programs are attached.
 pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), DatapathError> {
+    let mut tables = Vec::new();
     for s in services {
         let weights: Vec<u32> = s.backends.iter().map(|b| b.weight).collect();
         maps.write_service(s, &weights)?;
         if s.algorithm != Algorithm::LeastConn {
-            maps.publish(s, &table(s, &weights))?;
+            tables.push((s.service as u32, table(s, &weights)));
         }
     }
-    Ok(())
+    maps.publish_many(tables)
 }
 
 /// The table of `svc` for `weights` (LB indices; `NO_BACKEND` for none).
@@ -231,8 +232,8 @@ pub fn run(
         }
         for s in &mut services {
             s.update(&seen, now);
-            s.sync(&mut maps, now);
         }
+        sync(&mut services, &mut maps, now);
         if last_walk.is_none_or(|t| now.duration_since(t) >= OCCUPANCY_EVERY)
             && let Some(ns) = ktime_now_ns()
         {
@@ -337,37 +338,39 @@ impl Service {
         self.slow.expire(now);
     }
 
-    /// Writes the wanted weights when they differ from the datapath's; a failed write is
-    /// retried on the next tick.
-    fn sync(&mut self, maps: &mut LbMaps, now: Instant) {
-        if self.wanted == self.written && self.wanted_panic == self.panic {
-            return;
+    /// Whether the wanted weights differ from the datapath's and may be written now.
+    fn due(&self, now: Instant) -> bool {
+        (self.wanted != self.written || self.wanted_panic != self.panic)
+            && self
+                .last_publish
+                .is_none_or(|t| now.duration_since(t) >= MIN_PUBLISH_GAP)
+    }
+
+    /// What goes before the table: the weights, and leaving panic (before the table, so new
+    /// flows never see breakers ignored on a table that lacks a backend). Returns the table
+    /// to publish, if the algorithm has one.
+    fn write_before_table(&self, maps: &mut LbMaps) -> Result<Option<Vec<u32>>, DatapathError> {
+        for (i, (&w, &old)) in self.wanted.iter().zip(&self.written).enumerate() {
+            if w != old {
+                maps.write_weight(&self.plan, i, w)?;
+            }
         }
-        if self
-            .last_publish
-            .is_some_and(|t| now.duration_since(t) < MIN_PUBLISH_GAP)
-        {
-            return;
+        if !self.wanted_panic && self.panic {
+            maps.write_panic(&self.plan, false)?;
         }
-        let result = (|| -> Result<(), DatapathError> {
-            for (i, (&w, &old)) in self.wanted.iter().zip(&self.written).enumerate() {
-                if w != old {
-                    maps.write_weight(&self.plan, i, w)?;
-                }
-            }
-            // Entering panic: the flag after the table, so new flows never see an open
-            // breaker ignored on a table that still lacks its backend; leaving it: before.
-            if !self.wanted_panic && self.panic {
-                maps.write_panic(&self.plan, false)?;
-            }
-            if self.plan.algorithm != Algorithm::LeastConn {
-                maps.publish(&self.plan, &table(&self.plan, &self.wanted))?;
-            }
-            if self.wanted_panic && !self.panic {
-                maps.write_panic(&self.plan, true)?;
-            }
-            Ok(())
-        })();
+        Ok((self.plan.algorithm != Algorithm::LeastConn).then(|| table(&self.plan, &self.wanted)))
+    }
+
+    /// What goes after the table: entering panic.
+    fn write_after_table(&self, maps: &mut LbMaps) -> Result<(), DatapathError> {
+        if self.wanted_panic && !self.panic {
+            maps.write_panic(&self.plan, true)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the outcome of a sync; a failed write is retried on the next tick.
+    fn synced(&mut self, result: Result<(), String>, now: Instant) {
         match result {
             Ok(()) => {
                 tracing::info!(
@@ -398,6 +401,45 @@ impl Service {
                 tracing::warn!("service {}: writing weights: {e}; retrying", self.plan.name);
             }
         }
+    }
+}
+
+/// Writes every service whose weights changed: weights first, then all their tables in one
+/// [`LbMaps::publish_many`] (the kernel's wait after each table swap overlaps across
+/// services), then the panic flags that go after the tables.
+fn sync(services: &mut [Service], maps: &mut LbMaps, now: Instant) {
+    let due: Vec<usize> = (0..services.len())
+        .filter(|&i| services[i].due(now))
+        .collect();
+    let mut results: HashMap<usize, Result<(), String>> = HashMap::new();
+    let mut tables = Vec::new();
+    for &i in &due {
+        match services[i].write_before_table(maps) {
+            Ok(Some(t)) => tables.push((i, t)),
+            Ok(None) => {}
+            Err(e) => {
+                results.insert(i, Err(e.to_string()));
+            }
+        }
+    }
+    let published: Vec<usize> = tables.iter().map(|(i, _)| *i).collect();
+    let ids = tables
+        .into_iter()
+        .map(|(i, t)| (services[i].plan.service as u32, t))
+        .collect();
+    if let Err(e) = maps.publish_many(ids) {
+        for i in published {
+            results.insert(i, Err(e.to_string()));
+        }
+    }
+    for i in due {
+        let result = match results.remove(&i) {
+            Some(failed) => failed,
+            None => services[i]
+                .write_after_table(maps)
+                .map_err(|e| e.to_string()),
+        };
+        services[i].synced(result, now);
     }
 }
 
