@@ -417,7 +417,7 @@ mod tests {
         };
         let mut report = StatusReport::default();
         add_maps(&mut report, &reading);
-        let summary: Vec<(&str, u64, Option<(u64, u64, &str)>)> = report
+        let summary: Vec<_> = report
             .maps
             .iter()
             .map(|m| {
