@@ -350,7 +350,8 @@ fn encode_maps(r: &StatusReport, encoder: &mut DescriptorEncoder) -> Result<(), 
             "Entries in use over capacity (0 to 1) of a BPF table that can fill: hash, LRU hash \
              and LPM tables by a periodic walk of their keys (a walk that meets more keys than \
              the table holds, because keys were evicted under it, counts as full); arrays \
-             indexed by service or backend by the services or backends of the policy.",
+             indexed by service or backend by the services or backends of the policy. A full \
+             LRU table that is evicting reads a little below 1 (the kernel evicts in batches).",
             None,
             MetricType::Gauge,
         )?;
