@@ -7,10 +7,11 @@
 //! kernel's measure (every slot exists); their pressure is the agent's own use of them, the
 //! services or backends of the policy ([`ArrayUse`]), which the caller passes in.
 //!
-//! An LRU table that is full and churning reads a little below 1: the kernel evicts in
-//! batches and keeps free entries on per-CPU lists (`target_free`, at most 128 per CPU; a
-//! quarter of a 64-entry table on 2 CPUs). A walk counts what is in the table, not whether
-//! it evicts; the eviction counters of the tables that have them say that.
+//! An LRU table that is full and churning reads below 1: the kernel evicts in batches (at
+//! most `LOCAL_FREE_TARGET`, 128) and keeps free entries on per-CPU lists. On 2 CPUs a
+//! 64-entry table read 49 to 58 entries while evicting; at thousands of entries the gap is
+//! a few percent. A walk counts what is in the table, not whether it evicts; the eviction
+//! counters of the tables that have them say that.
 //!
 //! Memory is what the kernel charges for every BPF map the process holds a descriptor for,
 //! read from `/proc/self/fdinfo` (`memlock`), each map once by id: the object's maps, aya's
