@@ -30,6 +30,40 @@ pub struct StatusReport {
     pub balancing: Vec<LbServiceView>,
     #[serde(default)]
     pub lb_backends: Vec<LbBackendView>,
+    /// The BPF maps the agent holds, by name: their kernel memory, and for tables that can
+    /// fill, how full they are. Empty until the first reading (taken on a timer).
+    #[serde(default)]
+    pub maps: Vec<MapStatus>,
+    /// Kernel memory of every BPF map the agent holds (the sum of `maps[].memory_bytes`);
+    /// `None` until the first reading, or when `/proc/self/fdinfo` could not be read.
+    #[serde(default)]
+    pub kernel_memory_bytes: Option<u64>,
+}
+
+/// One BPF map name as the agent sees it (several maps may share a name: inner maps).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MapStatus {
+    pub map: String,
+    /// Maps of this name the agent holds a descriptor for.
+    pub maps: u32,
+    /// What the kernel charges for them (`memlock` in `/proc/self/fdinfo`), in bytes.
+    pub memory_bytes: u64,
+    /// Tables that can fill only.
+    #[serde(default)]
+    pub usage: Option<MapUsage>,
+}
+
+/// How full one table is.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MapUsage {
+    pub entries: u64,
+    pub capacity: u64,
+    /// `entries / capacity`, 0 to 1.
+    pub pressure: f64,
+    /// `walk`: keys counted by a walk of the table; `walk_cut`: the walk met more keys than
+    /// the table holds (keys deleted or evicted under it) and was cut, `entries` is then the
+    /// capacity; `policy`: an array indexed by service or backend, the slots the policy uses.
+    pub counted: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -21,7 +21,7 @@ use crate::{
     cli::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{
-        Datapath, DatapathError,
+        Datapath, DatapathError, pressure,
         qdisc::{Pacers, QdiscError},
     },
     http,
@@ -36,6 +36,10 @@ use crate::{
 const KEY_COUNT_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// ...and spends at most 1/this of the time walking (a million keys take about a second).
 const KEY_COUNT_DUTY: u32 = 20;
+/// The maps' pressure and memory are read at most this often, walking for at most 1/duty
+/// of the time.
+const PRESSURE_MIN_INTERVAL: Duration = Duration::from_secs(1);
+const PRESSURE_DUTY: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -137,6 +141,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
         plan.services.clone(),
         file.display().to_string(),
     ));
+    state.set_array_use(pressure::ArrayUse::of(&plan.compiled));
 
     // Breaker entries are in the maps already (closed, from `apply`); from here on the
     // supervisor writes every transition.
@@ -175,6 +180,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
 
     let log_task = logger.map(|l| tokio::spawn(logs::forward_ebpf_logs(l)));
     let keys_task = tokio::spawn(count_keys_periodically(state.clone(), stop_rx.clone()));
+    let pressure_task = tokio::spawn(watch_map_pressure(state.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(http::serve(listener, state.clone(), async move {
         let _ = http_stop.wait_for(|stop| *stop).await;
@@ -188,6 +194,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     drop(pacers);
     let _ = stop_tx.send(true);
     let _ = keys_task.await;
+    let _ = pressure_task.await;
     if let Some(t) = backends_task {
         let _ = t.await;
     }
@@ -250,6 +257,7 @@ fn reload(
     }
     let report = state.datapath_mut().apply(&plan.compiled)?;
     state.set_services(plan.services.clone());
+    state.set_array_use(pressure::ArrayUse::of(&plan.compiled));
     // Backends are the same (checked above); their configured weights may not be.
     weights.send_if_modified(|w| {
         let new = balancer::configured(&plan.compiled.lb);
@@ -276,6 +284,30 @@ async fn count_keys_periodically(state: Arc<AgentState>, mut stop: watch::Receiv
             }
         };
         let pause = KEY_COUNT_MIN_INTERVAL.max(took * KEY_COUNT_DUTY);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Reads the maps' pressure and memory on a timer, and logs a table passing 90% (once, until
+/// it has room again).
+async fn watch_map_pressure(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
+    let mut alarm = pressure::Alarm::default();
+    loop {
+        let s = state.clone();
+        let took = match tokio::task::spawn_blocking(move || s.refresh_map_pressure()).await {
+            Ok(reading) => {
+                pressure::log(&alarm.observe(&reading.tables));
+                reading.took
+            }
+            Err(e) => {
+                tracing::warn!("reading map pressure: {e}");
+                Duration::ZERO
+            }
+        };
+        let pause = PRESSURE_MIN_INTERVAL.max(took * PRESSURE_DUTY);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|s| *s) => return,

@@ -6,7 +6,10 @@ use std::sync::{
 };
 
 use crate::{
-    datapath::{BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts},
+    datapath::{
+        BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts,
+        pressure::{self, ArrayUse, Reading},
+    },
     lb::balancer::LbView,
     supervisor::BackendsRx,
     telemetry::status::{self, ServiceInfo, StatusReport},
@@ -22,6 +25,10 @@ pub struct AgentState {
     /// The supervisor's channel, when it runs.
     backends: Mutex<Option<BackendsRx>>,
     balancing: Mutex<Option<Arc<LbView>>>,
+    /// What the policy uses of the arrays indexed by service or backend, and the latest
+    /// reading of the maps' pressure and memory.
+    arrays: Mutex<Vec<ArrayUse>>,
+    maps: Mutex<Reading>,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data is counters
@@ -40,6 +47,8 @@ impl AgentState {
             policy_file,
             backends: Mutex::new(None),
             balancing: Mutex::new(None),
+            arrays: Mutex::new(Vec::new()),
+            maps: Mutex::new(Reading::default()),
         }
     }
 
@@ -88,6 +97,20 @@ impl AgentState {
         Ok(start.elapsed())
     }
 
+    /// The policy's use of the arrays, for the pressure readings (set again on reload).
+    pub fn set_array_use(&self, arrays: Vec<ArrayUse>) {
+        *lock(&self.arrays) = arrays;
+    }
+
+    /// Reads the maps' pressure and memory (walks tables: call it off the async threads),
+    /// keeps the reading for reports, and returns it.
+    pub fn refresh_map_pressure(&self) -> Reading {
+        let arrays = lock(&self.arrays).clone();
+        let reading = pressure::read(&self.datapath(), &arrays);
+        *lock(&self.maps) = reading.clone();
+        reading
+    }
+
     pub fn report(&self) -> Result<StatusReport, DatapathError> {
         let services = lock(&self.services).clone();
         let now = std::time::Instant::now();
@@ -127,6 +150,7 @@ impl AgentState {
         );
         report.balancing = balancing;
         report.lb_backends = lb_backends;
+        status::add_maps(&mut report, &lock(&self.maps));
         Ok(report)
     }
 }

@@ -6,6 +6,7 @@ mod backends;
 mod kernel;
 mod lb;
 mod maps;
+pub mod pressure;
 pub mod qdisc;
 
 pub use attach::{AttachSpec, XdpModeSetting};

@@ -152,7 +152,8 @@ impl Collector for ReportCollector {
         }
         encode_shaping(r, &mut encoder)?;
         encode_backends(&r.backends, &mut encoder)?;
-        encode_balancing(r, &mut encoder)
+        encode_balancing(r, &mut encoder)?;
+        encode_maps(r, &mut encoder)
     }
 }
 
@@ -334,6 +335,80 @@ fn encode_balancing(
     Ok(())
 }
 
+/// The BPF maps: pressure of the tables that can fill, and kernel memory, from the latest
+/// reading (`datapath::pressure`, on a timer).
+fn encode_maps(r: &StatusReport, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let map = |name: &str| vec![("map", name.to_string())];
+    let tables: Vec<(&str, &super::status::MapUsage)> = r
+        .maps
+        .iter()
+        .filter_map(|m| m.usage.as_ref().map(|u| (m.map.as_str(), u)))
+        .collect();
+    if !tables.is_empty() {
+        let mut metric = encoder.encode_descriptor(
+            "agent_bpf_map_pressure",
+            "Entries in use over capacity (0 to 1) of a BPF table that can fill: hash, LRU hash \
+             and LPM tables by a periodic walk of their keys (a walk that meets more keys than \
+             the table holds, because keys were evicted under it, counts as full); arrays \
+             indexed by service or backend by the services or backends of the policy. A full \
+             LRU table that is evicting reads a little below 1 (the kernel evicts in batches).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, u) in &tables {
+            ConstGauge::new(u.pressure).encode(metric.encode_family(&map(name))?)?;
+        }
+    }
+    let per_table = |f: fn(&super::status::MapUsage) -> u64| {
+        tables
+            .iter()
+            .map(|(name, u)| (map(name), f(u)))
+            .collect::<Vec<_>>()
+    };
+    for f in [
+        Family {
+            name: "agent_bpf_map_entries",
+            help: "Entries in use of a BPF table that can fill, as agent_bpf_map_pressure counts \
+                   them: keys found by the last walk, or services or backends of the policy.",
+            kind: MetricType::Gauge,
+            samples: per_table(|u| u.entries),
+        },
+        Family {
+            name: "agent_bpf_map_capacity",
+            help: "Capacity of a BPF table that can fill: its max_entries, or for an array \
+                   indexed by service or backend the services or backends it has room for.",
+            kind: MetricType::Gauge,
+            samples: per_table(|u| u.capacity),
+        },
+        Family {
+            name: "agent_bpf_map_memory_bytes",
+            help: "Kernel memory of the agent's BPF maps of one name (memlock in \
+                   /proc/self/fdinfo, each map once by id, summed over the maps of the name).",
+            kind: MetricType::Gauge,
+            samples: r
+                .maps
+                .iter()
+                .map(|m| (map(&m.map), m.memory_bytes))
+                .collect(),
+        },
+        Family {
+            name: "agent_datapath_kernel_memory_bytes",
+            help: "Kernel memory of every BPF map the agent holds a descriptor for, the object's \
+                   and those made at run time (memlock in /proc/self/fdinfo, each map once by \
+                   id): the sum of agent_bpf_map_memory_bytes.",
+            kind: MetricType::Gauge,
+            samples: r
+                .kernel_memory_bytes
+                .map(|b| (vec![], b))
+                .into_iter()
+                .collect(),
+        },
+    ] {
+        f.encode(encoder)?;
+    }
+    Ok(())
+}
+
 fn encode_backends(
     backends: &[crate::supervisor::BackendStatus],
     encoder: &mut DescriptorEncoder,
@@ -476,7 +551,8 @@ mod tests {
     use super::*;
     use crate::supervisor::PassiveCounts;
     use crate::telemetry::status::{
-        CounterJson, DropStatus, RateLimitStatus, ServiceStatus, ShapingStatus, render_text,
+        CounterJson, DropStatus, MapUsage, RateLimitStatus, ServiceStatus, ShapingStatus,
+        render_text,
     };
 
     fn report() -> StatusReport {
@@ -591,7 +667,101 @@ mod tests {
                 packets: 400,
                 bytes: 40_000,
             }],
+            maps: vec![
+                crate::telemetry::status::MapStatus {
+                    map: "RL_BUCKETS".into(),
+                    maps: 1,
+                    memory_bytes: 12_672,
+                    usage: Some(MapUsage {
+                        entries: 60,
+                        capacity: 64,
+                        pressure: 0.9375,
+                        counted: "walk".into(),
+                    }),
+                },
+                crate::telemetry::status::MapStatus {
+                    map: "SVC_CFG".into(),
+                    maps: 1,
+                    memory_bytes: 8_192,
+                    usage: Some(MapUsage {
+                        entries: 1,
+                        capacity: 1024,
+                        pressure: 1.0 / 1024.0,
+                        counted: "policy".into(),
+                    }),
+                },
+                crate::telemetry::status::MapStatus {
+                    map: "AYA_LOGS".into(),
+                    maps: 1,
+                    memory_bytes: 4_096,
+                    usage: None,
+                },
+            ],
+            kernel_memory_bytes: Some(24_960),
         }
+    }
+
+    #[test]
+    fn exposition_has_map_pressure_and_memory() {
+        let text = render(&report()).unwrap();
+        for line in [
+            "# TYPE agent_bpf_map_pressure gauge",
+            "agent_bpf_map_pressure{map=\"RL_BUCKETS\"} 0.9375",
+            "agent_bpf_map_pressure{map=\"SVC_CFG\"} 0.0009765625",
+            "agent_bpf_map_entries{map=\"RL_BUCKETS\"} 60",
+            "agent_bpf_map_capacity{map=\"RL_BUCKETS\"} 64",
+            "agent_bpf_map_capacity{map=\"SVC_CFG\"} 1024",
+            "agent_bpf_map_memory_bytes{map=\"RL_BUCKETS\"} 12672",
+            "agent_bpf_map_memory_bytes{map=\"AYA_LOGS\"} 4096",
+            "agent_datapath_kernel_memory_bytes 24960",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing line {line:?} in:\n{text}"
+            );
+        }
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("agent_bpf_map_pressure{map=\"AYA_LOGS\"")),
+            "a map that cannot fill has no pressure:\n{text}"
+        );
+        let empty = render(&StatusReport::default()).unwrap();
+        assert!(
+            !empty.contains("agent_datapath_kernel_memory_bytes"),
+            "no memory sample before the first reading:\n{empty}"
+        );
+    }
+
+    #[test]
+    fn status_text_shows_the_fullest_tables_first() {
+        let text = render_text(&report());
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("BPF MAPS"))
+            .skip(2)
+            .take(4)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                vec![
+                    "RL_BUCKETS",
+                    "1",
+                    "60",
+                    "64",
+                    "93.8%",
+                    "walk",
+                    "12.4",
+                    "KiB"
+                ],
+                vec!["SVC_CFG", "1", "1", "1024", "0.1%", "policy", "8192", "B"],
+                vec!["AYA_LOGS", "1", "-", "-", "-", "-", "4096", "B"],
+                vec!["kernel", "memory", "of", "all", "maps:", "24.4", "KiB"],
+            ],
+            "{text}"
+        );
     }
 
     #[test]

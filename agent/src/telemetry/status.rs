@@ -6,11 +6,11 @@
 use std::fmt::Write as _;
 
 pub use agent_common::status::{
-    BackendStatus, CounterJson, DropStatus, LbBackendView, LbServiceView, RateLimitStatus,
-    ServiceStatus, ShapingStatus, StatusReport,
+    BackendStatus, CounterJson, DropStatus, LbBackendView, LbServiceView, MapStatus, MapUsage,
+    RateLimitStatus, ServiceStatus, ShapingStatus, StatusReport,
 };
 
-use crate::datapath::{KeyCounts, Snapshot};
+use crate::datapath::{KeyCounts, Snapshot, pressure::Reading};
 
 /// What the agent knows of a service beyond its counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,7 +87,44 @@ pub fn build(
         backends,
         balancing: Vec::new(),
         lb_backends: Vec::new(),
+        maps: Vec::new(),
+        kernel_memory_bytes: None,
     }
+}
+
+/// Fills in the maps' part of a report from the latest pressure reading: every map name
+/// with its memory, and the usage of the tables that can fill (a table whose memory could not
+/// be read still shows its usage).
+pub fn add_maps(report: &mut StatusReport, reading: &Reading) {
+    let mut maps: Vec<MapStatus> = reading
+        .memory
+        .iter()
+        .flatten()
+        .map(|m| MapStatus {
+            map: m.name.clone(),
+            maps: m.maps,
+            memory_bytes: m.bytes,
+            usage: None,
+        })
+        .collect();
+    for t in &reading.tables {
+        let usage = MapUsage {
+            entries: t.entries,
+            capacity: t.capacity,
+            pressure: t.pressure(),
+            counted: t.counted.as_str().to_string(),
+        };
+        match maps.iter_mut().find(|m| m.map == t.map) {
+            Some(m) => m.usage = Some(usage),
+            None => maps.push(MapStatus {
+                map: t.map.to_string(),
+                usage: Some(usage),
+                ..MapStatus::default()
+            }),
+        }
+    }
+    report.maps = maps;
+    report.kernel_memory_bytes = reading.kernel_memory();
 }
 
 /// The human table of `agent status`.
@@ -138,6 +175,7 @@ pub fn render_text(report: &StatusReport) -> String {
     render_shaping(report, &mut out);
     render_backends(report, &mut out);
     render_balancing(report, &mut out);
+    render_maps(report, &mut out);
     let _ = writeln!(out, "\nOUTSIDE ANY SERVICE (passed)");
     for (class, c) in &report.global {
         let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
@@ -281,5 +319,123 @@ fn render_balancing(report: &StatusReport, out: &mut String) {
             b.packets,
             b.bytes
         );
+    }
+}
+
+/// The maps: how full each table that can fill is, and what every map costs the kernel.
+fn render_maps(report: &StatusReport, out: &mut String) {
+    if report.maps.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nBPF MAPS (pressure: entries in use / capacity; counted by a walk of the keys, or for \
+         arrays by the policy's use)\n{:<18} {:>5} {:>10} {:>10} {:>9} {:<9} {:>12}",
+        "MAP", "MAPS", "ENTRIES", "CAPACITY", "PRESSURE", "COUNTED", "MEMORY"
+    );
+    // The fullest tables first, then the others by name.
+    let mut maps: Vec<&MapStatus> = report.maps.iter().collect();
+    maps.sort_by(|a, b| {
+        let p = |m: &MapStatus| m.usage.as_ref().map_or(-1.0, |u| u.pressure);
+        p(b).total_cmp(&p(a)).then_with(|| a.map.cmp(&b.map))
+    });
+    for m in maps {
+        let (entries, capacity, pressure, counted) = match &m.usage {
+            Some(u) => (
+                u.entries.to_string(),
+                u.capacity.to_string(),
+                format!("{:.1}%", u.pressure * 100.0),
+                u.counted.as_str(),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-"),
+        };
+        let _ = writeln!(
+            out,
+            "{:<18} {:>5} {:>10} {:>10} {:>9} {:<9} {:>12}",
+            m.map,
+            m.maps,
+            entries,
+            capacity,
+            pressure,
+            counted,
+            bytes(m.memory_bytes)
+        );
+    }
+    if let Some(total) = report.kernel_memory_bytes {
+        let _ = writeln!(out, "kernel memory of all maps: {}", bytes(total));
+    }
+}
+
+/// Bytes, in KiB or MiB when large.
+fn bytes(n: u64) -> String {
+    const KIB: u64 = 1024;
+    if n >= 10 * KIB * KIB {
+        format!("{:.1} MiB", n as f64 / (KIB * KIB) as f64)
+    } else if n >= 10 * KIB {
+        format!("{:.1} KiB", n as f64 / KIB as f64)
+    } else {
+        format!("{n} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::pressure::{Counted, MapMemory, TablePressure};
+
+    #[test]
+    fn maps_join_memory_and_usage_by_name() {
+        let reading = Reading {
+            tables: vec![
+                TablePressure {
+                    map: "RL_BUCKETS",
+                    entries: 64,
+                    capacity: 64,
+                    counted: Counted::WalkCut,
+                },
+                // A table whose memory was not read still shows its usage.
+                TablePressure {
+                    map: "SVC_CFG",
+                    entries: 2,
+                    capacity: 1024,
+                    counted: Counted::Policy,
+                },
+            ],
+            memory: Some(vec![
+                MapMemory {
+                    name: "AYA_LOGS".into(),
+                    maps: 1,
+                    bytes: 100,
+                },
+                MapMemory {
+                    name: "RL_BUCKETS".into(),
+                    maps: 1,
+                    bytes: 900,
+                },
+            ]),
+            took: std::time::Duration::ZERO,
+        };
+        let mut report = StatusReport::default();
+        add_maps(&mut report, &reading);
+        let summary: Vec<_> = report
+            .maps
+            .iter()
+            .map(|m| {
+                let u = m
+                    .usage
+                    .as_ref()
+                    .map(|u| (u.entries, u.capacity, u.counted.as_str()));
+                (m.map.as_str(), m.memory_bytes, u)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("AYA_LOGS", 100, None),
+                ("RL_BUCKETS", 900, Some((64, 64, "walk_cut"))),
+                ("SVC_CFG", 0, Some((2, 1024, "policy"))),
+            ]
+        );
+        assert_eq!(report.kernel_memory_bytes, Some(1000));
     }
 }
