@@ -1056,6 +1056,58 @@ fn a_full_connection_table_evicts_and_evicted_flows_recover() -> Result<()> {
     Ok(())
 }
 
+/// The node-wide connection table past 90%: `agent_bpf_map_pressure{map="LB_CONNS"}` shows
+/// it, and the agent warns. (A full LRU under churn holds a little less than its size: the
+/// kernel evicts in batches and keeps free entries per CPU, so a small table may never read
+/// 90%; at 2,048 entries it reads well above.)
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
+fn a_connection_table_past_90_percent_shows_its_pressure_and_is_warned_about() -> Result<()> {
+    const ENTRIES: usize = 2048;
+    let mut lab = Lab::new(3, false)?;
+    let policy = lab.policy("maglev", &[100, 100, 100], "").replace(
+        "agent:\n  listen: 127.0.0.1:9090\n",
+        &format!("agent:\n  listen: 127.0.0.1:9090\n  tables: {{connections: {ENTRIES}}}\n"),
+    );
+    lab.start(&policy)?;
+    let warned = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("map LB_CONNS is"))
+    };
+    let capacity = lab.agent().wait_metric(
+        "agent_bpf_map_capacity",
+        &[("map", "LB_CONNS")],
+        SETUP,
+        |_| true,
+    )?;
+    ensure!(
+        capacity == ENTRIES as f64,
+        "LB_CONNS holds agent.tables.connections entries, not {capacity}"
+    );
+    ensure!(
+        !warned(&lab.agent().log_text()),
+        "a warning before any flow"
+    );
+    connect_and_close(&lab.topo.client, lab.vip(), ENTRIES + ENTRIES / 2)?;
+    let pressure = lab.agent().wait_metric(
+        "agent_bpf_map_pressure",
+        &[("map", "LB_CONNS")],
+        SETUP,
+        |v| v > 0.9,
+    )?;
+    ensure!(pressure <= 1.0, "pressure {pressure}");
+    wait(
+        "the agent's warning that LB_CONNS passed 90%",
+        SETUP,
+        || Ok(warned(&lab.agent().log_text())),
+    )?;
+    println!(
+        "LB_CONNS at {pressure:.3} of {ENTRIES} after {} flows",
+        ENTRIES + ENTRIES / 2
+    );
+    Ok(())
+}
+
 /// Floods of [`a_full_connection_table_evicts_and_evicted_flows_recover`] at most, each a new
 /// chance for the LRU to evict a held connection's entry.
 const FLOOD_ROUNDS: usize = 6;
