@@ -240,6 +240,7 @@ impl Datapath {
         let kernel = Kernel::current();
         kernel.check().map_err(DatapathError::Kernel)?;
         raise_memlock_rlimit();
+        raise_nofile_rlimit();
         let sizes = TableSizes::new(
             tables.services,
             tables.backends,
@@ -320,6 +321,29 @@ impl Datapath {
             .program(PROG_TC_EGRESS)
             .and_then(|p| p.try_into().ok())
             .ok_or(DatapathError::MissingProgram(PROG_TC_EGRESS))
+    }
+}
+
+/// The agent keeps a descriptor for each balanced service's table (see `LbMaps`): lift the
+/// soft limit on open files to the hard one (often 1,024 against 524,288 under systemd), as
+/// Go's runtime does for every program.
+fn raise_nofile_rlimit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!(
+                    "could not lift RLIMIT_NOFILE: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 }
 
