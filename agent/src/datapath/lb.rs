@@ -161,8 +161,7 @@ impl LbMaps {
                 .collect();
             writers
                 .into_iter()
-                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect::<Result<(), MapError>>()
+                .try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         })
         .map_err(map_err(MAP_LB_TABLES))?;
         self.live.extend(made);
