@@ -31,8 +31,8 @@ use crate::config::CompiledLb;
 /// After each write of an array of maps the kernel waits for an RCU grace period (so that no
 /// program still reads the table it replaced): about 10 ms. Publishing many services' tables
 /// at once (start, a reload, a node-wide outage) therefore writes from this many threads, whose
-/// waits overlap: 1,000 services take a thirtieth of the time one thread would.
-const PUBLISH_THREADS: usize = 32;
+/// waits overlap.
+const PUBLISH_THREADS: usize = 64;
 
 /// An independent handle on the balancing maps.
 pub struct LbMaps {

@@ -154,14 +154,30 @@ struct Service {
 /// Writes the initial state of every balanced service (configured weights, first table),
 /// before the programs are attached.
 pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), DatapathError> {
-    let mut tables = Vec::new();
+    let configured = |s: &CompiledLb| -> Vec<u32> { s.backends.iter().map(|b| b.weight).collect() };
     for s in services {
-        let weights: Vec<u32> = s.backends.iter().map(|b| b.weight).collect();
-        maps.write_service(s, &weights)?;
-        if s.algorithm != Algorithm::LeastConn {
-            tables.push((s.service as u32, table(s, &weights)));
-        }
+        maps.write_service(s, &configured(s))?;
     }
+    // Tables are built on every CPU: thousands of Maglev tables take seconds on one.
+    let with_table: Vec<&CompiledLb> = (services.iter())
+        .filter(|s| s.algorithm != Algorithm::LeastConn)
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = with_table.len().div_ceil(threads).max(1);
+    let tables = std::thread::scope(|scope| {
+        let builders: Vec<_> = (with_table.chunks(share))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    (chunk.iter())
+                        .map(|s| (s.service as u32, table(s, &configured(s))))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        (builders.into_iter())
+            .flat_map(|b| b.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
     maps.publish_many(tables)
 }
 
