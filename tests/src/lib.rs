@@ -11,6 +11,7 @@ pub mod agent;
 pub mod backend;
 pub mod breaker;
 pub mod netns;
+pub mod scale;
 pub mod status;
 pub mod timing;
 pub mod traffic;

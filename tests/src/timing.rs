@@ -167,6 +167,19 @@ pub fn require(holds: bool, what: impl FnOnce() -> String) {
     }
 }
 
+/// Scale (issue 16): from `agent run` to `/health/ready` answering 200 with 1,000 balanced
+/// services of 4 backends each, at the default table sizes. The issue's goal.
+pub const READY_1K_SERVICES: Scaled = Scaled::secs(2);
+
+/// Scale (issue 16): the same with 10,000 services of 6 backends. Generous: the issue asks
+/// only that such a policy is accepted and served, not how fast.
+pub const READY_10K_SERVICES: Scaled = Scaled::secs(30);
+
+/// How long a scale test or the scale benchmark waits for readiness before it gives up. Not
+/// the bound a test judges (that is one of the above): a longer wait, so that a failing run
+/// still reports the time it took (on the pre-issue-16 datapath, 30 s and more).
+pub const READY_GIVE_UP: Scaled = Scaled::secs(300);
+
 #[cfg(test)]
 mod tests {
     use super::*;
