@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    agent::{AgentProcess, TempDir, agent_bin},
+    agent::{AgentProcess, TempDir},
     netns::{Netns, Topology},
     timing::Scaled,
 };
@@ -174,18 +174,14 @@ impl ScaleLab {
         self.listeners.iter().map(Acceptor::accepted).sum()
     }
 
-    /// Writes `policy` and starts the agent on the client veth; returns at once with the
-    /// time of the start. [`ScaleLab::wait_ready`] measures from it.
-    pub fn spawn(&mut self, policy: &ScalePolicy) -> Result<Instant> {
+    /// Writes `policy` and starts the agent `bin` on the client veth; returns at once with
+    /// the time of the start. [`ScaleLab::wait_ready`] measures from it.
+    pub fn spawn(&mut self, bin: &Path, policy: &ScalePolicy) -> Result<Instant> {
         let text = policy.render(&self.topo.client_if);
         let path = self.dir.write("scale.yaml", &text)?;
         self.stop()?;
         let start = Instant::now();
-        self.agent = Some(AgentProcess::spawn(
-            &agent_bin()?,
-            &self.topo.client,
-            &path,
-        )?);
+        self.agent = Some(AgentProcess::spawn(bin, &self.topo.client, &path)?);
         Ok(start)
     }
 
@@ -367,14 +363,19 @@ pub fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// `agent check FILE` of a [`ScalePolicy`] (no kernel, no namespace): its exit code and its
-/// output (stdout and stderr).
-pub fn check(dir: &Path, name: &str, policy: &ScalePolicy) -> Result<(Option<i32>, String)> {
+/// `BIN check FILE` of a [`ScalePolicy`] written to `dir/name` (no kernel, no namespace):
+/// its exit code and its output (stdout and stderr).
+pub fn check(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    policy: &ScalePolicy,
+) -> Result<(Option<i32>, String)> {
     // `lo` exists everywhere; `check` does not attach anything.
     let text = policy.render("lo");
     let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    let out = std::process::Command::new(agent_bin()?)
+    let out = std::process::Command::new(bin)
         .arg("check")
         .arg(&path)
         .output()

@@ -12,7 +12,7 @@
 //! Root only; run serially: `cargo test -p agent-tests --test scale -- --test-threads=1`.
 
 use agent_tests::{
-    agent::TempDir,
+    agent::{TempDir, agent_bin},
     scale::{self, ScaleLab, ScalePolicy},
     timing::{self, Scaled},
     wait::wait_until,
@@ -43,7 +43,9 @@ fn start(lab: &mut ScaleLab, policy: &ScalePolicy) -> (std::time::Duration, scal
             ""
         }
     );
-    let t0 = lab.spawn(policy).expect("starting the agent");
+    let t0 = lab
+        .spawn(&agent_bin().expect("the agent binary"), policy)
+        .expect("starting the agent");
     let ready = lab
         .wait_ready(t0, timing::READY_GIVE_UP)
         .unwrap_or_else(|e| panic!("{what}: {e:#}"));
@@ -77,17 +79,26 @@ fn thousand_balanced_services_are_ready_within_2s_in_256_mib_of_maps() {
         POLL,
         || lab.accepted() >= before + 4_000,
     );
+    // Both bounds judged, both reported: one failing must not hide the other's figure.
+    let mut failed = Vec::new();
+    if ready > timing::READY_1K_SERVICES.get() {
+        failed.push(format!(
+            "ready after {ready:?}, bound {}",
+            timing::READY_1K_SERVICES
+        ));
+    }
+    if maps.bytes > MAPS_1K_SERVICES {
+        failed.push(format!(
+            "maps {:.1} MiB, bound {} MiB (largest: {})",
+            maps.mib(),
+            MAPS_1K_SERVICES / MIB,
+            largest(&maps)
+        ));
+    }
     assert!(
-        ready <= timing::READY_1K_SERVICES.get(),
-        "1,000 services x 4 backends: ready after {ready:?}, bound {}",
-        timing::READY_1K_SERVICES
-    );
-    assert!(
-        maps.bytes <= MAPS_1K_SERVICES,
-        "1,000 services x 4 backends: maps {:.1} MiB, bound {} MiB (largest: {})",
-        maps.mib(),
-        MAPS_1K_SERVICES / MIB,
-        largest(&maps)
+        failed.is_empty(),
+        "1,000 services x 4 backends: {}",
+        failed.join("; ")
     );
 }
 
@@ -122,7 +133,13 @@ fn ten_thousand_balanced_services_of_6_backends_are_accepted_and_ready() {
     let mut policy = ScalePolicy::new(10_000, 6);
     policy.health_checks = false;
     let dir = TempDir::new().expect("temp dir");
-    let (code, out) = scale::check(dir.path(), "10k.yaml", &policy).expect("agent check");
+    let (code, out) = scale::check(
+        &agent_bin().expect("the agent binary"),
+        dir.path(),
+        "10k.yaml",
+        &policy,
+    )
+    .expect("agent check");
     assert_eq!(
         code,
         Some(0),
@@ -168,7 +185,13 @@ fn more_backends_than_agent_tables_backends_is_refused_with_the_numbers_and_posi
 /// inside the file.
 fn refused(policy: &ScalePolicy, name: &str, numbers: &[&str]) {
     let dir = TempDir::new().expect("temp dir");
-    let (code, out) = scale::check(dir.path(), name, policy).expect("agent check");
+    let (code, out) = scale::check(
+        &agent_bin().expect("the agent binary"),
+        dir.path(),
+        name,
+        policy,
+    )
+    .expect("agent check");
     let file = dir.path().join(name);
     assert_eq!(
         code,
@@ -201,7 +224,13 @@ fn refused(policy: &ScalePolicy, name: &str, numbers: &[&str]) {
 
 fn accepted(policy: &ScalePolicy, name: &str) {
     let dir = TempDir::new().expect("temp dir");
-    let (code, out) = scale::check(dir.path(), name, policy).expect("agent check");
+    let (code, out) = scale::check(
+        &agent_bin().expect("the agent binary"),
+        dir.path(),
+        name,
+        policy,
+    )
+    .expect("agent check");
     assert_eq!(
         code,
         Some(0),
