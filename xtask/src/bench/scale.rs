@@ -146,7 +146,7 @@ pub fn run(extra: &[String]) -> Result<()> {
                 f.new_flow_ns,
                 f.established_ns
             ),
-            Err(e) => eprintln!("  no figures: {}", first_line(e)),
+            Err(e) => eprintln!("  no figures: {}", reason(e)),
         }
         rows.push(Row {
             services: n,
@@ -421,8 +421,17 @@ fn git_head() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("")
+/// Why a row has no figures, in one line: the agent's first line of output when the error
+/// carries it (a refused policy), else the error's first line.
+fn reason(e: &str) -> String {
+    let first = e.lines().next().unwrap_or("");
+    match e.split_once("its output:") {
+        Some((_, output)) => match output.lines().map(str::trim).find(|l| !l.is_empty()) {
+            Some(line) => format!("{} ({line})", first.trim_end_matches("; its output:")),
+            None => first.to_owned(),
+        },
+        None => first.to_owned(),
+    }
 }
 
 fn cpu_model() -> String {
@@ -488,7 +497,7 @@ fn render(rows: &[Row], trivial_ns: f64, args: &Args, commit: &str) -> String {
                 );
             }
             Err(e) => {
-                let why = first_line(e).replace('|', "\\|");
+                let why = reason(e).replace('|', "\\|");
                 let _ = writeln!(
                     s,
                     "| {} | not ready: {why} | - | - | - | - | - | - | - | - |",
@@ -585,6 +594,19 @@ mod tests {
         assert_eq!(a.services, [1, 1000]);
         assert_eq!(a.window, Duration::from_secs(3));
         assert!(Args::parse(&["--bogus".into()]).is_err());
+    }
+
+    #[test]
+    fn reason_is_the_agents_first_line() {
+        assert_eq!(
+            reason(
+                "agent exited with exit status: 2 before it was ready; its output:\n\
+                 /tmp/x.yaml:5:3: agent.tables: unknown field\n/tmp/x.yaml: 1 error\n"
+            ),
+            "agent exited with exit status: 2 before it was ready \
+             (/tmp/x.yaml:5:3: agent.tables: unknown field)"
+        );
+        assert_eq!(reason("no such file\nmore"), "no such file");
     }
 
     #[test]
