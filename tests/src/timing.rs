@@ -168,12 +168,15 @@ pub fn require(holds: bool, what: impl FnOnce() -> String) {
 }
 
 /// Scale (issue 16): from `agent run` to `/health/ready` answering 200 with 1,000 balanced
-/// services of 4 backends each, at the default table sizes. The issue's goal.
+/// services of 4 backends each, at the default table sizes. The issue's goal, as written:
+/// a release agent meets it (1.5-1.7 s at 02ef673 on 2 CPUs); the debug agent that `cargo
+/// xtask test` builds takes 3.0-3.5 s there and fails it.
 pub const READY_1K_SERVICES: Scaled = Scaled::secs(2);
 
 /// Scale (issue 16): the same with 10,000 services of 6 backends. Generous: the issue asks
-/// only that such a policy is accepted and served, not how fast.
-pub const READY_10K_SERVICES: Scaled = Scaled::secs(30);
+/// only that such a policy is accepted and served, not how fast (measured at 02ef673 on 2
+/// CPUs: 9.8 s with a release agent, 26 s with the debug one `cargo xtask test` builds).
+pub const READY_10K_SERVICES: Scaled = Scaled::secs(60);
 
 /// How long a scale test or the scale benchmark waits for readiness before it gives up. Not
 /// the bound a test judges (that is one of the above): a longer wait, so that a failing run
