@@ -16,6 +16,7 @@ use std::{
     fmt::Write as _,
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::fd::AsRawFd,
     path::Path,
     sync::{
         Arc,
@@ -174,6 +175,16 @@ impl ScaleLab {
         self.listeners.iter().map(Acceptor::accepted).sum()
     }
 
+    /// `TcpExtListenOverflows` of the server namespace: handshakes the backend listeners'
+    /// full accept queues dropped (probes failed by the harness, not by the agent).
+    pub fn listen_overflows(&self) -> Result<u64> {
+        let text = self
+            .topo
+            .server
+            .run(|| std::fs::read_to_string("/proc/thread-self/net/netstat"))??;
+        tcp_ext(&text, "ListenOverflows").context("/proc/net/netstat: no TcpExt ListenOverflows")
+    }
+
     /// Writes `policy` and starts the agent `bin` on the client veth; returns at once with
     /// the time of the start. [`ScaleLab::wait_ready`] measures from it.
     pub fn spawn(&mut self, bin: &Path, policy: &ScalePolicy) -> Result<Instant> {
@@ -209,12 +220,19 @@ impl ScaleLab {
     }
 }
 
-/// How long the acceptor sleeps when no connection waits (a period, not a bound).
-const ACCEPT_IDLE: Duration = Duration::from_millis(1);
+/// How long the acceptor waits for a connection before it looks at its stop flag again (a
+/// period, not a bound).
+const ACCEPT_IDLE_MS: libc::c_int = 10;
+/// The listen backlog asked for (the kernel caps it at the namespace's `net.core.somaxconn`,
+/// which [`Acceptor::start`] raises to this).
+const BACKLOG: libc::c_int = 65_535;
 
-/// A listener that accepts and closes at once, counting: thousands of backends' health
-/// checks a second on one socket, without a thread or a record per connection (what
-/// [`crate::backend::TcpServer`] keeps). Stopped and joined on drop.
+/// A listener that accepts and closes at once, counting: tens of thousands of backends'
+/// health checks a second on one socket, without a thread or a record per connection (what
+/// [`crate::backend::TcpServer`] keeps). It drains every pending connection each time the
+/// socket is readable; a full accept queue would drop probes' handshakes and fail them for
+/// the harness's sake (`TcpExtListenOverflows` in the server namespace says if it happens).
+/// Stopped and joined on drop.
 pub struct Acceptor {
     accepted: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -222,25 +240,54 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Binds `addr` in `ns` (backlog as the kernel allows) and serves until dropped.
+    /// Binds `addr` in `ns` with a backlog of [`BACKLOG`] and serves until dropped.
     pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Acceptor> {
+        let sysctl = ns
+            .exec(&["sysctl", "-qw", &format!("net.core.somaxconn={BACKLOG}")])
+            .status()
+            .context("running sysctl in the server namespace")?;
+        if !sysctl.success() {
+            bail!(
+                "sysctl net.core.somaxconn={BACKLOG} in {}: {sysctl}",
+                ns.name()
+            );
+        }
         let listener = ns
             .run(move || TcpListener::bind(addr))?
             .with_context(|| format!("binding {addr}"))?;
+        // Again, with the larger backlog: listen(2) on a listening socket updates it.
+        // SAFETY: listen on a socket this function owns.
+        if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
+            bail!(
+                "listen({addr}, {BACKLOG}): {}",
+                std::io::Error::last_os_error()
+            );
+        }
         listener.set_nonblocking(true)?;
         let accepted = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (count, flag) = (accepted.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
+            let mut pfd = libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        drop(s);
+                // SAFETY: one valid pollfd, for the duration of the call.
+                if unsafe { libc::poll(&mut pfd, 1, ACCEPT_IDLE_MS) } <= 0 {
+                    continue;
+                }
+                loop {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            drop(s);
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        // ECONNABORTED and the like: that connection only.
+                        Err(_) => {}
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_IDLE),
-                    // ECONNABORTED and the like: that connection only.
-                    Err(_) => {}
                 }
             }
         });
@@ -263,6 +310,18 @@ impl Drop for Acceptor {
             let _ = t.join();
         }
     }
+}
+
+/// A `TcpExt:` counter of a `/proc/net/netstat` text (a header line of names, then a line
+/// of values).
+pub fn tcp_ext(netstat: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 /// BPF maps a process holds, as the kernel accounts them.
@@ -461,6 +520,14 @@ mod tests {
         assert_eq!(p.matches("health_check").count(), 3);
         assert!(p.contains("address: \"198.19.0.6:8080\""), "{p}");
         assert_eq!(ScalePolicy::new(10_000, 6).ports(), [8080, 8081]);
+    }
+
+    #[test]
+    fn tcp_ext_counter_of_netstat() {
+        let t = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                 TcpExt: 0 26258 26260\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(tcp_ext(t, "ListenOverflows"), Some(26258));
+        assert_eq!(tcp_ext(t, "Nope"), None);
     }
 
     #[test]

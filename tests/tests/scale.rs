@@ -79,6 +79,12 @@ fn thousand_balanced_services_are_ready_within_2s_in_256_mib_of_maps() {
         POLL,
         || lab.accepted() >= before + 4_000,
     );
+    let overflows = lab.listen_overflows().expect("server netstat");
+    assert_eq!(
+        overflows, 0,
+        "harness: the backend listeners' accept queues overflowed {overflows} times (probes \
+         failed by the test's listeners, not by the agent)"
+    );
     // Both bounds judged, both reported: one failing must not hide the other's figure.
     let mut failed = Vec::new();
     if ready > timing::READY_1K_SERVICES.get() {

@@ -199,6 +199,13 @@ fn measure_in(
     let (cpu0, acc0, t0) = (scale::cpu_time(pid)?, lab.accepted(), Instant::now());
     std::thread::sleep(args.window);
     let (cpu1, acc1, elapsed) = (scale::cpu_time(pid)?, lab.accepted(), t0.elapsed());
+    let overflows = lab.listen_overflows()?;
+    if overflows > 0 {
+        bail!(
+            "the backend listeners' accept queues overflowed {overflows} times: the probes/s \
+             would be the harness's, not the agent's"
+        );
+    }
     lab.agent()?.get("/health/ready")?;
 
     let prog = agent_xdp_id(pid)?;
