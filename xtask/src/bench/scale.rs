@@ -56,6 +56,7 @@ struct Args {
     services: Vec<usize>,
     window: Duration,
     flows: u16,
+    health_checks: bool,
 }
 
 impl Args {
@@ -65,6 +66,7 @@ impl Args {
             services: DEFAULT_SERVICES.to_vec(),
             window: DEFAULT_WINDOW,
             flows: DEFAULT_FLOWS,
+            health_checks: true,
         };
         let mut it = extra.iter();
         while let Some(arg) = it.next() {
@@ -92,9 +94,11 @@ impl Args {
                         Duration::from_secs(value()?.parse().context("--window: seconds")?)
                 }
                 "--flows" => args.flows = value()?.parse().context("--flows: a count")?,
+                // Packet costs without the probes' load on the CPUs (no CPU figure then).
+                "--no-health-checks" => args.health_checks = false,
                 other => bail!(
                     "bench scale: unknown argument {other}; it takes --services 1,100,1000,10000, \
-                     --window SECS, --flows N, --out FILE"
+                     --window SECS, --flows N, --no-health-checks, --out FILE"
                 ),
             }
         }
@@ -130,6 +134,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     let toolchain = setup::run()?;
     let agent = build::agent_binary(&toolchain, true)?;
     let commit = git_head();
+    let load = loadavg();
 
     let trivial = Trivial::load()?;
     let mut rows = Vec::new();
@@ -155,7 +160,7 @@ pub fn run(extra: &[String]) -> Result<()> {
             outcome,
         });
     }
-    let section = render(&rows, &args, &commit);
+    let section = render(&rows, &args, &commit, &load);
     print!("{section}");
     let out = if args.out.is_absolute() {
         args.out.clone()
@@ -172,7 +177,8 @@ pub fn run(extra: &[String]) -> Result<()> {
 /// Starts the agent with `n` services, measures, stops it and waits for its maps to be
 /// freed (so the next start does not compete with their teardown).
 fn measure(agent: &Path, trivial: &Trivial, n: usize, args: &Args) -> Result<Figures> {
-    let policy = ScalePolicy::new(n, BACKENDS);
+    let mut policy = ScalePolicy::new(n, BACKENDS);
+    policy.health_checks = args.health_checks;
     let free_before = mem_free_kib()?;
     let mut lab = ScaleLab::new(&policy.ports())?;
     let result = measure_in(&mut lab, agent, trivial, &policy, args);
@@ -480,6 +486,14 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// The 1-minute load average (`/proc/loadavg`).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -487,7 +501,7 @@ fn kernel() -> String {
 }
 
 /// The Markdown section.
-fn render(rows: &[Row], args: &Args, commit: &str) -> String {
+fn render(rows: &[Row], args: &Args, commit: &str, load: &str) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut s = String::new();
     let _ = write!(
@@ -495,13 +509,18 @@ fn render(rows: &[Row], args: &Args, commit: &str) -> String {
         "{SECTION}\n\n\
          Produced by `cargo xtask bench scale` (release agent at {commit}) on {}, {cpus} CPUs, \
          kernel {}. N services of {BACKENDS} backends each, `load_balancing: {{algorithm: \
-         maglev, vip: true}}` at the default table sizes, a TCP health check of every backend \
-         every second; the agent in a network namespace on a veth (generic XDP, both \
+         maglev, vip: true}}` at the default table sizes, {checks}; the agent in a network namespace on a veth (generic XDP, both \
          directions), every backend address answered by one listener in the server namespace \
          (`agent_tests::scale`). Each N in a fresh topology, after the previous agent's maps \
-         were freed.\n\n",
+         were freed. Load average when it started: {load} (work of others on the machine \
+         shows there, and in every figure).\n\n",
         cpu_model(),
-        kernel()
+        kernel(),
+        checks = if args.health_checks {
+            "a TCP health check of every backend every second"
+        } else {
+            "no health checks (`--no-health-checks`)"
+        },
     );
     s.push_str(
         "| services | ready s | maps MiB (maps) | agent RSS MiB | agent CPU % | probes/s | \
