@@ -169,14 +169,13 @@ pub fn require(holds: bool, what: impl FnOnce() -> String) {
 
 /// Scale (issue 16): from `agent run` to `/health/ready` answering 200 with 1,000 balanced
 /// services of 4 backends each, at the default table sizes. The issue's goal, as written:
-/// a release agent meets it (1.5-1.7 s at 02ef673 on 2 CPUs); the debug agent that `cargo
-/// xtask test` builds takes 3.0-3.5 s there and fails it.
+/// a release agent meets it (1.1-1.2 s at 822d94f on 2 CPUs), and `cargo xtask test` runs the
+/// end-to-end tests with a release agent; a debug agent takes 2.2-2.3 s there and fails it.
 pub const READY_1K_SERVICES: Scaled = Scaled::secs(2);
 
 /// Scale (issue 16): the same with 10,000 services of 6 backends. Generous: the issue asks
-/// only that such a policy is accepted and served, not how fast (measured on 2 CPUs: 9.8 s
-/// with a release agent and 26 s with the debug one `cargo xtask test` builds at 02ef673;
-/// 6.2 s and 20 s at 822d94f).
+/// only that such a policy is accepted and served, not how fast (measured on 2 CPUs at
+/// 822d94f: 6.2 s with a release agent, 20 s with a debug one).
 pub const READY_10K_SERVICES: Scaled = Scaled::secs(60);
 
 /// How long a scale test or the scale benchmark waits for readiness before it gives up. Not
