@@ -104,7 +104,9 @@ pub fn run() -> anyhow::Result<()> {
     });
     // The end-to-end tests run the agent as it ships (release): the scale tests hold it to the
     // issue's startup bound, which an unoptimized build misses (2.2 s for 1,000 services).
-    let agent = suite.step("build agent (release)", || build::agent_binary(&toolchain, true));
+    let agent = suite.step("build agent (release)", || {
+        build::agent_binary(&toolchain, true)
+    });
     suite.step("deploy manifests", manifests::validate);
     match &agent {
         Some(agent) => {

@@ -35,7 +35,7 @@ use agent_common::{
     },
     shape::Departure,
 };
-use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, lpm_trie::LpmTrie};
+use aya::maps::{HashMap, Map, MapData, MapError, lpm_trie::LpmTrie};
 
 use super::{Datapath, DatapathError, map_err, typed};
 use crate::config::Compiled;
@@ -340,32 +340,52 @@ pub fn parse_fdinfo(text: &str) -> Option<FdMap> {
 }
 
 /// Every BPF map this process holds a descriptor for, once each (several descriptors of one
-/// map are one map). A descriptor closed during the scan is skipped.
-pub fn held_maps() -> std::io::Result<Vec<FdMap>> {
+/// map are one map), with one of its descriptors. A descriptor closed during the scan is
+/// skipped.
+pub fn held_maps() -> std::io::Result<Vec<(i32, FdMap)>> {
     let mut by_id = BTreeMap::new();
     for entry in std::fs::read_dir("/proc/self/fdinfo")? {
         let Ok(entry) = entry else { continue };
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
         let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
         if let Some(m) = parse_fdinfo(&text) {
-            by_id.insert(m.map_id, m);
+            by_id.insert(m.map_id, (fd, m));
         }
     }
     Ok(by_id.into_values().collect())
 }
 
-/// Memory of the held maps by name, named by the kernel's map info (`BPF_OBJ_GET_INFO_BY_FD`
-/// through aya). A map without a name, or whose info cannot be read, is named `id:<map_id>`.
+/// Memory of the held maps by name, named by the kernel's map info read through the
+/// process's own descriptor (`BPF_OBJ_GET_INFO_BY_FD`: no capability needed, unlike opening a
+/// map by id). A map without a name, or whose info cannot be read (its descriptor closed
+/// meanwhile), is named `id:<map_id>`.
 pub fn map_memory() -> std::io::Result<Vec<MapMemory>> {
-    let named = held_maps()?.into_iter().map(|m| {
-        let name = MapInfo::from_id(m.map_id)
-            .ok()
-            .and_then(|i| i.name_as_str().filter(|n| !n.is_empty()).map(str::to_owned))
-            .unwrap_or_else(|| format!("id:{}", m.map_id));
+    let named = held_maps()?.into_iter().map(|(fd, m)| {
+        let name = name_of(fd).unwrap_or_else(|| format!("id:{}", m.map_id));
         (name, m)
     });
     Ok(by_name(named))
+}
+
+/// The name of the map behind descriptor `fd` of this process, through a duplicate of it.
+fn name_of(fd: i32) -> Option<String> {
+    // SAFETY: borrowed only to duplicate it; a descriptor closed since the scan makes the
+    // duplicate fail (EBADF), and one reused by another file fails as not a map.
+    let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .ok()?;
+    let info = MapData::from_fd(dup).ok()?.info().ok()?;
+    info.name_as_str()
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
 }
 
 /// Groups maps by name, summing their memory.
