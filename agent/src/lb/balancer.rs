@@ -385,16 +385,26 @@ impl Service {
         Ok(())
     }
 
-    /// Takes the outcome of a sync; a failed write is retried on the next tick.
-    fn synced(&mut self, result: Result<(), String>, now: Instant) {
+    /// Takes the outcome of a sync; a failed write is retried on the next tick. `quiet`: many
+    /// services changed at once, and the caller logs them in one line (each at debug).
+    fn synced(&mut self, result: Result<(), String>, now: Instant, quiet: bool) {
         match result {
             Ok(()) => {
-                tracing::info!(
-                    "service {}: weights {:?} -> {:?}",
-                    self.plan.name,
-                    self.written,
-                    self.wanted
-                );
+                if quiet {
+                    tracing::debug!(
+                        "service {}: weights {:?} -> {:?}",
+                        self.plan.name,
+                        self.written,
+                        self.wanted
+                    );
+                } else {
+                    tracing::info!(
+                        "service {}: weights {:?} -> {:?}",
+                        self.plan.name,
+                        self.written,
+                        self.wanted
+                    );
+                }
                 if self.panic != self.wanted_panic {
                     tracing::warn!(
                         "service {}: {} panic (available backends below panic_threshold {})",
@@ -448,6 +458,19 @@ fn sync(services: &mut [Service], maps: &mut LbMaps, now: Instant) {
             results.insert(i, Err(e.to_string()));
         }
     }
+    // A node-wide event (a backend pool going away) changes thousands of services in one
+    // tick: one line for them all, not one each.
+    let quiet = due.len() > LOGGED_SERVICES_PER_TICK;
+    if quiet {
+        let names: Vec<&str> = (due.iter().take(LOGGED_SERVICES_PER_TICK))
+            .map(|&i| services[i].plan.name.as_str())
+            .collect();
+        tracing::info!(
+            "{} services' weights changed ({}, ...; each at log level debug)",
+            due.len(),
+            names.join(", ")
+        );
+    }
     for i in due {
         let result = match results.remove(&i) {
             Some(failed) => failed,
@@ -455,9 +478,12 @@ fn sync(services: &mut [Service], maps: &mut LbMaps, now: Instant) {
                 .write_after_table(maps)
                 .map_err(|e| e.to_string()),
         };
-        services[i].synced(result, now);
+        services[i].synced(result, now, quiet);
     }
 }
+
+/// More services than this changing weights in one tick are logged in one line.
+const LOGGED_SERVICES_PER_TICK: usize = 10;
 
 /// The connection table as of one walk, with the counters read right after it.
 #[derive(Default)]
