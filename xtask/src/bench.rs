@@ -6,6 +6,8 @@
 //! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
 //! which only `breaker-bench` has; `--out FILE` goes to both.
 
+mod health;
+
 use std::process::Command;
 
 use crate::{build, cmd, setup, sys, toolchain::Toolchain, workspace};
@@ -20,6 +22,9 @@ const BREAKER_ONLY: &[(&str, bool)] = &[
 const SHARED: &[(&str, bool)] = &[("--out", true)];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
+    if let Some(("health", rest)) = extra.split_first().map(|(a, r)| (a.as_str(), r)) {
+        return health::run(rest);
+    }
     // BPF_PROG_TEST_RUN, network namespaces and the agent need root.
     sys::require_root("cargo xtask bench (BPF_PROG_TEST_RUN, network namespaces)")?;
     let toolchain = setup::run()?;
