@@ -32,6 +32,10 @@ pub enum BreakerError {
 pub struct EjectionGuard {
     breakers: Vec<Breaker>,
     max_open: usize,
+    /// Kept up to date at every transition, so that a probe's outcome (every backend, every
+    /// second) costs O(1) and not a walk over the service's breakers.
+    open: usize,
+    next_deadline: Option<Instant>,
 }
 
 /// How many of `backends` may be open at once: `max_ejection_percent` of them rounded down,
@@ -47,6 +51,8 @@ impl EjectionGuard {
         EjectionGuard {
             breakers: (0..backends).map(|_| Breaker::new(cfg, now)).collect(),
             max_open: max_ejections(cfg.max_ejection_percent, backends),
+            open: 0,
+            next_deadline: None,
         }
     }
 
@@ -65,23 +71,21 @@ impl EjectionGuard {
 
     /// Breakers open or half-open: both keep their backend out of normal rotation.
     pub fn open_count(&self) -> usize {
-        self.breakers
-            .iter()
-            .filter(|b| b.state() != State::Closed)
-            .count()
+        self.open
     }
 
     /// The earliest time [`poll`](EjectionGuard::poll) has a transition to make.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.breakers
-            .iter()
-            .filter_map(Breaker::next_deadline)
-            .min()
+        self.next_deadline
     }
 
     /// Moves every breaker whose open period has passed to half-open.
     pub fn poll(&mut self, at: Instant) -> Vec<Event> {
-        self.breakers
+        if self.next_deadline.is_none_or(|d| at < d) {
+            return Vec::new();
+        }
+        let events: Vec<Event> = self
+            .breakers
             .iter_mut()
             .enumerate()
             .filter_map(|(backend, b)| {
@@ -90,7 +94,24 @@ impl EjectionGuard {
                     transition,
                 })
             })
-            .collect()
+            .collect();
+        self.refresh();
+        events
+    }
+
+    /// Recounts what the transitions just made changed: O(breakers), once per call that
+    /// made any.
+    fn refresh(&mut self) {
+        self.open = self
+            .breakers
+            .iter()
+            .filter(|b| b.state() != State::Closed)
+            .count();
+        self.next_deadline = self
+            .breakers
+            .iter()
+            .filter_map(Breaker::next_deadline)
+            .min();
     }
 
     /// Counts an outcome for one backend. Timers due by `at` fire first, so an outcome right
@@ -113,6 +134,7 @@ impl EjectionGuard {
                     backend,
                     transition,
                 });
+                self.refresh();
                 if transition.to == State::Closed {
                     self.grant_refused(at, &mut events);
                 }
@@ -124,6 +146,7 @@ impl EjectionGuard {
                         backend,
                         transition,
                     });
+                    self.refresh();
                 } else if self.breakers[backend].refused_at.is_none() {
                     // Reported once per refusal, not per failure: a dead backend held closed
                     // would otherwise flood the log at its probe rate.
@@ -162,6 +185,7 @@ impl EjectionGuard {
             .filter_map(|(i, b)| b.refused_at.map(|t| (t, i)))
             .collect();
         waiting.sort();
+        let mut opened = false;
         for (_, backend) in waiting {
             let b = &mut self.breakers[backend];
             match b.trip_reason(at) {
@@ -175,8 +199,14 @@ impl EjectionGuard {
                         backend,
                         transition,
                     });
+                    // The quota check above reads the count.
+                    self.open += 1;
+                    opened = true;
                 }
             }
+        }
+        if opened {
+            self.refresh();
         }
     }
 }
