@@ -89,13 +89,25 @@ impl ProbeFailure {
 /// through. Linger 0 closes probe connections with a RST (as HAProxy's checks do): thousands
 /// of backends probed every second would otherwise fill the agent's host with TIME_WAIT.
 pub async fn connect(addr: SocketAddr, options: &ProbeOptions) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    open(addr, options, true).await
+}
+
+/// [`connect`], with TCP_NODELAY only when data follows (`nodelay`): a TCP probe sends
+/// nothing. Non-blocking from `socket()` on: thousands of probes a second, each syscall
+/// counts.
+async fn open(addr: SocketAddr, options: &ProbeOptions, nodelay: bool) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if let Some(mark) = options.mark {
         socket.set_mark(mark)?;
     }
     socket.set_linger(Some(Duration::ZERO))?;
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
+    if nodelay {
+        socket.set_tcp_nodelay(true)?;
+    }
     TcpSocket::from_std_stream(socket.into())
         .connect(addr)
         .await
@@ -170,7 +182,8 @@ impl Probe {
     }
 
     async fn attempt_unbounded(&self) -> Result<(), ProbeFailure> {
-        let stream = connect(self.address, &self.options)
+        let http = matches!(self.kind, Kind::Http { .. });
+        let stream = open(self.address, &self.options, http)
             .await
             .map_err(|e| ProbeFailure::from_io(&e))?;
         match &self.kind {

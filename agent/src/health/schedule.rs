@@ -1,16 +1,22 @@
 //! When probes run and what they mean: the rise/fall counter, retry backoff, jitter, and the
 //! loop one backend's task runs.
 //!
-//! Each backend is one tokio task, asleep on tokio's timer wheel between probes: thousands of
-//! backends cost thousands of small futures, not threads. Probes follow a grid: probe `n` is
-//! due at a nominal time, starts up to `jitter` of the interval after it (so backends spread
-//! out instead of probing in lockstep), and must be done, retries included, by the next
-//! nominal time. Jitter never accumulates, so a backend is probed once per interval on
-//! average however long its probes take.
+//! One task runs every backend's schedule ([`drive`]): a heap of due times and the probes in
+//! flight, woken at most once per [`BATCH`] by its timer, so thousands of backends cost
+//! neither thousands of tasks nor a wake-up (and a thread switch) per probe. Probes follow a
+//! grid: probe `n` is due at a nominal time, starts up to `jitter` of the interval after it
+//! (so backends spread out instead of probing in lockstep), and must be done, retries
+//! included, by the next nominal time. Jitter never accumulates, so a backend is probed once
+//! per interval on average however long its probes take.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fastrand::Rng;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -137,43 +143,192 @@ pub async fn run_probe(
     }
 }
 
-/// The loop of one backend's task; ends when the receiver of results is gone.
-pub(crate) async fn run_backend(
+/// What the [`Checker`](super::Checker) asks of its task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Boxed: it is the large variant, and sent once per backend.
+    Add(Box<Added>),
+    Remove(BackendRef),
+}
+
+#[derive(Debug)]
+pub(crate) struct Added {
+    pub backend: BackendRef,
+    pub probe: Probe,
+    pub check: HealthCheck,
+    pub initial: Health,
+}
+
+/// Probes due within this long of each other start together, at the later time: the task
+/// wakes a few hundred times a second for thousands of backends, not once per probe. A probe
+/// starts at most this late; its deadline and the grid do not move.
+pub const BATCH: Duration = Duration::from_millis(5);
+
+/// One checked backend.
+struct Slot {
     backend: BackendRef,
-    probe: Probe,
+    probe: Arc<Probe>,
     check: HealthCheck,
-    initial: Health,
+    rise_fall: RiseFall,
+    /// Nominal time of the next (or current) probe.
+    nominal: Instant,
+    /// The current probe's deadline: the next nominal time.
+    deadline: Instant,
+    /// When the next probe starts (`None` while one is in flight): a heap entry of another
+    /// time is stale.
+    due: Option<Instant>,
+}
+
+impl Slot {
+    fn interval(&self) -> Duration {
+        interval_for(&self.check, self.rise_fall.health())
+    }
+}
+
+/// One probe with its attempts, owning what it needs, so that many run inside one task.
+async fn probe_once(
+    id: u64,
+    probe: Arc<Probe>,
+    timeout: Duration,
+    retry: Retry,
+    deadline: Instant,
+    seed: u64,
+) -> (u64, ProbeRun) {
+    let mut rng = Rng::with_seed(seed);
+    (
+        id,
+        run_probe(&probe, timeout, &retry, deadline, &mut rng).await,
+    )
+}
+
+/// The checker's task: every backend's schedule in a heap, every probe in flight in one
+/// `FuturesUnordered`, each result sent as it comes. Ends when the receiver of results or
+/// the checker is gone.
+///
+/// Per backend, probes follow a grid: probe `n` is due at a nominal time, starts up to
+/// `jitter` of the interval after it, and must be done, retries included, by the next
+/// nominal time. A loaded host or a slow receiver delays the grid; it never fires the missed
+/// probes in a burst.
+pub(crate) async fn drive(
+    mut commands: mpsc::UnboundedReceiver<Command>,
     results: mpsc::Sender<ProbeResult>,
 ) {
     let mut rng = Rng::new();
-    let mut rise_fall = RiseFall::new(initial, check.healthy_threshold, check.unhealthy_threshold);
-    let first_interval = interval_for(&check, initial);
-    // The first probe anywhere in the first interval: backends added together do not probe
-    // together for ever after.
-    let mut nominal = Instant::now() + first_interval.mul_f64(rng.f64());
+    let mut slots: HashMap<u64, Slot> = HashMap::new();
+    let mut ids: HashMap<BackendRef, u64> = HashMap::new();
+    let mut next_id = 0u64;
+    let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let sleep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
     loop {
-        let interval = interval_for(&check, rise_fall.health());
-        tokio::time::sleep_until(nominal + start_delay(interval, check.jitter, &mut rng)).await;
-        let deadline = nominal + interval;
-        let run = run_probe(&probe, check.timeout, &check.retry, deadline, &mut rng).await;
-        let changed = rise_fall.observe(run.outcome.is_ok());
-        let result = ProbeResult {
-            backend: backend.clone(),
-            at: std::time::Instant::now(),
-            outcome: run.outcome,
-            attempts: run.attempts,
-            latency: run.latency,
-            elapsed: run.elapsed,
-            health: rise_fall.health(),
-            changed,
-        };
-        if results.send(result).await.is_err() {
-            return;
+        let now = Instant::now();
+        while let Some(&Reverse((at, id))) = due.peek() {
+            if at > now {
+                break;
+            }
+            due.pop();
+            let Some(slot) = slots.get_mut(&id) else {
+                continue;
+            };
+            if slot.due != Some(at) {
+                continue;
+            }
+            slot.due = None;
+            slot.deadline = slot.nominal + slot.interval();
+            in_flight.push(probe_once(
+                id,
+                slot.probe.clone(),
+                slot.check.timeout,
+                slot.check.retry.clone(),
+                slot.deadline,
+                rng.u64(..),
+            ));
         }
-        // Behind schedule (a loaded host, a slow receiver): resume from now rather than
-        // firing the missed probes in a burst.
-        nominal = deadline.max(Instant::now());
+        // Wake for the next due probe, but no sooner than one batch from now; an earlier
+        // wake already set stays (re-arming costs a timer update per completed probe).
+        if let Some(&Reverse((at, _))) = due.peek() {
+            let wake = at.max(now + BATCH);
+            if armed.is_none_or(|a| a > wake) {
+                sleep.as_mut().reset(wake);
+                armed = Some(wake);
+            }
+        }
+        tokio::select! {
+            command = commands.recv() => match command {
+                None => return,
+                Some(Command::Add(added)) => {
+                    let Added { backend, probe, check, initial } = *added;
+                    let id = next_id;
+                    next_id += 1;
+                    let rise_fall =
+                        RiseFall::new(initial, check.healthy_threshold, check.unhealthy_threshold);
+                    // The first probe anywhere in the first interval: backends added together
+                    // do not probe together for ever after.
+                    let nominal = now + interval_for(&check, initial).mul_f64(rng.f64());
+                    let mut slot = Slot {
+                        backend: backend.clone(),
+                        probe: Arc::new(probe),
+                        check,
+                        rise_fall,
+                        nominal,
+                        deadline: nominal,
+                        due: None,
+                    };
+                    schedule(&mut slot, id, &mut due, &mut rng);
+                    if let Some(old) = ids.insert(backend, id) {
+                        slots.remove(&old);
+                    }
+                    slots.insert(id, slot);
+                }
+                Some(Command::Remove(backend)) => {
+                    if let Some(id) = ids.remove(&backend) {
+                        slots.remove(&id);
+                    }
+                }
+            },
+            Some((id, run)) = in_flight.next(), if !in_flight.is_empty() => {
+                // A removed backend's probe: its result is never sent.
+                let Some(slot) = slots.get_mut(&id) else {
+                    continue;
+                };
+                let changed = slot.rise_fall.observe(run.outcome.is_ok());
+                let result = ProbeResult {
+                    backend: slot.backend.clone(),
+                    at: std::time::Instant::now(),
+                    outcome: run.outcome,
+                    attempts: run.attempts,
+                    latency: run.latency,
+                    elapsed: run.elapsed,
+                    health: slot.rise_fall.health(),
+                    changed,
+                };
+                // Behind schedule (a loaded host, a slow receiver): resume from now rather
+                // than firing the missed probes in a burst.
+                slot.nominal = slot.deadline.max(Instant::now());
+                schedule(slot, id, &mut due, &mut rng);
+                if results.send(result).await.is_err() {
+                    return;
+                }
+            },
+            () = &mut sleep, if armed.is_some() => {
+                armed = None;
+            },
+        }
     }
+}
+
+/// Puts the slot's next probe in the heap: its nominal time plus jitter.
+fn schedule(
+    slot: &mut Slot,
+    id: u64,
+    due: &mut BinaryHeap<Reverse<(Instant, u64)>>,
+    rng: &mut Rng,
+) {
+    let at = slot.nominal + start_delay(slot.interval(), slot.check.jitter, rng);
+    slot.due = Some(at);
+    due.push(Reverse((at, id)));
 }
 
 fn interval_for(check: &HealthCheck, health: Health) -> Duration {
