@@ -49,7 +49,7 @@ use crate::{
     breaker::{EjectionGuard, Event, Outcome, State},
     config::{CompiledBackend, model::Policy},
     datapath::{BackendMaps, Datapath, DatapathError},
-    health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult},
+    health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult, on_grid},
 };
 
 // The agent's breaker codes are the datapath's: a mismatch would enforce the wrong state.
@@ -206,7 +206,14 @@ pub fn start(
     }
     let backends = sup.table.0.subscribe();
     let task = tokio::task::spawn_blocking(move || {
-        runtime.block_on(sup.run(checker, rx, passive_rx, stop));
+        // A task, not the future `block_on` polls: waking that one writes the runtime's
+        // eventfd even from its own thread, and a result arrives every few hundred
+        // microseconds.
+        runtime.block_on(async move {
+            if let Err(e) = tokio::spawn(sup.run(checker, rx, passive_rx, stop)).await {
+                tracing::warn!("backend supervisor: {e}");
+            }
+        });
         if let Some(p) = poller
             && p.join().is_err()
         {
@@ -343,7 +350,7 @@ impl Supervisor {
                 .min();
             let timer = async {
                 match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    Some(d) => tokio::time::sleep_until(on_grid(d).into()).await,
                     None => std::future::pending().await,
                 }
             };
@@ -476,7 +483,11 @@ impl Supervisor {
     /// Logs and counts breaker transitions, then writes each changed backend's state to the
     /// datapath once, as its breaker stands after all of them.
     fn apply(&mut self, service: &Arc<str>, events: Vec<Event>, now: Instant) {
+        if events.is_empty() {
+            return;
+        }
         let mut changed = BTreeSet::new();
+        let mut applied = Vec::with_capacity(events.len());
         for ev in events {
             let t = ev.transition;
             let key = (service.clone(), ev.backend);
@@ -491,17 +502,24 @@ impl Supervisor {
                     e.epoch = e.epoch.wrapping_add(1);
                 }
             }
-            let entry = row.entry;
-            self.table.update(|v| {
-                let b = &mut v[entry];
+            applied.push((row.entry, ev));
+        }
+        // One publication for all of them.
+        self.table.update(|v| {
+            for (entry, ev) in &applied {
+                let t = ev.transition;
+                let b = &mut v[*entry];
                 *b.transitions.entry((t.to, t.reason)).or_default() += 1;
                 if t.from != t.to {
                     b.breaker = Some(t.to);
                     b.since = t.at;
                 }
-            });
-            let real_now = Instant::now();
-            self.summarize_logs(real_now);
+            }
+        });
+        let real_now = Instant::now();
+        self.summarize_logs(real_now);
+        for (entry, ev) in applied {
+            let t = ev.transition;
             if self.transitions_log.admit(real_now, Move(t.from, t.to)) {
                 tracing::info!(
                     "breaker {}[{}] {}: {} -> {} ({})",

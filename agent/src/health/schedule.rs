@@ -159,10 +159,20 @@ pub(crate) struct Added {
     pub initial: Health,
 }
 
-/// Probes due within this long of each other start together, at the later time: the task
-/// wakes a few hundred times a second for thousands of backends, not once per probe. A probe
-/// starts at most this late; its deadline and the grid do not move.
+/// Probes due within one tick of this grid start together, at its end: the task wakes a few
+/// hundred times a second for thousands of backends, not once per probe. A probe starts at
+/// most this late; its deadline and its own grid do not move.
 pub const BATCH: Duration = Duration::from_millis(5);
+
+/// The first tick of the [`BATCH`] grid at or after `t`. The probes' timer and the
+/// supervisor's (breakers reopening) both fire on it, so their thread wakes once for both.
+pub fn on_grid(t: std::time::Instant) -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    let batch = BATCH.as_nanos();
+    let ticks = t.saturating_duration_since(epoch).as_nanos().div_ceil(batch);
+    epoch + Duration::from_nanos(u64::try_from(ticks * batch).unwrap_or(u64::MAX))
+}
 
 /// One checked backend.
 struct Slot {
@@ -246,10 +256,10 @@ pub(crate) async fn drive(
                 rng.u64(..),
             ));
         }
-        // Wake for the next due probe, but no sooner than one batch from now; an earlier
-        // wake already set stays (re-arming costs a timer update per completed probe).
+        // Wake at the grid's tick after the next due probe; an earlier wake already set
+        // stays (re-arming costs a timer update per completed probe).
         if let Some(&Reverse((at, _))) = due.peek() {
-            let wake = at.max(now + BATCH);
+            let wake = Instant::from_std(on_grid(at.into_std()));
             if armed.is_none_or(|a| a > wake) {
                 sleep.as_mut().reset(wake);
                 armed = Some(wake);
