@@ -32,7 +32,8 @@ use thiserror::Error;
 pub use checker::Checker;
 pub use probe::{Probe, ProbeFailure, ProbeOptions, connect};
 pub use schedule::{
-    BATCH, MIN_ATTEMPT, on_grid, ProbeRun, RiseFall, backoff, jittered_backoff, run_probe, start_delay,
+    BATCH, MIN_ATTEMPT, ProbeRun, RiseFall, backoff, jittered_backoff, on_grid, run_probe,
+    start_delay,
 };
 
 /// A backend as the caller knows it: its service, its index in the service's `backends`

@@ -170,7 +170,10 @@ pub fn on_grid(t: std::time::Instant) -> std::time::Instant {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(std::time::Instant::now);
     let batch = BATCH.as_nanos();
-    let ticks = t.saturating_duration_since(epoch).as_nanos().div_ceil(batch);
+    let ticks = t
+        .saturating_duration_since(epoch)
+        .as_nanos()
+        .div_ceil(batch);
     epoch + Duration::from_nanos(u64::try_from(ticks * batch).unwrap_or(u64::MAX))
 }
 
