@@ -120,14 +120,23 @@ fn probe_socket(addr: SocketAddr, options: &ProbeOptions) -> io::Result<Socket> 
     Ok(socket)
 }
 
-/// A TCP probe: a connect, closed at once. To a backend on the same host or across a veth
-/// the handshake (or the RST) is usually over before `connect()` returns, so the socket is
-/// asked once with `poll(2)` before it goes to the reactor: then the probe costs neither the
-/// two `epoll_ctl` of a registration nor a wake-up.
+/// A TCP probe: a connect, closed at once.
 async fn tcp_probe(addr: SocketAddr, options: &ProbeOptions) -> io::Result<()> {
+    match begin_connect(addr, options)? {
+        None => Ok(()),
+        Some(socket) => wait_connected(socket).await,
+    }
+}
+
+/// Opens a probe socket and connects it without waiting: `None` once connected, the socket
+/// while the handshake goes on. To a backend on the same host or across a veth the handshake
+/// (or the RST) is usually over before `connect()` returns, so the socket is asked once with
+/// `poll(2)` before anything waits on it: a probe that is over then costs neither the two
+/// `epoll_ctl` of a registration with the reactor nor a wake-up.
+fn begin_connect(addr: SocketAddr, options: &ProbeOptions) -> io::Result<Option<Socket>> {
     let socket = probe_socket(addr, options)?;
     match socket.connect(&addr.into()) {
-        Ok(()) => return Ok(()),
+        Ok(()) => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }
@@ -139,11 +148,33 @@ async fn tcp_probe(addr: SocketAddr, options: &ProbeOptions) -> io::Result<()> {
     // SAFETY: one valid pollfd for the duration of the call; timeout 0, no blocking.
     let ready = unsafe { libc::poll(&mut fd, 1, 0) };
     if ready == 1 {
-        return connect_outcome(socket.take_error());
+        return connect_outcome(socket.take_error()).map(|()| None);
     }
+    Ok(Some(socket))
+}
+
+/// Waits in the reactor for a connect [`begin_connect`] left in progress.
+async fn wait_connected(socket: Socket) -> io::Result<()> {
     let stream = TcpStream::from_std(socket.into())?;
     stream.writable().await?;
     connect_outcome(stream.take_error())
+}
+
+/// The start of a TCP probe's single attempt, taken by the scheduler itself
+/// ([`Probe::start_tcp`]): most are over at once and need no future at all.
+#[derive(Debug)]
+pub(crate) enum Started {
+    Done(Result<(), ProbeFailure>),
+    /// Connecting: finish with [`finish_connect`].
+    Connecting(Socket),
+}
+
+/// Waits up to `timeout` for a connect [`Probe::start_tcp`] left in progress.
+pub(crate) async fn finish_connect(socket: Socket, timeout: Duration) -> Result<(), ProbeFailure> {
+    match tokio::time::timeout(timeout, wait_connected(socket)).await {
+        Ok(result) => result.map_err(|e| ProbeFailure::from_io(&e)),
+        Err(_) => Err(ProbeFailure::Timeout(timeout)),
+    }
 }
 
 /// What `SO_ERROR` says of a connect that is over: none, connected.
@@ -212,6 +243,19 @@ impl Probe {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// For a TCP probe, the start of one attempt without the reactor (see
+    /// [`begin_connect`]); `None` for an HTTP probe.
+    pub(crate) fn start_tcp(&self) -> Option<Started> {
+        if !matches!(self.kind, Kind::Tcp) {
+            return None;
+        }
+        Some(match begin_connect(self.address, &self.options) {
+            Ok(None) => Started::Done(Ok(())),
+            Ok(Some(socket)) => Started::Connecting(socket),
+            Err(e) => Started::Done(Err(ProbeFailure::from_io(&e))),
+        })
     }
 
     /// One attempt, bounded by `timeout` from connect to status line.

@@ -20,7 +20,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::probe::{Probe, ProbeFailure};
+use super::probe::{Probe, ProbeFailure, Started, finish_connect};
 use super::{BackendRef, Health, ProbeResult};
 use crate::config::{HealthCheck, Percent, Retry};
 
@@ -198,20 +198,86 @@ impl Slot {
     }
 }
 
-/// One probe with its attempts, owning what it needs, so that many run inside one task.
-async fn probe_once(
+/// What is left of a probe once it is started, owning what it needs, so that many run
+/// inside one task.
+enum Work {
+    /// Every attempt, with backoff ([`run_probe`]).
+    Attempts {
+        probe: Arc<Probe>,
+        timeout: Duration,
+        retry: Retry,
+        deadline: Instant,
+        seed: u64,
+    },
+    /// A single TCP attempt whose connect is in progress ([`Probe::start_tcp`]).
+    Connecting {
+        socket: socket2::Socket,
+        timeout: Duration,
+        began: Instant,
+    },
+}
+
+async fn probe_once(id: u64, work: Work) -> (u64, ProbeRun) {
+    let run = match work {
+        Work::Attempts {
+            probe,
+            timeout,
+            retry,
+            deadline,
+            seed,
+        } => {
+            let mut rng = Rng::with_seed(seed);
+            run_probe(&probe, timeout, &retry, deadline, &mut rng).await
+        }
+        Work::Connecting {
+            socket,
+            timeout,
+            began,
+        } => {
+            let outcome = finish_connect(socket, timeout).await;
+            single_attempt(outcome, began)
+        }
+    };
+    (id, run)
+}
+
+/// The run of a probe of one attempt that began at `began` and just ended.
+fn single_attempt(outcome: Result<(), ProbeFailure>, began: Instant) -> ProbeRun {
+    let took = began.elapsed();
+    ProbeRun {
+        outcome,
+        attempts: 1,
+        latency: took,
+        elapsed: took,
+    }
+}
+
+/// Counts a finished probe in its backend's rise/fall, schedules the next one and returns
+/// the result to send.
+fn conclude(
+    slot: &mut Slot,
     id: u64,
-    probe: Arc<Probe>,
-    timeout: Duration,
-    retry: Retry,
-    deadline: Instant,
-    seed: u64,
-) -> (u64, ProbeRun) {
-    let mut rng = Rng::with_seed(seed);
-    (
-        id,
-        run_probe(&probe, timeout, &retry, deadline, &mut rng).await,
-    )
+    run: ProbeRun,
+    due: &mut BinaryHeap<Reverse<(Instant, u64)>>,
+    rng: &mut Rng,
+) -> ProbeResult {
+    let changed = slot.rise_fall.observe(run.outcome.is_ok());
+    let at = std::time::Instant::now();
+    let result = ProbeResult {
+        backend: slot.backend.clone(),
+        at,
+        outcome: run.outcome,
+        attempts: run.attempts,
+        latency: run.latency,
+        elapsed: run.elapsed,
+        health: slot.rise_fall.health(),
+        changed,
+    };
+    // Behind schedule (a loaded host, a slow receiver): resume from now rather than firing
+    // the missed probes in a burst.
+    slot.nominal = slot.deadline.max(Instant::from_std(at));
+    schedule(slot, id, due, rng);
+    result
 }
 
 /// The checker's task: every backend's schedule in a heap, every probe in flight in one
@@ -232,6 +298,8 @@ pub(crate) async fn drive(
     let mut next_id = 0u64;
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     let mut in_flight = FuturesUnordered::new();
+    // Probes over as soon as started: (id, run), concluded after the starting loop.
+    let mut done: Vec<(u64, ProbeRun)> = Vec::new();
     let sleep = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
@@ -250,14 +318,43 @@ pub(crate) async fn drive(
             }
             slot.due = None;
             slot.deadline = slot.nominal + slot.interval();
-            in_flight.push(probe_once(
-                id,
-                slot.probe.clone(),
-                slot.check.timeout,
-                slot.check.retry.clone(),
-                slot.deadline,
-                rng.u64(..),
-            ));
+            let timeout = slot.check.timeout;
+            // A TCP probe without retries is started here: most are over before connect()
+            // returns, and need no future, no timer and no wake-up.
+            let began = Instant::now();
+            let started = if slot.check.retry.max_attempts <= 1 {
+                slot.probe.start_tcp()
+            } else {
+                None
+            };
+            let work = match started {
+                Some(Started::Done(outcome)) => {
+                    done.push((id, single_attempt(outcome, began)));
+                    continue;
+                }
+                Some(Started::Connecting(socket)) => Work::Connecting {
+                    socket,
+                    timeout,
+                    began,
+                },
+                None => Work::Attempts {
+                    probe: slot.probe.clone(),
+                    timeout,
+                    retry: slot.check.retry.clone(),
+                    deadline: slot.deadline,
+                    seed: rng.u64(..),
+                },
+            };
+            in_flight.push(probe_once(id, work));
+        }
+        for (id, run) in done.drain(..) {
+            let Some(slot) = slots.get_mut(&id) else {
+                continue;
+            };
+            let result = conclude(slot, id, run, &mut due, &mut rng);
+            if results.send(result).await.is_err() {
+                return;
+            }
         }
         // Wake at the grid's tick after the next due probe; an earlier wake already set
         // stays (re-arming costs a timer update per completed probe).
@@ -306,21 +403,7 @@ pub(crate) async fn drive(
                 let Some(slot) = slots.get_mut(&id) else {
                     continue;
                 };
-                let changed = slot.rise_fall.observe(run.outcome.is_ok());
-                let result = ProbeResult {
-                    backend: slot.backend.clone(),
-                    at: std::time::Instant::now(),
-                    outcome: run.outcome,
-                    attempts: run.attempts,
-                    latency: run.latency,
-                    elapsed: run.elapsed,
-                    health: slot.rise_fall.health(),
-                    changed,
-                };
-                // Behind schedule (a loaded host, a slow receiver): resume from now rather
-                // than firing the missed probes in a burst.
-                slot.nominal = slot.deadline.max(Instant::now());
-                schedule(slot, id, &mut due, &mut rng);
+                let result = conclude(slot, id, run, &mut due, &mut rng);
                 if results.send(result).await.is_err() {
                     return;
                 }

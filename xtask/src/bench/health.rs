@@ -349,19 +349,22 @@ impl<'a> Bench<'a> {
         let wall = began.elapsed();
         checker.check_running()?;
         checker.stop()?;
+        let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / clock_ticks());
         let row = Row {
             label: label.to_owned(),
-            cpu: Duration::from_secs_f64((cpu1 - cpu0) as f64 / clock_ticks()),
+            cpu: secs(cpu1.total() - cpu0.total()),
+            system: secs(cpu1.system - cpu0.system),
             wall,
             probes: syn1 - syn0,
             lines: last_lines - lines0,
             peak_lines: peak,
         };
         println!(
-            "bench health: {label}: {:.1}% of a core, {} probes, {:.1} us per probe, {} log lines",
+            "bench health: {label}: {:.1}% of a core, {} probes, {:.1} us per probe ({:.1} system), {} log lines",
             row.cpu_percent(),
             row.probes,
             row.us_per_probe(),
+            row.per_probe(row.system),
             row.lines
         );
         Ok(row)
@@ -491,8 +494,21 @@ impl Checker {
     }
 }
 
-/// utime + stime of every thread of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+/// CPU time of a process, every thread, in clock ticks.
+#[derive(Clone, Copy)]
+struct Ticks {
+    user: u64,
+    system: u64,
+}
+
+impl Ticks {
+    fn total(self) -> u64 {
+        self.user + self.system
+    }
+}
+
+/// utime and stime of every thread of `pid`.
+fn cpu_ticks(pid: u32) -> Result<Ticks> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // The command name may hold spaces and parentheses: fields are counted after the last ')'.
@@ -505,7 +521,10 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
             .and_then(|f| f.parse().ok())
             .with_context(|| format!("field {n} of {path}"))
     };
-    Ok(field(14)? + field(15)?)
+    Ok(Ticks {
+        user: field(14)?,
+        system: field(15)?,
+    })
 }
 
 fn clock_ticks() -> f64 {
@@ -517,6 +536,9 @@ fn clock_ticks() -> f64 {
 struct Row {
     label: String,
     cpu: Duration,
+    /// The kernel's share of `cpu` (stime): syscalls, and the softirq work of the probes'
+    /// packets that runs in the process's context.
+    system: Duration,
     wall: Duration,
     probes: u64,
     lines: u64,
@@ -529,10 +551,14 @@ impl Row {
     }
 
     fn us_per_probe(&self) -> f64 {
+        self.per_probe(self.cpu)
+    }
+
+    fn per_probe(&self, cpu: Duration) -> f64 {
         if self.probes == 0 {
             return f64::NAN;
         }
-        self.cpu.as_secs_f64() * 1e6 / self.probes as f64
+        cpu.as_secs_f64() * 1e6 / self.probes as f64
     }
 }
 
@@ -565,19 +591,20 @@ fn report(args: &Args, rows: &[Row]) -> String {
     );
     let _ = writeln!(
         t,
-        "| checker | CPU, % of a core | probes | probes/s | us CPU per probe | x HAProxy | log lines | most lines in 1 s |"
+        "| checker | CPU, % of a core | probes | probes/s | us CPU per probe | of which system | x HAProxy | log lines | most lines in 1 s |"
     );
-    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let base = rows.first().map(Row::us_per_probe).unwrap_or(f64::NAN);
     for r in rows {
         let _ = writeln!(
             t,
-            "| {} | {:.1} | {} | {:.0} | {:.1} | {:.2} | {} | {} |",
+            "| {} | {:.1} | {} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} |",
             r.label,
             r.cpu_percent(),
             r.probes,
             r.probes as f64 / r.wall.as_secs_f64(),
             r.us_per_probe(),
+            r.per_probe(r.system),
             r.us_per_probe() / base,
             r.lines,
             r.peak_lines
