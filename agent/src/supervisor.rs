@@ -131,6 +131,8 @@ struct Enforced {
 struct Row {
     /// Position in the published [`Backends`].
     entry: usize,
+    /// Its service has breakers.
+    breaker: bool,
     enforced: Option<Enforced>,
 }
 
@@ -150,6 +152,8 @@ struct Supervisor {
     retry_at: Option<Instant>,
     transitions_log: LogLimiter<Move>,
     health_log: LogLimiter<crate::health::Health>,
+    /// Scratch of [`on_probes`](Supervisor::on_probes), kept to spare an allocation a batch.
+    found: Vec<(usize, usize, bool)>,
 }
 
 /// Starts health checks and breakers for every service with backends, and the passive
@@ -286,6 +290,7 @@ impl Supervisor {
             retry_at: None,
             transitions_log: LogLimiter::new(LOG_LINES, LOG_PERIOD),
             health_log: LogLimiter::new(LOG_LINES, LOG_PERIOD),
+            found: Vec::new(),
         };
         let mut by_position: HashMap<(usize, usize), &CompiledBackend> =
             enforced.iter().map(|b| ((b.service, b.index), b)).collect();
@@ -325,8 +330,16 @@ impl Supervisor {
             self.by_id.insert(e.backend.id, key.clone());
         }
         let entry = self.table.0.borrow().len();
+        let breaker = backend.breaker.is_some();
         self.table.update(|v| v.push(backend));
-        self.rows.insert(key, Row { entry, enforced });
+        self.rows.insert(
+            key,
+            Row {
+                entry,
+                breaker,
+                enforced,
+            },
+        );
     }
 
     async fn run(
@@ -385,32 +398,36 @@ impl Supervisor {
                 tracing::info!("backend {} is now {}", r.backend, r.health);
             }
         }
-        let (rows, guards) = (&self.rows, &self.guards);
+        // One lookup per result: (position in the batch, in the table, has a breaker).
+        let mut found = std::mem::take(&mut self.found);
+        found.clear();
+        for (i, r) in batch.iter().enumerate() {
+            if let Some(row) = self.rows.get(&(r.backend.service.clone(), r.backend.index)) {
+                found.push((i, row.entry, row.breaker));
+            }
+        }
         self.table.update(|v| {
-            for r in batch {
-                let key = (r.backend.service.clone(), r.backend.index);
-                let Some(row) = rows.get(&key) else {
-                    continue;
-                };
-                count_probe(
-                    &mut v[row.entry],
-                    r,
-                    guards.contains_key(&r.backend.service),
-                );
+            for &(i, entry, breaker) in &found {
+                count_probe(&mut v[entry], &batch[i], breaker);
             }
         });
-        for r in batch {
-            let key = (r.backend.service.clone(), r.backend.index);
-            if !self.rows.contains_key(&key) {
+        for &(i, _, breaker) in &found {
+            if !breaker {
                 continue;
             }
+            let r = &batch[i];
             let outcome = if r.outcome.is_ok() {
                 Outcome::Success
             } else {
                 Outcome::Failure
             };
-            self.record(&key, r.at, &[outcome]);
+            self.record(
+                &(r.backend.service.clone(), r.backend.index),
+                r.at,
+                &[outcome],
+            );
         }
+        self.found = found;
     }
 
     /// Counts one tick of passive observations and feeds them to the breakers.

@@ -6,6 +6,8 @@
 //! a breaker refused stays closed (its backend fails open) and is granted in the order of
 //! refusal once another breaker closes, if it still wants to open then.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use thiserror::Error;
@@ -35,7 +37,9 @@ pub struct EjectionGuard {
     /// Kept up to date at every transition, so that a probe's outcome (every backend, every
     /// second) costs O(1) and not a walk over the service's breakers.
     open: usize,
-    next_deadline: Option<Instant>,
+    /// The end of each open period, soonest first: `(until, backend)`. A breaker leaves
+    /// `open` only through [`poll`](EjectionGuard::poll), which pops its entry.
+    deadlines: BinaryHeap<Reverse<(Instant, usize)>>,
 }
 
 /// How many of `backends` may be open at once: `max_ejection_percent` of them rounded down,
@@ -52,7 +56,7 @@ impl EjectionGuard {
             breakers: (0..backends).map(|_| Breaker::new(cfg, now)).collect(),
             max_open: max_ejections(cfg.max_ejection_percent, backends),
             open: 0,
-            next_deadline: None,
+            deadlines: BinaryHeap::new(),
         }
     }
 
@@ -76,42 +80,39 @@ impl EjectionGuard {
 
     /// The earliest time [`poll`](EjectionGuard::poll) has a transition to make.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.next_deadline
+        self.deadlines.peek().map(|Reverse((until, _))| *until)
     }
 
     /// Moves every breaker whose open period has passed to half-open.
     pub fn poll(&mut self, at: Instant) -> Vec<Event> {
-        if self.next_deadline.is_none_or(|d| at < d) {
-            return Vec::new();
-        }
-        let events: Vec<Event> = self
-            .breakers
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(backend, b)| {
-                b.poll(at).map(|transition| Event {
+        let mut events = Vec::new();
+        while let Some(&Reverse((until, backend))) = self.deadlines.peek() {
+            if until > at {
+                break;
+            }
+            self.deadlines.pop();
+            if let Some(transition) = self.breakers[backend].poll(at) {
+                events.push(Event {
                     backend,
                     transition,
-                })
-            })
-            .collect();
-        self.refresh();
+                });
+            }
+        }
         events
     }
 
-    /// Recounts what the transitions just made changed: O(breakers), once per call that
-    /// made any.
-    fn refresh(&mut self) {
-        self.open = self
-            .breakers
-            .iter()
-            .filter(|b| b.state() != State::Closed)
-            .count();
-        self.next_deadline = self
-            .breakers
-            .iter()
-            .filter_map(Breaker::next_deadline)
-            .min();
+    /// Keeps the open count and the deadlines in step with a transition.
+    fn note(&mut self, backend: usize, t: &Transition) {
+        match (t.from == State::Closed, t.to == State::Closed) {
+            (true, false) => self.open += 1,
+            (false, true) => self.open -= 1,
+            _ => {}
+        }
+        if let Some(until) = self.breakers[backend].next_deadline()
+            && t.to == State::Open
+        {
+            self.deadlines.push(Reverse((until, backend)));
+        }
     }
 
     /// Counts an outcome for one backend. Timers due by `at` fire first, so an outcome right
@@ -134,7 +135,7 @@ impl EjectionGuard {
                     backend,
                     transition,
                 });
-                self.refresh();
+                self.note(backend, &transition);
                 if transition.to == State::Closed {
                     self.grant_refused(at, &mut events);
                 }
@@ -146,7 +147,7 @@ impl EjectionGuard {
                         backend,
                         transition,
                     });
-                    self.refresh();
+                    self.note(backend, &transition);
                 } else if self.breakers[backend].refused_at.is_none() {
                     // Reported once per refusal, not per failure: a dead backend held closed
                     // would otherwise flood the log at its probe rate.
@@ -185,7 +186,6 @@ impl EjectionGuard {
             .filter_map(|(i, b)| b.refused_at.map(|t| (t, i)))
             .collect();
         waiting.sort();
-        let mut opened = false;
         for (_, backend) in waiting {
             let b = &mut self.breakers[backend];
             match b.trip_reason(at) {
@@ -200,13 +200,9 @@ impl EjectionGuard {
                         transition,
                     });
                     // The quota check above reads the count.
-                    self.open += 1;
-                    opened = true;
+                    self.note(backend, &transition);
                 }
             }
-        }
-        if opened {
-            self.refresh();
         }
     }
 }

@@ -11,7 +11,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use fastrand::Rng;
@@ -179,8 +178,10 @@ pub fn on_grid(t: std::time::Instant) -> std::time::Instant {
 
 /// One checked backend.
 struct Slot {
+    /// Its id in [`Slots`].
+    id: u64,
     backend: BackendRef,
-    probe: Arc<Probe>,
+    probe: Probe,
     check: HealthCheck,
     rise_fall: RiseFall,
     /// Nominal time of the next (or current) probe.
@@ -198,12 +199,59 @@ impl Slot {
     }
 }
 
+/// The checked backends by id: a slab (index in the low 32 bits of the id, a generation in
+/// the high ones), so that a probe's result finds its backend without hashing, and the
+/// result of a removed backend's probe finds nothing even once its place is reused.
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    generation: u32,
+}
+
+impl Slots {
+    fn next_id(&mut self) -> u64 {
+        let index = self.free.last().copied().unwrap_or(self.slots.len());
+        self.generation = self.generation.wrapping_add(1);
+        (u64::from(self.generation) << 32) | index as u64
+    }
+
+    /// Puts a slot whose id came from [`next_id`](Slots::next_id), just before.
+    fn insert(&mut self, slot: Slot) {
+        let index = (slot.id & u64::from(u32::MAX)) as usize;
+        if self.free.last() == Some(&index) {
+            self.free.pop();
+            self.slots[index] = Some(slot);
+        } else {
+            self.slots.push(Some(slot));
+        }
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Slot> {
+        let index = (id & u64::from(u32::MAX)) as usize;
+        self.slots
+            .get_mut(index)?
+            .as_mut()
+            .filter(|slot| slot.id == id)
+    }
+
+    fn remove(&mut self, id: u64) {
+        let index = (id & u64::from(u32::MAX)) as usize;
+        if let Some(place) = self.slots.get_mut(index)
+            && place.as_ref().is_some_and(|slot| slot.id == id)
+        {
+            *place = None;
+            self.free.push(index);
+        }
+    }
+}
+
 /// What is left of a probe once it is started, owning what it needs, so that many run
 /// inside one task.
 enum Work {
     /// Every attempt, with backoff ([`run_probe`]).
     Attempts {
-        probe: Arc<Probe>,
+        probe: Probe,
         timeout: Duration,
         retry: Retry,
         deadline: Instant,
@@ -293,9 +341,8 @@ pub(crate) async fn drive(
     results: mpsc::Sender<ProbeResult>,
 ) {
     let mut rng = Rng::new();
-    let mut slots: HashMap<u64, Slot> = HashMap::new();
+    let mut slots = Slots::default();
     let mut ids: HashMap<BackendRef, u64> = HashMap::new();
-    let mut next_id = 0u64;
     let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
     let mut in_flight = FuturesUnordered::new();
     // Probes over as soon as started: (id, run), concluded after the starting loop.
@@ -310,7 +357,7 @@ pub(crate) async fn drive(
                 break;
             }
             due.pop();
-            let Some(slot) = slots.get_mut(&id) else {
+            let Some(slot) = slots.get_mut(id) else {
                 continue;
             };
             if slot.due != Some(at) {
@@ -348,7 +395,7 @@ pub(crate) async fn drive(
             in_flight.push(probe_once(id, work));
         }
         for (id, run) in done.drain(..) {
-            let Some(slot) = slots.get_mut(&id) else {
+            let Some(slot) = slots.get_mut(id) else {
                 continue;
             };
             let result = conclude(slot, id, run, &mut due, &mut rng);
@@ -370,16 +417,19 @@ pub(crate) async fn drive(
                 None => return,
                 Some(Command::Add(added)) => {
                     let Added { backend, probe, check, initial } = *added;
-                    let id = next_id;
-                    next_id += 1;
+                    if let Some(old) = ids.remove(&backend) {
+                        slots.remove(old);
+                    }
+                    let id = slots.next_id();
                     let rise_fall =
                         RiseFall::new(initial, check.healthy_threshold, check.unhealthy_threshold);
                     // The first probe anywhere in the first interval: backends added together
                     // do not probe together for ever after.
                     let nominal = now + interval_for(&check, initial).mul_f64(rng.f64());
                     let mut slot = Slot {
+                        id,
                         backend: backend.clone(),
-                        probe: Arc::new(probe),
+                        probe,
                         check,
                         rise_fall,
                         nominal,
@@ -387,20 +437,18 @@ pub(crate) async fn drive(
                         due: None,
                     };
                     schedule(&mut slot, id, &mut due, &mut rng);
-                    if let Some(old) = ids.insert(backend, id) {
-                        slots.remove(&old);
-                    }
-                    slots.insert(id, slot);
+                    ids.insert(backend, id);
+                    slots.insert(slot);
                 }
                 Some(Command::Remove(backend)) => {
                     if let Some(id) = ids.remove(&backend) {
-                        slots.remove(&id);
+                        slots.remove(id);
                     }
                 }
             },
             Some((id, run)) = in_flight.next(), if !in_flight.is_empty() => {
                 // A removed backend's probe: its result is never sent.
-                let Some(slot) = slots.get_mut(&id) else {
+                let Some(slot) = slots.get_mut(id) else {
                     continue;
                 };
                 let result = conclude(slot, id, run, &mut due, &mut rng);

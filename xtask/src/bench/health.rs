@@ -64,6 +64,10 @@ struct Args {
     /// Seconds of measurement per checker.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// Rounds: each runs every checker in turn; a checker's figures are summed over them (the
+    /// machine's other load then falls on all checkers alike), with the spread per round.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Seconds each checker runs before the measurement starts.
     #[arg(long, default_value_t = 8)]
     warmup: u64,
@@ -94,28 +98,28 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     let tmp = TempDir::new()?;
     let backends = backends(args.backends);
 
-    let mut rows = Vec::new();
     let haproxy_cfg = tmp.write("haproxy.cfg", &haproxy_config(&backends))?;
-    rows.push(
-        bench.measure("HAProxy 2.6 (`check inter 1s fall 3 rise 2`)", || {
-            Checker::haproxy(&topo.client, &haproxy_cfg)
-        })?,
-    );
-    for (label, breakers) in [
-        ("agent, health checks", false),
-        ("agent, health checks + a breaker per backend", true),
-    ] {
-        let name = if breakers {
-            "breakers.yaml"
-        } else {
-            "health.yaml"
-        };
-        let config = tmp.write(
-            name,
-            &agent_policy(&topo.client_if, &backends, args.per_service, breakers),
-        )?;
-        rows.push(bench.measure(label, || Checker::agent(&agent, &topo.client, &config))?);
+    let mut agent_cfgs = Vec::new();
+    for (name, breakers) in [("health.yaml", false), ("breakers.yaml", true)] {
+        let policy = agent_policy(&topo.client_if, &backends, args.per_service, breakers);
+        agent_cfgs.push(tmp.write(name, &policy)?);
     }
+    let labels = [
+        "HAProxy 2.6 (`check inter 1s fall 3 rise 2`)",
+        "agent, health checks",
+        "agent, health checks + a breaker per backend",
+    ];
+    let mut runs: Vec<Vec<Row>> = labels.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds.max(1) {
+        println!("bench health: round {round} of {}", args.rounds.max(1));
+        runs[0].push(bench.measure(labels[0], || Checker::haproxy(&topo.client, &haproxy_cfg))?);
+        for (i, config) in agent_cfgs.iter().enumerate() {
+            runs[i + 1].push(bench.measure(labels[i + 1], || {
+                Checker::agent(&agent, &topo.client, config)
+            })?);
+        }
+    }
+    let rows: Vec<Row> = runs.iter().map(|r| Row::sum(r)).collect();
     drop(bench);
 
     let section = report(&args, &rows);
@@ -352,6 +356,7 @@ impl<'a> Bench<'a> {
         let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / clock_ticks());
         let row = Row {
             label: label.to_owned(),
+            spread: (f64::NAN, f64::NAN),
             cpu: secs(cpu1.total() - cpu0.total()),
             system: secs(cpu1.system - cpu0.system),
             wall,
@@ -535,6 +540,8 @@ fn clock_ticks() -> f64 {
 
 struct Row {
     label: String,
+    /// us CPU per probe of the least and the most costly round.
+    spread: (f64, f64),
     cpu: Duration,
     /// The kernel's share of `cpu` (stime): syscalls, and the softirq work of the probes'
     /// packets that runs in the process's context.
@@ -546,6 +553,24 @@ struct Row {
 }
 
 impl Row {
+    /// The rounds of one checker as one row.
+    fn sum(rounds: &[Row]) -> Row {
+        let per_probe: Vec<f64> = rounds.iter().map(Row::us_per_probe).collect();
+        Row {
+            label: rounds[0].label.clone(),
+            spread: (
+                per_probe.iter().copied().fold(f64::INFINITY, f64::min),
+                per_probe.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            ),
+            cpu: rounds.iter().map(|r| r.cpu).sum(),
+            system: rounds.iter().map(|r| r.system).sum(),
+            wall: rounds.iter().map(|r| r.wall).sum(),
+            probes: rounds.iter().map(|r| r.probes).sum(),
+            lines: rounds.iter().map(|r| r.lines).sum(),
+            peak_lines: rounds.iter().map(|r| r.peak_lines).max().unwrap_or(0),
+        }
+    }
+
     fn cpu_percent(&self) -> f64 {
         100.0 * self.cpu.as_secs_f64() / self.wall.as_secs_f64()
     }
@@ -573,9 +598,12 @@ fn report(args: &Args, rows: &[Row]) -> String {
          a server namespace, half listening (one wildcard listener that accepts and closes), \
          half refusing (nothing listens: the kernel answers RST); each checker runs alone in \
          the client namespace across a veth, probing every backend every second, warmed up \
-         {} s, then measured for {} s: process CPU (utime + stime of all threads, \
-         /proc/PID/stat), probes (SYNs counted by an nftables counter in the server \
-         namespace), lines printed (and the most in one second). HAProxy: one `backend` of \
+         {} s, then measured for {} s, in {} rounds of every checker in turn (figures summed \
+         over the rounds; the machine is shared, so the rounds also show the noise): process \
+         CPU (utime + stime of all threads, /proc/PID/stat; *system* is stime: syscalls and \
+         the softirq work of the probes' packets, run in the process's context), probes \
+         (SYNs counted by an nftables counter in the server namespace), lines printed (and \
+         the most in one second). HAProxy: one `backend` of \
          every server, `default-server check inter 1s fall 3 rise 2`, `timeout check 500ms`, \
          its default threads. The agent: services of {} backends, `health_check: {{type: \
          tcp, interval: 1s, unhealthy_interval: 1s, timeout: 500ms, healthy_threshold: 2, \
@@ -587,24 +615,27 @@ fn report(args: &Args, rows: &[Row]) -> String {
         args.backends,
         args.warmup,
         args.seconds,
+        args.rounds.max(1),
         args.per_service
     );
     let _ = writeln!(
         t,
-        "| checker | CPU, % of a core | probes | probes/s | us CPU per probe | of which system | x HAProxy | log lines | most lines in 1 s |"
+        "| checker | CPU, % of a core | probes | probes/s | us CPU per probe | of which system | rounds: least-most | x HAProxy | log lines | most lines in 1 s |"
     );
-    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let base = rows.first().map(Row::us_per_probe).unwrap_or(f64::NAN);
     for r in rows {
         let _ = writeln!(
             t,
-            "| {} | {:.1} | {} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} |",
+            "| {} | {:.1} | {} | {:.0} | {:.1} | {:.1} | {:.1}-{:.1} | {:.2} | {} | {} |",
             r.label,
             r.cpu_percent(),
             r.probes,
             r.probes as f64 / r.wall.as_secs_f64(),
             r.us_per_probe(),
             r.per_probe(r.system),
+            r.spread.0,
+            r.spread.1,
             r.us_per_probe() / base,
             r.lines,
             r.peak_lines
