@@ -22,6 +22,7 @@
 //! `Plan::needs_restart_from`): ids and breakers are built once, at start.
 
 mod backend;
+mod log_limit;
 mod passive;
 #[cfg(test)]
 mod tests;
@@ -41,13 +42,14 @@ pub use agent_common::status::{BackendStatus, LATENCY_BUCKETS, PassiveCounts};
 pub use backend::{Backend, BackendId, Backends, BackendsRx, UNCHECKED};
 pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK};
 
+use log_limit::LogLimiter;
 use passive::{BreakerFeed as _, PassiveBackend, PassiveBatch};
 
 use crate::{
     breaker::{EjectionGuard, Event, Outcome, State},
     config::{CompiledBackend, model::Policy},
     datapath::{BackendMaps, Datapath, DatapathError},
-    health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult},
+    health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult, on_grid},
 };
 
 // The agent's breaker codes are the datapath's: a mismatch would enforce the wrong state.
@@ -59,6 +61,25 @@ const _: () = assert!(
 
 /// A failed map write is tried again after this long (the entry keeps its last state).
 const WRITE_RETRY: Duration = Duration::from_secs(1);
+
+/// Probe results taken from the channel at once: one publication and one deadline
+/// computation for all of them.
+const PROBE_BATCH: usize = 256;
+
+/// Per-backend INFO lines of breaker transitions (and, apart, of health changes) per
+/// [`LOG_PERIOD`]; the rest are summed up in one line per period. Metrics count them all.
+const LOG_LINES: u32 = 20;
+const LOG_PERIOD: Duration = Duration::from_secs(1);
+
+/// A kind of breaker transition, as the log's summary counts them: `open->half_open`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Move(State, State);
+
+impl std::fmt::Display for Move {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}->{}", self.0, self.1)
+    }
+}
 
 /// The supervisor's side of the channel: it alone writes, at every probe, passive report and
 /// transition. `send_modify` updates the value even while nobody is subscribed.
@@ -80,6 +101,8 @@ pub enum SupervisorError {
     },
     #[error("opening the breaker maps: {0}")]
     Maps(#[source] DatapathError),
+    #[error("starting the health checks' runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// The channel the balancer and status read, and the task that publishes on it.
@@ -108,6 +131,8 @@ struct Enforced {
 struct Row {
     /// Position in the published [`Backends`].
     entry: usize,
+    /// Its service has breakers.
+    breaker: bool,
     enforced: Option<Enforced>,
 }
 
@@ -125,6 +150,10 @@ struct Supervisor {
     /// Backends whose last write failed, written again at `retry_at`.
     unsynced: BTreeSet<Key>,
     retry_at: Option<Instant>,
+    transitions_log: LogLimiter<Move>,
+    health_log: LogLimiter<crate::health::Health>,
+    /// Scratch of [`on_probes`](Supervisor::on_probes), kept to spare an allocation a batch.
+    found: Vec<(usize, usize, bool)>,
 }
 
 /// Starts health checks and breakers for every service with backends, and the passive
@@ -148,7 +177,18 @@ pub fn start(
     if sup.rows.is_empty() {
         return Ok(None);
     }
-    add_checks(policy, &mut checker)?;
+    // The probes and the supervisor share a thread and a current-thread runtime of their
+    // own: thousands of probes a second then wake one thread, which takes their results
+    // in batches, instead of bouncing work between the agent's workers (a futex wake and a
+    // thread switch each time).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(SupervisorError::Runtime)?;
+    {
+        let _in = runtime.enter();
+        add_checks(policy, &mut checker)?;
+    }
     let passive: Vec<PassiveBackend> = enforced
         .iter()
         .filter_map(|b| {
@@ -163,24 +203,31 @@ pub fn start(
         if !passive.is_empty() {
             let maps = dp.backend_maps().map_err(SupervisorError::Maps)?;
             let stop = stop.clone();
-            poller = Some(tokio::task::spawn_blocking(move || {
+            poller = Some(std::thread::spawn(move || {
                 passive::poll(maps, passive, passive_tx, stop)
             }));
         }
     }
     let backends = sup.table.0.subscribe();
-    let task = tokio::spawn(async move {
-        sup.run(checker, rx, passive_rx, stop).await;
+    let task = tokio::task::spawn_blocking(move || {
+        // A task, not the future `block_on` polls: waking that one writes the runtime's
+        // eventfd even from its own thread, and a result arrives every few hundred
+        // microseconds.
+        runtime.block_on(async move {
+            if let Err(e) = tokio::spawn(sup.run(checker, rx, passive_rx, stop)).await {
+                tracing::warn!("backend supervisor: {e}");
+            }
+        });
         if let Some(p) = poller
-            && let Err(e) = p.await
+            && p.join().is_err()
         {
-            tracing::warn!("passive detection poller: {e}");
+            tracing::warn!("passive detection poller panicked");
         }
     });
     Ok(Some((backends, task)))
 }
 
-/// One probe task per backend of every service with a `health_check`.
+/// Every backend of every service with a `health_check`, to the checker.
 fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorError> {
     for svc in &policy.services {
         let Some(hc) = &svc.health_check else {
@@ -204,6 +251,32 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorEr
     Ok(())
 }
 
+/// One probe's counters in its backend's published row.
+fn count_probe(b: &mut Backend, r: &ProbeResult, has_breaker: bool) {
+    match &r.outcome {
+        Ok(()) => b.probes_ok += 1,
+        Err(f) => {
+            b.probes_failed += 1;
+            *b.failures.entry(f.label()).or_default() += 1;
+            // Kept typed, formatted for /status only: no string per failed probe.
+            if b.last_failure.as_ref() != Some(f) {
+                b.last_failure = Some(f.clone());
+            }
+        }
+    }
+    let secs = r.latency.as_secs_f64();
+    b.latency_sum += secs;
+    if let Some(i) = LATENCY_BUCKETS.iter().position(|le| secs <= *le) {
+        b.latency_buckets[i] += 1;
+    }
+    if r.changed {
+        b.health = Some(r.health);
+        if !has_breaker {
+            b.since = r.at;
+        }
+    }
+}
+
 impl Supervisor {
     /// A row per backend and a guard per service with a breaker.
     fn new(policy: &Policy, enforced: &[CompiledBackend], now: Instant) -> Supervisor {
@@ -215,6 +288,9 @@ impl Supervisor {
             sink: None,
             unsynced: BTreeSet::new(),
             retry_at: None,
+            transitions_log: LogLimiter::new(LOG_LINES, LOG_PERIOD),
+            health_log: LogLimiter::new(LOG_LINES, LOG_PERIOD),
+            found: Vec::new(),
         };
         let mut by_position: HashMap<(usize, usize), &CompiledBackend> =
             enforced.iter().map(|b| ((b.service, b.index), b)).collect();
@@ -254,8 +330,16 @@ impl Supervisor {
             self.by_id.insert(e.backend.id, key.clone());
         }
         let entry = self.table.0.borrow().len();
+        let breaker = backend.breaker.is_some();
         self.table.update(|v| v.push(backend));
-        self.rows.insert(key, Row { entry, enforced });
+        self.rows.insert(
+            key,
+            Row {
+                entry,
+                breaker,
+                enforced,
+            },
+        );
     }
 
     async fn run(
@@ -265,25 +349,31 @@ impl Supervisor {
         mut passive: mpsc::Receiver<PassiveBatch>,
         mut stop: watch::Receiver<bool>,
     ) {
-        // The checker's tasks live as long as it does.
+        // The checker's task lives as long as it does.
         let _checker = checker;
+        let mut batch = Vec::with_capacity(PROBE_BATCH);
         loop {
             let deadline = self
                 .guards
                 .values()
                 .filter_map(|g| g.next_deadline())
                 .chain(self.retry_at)
+                .chain(self.transitions_log.next_deadline())
+                .chain(self.health_log.next_deadline())
                 .min();
             let timer = async {
                 match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    Some(d) => tokio::time::sleep_until(on_grid(d).into()).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                r = results.recv() => match r {
-                    Some(r) => self.on_probe(r),
-                    None => return,
+                n = results.recv_many(&mut batch, PROBE_BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                    self.on_probes(&batch);
+                    batch.clear();
                 },
                 // Without a poller the channel is closed and this branch disabled.
                 Some(batch) = passive.recv() => self.on_passive(batch, Instant::now()),
@@ -293,43 +383,51 @@ impl Supervisor {
         }
     }
 
-    fn on_probe(&mut self, r: ProbeResult) {
-        let key = (r.backend.service.clone(), r.backend.index);
-        let Some(entry) = self.rows.get(&key).map(|row| row.entry) else {
-            return;
-        };
-        if r.changed {
-            tracing::info!("backend {} is now {}", r.backend, r.health);
+    /// Counts a batch of probe results (one publication for all of them), then feeds each
+    /// to its backend's breaker.
+    fn on_probes(&mut self, batch: &[ProbeResult]) {
+        let changed = batch.iter().filter(|r| r.changed);
+        let mut now = None;
+        for r in changed {
+            let now = *now.get_or_insert_with(|| {
+                let now = Instant::now();
+                self.summarize_logs(now);
+                now
+            });
+            if self.health_log.admit(now, r.health) {
+                tracing::info!("backend {} is now {}", r.backend, r.health);
+            }
         }
-        let has_breaker = self.guards.contains_key(&r.backend.service);
+        // One lookup per result: (position in the batch, in the table, has a breaker).
+        let mut found = std::mem::take(&mut self.found);
+        found.clear();
+        for (i, r) in batch.iter().enumerate() {
+            if let Some(row) = self.rows.get(&(r.backend.service.clone(), r.backend.index)) {
+                found.push((i, row.entry, row.breaker));
+            }
+        }
         self.table.update(|v| {
-            let b = &mut v[entry];
-            match &r.outcome {
-                Ok(()) => b.probes_ok += 1,
-                Err(f) => {
-                    b.probes_failed += 1;
-                    *b.failures.entry(f.label()).or_default() += 1;
-                    b.last_failure = Some(f.to_string());
-                }
-            }
-            let secs = r.latency.as_secs_f64();
-            b.latency_sum += secs;
-            if let Some(i) = LATENCY_BUCKETS.iter().position(|le| secs <= *le) {
-                b.latency_buckets[i] += 1;
-            }
-            if r.changed {
-                b.health = Some(r.health);
-                if !has_breaker {
-                    b.since = r.at;
-                }
+            for &(i, entry, breaker) in &found {
+                count_probe(&mut v[entry], &batch[i], breaker);
             }
         });
-        let outcome = if r.outcome.is_ok() {
-            Outcome::Success
-        } else {
-            Outcome::Failure
-        };
-        self.record(&key, r.at, &[outcome]);
+        for &(i, _, breaker) in &found {
+            if !breaker {
+                continue;
+            }
+            let r = &batch[i];
+            let outcome = if r.outcome.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            };
+            self.record(
+                &(r.backend.service.clone(), r.backend.index),
+                r.at,
+                &[outcome],
+            );
+        }
+        self.found = found;
     }
 
     /// Counts one tick of passive observations and feeds them to the breakers.
@@ -370,7 +468,18 @@ impl Supervisor {
         self.apply(service, events, at);
     }
 
+    /// The summaries of log periods that are over.
+    fn summarize_logs(&mut self, now: Instant) {
+        if let Some(s) = self.transitions_log.roll(now) {
+            tracing::info!("{}", s.line("breaker transitions"));
+        }
+        if let Some(s) = self.health_log.roll(now) {
+            tracing::info!("{}", s.line("backend health changes"));
+        }
+    }
+
     fn on_timers(&mut self, now: Instant) {
+        self.summarize_logs(now);
         let fired: Vec<(Arc<str>, Vec<Event>)> = self
             .guards
             .iter_mut()
@@ -391,7 +500,11 @@ impl Supervisor {
     /// Logs and counts breaker transitions, then writes each changed backend's state to the
     /// datapath once, as its breaker stands after all of them.
     fn apply(&mut self, service: &Arc<str>, events: Vec<Event>, now: Instant) {
+        if events.is_empty() {
+            return;
+        }
         let mut changed = BTreeSet::new();
+        let mut applied = Vec::with_capacity(events.len());
         for ev in events {
             let t = ev.transition;
             let key = (service.clone(), ev.backend);
@@ -406,24 +519,35 @@ impl Supervisor {
                     e.epoch = e.epoch.wrapping_add(1);
                 }
             }
-            let entry = row.entry;
-            self.table.update(|v| {
-                let b = &mut v[entry];
+            applied.push((row.entry, ev));
+        }
+        // One publication for all of them.
+        self.table.update(|v| {
+            for (entry, ev) in &applied {
+                let t = ev.transition;
+                let b = &mut v[*entry];
                 *b.transitions.entry((t.to, t.reason)).or_default() += 1;
                 if t.from != t.to {
                     b.breaker = Some(t.to);
                     b.since = t.at;
                 }
-            });
-            tracing::info!(
-                "breaker {}[{}] {}: {} -> {} ({})",
-                service,
-                ev.backend,
-                self.table.0.borrow()[entry].address,
-                t.from,
-                t.to,
-                t.reason.as_str()
-            );
+            }
+        });
+        let real_now = Instant::now();
+        self.summarize_logs(real_now);
+        for (entry, ev) in applied {
+            let t = ev.transition;
+            if self.transitions_log.admit(real_now, Move(t.from, t.to)) {
+                tracing::info!(
+                    "breaker {}[{}] {}: {} -> {} ({})",
+                    service,
+                    ev.backend,
+                    self.table.0.borrow()[entry].address,
+                    t.from,
+                    t.to,
+                    t.reason.as_str()
+                );
+            }
         }
         for key in changed {
             self.sync(&key, now);

@@ -6,6 +6,7 @@
 //! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
 //! which only `breaker-bench` has; `--out FILE` goes to both.
 
+mod health;
 mod scale;
 
 use std::process::Command;
@@ -22,8 +23,10 @@ const BREAKER_ONLY: &[(&str, bool)] = &[
 const SHARED: &[(&str, bool)] = &[("--out", true)];
 
 pub fn run(extra: &[String]) -> anyhow::Result<()> {
-    if extra.first().map(String::as_str) == Some("scale") {
-        return scale::run(&extra[1..]);
+    match extra.first().map(String::as_str) {
+        Some("scale") => return scale::run(&extra[1..]),
+        Some("health") => return health::run(&extra[1..]),
+        _ => {}
     }
     // BPF_PROG_TEST_RUN, network namespaces and the agent need root.
     sys::require_root("cargo xtask bench (BPF_PROG_TEST_RUN, network namespaces)")?;

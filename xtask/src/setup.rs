@@ -121,7 +121,7 @@ fn rust_src() -> Result<Outcome, SetupError> {
     )))
 }
 
-fn dpkg_installed(package: &str) -> bool {
+pub fn dpkg_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["--show", "--showformat=${Status}", package])
         .stderr(Stdio::null())

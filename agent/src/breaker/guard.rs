@@ -6,6 +6,8 @@
 //! a breaker refused stays closed (its backend fails open) and is granted in the order of
 //! refusal once another breaker closes, if it still wants to open then.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use thiserror::Error;
@@ -32,6 +34,12 @@ pub enum BreakerError {
 pub struct EjectionGuard {
     breakers: Vec<Breaker>,
     max_open: usize,
+    /// Kept up to date at every transition, so that a probe's outcome (every backend, every
+    /// second) costs O(1) and not a walk over the service's breakers.
+    open: usize,
+    /// The end of each open period, soonest first: `(until, backend)`. A breaker leaves
+    /// `open` only through [`poll`](EjectionGuard::poll), which pops its entry.
+    deadlines: BinaryHeap<Reverse<(Instant, usize)>>,
 }
 
 /// How many of `backends` may be open at once: `max_ejection_percent` of them rounded down,
@@ -47,6 +55,8 @@ impl EjectionGuard {
         EjectionGuard {
             breakers: (0..backends).map(|_| Breaker::new(cfg, now)).collect(),
             max_open: max_ejections(cfg.max_ejection_percent, backends),
+            open: 0,
+            deadlines: BinaryHeap::new(),
         }
     }
 
@@ -65,32 +75,44 @@ impl EjectionGuard {
 
     /// Breakers open or half-open: both keep their backend out of normal rotation.
     pub fn open_count(&self) -> usize {
-        self.breakers
-            .iter()
-            .filter(|b| b.state() != State::Closed)
-            .count()
+        self.open
     }
 
     /// The earliest time [`poll`](EjectionGuard::poll) has a transition to make.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.breakers
-            .iter()
-            .filter_map(Breaker::next_deadline)
-            .min()
+        self.deadlines.peek().map(|Reverse((until, _))| *until)
     }
 
     /// Moves every breaker whose open period has passed to half-open.
     pub fn poll(&mut self, at: Instant) -> Vec<Event> {
-        self.breakers
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(backend, b)| {
-                b.poll(at).map(|transition| Event {
+        let mut events = Vec::new();
+        while let Some(&Reverse((until, backend))) = self.deadlines.peek() {
+            if until > at {
+                break;
+            }
+            self.deadlines.pop();
+            if let Some(transition) = self.breakers[backend].poll(at) {
+                events.push(Event {
                     backend,
                     transition,
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        events
+    }
+
+    /// Keeps the open count and the deadlines in step with a transition.
+    fn note(&mut self, backend: usize, t: &Transition) {
+        match (t.from == State::Closed, t.to == State::Closed) {
+            (true, false) => self.open += 1,
+            (false, true) => self.open -= 1,
+            _ => {}
+        }
+        if let Some(until) = self.breakers[backend].next_deadline()
+            && t.to == State::Open
+        {
+            self.deadlines.push(Reverse((until, backend)));
+        }
     }
 
     /// Counts an outcome for one backend. Timers due by `at` fire first, so an outcome right
@@ -113,6 +135,7 @@ impl EjectionGuard {
                     backend,
                     transition,
                 });
+                self.note(backend, &transition);
                 if transition.to == State::Closed {
                     self.grant_refused(at, &mut events);
                 }
@@ -124,6 +147,7 @@ impl EjectionGuard {
                         backend,
                         transition,
                     });
+                    self.note(backend, &transition);
                 } else if self.breakers[backend].refused_at.is_none() {
                     // Reported once per refusal, not per failure: a dead backend held closed
                     // would otherwise flood the log at its probe rate.
@@ -175,6 +199,8 @@ impl EjectionGuard {
                         backend,
                         transition,
                     });
+                    // The quota check above reads the count.
+                    self.note(backend, &transition);
                 }
             }
         }

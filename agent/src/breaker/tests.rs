@@ -453,6 +453,11 @@ fn random_runs_never_exceed_the_quota_and_events_track_states() {
         for (i, b) in g.breakers().iter().enumerate() {
             assert_eq!(b.state(), shadow[i]);
         }
+        // The guard's own bookkeeping (kept at each transition) matches its breakers.
+        let open = shadow.iter().filter(|s| **s != State::Closed).count();
+        assert_eq!(g.open_count(), open, "open count at {now:?}");
+        let soonest = g.breakers().iter().filter_map(|b| b.next_deadline()).min();
+        assert_eq!(g.next_deadline(), soonest, "next deadline at {now:?}");
     }
     assert!(
         counts.iter().all(|&c| c > 100),

@@ -1,25 +1,33 @@
 //! The set of running checks: add and remove backends as policies change.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::probe::{Probe, ProbeOptions};
-use super::schedule::run_backend;
+use super::schedule::{Added, Command, drive};
 use super::{BackendRef, Health, HealthError, ProbeResult};
 use crate::config::HealthCheck;
 
-/// Runs one probe task per backend and sends every result on one channel.
+/// Probes every backend added, from one task, and sends every result on one channel.
 ///
-/// Dropping the checker stops every task. The channel is bounded on purpose: a caller that
+/// Dropping the checker stops the task. The channel is bounded on purpose: a caller that
 /// falls behind slows the probes down (they wait to send) instead of growing a queue.
 #[derive(Debug)]
 pub struct Checker {
     results: mpsc::Sender<ProbeResult>,
     options: ProbeOptions,
     initial: Health,
-    tasks: HashMap<BackendRef, AbortHandle>,
+    backends: HashSet<BackendRef>,
+    /// Started with the first backend (a checker can be built outside a runtime).
+    driver: Option<Driver>,
+}
+
+#[derive(Debug)]
+struct Driver {
+    commands: mpsc::UnboundedSender<Command>,
+    task: AbortHandle,
 }
 
 impl Checker {
@@ -30,7 +38,8 @@ impl Checker {
             results,
             options,
             initial: Health::Healthy,
-            tasks: HashMap::new(),
+            backends: HashSet::new(),
+            driver: None,
         }
     }
 
@@ -44,45 +53,59 @@ impl Checker {
     /// Starts checking `backend`; its first probe falls somewhere in its first interval.
     /// Must be called inside a tokio runtime.
     pub fn add(&mut self, backend: BackendRef, check: &HealthCheck) -> Result<(), HealthError> {
-        if self.tasks.contains_key(&backend) {
+        if self.backends.contains(&backend) {
             return Err(HealthError::Duplicate(backend));
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| HealthError::NoRuntime)?;
         let probe = Probe::new(check, backend.address, self.options)?;
-        let task = runtime.spawn(run_backend(
-            backend.clone(),
+        let driver = self.driver.get_or_insert_with(|| {
+            let (commands, rx) = mpsc::unbounded_channel();
+            let task = runtime.spawn(drive(rx, self.results.clone()));
+            Driver {
+                commands,
+                task: task.abort_handle(),
+            }
+        });
+        // The driver ends only when nobody takes results any more: then nothing is lost.
+        let _ = driver.commands.send(Command::Add(Box::new(Added {
+            backend: backend.clone(),
             probe,
-            check.clone(),
-            self.initial,
-            self.results.clone(),
-        ));
-        self.tasks.insert(backend, task.abort_handle());
+            check: check.clone(),
+            initial: self.initial,
+        })));
+        self.backends.insert(backend);
         Ok(())
     }
 
     /// Stops checking `backend`; `false` if it was not checked. A probe in flight is
     /// abandoned and its result never sent.
     pub fn remove(&mut self, backend: &BackendRef) -> bool {
-        self.tasks.remove(backend).map(|t| t.abort()).is_some()
+        if !self.backends.remove(backend) {
+            return false;
+        }
+        if let Some(d) = &self.driver {
+            let _ = d.commands.send(Command::Remove(backend.clone()));
+        }
+        true
     }
 
     pub fn contains(&self, backend: &BackendRef) -> bool {
-        self.tasks.contains_key(backend)
+        self.backends.contains(backend)
     }
 
     pub fn len(&self) -> usize {
-        self.tasks.len()
+        self.backends.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
+        self.backends.is_empty()
     }
 }
 
 impl Drop for Checker {
     fn drop(&mut self) {
-        for task in self.tasks.values() {
-            task.abort();
+        if let Some(d) = &self.driver {
+            d.task.abort();
         }
     }
 }

@@ -1,8 +1,9 @@
-//! Active health checks (POLICY.md `health_check`), one tokio task per backend.
+//! Active health checks (POLICY.md `health_check`), every backend's from one tokio task.
 //!
 //! ```text
-//! Checker::add(backend, health_check) --spawn--> task: sleep until due -> probe (attempts
-//!     with backoff, inside the interval) -> rise/fall -> ProbeResult --mpsc--> caller
+//! Checker::add(backend, health_check) --command--> task: heap of due times -> probes in
+//!     flight (attempts with backoff, inside the interval) -> rise/fall -> ProbeResult
+//!     --mpsc--> caller
 //! ```
 //!
 //! Every probe's result goes to the caller, which feeds the breakers and the metrics; this
@@ -31,7 +32,8 @@ use thiserror::Error;
 pub use checker::Checker;
 pub use probe::{Probe, ProbeFailure, ProbeOptions, connect};
 pub use schedule::{
-    MIN_ATTEMPT, ProbeRun, RiseFall, backoff, jittered_backoff, run_probe, start_delay,
+    BATCH, MIN_ATTEMPT, ProbeRun, RiseFall, backoff, jittered_backoff, on_grid, run_probe,
+    start_delay,
 };
 
 /// A backend as the caller knows it: its service, its index in the service's `backends`
@@ -50,7 +52,7 @@ impl fmt::Display for BackendRef {
 }
 
 /// A backend's health after rise/fall.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Health {
     /// The default start: fail open, a backend serves until probes say otherwise.
     #[default]

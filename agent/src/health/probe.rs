@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -89,16 +90,99 @@ impl ProbeFailure {
 /// through. Linger 0 closes probe connections with a RST (as HAProxy's checks do): thousands
 /// of backends probed every second would otherwise fill the agent's host with TIME_WAIT.
 pub async fn connect(addr: SocketAddr, options: &ProbeOptions) -> io::Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    open(addr, options, true).await
+}
+
+/// [`connect`], with TCP_NODELAY only when data follows (`nodelay`): a TCP probe sends
+/// nothing. Non-blocking from `socket()` on: thousands of probes a second, each syscall
+/// counts.
+async fn open(addr: SocketAddr, options: &ProbeOptions, nodelay: bool) -> io::Result<TcpStream> {
+    let socket = probe_socket(addr, options)?;
+    if nodelay {
+        socket.set_tcp_nodelay(true)?;
+    }
+    TcpSocket::from_std_stream(socket.into())
+        .connect(addr)
+        .await
+}
+
+/// A non-blocking TCP socket with the probe's mark and linger 0.
+fn probe_socket(addr: SocketAddr, options: &ProbeOptions) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if let Some(mark) = options.mark {
         socket.set_mark(mark)?;
     }
     socket.set_linger(Some(Duration::ZERO))?;
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
-    TcpSocket::from_std_stream(socket.into())
-        .connect(addr)
-        .await
+    Ok(socket)
+}
+
+/// A TCP probe: a connect, closed at once.
+async fn tcp_probe(addr: SocketAddr, options: &ProbeOptions) -> io::Result<()> {
+    match begin_connect(addr, options)? {
+        None => Ok(()),
+        Some(socket) => wait_connected(socket).await,
+    }
+}
+
+/// Opens a probe socket and connects it without waiting: `None` once connected, the socket
+/// while the handshake goes on. To a backend on the same host or across a veth the handshake
+/// (or the RST) is usually over before `connect()` returns, so the socket is asked once with
+/// `poll(2)` before anything waits on it: a probe that is over then costs neither the two
+/// `epoll_ctl` of a registration with the reactor nor a wake-up.
+fn begin_connect(addr: SocketAddr, options: &ProbeOptions) -> io::Result<Option<Socket>> {
+    let socket = probe_socket(addr, options)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; timeout 0, no blocking.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    if ready == 1 {
+        return connect_outcome(socket.take_error()).map(|()| None);
+    }
+    Ok(Some(socket))
+}
+
+/// Waits in the reactor for a connect [`begin_connect`] left in progress.
+async fn wait_connected(socket: Socket) -> io::Result<()> {
+    let stream = TcpStream::from_std(socket.into())?;
+    stream.writable().await?;
+    connect_outcome(stream.take_error())
+}
+
+/// The start of a TCP probe's single attempt, taken by the scheduler itself
+/// ([`Probe::start_tcp`]): most are over at once and need no future at all.
+#[derive(Debug)]
+pub(crate) enum Started {
+    Done(Result<(), ProbeFailure>),
+    /// Connecting: finish with [`finish_connect`].
+    Connecting(Socket),
+}
+
+/// Waits up to `timeout` for a connect [`Probe::start_tcp`] left in progress.
+pub(crate) async fn finish_connect(socket: Socket, timeout: Duration) -> Result<(), ProbeFailure> {
+    match tokio::time::timeout(timeout, wait_connected(socket)).await {
+        Ok(result) => result.map_err(|e| ProbeFailure::from_io(&e)),
+        Err(_) => Err(ProbeFailure::Timeout(timeout)),
+    }
+}
+
+/// What `SO_ERROR` says of a connect that is over: none, connected.
+fn connect_outcome(so_error: io::Result<Option<io::Error>>) -> io::Result<()> {
+    match so_error {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) | Err(e) => Err(e),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +245,19 @@ impl Probe {
         self.address
     }
 
+    /// For a TCP probe, the start of one attempt without the reactor (see
+    /// [`begin_connect`]); `None` for an HTTP probe.
+    pub(crate) fn start_tcp(&self) -> Option<Started> {
+        if !matches!(self.kind, Kind::Tcp) {
+            return None;
+        }
+        Some(match begin_connect(self.address, &self.options) {
+            Ok(None) => Started::Done(Ok(())),
+            Ok(Some(socket)) => Started::Connecting(socket),
+            Err(e) => Started::Done(Err(ProbeFailure::from_io(&e))),
+        })
+    }
+
     /// One attempt, bounded by `timeout` from connect to status line.
     pub async fn attempt(&self, timeout: Duration) -> Result<(), ProbeFailure> {
         match tokio::time::timeout(timeout, self.attempt_unbounded()).await {
@@ -170,23 +267,24 @@ impl Probe {
     }
 
     async fn attempt_unbounded(&self) -> Result<(), ProbeFailure> {
-        let stream = connect(self.address, &self.options)
+        let Kind::Http {
+            path,
+            host,
+            expected,
+        } = &self.kind
+        else {
+            return tcp_probe(self.address, &self.options)
+                .await
+                .map_err(|e| ProbeFailure::from_io(&e));
+        };
+        let stream = open(self.address, &self.options, true)
             .await
             .map_err(|e| ProbeFailure::from_io(&e))?;
-        match &self.kind {
-            Kind::Tcp => Ok(()),
-            Kind::Http {
-                path,
-                host,
-                expected,
-            } => {
-                let status = http_get(stream, path, host).await?;
-                if expected.contains(status) {
-                    Ok(())
-                } else {
-                    Err(ProbeFailure::Status(status))
-                }
-            }
+        let status = http_get(stream, path, host).await?;
+        if expected.contains(status) {
+            Ok(())
+        } else {
+            Err(ProbeFailure::Status(status))
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     breaker::{Reason, State},
-    health::Health,
+    health::{Health, ProbeFailure},
 };
 
 /// `BackendStatus::health` of a backend without `health_check`.
@@ -50,7 +50,7 @@ pub struct Backend {
     pub probes_failed: u64,
     /// Failed probes by `ProbeFailure::label`.
     pub failures: BTreeMap<&'static str, u64>,
-    pub last_failure: Option<String>,
+    pub last_failure: Option<ProbeFailure>,
     /// Breaker transitions by target state and reason.
     pub transitions: BTreeMap<(State, Reason), u64>,
     /// Probe latency: counts per `LATENCY_BUCKETS` bucket, and the sum in seconds.
@@ -107,7 +107,7 @@ impl Backend {
                 .iter()
                 .map(|(k, n)| ((*k).to_string(), *n))
                 .collect(),
-            last_failure: self.last_failure.clone(),
+            last_failure: self.last_failure.as_ref().map(ToString::to_string),
             transitions: self
                 .transitions
                 .iter()

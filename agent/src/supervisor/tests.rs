@@ -118,7 +118,7 @@ impl Fixture {
             health: Health::Healthy,
             changed: false,
         };
-        self.sup.on_probe(r);
+        self.sup.on_probes(&[r]);
     }
 
     /// The backend at `address` as `/status` shows it, converted from what is published.
