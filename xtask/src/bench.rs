@@ -4,7 +4,8 @@
 //! binary and replaces its own section of the same file.
 //!
 //! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
-//! which only `breaker-bench` has; `--out FILE` goes to both.
+//! which only `breaker-bench` has; `--out FILE` goes to both. Two benchmarks of their own
+//! run instead when named first: `scale` (scale.rs) and `health` (health.rs).
 
 mod health;
 mod scale;

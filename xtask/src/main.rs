@@ -48,7 +48,9 @@ enum Command {
     /// flash sale balanced in the kernel over backends, one dying and ramping back.
     Demo(demo::Args),
     /// Run the benchmarks and write BENCHMARKS.md: per-packet costs (agent-bench), then the
-    /// breaker's time to detect and recover, end to end (breaker-bench).
+    /// breaker's time to detect and recover, end to end (breaker-bench). `bench scale`: time
+    /// to ready, map memory and LB cost at 1 to 10,000 balanced services; `bench health`: CPU
+    /// per health-check probe, the agent against HAProxy on the same 4,000 backends.
     Bench {
         /// Extra arguments: `--rounds`, `--connects`, `--passive` go to breaker-bench, `--out`
         /// to both, the rest to agent-bench.
