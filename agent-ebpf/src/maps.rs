@@ -1,6 +1,7 @@
-//! Map definitions. Names come from `agent_common::maps` (the symbol name is the map name);
-//! sizes here are the defaults of `agent.tables`; the loader sets every size from the policy's
-//! `agent.tables` (`EbpfLoader::map_max_entries`), never from the services it lists.
+//! Map definitions. Names come from `agent_common::maps` (the symbol name is the map name).
+//! Sizes here are defaults: the loader sets the node-wide tables from the policy's
+//! `agent.tables` (`agent_common::tables::TableSizes`), and the key and departure tables from
+//! the services' `max_keys` (`EbpfLoader::map_max_entries`).
 
 use agent_common::lb::{
     LB_TABLE_FLAGS, LBSTAT_SLOTS, LbBackend, LbConn, LbReverse, LbService, LbTableSlot,
