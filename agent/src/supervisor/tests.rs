@@ -103,6 +103,7 @@ impl Fixture {
         let r = ProbeResult {
             backend: BackendRef {
                 service: Arc::from("web"),
+                service_id: 0,
                 index,
                 address: self.compiled.backends[index].address,
             },
@@ -317,4 +318,23 @@ fn the_channel_carries_typed_state_by_policy_position() {
     assert_eq!(backends[0].health, Some(Health::Healthy));
     assert_eq!(backends[1].breaker, Some(State::Closed));
     assert_eq!((backends[2].health, backends[2].breaker), (None, None));
+}
+
+#[test]
+fn a_half_open_period_the_datapath_never_saw_is_not_written() {
+    let mut f = fixture();
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0), "opened");
+    // The probe comes before the timer: open -> half_open -> open in one call. The datapath
+    // holds open already; only the (unused) epoch would differ.
+    f.probe(0, false, 5_010);
+    assert_eq!(f.rec.take(), [], "open stays open: no write");
+    let s = f.status("10.0.1.11:8080");
+    assert_eq!(s.breaker.as_deref(), Some("open"));
+    assert_eq!(s.transitions.get("half_open/reset_timeout"), Some(&1));
+    assert_eq!(s.transitions.get("open/trial_failed"), Some(&1));
+    // The next half-open period gets an epoch no earlier written period had.
+    f.sup.on_timers(f.at(15_010));
+    assert_eq!(f.rec.take(), both(STATE_HALF_OPEN, 3, 2));
 }
