@@ -452,6 +452,8 @@ impl Supervisor {
                 count_probe(&mut v[entry], &batch[i], breaker);
             }
         });
+        // The batch's transitions are applied together: one publication, one log check.
+        let mut events = Vec::new();
         for &(i, _, breaker) in &found {
             if !breaker {
                 continue;
@@ -462,13 +464,17 @@ impl Supervisor {
             } else {
                 Outcome::Failure
             };
-            self.record(key_of(&r.backend), r.at, &[outcome]);
+            self.record(key_of(&r.backend), r.at, &[outcome], &mut events);
         }
         self.found = found;
+        if let Some(last) = batch.last() {
+            self.apply(events, last.at);
+        }
     }
 
     /// Counts one tick of passive observations and feeds them to the breakers.
     fn on_passive(&mut self, batch: PassiveBatch, now: Instant) {
+        let mut events = Vec::new();
         for (id, seen) in batch {
             let Some(&key) = self.by_id.get(&id) else {
                 continue;
@@ -482,27 +488,33 @@ impl Supervisor {
                     .get_or_insert_with(PassiveCounts::default)
                     .add(&seen)
             });
-            self.record(key, now, &seen.outcomes(PASSIVE_FEED_CAP));
+            self.record(key, now, &seen.outcomes(PASSIVE_FEED_CAP), &mut events);
         }
+        self.apply(events, now);
     }
 
-    /// Feeds outcomes to one backend's breaker and applies the transitions they cause.
-    fn record(&mut self, key: Key, at: Instant, outcomes: &[Outcome]) {
+    /// Feeds outcomes to one backend's breaker; the transitions they cause go to `events`
+    /// (with their service), for [`apply`](Supervisor::apply).
+    fn record(
+        &mut self,
+        key: Key,
+        at: Instant,
+        outcomes: &[Outcome],
+        events: &mut Vec<(usize, Event)>,
+    ) {
         let BackendId { service, index } = key;
         let Some(guard) = self.guards.get_mut(service).and_then(Option::as_mut) else {
             return;
         };
-        let mut events = Vec::new();
         for outcome in outcomes {
             match guard.record(index, at, *outcome) {
-                Ok(ev) => events.extend(ev),
+                Ok(ev) => events.extend(ev.into_iter().map(|e| (service, e))),
                 Err(e) => {
                     tracing::warn!("breaker of {}[{index}]: {e}", self.names[service]);
                     return;
                 }
             }
         }
-        self.apply(service, events, at);
     }
 
     /// The summaries of log periods that are over.
@@ -517,15 +529,14 @@ impl Supervisor {
 
     fn on_timers(&mut self, now: Instant) {
         self.summarize_logs(now);
-        let fired: Vec<(usize, Vec<Event>)> = self
+        let fired: Vec<(usize, Event)> = self
             .guards
             .iter_mut()
             .enumerate()
-            .filter_map(|(service, g)| Some((service, g.as_mut()?.poll(now))))
+            .filter_map(|(service, g)| Some((service, g.as_mut()?)))
+            .flat_map(|(service, g)| g.poll(now).into_iter().map(move |e| (service, e)))
             .collect();
-        for (service, events) in fired {
-            self.apply(service, events, now);
-        }
+        self.apply(fired, now);
         if self.retry_at.is_some_and(|t| t <= now) {
             self.retry_at = None;
             let pending: Vec<Key> = std::mem::take(&mut self.unsynced).into_iter().collect();
@@ -537,13 +548,13 @@ impl Supervisor {
 
     /// Logs and counts breaker transitions, then writes each changed backend's state to the
     /// datapath once, as its breaker stands after all of them.
-    fn apply(&mut self, service: usize, events: Vec<Event>, now: Instant) {
+    fn apply(&mut self, events: Vec<(usize, Event)>, now: Instant) {
         if events.is_empty() {
             return;
         }
         let mut changed = BTreeSet::new();
         let mut applied = Vec::with_capacity(events.len());
-        for ev in events {
+        for (service, ev) in events {
             let t = ev.transition;
             let key = BackendId {
                 service,
@@ -560,11 +571,11 @@ impl Supervisor {
                     e.epoch = e.epoch.wrapping_add(1);
                 }
             }
-            applied.push((row.entry, ev));
+            applied.push((service, row.entry, ev));
         }
         // One publication for all of them.
         self.table.update(|v| {
-            for (entry, ev) in &applied {
+            for (_, entry, ev) in &applied {
                 let t = ev.transition;
                 let b = &mut v[*entry];
                 *b.transitions.entry((t.to, t.reason)).or_default() += 1;
@@ -576,7 +587,7 @@ impl Supervisor {
         });
         let real_now = Instant::now();
         self.summarize_logs(real_now);
-        for (entry, ev) in applied {
+        for (service, entry, ev) in applied {
             let t = ev.transition;
             if self.transitions_log.admit(real_now, Move(t.from, t.to)) {
                 tracing::info!(
