@@ -125,9 +125,10 @@ struct Enforced {
     /// Bumped on every entry into half-open, so the datapath tells this period's trial flows
     /// from an earlier one's.
     epoch: u32,
-    /// What the datapath holds (the initial entry `Datapath::apply` wrote, then the last
-    /// successful write): a state it would enforce alike is not written again.
-    written: BackendState,
+    /// What the datapath holds under every key (the initial entry `Datapath::apply` wrote,
+    /// then the last write that succeeded for all keys); `None` after a failed write, when
+    /// the keys may differ: a state the datapath would enforce alike is not written again.
+    written: Option<BackendState>,
 }
 
 /// Whether the datapath enforces `a` and `b` alike. The epoch matters only while half-open
@@ -339,7 +340,7 @@ impl Supervisor {
                 let enforced = by_position.remove(&(s, index)).map(|c| Enforced {
                     backend: c.clone(),
                     epoch: c.initial().epoch,
-                    written: c.initial(),
+                    written: Some(c.initial()),
                 });
                 let backend = Backend::new(
                     BackendId { service: s, index },
@@ -628,7 +629,10 @@ impl Supervisor {
             breaker.admission().quota(),
             enforced.epoch,
         );
-        if same_enforcement(&enforced.written, &state) {
+        if enforced
+            .written
+            .is_some_and(|w| same_enforcement(&w, &state))
+        {
             // Nothing the datapath would do differently; a pending retry is moot too.
             self.unsynced.remove(&key);
             return;
@@ -647,12 +651,14 @@ impl Supervisor {
             }
         }
         if failed {
+            // Some keys may hold the new state and some the old: write all of them again.
+            enforced.written = None;
             let entry = row.entry;
             self.table.update(|v| v[entry].map_write_errors += 1);
             self.unsynced.insert(key);
             self.retry_at.get_or_insert(now + WRITE_RETRY);
         } else {
-            enforced.written = state;
+            enforced.written = Some(state);
             // A retry now would rewrite a half-open quota the datapath is counting down.
             self.unsynced.remove(&key);
         }

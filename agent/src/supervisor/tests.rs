@@ -338,3 +338,19 @@ fn a_half_open_period_the_datapath_never_saw_is_not_written() {
     f.sup.on_timers(f.at(15_010));
     assert_eq!(f.rec.take(), both(STATE_HALF_OPEN, 3, 2));
 }
+
+#[test]
+fn after_a_failed_write_the_next_state_is_written_even_if_it_was_held_before() {
+    let mut f = fixture();
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0));
+    // The half-open write fails (it may have reached some keys and not others)...
+    f.rec.fail.store(true, Ordering::SeqCst);
+    f.sup.on_timers(f.at(5_002));
+    f.rec.fail.store(false, Ordering::SeqCst);
+    // ...so the re-open is written, though open is what the datapath last held for sure.
+    f.probe(0, false, 5_010);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 1));
+    assert!(f.sup.unsynced.is_empty());
+}
