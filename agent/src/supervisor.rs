@@ -125,6 +125,23 @@ struct Enforced {
     /// Bumped on every entry into half-open, so the datapath tells this period's trial flows
     /// from an earlier one's.
     epoch: u32,
+    /// What the datapath holds under every key (the initial entry `Datapath::apply` wrote,
+    /// then the last write that succeeded for all keys); `None` after a failed write, when
+    /// the keys may differ: a state the datapath would enforce alike is not written again.
+    written: Option<BackendState>,
+}
+
+/// Whether the datapath enforces `a` and `b` alike. The epoch matters only while half-open
+/// (it tags that period's trial flows); an open or closed entry that differs from the last
+/// written one by its epoch alone (open -> half_open -> open between two writes, the
+/// half-open never written) need not be written.
+fn same_enforcement(a: &BackendState, b: &BackendState) -> bool {
+    a == b
+        || (a.state != STATE_HALF_OPEN
+            && BackendState {
+                epoch: b.epoch,
+                ..*a
+            } == *b)
 }
 
 /// One backend of the supervisor.
@@ -136,14 +153,20 @@ struct Row {
     enforced: Option<Enforced>,
 }
 
-type Key = (Arc<str>, usize);
+/// A backend by its service's index in the policy and its index there: rows and guards are
+/// looked up by position, with no hash of a service name per probe.
+type Key = BackendId;
 
 /// Owns the breakers; the only writer of the published backends and of `BACKENDS` after
 /// start.
 struct Supervisor {
     table: Publisher,
-    rows: HashMap<Key, Row>,
-    guards: HashMap<Arc<str>, EjectionGuard>,
+    /// By service (policy order), then backend index.
+    rows: Vec<Vec<Row>>,
+    /// By service (policy order): `None` for a service without breakers.
+    guards: Vec<Option<EjectionGuard>>,
+    /// Service names by index, for log lines.
+    names: Vec<Arc<str>>,
     /// Enforced backends by datapath id, for passive reports.
     by_id: HashMap<u32, Key>,
     sink: Option<Box<dyn StateSink>>,
@@ -229,7 +252,7 @@ pub fn start(
 
 /// Every backend of every service with a `health_check`, to the checker.
 fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorError> {
-    for svc in &policy.services {
+    for (service_id, svc) in policy.services.iter().enumerate() {
         let Some(hc) = &svc.health_check else {
             continue;
         };
@@ -237,6 +260,7 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorEr
         for (index, b) in svc.backends.iter().enumerate() {
             let backend = BackendRef {
                 service: service.clone(),
+                service_id,
                 index,
                 address: b.address,
             };
@@ -249,6 +273,14 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorEr
         }
     }
     Ok(())
+}
+
+/// The supervisor's key of a probed backend.
+fn key_of(b: &BackendRef) -> Key {
+    BackendId {
+        service: b.service_id,
+        index: b.index,
+    }
 }
 
 /// One probe's counters in its backend's published row.
@@ -282,8 +314,9 @@ impl Supervisor {
     fn new(policy: &Policy, enforced: &[CompiledBackend], now: Instant) -> Supervisor {
         let mut sup = Supervisor {
             table: Publisher(watch::channel(Vec::new()).0),
-            rows: HashMap::new(),
-            guards: HashMap::new(),
+            rows: Vec::new(),
+            guards: Vec::new(),
+            names: Vec::new(),
             by_id: HashMap::new(),
             sink: None,
             unsynced: BTreeSet::new(),
@@ -296,16 +329,18 @@ impl Supervisor {
             enforced.iter().map(|b| ((b.service, b.index), b)).collect();
         for (s, svc) in policy.services.iter().enumerate() {
             let name: Arc<str> = Arc::from(svc.name.as_str());
-            if let Some(cb) = &svc.circuit_breaker {
-                sup.guards.insert(
-                    name.clone(),
-                    EjectionGuard::new(cb, svc.backends.len(), now),
-                );
-            }
+            sup.guards.push(
+                svc.circuit_breaker
+                    .as_ref()
+                    .map(|cb| EjectionGuard::new(cb, svc.backends.len(), now)),
+            );
+            sup.names.push(name.clone());
+            sup.rows.push(Vec::with_capacity(svc.backends.len()));
             for (index, b) in svc.backends.iter().enumerate() {
                 let enforced = by_position.remove(&(s, index)).map(|c| Enforced {
                     backend: c.clone(),
                     epoch: c.initial().epoch,
+                    written: Some(c.initial()),
                 });
                 let backend = Backend::new(
                     BackendId { service: s, index },
@@ -315,7 +350,7 @@ impl Supervisor {
                     svc.circuit_breaker.is_some(),
                     now,
                 );
-                sup.add_row((name.clone(), index), backend, enforced);
+                sup.add_row(BackendId { service: s, index }, backend, enforced);
             }
         }
         sup
@@ -327,19 +362,25 @@ impl Supervisor {
             if e.backend.passive_timeout.is_some() {
                 backend.passive = Some(PassiveCounts::default());
             }
-            self.by_id.insert(e.backend.id, key.clone());
+            self.by_id.insert(e.backend.id, key);
         }
         let entry = self.table.0.borrow().len();
         let breaker = backend.breaker.is_some();
         self.table.update(|v| v.push(backend));
-        self.rows.insert(
-            key,
-            Row {
-                entry,
-                breaker,
-                enforced,
-            },
-        );
+        // Rows are added in policy order: `key.index` is the row's place.
+        self.rows[key.service].push(Row {
+            entry,
+            breaker,
+            enforced,
+        });
+    }
+
+    fn row(&self, key: Key) -> Option<&Row> {
+        self.rows.get(key.service)?.get(key.index)
+    }
+
+    fn row_mut(&mut self, key: Key) -> Option<&mut Row> {
+        self.rows.get_mut(key.service)?.get_mut(key.index)
     }
 
     async fn run(
@@ -355,7 +396,8 @@ impl Supervisor {
         loop {
             let deadline = self
                 .guards
-                .values()
+                .iter()
+                .flatten()
                 .filter_map(|g| g.next_deadline())
                 .chain(self.retry_at)
                 .chain(self.transitions_log.next_deadline())
@@ -402,7 +444,7 @@ impl Supervisor {
         let mut found = std::mem::take(&mut self.found);
         found.clear();
         for (i, r) in batch.iter().enumerate() {
-            if let Some(row) = self.rows.get(&(r.backend.service.clone(), r.backend.index)) {
+            if let Some(row) = self.row(key_of(&r.backend)) {
                 found.push((i, row.entry, row.breaker));
             }
         }
@@ -411,6 +453,8 @@ impl Supervisor {
                 count_probe(&mut v[entry], &batch[i], breaker);
             }
         });
+        // The batch's transitions are applied together: one publication, one log check.
+        let mut events = Vec::new();
         for &(i, _, breaker) in &found {
             if !breaker {
                 continue;
@@ -421,22 +465,22 @@ impl Supervisor {
             } else {
                 Outcome::Failure
             };
-            self.record(
-                &(r.backend.service.clone(), r.backend.index),
-                r.at,
-                &[outcome],
-            );
+            self.record(key_of(&r.backend), r.at, &[outcome], &mut events);
         }
         self.found = found;
+        if let Some(last) = batch.last() {
+            self.apply(events, last.at);
+        }
     }
 
     /// Counts one tick of passive observations and feeds them to the breakers.
     fn on_passive(&mut self, batch: PassiveBatch, now: Instant) {
+        let mut events = Vec::new();
         for (id, seen) in batch {
-            let Some(key) = self.by_id.get(&id).cloned() else {
+            let Some(&key) = self.by_id.get(&id) else {
                 continue;
             };
-            let Some(entry) = self.rows.get(&key).map(|row| row.entry) else {
+            let Some(entry) = self.row(key).map(|row| row.entry) else {
                 continue;
             };
             self.table.update(|v| {
@@ -445,27 +489,33 @@ impl Supervisor {
                     .get_or_insert_with(PassiveCounts::default)
                     .add(&seen)
             });
-            self.record(&key, now, &seen.outcomes(PASSIVE_FEED_CAP));
+            self.record(key, now, &seen.outcomes(PASSIVE_FEED_CAP), &mut events);
         }
+        self.apply(events, now);
     }
 
-    /// Feeds outcomes to one backend's breaker and applies the transitions they cause.
-    fn record(&mut self, key: &Key, at: Instant, outcomes: &[Outcome]) {
-        let (service, index) = key;
-        let Some(guard) = self.guards.get_mut(service) else {
+    /// Feeds outcomes to one backend's breaker; the transitions they cause go to `events`
+    /// (with their service), for [`apply`](Supervisor::apply).
+    fn record(
+        &mut self,
+        key: Key,
+        at: Instant,
+        outcomes: &[Outcome],
+        events: &mut Vec<(usize, Event)>,
+    ) {
+        let BackendId { service, index } = key;
+        let Some(guard) = self.guards.get_mut(service).and_then(Option::as_mut) else {
             return;
         };
-        let mut events = Vec::new();
         for outcome in outcomes {
-            match guard.record(*index, at, *outcome) {
-                Ok(ev) => events.extend(ev),
+            match guard.record(index, at, *outcome) {
+                Ok(ev) => events.extend(ev.into_iter().map(|e| (service, e))),
                 Err(e) => {
-                    tracing::warn!("breaker of {service}[{index}]: {e}");
+                    tracing::warn!("breaker of {}[{index}]: {e}", self.names[service]);
                     return;
                 }
             }
         }
-        self.apply(service, events, at);
     }
 
     /// The summaries of log periods that are over.
@@ -480,35 +530,38 @@ impl Supervisor {
 
     fn on_timers(&mut self, now: Instant) {
         self.summarize_logs(now);
-        let fired: Vec<(Arc<str>, Vec<Event>)> = self
+        let fired: Vec<(usize, Event)> = self
             .guards
             .iter_mut()
-            .map(|(name, g)| (name.clone(), g.poll(now)))
+            .enumerate()
+            .filter_map(|(service, g)| Some((service, g.as_mut()?)))
+            .flat_map(|(service, g)| g.poll(now).into_iter().map(move |e| (service, e)))
             .collect();
-        for (name, events) in fired {
-            self.apply(&name, events, now);
-        }
+        self.apply(fired, now);
         if self.retry_at.is_some_and(|t| t <= now) {
             self.retry_at = None;
             let pending: Vec<Key> = std::mem::take(&mut self.unsynced).into_iter().collect();
             for key in pending {
-                self.sync(&key, now);
+                self.sync(key, now);
             }
         }
     }
 
     /// Logs and counts breaker transitions, then writes each changed backend's state to the
     /// datapath once, as its breaker stands after all of them.
-    fn apply(&mut self, service: &Arc<str>, events: Vec<Event>, now: Instant) {
+    fn apply(&mut self, events: Vec<(usize, Event)>, now: Instant) {
         if events.is_empty() {
             return;
         }
         let mut changed = BTreeSet::new();
         let mut applied = Vec::with_capacity(events.len());
-        for ev in events {
+        for (service, ev) in events {
             let t = ev.transition;
-            let key = (service.clone(), ev.backend);
-            let Some(row) = self.rows.get_mut(&key) else {
+            let key = BackendId {
+                service,
+                index: ev.backend,
+            };
+            let Some(row) = self.row_mut(key) else {
                 continue;
             };
             if t.from != t.to {
@@ -519,11 +572,11 @@ impl Supervisor {
                     e.epoch = e.epoch.wrapping_add(1);
                 }
             }
-            applied.push((row.entry, ev));
+            applied.push((service, row.entry, ev));
         }
         // One publication for all of them.
         self.table.update(|v| {
-            for (entry, ev) in &applied {
+            for (_, entry, ev) in &applied {
                 let t = ev.transition;
                 let b = &mut v[*entry];
                 *b.transitions.entry((t.to, t.reason)).or_default() += 1;
@@ -535,12 +588,12 @@ impl Supervisor {
         });
         let real_now = Instant::now();
         self.summarize_logs(real_now);
-        for (entry, ev) in applied {
+        for (service, entry, ev) in applied {
             let t = ev.transition;
             if self.transitions_log.admit(real_now, Move(t.from, t.to)) {
                 tracing::info!(
                     "breaker {}[{}] {}: {} -> {} ({})",
-                    service,
+                    self.names[service],
                     ev.backend,
                     self.table.0.borrow()[entry].address,
                     t.from,
@@ -550,22 +603,24 @@ impl Supervisor {
             }
         }
         for key in changed {
-            self.sync(&key, now);
+            self.sync(key, now);
         }
     }
 
-    /// Writes one enforced backend's current breaker state to every key it has; on failure
-    /// logs, counts and schedules a retry.
-    fn sync(&mut self, key: &Key, now: Instant) {
-        let (service, index) = key;
-        let (Some(row), Some(guard), Some(sink)) = (
-            self.rows.get(key),
-            self.guards.get(service),
+    /// Writes one enforced backend's current breaker state to every key it has, unless the
+    /// datapath already enforces it alike; on failure logs, counts and schedules a retry.
+    fn sync(&mut self, key: Key, now: Instant) {
+        let BackendId { service, index } = key;
+        let Some(guard) = self.guards.get(service).and_then(Option::as_ref) else {
+            return;
+        };
+        let (Some(row), Some(sink)) = (
+            self.rows.get_mut(service).and_then(|r| r.get_mut(index)),
             self.sink.as_mut(),
         ) else {
             return;
         };
-        let (Some(enforced), Some(breaker)) = (&row.enforced, guard.breaker(*index)) else {
+        let (Some(enforced), Some(breaker)) = (&mut row.enforced, guard.breaker(index)) else {
             return;
         };
         let b = &enforced.backend;
@@ -574,6 +629,15 @@ impl Supervisor {
             breaker.admission().quota(),
             enforced.epoch,
         );
+        if enforced
+            .written
+            .is_some_and(|w| same_enforcement(&w, &state))
+        {
+            // Nothing the datapath would do differently; a pending retry is moot too.
+            self.unsynced.remove(&key);
+            return;
+        }
+        let service = &self.names[service];
         let mut failed = false;
         for k in &b.keys {
             if let Err(e) = sink.write(k, &state) {
@@ -587,13 +651,16 @@ impl Supervisor {
             }
         }
         if failed {
+            // Some keys may hold the new state and some the old: write all of them again.
+            enforced.written = None;
             let entry = row.entry;
             self.table.update(|v| v[entry].map_write_errors += 1);
-            self.unsynced.insert(key.clone());
+            self.unsynced.insert(key);
             self.retry_at.get_or_insert(now + WRITE_RETRY);
         } else {
+            enforced.written = Some(state);
             // A retry now would rewrite a half-open quota the datapath is counting down.
-            self.unsynced.remove(key);
+            self.unsynced.remove(&key);
         }
     }
 }

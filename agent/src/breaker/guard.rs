@@ -52,8 +52,11 @@ pub fn max_ejections(max_ejection_percent: Percent, backends: usize) -> usize {
 impl EjectionGuard {
     /// Closed breakers for `backends` backends, all configured by `cfg`.
     pub fn new(cfg: &CircuitBreaker, backends: usize, now: Instant) -> EjectionGuard {
+        let shared = std::sync::Arc::new(cfg.clone());
         EjectionGuard {
-            breakers: (0..backends).map(|_| Breaker::new(cfg, now)).collect(),
+            breakers: (0..backends)
+                .map(|_| Breaker::shared(shared.clone(), now))
+                .collect(),
             max_open: max_ejections(cfg.max_ejection_percent, backends),
             open: 0,
             deadlines: BinaryHeap::new(),

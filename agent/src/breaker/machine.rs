@@ -8,6 +8,7 @@
 //! [`poll`]: Breaker::poll
 //! [`next_deadline`]: Breaker::next_deadline
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::state::{Admission, Outcome, Reason, State, Transition};
@@ -33,7 +34,9 @@ pub(crate) enum Observed {
 /// The circuit breaker of one backend.
 #[derive(Debug, Clone)]
 pub struct Breaker {
-    cfg: CircuitBreaker,
+    /// Shared by the breakers of a service: one copy, not one per backend, keeps each
+    /// breaker small (a probe's outcome touches fewer cache lines).
+    cfg: Arc<CircuitBreaker>,
     inner: Inner,
     /// When the current state was entered, for "time in state".
     since: Instant,
@@ -49,14 +52,19 @@ pub struct Breaker {
 impl Breaker {
     /// A closed breaker; `now` is the origin of its error-rate window.
     pub fn new(cfg: &CircuitBreaker, now: Instant) -> Breaker {
+        Breaker::shared(Arc::new(cfg.clone()), now)
+    }
+
+    /// A closed breaker on a configuration shared with others (a service's).
+    pub(crate) fn shared(cfg: Arc<CircuitBreaker>, now: Instant) -> Breaker {
         Breaker {
-            cfg: cfg.clone(),
             inner: Inner::Closed,
             since: now,
             consecutive_failures: 0,
             window: Window::new(cfg.window, now),
             open_for: cfg.reset_timeout,
             refused_at: None,
+            cfg,
         }
     }
 

@@ -6,6 +6,10 @@
 //! ([`read`]), never per scrape. Arrays indexed by service or backend are never full by the
 //! kernel's measure (every slot exists); their pressure is the agent's own use of them, the
 //! services or backends of the policy ([`ArrayUse`]), which the caller passes in.
+//! `BACKENDS` is a hash but is counted the same way: only the agent inserts into it (one
+//! entry per backend key, at start; the datapath updates entries in place and never inserts
+//! or deletes), so the policy gives its count exactly, and walking its thousands of keys
+//! every second (a syscall a key) would cost about as much as the breakers' own work.
 //!
 //! An LRU table that is full and churning reads below 1: the kernel evicts in batches (at
 //! most `LOCAL_FREE_TARGET`, 128) and keeps free entries on per-CPU lists. On 2 CPUs a
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use agent_common::{
     Bucket, BucketKey, MatchList,
-    breaker::{AdmittedFlow, BSTAT_SLOTS, BackendKey, BackendState, FlowKey, PendingSyn},
+    breaker::{AdmittedFlow, BSTAT_SLOTS, FlowKey, PendingSyn},
     classify::ADDR_LEN,
     lb::{LbConn, LbReverse},
     maps::{
@@ -57,7 +61,7 @@ pub enum Counted {
     /// or evicted under it (the kernel restarts a walk whose current key is gone). Entries
     /// are then reported as the capacity, not as a count.
     WalkCut,
-    /// An array: the slots the policy uses.
+    /// An array, or `BACKENDS`: the entries the policy uses.
     Policy,
 }
 
@@ -91,8 +95,9 @@ impl TablePressure {
     }
 }
 
-/// What the policy uses of an array indexed by service or backend: `used` items, each
-/// taking `slots` consecutive entries (counter arrays hold several slots per backend).
+/// What the policy uses of an array indexed by service or backend, or of `BACKENDS`: `used`
+/// items, each taking `slots` consecutive entries (counter arrays hold several slots per
+/// backend).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ArrayUse {
     pub map: &'static str,
@@ -132,6 +137,11 @@ impl ArrayUse {
                 map: MAP_BACKEND_STATS,
                 used: compiled.backends.len() as u64,
                 slots: BSTAT_SLOTS,
+            },
+            ArrayUse {
+                map: MAP_BACKENDS,
+                used: compiled.backends.iter().map(|b| b.keys.len() as u64).sum(),
+                slots: 1,
             },
         ]
     }
@@ -240,7 +250,6 @@ impl Datapath {
             MAP_CLASSIFY,
             MAP_RL_BUCKETS,
             MAP_SHAPE_NEXT,
-            MAP_BACKENDS,
             MAP_HALF_OPEN_FLOWS,
             MAP_PENDING_SYNS,
             MAP_LB_CONNS,
@@ -273,10 +282,6 @@ impl Datapath {
             }
             MAP_SHAPE_NEXT => {
                 let t: HashMap<&MapData, BucketKey, Departure> = typed(ebpf, name)?;
-                walk(t.keys(), capacity).map_err(e)?
-            }
-            MAP_BACKENDS => {
-                let t: HashMap<&MapData, BackendKey, BackendState> = typed(ebpf, name)?;
                 walk(t.keys(), capacity).map_err(e)?
             }
             MAP_HALF_OPEN_FLOWS => {

@@ -36,11 +36,14 @@ pub use schedule::{
     start_delay,
 };
 
-/// A backend as the caller knows it: its service, its index in the service's `backends`
-/// (the index an [`EjectionGuard`](crate::breaker::EjectionGuard) uses) and its address.
+/// A backend as the caller knows it: its service (by name, and by its index in the policy's
+/// `services`, which the supervisor looks its rows up by: no string hash per probe), its
+/// index in the service's `backends` (the index an
+/// [`EjectionGuard`](crate::breaker::EjectionGuard) uses) and its address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendRef {
     pub service: Arc<str>,
+    pub service_id: usize,
     pub index: usize,
     pub address: SocketAddr,
 }

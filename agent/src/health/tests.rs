@@ -19,6 +19,7 @@ const SLACK: Duration = Duration::from_millis(400);
 fn backend(address: std::net::SocketAddr) -> BackendRef {
     BackendRef {
         service: "svc".into(),
+        service_id: 0,
         index: 0,
         address,
     }

@@ -26,6 +26,7 @@ async fn probe_counts(n: usize, interval: Duration, measure: Duration) -> (Vec<u
     for (index, s) in servers.iter().enumerate() {
         let backend = BackendRef {
             service: "scale".into(),
+            service_id: 0,
             index,
             address: s.addr,
         };

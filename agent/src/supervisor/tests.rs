@@ -103,6 +103,7 @@ impl Fixture {
         let r = ProbeResult {
             backend: BackendRef {
                 service: Arc::from("web"),
+                service_id: 0,
                 index,
                 address: self.compiled.backends[index].address,
             },
@@ -317,4 +318,39 @@ fn the_channel_carries_typed_state_by_policy_position() {
     assert_eq!(backends[0].health, Some(Health::Healthy));
     assert_eq!(backends[1].breaker, Some(State::Closed));
     assert_eq!((backends[2].health, backends[2].breaker), (None, None));
+}
+
+#[test]
+fn a_half_open_period_the_datapath_never_saw_is_not_written() {
+    let mut f = fixture();
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0), "opened");
+    // The probe comes before the timer: open -> half_open -> open in one call. The datapath
+    // holds open already; only the (unused) epoch would differ.
+    f.probe(0, false, 5_010);
+    assert_eq!(f.rec.take(), [], "open stays open: no write");
+    let s = f.status("10.0.1.11:8080");
+    assert_eq!(s.breaker.as_deref(), Some("open"));
+    assert_eq!(s.transitions.get("half_open/reset_timeout"), Some(&1));
+    assert_eq!(s.transitions.get("open/trial_failed"), Some(&1));
+    // The next half-open period gets an epoch no earlier written period had.
+    f.sup.on_timers(f.at(15_010));
+    assert_eq!(f.rec.take(), both(STATE_HALF_OPEN, 3, 2));
+}
+
+#[test]
+fn after_a_failed_write_the_next_state_is_written_even_if_it_was_held_before() {
+    let mut f = fixture();
+    f.probe(0, false, 1);
+    f.probe(0, false, 2);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0));
+    // The half-open write fails (it may have reached some keys and not others)...
+    f.rec.fail.store(true, Ordering::SeqCst);
+    f.sup.on_timers(f.at(5_002));
+    f.rec.fail.store(false, Ordering::SeqCst);
+    // ...so the re-open is written, though open is what the datapath last held for sure.
+    f.probe(0, false, 5_010);
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 1));
+    assert!(f.sup.unsynced.is_empty());
 }
