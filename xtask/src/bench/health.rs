@@ -623,7 +623,7 @@ fn report(args: &Args, rows: &[Row]) -> String {
          breakers, `circuit_breaker: {{failure_threshold: 3, reset_timeout: 1s, \
          max_reset_timeout: {MAX_RESET_CYCLING}, success_threshold: 2, max_ejection_percent: \
          100%}}`, so that every refusing backend cycles open -> half_open -> open about every \
-         2 s (thousands of transitions a second, each written to the `BACKENDS` map), or with \
+         2 s (thousands of transitions a second; the agent writes `BACKENDS` when the state the datapath enforces changes), or with \
          `max_reset_timeout: {MAX_RESET_DOUBLING}` (the default), so that open periods double \
          (1, 2, 4, ... s) as a deployment's would.\n",
         kernel.trim(),
