@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod benchmarks;
 pub mod breaker;
 pub mod netns;
 pub mod scale;

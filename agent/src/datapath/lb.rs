@@ -168,15 +168,6 @@ impl LbMaps {
         Ok(())
     }
 
-    /// The entries of the service's table as the datapath sees it (tests; `None` before the
-    /// first publish).
-    pub fn table(&self, svc: &CompiledLb) -> Option<Vec<u32>> {
-        let map = self.live.get(&(svc.service as u32))?;
-        let slots = read_table(map).ok()?;
-        let len = slots.first()?[0] as usize;
-        Some(slots[1..].iter().flatten().copied().take(len).collect())
-    }
-
     /// The datapath's counters for backend `i` of `svc`.
     pub fn counters(&self, svc: &CompiledLb, i: usize) -> Result<LbCounters, DatapathError> {
         let index = svc.index(i);
@@ -241,42 +232,25 @@ impl LbMaps {
     }
 }
 
-/// A service table holding `entries` (see `agent_common::lb::LbTableSlot`).
+/// A service table holding `entries` (see `agent_common::lb::LbTableSlot`), filled through
+/// one shared mapping of its memory instead of a system call per entry.
 fn new_table(entries: &[u32]) -> Result<MapData, MapError> {
-    let len = u32::try_from(entries.len()).map_err(|_| MapError::OutOfBounds {
-        index: u32::MAX,
-        max_entries: u32::MAX,
-    })?;
+    // At most 2^24 entries: validation bounds table sizes and schedules far below u32.
     let def = aya_obj::Map::new_from_params(
         BPF_MAP_TYPE_ARRAY as u32,
         size_of::<u32>() as u32,
         size_of::<LbTableSlot>() as u32,
-        lb_table_elements(len),
+        lb_table_elements(entries.len() as u32),
         LB_TABLE_FLAGS,
     );
     let map = MapData::create(def, "LB_TABLE", None)?;
     let slots: Vec<LbTableSlot> = lb_table_slots(entries).collect();
-    with_mapping(&map, slots.len(), |mem| mem.copy_from_slice(&slots))?;
-    Ok(map)
-}
-
-fn read_table(map: &MapData) -> Result<Vec<LbTableSlot>, MapError> {
-    let elements = map.info()?.max_entries() as usize;
-    with_mapping(map, elements, |mem| mem.to_vec())
-}
-
-/// Runs `f` on the memory of a `BPF_F_MMAPABLE` array of `elements` slots, mapped shared.
-fn with_mapping<T>(
-    map: &MapData,
-    elements: usize,
-    f: impl FnOnce(&mut [LbTableSlot]) -> T,
-) -> Result<T, MapError> {
     let syscall =
         |call| move |io_error| MapError::SyscallError(aya::sys::SyscallError { call, io_error });
     // The kernel maps whole pages of the array's memory; slots are 8 bytes, 8-byte aligned.
-    let len = (elements * size_of::<LbTableSlot>()).max(1);
-    // SAFETY: a fresh shared mapping of the map's own memory, `len` bytes long (the kernel
-    // refuses a longer one); unmapped before return; `f` sees exactly `elements` slots.
+    let len = size_of_val(slots.as_slice());
+    // SAFETY: a fresh shared mapping of the new map's own memory, `len` bytes (the array's
+    // size: the kernel refuses a longer one), written once and unmapped before return.
     unsafe {
         let ptr = libc::mmap(
             std::ptr::null_mut(),
@@ -289,15 +263,12 @@ fn with_mapping<T>(
         if ptr == libc::MAP_FAILED {
             return Err(syscall("mmap")(std::io::Error::last_os_error()));
         }
-        let out = f(std::slice::from_raw_parts_mut(
-            ptr.cast::<LbTableSlot>(),
-            elements,
-        ));
+        std::ptr::copy_nonoverlapping(slots.as_ptr(), ptr.cast::<LbTableSlot>(), slots.len());
         if libc::munmap(ptr, len) != 0 {
             return Err(syscall("munmap")(std::io::Error::last_os_error()));
         }
-        Ok(out)
     }
+    Ok(map)
 }
 
 /// What the datapath counted for one balanced service.

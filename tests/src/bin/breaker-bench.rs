@@ -15,7 +15,7 @@ use std::{
     fmt::Write as _,
     io::ErrorKind,
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     sync::{
         Arc,
@@ -161,7 +161,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = run(&args).and_then(|section| {
         println!("{section}");
-        write_section(&args.out, &section)
+        agent_tests::benchmarks::write_section(&args.out, &section)
+            .with_context(|| format!("writing {}", args.out.display()))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -516,61 +517,4 @@ fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())
-}
-
-/// Replaces the section from its heading to the next `## ` heading (or the end) in `path`,
-/// or appends it; creates the file if needed.
-fn write_section(path: &Path, section: &str) -> Result<()> {
-    let old = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let new = splice(&old, section);
-    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
-}
-
-fn splice(old: &str, section: &str) -> String {
-    let section = section.trim_end();
-    let mut lines = old.lines();
-    let mut out: Vec<&str> = lines.by_ref().take_while(|l| *l != SECTION).collect();
-    let rest: Vec<&str> = lines.skip_while(|l| !l.starts_with("## ")).collect();
-    while out.last().is_some_and(|l| l.trim().is_empty()) {
-        out.pop();
-    }
-    let mut text = out.join("\n");
-    if !text.is_empty() {
-        text.push_str("\n\n");
-    }
-    text.push_str(section);
-    text.push('\n');
-    if !rest.is_empty() {
-        text.push('\n');
-        text.push_str(&rest.join("\n"));
-        text.push('\n');
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splice_appends_then_replaces_in_place() {
-        let s1 = format!("{SECTION}\n\nfirst\n");
-        let s2 = format!("{SECTION}\n\nsecond\n");
-        let base = "# Benchmarks\n\n## XDP\n\ntable\n";
-        let once = splice(base, &s1);
-        assert_eq!(once, format!("{}\n{s1}", base));
-        assert_eq!(splice(&once, &s1), once, "idempotent");
-        let twice = splice(&once, &s2);
-        assert_eq!(twice, format!("{}\n{s2}", base));
-        let middle = format!("{base}\n{s1}\n## Later\n\nmore\n");
-        assert_eq!(
-            splice(&middle, &s2),
-            format!("{base}\n{s2}\n## Later\n\nmore\n")
-        );
-        assert_eq!(splice("", &s1), s1);
-    }
 }

@@ -129,7 +129,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
 
     let section = report(&args, &rows);
     println!("\n{section}");
-    write_section(&args.out, &section)
+    agent_tests::benchmarks::write_section(&args.out, &section)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!("written to {}", args.out.display());
     Ok(())
@@ -659,62 +659,9 @@ fn report(args: &Args, rows: &[Row]) -> String {
     t
 }
 
-/// Replaces the section headed [`SECTION`] of the Markdown file at `path` (up to the next
-/// `## ` heading or the end), or appends it; other sections stay as they are.
-fn write_section(path: &Path, section: &str) -> std::io::Result<()> {
-    let old = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e),
-    };
-    fs::write(path, replace_section(&old, section))
-}
-
-fn replace_section(old: &str, section: &str) -> String {
-    let lines: Vec<&str> = old.lines().collect();
-    let Some(start) = lines.iter().position(|l| *l == SECTION) else {
-        let mut text = old.trim_end().to_owned();
-        if !text.is_empty() {
-            text.push_str("\n\n");
-        }
-        text.push_str(section.trim_end());
-        text.push('\n');
-        return text;
-    };
-    let end = lines[start + 1..]
-        .iter()
-        .position(|l| l.starts_with("## "))
-        .map_or(lines.len(), |i| start + 1 + i);
-    let mut text = lines[..start].join("\n");
-    if !text.is_empty() {
-        text.push('\n');
-    }
-    text.push_str(section.trim_end());
-    text.push('\n');
-    if end < lines.len() {
-        text.push('\n');
-        text.push_str(&lines[end..].join("\n"));
-        text.push('\n');
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_section_is_replaced_and_others_kept() {
-        let old = format!("# B\n\n## A\n\na\n\n{SECTION}\n\nold\n\n## C\n\nc\n");
-        let new = replace_section(&old, &format!("{SECTION}\n\nnew\n"));
-        assert_eq!(
-            new,
-            format!("# B\n\n## A\n\na\n\n{SECTION}\n\nnew\n\n## C\n\nc\n")
-        );
-        assert_eq!(replace_section(&new, &format!("{SECTION}\n\nnew\n")), new);
-        let appended = replace_section("# B\n", &format!("{SECTION}\n\nx\n"));
-        assert_eq!(appended, format!("# B\n\n{SECTION}\n\nx\n"));
-    }
 
     #[test]
     fn half_the_backends_listen() {

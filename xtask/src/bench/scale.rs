@@ -167,8 +167,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     } else {
         workspace::root().join(&args.out)
     };
-    let old = std::fs::read_to_string(&out).unwrap_or_default();
-    std::fs::write(&out, replace_section(&old, &section))
+    agent_tests::benchmarks::write_section(&out, &section)
         .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("written to {}", out.display());
     Ok(())
@@ -585,56 +584,9 @@ fn render(rows: &[Row], args: &Args, commit: &str, load: &str) -> String {
     s
 }
 
-/// `old` with its [`SECTION`] replaced by `section` (or `section` appended): the other
-/// sections belong to other commands.
-fn replace_section(old: &str, section: &str) -> String {
-    let mut out = String::new();
-    let mut skipping = false;
-    let mut placed = false;
-    for line in old.lines() {
-        if line.starts_with("## ") {
-            skipping = line == SECTION;
-            if skipping {
-                out.push_str(section.trim_end());
-                out.push_str("\n\n");
-                placed = true;
-                continue;
-            }
-        }
-        if !skipping {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    if !placed {
-        if !out.is_empty() && !out.ends_with("\n\n") {
-            out.push('\n');
-        }
-        out.push_str(section.trim_end());
-        out.push('\n');
-    }
-    out.trim_end().to_owned() + "\n"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn own_section_replaced_others_kept() {
-        let old = "# Benchmarks\n\n## A\n\na\n\n## Scale: balanced services\n\nold\n\n## B\n\nb\n";
-        assert_eq!(
-            replace_section(old, "## Scale: balanced services\n\nnew\n"),
-            "# Benchmarks\n\n## A\n\na\n\n## Scale: balanced services\n\nnew\n\n## B\n\nb\n"
-        );
-        assert_eq!(
-            replace_section(
-                "# Benchmarks\n\n## A\n\na\n",
-                "## Scale: balanced services\n\nx\n"
-            ),
-            "# Benchmarks\n\n## A\n\na\n\n## Scale: balanced services\n\nx\n"
-        );
-    }
 
     #[test]
     fn bpftool_duration_and_arguments() {

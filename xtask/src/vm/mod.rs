@@ -171,7 +171,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     // Only a whole suite's figures stand for it: a filtered or partial run writes nothing.
     if options.filter.is_none() && options.test_args.is_empty() {
         let path = workspace::root().join(BENCHMARKS);
-        report::write_section(&path, &report.markdown(options.suite.name()))
+        agent_tests::benchmarks::write_section(&path, &report.markdown(options.suite.name()))
             .with_context(|| format!("writing {}", path.display()))?;
         println!("vm: times written to {}", path.display());
     }
