@@ -398,28 +398,47 @@ pub fn parse_vmrss(text: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// CPU time process `pid` has used, user and system (`utime + stime` of `/proc/PID/stat`).
-pub fn cpu_time(pid: u32) -> Result<Duration> {
+/// CPU time a process has used, every thread (`utime` and `stime` of `/proc/PID/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTime {
+    pub user: Duration,
+    /// Syscalls, and the softirq work that runs in the process's context.
+    pub system: Duration,
+}
+
+impl CpuTime {
+    pub fn total(self) -> Duration {
+        self.user + self.system
+    }
+}
+
+/// The CPU time process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Result<CpuTime> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let ticks = parse_stat_cpu_ticks(&text).with_context(|| format!("{path}: {text:?}"))?;
+    let (user, system) =
+        parse_stat_cpu_ticks(&text).with_context(|| format!("{path}: {text:?}"))?;
     // SAFETY: sysconf only reads a system constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if hz <= 0 {
         bail!("sysconf(_SC_CLK_TCK) = {hz}");
     }
-    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / hz as f64);
+    Ok(CpuTime {
+        user: secs(user),
+        system: secs(system),
+    })
 }
 
-/// `utime + stime` (clock ticks) of a `/proc/PID/stat` line. The command name (field 2) may
-/// hold spaces and parentheses, so fields are counted after its last `)`: utime and stime
-/// are fields 14 and 15, the 12th and 13th after it.
-pub fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
+/// `utime` and `stime` (clock ticks) of a `/proc/PID/stat` line. The command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last `)`: utime and
+/// stime are fields 14 and 15, the 12th and 13th after it.
+pub fn parse_stat_cpu_ticks(text: &str) -> Option<(u64, u64)> {
     let (_, rest) = text.rsplit_once(')')?;
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// `BIN check FILE` of a [`ScalePolicy`] written to `dir/name` (no kernel, no namespace):
@@ -488,7 +507,7 @@ mod tests {
         assert_eq!(parse_vmrss("Name:\tkthreadd\n"), None);
         // The command name holds a space and a ')': fields count after the last one.
         let stat = "1234 (a) b) S 1 1234 1234 0 -1 4194560 500 0 0 0 250 75 0 0 20 0 9 0 1 2 3";
-        assert_eq!(parse_stat_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_stat_cpu_ticks(stat), Some((250, 75)));
         // Our own process: at least what it has used so far, and readable.
         assert!(cpu_time(std::process::id()).is_ok());
         assert!(rss(std::process::id()).unwrap() > 0);

@@ -33,6 +33,7 @@ use std::{
 use agent_tests::{
     agent::{AgentProcess, TempDir},
     netns::{Netns, Topology},
+    scale,
     timing::Scaled,
 };
 use anyhow::{Context as _, Result, bail};
@@ -350,7 +351,7 @@ impl<'a> Bench<'a> {
         std::thread::sleep(Duration::from_secs(self.warmup));
         checker.check_running()?;
         let pid = checker.pid();
-        let (cpu0, syn0, lines0) = (cpu_ticks(pid)?, self.syns()?, checker.lines());
+        let (cpu0, syn0, lines0) = (scale::cpu_time(pid)?, self.syns()?, checker.lines());
         let began = Instant::now();
         let mut last_lines = lines0;
         let mut peak = 0;
@@ -361,16 +362,15 @@ impl<'a> Bench<'a> {
             peak = peak.max(lines - last_lines);
             last_lines = lines;
         }
-        let (cpu1, syn1) = (cpu_ticks(pid)?, self.syns()?);
+        let (cpu1, syn1) = (scale::cpu_time(pid)?, self.syns()?);
         let wall = began.elapsed();
         checker.check_running()?;
         checker.stop()?;
-        let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / clock_ticks());
         let row = Row {
             label: label.to_owned(),
             spread: (f64::NAN, f64::NAN),
-            cpu: secs(cpu1.total() - cpu0.total()),
-            system: secs(cpu1.system - cpu0.system),
+            cpu: cpu1.total() - cpu0.total(),
+            system: cpu1.system - cpu0.system,
             wall,
             probes: syn1 - syn0,
             lines: last_lines - lines0,
@@ -509,45 +509,6 @@ impl Checker {
         }
         Ok(())
     }
-}
-
-/// CPU time of a process, every thread, in clock ticks.
-#[derive(Clone, Copy)]
-struct Ticks {
-    user: u64,
-    system: u64,
-}
-
-impl Ticks {
-    fn total(self) -> u64 {
-        self.user + self.system
-    }
-}
-
-/// utime and stime of every thread of `pid`.
-fn cpu_ticks(pid: u32) -> Result<Ticks> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name may hold spaces and parentheses: fields are counted after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5), counted from 1 with pid and comm the first two.
-    let field = |n: usize| -> Result<u64> {
-        fields
-            .get(n - 3)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("field {n} of {path}"))
-    };
-    Ok(Ticks {
-        user: field(14)?,
-        system: field(15)?,
-    })
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
 }
 
 struct Row {

@@ -246,7 +246,7 @@ fn measure_in(
         map_mib: maps.mib(),
         maps: maps.by_id.len(),
         rss_mib: rss as f64 / MIB,
-        cpu_percent: (cpu1 - cpu0).as_secs_f64() / elapsed.as_secs_f64() * 100.0,
+        cpu_percent: (cpu1.total() - cpu0.total()).as_secs_f64() / elapsed.as_secs_f64() * 100.0,
         probes_per_sec: (acc1 - acc0) as f64 / elapsed.as_secs_f64(),
         new_flow_ns: median(new_ns),
         established_ns: median(est_ns),
