@@ -6,6 +6,8 @@
 
 pub mod breaker;
 pub mod classify;
+#[cfg(feature = "user")]
+pub mod fdinfo;
 pub mod lb;
 pub mod limit;
 pub mod maps;

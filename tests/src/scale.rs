@@ -26,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::fdinfo;
 use anyhow::{Context, Result, bail};
 
 use crate::{
@@ -354,34 +355,22 @@ pub fn map_memory(pid: u32) -> Result<MapMemory> {
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        if let Some((id, memlock)) = parse_map_fdinfo(&text)
-            .with_context(|| format!("{}: a map without memlock", path.display()))?
-        {
-            mem.by_id.insert(id, memlock);
+        match fdinfo::parse_fdinfo(&text) {
+            Some(m) => {
+                mem.by_id.insert(m.map_id, m.memlock);
+            }
+            // A map whose fields do not read is not skipped silently.
+            None if fdinfo::field(&text, "map_id").is_some() => {
+                bail!(
+                    "{}: a map without readable sizes or memlock",
+                    path.display()
+                )
+            }
+            None => {}
         }
     }
     mem.bytes = mem.by_id.values().sum();
     Ok(mem)
-}
-
-/// `(map_id, memlock)` of an fdinfo text, `None` if it is not a BPF map's; an error if it
-/// has a `map_id` but no readable `memlock`.
-pub fn parse_map_fdinfo(text: &str) -> Result<Option<(u32, u64)>> {
-    let field = |name: &str| {
-        text.lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim() == name)
-            .map(|(_, v)| v.trim())
-    };
-    let Some(id) = field("map_id") else {
-        return Ok(None);
-    };
-    let id: u32 = id.parse().with_context(|| format!("map_id {id:?}"))?;
-    let memlock = field("memlock").context("no memlock")?;
-    let memlock: u64 = memlock
-        .parse()
-        .with_context(|| format!("memlock {memlock:?}"))?;
-    Ok(Some((id, memlock)))
 }
 
 /// The resident set of process `pid` (`VmRSS` in `/proc/PID/status`), in bytes.
@@ -486,17 +475,6 @@ pub fn positions(text: &str, file: &Path) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fdinfo_of_a_map_and_of_something_else() {
-        let map = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t2081\nmap_type:\t1\n\
-                   key_size:\t4\nvalue_size:\t8\nmax_entries:\t16\nmap_flags:\t0x0\n\
-                   map_extra:\t0x0\nmemlock:\t1232\nmap_id:\t33284\nfrozen:\t0\n";
-        assert_eq!(parse_map_fdinfo(map).unwrap(), Some((33284, 1232)));
-        let file = "pos:\t0\nflags:\t02100000\nmnt_id:\t25\nino:\t12\n";
-        assert_eq!(parse_map_fdinfo(file).unwrap(), None);
-        assert!(parse_map_fdinfo("map_id:\t7\n").is_err());
-    }
 
     #[test]
     fn rss_and_cpu_of_proc_texts() {

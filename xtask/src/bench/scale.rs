@@ -304,10 +304,7 @@ fn prog_ids(pid: u32) -> Result<Vec<u32>> {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
         };
-        if let Some(id) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("prog_id:"))
-            .and_then(|v| v.trim().parse().ok())
+        if let Some(id) = agent_common::fdinfo::field(&text, "prog_id").and_then(|v| v.parse().ok())
         {
             ids.push(id);
         }
