@@ -127,13 +127,32 @@ impl AgentProcess {
     /// Starts `BIN run --config CONFIG` in `netns` ([`Netns::spawn_process`]), its output in
     /// `CONFIG` with the extension `agent.log`; returns at once.
     pub fn spawn(bin: &Path, netns: &Netns, config: &Path) -> Result<AgentProcess> {
+        AgentProcess::spawn_under(&[], bin, netns, config)
+    }
+
+    /// Like [`AgentProcess::spawn`], through `wrapper` (a program and its arguments) that
+    /// execs the agent in its own process, as `setpriv ... --` does: the pid stays the
+    /// agent's, and the wrapper runs after the namespace is entered.
+    pub fn spawn_under(
+        wrapper: &[String],
+        bin: &Path,
+        netns: &Netns,
+        config: &Path,
+    ) -> Result<AgentProcess> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let listen = listen_of(&text)?;
         let log = config.with_extension("agent.log");
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = match wrapper {
+            [] => Command::new(bin),
+            [program, args @ ..] => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin);
+                cmd
+            }
+        };
         // SAFETY: prctl is async-signal-safe and touches only the child. PDEATHSIG: if the
         // test process dies without running Drop (SIGKILL, CI timeout), the kernel kills the
         // agent too instead of leaving it attached. It fires when the spawning *thread*
