@@ -24,9 +24,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_MACHETE_VERSION: &str = "0.9.2";
 /// What the build, the tests, the demo and `cargo xtask vm` call; nothing else (no compilers:
 /// rustup brings them). The VM: QEMU, busybox for the initramfs, cpio to pack it, xz for
-/// compressed modules, kmod's depmod for module dependencies, binutils' strip.
+/// compressed modules, kmod's depmod for module dependencies, binutils' strip. util-linux
+/// (essential, so always there) for `setpriv`, which runs the agent with fewer capabilities.
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
+    "util-linux",
     "bpftool",
     "iputils-ping",
     "curl",

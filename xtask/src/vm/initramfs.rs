@@ -20,10 +20,12 @@ use crate::cmd::{self, CmdError};
 const BUSYBOX: &str = "/bin/busybox";
 /// Real tools the tests run through PATH. Busybox has applets of the same names (and of
 /// iproute2's parts) that lack what the tests need (`ip link add ... type veth`): no such
-/// applet gets a link, so PATH finds these.
-const TOOLS: &[&str] = &["ip", "tc", "ethtool", "bpftool", "ping", "curl"];
+/// applet gets a link, so PATH finds these. Busybox's `setpriv` has no `--bounding-set`,
+/// which tests/privilege.rs needs.
+const TOOLS: &[&str] = &["ip", "tc", "ethtool", "bpftool", "ping", "curl", "setpriv"];
 const SHADOWED_APPLETS: &[&str] = &[
     "ip", "ipaddr", "iplink", "ipneigh", "iproute", "iprule", "iptunnel", "tc", "ping", "ping6",
+    "setpriv",
 ];
 /// Merged /usr, as on the host: the loader path `ldd` prints (`/lib64/...`) works either way.
 const USR_MERGE: &[(&str, &str)] = &[
