@@ -124,13 +124,27 @@ impl AgentProcess {
         Ok(agent)
     }
 
-    /// Starts `BIN run --config CONFIG` in `netns` ([`Netns::spawn_process`]), its output in
-    /// `CONFIG` with the extension `agent.log`; returns at once.
+    /// Starts `BIN run --config CONFIG --detach-on-exit` in `netns`
+    /// ([`Netns::spawn_process`]), its output in `CONFIG` with the extension `agent.log`;
+    /// returns at once. `--detach-on-exit`: a test's datapath goes with its agent, as tests
+    /// share interfaces' names and pin paths (tests of the pinned datapath outliving the
+    /// agent use [`AgentProcess::spawn_args`]).
     pub fn spawn(bin: &Path, netns: &Netns, config: &Path) -> Result<AgentProcess> {
-        AgentProcess::spawn_under(&[], bin, netns, config)
+        AgentProcess::spawn_args(bin, netns, config, &["--detach-on-exit"])
     }
 
-    /// Like [`AgentProcess::spawn`], through `wrapper` (a program and its arguments) that
+    /// As [`AgentProcess::spawn`], with `extra` arguments after `run --config CONFIG`
+    /// instead of `--detach-on-exit`.
+    pub fn spawn_args(
+        bin: &Path,
+        netns: &Netns,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
+        AgentProcess::spawn_under(&[], bin, netns, config, extra)
+    }
+
+    /// As [`AgentProcess::spawn_args`], through `wrapper` (a program and its arguments) that
     /// execs the agent in its own process, as `setpriv ... --` does: the pid stays the
     /// agent's, and the wrapper runs after the namespace is entered.
     pub fn spawn_under(
@@ -138,6 +152,7 @@ impl AgentProcess {
         bin: &Path,
         netns: &Netns,
         config: &Path,
+        extra: &[&str],
     ) -> Result<AgentProcess> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
@@ -168,6 +183,7 @@ impl AgentProcess {
         cmd.arg("run")
             .arg("--config")
             .arg(config)
+            .args(extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out)
