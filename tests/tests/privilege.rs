@@ -2,8 +2,10 @@
 //! and CAP_PERFMON (what `deploy/systemd/agent.service` and the DaemonSet grant), every other
 //! capability gone from its bounding set through `setpriv`, and does all it does with all of
 //! them: XDP and TC egress, a rate limit, load balancing on a VIP, health checks with marked
-//! probes, a breaker, `/metrics`. Without any one of the three it says which it lacks and
-//! exits 1 before loading anything.
+//! probes, a breaker, `/metrics`; it pins under `agent.pin_path`, leaves the datapath on
+//! SIGTERM, and the next agent under the same three adopts the pins; `agent uninstall` under
+//! them removes everything. Without any one of the three it says which it lacks and exits 1
+//! before loading anything.
 //!
 //! How the three were found (Linux 6.18, `setpriv --bounding-set=-all,+...`, this policy):
 //! - without CAP_BPF, aya fails to create the first map (EPERM);
@@ -12,6 +14,9 @@
 //! - without CAP_NET_ADMIN, loading the XDP program fails (EPERM); and with CAP_SYS_ADMIN in
 //!   its place the datapath loads but every health probe fails (SO_MARK needs CAP_NET_ADMIN),
 //!   which opens the breakers of healthy backends;
+//! - pinning, adopting and unpinning on bpffs need nothing more: uid 0 owns /sys/fs/bpf and
+//!   every pin, so no CAP_DAC_OVERRIDE; BPF_OBJ_PIN and BPF_OBJ_GET check file permissions
+//!   only, beyond the CAP_BPF every bpf(2) call needs under kernel.unprivileged_bpf_disabled;
 //! - CAP_SYS_RESOURCE is not needed (BPF memory is charged to the memory cgroup since 5.11,
 //!   and the agent needs 5.12); CAP_SYS_ADMIN is not needed; CAP_NET_RAW is not (probes are
 //!   plain TCP connects).
@@ -27,7 +32,7 @@ use std::time::{Duration, Instant};
 use agent_tests::agent::{READY_TIMEOUT, require_metric};
 use agent_tests::backend::TcpServer;
 use agent_tests::breaker::BackendView;
-use agent_tests::timing::Scaled;
+use agent_tests::timing::{self, Scaled};
 use agent_tests::wait::wait_until;
 use agent_tests::{
     AgentProcess, KeyCount, TempDir, Topology, UdpFlood, UdpReceiver, UdpSender, agent_bin,
@@ -41,9 +46,10 @@ const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const VIP_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 const LIMITED_PORT: u16 = 5300;
-/// The limit: 1,000/s with a burst of 100, flooded at 5x for 2 s from one flow.
+/// The limit: 1,000/s with a burst of 500, flooded at 5x for 2 s from one flow. burst/rate
+/// is 0.5 s: a stall of the sender shorter than that delays tokens without losing them.
 const RATE: f64 = 1_000.0;
-const BURST: u64 = 100;
+const BURST: u64 = 500;
 const FLOOD_PPS: f64 = 5_000.0;
 const FLOOD_TIME: Duration = Duration::from_secs(2);
 /// ±3% on the flow's count, as in ratelimit.rs.
@@ -159,7 +165,8 @@ fn the_agent_does_everything_with_cap_bpf_net_admin_and_perfmon_only() {
         .expect("policy");
 
     let names: Vec<&str> = CAPS.iter().map(|(n, _)| *n).collect();
-    let mut agent = AgentProcess::spawn_under(&setpriv(&names), &bin, &topo.client, &config)
+    // No --detach-on-exit: the pins are under test too.
+    let mut agent = AgentProcess::spawn_under(&setpriv(&names), &bin, &topo.client, &config, &[])
         .expect("agent spawn");
     agent.wait_ready(READY_TIMEOUT).expect("agent ready");
 
@@ -206,12 +213,16 @@ fn the_agent_does_everything_with_cap_bpf_net_admin_and_perfmon_only() {
     BackendView::new(&agent, "web", backends[0])
         .wait_state("open", Instant::now(), HEALTH_WAIT)
         .unwrap_or_else(|e| panic!("{e:#}"));
-    wait_until(
-        "connections to the VIP succeed again with one backend left",
+    // The balancer then takes it out of the VIP's table.
+    let gone = backends[0].to_string();
+    if let Err(e) = agent.wait_metric(
+        "agent_lb_backend_effective_weight",
+        &[("service", "web"), ("backend", &gone)],
         HEALTH_WAIT,
-        POLL,
-        || connect_vip(&topo).is_ok(),
-    );
+        |w| w == 0.0,
+    ) {
+        panic!("the backend whose breaker opened keeps its weight in the datapath: {e:#}");
+    }
     let left = servers[1].accepted();
     for i in 0..10 {
         if let Err(e) = connect_vip(&topo) {
@@ -237,6 +248,14 @@ fn the_agent_does_everything_with_cap_bpf_net_admin_and_perfmon_only() {
     if let Err(e) = sent.ensure_on_schedule(0.97) {
         panic!("the flood did not keep its schedule, so it tested another load: {e:#}");
     }
+    let burst_time = Duration::from_secs_f64(BURST as f64 / RATE);
+    timing::require(sent.max_lag < burst_time, || {
+        format!(
+            "the sender stalled for {:?}, longer than burst/rate = {burst_time:?}: tokens \
+             overflowed the bucket and burst + rate x span no longer predicts the count",
+            sent.max_lag
+        )
+    });
     let flow = &sent.flows[0];
     let count = KeyCount::limited(
         flow.src.to_string(),
@@ -247,8 +266,9 @@ fn the_agent_does_everything_with_cap_bpf_net_admin_and_perfmon_only() {
         got.from(&flow.src),
     );
     eprintln!(
-        "one flow at 5x the limit: sent {} at {:.0} pps, received {} (expected {:.0})",
-        sent.sent, sent.achieved_pps, count.got, count.expected
+        "one flow at 5x the limit: sent {} at {:.0} pps (max lag {:?}), received {} \
+         (expected {:.0})",
+        sent.sent, sent.achieved_pps, sent.max_lag, count.got, count.expected
     );
     check_counts("one flow at 5x the limit", &[count], TOLERANCE).unwrap_or_else(|e| {
         panic!("{e:#}");
@@ -276,8 +296,112 @@ fn the_agent_does_everything_with_cap_bpf_net_admin_and_perfmon_only() {
         sent.sent
     );
 
+    // Pins: made under the three, left on SIGTERM, adopted by the next agent under the
+    // three, removed by `agent uninstall` under the three.
+    let log = agent.log_path().to_owned();
     let status = agent.stop().expect("agent stop");
     assert!(status.success(), "agent exited with {status} after SIGTERM");
+    let text = std::fs::read_to_string(&log).expect("agent log");
+    let pinned = format!("pinned at {}", pins.0.display());
+    assert!(text.contains(&pinned), "no `{pinned}` in the log:\n{text}");
+    let mut wanted = vec![
+        "layout".to_owned(),
+        "maps/RL_BUCKETS".to_owned(),
+        "maps/BACKENDS".to_owned(),
+        "maps/LB_CONNS".to_owned(),
+        format!("links/xdp@{}", topo.client_if),
+    ];
+    if kernel_at_least(6, 6) {
+        wanted.push(format!("links/tcx-egress@{}", topo.client_if));
+    }
+    for pin in &wanted {
+        let path = pins.0.join(pin);
+        assert!(
+            path.exists(),
+            "{} is not pinned after SIGTERM",
+            path.display()
+        );
+    }
+    assert!(
+        xdp_attached(&topo),
+        "the XDP program left with the agent; SIGTERM should leave it"
+    );
+
+    let mut agent = AgentProcess::spawn_under(&setpriv(&names), &bin, &topo.client, &config, &[])
+        .expect("agent spawn");
+    agent.wait_ready(READY_TIMEOUT).expect("second agent ready");
+    let adopted = format!("adopted pins at {}", pins.0.display());
+    assert!(
+        agent.log_text().contains(&adopted),
+        "the second agent did not say `{adopted}`:\n{}",
+        agent.log_text()
+    );
+    agent.metrics().expect("GET /metrics of the second agent");
+    // Eventually, not at once: the new agent starts with its backends unchecked, so the
+    // one that is down may take a connection until its probes fail again.
+    wait_until(
+        "a connection to the VIP under the second agent",
+        HEALTH_WAIT,
+        POLL,
+        || connect_vip(&topo).is_ok(),
+    );
+    let status = agent.stop().expect("agent stop");
+    assert!(status.success(), "agent exited with {status} after SIGTERM");
+
+    let mut uninstall = Command::new("setpriv");
+    uninstall
+        .args(&setpriv(&names)[1..])
+        .arg(&bin)
+        .arg("uninstall")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = topo
+        .client
+        .spawn_process(&mut uninstall)
+        .expect("spawn agent uninstall")
+        .wait_with_output()
+        .expect("agent uninstall");
+    assert!(
+        out.status.success(),
+        "agent uninstall exited {}:\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !pins.0.exists(),
+        "{} is still there after agent uninstall",
+        pins.0.display()
+    );
+    // The kernel releases a link whose last pin went in deferred work: soon, not at once.
+    wait_until(
+        "the XDP program detached after agent uninstall",
+        HEALTH_WAIT,
+        POLL,
+        || !xdp_attached(&topo),
+    );
+}
+
+/// Whether the running kernel is `major.minor` or later (`/proc/sys/kernel/osrelease`).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    have >= (major, minor)
+}
+
+/// Whether an XDP program is attached to the client's veth end.
+fn xdp_attached(topo: &Topology) -> bool {
+    topo.client
+        .ip(&["-d", "link", "show", "dev", &topo.client_if])
+        .expect("ip link")
+        .contains("prog/xdp")
 }
 
 /// Runs the agent through `wrapper` in `topo`'s client namespace until it exits (killed
@@ -361,14 +485,9 @@ fn without_any_one_of_the_three_the_agent_says_which_and_exits_1() {
             output.contains(&has),
             "the error should list what the process has (`{has}`):\n{output}"
         );
-        // Nothing was attached.
-        let link = topo
-            .client
-            .ip(&["-d", "link", "show", "dev", &topo.client_if])
-            .expect("ip link");
         assert!(
-            !link.contains("prog/xdp"),
-            "without {name} an XDP program is attached after all:\n{link}"
+            !xdp_attached(&topo),
+            "without {name} an XDP program is attached after all"
         );
     }
 }
