@@ -489,5 +489,10 @@ fn without_any_one_of_the_three_the_agent_says_which_and_exits_1() {
             !xdp_attached(&topo),
             "without {name} an XDP program is attached after all"
         );
+        assert!(
+            !pins.0.exists(),
+            "without {name} the agent made its pin directory {} all the same",
+            pins.0.display()
+        );
     }
 }
