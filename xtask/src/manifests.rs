@@ -1,7 +1,9 @@
 //! Offline checks of `deploy/kubernetes`: every document parses, names its kind, and the
 //! DaemonSet's references (ServiceAccount, ConfigMap) exist; the policy inside each ConfigMap
-//! is valid, read by the agent's own policy reader (`agent_common::policy`). Cheap and without
-//! network, so it runs in `cargo xtask test`.
+//! is valid, read by the agent's own policy reader (`agent_common::policy`); each DaemonSet
+//! container is unprivileged, drops ALL capabilities and adds exactly those the systemd unit
+//! grants (`deploy/systemd/agent.service`), so the two deployments cannot drift apart. Cheap
+//! and without network, so it runs in `cargo xtask test`.
 
 use std::{
     collections::BTreeSet,
@@ -15,6 +17,7 @@ use serde_json::Value;
 use crate::workspace;
 
 const KUBERNETES_DIR: &str = "deploy/kubernetes";
+const SYSTEMD_UNIT: &str = "deploy/systemd/agent.service";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -36,6 +39,14 @@ pub enum ManifestError {
         daemonset: String,
         what: &'static str,
         name: String,
+    },
+    #[error("{SYSTEMD_UNIT}: {0}")]
+    Unit(String),
+    #[error("DaemonSet {daemonset}, container {container}: {what}")]
+    Privilege {
+        daemonset: String,
+        container: String,
+        what: String,
     },
     #[error("ConfigMap {configmap}, key {key}: the policy is invalid:\n{source}")]
     Policy {
@@ -71,6 +82,14 @@ pub fn validate() -> Result<(), Problems> {
     let objects = load(&workspace::root().join(KUBERNETES_DIR), &mut problems);
     check_references(&objects, &mut problems);
     check_policies(&objects, &mut problems);
+    let unit = workspace::root().join(SYSTEMD_UNIT);
+    match fs::read_to_string(&unit) {
+        Ok(text) => match unit_capabilities(&text) {
+            Ok(caps) => check_capabilities(&objects, &caps, &mut problems),
+            Err(e) => problems.push(e),
+        },
+        Err(source) => problems.push(ManifestError::Io { path: unit, source }),
+    }
     if problems.is_empty() {
         println!("deploy manifests: {} objects valid", objects.len());
         Ok(())
@@ -180,6 +199,69 @@ fn check_references(objects: &[Object], problems: &mut Vec<ManifestError>) {
     }
 }
 
+/// The capabilities of the unit's `CapabilityBoundingSet=`, without `CAP_`; its
+/// `AmbientCapabilities=` must be the same.
+fn unit_capabilities(unit: &str) -> Result<BTreeSet<String>, ManifestError> {
+    let set = |key: &str| -> Result<BTreeSet<String>, ManifestError> {
+        let line = unit
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .ok_or_else(|| ManifestError::Unit(format!("no {key} line")))?;
+        Ok(line
+            .split_whitespace()
+            .map(|c| c.strip_prefix("CAP_").unwrap_or(c).to_owned())
+            .collect())
+    };
+    let bounding = set("CapabilityBoundingSet=")?;
+    let ambient = set("AmbientCapabilities=")?;
+    if bounding != ambient {
+        return Err(ManifestError::Unit(format!(
+            "CapabilityBoundingSet {bounding:?} and AmbientCapabilities {ambient:?} differ"
+        )));
+    }
+    Ok(bounding)
+}
+
+/// Every DaemonSet container: not privileged, drops ALL, adds exactly `caps`.
+fn check_capabilities(
+    objects: &[Object],
+    caps: &BTreeSet<String>,
+    problems: &mut Vec<ManifestError>,
+) {
+    for daemonset in objects.iter().filter(|o| o.kind == "DaemonSet") {
+        let containers = daemonset.doc["spec"]["template"]["spec"]["containers"].as_array();
+        for container in containers.into_iter().flatten() {
+            let problem = |what: String| ManifestError::Privilege {
+                daemonset: daemonset.name.clone(),
+                container: container["name"].as_str().unwrap_or("?").to_owned(),
+                what,
+            };
+            let context = &container["securityContext"];
+            if context["privileged"].as_bool() == Some(true) {
+                problems.push(problem("privileged: true instead of capabilities".into()));
+            }
+            let list = |key: &str| -> BTreeSet<String> {
+                context["capabilities"][key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.as_str())
+                    .map(|c| c.strip_prefix("CAP_").unwrap_or(c).to_owned())
+                    .collect()
+            };
+            if !list("drop").contains("ALL") {
+                problems.push(problem("capabilities.drop lacks ALL".into()));
+            }
+            let add = list("add");
+            if add != *caps {
+                problems.push(problem(format!(
+                    "capabilities.add {add:?}, but {SYSTEMD_UNIT} grants {caps:?}"
+                )));
+            }
+        }
+    }
+}
+
 /// Reads every `*.yaml` key of every ConfigMap as a policy.
 fn check_policies(objects: &[Object], problems: &mut Vec<ManifestError>) {
     for configmap in objects.iter().filter(|o| o.kind == "ConfigMap") {
@@ -214,6 +296,54 @@ mod tests {
         if let Err(problems) = validate() {
             panic!("{problems}");
         }
+    }
+
+    #[test]
+    fn daemonset_capabilities_must_match_the_unit() {
+        let unit = "[Service]\nCapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON\n\
+                    AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON\n";
+        let caps = unit_capabilities(unit).unwrap();
+        assert_eq!(
+            caps.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["BPF", "NET_ADMIN", "PERFMON"]
+        );
+        let ds = |context: &str| {
+            let text = format!(
+                "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: agent}}\nspec:\n  \
+                 template:\n    spec:\n      containers:\n        - name: agent\n          \
+                 securityContext: {context}\n"
+            );
+            let doc: Value = serde_saphyr::from_str(&text).unwrap();
+            let objects = [object(Path::new("x.yaml"), 1, doc).unwrap()];
+            let mut problems = Vec::new();
+            check_capabilities(&objects, &caps, &mut problems);
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert!(
+            ds("{capabilities: {drop: [ALL], add: [PERFMON, BPF, NET_ADMIN]}}").is_empty(),
+            "same set, another order"
+        );
+        assert_eq!(
+            ds(
+                "{privileged: true, capabilities: {drop: [ALL], add: [BPF, NET_ADMIN, PERFMON, SYS_ADMIN]}}"
+            ),
+            [
+                "DaemonSet agent, container agent: privileged: true instead of capabilities",
+                "DaemonSet agent, container agent: capabilities.add {\"BPF\", \"NET_ADMIN\", \
+                 \"PERFMON\", \"SYS_ADMIN\"}, but deploy/systemd/agent.service grants {\"BPF\", \
+                 \"NET_ADMIN\", \"PERFMON\"}",
+            ]
+        );
+        assert_eq!(
+            ds("{capabilities: {add: [BPF, NET_ADMIN, PERFMON]}}"),
+            ["DaemonSet agent, container agent: capabilities.drop lacks ALL"]
+        );
+        assert!(
+            unit_capabilities("CapabilityBoundingSet=CAP_BPF\nAmbientCapabilities=\n")
+                .unwrap_err()
+                .to_string()
+                .contains("differ")
+        );
     }
 
     #[test]
