@@ -583,3 +583,37 @@ fn a_resumed_closed_breaker_is_closed_since_then() {
         })
     );
 }
+
+#[test]
+fn a_resumed_state_is_what_the_breaker_is_once_due_timers_fire() {
+    use agent_common::breaker::Resumed::*;
+    assert_eq!(State::resumed(Some(Closed)), State::Closed);
+    assert_eq!(
+        State::resumed(None),
+        State::Closed,
+        "unknown code: fail open"
+    );
+    assert_eq!(State::resumed(Some(Open { remaining_ns: 1 })), State::Open);
+    assert_eq!(
+        State::resumed(Some(Open { remaining_ns: 0 })),
+        State::HalfOpen
+    );
+    assert_eq!(State::resumed(Some(HalfOpen { quota: 0 })), State::HalfOpen);
+    // The guard agrees.
+    let t0 = Instant::now();
+    for r in [
+        Closed,
+        Open { remaining_ns: 1 },
+        Open { remaining_ns: 0 },
+        HalfOpen { quota: 2 },
+    ] {
+        let mut g = EjectionGuard::new(&cfg(), 1, t0);
+        g.resume(0, r, t0, secs(30), t0).unwrap();
+        g.poll(t0);
+        assert_eq!(
+            g.breaker(0).unwrap().state(),
+            State::resumed(Some(r)),
+            "{r:?}"
+        );
+    }
+}
