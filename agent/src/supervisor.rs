@@ -180,17 +180,20 @@ fn ktime_at(clock: Option<(Instant, u64)>, at: Instant) -> u64 {
 
 /// The breaker state of every enforced backend as the datapath holds it now, as [`start`]
 /// will resume it (an open period already over is half-open): for the balancer's first
-/// tables when the agent adopted pinned maps. A backend whose entry cannot be read is left
-/// out (closed: fail open), as are closed ones.
-pub fn breakers_in(
-    datapath: &Datapath,
-    enforced: &[CompiledBackend],
-) -> Result<HashMap<BackendId, State>, SupervisorError> {
+/// tables when the agent adopted pinned maps. Closed ones are left out, and so is a backend
+/// whose entry cannot be read (logged): closed, fail open, as the balancer treats a backend
+/// the supervisor does not publish.
+pub fn breakers_in(datapath: &Datapath, enforced: &[CompiledBackend]) -> HashMap<BackendId, State> {
     if enforced.is_empty() {
-        return Ok(HashMap::new());
+        return HashMap::new();
     }
-    let maps = datapath.backend_maps().map_err(SupervisorError::Maps)?;
-    Ok(not_closed(&maps, enforced, ktime_now_ns().unwrap_or(0)))
+    match datapath.backend_maps() {
+        Ok(maps) => not_closed(&maps, enforced, ktime_now_ns().unwrap_or(0)),
+        Err(e) => {
+            tracing::warn!("reading breaker states for the first tables: {e}");
+            HashMap::new()
+        }
+    }
 }
 
 fn not_closed(
