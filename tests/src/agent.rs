@@ -124,9 +124,23 @@ impl AgentProcess {
         Ok(agent)
     }
 
-    /// Starts `BIN run --config CONFIG` in `netns` ([`Netns::spawn_process`]), its output in
-    /// `CONFIG` with the extension `agent.log`; returns at once.
+    /// Starts `BIN run --config CONFIG --detach-on-exit` in `netns`
+    /// ([`Netns::spawn_process`]), its output in `CONFIG` with the extension `agent.log`;
+    /// returns at once. `--detach-on-exit`: a test's datapath goes with its agent, as tests
+    /// share interfaces' names and pin paths (tests of the pinned datapath outliving the
+    /// agent use [`AgentProcess::spawn_args`]).
     pub fn spawn(bin: &Path, netns: &Netns, config: &Path) -> Result<AgentProcess> {
+        AgentProcess::spawn_args(bin, netns, config, &["--detach-on-exit"])
+    }
+
+    /// As [`AgentProcess::spawn`], with `extra` arguments after `run --config CONFIG`
+    /// instead of `--detach-on-exit`.
+    pub fn spawn_args(
+        bin: &Path,
+        netns: &Netns,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let listen = listen_of(&text)?;
@@ -149,6 +163,7 @@ impl AgentProcess {
         cmd.arg("run")
             .arg("--config")
             .arg(config)
+            .args(extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out)
