@@ -569,3 +569,21 @@ fn the_balancer_reads_what_the_supervisor_will_resume() {
     let got = not_closed(&f.rec, &f.compiled.backends, T0_NS);
     assert_eq!(got, HashMap::from([(id(0), State::HalfOpen)]));
 }
+
+#[test]
+fn stamps_are_on_the_datapath_clock_either_side_of_its_reading() {
+    let t0 = Instant::now();
+    let clock = Some((t0, T0_NS));
+    assert_eq!(ktime_at(clock, t0), T0_NS);
+    assert_eq!(
+        ktime_at(clock, t0 + Duration::from_millis(1)),
+        T0_NS + 1_000_000
+    );
+    assert_eq!(ktime_at(clock, t0 - Duration::from_secs(1)), T0_NS - SEC_NS);
+    assert_eq!(
+        ktime_at(Some((t0, 5)), t0 - Duration::from_secs(1)),
+        0,
+        "no wrap"
+    );
+    assert_eq!(ktime_at(None, t0), 0, "no reading: unstamped");
+}
