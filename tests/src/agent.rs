@@ -343,6 +343,17 @@ impl AgentProcess {
         Ok(())
     }
 
+    /// Kills the agent with SIGKILL, as a crash or the OOM killer would (nothing of it runs
+    /// on the way out), and returns how it exited.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped");
+        };
+        // `Child::kill` is SIGKILL on Unix.
+        child.kill()?;
+        Ok(child.wait()?)
+    }
+
     /// Stops the agent (SIGTERM, SIGKILL after [`STOP_TIMEOUT`]) and returns how it exited.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.terminate()
