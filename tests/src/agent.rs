@@ -127,6 +127,17 @@ impl AgentProcess {
     /// Starts `BIN run --config CONFIG` in `netns` ([`Netns::spawn_process`]), its output in
     /// `CONFIG` with the extension `agent.log`; returns at once.
     pub fn spawn(bin: &Path, netns: &Netns, config: &Path) -> Result<AgentProcess> {
+        AgentProcess::spawn_with(bin, netns, config, &[])
+    }
+
+    /// Like [`AgentProcess::spawn`], with `extra` after `run --config CONFIG` (e.g.
+    /// `--detach-on-exit`).
+    pub fn spawn_with(
+        bin: &Path,
+        netns: &Netns,
+        config: &Path,
+        extra: &[&str],
+    ) -> Result<AgentProcess> {
         let text = std::fs::read_to_string(config)
             .with_context(|| format!("reading {}", config.display()))?;
         let listen = listen_of(&text)?;
@@ -149,6 +160,7 @@ impl AgentProcess {
         cmd.arg("run")
             .arg("--config")
             .arg(config)
+            .args(extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(out)
@@ -306,6 +318,16 @@ impl AgentProcess {
             bail!("SIGHUP: {}", std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// `kill -9`: SIGKILL and reap, so no agent process is left when this returns. The
+    /// agent gets no chance to clean up; what it left in the kernel stays.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("agent already stopped");
+        };
+        child.kill().context("SIGKILL to the agent")?;
+        Ok(child.wait()?)
     }
 
     /// Stops the agent (SIGTERM, SIGKILL after [`STOP_TIMEOUT`]) and returns how it exited.
