@@ -48,6 +48,48 @@ pub const MAP_LB_RR: &str = "LB_RR";
 pub const MAP_LB_CONNS: &str = "LB_CONNS";
 /// LRU hash: [`crate::breaker::FlowKey`] (client -> backend) -> [`crate::lb::LbReverse`].
 pub const MAP_LB_REVERSE: &str = "LB_REVERSE";
+/// Per-CPU hand-over from a main program to the stage it tail-calls (service, NAT side, answer).
+pub const MAP_LB_HANDOVER: &str = "LB_HANDOVER";
+/// Per service, the least-connection backend the balancer picked for new flows.
+pub const MAP_LEAST_CONN_BEST: &str = "LEAST_CONN_BEST";
+
+/// Version of what the agent pins under `agent.pin_path`: the set of pinned maps, their keys,
+/// values and meaning, and the contract between main programs and stages (an old main
+/// program tail-calls the new stages while an agent adopts the pins). Bump it with any such
+/// change: an agent refuses pins of another version instead of mixing layouts.
+pub const PIN_LAYOUT: u32 = 1;
+
+/// The maps pinned under `<agent.pin_path>/maps/`: every map holding policy, state or
+/// counters, and the stage arrays (a program array empties when its last user reference
+/// goes, which would cut the stages off the running programs when the agent dies). Per-CPU
+/// scratch space and the log ring are not pinned; a map left out would start empty under an
+/// adopting agent.
+pub const PINNED_MAPS: [&str; 24] = [
+    MAP_CLASSIFY,
+    MAP_SVC_CFG,
+    MAP_RL_BUCKETS,
+    MAP_SHAPE_NEXT,
+    MAP_SHAPE_DELAY,
+    MAP_SVC_STATS,
+    MAP_GLOBAL_STATS,
+    MAP_BACKENDS,
+    MAP_BACKEND_PORTS,
+    MAP_BACKEND_STATS,
+    MAP_HALF_OPEN_FLOWS,
+    MAP_PENDING_SYNS,
+    MAP_LB_SVC,
+    MAP_LB_TABLES,
+    MAP_LB_BACKENDS,
+    MAP_LB_ACTIVE_CONNS,
+    MAP_LB_STATS,
+    MAP_LB_RR,
+    MAP_LB_CONNS,
+    MAP_LB_REVERSE,
+    MAP_LB_HANDOVER,
+    MAP_LEAST_CONN_BEST,
+    MAP_STAGES_XDP,
+    MAP_STAGES_TC,
+];
 
 /// Default size of the token-bucket key table when the policy sets none.
 pub const DEFAULT_MAX_KEYS: u32 = 1 << 20;

@@ -38,6 +38,14 @@ pub struct StatusReport {
     /// `None` until the first reading, or when `/proc/self/fdinfo` could not be read.
     #[serde(default)]
     pub kernel_memory_bytes: Option<u64>,
+    /// What the watchdog restored since start (a detached link, a removed pin), by kind.
+    #[serde(default)]
+    pub repairs: Vec<(String, u64)>,
+    /// Whether this agent adopted an earlier agent's pinned datapath, and where it pins.
+    #[serde(default)]
+    pub adopted: bool,
+    #[serde(default)]
+    pub pin_path: Option<String>,
 }
 
 /// One BPF map name as the agent sees it (several maps may share a name: inner maps).

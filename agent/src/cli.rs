@@ -26,11 +26,29 @@ pub enum Command {
         /// The policy file.
         file: PathBuf,
     },
-    /// Apply a policy: load and attach the datapath, serve /metrics and health endpoints.
-    /// SIGHUP re-reads the file; SIGTERM/SIGINT detach and exit.
+    /// Apply a policy: load and attach the datapath, pinned under agent.pin_path (an earlier
+    /// agent's pins are adopted), serve /metrics and health endpoints. SIGHUP re-reads the
+    /// file; SIGTERM/SIGINT exit and leave the datapath enforcing the last policy.
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// On SIGTERM/SIGINT, detach the programs and remove the pins (as `agent uninstall`)
+        /// instead of leaving the datapath running.
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// Start from empty maps: drop the pinned maps (token buckets, connection table,
+        /// breaker states) before loading. Pinned links are kept and take the new programs.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Remove everything `agent run` left in the kernel: links, programs, pins under
+    /// agent.pin_path, the egress filters (kernels before 6.6) and pacing qdiscs on the
+    /// policy's interfaces. Refused while an agent runs on the same pin_path.
+    Uninstall {
+        /// The policy the agent ran (its pin_path and interfaces); without it, the default
+        /// pin_path and only what is pinned there.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Print services and counters of the running datapath.
     Status {

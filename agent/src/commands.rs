@@ -21,7 +21,7 @@ pub fn check(file: &Path) -> ExitCode {
     }
 }
 
-pub fn run(file: &Path) -> ExitCode {
+pub fn run(file: &Path, options: run::Options) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -33,12 +33,31 @@ pub fn run(file: &Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match runtime.block_on(run::run(file)) {
+    match runtime.block_on(run::run(file, options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Plain stderr, not tracing: the subscriber is not up for an invalid policy, and
             // policy errors must keep their `FILE:LINE:COLUMN: FIELD.PATH: message` form.
             eprintln!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+pub fn uninstall(file: Option<&Path>) -> ExitCode {
+    match run::uninstall(file) {
+        Ok(removed) if removed.is_empty() => {
+            println!("nothing to remove");
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            for r in removed {
+                println!("removed {r}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agent uninstall: {e}");
             ExitCode::from(e.exit_code())
         }
     }

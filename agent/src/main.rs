@@ -23,7 +23,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check { file } => commands::check(&file),
-        Command::Run { config } => commands::run(&config),
+        Command::Run {
+            config,
+            detach_on_exit,
+            reset,
+        } => commands::run(
+            &config,
+            agent::run::Options {
+                detach_on_exit,
+                reset,
+            },
+        ),
+        Command::Uninstall { config } => commands::uninstall(config.as_deref()),
         Command::Status { addr, output } => commands::status(addr, output),
     }
 }

@@ -1,12 +1,15 @@
-//! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP; detach on SIGTERM.
+//! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP; on SIGTERM exit and
+//! leave the pinned datapath enforcing (or detach, with `--detach-on-exit`).
 //!
-//! Order of start-up, so that a failure leaves nothing behind: validate the policy (and the
-//! interfaces it names, and for shaping that the kernel has `sch_fq` and that no operator's
-//! qdisc is in the way) -> bind the HTTP listener -> load the programs -> write the maps
-//! (breaker entries closed) -> the pacing qdisc `fq` as root of the egress interfaces (when
-//! some service is shaped) -> attach (all interfaces or none) -> start health checks and
-//! breakers -> ready. Every step before the qdiscs touches nothing a packet sees; `Datapath`
-//! detaches what it attached when dropped, and `Pacers` puts back the default qdiscs.
+//! Order of start-up, so that a failure leaves the running datapath as it was: validate the
+//! policy (and the interfaces it names, and for shaping that the kernel has `sch_fq` and that
+//! no operator's qdisc is in the way) -> lock the pin directory (bpffs, one agent) -> bind the
+//! HTTP listener -> load the programs with the pinned maps (an earlier agent's are adopted,
+//! their state kept; pins of another layout are refused) -> write the maps (only what
+//! differs; breaker entries already there keep their state) -> the pacing qdisc `fq` as root
+//! of the egress interfaces (when some service is shaped) -> attach: new programs replace
+//! the old on the pinned links, or new links are made and pinned -> start health checks and
+//! breakers, the watchdog -> ready.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -21,7 +24,9 @@ use crate::{
     cli::{EXIT_INVALID, EXIT_RUNTIME},
     config::{self, PolicyErrors},
     datapath::{
-        Datapath, DatapathError, pressure,
+        Datapath, DatapathError,
+        pin::PinDir,
+        pressure,
         qdisc::{Pacers, QdiscError},
     },
     http,
@@ -40,6 +45,18 @@ const KEY_COUNT_DUTY: u32 = 20;
 /// of the time.
 const PRESSURE_MIN_INTERVAL: Duration = Duration::from_secs(1);
 const PRESSURE_DUTY: u32 = 20;
+/// The watchdog checks the links and pins this often: a program someone detached is back
+/// within one period.
+pub const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
+
+/// `agent run`'s switches.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Detach and remove the pins on exit instead of leaving the datapath running.
+    pub detach_on_exit: bool,
+    /// Drop the pinned maps before loading.
+    pub reset: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -70,7 +87,7 @@ impl RunError {
     }
 }
 
-pub async fn run(file: &Path) -> Result<(), RunError> {
+pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     logs::init(&policy.agent.log_level.to_string());
     let plan = Plan::new(&policy).map_err(RunError::Policy)?;
@@ -82,6 +99,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
         plan.attach.len()
     );
 
+    let pins = open_pins(&policy)?;
     let listener = TcpListener::bind(plan.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -89,7 +107,13 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
             source,
         })?;
 
-    let mut datapath = Datapath::load_for(&plan.compiled)?;
+    let mut datapath = Datapath::load_pinned(&plan.compiled, pins, options.reset)?;
+    let pin_path = policy.agent.pin_path.display();
+    if datapath.adopted() {
+        tracing::info!("adopted pins at {pin_path}: maps and their state kept");
+    } else {
+        tracing::info!("pinned at {pin_path}");
+    }
     let logger = match EbpfLogger::init(datapath.ebpf_mut()) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -181,6 +205,7 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     let log_task = logger.map(|l| tokio::spawn(logs::forward_ebpf_logs(l)));
     let keys_task = tokio::spawn(count_keys_periodically(state.clone(), stop_rx.clone()));
     let pressure_task = tokio::spawn(watch_map_pressure(state.clone(), stop_rx.clone()));
+    let watchdog_task = tokio::spawn(watchdog(state.clone(), stop_rx.clone()));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(http::serve(listener, state.clone(), async move {
         let _ = http_stop.wait_for(|stop| *stop).await;
@@ -188,11 +213,12 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
 
     let result = wait_for_signals(file, &plan, &state, &weights_tx).await;
 
-    // Not ready any more, then detach, then put the default qdiscs back, then stop serving.
+    // Not ready any more; stop the tasks (the watchdog first: it must not re-attach what is
+    // detached next); then leave the datapath running, or detach it and put the default
+    // qdiscs back; then stop serving.
     state.set_ready(false);
-    state.datapath_mut().detach_all();
-    drop(pacers);
     let _ = stop_tx.send(true);
+    let _ = watchdog_task.await;
     let _ = keys_task.await;
     let _ = pressure_task.await;
     if let Some(t) = backends_task {
@@ -209,8 +235,101 @@ pub async fn run(file: &Path) -> Result<(), RunError> {
     if let Some(t) = log_task {
         t.abort();
     }
-    tracing::info!("detached; bye");
+    let mut dp = state.datapath_mut();
+    if options.detach_on_exit {
+        dp.detach_all();
+        drop(pacers);
+        match dp.pin_dir().map(PinDir::remove_all) {
+            Some(Err(e)) => tracing::warn!("removing pins: {e}"),
+            Some(Ok(removed)) => tracing::info!("removed {} pins", removed.len()),
+            None => {}
+        }
+        tracing::info!("detached; bye");
+    } else {
+        dp.leave_attached();
+        if let Some(p) = pacers {
+            p.leave();
+        }
+        tracing::info!("the datapath keeps enforcing the last policy (pinned at {pin_path}); bye");
+    }
     result
+}
+
+/// Opens and locks the policy's pin directory. A path that is not on bpffs, or cannot be
+/// made, is the policy's error (at `agent.pin_path`); a directory in use is not.
+fn open_pins(policy: &agent_common::policy::Policy) -> Result<PinDir, RunError> {
+    PinDir::open(&policy.agent.pin_path).map_err(|e| {
+        if e.is_path_problem() {
+            RunError::Policy(PolicyErrors(vec![
+                policy.error_at("agent.pin_path", e.to_string()),
+            ]))
+        } else {
+            RunError::Datapath(DatapathError::Pin(e))
+        }
+    })
+}
+
+/// `agent uninstall`: detaches and removes everything under the pin directory, the egress
+/// filters and pacing qdiscs on the policy's interfaces. Says what it removed.
+pub fn uninstall(file: Option<&Path>) -> Result<Vec<String>, RunError> {
+    let policy = match file {
+        Some(f) => Some(config::load_file(f).map_err(RunError::Policy)?),
+        None => None,
+    };
+    let pin_path = policy.as_ref().map_or_else(
+        || agent_common::policy::model::AgentSettings::default().pin_path,
+        |p| p.agent.pin_path.clone(),
+    );
+    let mut removed = Vec::new();
+    if pin_path.exists() {
+        let pins = PinDir::open(&pin_path).map_err(|e| RunError::Datapath(e.into()))?;
+        removed = pins
+            .remove_all()
+            .map_err(|e| RunError::Datapath(e.into()))?;
+    }
+    if let Some(policy) = &policy {
+        let interfaces: Vec<String> = policy.interfaces.iter().map(|i| i.name.clone()).collect();
+        for i in &interfaces {
+            // Before 6.6 the egress program is a filter, not a pinned link.
+            if aya::programs::tc::qdisc_detach_program(
+                i,
+                aya::programs::TcAttachType::Egress,
+                agent_common::maps::PROG_TC_EGRESS,
+            )
+            .is_ok()
+            {
+                removed.push(format!("the egress filter on {i}"));
+            }
+        }
+        let pacers = Pacers::left_on(&interfaces);
+        removed.extend(pacers.describe());
+        drop(pacers);
+    }
+    Ok(removed)
+}
+
+/// Checks the links and pins every [`WATCHDOG_PERIOD`] and repairs what someone broke.
+async fn watchdog(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCHDOG_PERIOD) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let s = state.clone();
+        let checked =
+            tokio::task::spawn_blocking(move || s.datapath_mut().check_and_repair()).await;
+        match checked {
+            Ok((repairs, errors)) => {
+                for r in repairs {
+                    tracing::warn!("watchdog: {} (repair counted as {})", r.detail, r.what);
+                }
+                for e in errors {
+                    tracing::error!("watchdog: a repair failed, retrying next period: {e}");
+                }
+            }
+            Err(e) => tracing::error!("watchdog: {e}"),
+        }
+    }
 }
 
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads the policy file.

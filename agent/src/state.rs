@@ -150,6 +150,12 @@ impl AgentState {
         );
         report.balancing = balancing;
         report.lb_backends = lb_backends;
+        {
+            let dp = self.datapath();
+            report.repairs = dp.repairs();
+            report.adopted = dp.adopted();
+            report.pin_path = dp.pin_dir().map(|p| p.root().display().to_string());
+        }
         status::add_maps(&mut report, &lock(&self.maps));
         Ok(report)
     }

@@ -124,15 +124,18 @@ impl AgentProcess {
         Ok(agent)
     }
 
-    /// Starts `BIN run --config CONFIG` in `netns` ([`Netns::spawn_process`]), its output in
-    /// `CONFIG` with the extension `agent.log`; returns at once.
+    /// Starts `BIN run --config CONFIG --detach-on-exit` in `netns`
+    /// ([`Netns::spawn_process`]), its output in `CONFIG` with the extension `agent.log`;
+    /// returns at once. `--detach-on-exit`: a test's datapath goes with its agent, as tests
+    /// share interfaces' names and pin paths (tests of the pinned datapath outliving the
+    /// agent use [`AgentProcess::spawn_args`]).
     pub fn spawn(bin: &Path, netns: &Netns, config: &Path) -> Result<AgentProcess> {
-        AgentProcess::spawn_with(bin, netns, config, &[])
+        AgentProcess::spawn_args(bin, netns, config, &["--detach-on-exit"])
     }
 
-    /// Like [`AgentProcess::spawn`], with `extra` after `run --config CONFIG` (e.g.
-    /// `--detach-on-exit`).
-    pub fn spawn_with(
+    /// As [`AgentProcess::spawn`], with `extra` arguments after `run --config CONFIG`
+    /// instead of `--detach-on-exit`.
+    pub fn spawn_args(
         bin: &Path,
         netns: &Netns,
         config: &Path,

@@ -174,8 +174,13 @@ impl LimitLab {
         )
     }
 
+    /// The agent as it runs in production: without `--detach-on-exit`.
     fn start(&self) -> AgentProcess {
-        AgentProcess::start(&self.topo.server, &self.config).expect("agent start")
+        let bin = agent_bin().expect("agent binary");
+        let mut a =
+            AgentProcess::spawn_args(&bin, &self.topo.server, &self.config, &[]).expect("spawn");
+        a.wait_ready(READY_TIMEOUT).expect("agent ready");
+        a
     }
 
     fn xdp(&self) -> Option<u32> {
@@ -399,7 +404,7 @@ fn sigterm_leaves_the_datapath_and_detach_on_exit_removes_it() {
 
     let bin = agent_bin().expect("agent binary");
     let mut agent =
-        AgentProcess::spawn_with(&bin, &lab.topo.server, &lab.config, &["--detach-on-exit"])
+        AgentProcess::spawn_args(&bin, &lab.topo.server, &lab.config, &["--detach-on-exit"])
             .expect("spawn");
     agent.wait_ready(READY_TIMEOUT).expect("agent ready");
     assert_log_says(&agent, "adopted pins at", &lab.pin);
@@ -623,8 +628,10 @@ impl LbLab {
         }
     }
 
+    /// The agent `bin` as it runs in production: without `--detach-on-exit`.
     fn start_with(&self, bin: &Path) -> AgentProcess {
-        let mut a = AgentProcess::spawn(bin, &self.topo.client, &self.config).expect("spawn");
+        let mut a =
+            AgentProcess::spawn_args(bin, &self.topo.client, &self.config, &[]).expect("spawn");
         a.wait_ready(READY_TIMEOUT).expect("agent ready");
         a
     }

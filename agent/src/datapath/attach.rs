@@ -1,13 +1,24 @@
 //! Attaching programs to interfaces. All or nothing: when one attachment fails, the ones made
 //! before it in the same call are detached again, and the error names the interface and mode.
 
-use agent_common::maps::{PROG_TC_EGRESS, PROG_XDP};
-use aya::programs::{
-    ProgramError, SchedClassifier, TcAttachType, TcError, Xdp, XdpMode, tc,
-    tc::SchedClassifierLinkId, xdp::XdpLinkId,
+use std::{
+    mem::ManuallyDrop,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
 };
 
-use super::{Datapath, DatapathError, Kernel};
+use agent_common::maps::{PROG_TC_EGRESS, PROG_XDP};
+use aya::programs::{
+    Link as _, ProgramError, SchedClassifier, TcAttachType, TcError, Xdp, XdpMode,
+    links::{FdLink, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    xdp::{XdpLink, XdpLinkId},
+};
+
+use super::{
+    Datapath, DatapathError, Kernel, bpffs,
+    pin::{LinkKind, PinDir},
+};
 
 /// How to attach XDP (POLICY.md `xdp_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,18 +38,31 @@ pub struct AttachSpec {
     pub egress: bool,
 }
 
+/// One attachment. Links are pinned and cls_bpf filters stay on their own: nothing here
+/// detaches when the agent exits; [`Datapath::detach_all`] does, on request.
 pub(super) enum Attached {
-    Xdp {
+    /// A pinned bpf_link (XDP, or TCX egress); `fd` is the agent's own reference to it.
+    Link {
+        kind: LinkKind,
         interface: String,
         mode: &'static str,
-        link: XdpLinkId,
+        /// How to attach it again when someone detached it (XDP).
+        setting: XdpModeSetting,
+        pin: PathBuf,
+        fd: OwnedFd,
     },
-    TcEgress {
+    /// A `cls_bpf` egress filter under `clsact` (kernels before 6.6). aya's link detaches the
+    /// filter when dropped, so it is kept from dropping.
+    Filter {
         interface: String,
-        mode: TcMode,
-        link: SchedClassifierLinkId,
+        link: ManuallyDrop<SchedClassifierLink>,
     },
 }
+
+/// Priority and handle of the agent's egress filter (before 6.6): fixed, so that a new agent
+/// replaces the old one's filter in place instead of adding a second.
+const TC_PRIORITY: u16 = 0xa6e;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 0xa6e);
 
 /// How TC programs attach on this kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,25 +105,40 @@ fn add_clsact(interface: &str) -> Result<(), TcError> {
 impl Attached {
     pub fn describe(&self) -> String {
         match self {
-            Attached::Xdp {
-                interface, mode, ..
+            Attached::Link {
+                kind: LinkKind::Xdp,
+                interface,
+                mode,
+                ..
             } => format!("xdp ({mode}) on {interface}"),
-            Attached::TcEgress {
-                interface, mode, ..
-            } => format!("{} on {interface}", mode.describe()),
+            Attached::Link {
+                kind: LinkKind::TcxEgress,
+                interface,
+                ..
+            } => format!("{} on {interface}", TcMode::Tcx.describe()),
+            Attached::Filter { interface, .. } => {
+                format!("{} on {interface}", TcMode::Clsact.describe())
+            }
         }
     }
 }
 
 impl Datapath {
-    /// Attaches the programs each spec asks for. On error nothing of this call stays attached.
+    /// Attaches the programs each spec asks for, on the pinned links: a link already pinned
+    /// (an earlier agent's) gets the new program atomically (`bpf_link_update`, no moment
+    /// without a program); a missing one is created and pinned. On error, links this call
+    /// created are removed again; links it updated keep the new program.
     pub fn attach(&mut self, specs: &[AttachSpec]) -> Result<(), DatapathError> {
         let before = self.attached.len();
         for spec in specs {
             if let Err(e) = self.attach_one(spec) {
                 while self.attached.len() > before {
                     if let Some(a) = self.attached.pop() {
-                        self.detach(a);
+                        if a.created() {
+                            self.detach(a);
+                        } else {
+                            a.leave();
+                        }
                     }
                 }
                 return Err(e);
@@ -113,20 +152,36 @@ impl Datapath {
         self.attached.iter().map(Attached::describe).collect()
     }
 
-    /// Detaches everything, newest first.
+    /// Detaches everything, newest first, and removes the link pins.
     pub fn detach_all(&mut self) {
         while let Some(a) = self.attached.pop() {
             self.detach(a);
         }
     }
 
+    /// Lets go of every attachment without detaching it: the programs keep running on their
+    /// pinned links (and filters) after the agent is gone.
+    pub fn leave_attached(&mut self) {
+        for a in self.attached.drain(..) {
+            a.leave();
+        }
+    }
+
+    fn pins(&self) -> Result<&PinDir, DatapathError> {
+        self.pins.as_ref().ok_or(DatapathError::NotPinned)
+    }
+
     fn attach_one(&mut self, spec: &AttachSpec) -> Result<(), DatapathError> {
         if spec.ingress {
-            let (mode, link) = self.attach_xdp(&spec.interface, spec.xdp_mode)?;
-            self.attached.push(Attached::Xdp {
+            let pin = self.pins()?.link(LinkKind::Xdp, &spec.interface);
+            let (mode, fd) = self.attach_xdp_pinned(&spec.interface, spec.xdp_mode, &pin)?;
+            self.attached.push(Attached::Link {
+                kind: LinkKind::Xdp,
                 interface: spec.interface.clone(),
                 mode,
-                link,
+                setting: spec.xdp_mode,
+                pin,
+                fd,
             });
         }
         if spec.egress {
@@ -137,26 +192,144 @@ impl Datapath {
                 mode: mode.describe(),
                 source: Box::new(source),
             };
-            if mode == TcMode::Clsact {
-                tracing::info!(
-                    "kernel {} has no TCX (6.6 and later): tc egress on {} attaches as a \
-                     cls_bpf filter under a clsact qdisc",
-                    Kernel::current(),
-                    spec.interface
-                );
-                add_clsact(&spec.interface).map_err(|e| error(e.into()))?;
+            match mode {
+                TcMode::Tcx => {
+                    let pin = self.pins()?.link(LinkKind::TcxEgress, &spec.interface);
+                    let (how, fd) = self.attach_tcx_pinned(&spec.interface, &pin, error)?;
+                    self.attached.push(Attached::Link {
+                        kind: LinkKind::TcxEgress,
+                        interface: spec.interface.clone(),
+                        mode: how,
+                        setting: spec.xdp_mode,
+                        pin,
+                        fd,
+                    });
+                }
+                TcMode::Clsact => {
+                    tracing::info!(
+                        "kernel {} has no TCX (6.6 and later): tc egress on {} attaches as a \
+                         cls_bpf filter under a clsact qdisc",
+                        Kernel::current(),
+                        spec.interface
+                    );
+                    add_clsact(&spec.interface).map_err(|e| error(e.into()))?;
+                    let link = self.attach_filter(&spec.interface).map_err(error)?;
+                    self.attached.push(Attached::Filter {
+                        interface: spec.interface.clone(),
+                        link: ManuallyDrop::new(link),
+                    });
+                }
             }
-            let prog: &mut SchedClassifier = self.program_mut(PROG_TC_EGRESS)?;
-            let link = prog
-                .attach(&spec.interface, TcAttachType::Egress)
-                .map_err(error)?;
-            self.attached.push(Attached::TcEgress {
-                interface: spec.interface.clone(),
-                mode,
-                link,
-            });
         }
         Ok(())
+    }
+
+    /// The XDP program on the link pinned at `pin`: the pinned link updated, or a new link
+    /// attached and pinned. Returns how, and the agent's descriptor of the link.
+    pub(super) fn attach_xdp_pinned(
+        &mut self,
+        interface: &str,
+        setting: XdpModeSetting,
+        pin: &Path,
+    ) -> Result<(&'static str, OwnedFd), DatapathError> {
+        let pin_error = pin_error(PROG_XDP, interface, pin);
+        if let Some(old) = pinned_link(pin) {
+            let prog: &mut Xdp = self.program_mut(PROG_XDP)?;
+            let updated = XdpLink::try_from(old)
+                .map_err(|e| e.to_string())
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
+                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()));
+            match updated {
+                // Dropping aya's handle closes a descriptor; the pin keeps the link.
+                Ok(_handle) => {
+                    let fd = bpffs::obj_get(pin).map_err(&pin_error)?;
+                    return Ok(("pinned link, program replaced", fd));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "the XDP link pinned at {} could not take the new program ({e}); \
+                         attaching a new one",
+                        pin.display()
+                    );
+                    std::fs::remove_file(pin).map_err(&pin_error)?;
+                }
+            }
+        }
+        let (mode, id) = self.attach_xdp(interface, setting)?;
+        let prog: &mut Xdp = self.program_mut(PROG_XDP)?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| attach_error(PROG_XDP, interface, mode, e))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
+        pin_link(fd_link, pin).map_err(&pin_error)?;
+        Ok((mode, bpffs::obj_get(pin).map_err(&pin_error)?))
+    }
+
+    pub(super) fn attach_tcx_pinned(
+        &mut self,
+        interface: &str,
+        pin: &Path,
+        error: impl Fn(ProgramError) -> DatapathError,
+    ) -> Result<(&'static str, OwnedFd), DatapathError> {
+        let pin_error = pin_error(PROG_TC_EGRESS, interface, pin);
+        let prog: &mut SchedClassifier = self.program_mut(PROG_TC_EGRESS)?;
+        if let Some(old) = pinned_link(pin) {
+            let updated = SchedClassifierLink::try_from(old)
+                .map_err(|e| e.to_string())
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
+                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()));
+            match updated {
+                Ok(_handle) => {
+                    let fd = bpffs::obj_get(pin).map_err(&pin_error)?;
+                    return Ok(("pinned link, program replaced", fd));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "the TCX link pinned at {} could not take the new program ({e}); \
+                         attaching a new one",
+                        pin.display()
+                    );
+                    std::fs::remove_file(pin).map_err(&pin_error)?;
+                }
+            }
+        }
+        let id = prog
+            .attach(interface, TcAttachType::Egress)
+            .map_err(&error)?;
+        let link = prog.take_link(id).map_err(&error)?;
+        let fd_link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
+        pin_link(fd_link, pin).map_err(&pin_error)?;
+        Ok(("new link", bpffs::obj_get(pin).map_err(&pin_error)?))
+    }
+
+    /// The egress filter (before 6.6) at the agent's fixed priority and handle: an earlier
+    /// agent's replaced in place, or a new one.
+    fn attach_filter(&mut self, interface: &str) -> Result<SchedClassifierLink, ProgramError> {
+        let prog: &mut SchedClassifier = self
+            .program_mut(PROG_TC_EGRESS)
+            .map_err(|_| ProgramError::UnexpectedProgramType)?;
+        let existing = SchedClassifierLink::attached(
+            interface,
+            TcAttachType::Egress,
+            TC_PRIORITY,
+            TC_HANDLE,
+            None,
+        )
+        .map_err(|e| ProgramError::from(TcError::IoError(e)))?;
+        let id = match prog.attach_to_link(existing) {
+            Ok(id) => id,
+            // No filter of ours there yet.
+            Err(_) => prog.attach_with_options(
+                interface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY,
+                    handle: TC_HANDLE,
+                    ..Default::default()
+                }),
+            )?,
+        };
+        prog.take_link(id)
     }
 
     fn attach_xdp(
@@ -168,12 +341,7 @@ impl Datapath {
         let attempt = |prog: &mut Xdp, mode: XdpMode, name: &'static str| {
             prog.attach(interface, mode)
                 .map(|link| (name, link))
-                .map_err(|source| DatapathError::Attach {
-                    program: PROG_XDP,
-                    interface: interface.to_string(),
-                    mode: name,
-                    source: Box::new(source),
-                })
+                .map_err(|source| attach_error(PROG_XDP, interface, name, source))
         };
         match setting {
             XdpModeSetting::Native => attempt(prog, XdpMode::Driver, "native"),
@@ -191,21 +359,27 @@ impl Datapath {
     fn detach(&mut self, attached: Attached) {
         let what = attached.describe();
         let result = match attached {
-            Attached::Xdp { link, .. } => self
-                .program_mut::<Xdp>(PROG_XDP)
-                .map(|p| p.detach(link).map_err(|e| e.to_string())),
-            Attached::TcEgress { link, .. } => self
-                .program_mut::<SchedClassifier>(PROG_TC_EGRESS)
-                .map(|p| p.detach(link).map_err(|e| e.to_string())),
+            // The pin is the link's last reference but ours: removing it and closing ours
+            // releases the link, which detaches the program.
+            Attached::Link { pin, fd, .. } => {
+                let removed = std::fs::remove_file(&pin);
+                drop(fd);
+                removed.map_err(|e| format!("{}: {e}", pin.display()))
+            }
+            Attached::Filter { link, .. } => ManuallyDrop::into_inner(link)
+                .detach()
+                .map_err(|e| e.to_string()),
         };
         match result {
-            Ok(Ok(())) => tracing::info!("detached {what}"),
-            Ok(Err(e)) => tracing::warn!("detaching {what}: {e}"),
+            Ok(()) => tracing::info!("detached {what}"),
             Err(e) => tracing::warn!("detaching {what}: {e}"),
         }
     }
 
-    fn program_mut<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, DatapathError>
+    pub(super) fn program_mut<'a, P>(
+        &'a mut self,
+        name: &'static str,
+    ) -> Result<&'a mut P, DatapathError>
     where
         &'a mut P: TryFrom<&'a mut aya::programs::Program>,
     {
@@ -216,8 +390,56 @@ impl Datapath {
     }
 }
 
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        self.detach_all();
+impl Attached {
+    /// Whether this start created the attachment (rather than taking over an earlier
+    /// agent's).
+    fn created(&self) -> bool {
+        matches!(self, Attached::Link { mode, .. } if !mode.starts_with("pinned link"))
+    }
+
+    /// Lets go without detaching.
+    fn leave(self) {
+        // A filter's link is in a `ManuallyDrop`: never dropped, as aya's drop would delete
+        // the filter. Links are pinned: closing the agent's descriptor leaves them.
+        drop(self);
+    }
+}
+
+/// The link pinned at `path`, if there is one.
+fn pinned_link(path: &Path) -> Option<FdLink> {
+    PinnedLink::from_pin(path).ok().map(FdLink::from)
+}
+
+/// Pins a link; the pin then holds it (aya's handle only closes a descriptor when dropped).
+fn pin_link(link: FdLink, path: &Path) -> std::io::Result<()> {
+    link.pin(path)
+        .map(drop)
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+fn attach_error(
+    program: &'static str,
+    interface: &str,
+    mode: &'static str,
+    source: ProgramError,
+) -> DatapathError {
+    DatapathError::Attach {
+        program,
+        interface: interface.to_string(),
+        mode,
+        source: Box::new(source),
+    }
+}
+
+fn pin_error<'a>(
+    program: &'static str,
+    interface: &'a str,
+    pin: &'a Path,
+) -> impl Fn(std::io::Error) -> DatapathError + 'a {
+    move |source| DatapathError::PinLink {
+        program,
+        interface: interface.to_string(),
+        pin: pin.to_path_buf(),
+        source,
     }
 }

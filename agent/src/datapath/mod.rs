@@ -3,11 +3,14 @@
 
 mod attach;
 mod backends;
+pub mod bpffs;
 mod kernel;
 mod lb;
 mod maps;
+pub mod pin;
 pub mod pressure;
 pub mod qdisc;
+mod watchdog;
 
 pub use attach::{AttachSpec, XdpModeSetting};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
@@ -16,10 +19,12 @@ pub use lb::{LbCounters, LbMaps, LbServiceCounters};
 pub use maps::{ApplyReport, KeyCounts, ServiceCounters, ShapeCounters, Snapshot};
 
 use crate::config::Compiled;
+use std::{collections::HashMap, path::PathBuf};
+
 use agent_common::maps::{
-    MAP_RL_BUCKETS, MAP_SHAPE_NEXT, MAP_STAGES_TC, MAP_STAGES_XDP, PROG_TC_ANSWER, PROG_TC_EGRESS,
-    PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT, STAGE_ANSWER,
-    STAGE_LB, STAGE_NAT,
+    MAP_RL_BUCKETS, MAP_SHAPE_NEXT, MAP_STAGES_TC, MAP_STAGES_XDP, PINNED_MAPS, PROG_TC_ANSWER,
+    PROG_TC_EGRESS, PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT,
+    STAGE_ANSWER, STAGE_LB, STAGE_NAT,
 };
 use agent_common::policy::model::Tables;
 use agent_common::tables::TableSizes;
@@ -28,6 +33,7 @@ use aya::{
     maps::{Map, MapData, MapError, ProgramArray},
     programs::{ProgramError, SchedClassifier, Xdp},
 };
+use pin::PinDir;
 
 /// The eBPF object built by `build.rs`; empty when built with `AYA_BUILD_SKIP=1`.
 pub static EBPF_OBJECT: &[u8] =
@@ -76,6 +82,18 @@ pub enum DatapathError {
     MissingMap(&'static str),
     #[error("map `{0}` is not of the type the agent expects (an eBPF object from another build?)")]
     MapType(&'static str),
+    #[error("pinning `{program}` on interface {interface} at {pin}: {source}")]
+    PinLink {
+        program: &'static str,
+        interface: String,
+        pin: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching needs a pin directory (agent.pin_path); this datapath was loaded without")]
+    NotPinned,
+    #[error("{0}")]
+    Pin(#[from] pin::PinError),
     #[error("map `{map}`: {source}")]
     Map {
         map: &'static str,
@@ -201,12 +219,16 @@ fn link(
     Ok(())
 }
 
-/// A loaded datapath. Dropping it detaches every program it attached: links are owned by the
-/// programs, and their file descriptors close with it.
+/// A loaded datapath. Loaded with a pin directory ([`Datapath::load_pinned`]) its maps and
+/// links are pinned there and outlive it: dropping it leaves the programs running.
 pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<attach::Attached>,
     sizes: TableSizes,
+    pins: Option<PinDir>,
+    adopted: bool,
+    /// Repairs the watchdog made, by what.
+    repairs: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl Datapath {
@@ -214,7 +236,7 @@ impl Datapath {
     /// `max_keys` sizes the token-bucket table (a load-time constant of the map); the
     /// node-wide tables take `agent.tables`' defaults.
     pub fn load(max_keys: u32) -> Result<Self, DatapathError> {
-        Self::load_sized(max_keys, None, Tables::default())
+        Self::load_sized(max_keys, None, Tables::default(), None)
     }
 
     /// As [`Datapath::load`], with every load-time size from the compiled policy: the key
@@ -225,6 +247,31 @@ impl Datapath {
             compiled.max_keys,
             Some(compiled.shape_keys),
             compiled.tables,
+            None,
+        )
+    }
+
+    /// As [`Datapath::load_for`], with every map listed in `PINNED_MAPS` pinned under `pins`:
+    /// the maps pinned there already (an earlier agent's, same layout) are adopted, with
+    /// their state; the others are created and pinned. `reset` drops the pinned maps first.
+    /// Pins of another layout are refused before anything is loaded.
+    pub fn load_pinned(
+        compiled: &Compiled,
+        pins: PinDir,
+        reset: bool,
+    ) -> Result<Self, DatapathError> {
+        if reset {
+            let removed = pins.clear_maps()?;
+            tracing::info!(
+                "--reset: removed {removed} pinned maps under {}",
+                pins.root().display()
+            );
+        }
+        Self::load_sized(
+            compiled.max_keys,
+            Some(compiled.shape_keys),
+            compiled.tables,
+            Some(pins),
         )
     }
 
@@ -233,6 +280,7 @@ impl Datapath {
         max_keys: u32,
         shape_keys: Option<u32>,
         tables: Tables,
+        pins: Option<PinDir>,
     ) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
@@ -247,36 +295,102 @@ impl Datapath {
             tables.connections,
             kernel::mem_total,
         );
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(MAP_RL_BUCKETS, max_keys.max(1));
-        for (name, entries) in sizes.maps() {
-            loader.map_max_entries(name, entries);
-        }
+        let mut entries: HashMap<&'static str, u32> = sizes.maps().into_iter().collect();
+        entries.insert(MAP_RL_BUCKETS, max_keys.max(1));
         if let Some(keys) = shape_keys {
-            loader.map_max_entries(MAP_SHAPE_NEXT, keys.max(1));
+            entries.insert(MAP_SHAPE_NEXT, keys.max(1));
         }
-        let mut ebpf = loader
+        let mut loader = EbpfLoader::new();
+        for (name, n) in &entries {
+            loader.map_max_entries(name, *n);
+        }
+        let mut adopted = false;
+        let mut pinned_before = Vec::new();
+        let pin_paths: Vec<(&'static str, PathBuf)> = match &pins {
+            None => Vec::new(),
+            Some(pins) => {
+                adopted = pins.survey(&wanted_shapes(&entries)?)? == pin::Found::Compatible;
+                pinned_before = pins.snapshot();
+                PINNED_MAPS.iter().map(|&n| (n, pins.map(n))).collect()
+            }
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let loaded = loader
             .load(EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for name in PROGRAMS {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram(name))?;
-            let loaded = match program {
-                aya::programs::Program::Xdp(p) => p.load(),
-                aya::programs::Program::SchedClassifier(p) => p.load(),
-                _ => return Err(DatapathError::MissingProgram(name)),
-            };
-            loaded.map_err(|source| refused(name, kernel, source))?;
+            .map_err(|e| DatapathError::Load(Box::new(e)))
+            .and_then(|ebpf| load_programs(ebpf, kernel));
+        let ebpf = match loaded {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                // Nothing of a failed load stays pinned; what was pinned before stays as is.
+                if let Some(pins) = &pins {
+                    pins.remove_new(&pinned_before);
+                }
+                return Err(e);
+            }
+        };
+        if let Some(pins) = pins.as_ref().filter(|_| !adopted) {
+            pins.write_layout()?;
         }
-        link_stages(&mut ebpf)?;
         Ok(Self {
             ebpf,
             attached: Vec::new(),
             sizes,
+            pins,
+            adopted,
+            repairs: Default::default(),
         })
     }
 
+    /// Whether this datapath adopted an earlier agent's pinned maps.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The pin directory, when loaded with one.
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
+    }
+}
+
+/// What each pinned map must look like under this build and these sizes.
+fn wanted_shapes(
+    entries: &HashMap<&'static str, u32>,
+) -> Result<HashMap<&'static str, pin::MapShape>, DatapathError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(EbpfError::ParseError(e))))?;
+    Ok(PINNED_MAPS
+        .iter()
+        .filter_map(|&name| {
+            let map = object.maps.get(name)?;
+            Some((
+                name,
+                pin::MapShape::of_object(map, entries.get(name).copied()),
+            ))
+        })
+        .collect())
+}
+
+/// Loads every program into the kernel and fills the stage arrays.
+fn load_programs(mut ebpf: Ebpf, kernel: Kernel) -> Result<Ebpf, DatapathError> {
+    for name in PROGRAMS {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        let loaded = match program {
+            aya::programs::Program::Xdp(p) => p.load(),
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            _ => return Err(DatapathError::MissingProgram(name)),
+        };
+        loaded.map_err(|source| refused(name, kernel, source))?;
+    }
+    link_stages(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+impl Datapath {
     /// The sizes of the node-wide tables this datapath was loaded with.
     pub fn sizes(&self) -> &TableSizes {
         &self.sizes

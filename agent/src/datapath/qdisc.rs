@@ -505,6 +505,28 @@ impl Pacers {
     }
 }
 
+impl Pacers {
+    /// Lets go of the pacers without removing them: the datapath the agent leaves running
+    /// keeps stamping departure times, which only `fq` honours.
+    pub fn leave(mut self) {
+        self.installed.clear();
+    }
+
+    /// Takes charge of the pacers an earlier agent left on `interfaces` (ours only, by
+    /// handle), so that dropping the result removes them (`agent uninstall`).
+    pub fn left_on(interfaces: &[String]) -> Pacers {
+        let installed = interfaces
+            .iter()
+            .filter(|i| matches!(root_qdisc(i), Ok(Some(q)) if q.is_ours()))
+            .filter_map(|i| Some((i.clone(), ifindex(i).ok()?)))
+            .collect();
+        Pacers {
+            installed,
+            kind: "fq",
+        }
+    }
+}
+
 impl Drop for Pacers {
     fn drop(&mut self) {
         self.restore();

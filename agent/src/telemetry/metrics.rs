@@ -403,6 +403,17 @@ fn encode_maps(r: &StatusReport, encoder: &mut DescriptorEncoder) -> Result<(), 
                 .into_iter()
                 .collect(),
         },
+        Family {
+            name: "agent_repairs",
+            help: "Repairs the watchdog made since start, by what was broken: xdp_link, \
+                   tc_link (a program detached by someone else), pin (a removed pin).",
+            kind: MetricType::Counter,
+            samples: r
+                .repairs
+                .iter()
+                .map(|(what, n)| (vec![("what", what.clone())], *n))
+                .collect(),
+        },
     ] {
         f.encode(encoder)?;
     }
@@ -698,6 +709,9 @@ mod tests {
                 },
             ],
             kernel_memory_bytes: Some(24_960),
+            repairs: vec![("xdp_link".into(), 2), ("pin".into(), 1)],
+            adopted: true,
+            pin_path: Some("/sys/fs/bpf/agent".into()),
         }
     }
 
@@ -714,6 +728,8 @@ mod tests {
             "agent_bpf_map_memory_bytes{map=\"RL_BUCKETS\"} 12672",
             "agent_bpf_map_memory_bytes{map=\"AYA_LOGS\"} 4096",
             "agent_datapath_kernel_memory_bytes 24960",
+            "agent_repairs_total{what=\"xdp_link\"} 2",
+            "agent_repairs_total{what=\"pin\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

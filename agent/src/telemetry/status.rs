@@ -89,6 +89,7 @@ pub fn build(
         lb_backends: Vec::new(),
         maps: Vec::new(),
         kernel_memory_bytes: None,
+        ..StatusReport::default()
     }
 }
 
