@@ -327,7 +327,8 @@ fn kill_9_leaves_the_limit_enforced_and_a_new_agent_adopts_it() {
     let t = Instant::now();
     let across = lab.flood("flood across the adoption", Duration::from_secs(4), || {
         let bin = agent_bin().expect("agent binary");
-        let mut a = AgentProcess::spawn(&bin, &lab.topo.server, &lab.config).expect("spawn");
+        let mut a =
+            AgentProcess::spawn_args(&bin, &lab.topo.server, &lab.config, &[]).expect("spawn");
         let took = a.wait_ready(READY_TIMEOUT).expect("the new agent ready");
         adopted = Some((a, t.elapsed(), took));
     });
