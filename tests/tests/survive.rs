@@ -9,6 +9,21 @@
 //! (`/sys/fs/bpf/agt-survive-<test>`) and an [`Uninstall`] guard that runs
 //! `agent uninstall` before the namespaces go, also when the test panics.
 //!
+//! # Measured
+//!
+//! On the 2-core VM (kernel 6.18, generic XDP, TCX egress), release agent at the merge of
+//! 305b573, each figure from one run of the whole file (30 s):
+//!
+//! | test | figures |
+//! |------|---------|
+//! | kill -9 | no agent: 6,999 of 7,000 allowed (-0.01%); across the adoption, the new agent ready 0.66 s into a 4 s flood: 8,999 of 9,000 (-0.01%); passed counter = both floods' deliveries |
+//! | restarts | 5 x (kill -9, restart: 0.35-0.50 s to ready), 58,772 echoes, slowest 23 ms, 0 retransmissions, 0 broken, 0 echo errors |
+//! | upgrade | XDP link kept, program 2638dd46de17a395 -> ceb056ea9ca14d8c (tags), 16,099 echoes, slowest 43 ms, 0 retransmissions, 0 broken |
+//! | watchdog | XDP link (`ip link set ... xdpgeneric off` refused with EBUSY, so `bpftool link detach`) back in 0.99 s, TCX in 1.00 s, `maps/BACKENDS` re-pinned in 1.01 s (bound 2 s) |
+//! | uninstall | 25 maps, 2 links, 8 programs before; none left in `bpftool` and nothing under the pin path |
+//! | bad input | `FILE:4:13: agent.pin_path: ... is not on a BPF filesystem` exit 2; `... is in use by another agent` exit 1 and the first still within 0.02%; `... holds pins of layout version 99` exit 1, the same program attached, layout still 99 |
+//! | SIGTERM | exit 0, 6,999 of 7,000 after it; with `--detach-on-exit` no XDP and an empty pin path, every packet through |
+//!
 //! Root only; serially: `cargo test -p agent-tests --test survive -- --test-threads=1` with
 //! `AGENT_BIN` set. The upgrade test needs `AGENT_UPGRADE_FROM_BIN` too (an agent built with
 //! `AGENT_EBPF_VARIANT=1`, which `cargo xtask test` builds); without it, it says loudly that
@@ -108,6 +123,7 @@ fn assert_refused(what: &str, o: &Outcome, code: i32, needles: &[&str]) {
             o.output
         );
     }
+    eprintln!("{what}: exit {code}: {}", o.output.trim());
 }
 
 /// Polls `cond` every [`POLL`] for up to `limit` (scaled); returns how long it took, or
@@ -892,6 +908,27 @@ fn the_watchdog_restores_a_detached_link_and_a_removed_pin() {
         ),
     };
     eprintln!("XDP repaired in {took:?}");
+
+    // The TCX egress link alike (kernel >= 6.6; before, TC is a filter nothing pins).
+    if let Some(tc) = lab.tc_link() {
+        let tc_repairs = [("what", "tc_link")];
+        let before = metric_or_zero(&agent, "agent_repairs_total", &tc_repairs);
+        let link = pinned_link(&tc).expect("the pinned TCX link");
+        bpftool_do(&["link", "detach", "id", &link.id.to_string()]).expect("detaching TCX");
+        let took = wait_for(
+            "after bpftool link detach of the TCX link: a new TCX link pinned and \
+             agent_repairs_total{what=\"tc_link\"} up",
+            REPAIR,
+            || {
+                (
+                    pinned_link(&tc).ok().map(|l| l.id),
+                    metric_or_zero(&agent, "agent_repairs_total", &tc_repairs),
+                )
+            },
+            |(id, n)| id.is_some_and(|id| id != link.id) && *n > before,
+        );
+        eprintln!("TCX repaired in {took:?}");
+    }
 
     // A removed map pin.
     let pin_repairs = [("what", "pin")];
