@@ -159,6 +159,9 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     for a in datapath.attachments() {
         tracing::info!("attached {a}");
     }
+    for s in datapath.detach_stale_links() {
+        tracing::info!("detached {s}");
+    }
 
     let state = Arc::new(AgentState::new(
         datapath,

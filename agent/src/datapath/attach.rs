@@ -64,6 +64,11 @@ pub(super) enum Attached {
 const TC_PRIORITY: u16 = 0xa6e;
 const TC_HANDLE: TcHandle = TcHandle::new(0, 0xa6e);
 
+/// The egress filter's priority and handle (as a u32), for the watchdog's check.
+pub(super) fn filter_id() -> (u16, u32) {
+    (TC_PRIORITY, TC_HANDLE.into())
+}
+
 /// How TC programs attach on this kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum TcMode {
@@ -145,6 +150,36 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Detaches the links an earlier agent pinned on interfaces (or hooks) this policy no
+    /// longer names, and says which.
+    pub fn detach_stale_links(&mut self) -> Vec<String> {
+        let Some(pins) = &self.pins else {
+            return Vec::new();
+        };
+        let ours: Vec<&Path> = self
+            .attached
+            .iter()
+            .filter_map(|a| match a {
+                Attached::Link { pin, .. } => Some(pin.as_path()),
+                Attached::Filter { .. } => None,
+            })
+            .collect();
+        let mut stale = Vec::new();
+        for (path, _, interface) in pins.links() {
+            if ours.contains(&path.as_path()) {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => stale.push(format!(
+                    "{} (the policy no longer attaches it on {interface})",
+                    path.display()
+                )),
+                Err(e) => tracing::warn!("removing stale link pin {}: {e}", path.display()),
+            }
+        }
+        stale
     }
 
     /// What is attached, for logs and status.
@@ -304,7 +339,10 @@ impl Datapath {
 
     /// The egress filter (before 6.6) at the agent's fixed priority and handle: an earlier
     /// agent's replaced in place, or a new one.
-    fn attach_filter(&mut self, interface: &str) -> Result<SchedClassifierLink, ProgramError> {
+    pub(super) fn attach_filter(
+        &mut self,
+        interface: &str,
+    ) -> Result<SchedClassifierLink, ProgramError> {
         let prog: &mut SchedClassifier = self
             .program_mut(PROG_TC_EGRESS)
             .map_err(|_| ProgramError::UnexpectedProgramType)?;

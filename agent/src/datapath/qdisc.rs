@@ -20,8 +20,8 @@ use std::thread;
 use std::time::Duration;
 
 use netlink_packet_core::{
-    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
@@ -159,6 +159,22 @@ fn ifindex(interface: &str) -> Result<u32, QdiscError> {
     }
 }
 
+/// The egress hook of `clsact` (`TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)`).
+const CLSACT_EGRESS: u32 = 0xffff_fff3;
+
+/// Whether `interface` has an egress `cls_bpf` filter with this priority and handle: the
+/// watchdog's check of the agent's egress program before TCX (6.6).
+pub fn has_egress_filter(interface: &str, priority: u16, handle: u32) -> Result<bool, QdiscError> {
+    let index = ifindex(interface)?;
+    Rtnl::open()?
+        .has_egress_filter(index, priority, handle)
+        .map_err(|source| QdiscError::Netlink {
+            what: "listing egress filters",
+            interface: interface.into(),
+            source,
+        })
+}
+
 /// One rtnetlink socket in the calling thread's network namespace.
 struct Rtnl {
     socket: Socket,
@@ -225,13 +241,26 @@ impl Rtnl {
                             None => errno,
                         });
                     }
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewQueueDiscipline(m)) => {
-                        out.push(m)
-                    }
+                    NetlinkPayload::InnerMessage(
+                        RouteNetlinkMessage::NewQueueDiscipline(m)
+                        | RouteNetlinkMessage::NewTrafficFilter(m),
+                    ) => out.push(m),
                     _ => {}
                 }
             }
         }
+    }
+
+    /// Whether interface `index` has an egress filter (under `clsact`) with this priority and
+    /// handle.
+    fn has_egress_filter(&mut self, index: u32, priority: u16, handle: u32) -> io::Result<bool> {
+        let mut msg = TcMessage::default();
+        msg.header.index = index as i32;
+        msg.header.parent = CLSACT_EGRESS.into();
+        let all = self.request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_DUMP)?;
+        Ok(all.iter().any(|m| {
+            u32::from(m.header.handle) == handle && (m.header.info >> 16) as u16 == priority
+        }))
     }
 
     fn root_qdisc(&mut self, index: u32) -> io::Result<Option<RootQdisc>> {
@@ -260,7 +289,10 @@ impl Rtnl {
     /// Adds the pacer as root. `EXCL`: never over a qdisc with our handle; without `REPLACE`
     /// the kernel itself refuses to replace a configured root qdisc (only a default one,
     /// handle `0:`, gives way).
-    fn add_root(&mut self, index: u32, spec: &PacerSpec) -> io::Result<()> {
+    /// Adds the pacer as root qdisc; with `ours_there`, changes the pacer an earlier agent
+    /// left in place instead (`tc qdisc replace` on the same handle and kind: the kernel
+    /// changes its options, no packet meets another qdisc meanwhile).
+    fn add_root(&mut self, index: u32, spec: &PacerSpec, ours_there: bool) -> io::Result<()> {
         let mut msg = pacer_root(index);
         msg.attributes
             .push(TcAttribute::Kind(spec.kind.to_string()));
@@ -272,11 +304,13 @@ impl Rtnl {
                     .collect(),
             ));
         }
-        self.request(
-            RouteNetlinkMessage::NewQueueDiscipline(msg),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        )
-        .map(drop)
+        let flags = if ours_there {
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+        } else {
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+        };
+        self.request(RouteNetlinkMessage::NewQueueDiscipline(msg), flags)
+            .map(drop)
     }
 
     /// Deletes the root qdisc if it has our handle (the kernel checks the handle: another
@@ -391,7 +425,7 @@ pub fn probe(spec: &PacerSpec) -> Support {
             Err(e) => return Support::Unknown(e.to_string()),
         };
         // The loopback device is index 1 in every namespace.
-        match rtnl.add_root(1, &spec) {
+        match rtnl.add_root(1, &spec, false) {
             Ok(()) => Support::Yes,
             Err(e) if errno(&e) == Some(libc::ENOENT) => Support::No(e.to_string()),
             Err(e) => Support::Unknown(format!(
@@ -428,16 +462,13 @@ impl Pacers {
                     interface: interface.clone(),
                     source,
                 })?;
+            let ours_there = matches!(&current, Some(q) if q.is_ours());
             match current {
-                Some(q) if q.is_ours() => {
-                    // Left by a run that was killed: replace it with this policy's.
-                    rtnl.delete_ours(index)
-                        .map_err(|source| QdiscError::Netlink {
-                            what: "deleting the pacing qdisc left by an earlier run",
-                            interface: interface.clone(),
-                            source,
-                        })?;
-                    tracing::info!("{interface}: replaced the pacing qdisc an earlier run left");
+                // Left by an earlier agent (the datapath outlives it): changed in place.
+                Some(_) if ours_there => {
+                    tracing::info!(
+                        "{interface}: taking over the pacing qdisc an earlier agent left"
+                    );
                 }
                 Some(q) if !q.is_default() => {
                     return Err(QdiscError::Foreign {
@@ -448,14 +479,14 @@ impl Pacers {
                 }
                 _ => {}
             }
-            plan.push((interface.clone(), index));
+            plan.push((interface.clone(), index, ours_there));
         }
         let mut pacers = Pacers {
             installed: Vec::new(),
             kind: spec.kind,
         };
-        for (interface, index) in plan {
-            if let Err(source) = rtnl.add_root(index, spec) {
+        for (interface, index, ours_there) in plan {
+            if let Err(source) = rtnl.add_root(index, spec, ours_there) {
                 // `pacers` restores what was done when it drops.
                 if errno(&source) == Some(libc::ENOENT) {
                     return Err(QdiscError::FqMissing(source.to_string()));

@@ -51,17 +51,19 @@ impl Datapath {
     }
 
     fn check_link(&mut self, i: usize) -> Result<Option<Repair>, DatapathError> {
-        let Attached::Link {
-            kind,
-            interface,
-            setting,
-            pin,
-            fd,
-            ..
-        } = &self.attached[i]
-        else {
-            // A cls_bpf filter (before 6.6): not watched yet.
-            return Ok(None);
+        let (kind, interface, setting, pin, fd) = match &self.attached[i] {
+            Attached::Link {
+                kind,
+                interface,
+                setting,
+                pin,
+                fd,
+                ..
+            } => (kind, interface, setting, pin, fd),
+            Attached::Filter { interface, .. } => {
+                let interface = interface.clone();
+                return self.check_filter(i, interface);
+            }
         };
         let (kind, interface, setting, pin) = (*kind, interface.clone(), *setting, pin.clone());
         let what = match kind {
@@ -111,6 +113,43 @@ impl Datapath {
             }));
         }
         Ok(None)
+    }
+
+    /// The egress filter (before 6.6): put back when someone deleted it (`tc filter del`).
+    fn check_filter(
+        &mut self,
+        i: usize,
+        interface: String,
+    ) -> Result<Option<Repair>, DatapathError> {
+        let (priority, handle) = super::attach::filter_id();
+        let present =
+            super::qdisc::has_egress_filter(&interface, priority, handle).map_err(|e| {
+                DatapathError::Attach {
+                    program: PROG_TC_EGRESS,
+                    interface: interface.clone(),
+                    mode: "clsact egress",
+                    source: Box::new(ProgramError::IOError(std::io::Error::other(e.to_string()))),
+                }
+            })?;
+        if present {
+            return Ok(None);
+        }
+        let link = self
+            .attach_filter(&interface)
+            .map_err(|source| DatapathError::Attach {
+                program: PROG_TC_EGRESS,
+                interface: interface.clone(),
+                mode: "clsact egress",
+                source: Box::new(source),
+            })?;
+        if let Attached::Filter { link: old, .. } = &mut self.attached[i] {
+            // The old link names a filter that is gone: nothing to detach, nothing to drop.
+            *old = std::mem::ManuallyDrop::new(link);
+        }
+        Ok(Some(Repair {
+            what: "tc_link",
+            detail: format!("the egress filter on {interface} was deleted; attached again"),
+        }))
     }
 
     fn check_map_pins(&mut self) -> Result<Vec<Repair>, DatapathError> {

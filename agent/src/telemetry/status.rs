@@ -142,6 +142,27 @@ pub fn render_text(report: &StatusReport) -> String {
             report.attachments.join(", ")
         }
     );
+    if let Some(pins) = &report.pin_path {
+        let repairs: Vec<String> = report
+            .repairs
+            .iter()
+            .map(|(what, n)| format!("{what} {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "pinned at: {pins} ({})   watchdog repairs: {}",
+            if report.adopted {
+                "adopted from an earlier agent"
+            } else {
+                "fresh"
+            },
+            if repairs.is_empty() {
+                "none".to_string()
+            } else {
+                repairs.join(", ")
+            }
+        );
+    }
     let _ = writeln!(
         out,
         "\n{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
