@@ -41,7 +41,7 @@ use agent_tests::pins::{
     self, Ours, Outcome, Uninstall, bpftool, bpftool_do, pinned_link, prog_tag, run_agent,
     xdp_prog_id,
 };
-use agent_tests::timing::{self, ECHO_TIMEOUT, RELEASED, REPAIR, Scaled};
+use agent_tests::timing::{self, ADOPTION_FLOOD, ECHO_TIMEOUT, RELEASED, REPAIR, Scaled};
 use agent_tests::wait::poll;
 use agent_tests::{
     AgentProcess, KeyCount, RecvReport, SendReport, TempDir, Topology, UdpFlood, UdpReceiver,
@@ -341,7 +341,7 @@ fn kill_9_leaves_the_limit_enforced_and_a_new_agent_adopts_it() {
     // pinned links (no moment without a program) and the limit holds across.
     let mut adopted = None;
     let t = Instant::now();
-    let across = lab.flood("flood across the adoption", Duration::from_secs(4), || {
+    let across = lab.flood("flood across the adoption", ADOPTION_FLOOD.get(), || {
         let bin = agent_bin().expect("agent binary");
         let mut a =
             AgentProcess::spawn_args(&bin, &lab.topo.server, &lab.config, &[]).expect("spawn");
