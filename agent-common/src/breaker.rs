@@ -78,8 +78,15 @@ pub struct BackendState {
     /// Index of the backend's counters in `BACKEND_STATS` (< `agent.tables.backends`).
     pub id: u32,
     pub _pad: u32,
+    /// When the breaker entered `state`, on the clock of `bpf_ktime_get_ns` (CLOCK_MONOTONIC);
+    /// 0 in the initial entry. The datapath never reads it: an agent that adopts pinned maps
+    /// resumes each breaker from it ([`resume`]).
+    pub since_ns: u64,
+    /// Open: how long this open period lasts (`reset_timeout`, doubled by each re-open);
+    /// otherwise how long the next one will. Read back on adoption, like `since_ns`.
+    pub open_for_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<BackendState>() == 24);
+const _: () = assert!(core::mem::size_of::<BackendState>() == 40);
 
 /// A connection toward a backend, as the client sends it: `LRU` key of `HALF_OPEN_FLOWS` and
 /// `PENDING_SYNS`. Ports in host order.
@@ -177,6 +184,44 @@ pub fn enforce(state: &BackendState, new_flow: bool) -> Enforce {
     }
 }
 
+/// A breaker as an earlier agent left it in `BACKENDS`, resumed at `now_ns` by an agent that
+/// adopted the pinned maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resumed {
+    Closed,
+    /// Open for `remaining_ns` more: 0 when its open period is over, and the breaker goes
+    /// half-open at once, as it would have.
+    Open {
+        remaining_ns: u64,
+    },
+    /// Half-open, with `quota` trial flows left to admit (the datapath counts them down).
+    HalfOpen {
+        quota: u32,
+    },
+}
+
+/// What the breaker of `entry` is at `now_ns` (the `bpf_ktime_get_ns` clock); `None` for a
+/// state code no agent writes, which the caller treats as closed (the datapath passes it).
+pub fn resume(entry: &BackendState, now_ns: u64) -> Option<Resumed> {
+    match entry.state {
+        STATE_CLOSED => Some(Resumed::Closed),
+        STATE_OPEN => Some(Resumed::Open {
+            remaining_ns: entry
+                .since_ns
+                .saturating_add(entry.open_for_ns)
+                .saturating_sub(now_ns),
+        }),
+        STATE_HALF_OPEN => Some(Resumed::HalfOpen { quota: entry.quota }),
+        _ => None,
+    }
+}
+
+/// How long `entry` has been in its state at `now_ns`: 0 for an entry stamped later (or
+/// never: the initial entry is stamped 0 and counts from boot).
+pub fn in_state_ns(entry: &BackendState, now_ns: u64) -> u64 {
+    now_ns.saturating_sub(entry.since_ns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +275,64 @@ mod tests {
             seen[word as usize] |= mask;
         }
         assert!(seen.iter().all(|w| *w == u32::MAX));
+    }
+
+    const S: u64 = 1_000_000_000;
+
+    fn stamped(state: u32, since_ns: u64, open_for_ns: u64) -> BackendState {
+        BackendState {
+            state,
+            quota: 2,
+            since_ns,
+            open_for_ns,
+            ..BackendState::default()
+        }
+    }
+
+    #[test]
+    fn an_open_breaker_resumes_for_the_rest_of_its_period() {
+        let e = stamped(STATE_OPEN, 100 * S, 30 * S);
+        assert_eq!(
+            resume(&e, 110 * S),
+            Some(Resumed::Open {
+                remaining_ns: 20 * S
+            })
+        );
+        assert_eq!(in_state_ns(&e, 110 * S), 10 * S);
+    }
+
+    #[test]
+    fn an_open_period_over_resumes_with_nothing_left() {
+        let e = stamped(STATE_OPEN, 100 * S, 30 * S);
+        let over = Some(Resumed::Open { remaining_ns: 0 });
+        assert_eq!(resume(&e, 130 * S), over, "exactly at the end");
+        assert_eq!(resume(&e, 500 * S), over);
+        let far = stamped(STATE_OPEN, u64::MAX - S, u64::MAX);
+        assert_eq!(
+            resume(&far, 0),
+            Some(Resumed::Open {
+                remaining_ns: u64::MAX
+            }),
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn half_open_and_closed_resume_as_they_are() {
+        assert_eq!(
+            resume(&stamped(STATE_HALF_OPEN, 100 * S, 30 * S), 1_000 * S),
+            Some(Resumed::HalfOpen { quota: 2 })
+        );
+        assert_eq!(
+            resume(&stamped(STATE_CLOSED, 0, 0), 1_000 * S),
+            Some(Resumed::Closed)
+        );
+        assert_eq!(resume(&stamped(7, 0, 0), 1_000 * S), None);
+    }
+
+    #[test]
+    fn an_entry_stamped_after_now_has_been_in_state_no_time() {
+        assert_eq!(in_state_ns(&stamped(STATE_OPEN, 200 * S, S), 100 * S), 0);
     }
 
     #[test]

@@ -14,9 +14,16 @@
 //! ```
 //!
 //! The initial entries (closed, every flow admitted) are written by `Datapath::apply` before
-//! the programs are attached; the supervisor writes through its own handle on the maps
-//! ([`BackendMaps`]), so a transition never waits on the datapath lock. A failed write is
-//! logged, counted (`map_write_errors`) and retried; it never stops the supervisor.
+//! the programs are attached, where no entry exists yet; the supervisor writes through its own
+//! handle on the maps ([`BackendMaps`]), so a transition never waits on the datapath lock. A
+//! failed write is logged, counted (`map_write_errors`) and retried; it never stops the
+//! supervisor.
+//!
+//! Pinned maps outlive the agent: at start the supervisor reads every enforced backend's
+//! entry and resumes its breaker from it (`agent_common::breaker::resume`): open stays open
+//! for the rest of its period, half-open stays half-open, so userspace and kernel agree from
+//! the first published value on. Every write stamps the entry with when its state began and
+//! its open period, which is what the next agent resumes from.
 //!
 //! A reload that changes backends, health checks or breakers is refused (see
 //! `Plan::needs_restart_from`): ids and breakers are built once, at start.
@@ -34,7 +41,8 @@ use std::{
 };
 
 use agent_common::breaker::{
-    BackendKey, BackendState, PROBE_MARK, STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN,
+    BackendKey, BackendState, PROBE_MARK, STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, in_state_ns,
+    resume,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -45,10 +53,12 @@ pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK};
 use log_limit::LogLimiter;
 use passive::{BreakerFeed as _, PassiveBackend, PassiveBatch};
 
+use agent_common::breaker::Resumed;
+
 use crate::{
     breaker::{EjectionGuard, Event, Outcome, State},
     config::{CompiledBackend, model::Policy},
-    datapath::{BackendMaps, Datapath, DatapathError},
+    datapath::{BackendMaps, Datapath, DatapathError, ktime_now_ns},
     health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult, on_grid},
 };
 
@@ -111,12 +121,98 @@ pub type Started = (BackendsRx, tokio::task::JoinHandle<()>);
 /// Where breaker states go: the kernel's `BACKENDS` map, or a recorder in tests.
 trait StateSink: Send {
     fn write(&mut self, key: &BackendKey, state: &BackendState) -> Result<(), DatapathError>;
+    /// The entry under `key`, `None` when there is none.
+    fn read(&self, key: &BackendKey) -> Result<Option<BackendState>, DatapathError>;
 }
 
 impl StateSink for BackendMaps {
     fn write(&mut self, key: &BackendKey, state: &BackendState) -> Result<(), DatapathError> {
         self.write_backend(key, state)
     }
+
+    fn read(&self, key: &BackendKey) -> Result<Option<BackendState>, DatapathError> {
+        self.read_backend(key)
+    }
+}
+
+/// One backend's entry as the datapath holds it: the first of its keys' entries, and whether
+/// every key holds that same entry (keys are written together, but a failed write may have
+/// reached some and not others). `None` when no key has an entry or none can be read.
+fn read_entry(
+    sink: &dyn StateSink,
+    keys: &[BackendKey],
+    name: impl std::fmt::Display,
+) -> Option<(BackendState, bool)> {
+    let mut found: Option<BackendState> = None;
+    let mut agree = true;
+    for k in keys {
+        match sink.read(k) {
+            Ok(Some(st)) => match found {
+                None => found = Some(st),
+                Some(first) => agree &= first == st,
+            },
+            Ok(None) => agree = false,
+            Err(e) => {
+                tracing::warn!(
+                    "reading the breaker state of {name} (protocol {}): {e}",
+                    k.proto
+                );
+                agree = false;
+            }
+        }
+    }
+    found.map(|st| (st, agree))
+}
+
+/// `at` on the clock of `bpf_ktime_get_ns`, from one reading of both clocks (`Instant` is
+/// CLOCK_MONOTONIC too, so the offset holds); 0 without a reading.
+fn ktime_at(clock: Option<(Instant, u64)>, at: Instant) -> u64 {
+    let Some((base, base_ns)) = clock else {
+        return 0;
+    };
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    if at >= base {
+        base_ns.saturating_add(ns(at - base))
+    } else {
+        base_ns.saturating_sub(ns(base - at))
+    }
+}
+
+/// The breaker state of every enforced backend as the datapath holds it now, as [`start`]
+/// will resume it (an open period already over is half-open): for the balancer's first
+/// tables when the agent adopted pinned maps. Closed ones are left out, and so is a backend
+/// whose entry cannot be read (logged): closed, fail open, as the balancer treats a backend
+/// the supervisor does not publish.
+pub fn breakers_in(datapath: &Datapath, enforced: &[CompiledBackend]) -> HashMap<BackendId, State> {
+    if enforced.is_empty() {
+        return HashMap::new();
+    }
+    match datapath.backend_maps() {
+        Ok(maps) => not_closed(&maps, enforced, ktime_now_ns().unwrap_or(0)),
+        Err(e) => {
+            tracing::warn!("reading breaker states for the first tables: {e}");
+            HashMap::new()
+        }
+    }
+}
+
+fn not_closed(
+    sink: &dyn StateSink,
+    enforced: &[CompiledBackend],
+    now_ns: u64,
+) -> HashMap<BackendId, State> {
+    enforced
+        .iter()
+        .filter_map(|b| {
+            let (entry, _) = read_entry(sink, &b.keys, b.address)?;
+            let state = State::resumed(resume(&entry, now_ns));
+            let id = BackendId {
+                service: b.service,
+                index: b.index,
+            };
+            (state != State::Closed).then_some((id, state))
+        })
+        .collect()
 }
 
 /// A backend whose breaker the datapath enforces: its map entries and half-open epoch.
@@ -131,10 +227,12 @@ struct Enforced {
     written: Option<BackendState>,
 }
 
-/// Whether the datapath enforces `a` and `b` alike. The epoch matters only while half-open
-/// (it tags that period's trial flows); an open or closed entry that differs from the last
-/// written one by its epoch alone (open -> half_open -> open between two writes, the
-/// half-open never written) need not be written.
+/// Whether the datapath holds `b` already, as far as it matters. The epoch matters only
+/// while half-open (it tags that period's trial flows); an open or closed entry that differs
+/// from the last written one by its epoch alone need not be written. The stamps
+/// (`since_ns`, `open_for_ns`) matter: the datapath ignores them, but an agent that adopts
+/// the maps resumes from them, so a re-open between two writes (open -> half_open -> open,
+/// the half-open never written) is written for its new period.
 fn same_enforcement(a: &BackendState, b: &BackendState) -> bool {
     a == b
         || (a.state != STATE_HALF_OPEN
@@ -177,6 +275,9 @@ struct Supervisor {
     health_log: LogLimiter<crate::health::Health>,
     /// Scratch of [`on_probes`](Supervisor::on_probes), kept to spare an allocation a batch.
     found: Vec<(usize, usize, bool)>,
+    /// One reading of `Instant` and of the datapath's clock, to stamp the entries written
+    /// (`BackendState::since_ns`); `None` if the clock could not be read.
+    clock: Option<(Instant, u64)>,
 }
 
 /// Starts health checks and breakers for every service with backends, and the passive
@@ -223,6 +324,14 @@ pub fn start(
     let mut poller = None;
     if let Some(dp) = datapath.filter(|_| !enforced.is_empty()) {
         sup.sink = Some(Box::new(dp.backend_maps().map_err(SupervisorError::Maps)?));
+        // Before the channel is handed out: its first value carries the resumed states.
+        let (open, half_open) = sup.resume(Instant::now());
+        if open + half_open > 0 {
+            tracing::info!(
+                "adopted {} breakers not closed from the datapath: {open} open, {half_open} half_open",
+                open + half_open
+            );
+        }
         if !passive.is_empty() {
             let maps = dp.backend_maps().map_err(SupervisorError::Maps)?;
             let stop = stop.clone();
@@ -324,6 +433,7 @@ impl Supervisor {
             transitions_log: LogLimiter::new(LOG_LINES, LOG_PERIOD),
             health_log: LogLimiter::new(LOG_LINES, LOG_PERIOD),
             found: Vec::new(),
+            clock: ktime_now_ns().map(|ns| (Instant::now(), ns)),
         };
         let mut by_position: HashMap<(usize, usize), &CompiledBackend> =
             enforced.iter().map(|b| ((b.service, b.index), b)).collect();
@@ -607,6 +717,81 @@ impl Supervisor {
         }
     }
 
+    /// Takes up every enforced breaker's state from the datapath (see the module doc), then
+    /// fires the timers already due (an open period over goes half-open, written at once),
+    /// all before the first publication is read. An entry that does not hold this policy's
+    /// flags and id, or not on every key, is written again. Returns how many breakers are
+    /// open and half-open.
+    fn resume(&mut self, now: Instant) -> (usize, usize) {
+        let now_ns = ktime_at(self.clock, now);
+        let Some(sink) = self.sink.as_deref() else {
+            return (0, 0);
+        };
+        let mut resumed = Vec::new();
+        let mut rewrite = Vec::new();
+        for (service, rows) in self.rows.iter_mut().enumerate() {
+            let Some(guard) = self.guards.get_mut(service).and_then(Option::as_mut) else {
+                continue;
+            };
+            for (index, row) in rows.iter_mut().enumerate() {
+                let Some(e) = &mut row.enforced else {
+                    continue;
+                };
+                let name = format_args!("{}[{index}] {}", self.names[service], e.backend.address);
+                let Some((entry, agree)) = read_entry(sink, &e.backend.keys, name) else {
+                    continue;
+                };
+                let r = resume(&entry, now_ns);
+                // Stamped 0: never written by a breaker (the initial entry): in its state
+                // since this start, as far as anyone can tell.
+                let since = match entry.since_ns {
+                    0 => now,
+                    _ => now
+                        .checked_sub(Duration::from_nanos(in_state_ns(&entry, now_ns)))
+                        .unwrap_or(now),
+                };
+                let open_for = Duration::from_nanos(entry.open_for_ns);
+                let Ok(()) =
+                    guard.resume(index, r.unwrap_or(Resumed::Closed), since, open_for, now)
+                else {
+                    continue;
+                };
+                e.epoch = entry.epoch;
+                let current = agree
+                    && r.is_some()
+                    && entry.flags == e.backend.flags
+                    && entry.id == e.backend.id;
+                e.written = current.then_some(entry);
+                let key = BackendId { service, index };
+                if !current {
+                    rewrite.push(key);
+                }
+                if let Some(b) = guard.breaker(index) {
+                    resumed.push((row.entry, b.state(), since));
+                }
+            }
+        }
+        self.table.update(|v| {
+            for &(entry, state, since) in &resumed {
+                v[entry].breaker = Some(state);
+                v[entry].since = since;
+            }
+        });
+        for key in rewrite {
+            self.sync(key, now);
+        }
+        self.on_timers(now);
+        let mut counts = (0, 0);
+        for b in self.guards.iter().flatten().flat_map(|g| g.breakers()) {
+            match b.state() {
+                State::Open => counts.0 += 1,
+                State::HalfOpen => counts.1 += 1,
+                State::Closed => {}
+            }
+        }
+        counts
+    }
+
     /// Writes one enforced backend's current breaker state to every key it has, unless the
     /// datapath already enforces it alike; on failure logs, counts and schedules a retry.
     fn sync(&mut self, key: Key, now: Instant) {
@@ -614,6 +799,7 @@ impl Supervisor {
         let Some(guard) = self.guards.get(service).and_then(Option::as_ref) else {
             return;
         };
+        let clock = self.clock;
         let (Some(row), Some(sink)) = (
             self.rows.get_mut(service).and_then(|r| r.get_mut(index)),
             self.sink.as_mut(),
@@ -624,11 +810,16 @@ impl Supervisor {
             return;
         };
         let b = &enforced.backend;
-        let state = b.state(
-            breaker.state().code(),
-            breaker.admission().quota(),
-            enforced.epoch,
-        );
+        // Stamped for the agent that adopts these maps after this one.
+        let state = BackendState {
+            since_ns: ktime_at(clock, breaker.since()),
+            open_for_ns: u64::try_from(breaker.reset_timeout().as_nanos()).unwrap_or(u64::MAX),
+            ..b.state(
+                breaker.state().code(),
+                breaker.admission().quota(),
+                enforced.epoch,
+            )
+        };
         if enforced
             .written
             .is_some_and(|w| same_enforcement(&w, &state))

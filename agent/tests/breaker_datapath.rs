@@ -191,7 +191,7 @@ fn state(state: u32, flags: u32, id: u32) -> BackendState {
         quota: if state == STATE_CLOSED { u32::MAX } else { 0 },
         epoch: 0,
         id,
-        _pad: 0,
+        ..BackendState::default()
     }
 }
 

@@ -323,13 +323,14 @@ impl AgentProcess {
         Ok(())
     }
 
-    /// `kill -9`: SIGKILL and reap, so no agent process is left when this returns. The
-    /// agent gets no chance to clean up; what it left in the kernel stays.
+    /// Kills the agent with SIGKILL, as a crash or the OOM killer would (nothing of it runs
+    /// on the way out), and returns how it exited.
     pub fn kill(mut self) -> Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {
             bail!("agent already stopped");
         };
-        child.kill().context("SIGKILL to the agent")?;
+        // `Child::kill` is SIGKILL on Unix.
+        child.kill()?;
         Ok(child.wait()?)
     }
 

@@ -8,8 +8,9 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use agent_common::breaker::Resumed;
 use thiserror::Error;
 
 use super::machine::{Breaker, Observed};
@@ -102,6 +103,37 @@ impl EjectionGuard {
             }
         }
         events
+    }
+
+    /// Takes up one backend's breaker state from the datapath (see [`Breaker::resume`]). An
+    /// open or half-open breaker counts against `max_ejection_percent` as it did before,
+    /// even if this configuration allows fewer: the guard refuses further openings until
+    /// enough have closed. Call [`poll`](EjectionGuard::poll) after: an open period that
+    /// ended meanwhile goes half-open there.
+    pub fn resume(
+        &mut self,
+        backend: usize,
+        resumed: Resumed,
+        since: Instant,
+        open_for: Duration,
+        now: Instant,
+    ) -> Result<(), BreakerError> {
+        let backends = self.breakers.len();
+        let b = self
+            .breakers
+            .get_mut(backend)
+            .ok_or(BreakerError::UnknownBackend { backend, backends })?;
+        let was_closed = b.state() == State::Closed;
+        b.resume(resumed, since, open_for, now);
+        match (was_closed, b.state() == State::Closed) {
+            (true, false) => self.open += 1,
+            (false, true) => self.open -= 1,
+            _ => {}
+        }
+        if let Some(until) = b.next_deadline() {
+            self.deadlines.push(Reverse((until, backend)));
+        }
+        Ok(())
     }
 
     /// Keeps the open count and the deadlines in step with a transition.

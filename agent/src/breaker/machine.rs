@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_common::breaker::Resumed;
+
 use super::state::{Admission, Outcome, Reason, State, Transition};
 use super::window::{Totals, Window};
 use crate::config::CircuitBreaker;
@@ -121,6 +123,38 @@ impl Breaker {
             )),
             _ => None,
         }
+    }
+
+    /// Takes up the state an earlier agent's breaker left in the datapath (pinned maps adopted
+    /// at start), read at `now`: `since` is when it entered that state, `open_for` its open
+    /// period (the current one when open, the next one otherwise), kept within this
+    /// configuration's `reset_timeout..=max_reset_timeout`. Open stays open for what is left
+    /// of its period: one already over ends at the next [`poll`](Breaker::poll), which goes
+    /// half-open as it would have. Half-open keeps the trials the datapath admitted
+    /// (`half_open_max_flows` minus the quota left); its successes so far are not known, so
+    /// they count from 0. Counters and the error-rate window start empty. No transition: the
+    /// state is not new, only its keeper.
+    pub fn resume(&mut self, resumed: Resumed, since: Instant, open_for: Duration, now: Instant) {
+        let cfg = &self.cfg;
+        let longest = cfg.max_reset_timeout.max(cfg.reset_timeout);
+        self.open_for = open_for.clamp(cfg.reset_timeout, longest);
+        self.inner = match resumed {
+            Resumed::Closed => {
+                self.open_for = cfg.reset_timeout;
+                Inner::Closed
+            }
+            Resumed::Open { remaining_ns } => Inner::Open {
+                until: now
+                    .checked_add(Duration::from_nanos(remaining_ns))
+                    .unwrap_or(now),
+            },
+            Resumed::HalfOpen { quota } => Inner::HalfOpen {
+                admitted: cfg.half_open_max_flows.saturating_sub(quota),
+                successes: 0,
+            },
+        };
+        self.since = since;
+        self.refused_at = None;
     }
 
     /// Counts an outcome and opens the breaker when it should, with no ejection limit (a

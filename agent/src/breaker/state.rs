@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Instant;
 
+use agent_common::breaker::Resumed;
+
 /// The state of one backend's breaker.
 ///
 /// The datapath cannot read a Rust enum: it gets [`State::code`], a `u32` that stays stable
@@ -41,6 +43,21 @@ impl State {
             STATE_OPEN => Some(State::Open),
             STATE_HALF_OPEN => Some(State::HalfOpen),
             _ => None,
+        }
+    }
+
+    /// The state a breaker taken up from the datapath ([`Breaker::resume`]) is in once its
+    /// due timers fire: an open period already over is half-open; a code no agent writes
+    /// is closed (the datapath passes it).
+    ///
+    /// [`Breaker::resume`]: super::Breaker::resume
+    pub const fn resumed(r: Option<Resumed>) -> State {
+        match r {
+            None | Some(Resumed::Closed) => State::Closed,
+            Some(Resumed::Open { remaining_ns: 0 }) | Some(Resumed::HalfOpen { .. }) => {
+                State::HalfOpen
+            }
+            Some(Resumed::Open { .. }) => State::Open,
         }
     }
 

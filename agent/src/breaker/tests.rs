@@ -464,3 +464,156 @@ fn random_runs_never_exceed_the_quota_and_events_track_states() {
         "all states visited: {counts:?}"
     );
 }
+
+fn resumed_open(remaining: Duration) -> agent_common::breaker::Resumed {
+    agent_common::breaker::Resumed::Open {
+        remaining_ns: remaining.as_nanos() as u64,
+    }
+}
+
+#[test]
+fn a_resumed_open_breaker_stays_open_for_the_rest_of_its_period() {
+    let t0 = Instant::now();
+    let now = t0 + secs(100);
+    let mut g = EjectionGuard::new(&cfg(), 4, t0);
+    g.resume(0, resumed_open(secs(12)), now - secs(18), secs(30), now)
+        .unwrap();
+    let b = g.breaker(0).unwrap();
+    assert_eq!(
+        (b.state(), b.since(), b.admission()),
+        (State::Open, now - secs(18), Admission::None)
+    );
+    assert_eq!(g.open_count(), 1);
+    assert_eq!(g.next_deadline(), Some(now + secs(12)));
+    assert_eq!(g.poll(now + secs(11)), []);
+    // Outcomes are ignored while open, as for any open breaker.
+    assert_eq!(g.record(0, now + secs(11), Failure).unwrap(), []);
+    let ev = g.poll(now + secs(12));
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    let t = ev[0].transition;
+    assert_eq!(
+        (t.from, t.to, t.reason),
+        (State::Open, State::HalfOpen, Reason::ResetTimeout)
+    );
+}
+
+#[test]
+fn a_resumed_open_period_already_over_goes_half_open_at_the_first_poll() {
+    let t0 = Instant::now();
+    let mut g = EjectionGuard::new(&cfg(), 2, t0);
+    g.resume(1, resumed_open(Duration::ZERO), t0, secs(30), t0)
+        .unwrap();
+    let ev = g.poll(t0);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].backend, 1);
+    assert_eq!(ev[0].transition.to, State::HalfOpen);
+    assert_eq!(g.breaker(1).unwrap().admission(), Admission::Trial(3));
+    assert_eq!(
+        g.open_count(),
+        1,
+        "half-open still counts against the quota"
+    );
+}
+
+#[test]
+fn a_resumed_open_period_keeps_its_doubling_within_this_configuration() {
+    let t0 = Instant::now();
+    let mut b = Breaker::new(&cfg(), t0);
+    // Doubled twice by the earlier agent: a failed trial doubles it again.
+    b.resume(resumed_open(Duration::ZERO), t0, secs(120), t0);
+    assert_eq!(b.reset_timeout(), secs(120));
+    b.poll(t0);
+    let t = b.record(t0 + ms(1), Failure).unwrap();
+    assert_eq!(t.to, State::Open);
+    assert_eq!(b.next_deadline(), Some(t0 + ms(1) + secs(240)));
+    // Periods outside reset_timeout..=max_reset_timeout are brought within.
+    b.resume(resumed_open(secs(1)), t0, secs(3_600), t0);
+    assert_eq!(b.reset_timeout(), secs(300));
+    b.resume(resumed_open(secs(1)), t0, Duration::ZERO, t0);
+    assert_eq!(b.reset_timeout(), secs(30));
+}
+
+#[test]
+fn a_resumed_half_open_breaker_keeps_the_trials_the_datapath_admitted() {
+    let t0 = Instant::now();
+    let mut g = EjectionGuard::new(&cfg(), 2, t0);
+    let half = agent_common::breaker::Resumed::HalfOpen { quota: 1 };
+    g.resume(0, half, t0 - secs(2), secs(60), t0).unwrap();
+    let b = g.breaker(0).unwrap();
+    assert_eq!(b.state(), State::HalfOpen);
+    assert_eq!(b.admission(), Admission::Trial(1), "3 allowed, 2 admitted");
+    assert_eq!(b.next_deadline(), None);
+    assert_eq!(g.open_count(), 1);
+    // success_threshold (2) successes close it, as for any half-open breaker.
+    assert_eq!(g.record(0, t0 + ms(1), Success).unwrap(), []);
+    let ev = g.record(0, t0 + ms(2), Success).unwrap();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].transition.to, State::Closed);
+    assert_eq!(g.open_count(), 0);
+    // A failed trial would have re-opened for twice the resumed period.
+    g.resume(1, half, t0, secs(60), t0).unwrap();
+    let ev = g.record(1, t0 + ms(3), Failure).unwrap();
+    assert_eq!(ev[0].transition.to, State::Open);
+    assert_eq!(g.next_deadline(), Some(t0 + ms(3) + secs(120)));
+}
+
+#[test]
+fn a_resumed_closed_breaker_is_closed_since_then() {
+    let t0 = Instant::now();
+    let mut g = EjectionGuard::new(&cfg(), 1, t0);
+    g.resume(
+        0,
+        agent_common::breaker::Resumed::Closed,
+        t0 - secs(5),
+        secs(90),
+        t0,
+    )
+    .unwrap();
+    let b = g.breaker(0).unwrap();
+    assert_eq!(
+        (b.state(), b.since(), b.reset_timeout()),
+        (State::Closed, t0 - secs(5), secs(30))
+    );
+    assert_eq!(g.open_count(), 0);
+    assert_eq!(
+        g.resume(4, agent_common::breaker::Resumed::Closed, t0, secs(1), t0),
+        Err(BreakerError::UnknownBackend {
+            backend: 4,
+            backends: 1
+        })
+    );
+}
+
+#[test]
+fn a_resumed_state_is_what_the_breaker_is_once_due_timers_fire() {
+    use agent_common::breaker::Resumed::*;
+    assert_eq!(State::resumed(Some(Closed)), State::Closed);
+    assert_eq!(
+        State::resumed(None),
+        State::Closed,
+        "unknown code: fail open"
+    );
+    assert_eq!(State::resumed(Some(Open { remaining_ns: 1 })), State::Open);
+    assert_eq!(
+        State::resumed(Some(Open { remaining_ns: 0 })),
+        State::HalfOpen
+    );
+    assert_eq!(State::resumed(Some(HalfOpen { quota: 0 })), State::HalfOpen);
+    // The guard agrees.
+    let t0 = Instant::now();
+    for r in [
+        Closed,
+        Open { remaining_ns: 1 },
+        Open { remaining_ns: 0 },
+        HalfOpen { quota: 2 },
+    ] {
+        let mut g = EjectionGuard::new(&cfg(), 1, t0);
+        g.resume(0, r, t0, secs(30), t0).unwrap();
+        g.poll(t0);
+        assert_eq!(
+            g.breaker(0).unwrap().state(),
+            State::resumed(Some(r)),
+            "{r:?}"
+        );
+    }
+}

@@ -83,6 +83,8 @@ impl CompiledBackend {
             epoch,
             id: self.id,
             _pad: 0,
+            since_ns: 0,
+            open_for_ns: 0,
         }
     }
 

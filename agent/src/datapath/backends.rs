@@ -69,6 +69,16 @@ impl BackendMaps {
         write(&mut self.backends, key, state)
     }
 
+    /// One backend key's entry, `None` when the map has none: what an earlier agent's breaker
+    /// left there when the maps were adopted.
+    pub fn read_backend(&self, key: &BackendKey) -> Result<Option<BackendState>, DatapathError> {
+        match self.backends.get(key, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(MAP_BACKENDS)(e)),
+        }
+    }
+
     /// One counter slot (`BSTAT_*`) of one backend, summed over CPUs: what a poller reading
     /// two slots ten times a second needs, without the other six syscalls.
     pub fn backend_counter(&self, id: u32, slot: u32) -> Result<Counter, DatapathError> {

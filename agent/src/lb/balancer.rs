@@ -152,9 +152,23 @@ struct Service {
 }
 
 /// Writes the initial state of every balanced service (configured weights, first table),
-/// before the programs are attached.
+/// before the programs are attached, on fresh maps.
 pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), DatapathError> {
-    let configured = |s: &CompiledLb| -> Vec<u32> { s.backends.iter().map(|b| b.weight).collect() };
+    install_resumed(maps, services, false, &HashMap::new())
+}
+
+/// As [`install`], but when the agent `adopted` pinned maps (`Datapath::adopted`) the first
+/// weights follow the breaker states the datapath holds (`breakers`, from
+/// `supervisor::breakers_in`, which the supervisor resumes): a backend whose breaker is open
+/// gets no new flows from the first moment, a half-open one a trickle, as the balancer's
+/// first tick would decide. On fresh maps every breaker starts closed: `breakers` is not read.
+pub fn install_resumed(
+    maps: &mut LbMaps,
+    services: &[CompiledLb],
+    adopted: bool,
+    breakers: &HashMap<BackendId, State>,
+) -> Result<(), DatapathError> {
+    let configured = |s: &CompiledLb| first_weights(s, adopted, breakers);
     for s in services {
         maps.write_service(s, &configured(s))?;
     }
@@ -179,6 +193,40 @@ pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), Datapat
             .collect()
     });
     maps.publish_many(tables)
+}
+
+/// The weights `install_resumed` writes first: configured ones, or when `adopted` and some
+/// backend's breaker is not closed, what [`Service::update`] makes of those breakers (open:
+/// 0, half-open: at most 1, unless the service panics).
+fn first_weights(
+    plan: &CompiledLb,
+    adopted: bool,
+    breakers: &HashMap<BackendId, State>,
+) -> Vec<u32> {
+    let seen: HashMap<BackendId, Seen> = (0..plan.backends.len())
+        .filter(|_| adopted)
+        .filter_map(|index| {
+            let id = BackendId {
+                service: plan.service,
+                index,
+            };
+            let breaker = Some(*breakers.get(&id)?);
+            Some((
+                id,
+                Seen {
+                    health: None,
+                    breaker,
+                },
+            ))
+        })
+        .collect();
+    if seen.is_empty() {
+        return plan.backends.iter().map(|b| b.weight).collect();
+    }
+    let now = Instant::now();
+    let mut s = Service::new(plan.clone(), now);
+    s.update(&seen, now);
+    s.wanted
 }
 
 /// The table of `svc` for `weights` (LB indices; `NO_BACKEND` for none).
@@ -685,6 +733,70 @@ mod tests {
         s.update(&read(Some(&rx)), t0 + Duration::from_millis(1));
         assert_eq!(s.available, [true, false, true, false, false, true]);
         assert_eq!(s.wanted, [100, 0, 100, 1, 0, 100]);
+    }
+
+    #[test]
+    fn after_adoption_the_first_table_leaves_out_backends_whose_breaker_is_open() {
+        use State::*;
+        let s = service("0%", &[100, 100, 100, 100]);
+        let id = |index| BackendId { service: 0, index };
+        let breakers = HashMap::from([
+            (id(1), Open),
+            (id(2), HalfOpen),
+            (id(3), Closed),
+            // Another service's backend at the same index: not this one.
+            (
+                BackendId {
+                    service: 1,
+                    index: 0,
+                },
+                Open,
+            ),
+        ]);
+        let w = first_weights(&s, true, &breakers);
+        assert_eq!(w, [100, 0, 1, 100], "open: none; half-open: a trickle");
+        let t = table(&s, &w);
+        assert!(
+            !t.contains(&s.index(1)),
+            "the open backend gets no new flow"
+        );
+        assert!(t.contains(&s.index(2)) && t.contains(&s.index(0)));
+    }
+
+    #[test]
+    fn fresh_maps_and_closed_breakers_start_from_configured_weights() {
+        let s = service("0%", &[100, 50]);
+        let open = HashMap::from([(
+            BackendId {
+                service: 0,
+                index: 1,
+            },
+            State::Open,
+        )]);
+        assert_eq!(first_weights(&s, false, &open), [100, 50], "not adopted");
+        assert_eq!(first_weights(&s, true, &HashMap::new()), [100, 50]);
+    }
+
+    #[test]
+    fn after_adoption_a_service_past_its_panic_threshold_fails_open() {
+        let s = service("50%", &[100, 100]);
+        let open = HashMap::from([
+            (
+                BackendId {
+                    service: 0,
+                    index: 0,
+                },
+                State::Open,
+            ),
+            (
+                BackendId {
+                    service: 0,
+                    index: 1,
+                },
+                State::Open,
+            ),
+        ]);
+        assert_eq!(first_weights(&s, true, &open), [100, 100]);
     }
 
     #[test]

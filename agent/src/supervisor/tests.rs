@@ -1,6 +1,7 @@
 //! The supervisor without a kernel: probe results and passive reports go in, breaker states
 //! come out as the map writes the datapath would get.
 
+use std::collections::HashMap;
 use std::sync::{
     Mutex, PoisonError,
     atomic::{AtomicBool, Ordering},
@@ -42,10 +43,12 @@ services:
       - address: 10.0.2.1:53
 ";
 
-/// Records every write; fails them all while `fail` is set.
+/// Records every write, and keeps the entries as the map would; fails every write while
+/// `fail` is set.
 #[derive(Clone, Default)]
 struct Recorder {
     writes: Arc<Mutex<Vec<(BackendKey, BackendState)>>>,
+    map: Arc<Mutex<HashMap<BackendKey, BackendState>>>,
     fail: Arc<AtomicBool>,
 }
 
@@ -58,7 +61,20 @@ impl StateSink for Recorder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((*key, *state));
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(*key, *state);
         Ok(())
+    }
+
+    fn read(&self, key: &BackendKey) -> Result<Option<BackendState>, DatapathError> {
+        Ok(self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied())
     }
 }
 
@@ -79,11 +95,16 @@ struct Fixture {
     t0: Instant,
 }
 
+/// The datapath's clock at `Fixture::t0`.
+const T0_NS: u64 = 1_000 * SEC_NS;
+const SEC_NS: u64 = 1_000_000_000;
+
 fn fixture() -> Fixture {
     let policy = config::load_str(POLICY, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
     let compiled = config::compile(&policy);
     let t0 = Instant::now();
     let mut sup = Supervisor::new(&policy, &compiled.backends, t0);
+    sup.clock = Some((t0, T0_NS));
     let rec = Recorder::default();
     sup.sink = Some(Box::new(rec.clone()));
     Fixture {
@@ -321,15 +342,33 @@ fn the_channel_carries_typed_state_by_policy_position() {
 }
 
 #[test]
-fn a_half_open_period_the_datapath_never_saw_is_not_written() {
+fn a_reopen_in_one_call_is_written_with_its_new_period() {
     let mut f = fixture();
     f.probe(0, false, 1);
     f.probe(0, false, 2);
     assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 0), "opened");
     // The probe comes before the timer: open -> half_open -> open in one call. The datapath
-    // holds open already; only the (unused) epoch would differ.
+    // enforces open alike, but the entry must say when this opening began and that it lasts
+    // twice as long: an agent adopting the maps resumes from that.
     f.probe(0, false, 5_010);
-    assert_eq!(f.rec.take(), [], "open stays open: no write");
+    let writes = f
+        .rec
+        .writes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(
+        f.rec.take(),
+        both(STATE_OPEN, 0, 1),
+        "the re-open is written"
+    );
+    for (_, st) in writes {
+        assert_eq!(
+            (st.since_ns, st.open_for_ns),
+            (T0_NS + 5_010 * 1_000_000, 10 * SEC_NS),
+            "{st:?}"
+        );
+    }
     let s = f.status("10.0.1.11:8080");
     assert_eq!(s.breaker.as_deref(), Some("open"));
     assert_eq!(s.transitions.get("half_open/reset_timeout"), Some(&1));
@@ -353,4 +392,198 @@ fn after_a_failed_write_the_next_state_is_written_even_if_it_was_held_before() {
     f.probe(0, false, 5_010);
     assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 1));
     assert!(f.sup.unsynced.is_empty());
+}
+
+impl Fixture {
+    /// What an earlier agent left in the map for backend `index` (this policy's flags and id),
+    /// stamped `since_ns` on the datapath's clock.
+    fn left(&self, index: usize, state: u32, quota: u32, since_ns: u64, open_for_ns: u64) {
+        let st = BackendState {
+            since_ns,
+            open_for_ns,
+            ..self.compiled.backends[index].state(state, quota, 7)
+        };
+        self.left_entry(index, st);
+    }
+
+    fn left_entry(&self, index: usize, st: BackendState) {
+        let mut map = self.rec.map.lock().unwrap_or_else(PoisonError::into_inner);
+        for k in &self.compiled.backends[index].keys {
+            map.insert(*k, st);
+        }
+    }
+
+    fn published(&self, index: usize) -> (Option<State>, Instant) {
+        let b = &self.sup.table.0.borrow()[index];
+        (b.breaker, b.since)
+    }
+}
+
+#[test]
+fn an_adopted_open_breaker_stays_open_for_the_rest_of_its_period() {
+    let mut f = fixture();
+    f.left(0, STATE_OPEN, 0, T0_NS - 2 * SEC_NS, 5 * SEC_NS);
+    assert_eq!(f.sup.resume(f.t0), (1, 0));
+    assert_eq!(f.rec.take(), [], "the datapath holds it already");
+    assert_eq!(
+        f.published(0),
+        (Some(State::Open), f.t0 - Duration::from_secs(2)),
+        "published open from the first value, in its state since it opened"
+    );
+    assert_eq!(f.published(1).0, Some(State::Closed));
+    f.sup.on_timers(f.at(2_999));
+    assert_eq!(f.rec.take(), [], "3 s of its 5 s are left");
+    f.sup.on_timers(f.at(3_000));
+    assert_eq!(
+        f.rec.take(),
+        both(STATE_HALF_OPEN, 3, 8),
+        "half-open after the rest of the period, in an epoch after the adopted one"
+    );
+}
+
+#[test]
+fn an_adopted_open_period_already_over_goes_half_open_at_once() {
+    let mut f = fixture();
+    f.left(0, STATE_OPEN, 0, T0_NS - 60 * SEC_NS, 5 * SEC_NS);
+    assert_eq!(f.sup.resume(f.t0), (0, 1));
+    assert_eq!(f.rec.take(), both(STATE_HALF_OPEN, 3, 8));
+    assert_eq!(f.published(0), (Some(State::HalfOpen), f.t0));
+    let s = f.status("10.0.1.11:8080");
+    assert_eq!(s.transitions.get("half_open/reset_timeout"), Some(&1));
+}
+
+#[test]
+fn an_adopted_half_open_breaker_keeps_its_quota_and_epoch() {
+    let mut f = fixture();
+    f.left(0, STATE_HALF_OPEN, 1, T0_NS - SEC_NS, 10 * SEC_NS);
+    assert_eq!(f.sup.resume(f.t0), (0, 1));
+    assert_eq!(f.rec.take(), [], "the datapath is counting the quota down");
+    assert_eq!(
+        f.published(0),
+        (Some(State::HalfOpen), f.t0 - Duration::from_secs(1))
+    );
+    f.probe(0, true, 10);
+    f.probe(0, true, 20);
+    assert_eq!(f.rec.take(), both(STATE_CLOSED, u32::MAX, 7), "closed");
+}
+
+#[test]
+fn an_adopted_trial_failure_reopens_for_twice_the_adopted_period() {
+    let mut f = fixture();
+    f.left(0, STATE_HALF_OPEN, 3, T0_NS - SEC_NS, 10 * SEC_NS);
+    f.sup.resume(f.t0);
+    f.probe(0, false, 10);
+    let writes = f
+        .rec
+        .writes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 7));
+    assert!(
+        writes.iter().all(|(_, st)| st.open_for_ns == 20 * SEC_NS),
+        "{writes:?}"
+    );
+}
+
+#[test]
+fn fresh_entries_resume_closed_and_write_nothing() {
+    let mut f = fixture();
+    for b in &f.compiled.backends {
+        f.left_entry(b.index, b.initial());
+    }
+    assert_eq!(f.sup.resume(f.t0), (0, 0));
+    assert_eq!(f.rec.take(), []);
+    assert_eq!(f.published(0), (Some(State::Closed), f.t0));
+    assert_eq!(f.published(1), (Some(State::Closed), f.t0));
+}
+
+#[test]
+fn an_adopted_entry_of_another_policy_is_rewritten_with_this_ones_flags_and_id() {
+    let mut f = fixture();
+    let old = BackendState {
+        flags: 0,
+        id: 9,
+        since_ns: T0_NS - SEC_NS,
+        open_for_ns: 5 * SEC_NS,
+        ..f.compiled.backends[0].state(STATE_OPEN, 0, 7)
+    };
+    f.left_entry(0, old);
+    assert_eq!(f.sup.resume(f.t0), (1, 0));
+    let writes = f
+        .rec
+        .writes
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(writes.len(), 2, "{writes:?}");
+    for (_, st) in writes {
+        assert_eq!(
+            (
+                st.state,
+                st.flags,
+                st.id,
+                st.epoch,
+                st.since_ns,
+                st.open_for_ns
+            ),
+            (
+                STATE_OPEN,
+                F_DROP | F_CLOSE_EXISTING | F_PASSIVE,
+                0,
+                7,
+                T0_NS - SEC_NS,
+                5 * SEC_NS
+            )
+        );
+    }
+}
+
+#[test]
+fn keys_that_disagree_are_written_again_from_the_first() {
+    let mut f = fixture();
+    f.left(0, STATE_OPEN, 0, T0_NS - SEC_NS, 5 * SEC_NS);
+    let udp = f.compiled.backends[0].keys[1];
+    f.rec
+        .map
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(udp, f.compiled.backends[0].initial());
+    assert_eq!(f.sup.resume(f.t0), (1, 0));
+    assert_eq!(f.rec.take(), both(STATE_OPEN, 0, 7));
+}
+
+#[test]
+fn the_balancer_reads_what_the_supervisor_will_resume() {
+    let f = fixture();
+    f.left(0, STATE_OPEN, 0, T0_NS - SEC_NS, 5 * SEC_NS);
+    f.left(1, STATE_OPEN, 0, T0_NS - 60 * SEC_NS, 5 * SEC_NS);
+    let got = not_closed(&f.rec, &f.compiled.backends, T0_NS);
+    let id = |index| BackendId { service: 0, index };
+    assert_eq!(
+        got,
+        HashMap::from([(id(0), State::Open), (id(1), State::HalfOpen)])
+    );
+    f.left(0, STATE_HALF_OPEN, 1, T0_NS - SEC_NS, 5 * SEC_NS);
+    f.left(1, STATE_CLOSED, u32::MAX, T0_NS - SEC_NS, 5 * SEC_NS);
+    let got = not_closed(&f.rec, &f.compiled.backends, T0_NS);
+    assert_eq!(got, HashMap::from([(id(0), State::HalfOpen)]));
+}
+
+#[test]
+fn stamps_are_on_the_datapath_clock_either_side_of_its_reading() {
+    let t0 = Instant::now();
+    let clock = Some((t0, T0_NS));
+    assert_eq!(ktime_at(clock, t0), T0_NS);
+    assert_eq!(
+        ktime_at(clock, t0 + Duration::from_millis(1)),
+        T0_NS + 1_000_000
+    );
+    assert_eq!(ktime_at(clock, t0 - Duration::from_secs(1)), T0_NS - SEC_NS);
+    assert_eq!(
+        ktime_at(Some((t0, 5)), t0 - Duration::from_secs(1)),
+        0,
+        "no wrap"
+    );
+    assert_eq!(ktime_at(None, t0), 0, "no reading: unstamped");
 }
