@@ -56,8 +56,10 @@ pub const MAP_LEAST_CONN_BEST: &str = "LEAST_CONN_BEST";
 /// Version of what the agent pins under `agent.pin_path`: the set of pinned maps, their keys,
 /// values and meaning, and the contract between main programs and stages (an old main
 /// program tail-calls the new stages while an agent adopts the pins). Bump it with any such
-/// change: an agent refuses pins of another version instead of mixing layouts.
-pub const PIN_LAYOUT: u32 = 1;
+/// change: an agent refuses pins of another version instead of mixing layouts. 2: `BACKENDS`
+/// values carry when their state began and the open period (so an adopting agent resumes
+/// the breakers).
+pub const PIN_LAYOUT: u32 = 2;
 
 /// The maps pinned under `<agent.pin_path>/maps/`: every map holding policy, state or
 /// counters, and the stage arrays (a program array empties when its last user reference

@@ -134,7 +134,15 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         let ports = plan.compiled.lb.iter().flat_map(|s| &s.backends);
         datapath.mark_ports(ports.map(|b| b.address.port()))?;
         let mut maps = datapath.lb_maps()?;
-        balancer::install(&mut maps, &plan.compiled.lb)?;
+        // Adopted maps hold the last agent's breakers: a backend whose breaker is open gets
+        // no new flows from the first table on (the supervisor resumes the same states).
+        let adopted = datapath.adopted();
+        let breakers = if adopted {
+            supervisor::breakers_in(&datapath, &plan.compiled.backends)
+        } else {
+            Default::default()
+        };
+        balancer::install_resumed(&mut maps, &plan.compiled.lb, adopted, &breakers)?;
         // A second handle for the HTTP side's counter reads.
         Some((maps, datapath.lb_maps()?))
     };
