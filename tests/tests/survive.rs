@@ -12,7 +12,7 @@
 //! # Measured
 //!
 //! On the 2-core VM (kernel 6.18, generic XDP, TCX egress), release agent at 305b573, each
-//! figure from one run of the whole file (30 s; at 1681089 the same within noise):
+//! figure from one run of the whole file (30 s; the same within noise at 1681089 and e6d28ac):
 //!
 //! | test | figures |
 //! |------|---------|
