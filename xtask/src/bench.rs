@@ -5,9 +5,11 @@
 //!
 //! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
 //! which only `breaker-bench` has; `--out FILE` goes to both. Two benchmarks of their own
-//! run instead when named first: `scale` (scale.rs) and `health` (health.rs).
+//! run instead when named first: `scale` (scale.rs), `health` (health.rs) and `restart`
+//! (restart.rs).
 
 mod health;
+mod restart;
 mod scale;
 
 use std::process::Command;
@@ -27,6 +29,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     match extra.first().map(String::as_str) {
         Some("scale") => return scale::run(&extra[1..]),
         Some("health") => return health::run(&extra[1..]),
+        Some("restart") => return restart::run(&extra[1..]),
         _ => {}
     }
     // BPF_PROG_TEST_RUN, network namespaces and the agent need root.

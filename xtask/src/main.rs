@@ -50,7 +50,8 @@ enum Command {
     /// Run the benchmarks and write BENCHMARKS.md: per-packet costs (agent-bench), then the
     /// breaker's time to detect and recover, end to end (breaker-bench). `bench scale`: time
     /// to ready, map memory and LB cost at 1 to 10,000 balanced services; `bench health`: CPU
-    /// per health-check probe, the agent against HAProxy on the same 4,000 backends.
+    /// per health-check probe, the agent against HAProxy on the same 4,000 backends; `bench
+    /// restart`: traffic across a SIGKILL and an adopting restart, time to ready, agent RSS/CPU.
     Bench {
         /// Extra arguments: `--rounds`, `--connects`, `--passive` go to breaker-bench, `--out`
         /// to both, the rest to agent-bench.
