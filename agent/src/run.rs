@@ -16,7 +16,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use aya_log::EbpfLogger;
 use tokio::{
     net::TcpListener,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::watch,
 };
 
@@ -90,6 +90,9 @@ impl RunError {
 pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     logs::init(&policy.agent.log_level.to_string());
+    // Before anything is loaded: a SIGTERM during start-up waits for the start to finish,
+    // then stops the agent as usual, instead of killing it half-way (the default action).
+    let mut signals = Signals::install()?;
     let plan = Plan::new(&policy).map_err(RunError::Policy)?;
     plan.check_pacing(&policy).map_err(RunError::Policy)?;
     tracing::info!(
@@ -222,7 +225,7 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         let _ = http_stop.wait_for(|stop| *stop).await;
     }));
 
-    let result = wait_for_signals(file, &plan, &state, &weights_tx).await;
+    let result = wait_for_signals(&mut signals, file, &plan, &state, &weights_tx).await;
 
     // Not ready any more; stop the tasks (the watchdog first: it must not re-attach what is
     // detached next); then leave the datapath running, or detach it and put the default
@@ -343,16 +346,33 @@ async fn watchdog(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// The signals `agent run` handles, installed once at start.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, RunError> {
+        let make = |kind| signal(kind).map_err(RunError::Signals);
+        Ok(Signals {
+            term: make(SignalKind::terminate())?,
+            int: make(SignalKind::interrupt())?,
+            hup: make(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads the policy file.
 async fn wait_for_signals(
+    signals: &mut Signals,
     file: &Path,
     current: &Plan,
     state: &AgentState,
     weights: &watch::Sender<Vec<Vec<u32>>>,
 ) -> Result<(), RunError> {
-    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
+    let Signals { term, int, hup } = signals;
     let mut current = current.clone();
     loop {
         tokio::select! {
