@@ -11,6 +11,8 @@ include!("../tests/build/root_cfg.rs");
 
 fn main() -> anyhow::Result<()> {
     emit_root_cfg();
+    // Read by agent-ebpf (`option_env!`): the variant build of the upgrade test.
+    println!("cargo:rerun-if-env-changed=AGENT_EBPF_VARIANT");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?);

@@ -42,11 +42,21 @@ use crate::{
     pipeline::{Action, answer_stage, lb_stage, main_stage, nat_stage},
 };
 
+/// False in every build the project ships. Set `AGENT_EBPF_VARIANT` (to anything) at build
+/// time for a program whose instructions differ and whose behaviour does not: the "previous
+/// build" that the upgrade test (`tests/tests/survive.rs`) replaces with the current one.
+const BUILD_VARIANT: bool = option_env!("AGENT_EBPF_VARIANT").is_some();
+
 /// Ingress: the main stage on every packet off the wire. Fails open (see above).
 #[xdp]
 pub fn agent_xdp(ctx: XdpContext) -> u32 {
     let pkt = ctx.packet();
     let len = pkt.len();
+    // The variant's extra test and jump: no frame of zero bytes reaches XDP, and one would
+    // pass anyway (fail open).
+    if BUILD_VARIANT && len == 0 {
+        return xdp_action::XDP_PASS;
+    }
     // Forwarded traffic: XDP cannot see socket marks, and the agent's probes never come in.
     xdp_action(main_stage(&ctx, &pkt, len, false, &STAGES_XDP))
 }

@@ -255,6 +255,16 @@ impl Netns {
         })?
     }
 
+    /// `/proc/net/snmp` `Tcp: RetransSegs` of this namespace: segments its stack sent again
+    /// (a lost segment or ACK on the way shows here before it breaks anything).
+    pub fn tcp_retrans_segs(&self) -> Result<u64> {
+        self.run(|| {
+            let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            snmp_field(snmp_table(&text, "Tcp:")?, "RetransSegs")
+                .context("no Tcp: RetransSegs in /proc/net/snmp")
+        })?
+    }
+
     /// TCP segments received with a bad checksum (IPv4 and IPv6 share the TCP counters).
     pub fn tcp_csum_errors(&self) -> Result<u64> {
         self.run(|| {

@@ -183,6 +183,26 @@ pub const READY_10K_SERVICES: Scaled = Scaled::secs(60);
 /// still reports the time it took (on the pre-issue-16 datapath, 30 s and more).
 pub const READY_GIVE_UP: Scaled = Scaled::secs(300);
 
+/// Survive the agent (issue 10): the watchdog checks every second, so an XDP or TCX link
+/// detached by someone else, or a removed pin, is back within 2 s (the issue's bound).
+pub const REPAIR: Scaled = Scaled::secs(2);
+
+/// Survive the agent (issue 10): the flood during which a new agent starts and adopts the
+/// pins. It must outlast the start (0.66 s measured on 2 CPUs), which a slower machine takes
+/// longer for, so it scales; the count it yields is judged against burst + rate x span of
+/// whatever span it had, so its length changes no expectation.
+pub const ADOPTION_FLOOD: Scaled = Scaled::secs(4);
+
+/// Survive the agent (issue 10): after `agent uninstall` (or an exit with
+/// `--detach-on-exit`), how long the kernel may take to free the programs, links and maps
+/// that nothing references any more (freed after an RCU grace period, not in the call).
+pub const RELEASED: Scaled = Scaled::secs(2);
+
+/// Survive the agent (issue 10): an echo through a VIP that takes longer than this is an
+/// error. A lost packet costs TCP at least its 200 ms minimum RTO, so a datapath gap during
+/// a restart or an upgrade shows up as a late echo; a healthy echo takes well under 10 ms.
+pub const ECHO_TIMEOUT: Scaled = Scaled::secs(1);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use crate::{
     build, cmd, manifests, setup, sys,
     toolchain::Toolchain,
     vm,
-    workspace::{self, AGENT_BIN_ENV, E2E_CRATE},
+    workspace::{self, AGENT_BIN_ENV, E2E_CRATE, UPGRADE_FROM_ENV},
 };
 
 const EBPF_CRATE: &str = "agent-ebpf";
@@ -102,6 +102,11 @@ pub fn run() -> anyhow::Result<()> {
         counts.set(total);
         result
     });
+    // The upgrade test's previous build, before the real one: both share the target directory,
+    // and the real build must be the last to write target/release/agent.
+    let upgrade_from = suite.step("build agent (variant)", || {
+        build::upgrade_from_binary(&toolchain)
+    });
     // The end-to-end tests run the agent as it ships (release): the scale tests hold it to the
     // issue's startup bound, which an unoptimized build misses (2.2 s for 1,000 services).
     let agent = suite.step("build agent (release)", || {
@@ -110,7 +115,9 @@ pub fn run() -> anyhow::Result<()> {
     suite.step("deploy manifests", manifests::validate);
     match &agent {
         Some(agent) => {
-            suite.step("end-to-end tests", || tests(&mut e2e(&toolchain, agent)));
+            suite.step("end-to-end tests", || {
+                tests(&mut e2e(&toolchain, agent, upgrade_from.as_deref()))
+            });
         }
         None => suite.skip("end-to-end tests", "the agent did not build"),
     }
@@ -124,11 +131,15 @@ pub fn run() -> anyhow::Result<()> {
     result
 }
 
-/// Network-namespace tests: serial, because kernel state is shared.
-fn e2e(toolchain: &Toolchain, agent: &Path) -> std::process::Command {
+/// Network-namespace tests: serial, because kernel state is shared. Without `upgrade_from`
+/// (its build failed, and that step says so) the upgrade test reports that it did not run.
+fn e2e(toolchain: &Toolchain, agent: &Path, upgrade_from: Option<&Path>) -> std::process::Command {
     let mut test = workspace::cargo(toolchain);
     test.args(["test", "--package", E2E_CRATE, "--", "--test-threads=1"])
         .env(AGENT_BIN_ENV, agent);
+    if let Some(from) = upgrade_from {
+        test.env(UPGRADE_FROM_ENV, from);
+    }
     test
 }
 

@@ -16,6 +16,10 @@ use crate::{
 pub const E2E_CRATE: &str = "agent-tests";
 /// How the end-to-end tests find the agent (tests/src/agent.rs).
 pub const AGENT_BIN_ENV: &str = "AGENT_BIN";
+/// How the upgrade test finds its "previous build" (tests/tests/survive.rs).
+pub const UPGRADE_FROM_ENV: &str = "AGENT_UPGRADE_FROM_BIN";
+/// Set at build time, agent-ebpf builds programs whose instructions differ (agent-ebpf/src/main.rs).
+pub const EBPF_VARIANT_ENV: &str = "AGENT_EBPF_VARIANT";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
