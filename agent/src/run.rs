@@ -102,6 +102,8 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         plan.attach.len()
     );
 
+    // Before the pin directory is made or --reset removes anything.
+    crate::datapath::check_privileges()?;
     let pins = open_pins(&policy)?;
     let listener = TcpListener::bind(plan.listen)
         .await

@@ -9,6 +9,7 @@ mod lb;
 mod maps;
 pub mod pin;
 pub mod pressure;
+mod privilege;
 pub mod qdisc;
 mod watchdog;
 
@@ -54,6 +55,8 @@ pub enum DatapathError {
     MissingProgram(&'static str),
     #[error("{0}; nothing was loaded")]
     Kernel(String),
+    #[error(transparent)]
+    Privilege(#[from] privilege::MissingCapabilities),
     #[error(
         "the verifier of kernel {kernel} refused program `{program}`: {reason} ({errno}; the \
          whole verifier log is logged at log level debug)"
@@ -100,6 +103,12 @@ pub enum DatapathError {
         #[source]
         source: Box<MapError>,
     },
+}
+
+/// Whether this process has the capabilities loading needs (CAP_BPF, CAP_NET_ADMIN,
+/// CAP_PERFMON), for `agent run` to ask before it touches anything; loading asks again.
+pub fn check_privileges() -> Result<(), DatapathError> {
+    Ok(privilege::check_this_process()?)
 }
 
 /// Wraps an error of the map `map`.
@@ -287,6 +296,7 @@ impl Datapath {
         }
         let kernel = Kernel::current();
         kernel.check().map_err(DatapathError::Kernel)?;
+        privilege::check_this_process()?;
         raise_memlock_rlimit();
         raise_nofile_rlimit();
         let sizes = TableSizes::new(

@@ -90,10 +90,15 @@ pub struct PassiveTracker {
 }
 
 impl PassiveTracker {
-    /// What is new since the previous read of backend `id`; the first read counts from zero,
-    /// because the maps are the ones this agent loaded (nothing is pinned), so every count is
-    /// news. (Adopting pinned maps would have to seed the tracker with their totals.) A total
-    /// below the last one means the counter was reset: it becomes the new base.
+    /// Takes the totals the counters hold when the poller starts as the base: pinned maps an
+    /// agent adopted carry their whole history, which is not news to this one.
+    pub fn seed(&mut self, id: u32, synack: u64, refused: u64) {
+        self.last.insert(id, (synack, refused));
+    }
+
+    /// What is new since the previous read of backend `id` (or its seed; an unseeded first
+    /// read counts from zero). A total below the last one means the counter was reset: it
+    /// becomes the new base.
     pub fn delta(&mut self, id: u32, synack: u64, refused: u64) -> PassiveCounts {
         let (last_s, last_r) = self.last.insert(id, (synack, refused)).unwrap_or((0, 0));
         PassiveCounts {
@@ -134,6 +139,12 @@ pub fn poll(
         })
         .collect();
     let mut tracker = PassiveTracker::default();
+    for b in &backends {
+        // A backend that cannot be read now is read from zero later, as before.
+        if let Ok((synack, refused)) = read(&maps, b.id) {
+            tracker.seed(b.id, synack, refused);
+        }
+    }
     let mut failing = false;
     let mut next_sweep = Instant::now();
     let stopped = || *stop.borrow() || stop.has_changed().is_err() || results.is_closed();
@@ -222,6 +233,14 @@ mod tests {
         assert_eq!(t.delta(3, 55, 9), counts(0, 2, 0));
         assert_eq!(t.delta(3, 55, 9), PassiveCounts::default());
         assert_eq!(t.delta(4, 1, 1), counts(1, 1, 0), "ids are tracked apart");
+    }
+
+    #[test]
+    fn adopted_totals_are_the_base_not_news() {
+        let mut t = PassiveTracker::default();
+        t.seed(3, 1_000, 4);
+        assert_eq!(t.delta(3, 1_000, 4), PassiveCounts::default());
+        assert_eq!(t.delta(3, 1_002, 5), counts(2, 1, 0));
     }
 
     #[test]
