@@ -521,6 +521,24 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 /// Like [`metric`], but an error that names the metric and lists what the text does have
 /// under that name.
+/// A rate-limited service's packets in an exposition: (passed, dropped by its limit, the
+/// bucket's own and contended drops together).
+pub fn limit_verdicts(text: &str, service: &str) -> Result<(u64, u64)> {
+    let m = |name: &str, labels: &[(&str, &str)]| -> Result<u64> {
+        Ok(require_metric(text, name, labels)? as u64)
+    };
+    let svc = ("service", service);
+    let passed = m("agent_service_packets_total", &[svc, ("verdict", "passed")])?;
+    let dropped = m(
+        "agent_service_dropped_packets_total",
+        &[svc, ("reason", "rate_limit")],
+    )? + m(
+        "agent_service_dropped_packets_total",
+        &[svc, ("reason", "contended")],
+    )?;
+    Ok((passed, dropped))
+}
+
 pub fn require_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
     if let Some(v) = metric(text, name, labels) {
         return Ok(v);

@@ -22,7 +22,7 @@ pub mod verify;
 pub mod wait;
 pub mod xdp;
 
-pub use agent::{AgentProcess, TempDir, agent_bin, metric, require_metric};
+pub use agent::{AgentProcess, TempDir, agent_bin, limit_verdicts, metric, require_metric};
 pub use netns::{Netns, Topology};
 pub use timing::Scaled;
 pub use traffic::{

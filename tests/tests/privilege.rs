@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_tests::agent::{READY_TIMEOUT, require_metric};
+use agent_tests::agent::{READY_TIMEOUT, limit_verdicts};
 use agent_tests::backend::TcpServer;
 use agent_tests::breaker::BackendView;
 use agent_tests::timing::{self, Scaled};
@@ -276,18 +276,7 @@ fn the_agent_does_everything_with_cap_bpf_net_admin_and_perfmon_only() {
 
     // /metrics: the agent counts what its datapath passed and dropped.
     let text = agent.metrics().expect("GET /metrics");
-    let m = |name: &str, labels: &[(&str, &str)]| -> u64 {
-        require_metric(&text, name, labels).unwrap_or_else(|e| panic!("{e:#}")) as u64
-    };
-    let svc = ("service", "limited");
-    let passed = m("agent_service_packets_total", &[svc, ("verdict", "passed")]);
-    let dropped = m(
-        "agent_service_dropped_packets_total",
-        &[svc, ("reason", "rate_limit")],
-    ) + m(
-        "agent_service_dropped_packets_total",
-        &[svc, ("reason", "contended")],
-    );
+    let (passed, dropped) = limit_verdicts(&text, "limited").unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(
         (passed, dropped),
         (got.packets, sent.sent - got.packets),

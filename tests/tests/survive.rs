@@ -45,7 +45,7 @@ use agent_tests::timing::{self, ADOPTION_FLOOD, ECHO_TIMEOUT, RELEASED, REPAIR, 
 use agent_tests::wait::poll;
 use agent_tests::{
     AgentProcess, KeyCount, RecvReport, SendReport, TempDir, Topology, UdpFlood, UdpReceiver,
-    UdpSender, agent_bin, check_counts, require_metric,
+    UdpSender, agent_bin, check_counts, limit_verdicts,
 };
 
 /// The variable `cargo xtask test` sets to the "previous build" of the upgrade test.
@@ -358,18 +358,7 @@ fn kill_9_leaves_the_limit_enforced_and_a_new_agent_adopts_it() {
 
     // The counters are the pinned maps': they include the flood no agent saw.
     let text = agent.metrics().expect("GET /metrics");
-    let m = |name: &str, labels: &[(&str, &str)]| -> u64 {
-        require_metric(&text, name, labels).unwrap_or_else(|e| panic!("{e:#}")) as u64
-    };
-    let svc = ("service", "limited");
-    let passed = m("agent_service_packets_total", &[svc, ("verdict", "passed")]);
-    let dropped = m(
-        "agent_service_dropped_packets_total",
-        &[svc, ("reason", "rate_limit")],
-    ) + m(
-        "agent_service_dropped_packets_total",
-        &[svc, ("reason", "contended")],
-    );
+    let (passed, dropped) = limit_verdicts(&text, "limited").unwrap_or_else(|e| panic!("{e:#}"));
     let received = alone.got.packets + across.got.packets;
     let sent = alone.sent.sent + across.sent.sent;
     assert_eq!(

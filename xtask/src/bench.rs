@@ -110,6 +110,22 @@ impl Split {
     }
 }
 
+/// Prints a bench's section and writes it into `out` (relative to the workspace root), in
+/// place of the section of the same title.
+fn publish(out: &std::path::Path, section: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    println!("\n{section}");
+    let out = if out.is_absolute() {
+        out.to_path_buf()
+    } else {
+        workspace::root().join(out)
+    };
+    agent_tests::benchmarks::write_section(&out, section)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("written to {}", out.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -273,21 +273,9 @@ impl Datapath {
             let updated = XdpLink::try_from(old)
                 .map_err(|e| e.to_string())
                 .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
-                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()));
-            match updated {
-                // Dropping aya's handle closes a descriptor; the pin keeps the link.
-                Ok(_handle) => {
-                    let fd = bpffs::obj_get(pin).map_err(&pin_error)?;
-                    return Ok(("pinned link, program replaced", fd));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "the XDP link pinned at {} could not take the new program ({e}); \
-                         attaching a new one",
-                        pin.display()
-                    );
-                    std::fs::remove_file(pin).map_err(&pin_error)?;
-                }
+                .and_then(|id| prog.take_link(id).map(drop).map_err(|e| e.to_string()));
+            if let Some(fd) = took_over(updated, "XDP", pin, &pin_error)? {
+                return Ok(("pinned link, program replaced", fd));
             }
         }
         let (mode, id) = self.attach_xdp(interface, setting)?;
@@ -312,20 +300,9 @@ impl Datapath {
             let updated = SchedClassifierLink::try_from(old)
                 .map_err(|e| e.to_string())
                 .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
-                .and_then(|id| prog.take_link(id).map_err(|e| e.to_string()));
-            match updated {
-                Ok(_handle) => {
-                    let fd = bpffs::obj_get(pin).map_err(&pin_error)?;
-                    return Ok(("pinned link, program replaced", fd));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "the TCX link pinned at {} could not take the new program ({e}); \
-                         attaching a new one",
-                        pin.display()
-                    );
-                    std::fs::remove_file(pin).map_err(&pin_error)?;
-                }
+                .and_then(|id| prog.take_link(id).map(drop).map_err(|e| e.to_string()));
+            if let Some(fd) = took_over(updated, "TCX", pin, &pin_error)? {
+                return Ok(("pinned link, program replaced", fd));
             }
         }
         let id = prog
@@ -440,6 +417,29 @@ impl Attached {
         // A filter's link is in a `ManuallyDrop`: never dropped, as aya's drop would delete
         // the filter. Links are pinned: closing the agent's descriptor leaves them.
         drop(self);
+    }
+}
+
+/// After putting the new program on the link pinned at `pin` (`updated`): the agent's own
+/// descriptor of the link when that worked (aya's handle, dropped, only closed a descriptor:
+/// the pin keeps the link); when not, the pin is removed, for a new link to take its place.
+fn took_over(
+    updated: Result<(), String>,
+    what: &str,
+    pin: &Path,
+    pin_error: &impl Fn(std::io::Error) -> DatapathError,
+) -> Result<Option<OwnedFd>, DatapathError> {
+    match updated {
+        Ok(()) => Ok(Some(bpffs::obj_get(pin).map_err(pin_error)?)),
+        Err(e) => {
+            tracing::warn!(
+                "the {what} link pinned at {} could not take the new program ({e}); attaching \
+                 a new one",
+                pin.display()
+            );
+            std::fs::remove_file(pin).map_err(pin_error)?;
+            Ok(None)
+        }
     }
 }
 

@@ -129,11 +129,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     drop(bench);
 
     let section = report(&args, &rows);
-    println!("\n{section}");
-    agent_tests::benchmarks::write_section(&args.out, &section)
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!("written to {}", args.out.display());
-    Ok(())
+    super::publish(&args.out, &section)
 }
 
 /// haproxy and nft, installed with apt-get when missing (as `cargo xtask setup` installs the

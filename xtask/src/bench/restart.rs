@@ -61,7 +61,7 @@ use agent_tests::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
-use crate::{build, setup, sys, workspace};
+use crate::{build, setup, sys};
 
 const SECTION: &str = "## Restart: the pinned datapath without its agent";
 const STEADY_PORT: u16 = 5300;
@@ -172,16 +172,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         &[idle, probing],
         killed_by_sigterm,
     );
-    println!("\n{section}");
-    let out = if args.out.is_absolute() {
-        args.out.clone()
-    } else {
-        workspace::root().join(&args.out)
-    };
-    agent_tests::benchmarks::write_section(&out, &section)
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!("written to {}", out.display());
-    Ok(())
+    super::publish(&args.out, &section)
 }
 
 /// A pin path of this process's own under the bpffs: never another agent's.

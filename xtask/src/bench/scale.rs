@@ -161,16 +161,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         });
     }
     let section = render(&rows, &args, &commit, &load);
-    print!("{section}");
-    let out = if args.out.is_absolute() {
-        args.out.clone()
-    } else {
-        workspace::root().join(&args.out)
-    };
-    agent_tests::benchmarks::write_section(&out, &section)
-        .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("written to {}", out.display());
-    Ok(())
+    super::publish(&args.out, &section)
 }
 
 /// Starts the agent with `n` services, measures, stops it and waits for its maps to be
