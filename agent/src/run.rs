@@ -114,10 +114,15 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
 
     let mut datapath = Datapath::load_pinned(&plan.compiled, pins, options.reset)?;
     let pin_path = policy.agent.pin_path.display();
+    // A fresh start that fails before its programs are attached leaves no pins behind (the
+    // next start would adopt half-written maps); an adopting one leaves the earlier agent's
+    // datapath running.
+    let mut fresh = None;
     if datapath.adopted() {
         tracing::info!("adopted pins at {pin_path}: maps and their state kept");
     } else {
         tracing::info!("pinned at {pin_path}");
+        fresh = Some(FreshPins(&policy.agent.pin_path));
     }
     let logger = match EbpfLogger::init(datapath.ebpf_mut()) {
         Ok(l) => Some(l),
@@ -169,6 +174,9 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         tracing::info!("pacing qdisc {p}");
     }
     datapath.attach(&plan.attach)?;
+    if let Some(f) = fresh.take() {
+        f.keep();
+    }
     for a in datapath.attachments() {
         tracing::info!("attached {a}");
     }
@@ -269,6 +277,29 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         tracing::info!("the datapath keeps enforcing the last policy (pinned at {pin_path}); bye");
     }
     result
+}
+
+/// The map pins of a fresh start, removed when dropped before [`FreshPins::keep`].
+struct FreshPins<'a>(&'a Path);
+
+impl FreshPins<'_> {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for FreshPins<'_> {
+    fn drop(&mut self) {
+        // Map pins and the layout only: links pinned there are an earlier agent's (a
+        // `--reset` start), still running their programs.
+        match PinDir::paths_of(self.0).clear_maps() {
+            Ok(removed) => tracing::info!(
+                "start-up failed: removed the {removed} map pins it made under {}",
+                self.0.display()
+            ),
+            Err(e) => tracing::warn!("start-up failed; removing its pins: {e}"),
+        }
+    }
 }
 
 /// Opens and locks the policy's pin directory. A path that is not on bpffs, or cannot be

@@ -145,7 +145,7 @@ impl LbMaps {
             .into_iter()
             .map(|(id, entries)| Ok((id, new_table(&entries)?)))
             .collect::<Result<_, MapError>>()
-            .map_err(map_err(MAP_LB_TABLES))?;
+            .map_err(table_error)?;
         let share = made.len().div_ceil(self.tables.len()).max(1);
         std::thread::scope(|scope| {
             let writers: Vec<_> = (self.tables.iter_mut())
@@ -230,6 +230,36 @@ impl LbMaps {
         }
         out
     }
+}
+
+/// Why a service table could not be made, with the kernel's errno; out of descriptors (one
+/// per balanced service) says which limit to raise.
+fn table_error(e: MapError) -> DatapathError {
+    match e {
+        MapError::CreateError { io_error, .. } if io_error.raw_os_error() == Some(libc::EMFILE) => {
+            DatapathError::Tables(format!(
+                "creating a balanced service's table: {io_error}: the agent holds one \
+                 descriptor per balanced service, and RLIMIT_NOFILE allows {}; raise the \
+                 hard limit (systemd: LimitNOFILE=, as deploy/systemd/agent.service sets; a \
+                 shell: ulimit -Hn)",
+                nofile_limit().map_or("fewer".to_string(), |n| n.to_string())
+            ))
+        }
+        MapError::CreateError { io_error, .. } => {
+            DatapathError::Tables(format!("creating a balanced service's table: {io_error}"))
+        }
+        e => map_err(MAP_LB_TABLES)(e),
+    }
+}
+
+/// The hard limit on open files.
+fn nofile_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscall on a valid struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_max)
 }
 
 /// A service table holding `entries` (see `agent_common::lb::LbTableSlot`), filled through

@@ -93,6 +93,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Tables(String),
     #[error("attaching needs a pin directory (agent.pin_path); this datapath was loaded without")]
     NotPinned,
     #[error("{0}")]

@@ -87,12 +87,13 @@ impl LinkKind {
     }
 }
 
-/// An agent's pin directory, locked for as long as this value lives.
+/// An agent's pin directory, locked for as long as this value lives (when it came from
+/// [`PinDir::open`]).
 #[derive(Debug)]
 pub struct PinDir {
     root: PathBuf,
     /// Holds the `flock`.
-    _lock: File,
+    _lock: Option<File>,
 }
 
 /// What a start found under the pin directory.
@@ -134,8 +135,16 @@ impl PinDir {
         }
         Ok(Self {
             root: root.to_path_buf(),
-            _lock: lock,
+            _lock: Some(lock),
         })
+    }
+
+    /// The paths of `root`, without its lock: for the one who holds it already.
+    pub fn paths_of(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            _lock: None,
+        }
     }
 
     pub fn root(&self) -> &Path {

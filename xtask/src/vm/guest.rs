@@ -133,6 +133,8 @@ pub fn init_script(
          chmod 1777 /tmp\n\
          mount -t tmpfs tmpfs /run\n\
          mkdir -p /run/netns\n\
+         # As systemd's LimitNOFILE: the agent holds a descriptor per balanced service.\n\
+         ulimit -Hn 1048576 && ulimit -n 1048576 || note 'raising the open-files limit failed'\n\
          /usr/sbin/ip link set lo up || note 'ip link set lo up failed'\n",
     );
     for module in kernel::load_order(kernel, MODULES)? {
