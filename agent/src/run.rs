@@ -292,7 +292,10 @@ impl Drop for FreshPins<'_> {
     fn drop(&mut self) {
         // Map pins and the layout only: links pinned there are an earlier agent's (a
         // `--reset` start), still running their programs.
-        match PinDir::paths_of(self.0).clear_maps() {
+        let pins = PinDir::paths_of(self.0);
+        let cleared = pins.clear_maps();
+        pins.remove_if_empty();
+        match cleared {
             Ok(removed) => tracing::info!(
                 "start-up failed: removed the {removed} map pins it made under {}",
                 self.0.display()

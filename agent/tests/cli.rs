@@ -123,13 +123,23 @@ fn tc_egress(ns: &Netns, ifname: &str) -> usize {
     tcx_links() + clsact_egress_filters(ns, ifname)
 }
 
+/// `AGENT args` in `ns`, entered with setns only: the agent pins under the host's
+/// `/sys/fs/bpf`, which `ip netns exec` hides under a fresh `/sys`.
+fn spawn_agent(ns: &Netns, args: &[&str], out: Stdio, err: Stdio) -> std::process::Child {
+    let mut cmd = Command::new(AGENT);
+    cmd.args(args).stdout(out).stderr(err);
+    ns.spawn_process(&mut cmd).expect("spawning the agent")
+}
+
 fn write_policy(ns: &Netns, interfaces: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("{}.yaml", ns.name()));
     std::fs::write(
         &path,
         format!(
-            "version: 1\nagent:\n  listen: 127.0.0.1:9590\ninterfaces:\n{interfaces}services:\n  \
-             - name: web\n    match: {{ address: 198.18.0.2/32, port: 80 }}\n    rate_limit: {{ rate: 100/s }}\n"
+            "version: 1\nagent:\n  listen: 127.0.0.1:9590\n  pin_path: /sys/fs/bpf/{}\n\
+             interfaces:\n{interfaces}services:\n  \
+             - name: web\n    match: {{ address: 198.18.0.2/32, port: 80 }}\n    rate_limit: {{ rate: 100/s }}\n",
+            ns.name()
         ),
     )
     .unwrap();
@@ -143,14 +153,18 @@ fn run_refuses_a_missing_interface_with_its_position() {
     let _lock = attach_lock();
     let ns = netns("missing");
     let policy = write_policy(&ns, "  - name: lo\n  - name: agt-nosuch0\n");
-    let out = ns
-        .exec(&[AGENT, "run", "--config", policy.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = spawn_agent(
+        &ns,
+        &["run", "--config", policy.to_str().unwrap()],
+        Stdio::piped(),
+        Stdio::piped(),
+    )
+    .wait_with_output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{stderr}");
     let want = format!(
-        "{}:6:11: interfaces[1].name: interface \"agt-nosuch0\" does not exist",
+        "{}:7:11: interfaces[1].name: interface \"agt-nosuch0\" does not exist",
         policy.display()
     );
     assert!(
@@ -184,10 +198,14 @@ fn run_attaches_all_interfaces_or_none() {
         &ns,
         "  - name: agt-a\n    xdp_mode: generic\n  - name: lo\n    xdp_mode: native\n",
     );
-    let out = ns
-        .exec(&[AGENT, "run", "--config", policy.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = spawn_agent(
+        &ns,
+        &["run", "--config", policy.to_str().unwrap()],
+        Stdio::piped(),
+        Stdio::piped(),
+    )
+    .wait_with_output()
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit code; stderr:\n{stderr}");
     assert!(
@@ -206,7 +224,8 @@ fn run_attaches_all_interfaces_or_none() {
     );
 }
 
-/// Ready once attached; SIGTERM detaches and exits 0.
+/// Ready once attached; with `--detach-on-exit`, SIGTERM detaches and exits 0 (without it the
+/// datapath stays: `tests/tests/survive.rs`).
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn run_serves_health_and_detaches_on_sigterm() {
@@ -223,13 +242,17 @@ fn run_serves_health_and_detaches_on_sigterm() {
     ip(&ns, &["link", "set", "agt-a", "up"]);
     ip(&ns, &["link", "set", "agt-b", "up"]);
     let policy = write_policy(&ns, "  - name: agt-a\n    direction: both\n");
-    let mut child = Child(
-        ns.exec(&[AGENT, "run", "--config", policy.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = Child(spawn_agent(
+        &ns,
+        &[
+            "run",
+            "--config",
+            policy.to_str().unwrap(),
+            "--detach-on-exit",
+        ],
+        Stdio::null(),
+        Stdio::null(),
+    ));
 
     let deadline = Instant::now() + READY_TIMEOUT.get();
     let ready = loop {

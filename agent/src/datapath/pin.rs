@@ -285,6 +285,18 @@ impl PinDir {
         Ok(removed)
     }
 
+    /// Removes the directory and its subdirectories if nothing is pinned there.
+    pub fn remove_if_empty(&self) {
+        for dir in [
+            self.root.join("links"),
+            self.root.join("maps"),
+            self.root.clone(),
+        ] {
+            // Fails, as wanted, on a directory that still holds something.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     /// Removes maps this load pinned that did not exist before it (a load that failed).
     pub fn remove_new(&self, before: &[&'static str]) {
         for name in self.pinned_maps() {
