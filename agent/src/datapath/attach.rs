@@ -56,6 +56,8 @@ pub(super) enum Attached {
     Filter {
         interface: String,
         link: ManuallyDrop<SchedClassifierLink>,
+        /// Made by this start (not an earlier agent's, replaced in place).
+        created: bool,
     },
 }
 
@@ -248,10 +250,11 @@ impl Datapath {
                         spec.interface
                     );
                     add_clsact(&spec.interface).map_err(|e| error(e.into()))?;
-                    let link = self.attach_filter(&spec.interface).map_err(error)?;
+                    let (link, created) = self.attach_filter(&spec.interface).map_err(error)?;
                     self.attached.push(Attached::Filter {
                         interface: spec.interface.clone(),
                         link: ManuallyDrop::new(link),
+                        created,
                     });
                 }
             }
@@ -315,11 +318,11 @@ impl Datapath {
     }
 
     /// The egress filter (before 6.6) at the agent's fixed priority and handle: an earlier
-    /// agent's replaced in place, or a new one.
+    /// agent's replaced in place, or a new one (then `true`).
     pub(super) fn attach_filter(
         &mut self,
         interface: &str,
-    ) -> Result<SchedClassifierLink, ProgramError> {
+    ) -> Result<(SchedClassifierLink, bool), ProgramError> {
         let prog: &mut SchedClassifier = self
             .program_mut(PROG_TC_EGRESS)
             .map_err(|_| ProgramError::UnexpectedProgramType)?;
@@ -331,20 +334,23 @@ impl Datapath {
             None,
         )
         .map_err(|e| ProgramError::from(TcError::IoError(e)))?;
-        let id = match prog.attach_to_link(existing) {
-            Ok(id) => id,
+        let (id, created) = match prog.attach_to_link(existing) {
+            Ok(id) => (id, false),
             // No filter of ours there yet.
-            Err(_) => prog.attach_with_options(
-                interface,
-                TcAttachType::Egress,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: TC_PRIORITY,
-                    handle: TC_HANDLE,
-                    ..Default::default()
-                }),
-            )?,
+            Err(_) => (
+                prog.attach_with_options(
+                    interface,
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: TC_PRIORITY,
+                        handle: TC_HANDLE,
+                        ..Default::default()
+                    }),
+                )?,
+                true,
+            ),
         };
-        prog.take_link(id)
+        Ok((prog.take_link(id)?, created))
     }
 
     fn attach_xdp(
@@ -409,7 +415,10 @@ impl Attached {
     /// Whether this start created the attachment (rather than taking over an earlier
     /// agent's).
     fn created(&self) -> bool {
-        matches!(self, Attached::Link { mode, .. } if !mode.starts_with("pinned link"))
+        match self {
+            Attached::Link { mode, .. } => !mode.starts_with("pinned link"),
+            Attached::Filter { created, .. } => *created,
+        }
     }
 
     /// Lets go without detaching.

@@ -134,7 +134,7 @@ impl Datapath {
         if present {
             return Ok(None);
         }
-        let link = self
+        let (link, _) = self
             .attach_filter(&interface)
             .map_err(|source| DatapathError::Attach {
                 program: PROG_TC_EGRESS,
