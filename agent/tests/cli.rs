@@ -131,6 +131,18 @@ fn spawn_agent(ns: &Netns, args: &[&str], out: Stdio, err: Stdio) -> std::proces
     ns.spawn_process(&mut cmd).expect("spawning the agent")
 }
 
+/// `agent run --config POLICY` in `ns` until it exits (a start that fails), with its output.
+fn run_to_exit(ns: &Netns, policy: &Path) -> Output {
+    spawn_agent(
+        ns,
+        &["run", "--config", policy.to_str().unwrap()],
+        Stdio::piped(),
+        Stdio::piped(),
+    )
+    .wait_with_output()
+    .unwrap()
+}
+
 fn write_policy(ns: &Netns, interfaces: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("{}.yaml", ns.name()));
     std::fs::write(
@@ -153,14 +165,7 @@ fn run_refuses_a_missing_interface_with_its_position() {
     let _lock = attach_lock();
     let ns = netns("missing");
     let policy = write_policy(&ns, "  - name: lo\n  - name: agt-nosuch0\n");
-    let out = spawn_agent(
-        &ns,
-        &["run", "--config", policy.to_str().unwrap()],
-        Stdio::piped(),
-        Stdio::piped(),
-    )
-    .wait_with_output()
-    .unwrap();
+    let out = run_to_exit(&ns, &policy);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "exit code; stderr:\n{stderr}");
     let want = format!(
@@ -198,14 +203,7 @@ fn run_attaches_all_interfaces_or_none() {
         &ns,
         "  - name: agt-a\n    xdp_mode: generic\n  - name: lo\n    xdp_mode: native\n",
     );
-    let out = spawn_agent(
-        &ns,
-        &["run", "--config", policy.to_str().unwrap()],
-        Stdio::piped(),
-        Stdio::piped(),
-    )
-    .wait_with_output()
-    .unwrap();
+    let out = run_to_exit(&ns, &policy);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit code; stderr:\n{stderr}");
     assert!(
