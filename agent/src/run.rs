@@ -28,6 +28,7 @@ use crate::{
         pin::PinDir,
         pressure,
         qdisc::{Pacers, QdiscError},
+        remove_egress_filter,
     },
     http,
     lb::balancer::{self, LbView},
@@ -341,13 +342,7 @@ pub fn uninstall(file: Option<&Path>) -> Result<Vec<String>, RunError> {
         let interfaces: Vec<String> = policy.interfaces.iter().map(|i| i.name.clone()).collect();
         for i in &interfaces {
             // Before 6.6 the egress program is a filter, not a pinned link.
-            if aya::programs::tc::qdisc_detach_program(
-                i,
-                aya::programs::TcAttachType::Egress,
-                agent_common::maps::PROG_TC_EGRESS,
-            )
-            .is_ok()
-            {
+            if remove_egress_filter(i) {
                 removed.push(format!("the egress filter on {i}"));
             }
         }

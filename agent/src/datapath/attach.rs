@@ -50,6 +50,8 @@ pub(super) enum Attached {
         setting: XdpModeSetting,
         pin: PathBuf,
         fd: OwnedFd,
+        /// Made by this start (not an earlier agent's, which took the new program).
+        created: bool,
     },
     /// A `cls_bpf` egress filter under `clsact` (kernels before 6.6). aya's link detaches the
     /// filter when dropped, so it is kept from dropping.
@@ -61,10 +63,42 @@ pub(super) enum Attached {
     },
 }
 
+/// A program on a pinned link: how it got there, the agent's descriptor of the link, and
+/// whether this start made the link.
+pub(super) struct OnLink {
+    pub mode: &'static str,
+    pub fd: OwnedFd,
+    pub created: bool,
+}
+
+impl OnLink {
+    /// An earlier agent's link, which took the new program.
+    fn taken_over(fd: OwnedFd) -> Self {
+        Self {
+            mode: "pinned link, program replaced",
+            fd,
+            created: false,
+        }
+    }
+}
+
 /// Priority and handle of the agent's egress filter (before 6.6): fixed, so that a new agent
 /// replaces the old one's filter in place instead of adding a second.
 const TC_PRIORITY: u16 = 0xa6e;
 const TC_HANDLE: TcHandle = TcHandle::new(0, 0xa6e);
+
+/// Deletes the agent's egress filter (before 6.6) on `interface`, found by its priority and
+/// handle (another agent's filters stay); `false` when there was none (`agent uninstall`).
+pub fn remove_egress_filter(interface: &str) -> bool {
+    SchedClassifierLink::attached(
+        interface,
+        TcAttachType::Egress,
+        TC_PRIORITY,
+        TC_HANDLE,
+        None,
+    )
+    .is_ok_and(|link| link.detach().is_ok())
+}
 
 /// The egress filter's priority and handle (as a u32), for the watchdog's check.
 pub(super) fn filter_id() -> (u16, u32) {
@@ -211,7 +245,8 @@ impl Datapath {
     fn attach_one(&mut self, spec: &AttachSpec) -> Result<(), DatapathError> {
         if spec.ingress {
             let pin = self.pins()?.link(LinkKind::Xdp, &spec.interface);
-            let (mode, fd) = self.attach_xdp_pinned(&spec.interface, spec.xdp_mode, &pin)?;
+            let OnLink { mode, fd, created } =
+                self.attach_xdp_pinned(&spec.interface, spec.xdp_mode, &pin)?;
             self.attached.push(Attached::Link {
                 kind: LinkKind::Xdp,
                 interface: spec.interface.clone(),
@@ -219,6 +254,7 @@ impl Datapath {
                 setting: spec.xdp_mode,
                 pin,
                 fd,
+                created,
             });
         }
         if spec.egress {
@@ -232,14 +268,16 @@ impl Datapath {
             match mode {
                 TcMode::Tcx => {
                     let pin = self.pins()?.link(LinkKind::TcxEgress, &spec.interface);
-                    let (how, fd) = self.attach_tcx_pinned(&spec.interface, &pin, error)?;
+                    let OnLink { mode, fd, created } =
+                        self.attach_tcx_pinned(&spec.interface, &pin, error)?;
                     self.attached.push(Attached::Link {
                         kind: LinkKind::TcxEgress,
                         interface: spec.interface.clone(),
-                        mode: how,
+                        mode,
                         setting: spec.xdp_mode,
                         pin,
                         fd,
+                        created,
                     });
                 }
                 TcMode::Clsact => {
@@ -263,13 +301,13 @@ impl Datapath {
     }
 
     /// The XDP program on the link pinned at `pin`: the pinned link updated, or a new link
-    /// attached and pinned. Returns how, and the agent's descriptor of the link.
+    /// attached and pinned.
     pub(super) fn attach_xdp_pinned(
         &mut self,
         interface: &str,
         setting: XdpModeSetting,
         pin: &Path,
-    ) -> Result<(&'static str, OwnedFd), DatapathError> {
+    ) -> Result<OnLink, DatapathError> {
         let pin_error = pin_error(PROG_XDP, interface, pin);
         if let Some(old) = pinned_link(pin) {
             let prog: &mut Xdp = self.program_mut(PROG_XDP)?;
@@ -278,7 +316,7 @@ impl Datapath {
                 .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
                 .and_then(|id| prog.take_link(id).map(drop).map_err(|e| e.to_string()));
             if let Some(fd) = took_over(updated, "XDP", pin, &pin_error)? {
-                return Ok(("pinned link, program replaced", fd));
+                return Ok(OnLink::taken_over(fd));
             }
         }
         let (mode, id) = self.attach_xdp(interface, setting)?;
@@ -288,7 +326,11 @@ impl Datapath {
             .map_err(|e| attach_error(PROG_XDP, interface, mode, e))?;
         let fd_link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
         pin_link(fd_link, pin).map_err(&pin_error)?;
-        Ok((mode, bpffs::obj_get(pin).map_err(&pin_error)?))
+        Ok(OnLink {
+            mode,
+            fd: bpffs::obj_get(pin).map_err(&pin_error)?,
+            created: true,
+        })
     }
 
     pub(super) fn attach_tcx_pinned(
@@ -296,7 +338,7 @@ impl Datapath {
         interface: &str,
         pin: &Path,
         error: impl Fn(ProgramError) -> DatapathError,
-    ) -> Result<(&'static str, OwnedFd), DatapathError> {
+    ) -> Result<OnLink, DatapathError> {
         let pin_error = pin_error(PROG_TC_EGRESS, interface, pin);
         let prog: &mut SchedClassifier = self.program_mut(PROG_TC_EGRESS)?;
         if let Some(old) = pinned_link(pin) {
@@ -305,7 +347,7 @@ impl Datapath {
                 .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()))
                 .and_then(|id| prog.take_link(id).map(drop).map_err(|e| e.to_string()));
             if let Some(fd) = took_over(updated, "TCX", pin, &pin_error)? {
-                return Ok(("pinned link, program replaced", fd));
+                return Ok(OnLink::taken_over(fd));
             }
         }
         let id = prog
@@ -314,7 +356,11 @@ impl Datapath {
         let link = prog.take_link(id).map_err(&error)?;
         let fd_link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
         pin_link(fd_link, pin).map_err(&pin_error)?;
-        Ok(("new link", bpffs::obj_get(pin).map_err(&pin_error)?))
+        Ok(OnLink {
+            mode: "new link",
+            fd: bpffs::obj_get(pin).map_err(&pin_error)?,
+            created: true,
+        })
     }
 
     /// The egress filter (before 6.6) at the agent's fixed priority and handle: an earlier
@@ -416,8 +462,7 @@ impl Attached {
     /// agent's).
     fn created(&self) -> bool {
         match self {
-            Attached::Link { mode, .. } => !mode.starts_with("pinned link"),
-            Attached::Filter { created, .. } => *created,
+            Attached::Link { created, .. } | Attached::Filter { created, .. } => *created,
         }
     }
 

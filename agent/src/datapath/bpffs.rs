@@ -86,9 +86,3 @@ pub fn link_ifindex(fd: BorrowedFd<'_>) -> Option<u32> {
     let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
     agent_common::fdinfo::field(&text, "ifindex")?.parse().ok()
 }
-
-/// The program a link runs, from its fdinfo.
-pub fn link_prog_id(fd: BorrowedFd<'_>) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
-    agent_common::fdinfo::field(&text, "prog_id")?.parse().ok()
-}

@@ -242,7 +242,7 @@ fn table_error(e: MapError) -> DatapathError {
                  descriptor per balanced service, and RLIMIT_NOFILE allows {}; raise the \
                  hard limit (systemd: LimitNOFILE=, as deploy/systemd/agent.service sets; a \
                  shell: ulimit -Hn)",
-                nofile_limit().map_or("fewer".to_string(), |n| n.to_string())
+                super::nofile_rlimit().map_or("fewer".to_string(), |l| l.rlim_max.to_string())
             ))
         }
         MapError::CreateError { io_error, .. } => {
@@ -250,16 +250,6 @@ fn table_error(e: MapError) -> DatapathError {
         }
         e => map_err(MAP_LB_TABLES)(e),
     }
-}
-
-/// The hard limit on open files.
-fn nofile_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscall on a valid struct.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit.rlim_max)
 }
 
 /// A service table holding `entries` (see `agent_common::lb::LbTableSlot`), filled through

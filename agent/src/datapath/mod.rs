@@ -13,7 +13,7 @@ mod privilege;
 pub mod qdisc;
 mod watchdog;
 
-pub use attach::{AttachSpec, XdpModeSetting};
+pub use attach::{AttachSpec, XdpModeSetting, remove_egress_filter};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
 pub use kernel::{Kernel, MIN_KERNEL};
 pub use lb::{LbCounters, LbMaps, LbServiceCounters};
@@ -318,12 +318,19 @@ impl Datapath {
         }
         let mut adopted = false;
         let mut pinned_before = Vec::new();
+        let mut resized = Vec::new();
         let pin_paths: Vec<(&'static str, PathBuf)> = match &pins {
             None => Vec::new(),
             Some(pins) => {
-                adopted = pins.survey(&wanted_shapes(&entries)?)? == pin::Found::Compatible;
+                let found;
+                (found, resized) = pins.survey(&wanted_shapes(&entries)?)?;
+                adopted = found == pin::Found::Compatible;
                 pinned_before = pins.snapshot();
-                PINNED_MAPS.iter().map(|&n| (n, pins.map(n))).collect()
+                // A resized map is made unpinned, and pinned over the old one below.
+                (PINNED_MAPS.iter())
+                    .filter(|n| !resized.contains(n))
+                    .map(|&n| (n, pins.map(n)))
+                    .collect()
             }
         };
         for (name, path) in &pin_paths {
@@ -343,8 +350,14 @@ impl Datapath {
                 return Err(e);
             }
         };
-        if let Some(pins) = pins.as_ref().filter(|_| !adopted) {
-            pins.write_layout()?;
+        if let Some(pins) = &pins {
+            for name in resized {
+                let map = ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+                pins.replace(name, map)?;
+            }
+            if !adopted {
+                pins.write_layout()?;
+            }
         }
         Ok(Self {
             ebpf,
@@ -454,23 +467,29 @@ impl Datapath {
 /// soft limit on open files to the hard one (often 1,024 against 524,288 under systemd), as
 /// Go's runtime does for every program.
 fn raise_nofile_rlimit() {
+    let Some(mut limit) = nofile_rlimit() else {
+        return;
+    };
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: plain syscall on a valid struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            tracing::debug!(
+                "could not lift RLIMIT_NOFILE: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// The process's limits on open files (soft and hard).
+fn nofile_rlimit() -> Option<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: plain syscalls on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                tracing::debug!(
-                    "could not lift RLIMIT_NOFILE: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
+    // SAFETY: plain syscall on a valid struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; lift it so maps of a million keys

@@ -208,15 +208,19 @@ impl PinDir {
     }
 
     /// Decides what a start does with what it finds: nothing, pins to adopt, or pins of
-    /// another layout (an error; nothing is changed). `wanted` gives, for each pinned map,
-    /// the shape this build and policy expect; a map whose only difference is its size is
-    /// unpinned (the loader makes a new one; its state starts over, and a warning says so),
-    /// any other difference is an error.
-    pub fn survey(&self, wanted: &HashMap<&'static str, MapShape>) -> Result<Found, PinError> {
+    /// another layout (an error). `wanted` gives, for each pinned map, the shape this build
+    /// and policy expect; the maps whose only difference is their size are returned (the
+    /// loader makes new ones, pinned in their place once the load succeeded; their state
+    /// starts over, and a warning says so), any other difference is an error. Changes
+    /// nothing.
+    pub fn survey(
+        &self,
+        wanted: &HashMap<&'static str, MapShape>,
+    ) -> Result<(Found, Vec<&'static str>), PinError> {
         let maps = self.pinned_maps();
         let layout = self.layout()?;
         match layout {
-            None if maps.is_empty() => return Ok(Found::Nothing),
+            None if maps.is_empty() => return Ok((Found::Nothing, Vec::new())),
             None => {
                 return Err(PinError::Incompatible {
                     path: self.root.clone(),
@@ -248,7 +252,14 @@ impl PinDir {
                 ..have
             } == *want;
             if resized_only {
-                resized.push((name, path, have.max_entries, want.max_entries));
+                tracing::warn!(
+                    "pinned map {name} has {} entries, the policy sizes it {}: it is replaced \
+                     and its state ({}) starts over",
+                    have.max_entries,
+                    want.max_entries,
+                    path.display()
+                );
+                resized.push(name);
             } else {
                 return Err(PinError::MapShape {
                     path: path.clone(),
@@ -258,15 +269,16 @@ impl PinDir {
                 });
             }
         }
-        for (name, path, had, wants) in resized {
-            tracing::warn!(
-                "pinned map {name} has {had} entries, the policy sizes it {wants}: it is \
-                 replaced and its state ({}) starts over",
-                path.display()
-            );
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
-        }
-        Ok(Found::Compatible)
+        Ok((Found::Compatible, resized))
+    }
+
+    /// Pins `map` at its name's path in place of the map pinned there (one the policy
+    /// resized), once the load that made it succeeded.
+    pub fn replace(&self, name: &'static str, map: &Map) -> Result<(), PinError> {
+        let path = self.map(name);
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+        map.pin(&path)
+            .map_err(|e| io_err(&path)(io::Error::other(e.to_string())))
     }
 
     /// Removes the map pins and the layout (`agent run --reset`): the next load makes new,

@@ -74,7 +74,7 @@ impl Datapath {
             // Detached under us: a new link, pinned where the old one was.
             let _ = std::fs::remove_file(&pin);
             let new_fd = match kind {
-                LinkKind::Xdp => self.attach_xdp_pinned(&interface, setting, &pin)?.1,
+                LinkKind::Xdp => self.attach_xdp_pinned(&interface, setting, &pin)?.fd,
                 LinkKind::TcxEgress => {
                     let error = |source: ProgramError| DatapathError::Attach {
                         program: PROG_TC_EGRESS,
@@ -82,7 +82,7 @@ impl Datapath {
                         mode: "tcx egress",
                         source: Box::new(source),
                     };
-                    self.attach_tcx_pinned(&interface, &pin, error)?.1
+                    self.attach_tcx_pinned(&interface, &pin, error)?.fd
                 }
             };
             if let Attached::Link { fd, .. } = &mut self.attached[i] {
