@@ -335,8 +335,9 @@ pub fn start(
         if !passive.is_empty() {
             let maps = dp.backend_maps().map_err(SupervisorError::Maps)?;
             let stop = stop.clone();
+            let adopted = dp.adopted();
             poller = Some(std::thread::spawn(move || {
-                passive::poll(maps, passive, passive_tx, stop)
+                passive::poll(maps, passive, adopted, passive_tx, stop)
             }));
         }
     }

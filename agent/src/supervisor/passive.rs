@@ -126,6 +126,7 @@ pub type PassiveBatch = Vec<(u32, PassiveCounts)>;
 pub fn poll(
     mut maps: BackendMaps,
     backends: Vec<PassiveBackend>,
+    adopted: bool,
     results: mpsc::Sender<PassiveBatch>,
     stop: watch::Receiver<bool>,
 ) {
@@ -139,8 +140,11 @@ pub fn poll(
         })
         .collect();
     let mut tracker = PassiveTracker::default();
-    for b in &backends {
-        // A backend that cannot be read now is read from zero later, as before.
+    // Adopted counters hold the earlier agent's history: the base, not news. Fresh ones count
+    // from zero (what they held before this thread's first read happened since the attach,
+    // and is news).
+    for b in backends.iter().filter(|_| adopted) {
+        // A backend that cannot be read now is read from zero later.
         if let Ok((synack, refused)) = read(&maps, b.id) {
             tracker.seed(b.id, synack, refused);
         }
