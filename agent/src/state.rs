@@ -71,12 +71,12 @@ impl AgentState {
         lock(&self.backends).clone()
     }
 
-    pub fn set_backends(&self, backends: BackendsRx) {
-        *lock(&self.backends) = Some(backends);
+    pub fn set_backends(&self, backends: Option<BackendsRx>) {
+        *lock(&self.backends) = backends;
     }
 
-    pub fn set_balancing(&self, view: Arc<LbView>) {
-        *lock(&self.balancing) = Some(view);
+    pub fn set_balancing(&self, view: Option<Arc<LbView>>) {
+        *lock(&self.balancing) = view;
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -90,9 +90,9 @@ impl AgentState {
     /// Walks the key table (slow for big tables: call it off the async threads) and says how
     /// long the walk took.
     pub fn refresh_key_counts(&self) -> Result<std::time::Duration, DatapathError> {
-        let services = lock(&self.services).len() as u32;
+        let ids: Vec<u32> = lock(&self.services).iter().map(|s| s.id).collect();
         let start = std::time::Instant::now();
-        let counts = self.datapath().count_keys(services)?;
+        let counts = self.datapath().count_keys(&ids)?;
         *lock(&self.keys) = counts;
         Ok(start.elapsed())
     }
@@ -132,7 +132,8 @@ impl AgentState {
                         .collect();
                 }
             }
-            (dp.snapshot(services.len() as u32)?, dp.attachments())
+            let ids: Vec<u32> = services.iter().map(|s| s.id).collect();
+            (dp.snapshot(&ids)?, dp.attachments())
         };
         let keys = lock(&self.keys).clone();
         let (balancing, lb_backends) = lock(&self.balancing)

@@ -4,6 +4,7 @@
 
 mod balance;
 mod compile;
+pub mod ids;
 
 #[cfg(test)]
 mod tests;
