@@ -197,7 +197,18 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = {
         let dp = state.datapath();
-        supervisor::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
+        let origin = if dp.adopted() {
+            supervisor::Origin::Adopted
+        } else {
+            supervisor::Origin::Fresh
+        };
+        supervisor::start(
+            &policy,
+            &plan.compiled.backends,
+            Some(&dp),
+            origin,
+            stop_rx.clone(),
+        )
     };
     let backends_task = match started {
         Ok(Some((backends, task))) => {
