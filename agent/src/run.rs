@@ -189,7 +189,12 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
 
     // Breaker entries are in the maps already (closed, from `stage`); from here on the
     // supervisor writes every transition.
-    let supervisor = start_supervisor(&policy, &plan, &state);
+    let origin = if adopted {
+        supervisor::Origin::Adopted
+    } else {
+        supervisor::Origin::Fresh
+    };
+    let supervisor = start_supervisor(&policy, &plan, &state, origin);
     // The balancer follows health and breakers from here on.
     let balancer = lb_maps.map(|maps| start_balancer(&state, &plan, maps));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -343,11 +348,16 @@ fn stage_balancing(
 /// Starts health checks and breakers for `plan` (none when no service has backends, or when
 /// they could not start: the datapath then enforces the policy with every breaker closed,
 /// fail open).
-fn start_supervisor(policy: &Policy, plan: &Plan, state: &AgentState) -> Option<Task> {
+fn start_supervisor(
+    policy: &Policy,
+    plan: &Plan,
+    state: &AgentState,
+    origin: supervisor::Origin<'_>,
+) -> Option<Task> {
     let (stop, stop_rx) = watch::channel(false);
     let started = {
         let dp = state.datapath();
-        supervisor::start(policy, &plan.compiled.backends, Some(&dp), stop_rx)
+        supervisor::start(policy, &plan.compiled.backends, Some(&dp), origin, stop_rx)
     };
     match started {
         Ok(Some((backends, handle))) => {
@@ -623,7 +633,13 @@ async fn reload(
         if let Some(s) = running.supervisor.take() {
             s.stop().await;
         }
-        running.supervisor = start_supervisor(&policy, &plan, state);
+        // Its last word: what it published after the stage read `carried`.
+        let last: supervisor::Backends = state
+            .backends()
+            .map(|rx| rx.borrow().clone())
+            .unwrap_or_default();
+        running.supervisor =
+            start_supervisor(&policy, &plan, state, supervisor::Origin::Reload(&last));
     }
     {
         let mut dp = state.datapath_mut();
