@@ -546,10 +546,12 @@ async fn wait_for_signals(
 pub enum Reloaded {
     /// The policy is the one in force: nothing was written.
     Unchanged,
-    /// The new policy is in force: its generation and what was written.
+    /// The new policy is in force: its generation, what was written, and how long from the
+    /// start of the reload to the switch.
     Applied {
         generation: u32,
         report: ApplyReport,
+        took: Duration,
     },
 }
 
@@ -559,9 +561,15 @@ impl std::fmt::Display for Reloaded {
             Reloaded::Unchanged => {
                 f.write_str("reloaded: the policy is unchanged, nothing written")
             }
-            Reloaded::Applied { generation, report } => {
-                write!(f, "reloaded: generation {generation} in force: {report:?}")
-            }
+            Reloaded::Applied {
+                generation,
+                report,
+                took,
+            } => write!(
+                f,
+                "reloaded: generation {generation} in force {took:?} after the reload began: \
+                 {report:?}"
+            ),
         }
     }
 }
@@ -577,6 +585,7 @@ async fn reload(
     running: &mut Running,
     state: &Arc<AgentState>,
 ) -> Result<Reloaded, RunError> {
+    let began = std::time::Instant::now();
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     let plan = Plan::new(&policy).map_err(RunError::Policy)?;
     if plan.pacing.is_some() && plan.pacing != running.plan.pacing {
@@ -614,6 +623,7 @@ async fn reload(
         b.stop().await;
     }
     let carried: Option<supervisor::Backends> = state.backends().map(|rx| rx.borrow().clone());
+    let staging = began.elapsed();
     let staged = tokio::task::block_in_place(|| {
         stage_all(&policy, &plan, &running.plan, state, carried.as_ref())
     });
@@ -629,6 +639,7 @@ async fn reload(
     };
 
     // In force. What only the old policy used goes.
+    let switched = began.elapsed();
     if plan.backends_differ(&running.plan) {
         if let Some(s) = running.supervisor.take() {
             s.stop().await;
@@ -681,7 +692,15 @@ async fn reload(
     state.set_array_use(pressure::ArrayUse::of(&plan.compiled));
     running.plan = plan;
     running.ids = ids;
-    Ok(Reloaded::Applied { generation, report })
+    tracing::debug!(
+        "reload: validated {staging:?}, in force {switched:?}, done {:?}",
+        began.elapsed()
+    );
+    Ok(Reloaded::Applied {
+        generation,
+        report,
+        took: switched,
+    })
 }
 
 /// The staged part of a reload, up to and including the switch: the maps of the other

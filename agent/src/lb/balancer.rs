@@ -300,8 +300,10 @@ pub fn run(
     services: Vec<CompiledLb>,
     health: Option<BackendsRx>,
     view: Arc<LbView>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    // On the agent's blocking pool: its runtime wakes the tick early on a stop.
+    let runtime = tokio::runtime::Handle::try_current().ok();
     let now = Instant::now();
     let mut services: Vec<Service> = services
         .into_iter()
@@ -323,7 +325,13 @@ pub fn run(
             last_walk = Some(now);
         }
         publish_view(&services, &occupancy, &view);
-        std::thread::sleep(TICK);
+        // A tick, or less when stopped (a reload waits for this thread to end).
+        match &runtime {
+            Some(rt) => rt.block_on(async {
+                let _ = tokio::time::timeout(TICK, stop.changed()).await;
+            }),
+            None => std::thread::sleep(TICK),
+        }
     }
 }
 
