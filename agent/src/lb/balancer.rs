@@ -284,15 +284,6 @@ pub fn table(svc: &CompiledLb, weights: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// Configured weights of every balanced service's backends, in order: what a reload may
-/// change.
-pub fn configured(services: &[CompiledLb]) -> Vec<Vec<u32>> {
-    services
-        .iter()
-        .map(|s| s.backends.iter().map(|b| b.weight).collect())
-        .collect()
-}
-
 /// Runs until `stop`; blocking (map syscalls), so on a blocking thread. A reload stops it
 /// and runs a new one for the new policy.
 pub fn run(
