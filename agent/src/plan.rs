@@ -152,13 +152,19 @@ impl Plan {
                 format!("the kernel cannot resize a map in use: {restart}"),
             ));
         }
-        for (total, map, what) in [
+        for (total, map, what, knob) in [
             (
                 self.compiled.max_keys,
                 MAP_RL_BUCKETS,
                 "rate_limit.max_keys",
+                "agent.tables.keys",
             ),
-            (self.compiled.shape_keys, MAP_SHAPE_NEXT, "shaping.max_keys"),
+            (
+                self.compiled.shape_keys,
+                MAP_SHAPE_NEXT,
+                "shaping.max_keys",
+                "agent.tables.departures",
+            ),
         ] {
             if let Some(cap) = capacity(map)
                 && total > cap
@@ -168,7 +174,8 @@ impl Plan {
                     format!(
                         "the total of {what} is {total}, more than the {cap} entries the \
                          running {map} table was made with (the kernel cannot resize a map in \
-                         use): lower it, or {restart}"
+                         use): lower it, or {restart} ({knob} set higher at start leaves room \
+                         for reloads)"
                     ),
                 ));
             }

@@ -550,3 +550,122 @@ fn interfaces_are_attached_and_detached_live() {
     assert_eq!(live(&agent), before);
     agent.stop().expect("stop");
 }
+
+/// A breaker opened on a hung backend, then a reload that inserts a service before its own
+/// (every policy-order id after it would move): the breaker stays open, its backend stays
+/// unhealthy, counters and ids stay, and the datapath goes on refusing new flows to it.
+#[test]
+fn breakers_health_and_counters_survive_a_reload_that_inserts_a_service() {
+    use agent_tests::backend::Blackhole;
+    use agent_tests::breaker::BackendView;
+    const INTERVAL: Scaled = Scaled::millis(200);
+    const TIMEOUT: Scaled = Scaled::millis(100);
+    const FAILURES: u32 = 3;
+    const SLACK: Scaled = Scaled::millis(100);
+    let lab = Lab::new("breaker");
+    let backend = lab.backends[0];
+    let pay = format!(
+        "\x20 - name: pay\n    match: {{ address: \"{ip}\", port: {BACKEND_PORT}, protocol: tcp }}\n\
+         \x20   backends:\n      - address: \"{backend}\"\n\
+         \x20   load_balancing: {{ vip: false }}\n\
+         \x20   health_check: {{ type: tcp, interval: {i}, unhealthy_interval: {i}, timeout: {t}, \
+         healthy_threshold: 2, unhealthy_threshold: {FAILURES}, jitter: 0% }}\n\
+         \x20   circuit_breaker: {{ failure_threshold: {FAILURES}, reset_timeout: 60s, \
+         max_reset_timeout: 60s, on_open: reject }}\n",
+        ip = backend.ip(),
+        i = INTERVAL.yaml(),
+        t = TIMEOUT.yaml(),
+    );
+    // Room in the key table for the rate limit the reload adds (sized at start).
+    let head = lab.head("  tables: { keys: 1000 }\n");
+    let before_policy = format!("{head}{pay}");
+    let inserted = format!(
+        "{head}\x20 - name: first\n    match: {{ address: 198.18.9.0/24, protocol: udp }}\n\
+         \x20   rate_limit: {{ key: source_ip, rate: 1000/s, max_keys: 100 }}\n{pay}"
+    );
+    lab.write(&before_policy);
+    let agent = lab.start();
+    let view = BackendView::new(&agent, "pay", backend);
+    view.wait("first successful probe", Instant::now(), READY, |s| {
+        s.probes().0 >= 1 && s.state() == Some("closed")
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let hole = Blackhole::add(&lab.topo.server, backend.ip()).unwrap_or_else(|e| panic!("{e:#}"));
+    view.wait_state(
+        "open",
+        Instant::now(),
+        INTERVAL * FAILURES + TIMEOUT + SLACK,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // A refused SYN counts on the backend and on the service.
+    let refused = || {
+        lab.topo
+            .client
+            .run(move || TcpStream::connect_timeout(&backend, CONNECT_TIMEOUT.get()))
+            .expect("client")
+            .map(|_| ())
+            .map_err(|e| e.kind())
+    };
+    assert_eq!(refused(), Err(std::io::ErrorKind::ConnectionRefused));
+    let status = |a: &AgentProcess| {
+        let r = a.status().expect("status");
+        let b = (r.backends.iter())
+            .find(|b| b.service == "pay")
+            .cloned()
+            .expect("pay's backend");
+        let s = (r.services.iter())
+            .find(|s| s.name == "pay")
+            .cloned()
+            .expect("pay");
+        (b, s)
+    };
+    let (b0, s0) = status(&agent);
+
+    lab.write(&inserted);
+    reload_and_wait(&agent);
+    let (b1, s1) = status(&agent);
+    assert_eq!(
+        b1.breaker.as_deref(),
+        Some("open"),
+        "after the reload: {b1:?}"
+    );
+    assert_eq!(b1.health, "unhealthy", "after the reload: {b1:?}");
+    assert!(
+        b1.in_state_ms >= b0.in_state_ms,
+        "the open period went on ({} ms, then {} ms)",
+        b0.in_state_ms,
+        b1.in_state_ms
+    );
+    assert_eq!(
+        b1.transitions, b0.transitions,
+        "no transition from the reload"
+    );
+    assert_eq!(b1.id, b0.id, "the breaker's datapath id stays");
+    assert!(
+        b1.probes_failed >= b0.probes_failed,
+        "probe counters carried"
+    );
+    assert_eq!(
+        s1.id, s0.id,
+        "pay keeps its service id though a service came before it"
+    );
+    // The agent's probes leave through the TC hook and count as `pay`'s: under an id that
+    // moved, its counters would start over.
+    assert!(
+        s0.passed.packets > 0 && s1.passed.packets >= s0.passed.packets,
+        "pay's counters carried: {} then {}",
+        s0.passed.packets,
+        s1.passed.packets
+    );
+    assert_eq!(refused(), Err(std::io::ErrorKind::ConnectionRefused));
+    let (b2, _) = status(&agent);
+    assert!(
+        b2.datapath.get("reject_rst").copied().unwrap_or(0)
+            > b0.datapath.get("reject_rst").copied().unwrap_or(0),
+        "the datapath refused the SYN after the reload: {:?} then {:?}",
+        b0.datapath,
+        b2.datapath
+    );
+    drop(hole);
+    agent.stop().expect("stop");
+}

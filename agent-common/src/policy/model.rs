@@ -197,6 +197,14 @@ pub struct Tables {
     /// from the node's memory (`maps::auto_connections`).
     #[serde(deserialize_with = "r::connections")]
     pub connections: Option<u32>,
+    /// Entries of the token-bucket table; `None`: the total of `rate_limit.max_keys` at
+    /// start. Set higher, it leaves reloads room to add rate limits (the kernel cannot resize
+    /// a map in use).
+    #[serde(deserialize_with = "r::some_entries")]
+    pub keys: Option<u32>,
+    /// Entries of the departure table of shaping; `None`: the total of `shaping.max_keys`.
+    #[serde(deserialize_with = "r::some_entries")]
+    pub departures: Option<u32>,
 }
 
 impl Default for Tables {
@@ -205,6 +213,8 @@ impl Default for Tables {
             services: crate::maps::DEFAULT_SERVICES,
             backends: crate::maps::DEFAULT_BACKENDS,
             connections: None,
+            keys: None,
+            departures: None,
         }
     }
 }

@@ -141,6 +141,44 @@ pub(crate) fn check(p: &mut Policy, c: &mut Checker<'_>) {
     backend_id_limit(c, &draft, tables.backends);
     lb_backend_limit(c, &draft, tables.backends);
     shaping_needs_egress(c, &draft);
+    key_tables(c, &draft, &tables);
+}
+
+/// `agent.tables.keys` and `.departures`, when set, hold at least the services' totals.
+fn key_tables(c: &mut Checker<'_>, draft: &Draft<'_>, tables: &Tables) {
+    let limits = draft
+        .services()
+        .map(|(_, s)| s.rate_limit.as_ref().map(|r| r.max_keys));
+    let shaped = draft
+        .services()
+        .map(|(_, s)| s.shaping.as_ref().map(|s| s.max_keys));
+    for (path, set, total, what) in [
+        (
+            "agent.tables.keys",
+            tables.keys,
+            limits.flatten().map(u64::from).sum::<u64>(),
+            "rate_limit.max_keys",
+        ),
+        (
+            "agent.tables.departures",
+            tables.departures,
+            shaped.flatten().map(u64::from).sum::<u64>(),
+            "shaping.max_keys",
+        ),
+    ] {
+        if let Some(n) = set
+            && u64::from(n) < total
+            && c.ok(path)
+        {
+            c.error(
+                path,
+                format!(
+                    "{n} entries, fewer than the services' total of {what} ({total}); raise it \
+                     or lower max_keys"
+                ),
+            );
+        }
+    }
 }
 
 /// "at least one" for a list the file gives (an absent one is reported as missing).

@@ -255,10 +255,13 @@ pub fn compile(policy: &Policy) -> Compiled {
         .filter_map(|s| s.rate_limit.as_ref())
         .map(|r| u64::from(r.max_keys))
         .sum();
+    // `agent.tables.keys` may leave room above the total for reloads.
+    let keys = keys.max(policy.agent.tables.keys.map_or(0, u64::from));
     let max_keys = keys.clamp(1, u64::from(MAX_TABLE_ENTRIES)) as u32;
 
     let shaped = || policy.services.iter().filter_map(|s| s.shaping.as_ref());
     let shape_keys: u64 = shaped().map(|s| u64::from(s.max_keys)).sum();
+    let shape_keys = shape_keys.max(policy.agent.tables.departures.map_or(0, u64::from));
     let shape_keys = shape_keys.clamp(1, u64::from(MAX_TABLE_ENTRIES)) as u32;
 
     Compiled {
