@@ -424,3 +424,35 @@ fn mangled_input_never_panics() {
         }
     }
 }
+
+#[test]
+fn key_tables_hold_at_least_the_services_totals() {
+    let policy = |tables: &str| {
+        format!(
+            "version: 1\nagent: {{tables: {{{tables}}}}}\ninterfaces: [{{name: eth0}}]\n\
+             services:\n  - name: a\n    match: {{address: 10.0.0.1}}\n    \
+             rate_limit: {{rate: 100/s, max_keys: 600}}\n  - name: b\n    \
+             match: {{address: 10.0.0.2}}\n    rate_limit: {{rate: 100/s, max_keys: 600}}\n"
+        )
+    };
+    let ok = load_str(&policy("keys: 5000"), "t.yaml").unwrap();
+    assert_eq!(ok.agent.tables.keys, Some(5000));
+    assert_eq!(
+        load_str(&policy(""), "t.yaml").unwrap().agent.tables.keys,
+        None
+    );
+    let e = load_str(&policy("keys: 1000"), "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "t.yaml:2:24: agent.tables.keys: 1000 entries, fewer than the services' total of \
+             rate_limit.max_keys (1200)"
+        ),
+        "{e}"
+    );
+    let e = load_str(&policy("departures: 0"), "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("agent.tables.departures"), "{e}");
+}
