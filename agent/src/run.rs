@@ -717,6 +717,7 @@ fn stage_all(
     let mut dp = state.datapath_mut();
     let staged = dp.stage(&plan.compiled)?;
     let generation = staged.generation;
+    // Each step undoes its own part on failure; later failures undo the earlier steps too.
     let lb_maps = match stage_balancing(&mut dp, plan, generation, true, carried) {
         Ok(m) => m,
         Err(e) => {
@@ -731,22 +732,36 @@ fn stage_all(
             return Err(e);
         }
     };
+    // Pacers the running policy has stay when this reload is undone; only those it added go.
+    let undo_pacers = |pacers: Option<Pacers>| {
+        if let (Some(mut p), Some(old)) = (pacers, &running.pacing) {
+            p.release(&old.interfaces);
+        }
+    };
     let attached = match dp.attach_added(&running.attach, &plan.attach) {
         Ok(a) => a,
         Err(e) => {
             dp.unstage(staged);
-            if let (Some(mut p), Some(old)) = (pacers, &running.pacing) {
-                // Pacers the running policy has stay; only those this reload added go.
-                p.release(&old.interfaces);
-            }
+            undo_pacers(pacers);
             return Err(e.into());
         }
     };
-    for a in attached {
-        tracing::info!("attached {a}");
+    match dp.switch(staged) {
+        Ok(report) => {
+            for a in attached {
+                tracing::info!("attached {a}");
+            }
+            Ok((generation, report, lb_maps, pacers))
+        }
+        Err(e) => {
+            // `switch` unstaged; the hooks this reload added go (the running policy's stay).
+            for d in dp.detach_removed(&running.attach) {
+                tracing::info!("abandoned reload: detached {d}");
+            }
+            undo_pacers(pacers);
+            Err(e.into())
+        }
     }
-    let report = dp.switch(staged)?;
-    Ok((generation, report, lb_maps, pacers))
 }
 
 /// After a failed reload: the running policy's balancer handles again, on the live generation.

@@ -209,9 +209,7 @@ impl Datapath {
     pub fn switch(&mut self, staged: Staged) -> Result<ApplyReport, DatapathError> {
         let mut r#gen: Array<&mut MapData, u32> = typed_mut(&mut self.ebpf, MAP_POLICY_GEN)?;
         if let Err(e) = r#gen.set(0, staged.generation, 0) {
-            let report = staged.report;
             self.unstage(staged);
-            let _ = report;
             return Err(map_err(MAP_POLICY_GEN)(e));
         }
         self.generations.live = staged.generation;
