@@ -4,6 +4,7 @@
 
 mod balance;
 mod compile;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;
