@@ -1,5 +1,6 @@
-//! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP; on SIGTERM exit and
-//! leave the pinned datapath enforcing (or detach, with `--detach-on-exit`).
+//! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP or a change of the
+//! policy file; on SIGTERM exit and leave the pinned datapath enforcing (or detach, with
+//! `--detach-on-exit`).
 //!
 //! Order of start-up, so that a failure leaves the running datapath as it was: validate the
 //! policy (and the interfaces it names, and for shaping that the kernel has `sch_fq` and that
@@ -11,7 +12,11 @@
 //! the old on the pinned links, or new links are made and pinned -> start health checks and
 //! breakers, the watchdog -> ready.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use aya_log::EbpfLogger;
 use tokio::{
@@ -22,7 +27,10 @@ use tokio::{
 
 use crate::{
     cli::{EXIT_INVALID, EXIT_RUNTIME},
-    config::{self, PolicyErrors},
+    config::{
+        self, PolicyErrors,
+        watch::{FileChange, PolicyWatch, WatchError},
+    },
     datapath::{
         Datapath, DatapathError,
         pin::PinDir,
@@ -35,7 +43,10 @@ use crate::{
     plan::{self, Plan},
     state::AgentState,
     supervisor,
-    telemetry::logs,
+    telemetry::{
+        logs,
+        reload::{Outcome, Trigger},
+    },
 };
 
 /// The token-bucket table is walked for occupancy at most this often...
@@ -77,6 +88,8 @@ pub enum RunError {
     Signals(#[source] std::io::Error),
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),
+    #[error("{0}")]
+    Watch(#[source] WatchError),
 }
 
 impl RunError {
@@ -89,8 +102,12 @@ impl RunError {
 }
 
 pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
+    // Before the file is read: a change from here on reloads. Its error comes after the
+    // policy's.
+    let file_watch = PolicyWatch::start(file);
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     logs::init(&policy.agent.log_level.to_string());
+    let mut file_watch = file_watch.map_err(RunError::Watch)?;
     // Before anything is loaded: a SIGTERM during start-up waits for the start to finish,
     // then stops the agent as usual, instead of killing it half-way (the default action).
     let mut signals = Signals::install()?;
@@ -236,7 +253,15 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         let _ = http_stop.wait_for(|stop| *stop).await;
     }));
 
-    let result = wait_for_signals(&mut signals, file, &plan, &state, &weights_tx).await;
+    let result = wait_for_signals(
+        &mut signals,
+        &mut file_watch,
+        file,
+        &plan,
+        &state,
+        &weights_tx,
+    )
+    .await;
 
     // Not ready any more; stop the tasks (the watchdog first: it must not re-attach what is
     // detached next); then leave the datapath running, or detach it and put the default
@@ -395,9 +420,10 @@ impl Signals {
     }
 }
 
-/// Runs until SIGTERM or SIGINT; SIGHUP reloads the policy file.
+/// Runs until SIGTERM or SIGINT; SIGHUP and a change of the policy file reload it.
 async fn wait_for_signals(
     signals: &mut Signals,
+    file_watch: &mut PolicyWatch,
     file: &Path,
     current: &Plan,
     state: &AgentState,
@@ -406,16 +432,38 @@ async fn wait_for_signals(
     let Signals { term, int, hup } = signals;
     let mut current = current.clone();
     loop {
-        tokio::select! {
+        let trigger = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", file.display());
-                match reload(file, &current, state, weights) {
-                    Ok(plan) => current = plan,
-                    Err(e) => tracing::error!("reload refused, the running policy stays in force:\n{e}"),
+            _ = hup.recv() => Trigger::Sighup,
+            change = file_watch.changed() => match change {
+                FileChange::Changed => Trigger::File,
+                FileChange::Gone => {
+                    let error = format!(
+                        "{}: the policy file is gone (deleted, or renamed away); the running \
+                         policy stays in force, and the file is reloaded when it is back",
+                        file.display()
+                    );
+                    tracing::error!("{error}");
+                    let missing = Outcome::Missing;
+                    state.record_reload(Trigger::File, missing, Some(error), Duration::ZERO);
+                    continue;
                 }
-            }
+            },
+        };
+        tracing::info!("{trigger}: reloading {}", file.display());
+        let began = Instant::now();
+        let result = reload(file, &current, state, weights);
+        let outcome = Outcome::of(&result);
+        let error = result.as_ref().err().map(ToString::to_string);
+        state.record_reload(trigger, outcome, error, began.elapsed());
+        match result {
+            Ok(plan) => current = plan,
+            Err(e) => tracing::error!(
+                "reload ({}): {}, the running policy stays in force:\n{e}",
+                trigger.as_str(),
+                outcome.as_str()
+            ),
         }
     }
 }
