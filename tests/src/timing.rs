@@ -205,6 +205,13 @@ pub const RELEASED: Scaled = Scaled::secs(10);
 /// a restart or an upgrade shows up as a late echo; a healthy echo takes well under 10 ms.
 pub const ECHO_TIMEOUT: Scaled = Scaled::secs(1);
 
+/// Reload (issue 11): a change of the policy file (written in place, renamed over, deleted
+/// or re-created, a ConfigMap's `..data` swap) has its outcome within 2 s (the issue's
+/// bound): applied, or reported as invalid (or missing) in `agent status` and `/metrics`,
+/// the running policy unchanged. The watch itself takes its debounce (10 ms) and a reload of
+/// a small policy a few ms; the rest is the machine's.
+pub const FILE_RELOAD: Scaled = Scaled::secs(2);
+
 #[cfg(test)]
 mod tests {
     use super::*;
