@@ -317,18 +317,24 @@ impl Watch {
             // It may be gone already (deleted: the kernel dropped the watch).
             let _ = self.notify.unwatch(gone);
         }
+        let failed_before: BTreeSet<PathBuf> = self.unwatched.drain(..).map(|(d, _)| d).collect();
         self.watched.clear();
-        self.unwatched.clear();
         for dir in dirs {
             match self.notify.watch(&dir, RecursiveMode::NonRecursive) {
                 Ok(()) => {
+                    if failed_before.contains(&dir) {
+                        tracing::info!("policy file watch: watching {} again", dir.display());
+                    }
                     self.watched.insert(dir);
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        "policy file watch: cannot watch {} (retrying every {REWATCH:?}): {e}",
-                        dir.display()
-                    );
+                    // Once, not at every retry.
+                    if !failed_before.contains(&dir) {
+                        tracing::warn!(
+                            "policy file watch: cannot watch {} (retrying every {REWATCH:?}): {e}",
+                            dir.display()
+                        );
+                    }
                     self.unwatched.push((dir, e));
                 }
             }
@@ -562,6 +568,25 @@ mod tests {
         symlink(d.0.join("real/staging.yaml"), &f).unwrap();
         assert_eq!(next(&mut w).await, Some(FileChange::Changed));
         std::fs::write(d.0.join("real/staging.yaml"), "four").unwrap();
+        assert_eq!(next(&mut w).await, Some(FileChange::Changed));
+    }
+
+    #[tokio::test]
+    async fn a_removed_directory_is_watched_again_when_it_is_back() {
+        let d = Dir::new("rmdir");
+        let sub = d.0.join("etc");
+        std::fs::create_dir(&sub).unwrap();
+        let f = sub.join("policy.yaml");
+        std::fs::write(&f, "one").unwrap();
+        let mut w = PolicyWatch::start(&f).unwrap();
+        std::fs::remove_dir_all(&sub).unwrap();
+        assert_eq!(next(&mut w).await, Some(FileChange::Gone));
+        // Back: found by the retry (nothing watches the parent).
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(&f, "two").unwrap();
+        assert_eq!(next(&mut w).await, Some(FileChange::Changed));
+        // And watched again.
+        std::fs::write(&f, "three").unwrap();
         assert_eq!(next(&mut w).await, Some(FileChange::Changed));
     }
 
