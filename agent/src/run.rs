@@ -454,7 +454,7 @@ async fn wait_for_signals(
         tracing::info!("{trigger}: reloading {}", file.display());
         let began = Instant::now();
         let result = reload(file, &current, state, weights);
-        let outcome = Outcome::of(&result);
+        let outcome = reload_outcome(&result);
         let error = result.as_ref().err().map(ToString::to_string);
         state.record_reload(trigger, outcome, error, began.elapsed());
         match result {
@@ -465,6 +465,15 @@ async fn wait_for_signals(
                 outcome.as_str()
             ),
         }
+    }
+}
+
+/// How a reload ended, for its accounting.
+fn reload_outcome<T>(result: &Result<T, RunError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Ok,
+        Err(RunError::Policy(_)) => Outcome::Invalid,
+        Err(_) => Outcome::Failed,
     }
 }
 
@@ -541,5 +550,19 @@ async fn watch_map_pressure(state: Arc<AgentState>, mut stop: watch::Receiver<bo
             _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_errors_fall_into_their_classes() {
+        assert_eq!(reload_outcome::<()>(&Ok(())), Outcome::Ok);
+        let invalid = Err(RunError::Policy(PolicyErrors(Vec::new())));
+        assert_eq!(reload_outcome::<()>(&invalid), Outcome::Invalid);
+        let failed = Err(RunError::Signals(std::io::Error::other("x")));
+        assert_eq!(reload_outcome::<()>(&failed), Outcome::Failed);
     }
 }

@@ -9,8 +9,6 @@ use std::{
 
 pub use agent_common::status::{ReloadAttempt, ReloadStatus};
 
-use crate::run::RunError;
-
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -40,8 +38,8 @@ impl fmt::Display for Trigger {
 }
 
 /// How a reload ended: the `result` label of `agent_reload_total`. A new class is a variant
-/// here, its name in [`Outcome::as_str`] and [`Outcome::ALL`], and its errors in
-/// [`Outcome::of`].
+/// here, its name in [`Outcome::as_str`] and [`Outcome::ALL`], and the errors of its class in
+/// `run::reload_outcome` (there: telemetry does not depend on `run`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The new policy is in force.
@@ -69,15 +67,6 @@ impl Outcome {
             Outcome::Invalid => "invalid",
             Outcome::Failed => "failed",
             Outcome::Missing => "missing",
-        }
-    }
-
-    /// The class of `run::reload`'s result.
-    pub fn of<T>(result: &Result<T, RunError>) -> Outcome {
-        match result {
-            Ok(_) => Outcome::Ok,
-            Err(RunError::Policy(_)) => Outcome::Invalid,
-            Err(_) => Outcome::Failed,
         }
     }
 
@@ -163,19 +152,7 @@ fn unix_seconds(t: SystemTime) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use agent_common::policy::PolicyErrors;
-
     use super::*;
-
-    #[test]
-    fn run_errors_fall_into_their_classes() {
-        let ok: Result<(), RunError> = Ok(());
-        assert_eq!(Outcome::of(&ok), Outcome::Ok);
-        let invalid: Result<(), RunError> = Err(RunError::Policy(PolicyErrors(Vec::new())));
-        assert_eq!(Outcome::of(&invalid), Outcome::Invalid);
-        let failed: Result<(), RunError> = Err(RunError::Signals(std::io::Error::other("x")));
-        assert_eq!(Outcome::of(&failed), Outcome::Failed);
-    }
 
     #[test]
     fn the_log_counts_every_class_and_keeps_the_latest_failure() {
