@@ -52,7 +52,7 @@ pub const fn port_bit(port: u16) -> (u32, u32) {
 
 /// Key of `BACKENDS`: where packets go. IPv4 as `::ffff:a.b.c.d`; port in host order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
     pub addr: [u8; ADDR_LEN],
     pub port: u16,

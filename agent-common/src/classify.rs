@@ -45,7 +45,48 @@ pub struct MatchList {
 }
 const _: () = assert!(core::mem::size_of::<MatchList>() == 8 + 8 * MAX_MATCH_RULES);
 
-crate::impl_pod!(MatchRule, MatchList);
+/// Room for a service name (POLICY.md: at most 63 bytes of `a-z0-9-`) and a NUL.
+pub const SERVICE_NAME_LEN: usize = 64;
+
+/// A service's name in `SVC_NAMES` (indexed by service id), NUL-padded: the datapath never
+/// reads it; an agent adopting pinned maps finds each service's id by its name there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub bytes: [u8; SERVICE_NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        ServiceName {
+            bytes: [0; SERVICE_NAME_LEN],
+        }
+    }
+}
+
+impl ServiceName {
+    /// `None` for a name too long to keep its NUL.
+    pub fn new(name: &str) -> Option<ServiceName> {
+        let mut n = ServiceName::default();
+        let b = name.as_bytes();
+        if b.len() >= SERVICE_NAME_LEN {
+            return None;
+        }
+        n.bytes[..b.len()].copy_from_slice(b);
+        Some(n)
+    }
+
+    /// The name, `None` for an empty entry or one that is not UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        let len = self.bytes.iter().position(|&c| c == 0)?;
+        core::str::from_utf8(&self.bytes[..len])
+            .ok()
+            .filter(|s| !s.is_empty())
+    }
+}
+
+crate::impl_pod!(MatchRule, MatchList, ServiceName);
 
 impl MatchRule {
     /// Whether this rule accepts a packet. `port` is `None` when the packet carries no
@@ -93,6 +134,39 @@ impl MatchList {
     }
 }
 
+/// The policy is double-buffered: the agent writes a new policy's entries under the
+/// generation the datapath does not read, then switches `POLICY_GEN` to it with one write
+/// (`agent_common::maps::MAP_POLICY_GEN`). Two generations: the live one and the staged one.
+pub const GENERATIONS: u32 = 2;
+
+/// Length of the classifier trie's key: the generation byte, then the address. A lookup
+/// names the live generation in the first byte, so it never sees the staged one's entries.
+pub const CLASSIFY_KEY_LEN: usize = 1 + ADDR_LEN;
+/// Prefix bits of the generation byte (every entry matches its generation exactly).
+pub const GEN_PREFIX_BITS: u32 = 8;
+
+/// The classifier trie's key bytes for `addr` in generation `generation` (0 or 1).
+#[inline(always)]
+pub const fn classify_key(generation: u32, addr: &[u8; ADDR_LEN]) -> [u8; CLASSIFY_KEY_LEN] {
+    let mut k = [0u8; CLASSIFY_KEY_LEN];
+    k[0] = generation as u8;
+    let mut i = 0;
+    while i < ADDR_LEN {
+        k[1 + i] = addr[i];
+        i += 1;
+    }
+    k
+}
+
+/// Index of service `id`'s entry of generation `generation` in the double-buffered
+/// per-service arrays (`SVC_CFG`, `LB_SVC`, `LB_TABLES`): the two generations of a service
+/// sit side by side. Counters, token buckets and round-robin positions are per service id,
+/// not per generation: they survive a reload.
+#[inline(always)]
+pub const fn generation_slot(id: u32, generation: u32) -> u32 {
+    id * GENERATIONS + (generation & 1)
+}
+
 /// Trie key bytes of an IPv4 address (`::ffff:a.b.c.d`).
 #[inline(always)]
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; ADDR_LEN] {
@@ -121,6 +195,25 @@ mod tests {
             proto,
             _pad: 0,
         }
+    }
+
+    #[test]
+    fn service_names_round_trip_and_refuse_what_does_not_fit() {
+        let n = ServiceName::new("checkout-api").unwrap();
+        assert_eq!(n.as_str(), Some("checkout-api"));
+        assert_eq!(ServiceName::default().as_str(), None);
+        assert!(ServiceName::new(&"a".repeat(63)).is_some());
+        assert!(ServiceName::new(&"a".repeat(64)).is_none());
+    }
+
+    #[test]
+    fn generations_have_their_own_keys_and_slots() {
+        let a = v4_mapped([10, 0, 0, 1]);
+        assert_eq!(classify_key(1, &a)[0], 1);
+        assert_eq!(&classify_key(0, &a)[1..], &a);
+        assert_eq!(generation_slot(5, 0), 10);
+        assert_eq!(generation_slot(5, 1), 11);
+        assert_eq!(generation_slot(5, 3), 11, "the generation is a bit");
     }
 
     #[test]

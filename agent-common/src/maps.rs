@@ -1,15 +1,23 @@
 //! Map names and sizes, shared so the loader and the datapath cannot disagree.
 //! Kernel map names are at most 15 bytes.
 
-/// LPM trie: address prefix (IPv4 as `::ffff:a.b.c.d`, prefix + 96) -> [`crate::MatchList`].
+/// One-entry array: the policy generation (0 or 1) the datapath reads. The agent stages a new
+/// policy under the other generation and switches with one write of this entry
+/// (`crate::classify::GENERATIONS`).
+pub const MAP_POLICY_GEN: &str = "POLICY_GEN";
+/// LPM trie: generation byte, then address prefix (IPv4 as `::ffff:a.b.c.d`, prefix + 96)
+/// -> [`crate::MatchList`] (`crate::classify::classify_key`).
 pub const MAP_CLASSIFY: &str = "CLASSIFY";
-/// Array indexed by service id -> [`crate::ServiceConfig`].
+/// Array indexed by `generation_slot(service id, generation)` -> [`crate::ServiceConfig`].
 pub const MAP_SVC_CFG: &str = "SVC_CFG";
 /// LRU hash: [`crate::BucketKey`] -> [`crate::Bucket`]; size set at load time from `max_keys`.
 pub const MAP_RL_BUCKETS: &str = "RL_BUCKETS";
 /// LRU hash: [`crate::BucketKey`] -> [`crate::shape::Departure`], the next departure time of
 /// each shaping key; size set at load time from `shaping.max_keys`.
 pub const MAP_SHAPE_NEXT: &str = "SHAPE_NEXT";
+/// Array indexed by service id -> [`crate::classify::ServiceName`]: which service holds the
+/// id (for an adopting agent; the datapath does not read it).
+pub const MAP_SVC_NAMES: &str = "SVC_NAMES";
 /// Per-CPU array indexed by service id -> [`crate::shape::ShapeDelay`].
 pub const MAP_SHAPE_DELAY: &str = "SHAPE_DELAY";
 /// Per-CPU array indexed by `service_id * SVC_STAT_SLOTS + slot` -> [`crate::Counter`].
@@ -31,9 +39,9 @@ pub const MAP_HALF_OPEN_FLOWS: &str = "HALF_OPEN_FLOWS";
 /// entries past the timeout as failures.
 pub const MAP_PENDING_SYNS: &str = "PENDING_SYNS";
 
-/// Array indexed by service id -> [`crate::lb::LbService`].
+/// Array indexed by `generation_slot(service id, generation)` -> [`crate::lb::LbService`].
 pub const MAP_LB_SVC: &str = "LB_SVC";
-/// Array of maps indexed by service id -> the service's table (`lb::LB_TABLE_FLAGS`): entry 0
+/// Array of maps indexed by `generation_slot(service id, generation)` -> the service's table (`lb::LB_TABLE_FLAGS`): entry 0
 /// its length, then u32 LB backend indices (`LB_NONE` for none).
 pub const MAP_LB_TABLES: &str = "LB_TABLES";
 /// Array indexed by LB index -> [`crate::lb::LbBackend`].
@@ -58,17 +66,21 @@ pub const MAP_LEAST_CONN_BEST: &str = "LEAST_CONN_BEST";
 /// program tail-calls the new stages while an agent adopts the pins). Bump it with any such
 /// change: an agent refuses pins of another version instead of mixing layouts. 2: `BACKENDS`
 /// values carry when their state began and the open period (so an adopting agent resumes
-/// the breakers).
-pub const PIN_LAYOUT: u32 = 2;
+/// the breakers). 3: the policy is double-buffered (`POLICY_GEN`, the generation byte in
+/// `CLASSIFY` keys, two entries per service in `SVC_CFG`, `LB_SVC` and `LB_TABLES`; service
+/// ids stable across reloads, their names in `SVC_NAMES`).
+pub const PIN_LAYOUT: u32 = 3;
 
 /// The maps pinned under `<agent.pin_path>/maps/`: every map holding policy, state or
 /// counters, and the stage arrays (a program array empties when its last user reference
 /// goes, which would cut the stages off the running programs when the agent dies). Per-CPU
 /// scratch space and the log ring are not pinned; a map left out would start empty under an
 /// adopting agent.
-pub const PINNED_MAPS: [&str; 24] = [
+pub const PINNED_MAPS: [&str; 26] = [
+    MAP_POLICY_GEN,
     MAP_CLASSIFY,
     MAP_SVC_CFG,
+    MAP_SVC_NAMES,
     MAP_RL_BUCKETS,
     MAP_SHAPE_NEXT,
     MAP_SHAPE_DELAY,
@@ -134,9 +146,12 @@ pub const fn auto_connections(mem_total: u64) -> u32 {
 }
 
 /// Entries of the classifier trie for `services` services: a service matches one prefix, so
-/// twice that leaves room to spare (the trie allocates per entry, not up front).
+/// twice that leaves room to spare (the trie allocates per entry, not up front); times the
+/// two generations, which hold entries at once while a reload is staged.
 pub const fn classify_entries(services: u32) -> u32 {
-    services.saturating_mul(2)
+    services
+        .saturating_mul(2)
+        .saturating_mul(crate::classify::GENERATIONS)
 }
 
 /// Program names in the object, as the loader looks them up.

@@ -62,12 +62,14 @@ pub struct ReloadStatus {
     pub applied_at: f64,
     /// Reloads tried since start (the sum of `results`).
     pub count: u64,
-    /// Reloads by result, every result present: `ok` (applied), `invalid` (the file does not
-    /// validate), `failed` (the datapath refused it), `missing` (the file was gone).
+    /// Reloads by result, every result present: `ok` (applied), `unchanged` (nothing to
+    /// write), `invalid` (the file does not validate), `refused` (the kernel cannot take it
+    /// live), `failed` (applying it failed), `missing` (the file was gone).
     pub results: BTreeMap<String, u64>,
     /// The latest reload, `None` before the first.
     pub last: Option<ReloadAttempt>,
-    /// The latest reload that did not apply, `None` while every one did.
+    /// The latest reload that left the running policy other than the file's (neither `ok`
+    /// nor `unchanged`), `None` until there is one.
     pub last_failure: Option<ReloadAttempt>,
 }
 
@@ -81,7 +83,8 @@ pub struct ReloadAttempt {
     /// Why it did not apply, as logged: for `invalid`, every error on its own line as
     /// `FILE:LINE:COLUMN: FIELD.PATH: message`.
     pub error: Option<String>,
-    /// When it ended, in seconds since the Unix epoch.
+    /// When it put its policy in force (an applied reload: the datapath's switch to it), or
+    /// ended, in seconds since the Unix epoch.
     pub at: f64,
     /// How long it took (reading, validating and applying), in seconds.
     pub took_seconds: f64,

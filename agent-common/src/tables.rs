@@ -4,12 +4,13 @@
 
 use crate::{
     breaker::BSTAT_SLOTS,
+    classify::GENERATIONS,
     lb::LBSTAT_SLOTS,
     maps::{
         MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CLASSIFY, MAP_LB_ACTIVE_CONNS, MAP_LB_BACKENDS,
         MAP_LB_CONNS, MAP_LB_REVERSE, MAP_LB_RR, MAP_LB_STATS, MAP_LB_SVC, MAP_LB_TABLES,
-        MAP_SHAPE_DELAY, MAP_SVC_CFG, MAP_SVC_STATS, MIN_AUTO_CONNECTIONS, auto_connections,
-        classify_entries,
+        MAP_SHAPE_DELAY, MAP_SVC_CFG, MAP_SVC_NAMES, MAP_SVC_STATS, MIN_AUTO_CONNECTIONS,
+        auto_connections, classify_entries,
     },
     stats::SVC_STAT_SLOTS,
 };
@@ -53,15 +54,17 @@ impl TableSizes {
     }
 
     /// Every map sized by these numbers, and its entries.
-    pub fn maps(&self) -> [(&'static str, u32); 14] {
+    pub fn maps(&self) -> [(&'static str, u32); 15] {
         let (s, b, c) = (self.services, self.backends, self.connections);
         [
             (MAP_CLASSIFY, classify_entries(s)),
-            (MAP_SVC_CFG, s),
+            // Double-buffered: one entry per service and generation.
+            (MAP_SVC_CFG, s.saturating_mul(GENERATIONS)),
+            (MAP_SVC_NAMES, s),
             (MAP_SHAPE_DELAY, s),
             (MAP_SVC_STATS, s.saturating_mul(SVC_STAT_SLOTS)),
-            (MAP_LB_SVC, s),
-            (MAP_LB_TABLES, s),
+            (MAP_LB_SVC, s.saturating_mul(GENERATIONS)),
+            (MAP_LB_TABLES, s.saturating_mul(GENERATIONS)),
             (MAP_LB_RR, s),
             // Two keys per backend at most: TCP and UDP.
             (MAP_BACKENDS, b.saturating_mul(2)),
@@ -102,7 +105,7 @@ mod tests {
             assert!(maps[..i].iter().all(|(m, _)| m != name), "{name} twice");
         }
         assert!(maps.contains(&(MAP_LB_CONNS, 7)));
-        assert!(maps.contains(&(MAP_SVC_CFG, DEFAULT_SERVICES)));
+        assert!(maps.contains(&(MAP_SVC_CFG, 2 * DEFAULT_SERVICES)));
         assert!(maps.contains(&(MAP_LB_BACKENDS, DEFAULT_BACKENDS)));
     }
 }

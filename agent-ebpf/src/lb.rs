@@ -39,32 +39,37 @@ pub enum Forward {
     NoBackend,
 }
 
-/// Whether `service_id` is load-balanced (has a VIP).
+/// Whether the service of generation slot `slot` is load-balanced (has a VIP).
 #[inline(always)]
-pub fn balanced(service_id: u32) -> bool {
-    LB_SVC
-        .get(service_id)
-        .is_some_and(|s| s.flags & LB_F_ACTIVE != 0)
+pub fn balanced(slot: u32) -> bool {
+    LB_SVC.get(slot).is_some_and(|s| s.flags & LB_F_ACTIVE != 0)
 }
 
 /// Hands the packet to the balancing stage of the hook's `stages`. Returns only if the tail
 /// call failed (the stage is not loaded).
 #[inline(always)]
-pub fn hand_over<C: aya_ebpf::EbpfContext>(ctx: &C, service_id: u32, stages: &ProgramArray) {
+pub fn hand_over<C: aya_ebpf::EbpfContext>(
+    ctx: &C,
+    service_id: u32,
+    slot: u32,
+    stages: &ProgramArray,
+) {
     if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
         // SAFETY: per-CPU slot; the tail-called program reads it on this CPU, before anything
         // else can run here.
         unsafe {
             (*h).service_id = service_id;
+            (*h).slot = slot;
             stages.tail_call(ctx, STAGE_LB);
         }
     }
 }
 
-/// In the balancing stage: the service the main program handed over.
+/// In the balancing stage: the service the main program handed over, and its generation
+/// slot.
 #[inline(always)]
-pub fn handed_over() -> Option<u32> {
-    LB_HANDOVER.get(0).map(|h| h.service_id)
+pub fn handed_over() -> Option<(u32, u32)> {
+    LB_HANDOVER.get(0).map(|h| (h.service_id, h.slot))
 }
 
 /// Hands the packet to the NAT stage of the hook's `stages`, to rewrite `side` to `addr` and
@@ -175,8 +180,8 @@ fn reply_of_live_flow(p: &Parsed, vip: &[u8; ADDR_LEN], vip_port: u16, backend: 
     clippy::needless_borrows_for_generic_args,
     reason = "passed by value, the key is copied into this frame (32 bytes more, measured)"
 )]
-pub fn forward(service_id: u32, p: &Parsed) -> Forward {
-    let Some(svc) = LB_SVC.get(service_id) else {
+pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
+    let Some(svc) = LB_SVC.get(slot) else {
         return Forward::Pass;
     };
     if svc.flags & LB_F_ACTIVE == 0
@@ -212,7 +217,7 @@ pub fn forward(service_id: u32, p: &Parsed) -> Forward {
             if tcp && p.tcp_flags & TCP_SYN == 0 {
                 stats::service(service_id, SVC_LB_LOST, 0);
             }
-            let Some(b) = pick(svc, service_id, p) else {
+            let Some(b) = pick(svc, service_id, slot, p) else {
                 return Forward::NoBackend;
             };
             track(&key, b, now, p, service_id);
@@ -360,13 +365,13 @@ fn admits(b: &LbBackend) -> bool {
 /// the table) or whose breaker refuses.
 // A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
-fn pick(svc: &LbService, service_id: u32, p: &Parsed) -> Option<u32> {
+fn pick(svc: &LbService, service_id: u32, slot: u32, p: &Parsed) -> Option<u32> {
     if svc.algorithm == LB_LEAST_CONN {
         return least_conn(svc);
     }
     // One lookup of the service's table: a publish swaps the whole table, and this run keeps
     // the one it found (the kernel frees a replaced table only after running programs end).
-    let table = LB_TABLES.get(service_id)?;
+    let table = LB_TABLES.get(slot)?;
     let len = table.get(0).map_or(0, |h| h[0]);
     if len == 0 {
         return None;

@@ -12,7 +12,7 @@ use agent_common::{
         AdmittedFlow, BSTAT_SLOTS, BackendKey, BackendState, FlowKey, MAX_TRACKED_FLOWS,
         PORT_BITMAP_WORDS, PendingSyn,
     },
-    classify::ADDR_LEN,
+    classify::{ADDR_LEN, CLASSIFY_KEY_LEN, GENERATIONS, ServiceName},
     maps::{
         DEFAULT_BACKENDS as MAX_BACKENDS, DEFAULT_CONNECTIONS, DEFAULT_MAX_KEYS,
         DEFAULT_SERVICES as MAX_SERVICES, classify_entries,
@@ -26,12 +26,20 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 
+/// The generation of the policy the datapath reads (`agent_common::classify::GENERATIONS`).
 #[map]
-pub static CLASSIFY: LpmTrie<[u8; ADDR_LEN], MatchList> =
+pub static POLICY_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static CLASSIFY: LpmTrie<[u8; CLASSIFY_KEY_LEN], MatchList> =
     LpmTrie::with_max_entries(classify_entries(MAX_SERVICES), 0);
 
 #[map]
-pub static SVC_CFG: Array<ServiceConfig> = Array::with_max_entries(MAX_SERVICES, 0);
+pub static SVC_CFG: Array<ServiceConfig> = Array::with_max_entries(MAX_SERVICES * GENERATIONS, 0);
+
+/// Which service holds each id; for the agent only (`agent_common::classify::ServiceName`).
+#[map]
+pub static SVC_NAMES: Array<ServiceName> = Array::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
 pub static RL_BUCKETS: LruHashMap<BucketKey, Bucket> =
@@ -82,7 +90,7 @@ pub static REPLY_SCRATCH: PerCpuArray<[u8; 12 + REPLY_SCRATCH_LEN]> =
 pub const REPLY_SCRATCH_LEN: usize = agent_common::reply::UNREACH_V6_LEN;
 
 #[map]
-pub static LB_SVC: Array<LbService> = Array::with_max_entries(MAX_SERVICES, 0);
+pub static LB_SVC: Array<LbService> = Array::with_max_entries(MAX_SERVICES * GENERATIONS, 0);
 
 /// The lookup table of one balanced service (Maglev table or round-robin schedule), laid out
 /// as `agent_common::lb::LbTableSlot` says. The agent creates one of the exact size per
@@ -90,9 +98,11 @@ pub static LB_SVC: Array<LbService> = Array::with_max_entries(MAX_SERVICES, 0);
 /// so the datapath reads a whole table, old or new, never a mix.
 pub type LbTable = btf_maps::Array<LbTableSlot, 1, { LB_TABLE_FLAGS as usize }>;
 
-/// Indexed by service id: each balanced service's [`LbTable`] (empty for `least_conn`).
+/// Indexed by `generation_slot(service id, generation)`: each balanced service's [`LbTable`]
+/// (empty for `least_conn`).
 #[btf_map]
-pub static LB_TABLES: ArrayOfMaps<LbTable, { MAX_SERVICES as usize }> = ArrayOfMaps::new();
+pub static LB_TABLES: ArrayOfMaps<LbTable, { (MAX_SERVICES * GENERATIONS) as usize }> =
+    ArrayOfMaps::new();
 
 #[map]
 pub static LB_BACKENDS: Array<LbBackend> = Array::with_max_entries(MAX_BACKENDS, 0);
@@ -130,6 +140,9 @@ pub static STAGES_TC: ProgramArray = ProgramArray::with_max_entries(3, 0);
 #[repr(C)]
 pub struct Handover {
     pub service_id: u32,
+    /// `generation_slot(service_id, generation)` of the generation the main program read:
+    /// the stage reads the same policy.
+    pub slot: u32,
     /// `nat::Side` as `SIDE_*`.
     pub side: u32,
     pub addr: [u8; ADDR_LEN],

@@ -88,12 +88,12 @@ pub fn main_stage<C: EbpfContext + Pace>(
     // NAT of replies.
     let service = match classify::classify(&parsed) {
         None => Err(GSTAT_UNMATCHED),
-        Some(id) => match SVC_CFG.get(id) {
-            Some(c) if c.flags & SVC_F_ACTIVE != 0 => Ok((id, c)),
+        Some(svc) => match SVC_CFG.get(svc.slot) {
+            Some(c) if c.flags & SVC_F_ACTIVE != 0 => Ok((svc.id, c, svc.slot)),
             _ => Err(GSTAT_NO_CONFIG),
         },
     };
-    if let Ok((id, cfg)) = service
+    if let Ok((id, cfg, _)) = service
         && cfg.flags & SVC_F_RATE_LIMIT != 0
         && let Some(drop) = rate_limit(ctx, id, cfg, &parsed, len)
     {
@@ -103,7 +103,7 @@ pub fn main_stage<C: EbpfContext + Pace>(
     // limit drops books no departure. A later stage may still refuse a paced packet (a
     // breaker's answer, or its drop): its slot stays booked, one packet's wire time of the
     // key's line left unused.
-    if let Ok((id, cfg)) = service
+    if let Ok((id, cfg, _)) = service
         && cfg.flags & SVC_F_SHAPE != 0
         && let shape::Verdict::DropHorizon = ctx.pace(id, cfg, &parsed)
     {
@@ -112,10 +112,10 @@ pub fn main_stage<C: EbpfContext + Pace>(
     // A balanced service's packets take their own path (DNAT, then the breaker of the chosen
     // backend); everything else may be a reply from a backend (reverse NAT). Two disjoint
     // paths keep the verifier's work a sum, not a product.
-    if let Ok((id, _)) = service
-        && lb::balanced(id)
+    if let Ok((id, _, slot)) = service
+        && lb::balanced(slot)
     {
-        lb::hand_over(ctx, id, stages);
+        lb::hand_over(ctx, id, slot, stages);
         // Only if the stage is not loaded: fail open, the packet goes to the VIP unchanged.
         stats::service(id, SVC_PASSED, len);
         return Action::Pass;
@@ -124,7 +124,7 @@ pub fn main_stage<C: EbpfContext + Pace>(
         return action;
     }
     match service {
-        Ok((id, _)) => stats::service(id, SVC_PASSED, len),
+        Ok((id, _, _)) => stats::service(id, SVC_PASSED, len),
         Err(class) => stats::global(class, len),
     }
     Action::Pass
@@ -202,10 +202,10 @@ pub fn lb_stage<C: EbpfContext>(
     stages: &ProgramArray,
 ) -> Action {
     let mut parsed = Parsed::EMPTY;
-    let (Ok(()), Some(id)) = (parse::parse(pkt, &mut parsed), lb::handed_over()) else {
+    let (Ok(()), Some((id, slot))) = (parse::parse(pkt, &mut parsed), lb::handed_over()) else {
         return Action::Pass;
     };
-    let (backend, addr, port, panic) = match lb::forward(id, &parsed) {
+    let (backend, addr, port, panic) = match lb::forward(id, slot, &parsed) {
         lb::Forward::Pass => {
             stats::service(id, SVC_PASSED, len);
             return Action::Pass;

@@ -1,5 +1,6 @@
 //! The agent's HTTP endpoints on `agent.listen`: `/metrics`, `/health/live`, `/health/ready`
-//! (the DaemonSet's probes) and `/status` (JSON, read by `agent status`). They read the
+//! (the DaemonSet's probes), `/status` (JSON, read by `agent status`) and `/policy/datapath`
+//! (JSON: the policy generation in force as the maps hold it, by service name). They read the
 //! shared [`AgentState`] and render it through `telemetry`.
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/health/live", get(|| async { "live\n" }))
         .route("/health/ready", get(get_ready))
         .route("/status", get(get_status))
+        .route("/policy/datapath", get(get_datapath_policy))
         .with_state(state)
 }
 
@@ -62,6 +64,15 @@ async fn get_ready(State(state): State<Arc<AgentState>>) -> Response {
 async fn get_status(State(state): State<Arc<AgentState>>) -> Response {
     match state.report() {
         Ok(report) => axum::Json(report).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn get_datapath_policy(State(state): State<Arc<AgentState>>) -> Response {
+    let read = tokio::task::spawn_blocking(move || state.datapath().live_policy()).await;
+    match read {
+        Ok(Ok(policy)) => axum::Json(policy).into_response(),
+        Ok(Err(e)) => unavailable(e),
         Err(e) => unavailable(e),
     }
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use crate::{
     config::{
         self, Compiled, Diagnostic, PolicyErrors,
+        ids::{Ids, IdsError, Limits},
         model::{Direction, Policy, Protocol, RateLimit, Service, Shaping, XdpMode},
     },
     datapath::{
@@ -22,11 +23,15 @@ pub struct Plan {
     pub attach: Vec<AttachSpec>,
     pub services: Vec<ServiceInfo>,
     pub compiled: Compiled,
-    /// Backends (without weights), balancing, health checks and breakers as written: the
-    /// supervisor and the balancer are built once at start.
-    pub backends: String,
+    /// Per service: its name, backends, balancing, health check and breaker as written (a
+    /// reload that changes them starts the supervisor again).
+    pub backends: Vec<String>,
     /// The pacing qdisc and the interfaces it goes on, when some service is shaped.
     pub pacing: Option<Pacing>,
+    /// `agent.pin_path` (cannot change while the datapath runs).
+    pub pin_path: std::path::PathBuf,
+    /// `agent.log_level` as written.
+    pub log_level: String,
 }
 
 /// `fq` as root qdisc of every egress interface: a shaped service's packets may leave by any
@@ -81,60 +86,125 @@ impl Plan {
                     egress: matches!(i.direction, Direction::Egress | Direction::Both),
                 })
                 .collect(),
-            services: policy.services.iter().map(describe).collect(),
+            services: (policy.services.iter().enumerate())
+                .map(|(i, s)| ServiceInfo {
+                    id: u32::try_from(i).unwrap_or(u32::MAX),
+                    ..describe(s)
+                })
+                .collect(),
             compiled,
             pacing,
+            pin_path: policy.agent.pin_path.clone(),
+            log_level: policy.agent.log_level.to_string(),
             backends: policy
                 .services
                 .iter()
                 .map(|s| {
-                    // Weights may change on reload (the balancer takes them); the rest not.
-                    let addresses: Vec<_> = s.backends.iter().map(|b| b.address).collect();
                     format!(
-                        "{:?}{:?}{:?}{:?}",
-                        addresses, s.health_check, s.circuit_breaker, s.load_balancing
+                        "{}{:?}{:?}{:?}{:?}",
+                        s.name, s.backends, s.health_check, s.circuit_breaker, s.load_balancing
                     )
                 })
                 .collect(),
         })
     }
 
-    /// A change a reload cannot make in place: the field path and what it is.
-    pub fn needs_restart_from(&self, running: &Plan) -> Option<(&'static str, &'static str)> {
-        if self.attach != running.attach {
-            return Some(("interfaces", "the interface list"));
+    /// Renumbers the compiled policy so that what `running` (the ids the datapath holds)
+    /// has keeps its ids; returns the plan and the ids to keep once it is in force.
+    pub fn with_ids(mut self, running: &Ids, limits: Limits) -> Result<(Plan, Ids), IdsError> {
+        let (compiled, ids) = running.assign(&self.compiled, limits)?;
+        for (info, svc) in self.services.iter_mut().zip(&compiled.services) {
+            info.id = svc.id;
         }
-        if self.compiled.max_keys != running.compiled.max_keys {
-            return Some(("services", "the total of rate_limit.max_keys"));
-        }
-        if self.compiled.shape_keys != running.compiled.shape_keys {
-            return Some(("services", "the total of shaping.max_keys"));
-        }
-        if self.pacing != running.pacing {
-            // The fq qdiscs are installed at start, when some service is shaped, with a
-            // horizon covering the longest of the policy.
+        self.compiled = compiled;
+        Ok((self, ids))
+    }
+
+    /// Whether the backends, their health checks, breakers or balancing differ from
+    /// `running`'s (the supervisor is started again for them).
+    pub fn backends_differ(&self, running: &Plan) -> bool {
+        self.backends != running.backends || self.compiled.backends != running.compiled.backends
+    }
+
+    /// Why a reload to this plan cannot be staged while `running` is in force, as (field,
+    /// reason): what the kernel cannot change in a live datapath. `capacity` gives a map's
+    /// entries as loaded. Everything else changes live.
+    pub fn refusal(
+        &self,
+        policy: &Policy,
+        running: &Plan,
+        capacity: impl Fn(&'static str) -> Option<u32>,
+    ) -> Option<(String, String)> {
+        use agent_common::maps::{MAP_RL_BUCKETS, MAP_SHAPE_NEXT};
+        let restart = "restart the agent to apply it (the pinned maps it can keep are adopted)";
+        if policy.agent.pin_path != running.pin_path {
             return Some((
-                "services",
-                "whether any service is shaped, or fq's horizon (the longest shaping.horizon \
-                 above 10s)",
+                "agent.pin_path".into(),
+                format!(
+                    "the running datapath is pinned at {}; it cannot move while it runs: {restart}",
+                    running.pin_path.display()
+                ),
             ));
-        }
-        if self.backends != running.backends {
-            return Some((
-                "services",
-                "backends, load_balancing, health_check or circuit_breaker",
-            ));
-        }
-        if self.listen != running.listen {
-            return Some(("agent.listen", "agent.listen"));
         }
         if self.compiled.tables != running.compiled.tables {
             return Some((
-                "agent.tables",
-                "agent.tables (every table is sized at start)",
+                "agent.tables".into(),
+                format!("the kernel cannot resize a map in use: {restart}"),
             ));
         }
+        for (total, map, what) in [
+            (
+                self.compiled.max_keys,
+                MAP_RL_BUCKETS,
+                "rate_limit.max_keys",
+            ),
+            (self.compiled.shape_keys, MAP_SHAPE_NEXT, "shaping.max_keys"),
+        ] {
+            if let Some(cap) = capacity(map)
+                && total > cap
+            {
+                return Some((
+                    "services".into(),
+                    format!(
+                        "the total of {what} is {total}, more than the {cap} entries the \
+                         running {map} table was made with (the kernel cannot resize a map in \
+                         use): lower it, or {restart}"
+                    ),
+                ));
+            }
+        }
+        for (n, spec) in self.attach.iter().enumerate() {
+            if let Some(old) = running
+                .attach
+                .iter()
+                .find(|o| o.interface == spec.interface)
+                && old.ingress
+                && spec.ingress
+                && old.xdp_mode != spec.xdp_mode
+            {
+                return Some((
+                    format!("interfaces[{n}].xdp_mode"),
+                    format!(
+                        "the kernel cannot change the mode of an attached XDP program; the \
+                         program would have to leave {} for a moment: {restart}, or remove \
+                         the interface in one reload and add it back in the next",
+                        spec.interface
+                    ),
+                ));
+            }
+        }
         None
+    }
+
+    /// Whether the running datapath already holds exactly this plan (nothing to write).
+    pub fn same_as(&self, running: &Plan) -> bool {
+        self.compiled == running.compiled
+            && self.attach == running.attach
+            && self.pacing == running.pacing
+            && self.listen == running.listen
+            && self.backends == running.backends
+            && self.services == running.services
+            && self.log_level == running.log_level
     }
 }
 
@@ -222,6 +292,8 @@ fn describe(s: &Service) -> ServiceInfo {
         None => format!("{} {proto}", m.address),
     };
     ServiceInfo {
+        // Policy order until `Plan::with_ids` gives the stable ids.
+        id: 0,
         name: s.name.clone(),
         matches,
         rate_limit: s.rate_limit.as_ref().map(describe_limit),

@@ -15,7 +15,7 @@
 use std::{
     path::Path,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya_log::EbpfLogger;
@@ -29,10 +29,12 @@ use crate::{
     cli::{EXIT_INVALID, EXIT_RUNTIME},
     config::{
         self, PolicyErrors,
+        ids::{Ids, IdsError, Limits},
+        model::Policy,
         watch::{FileChange, PolicyWatch, WatchError},
     },
     datapath::{
-        Datapath, DatapathError,
+        ApplyReport, Datapath, DatapathError, LbMaps,
         pin::PinDir,
         pressure,
         qdisc::{Pacers, QdiscError},
@@ -74,6 +76,9 @@ pub struct Options {
 pub enum RunError {
     #[error("{0}")]
     Policy(PolicyErrors),
+    /// A valid policy the running datapath cannot take live (the reason at the field).
+    #[error("{0}")]
+    Refused(PolicyErrors),
     #[error("binding {addr} (agent.listen): {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -95,7 +100,7 @@ pub enum RunError {
 impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Policy(_) => EXIT_INVALID,
+            RunError::Policy(_) | RunError::Refused(_) => EXIT_INVALID,
             _ => EXIT_RUNTIME,
         }
     }
@@ -136,7 +141,8 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     // next start would adopt half-written maps); an adopting one leaves the earlier agent's
     // datapath running.
     let mut fresh = None;
-    if datapath.adopted() {
+    let adopted = datapath.adopted();
+    if adopted {
         tracing::info!("adopted pins at {pin_path}: maps and their state kept");
     } else {
         tracing::info!("pinned at {pin_path}");
@@ -152,45 +158,32 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     for (program, insns) in datapath.verified_instructions() {
         tracing::debug!("{program}: {insns:?} instructions verified (budget 1,000,000)");
     }
-    let report = datapath.apply(&plan.compiled)?;
-    tracing::info!("policy written to the maps: {report:?}");
-    // Balanced services get their tables before any packet can reach the programs.
-    let lb_maps = if plan.compiled.lb.is_empty() {
-        None
-    } else {
-        // Replies from backends are found behind the port bitmap, as breakers are.
-        let ports = plan.compiled.lb.iter().flat_map(|s| &s.backends);
-        datapath.mark_ports(ports.map(|b| b.address.port()))?;
-        let mut maps = datapath.lb_maps()?;
-        // Adopted maps hold the last agent's breakers: a backend whose breaker is open gets
-        // no new flows from the first table on (the supervisor resumes the same states).
-        let adopted = datapath.adopted();
-        let breakers = if adopted {
-            supervisor::breakers_in(&datapath, &plan.compiled.backends)
-        } else {
-            Default::default()
-        };
-        balancer::install_resumed(&mut maps, &plan.compiled.lb, adopted, &breakers)?;
-        // A second handle for the HTTP side's counter reads.
-        Some((maps, datapath.lb_maps()?))
+    // Adopted maps keep their ids: every service, breaker and balanced range the earlier
+    // agent left keeps its counters, buckets and flows.
+    let live_ids = datapath.live_ids(&plan.compiled)?;
+    let (plan, ids) = plan
+        .with_ids(&live_ids, limits(&datapath))
+        .map_err(|e| RunError::Refused(ids_refusal(&policy, &e)))?;
+    // The policy goes under the generation the programs do not read, balanced services'
+    // tables too (adopted maps: their first tables leave out backends whose breaker is open,
+    // as the supervisor resumes them), then one write switches to it.
+    let staged = datapath.stage(&plan.compiled)?;
+    let lb_maps = match stage_balancing(&mut datapath, &plan, staged.generation, adopted, None) {
+        Ok(m) => m,
+        Err(e) => {
+            datapath.unstage(staged);
+            return Err(e);
+        }
     };
+    let report = datapath.switch(staged)?;
+    datapath.retire_backends(&plan.compiled)?;
+    tracing::info!(
+        "policy written to the maps (generation {}): {report:?}",
+        datapath.generation()
+    );
     // Before attaching, so a shaped service's first packet meets fq. Dropped (the default
     // qdiscs back) on every way out of this function, a failed attach included.
-    let pacers = match &plan.pacing {
-        None => None,
-        Some(p) => Some(
-            Pacers::install(&p.spec, &p.interfaces).map_err(|e| match e {
-                // Only when the probe could not run: the same refusal as the probe's.
-                QdiscError::FqMissing(why) => {
-                    RunError::Policy(PolicyErrors(plan::fq_missing(&policy, &why)))
-                }
-                e => RunError::Qdisc(e),
-            })?,
-        ),
-    };
-    for p in pacers.iter().flat_map(Pacers::describe) {
-        tracing::info!("pacing qdisc {p}");
-    }
+    let pacers = install_pacers(&policy, &plan)?;
     datapath.attach(&plan.attach)?;
     if let Some(f) = fresh.take() {
         f.keep();
@@ -209,59 +202,34 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     ));
     state.set_array_use(pressure::ArrayUse::of(&plan.compiled));
 
-    // Breaker entries are in the maps already (closed, from `apply`); from here on the
+    // Breaker entries are in the maps already (closed, from `stage`); from here on the
     // supervisor writes every transition.
+    let origin = if adopted {
+        supervisor::Origin::Adopted
+    } else {
+        supervisor::Origin::Fresh
+    };
+    let supervisor = start_supervisor(&policy, &plan, &state, origin);
+    // The balancer follows health and breakers from here on.
+    let balancer = lb_maps.map(|maps| start_balancer(&state, &plan, maps));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let started = {
-        let dp = state.datapath();
-        supervisor::start(&policy, &plan.compiled.backends, Some(&dp), stop_rx.clone())
+    let mut running = Running {
+        plan,
+        ids,
+        supervisor,
+        balancer,
+        pacers,
+        http: start_http(listener, &state),
     };
-    let backends_task = match started {
-        Ok(Some((backends, task))) => {
-            state.set_backends(backends);
-            Some(task)
-        }
-        Ok(None) => None,
-        Err(e) => {
-            // Checks could not start: the datapath keeps enforcing the policy without them,
-            // every breaker closed (fail open).
-            tracing::error!("{e}");
-            None
-        }
-    };
-    // The balancer follows health, breakers and reloaded weights from here on.
-    let (weights_tx, weights_rx) = watch::channel(balancer::configured(&plan.compiled.lb));
-    let balancer_task = lb_maps.map(|(maps, counters)| {
-        let view = Arc::new(LbView::new(counters, plan.compiled.lb.clone()));
-        state.set_balancing(view.clone());
-        let services = plan.compiled.lb.clone();
-        let health = state.backends();
-        let stop = stop_rx.clone();
-        tokio::task::spawn_blocking(move || {
-            balancer::run(maps, services, health, view, weights_rx, stop)
-        })
-    });
     state.set_ready(true);
-    tracing::info!("ready; serving on http://{}", plan.listen);
+    tracing::info!("ready; serving on http://{}", running.plan.listen);
 
     let log_task = logger.map(|l| tokio::spawn(logs::forward_ebpf_logs(l)));
     let keys_task = tokio::spawn(count_keys_periodically(state.clone(), stop_rx.clone()));
     let pressure_task = tokio::spawn(watch_map_pressure(state.clone(), stop_rx.clone()));
     let watchdog_task = tokio::spawn(watchdog(state.clone(), stop_rx.clone()));
-    let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(http::serve(listener, state.clone(), async move {
-        let _ = http_stop.wait_for(|stop| *stop).await;
-    }));
 
-    let result = wait_for_signals(
-        &mut signals,
-        &mut file_watch,
-        file,
-        &plan,
-        &state,
-        &weights_tx,
-    )
-    .await;
+    let result = wait_for_signals(&mut signals, &mut file_watch, file, &mut running, &state).await;
 
     // Not ready any more; stop the tasks (the watchdog first: it must not re-attach what is
     // detached next); then leave the datapath running, or detach it and put the default
@@ -271,24 +239,20 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     let _ = watchdog_task.await;
     let _ = keys_task.await;
     let _ = pressure_task.await;
-    if let Some(t) = backends_task {
-        let _ = t.await;
+    if let Some(t) = running.supervisor.take() {
+        t.stop().await;
     }
-    if let Some(t) = balancer_task {
-        let _ = t.await;
+    if let Some(t) = running.balancer.take() {
+        t.stop().await;
     }
-    match http_task.await {
-        Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
-        Err(e) => tracing::warn!("HTTP server task: {e}"),
-        Ok(Ok(())) => {}
-    }
+    running.http.stop().await;
     if let Some(t) = log_task {
         t.abort();
     }
     let mut dp = state.datapath_mut();
     if options.detach_on_exit {
         dp.detach_all();
-        drop(pacers);
+        drop(running.pacers.take());
         match dp.pin_dir().map(PinDir::remove_all) {
             Some(Err(e)) => tracing::warn!("removing pins: {e}"),
             Some(Ok(removed)) => tracing::info!("removed {} pins", removed.len()),
@@ -297,12 +261,161 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         tracing::info!("detached; bye");
     } else {
         dp.leave_attached();
-        if let Some(p) = pacers {
+        if let Some(p) = running.pacers.take() {
             p.leave();
         }
         tracing::info!("the datapath keeps enforcing the last policy (pinned at {pin_path}); bye");
     }
     result
+}
+
+/// What runs for the policy in force; a reload replaces its parts.
+struct Running {
+    plan: Plan,
+    /// The datapath ids `plan` holds (kept by the next reload).
+    ids: Ids,
+    supervisor: Option<Task>,
+    balancer: Option<Task>,
+    pacers: Option<Pacers>,
+    http: Task,
+}
+
+/// A task with a stop signal of its own.
+struct Task {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Task {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.handle.await {
+            tracing::warn!("stopping a task: {e}");
+        }
+    }
+}
+
+/// The table sizes the datapath was loaded with, which ids must stay below.
+fn limits(datapath: &Datapath) -> Limits {
+    Limits {
+        services: datapath.sizes().services,
+        backends: datapath.sizes().backends,
+    }
+}
+
+/// A policy whose ids do not fit beside the running one's, at its `services` field.
+fn ids_refusal(policy: &Policy, e: &IdsError) -> PolicyErrors {
+    PolicyErrors(vec![policy.error_at("services", e.to_string())])
+}
+
+/// The pacing qdiscs a plan needs, or none.
+fn install_pacers(policy: &Policy, plan: &Plan) -> Result<Option<Pacers>, RunError> {
+    let Some(p) = &plan.pacing else {
+        return Ok(None);
+    };
+    let pacers = Pacers::install(&p.spec, &p.interfaces).map_err(|e| match e {
+        // Only when the probe could not run: the same refusal as the probe's.
+        QdiscError::FqMissing(why) => {
+            RunError::Policy(PolicyErrors(plan::fq_missing(policy, &why)))
+        }
+        e => RunError::Qdisc(e),
+    })?;
+    for p in pacers.describe() {
+        tracing::info!("pacing qdisc {p}");
+    }
+    Ok(Some(pacers))
+}
+
+/// Writes the balanced services of `plan` under `generation`: their backends, entries and
+/// first tables, before the switch to it. The first weights follow the breakers the maps hold
+/// (`resumed`: adopted maps or a reload) and the health a reload carries over. Returns the
+/// balancer's handle and a second one for the status side's counter reads.
+fn stage_balancing(
+    datapath: &mut Datapath,
+    plan: &Plan,
+    generation: u32,
+    resumed: bool,
+    carried: Option<&supervisor::Backends>,
+) -> Result<Option<(LbMaps, LbMaps)>, RunError> {
+    let lb = &plan.compiled.lb;
+    if lb.is_empty() {
+        return Ok(None);
+    }
+    // Replies from backends are found behind the port bitmap, as breakers are.
+    datapath.mark_ports(
+        lb.iter()
+            .flat_map(|s| &s.backends)
+            .map(|b| b.address.port()),
+    )?;
+    let mut maps = datapath.lb_maps()?.for_generation(generation);
+    let breakers = if resumed {
+        supervisor::breakers_in(datapath, &plan.compiled.backends)
+    } else {
+        Default::default()
+    };
+    let health = carried
+        .map(|c| balancer::carried_health(c, lb))
+        .unwrap_or_default();
+    balancer::install_resumed(&mut maps, lb, resumed, &breakers, &health)?;
+    Ok(Some((maps, datapath.lb_maps()?.for_generation(generation))))
+}
+
+/// Starts health checks and breakers for `plan` (none when no service has backends, or when
+/// they could not start: the datapath then enforces the policy with every breaker closed,
+/// fail open).
+fn start_supervisor(
+    policy: &Policy,
+    plan: &Plan,
+    state: &AgentState,
+    origin: supervisor::Origin<'_>,
+) -> Option<Task> {
+    let (stop, stop_rx) = watch::channel(false);
+    let started = {
+        let dp = state.datapath();
+        supervisor::start(policy, &plan.compiled.backends, Some(&dp), origin, stop_rx)
+    };
+    match started {
+        Ok(Some((backends, handle))) => {
+            state.set_backends(Some(backends));
+            Some(Task { stop, handle })
+        }
+        Ok(None) => {
+            state.set_backends(None);
+            None
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            state.set_backends(None);
+            None
+        }
+    }
+}
+
+/// Runs the balancer of `plan` on `maps` (written for the live generation) until stopped.
+fn start_balancer(state: &Arc<AgentState>, plan: &Plan, maps: (LbMaps, LbMaps)) -> Task {
+    let (maps, counters) = maps;
+    let view = Arc::new(LbView::new(counters, plan.compiled.lb.clone()));
+    state.set_balancing(Some(view.clone()));
+    let services = plan.compiled.lb.clone();
+    let health = state.backends();
+    let (stop, stop_rx) = watch::channel(false);
+    let handle =
+        tokio::task::spawn_blocking(move || balancer::run(maps, services, health, view, stop_rx));
+    Task { stop, handle }
+}
+
+/// Serves the HTTP endpoints on `listener` until stopped.
+fn start_http(listener: TcpListener, state: &Arc<AgentState>) -> Task {
+    let (stop, mut stop_rx) = watch::channel(false);
+    let serve = http::serve(listener, state.clone(), async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    let handle = tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            tracing::warn!("HTTP server: {e}");
+        }
+    });
+    Task { stop, handle }
 }
 
 /// The map pins of a fresh start, removed when dropped before [`FreshPins::keep`].
@@ -425,12 +538,10 @@ async fn wait_for_signals(
     signals: &mut Signals,
     file_watch: &mut PolicyWatch,
     file: &Path,
-    current: &Plan,
-    state: &AgentState,
-    weights: &watch::Sender<Vec<Vec<u32>>>,
+    running: &mut Running,
+    state: &Arc<AgentState>,
 ) -> Result<(), RunError> {
     let Signals { term, int, hup } = signals;
-    let mut current = current.clone();
     loop {
         let trigger = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
@@ -445,20 +556,26 @@ async fn wait_for_signals(
                         file.display()
                     );
                     tracing::error!("{error}");
-                    let missing = Outcome::Missing;
-                    state.record_reload(Trigger::File, missing, Some(error), Duration::ZERO);
+                    let (missing, now) = (Outcome::Missing, SystemTime::now());
+                    state.record_reload(Trigger::File, missing, Some(error), now, Duration::ZERO);
                     continue;
                 }
             },
         };
         tracing::info!("{trigger}: reloading {}", file.display());
-        let began = Instant::now();
-        let result = reload(file, &current, state, weights);
+        let (began, began_at) = (Instant::now(), SystemTime::now());
+        let result = reload(file, running, state).await;
         let outcome = reload_outcome(&result);
         let error = result.as_ref().err().map(ToString::to_string);
-        state.record_reload(trigger, outcome, error, began.elapsed());
+        // An applied policy is in force from the switch; the generation moves once the
+        // reload is done (supervisor and balancer started again).
+        let at = match &result {
+            Ok(Reloaded::Applied { took, .. }) => began_at + *took,
+            _ => SystemTime::now(),
+        };
+        state.record_reload(trigger, outcome, error, at, began.elapsed());
         match result {
-            Ok(plan) => current = plan,
+            Ok(done) => tracing::info!("{done}"),
             Err(e) => tracing::error!(
                 "reload ({}): {}, the running policy stays in force:\n{e}",
                 trigger.as_str(),
@@ -469,42 +586,238 @@ async fn wait_for_signals(
 }
 
 /// How a reload ended, for its accounting.
-fn reload_outcome<T>(result: &Result<T, RunError>) -> Outcome {
+fn reload_outcome(result: &Result<Reloaded, RunError>) -> Outcome {
     match result {
-        Ok(_) => Outcome::Ok,
+        Ok(Reloaded::Applied { .. }) => Outcome::Ok,
+        Ok(Reloaded::Unchanged) => Outcome::Unchanged,
         Err(RunError::Policy(_)) => Outcome::Invalid,
+        Err(RunError::Refused(_)) => Outcome::Refused,
         Err(_) => Outcome::Failed,
     }
 }
 
-/// Validates the file again and writes what changed. Changes that need new maps or new
-/// attachments (interfaces, key-table size) are refused for now: the running policy stays.
-fn reload(
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The policy is the one in force: nothing was written.
+    Unchanged,
+    /// The new policy is in force: its generation, what was written, and how long from the
+    /// start of the reload to the switch.
+    Applied {
+        generation: u32,
+        report: ApplyReport,
+        took: Duration,
+    },
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reloaded::Unchanged => {
+                f.write_str("reloaded: the policy is unchanged, nothing written")
+            }
+            Reloaded::Applied {
+                generation,
+                report,
+                took,
+            } => write!(
+                f,
+                "reloaded: generation {generation} in force {took:?} after the reload began: \
+                 {report:?}"
+            ),
+        }
+    }
+}
+
+/// Validates the file again and, all or nothing, puts it in force: the new policy is staged
+/// beside the running one (maps of the other generation, new interfaces attached, pacing
+/// qdiscs), the datapath switches to it with one write, then what only the old policy used
+/// goes (breaker entries of removed backends, hooks, qdiscs). Errors before the switch leave
+/// the running policy in force and the datapath as it was (what was staged is not live; what
+/// was added is removed). Refused, with the reason, is what the kernel cannot change live.
+async fn reload(
     file: &Path,
-    current: &Plan,
-    state: &AgentState,
-    weights: &watch::Sender<Vec<Vec<u32>>>,
-) -> Result<Plan, RunError> {
+    running: &mut Running,
+    state: &Arc<AgentState>,
+) -> Result<Reloaded, RunError> {
+    let began = std::time::Instant::now();
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     let plan = Plan::new(&policy).map_err(RunError::Policy)?;
-    if let Some(why) = plan.needs_restart_from(current) {
-        return Err(RunError::Policy(PolicyErrors(vec![policy.error_at(
-            why.0,
-            format!("{} cannot change on reload yet; restart the agent", why.1),
-        )])));
+    if plan.pacing.is_some() && plan.pacing != running.plan.pacing {
+        plan.check_pacing(&policy).map_err(RunError::Policy)?;
     }
-    let report = state.datapath_mut().apply(&plan.compiled)?;
+    let (refusal, limits) = {
+        let dp = state.datapath();
+        let capacity = |name| dp.capacity(name).ok().flatten();
+        (plan.refusal(&policy, &running.plan, capacity), limits(&dp))
+    };
+    if let Some((field, why)) = refusal {
+        return Err(RunError::Refused(PolicyErrors(vec![
+            policy.error_at(&field, why),
+        ])));
+    }
+    let (plan, ids) = plan
+        .with_ids(&running.ids, limits)
+        .map_err(|e| RunError::Refused(ids_refusal(&policy, &e)))?;
+    if plan.same_as(&running.plan) {
+        return Ok(Reloaded::Unchanged);
+    }
+    let listener = if plan.listen == running.plan.listen {
+        None
+    } else {
+        Some(TcpListener::bind(plan.listen).await.map_err(|e| {
+            RunError::Refused(PolicyErrors(vec![
+                policy.error_at("agent.listen", format!("binding {}: {e}", plan.listen)),
+            ]))
+        })?)
+    };
+
+    // The balancer writes the live generation's tables; the new one writes the staged one's.
+    let old_balancer = running.balancer.take();
+    if let Some(b) = old_balancer {
+        b.stop().await;
+    }
+    let carried: Option<supervisor::Backends> = state.backends().map(|rx| rx.borrow().clone());
+    let staging = began.elapsed();
+    let staged = tokio::task::block_in_place(|| {
+        stage_all(&policy, &plan, &running.plan, state, carried.as_ref())
+    });
+    let (generation, report, lb_maps, pacers) = match staged {
+        Ok(s) => s,
+        Err(e) => {
+            // The running policy's balancer goes on where it stopped.
+            if let Some(maps) = restage_running_balancer(&running.plan, state) {
+                running.balancer = Some(start_balancer(state, &running.plan, maps));
+            }
+            return Err(e);
+        }
+    };
+
+    // In force. What only the old policy used goes.
+    let switched = began.elapsed();
+    if plan.backends_differ(&running.plan) {
+        if let Some(s) = running.supervisor.take() {
+            s.stop().await;
+        }
+        // Its last word: what it published after the stage read `carried`.
+        let last: supervisor::Backends = state
+            .backends()
+            .map(|rx| rx.borrow().clone())
+            .unwrap_or_default();
+        running.supervisor =
+            start_supervisor(&policy, &plan, state, supervisor::Origin::Reload(&last));
+    }
+    {
+        let mut dp = state.datapath_mut();
+        match dp.retire_backends(&plan.compiled) {
+            Ok((0, 0)) => {}
+            Ok((removed, rewritten)) => tracing::info!(
+                "breaker entries: {removed} of removed backends deleted, {rewritten} rewritten"
+            ),
+            Err(e) => tracing::warn!("retiring breaker entries of removed backends: {e}"),
+        }
+        for d in dp.detach_removed(&plan.attach) {
+            tracing::info!("detached {d} (no longer in the policy)");
+        }
+    }
+    running.balancer = lb_maps.map(|maps| start_balancer(state, &plan, maps));
+    if running.balancer.is_none() {
+        state.set_balancing(None);
+    }
+    if let Some(mut old) = running.pacers.take() {
+        if let Some(new) = &plan.pacing {
+            old.release(&new.interfaces);
+        }
+        drop(old);
+    }
+    running.pacers = pacers;
+    if let Some(listener) = listener {
+        let old = std::mem::replace(&mut running.http, start_http(listener, state));
+        old.stop().await;
+        tracing::info!(
+            "serving on http://{} (was {})",
+            plan.listen,
+            running.plan.listen
+        );
+    }
+    if plan.log_level != running.plan.log_level {
+        logs::set_level(&plan.log_level);
+    }
     state.set_services(plan.services.clone());
     state.set_array_use(pressure::ArrayUse::of(&plan.compiled));
-    // Backends are the same (checked above); their configured weights may not be.
-    weights.send_if_modified(|w| {
-        let new = balancer::configured(&plan.compiled.lb);
-        let changed = *w != new;
-        *w = new;
-        changed
-    });
-    tracing::info!("reloaded: {report:?}");
-    Ok(plan)
+    running.plan = plan;
+    running.ids = ids;
+    tracing::debug!(
+        "reload: validated {staging:?}, in force {switched:?}, done {:?}",
+        began.elapsed()
+    );
+    Ok(Reloaded::Applied {
+        generation,
+        report,
+        took: switched,
+    })
+}
+
+/// The staged part of a reload, up to and including the switch: the maps of the other
+/// generation, the balanced services' entries and tables there, the pacing qdiscs and the
+/// hooks the new policy adds. Undone on any error before the switch.
+#[allow(clippy::type_complexity)]
+fn stage_all(
+    policy: &Policy,
+    plan: &Plan,
+    running: &Plan,
+    state: &AgentState,
+    carried: Option<&supervisor::Backends>,
+) -> Result<(u32, ApplyReport, Option<(LbMaps, LbMaps)>, Option<Pacers>), RunError> {
+    let mut dp = state.datapath_mut();
+    let staged = dp.stage(&plan.compiled)?;
+    let generation = staged.generation;
+    let lb_maps = match stage_balancing(&mut dp, plan, generation, true, carried) {
+        Ok(m) => m,
+        Err(e) => {
+            dp.unstage(staged);
+            return Err(e);
+        }
+    };
+    let pacers = match install_pacers(policy, plan) {
+        Ok(p) => p,
+        Err(e) => {
+            dp.unstage(staged);
+            return Err(e);
+        }
+    };
+    let attached = match dp.attach_added(&running.attach, &plan.attach) {
+        Ok(a) => a,
+        Err(e) => {
+            dp.unstage(staged);
+            if let (Some(mut p), Some(old)) = (pacers, &running.pacing) {
+                // Pacers the running policy has stay; only those this reload added go.
+                p.release(&old.interfaces);
+            }
+            return Err(e.into());
+        }
+    };
+    for a in attached {
+        tracing::info!("attached {a}");
+    }
+    let report = dp.switch(staged)?;
+    Ok((generation, report, lb_maps, pacers))
+}
+
+/// After a failed reload: the running policy's balancer handles again, on the live generation.
+fn restage_running_balancer(running: &Plan, state: &AgentState) -> Option<(LbMaps, LbMaps)> {
+    if running.compiled.lb.is_empty() {
+        return None;
+    }
+    let dp = state.datapath();
+    let g = dp.generation();
+    match (dp.lb_maps(), dp.lb_maps()) {
+        (Ok(a), Ok(b)) => Some((a.for_generation(g), b.for_generation(g))),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("the running policy's balancer could not start again: {e}");
+            None
+        }
+    }
 }
 
 async fn count_keys_periodically(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
@@ -559,10 +872,12 @@ mod tests {
 
     #[test]
     fn reload_errors_fall_into_their_classes() {
-        assert_eq!(reload_outcome::<()>(&Ok(())), Outcome::Ok);
+        assert_eq!(reload_outcome(&Ok(Reloaded::Unchanged)), Outcome::Unchanged);
         let invalid = Err(RunError::Policy(PolicyErrors(Vec::new())));
-        assert_eq!(reload_outcome::<()>(&invalid), Outcome::Invalid);
+        assert_eq!(reload_outcome(&invalid), Outcome::Invalid);
+        let refused = Err(RunError::Refused(PolicyErrors(Vec::new())));
+        assert_eq!(reload_outcome(&refused), Outcome::Refused);
         let failed = Err(RunError::Signals(std::io::Error::other("x")));
-        assert_eq!(reload_outcome::<()>(&failed), Outcome::Failed);
+        assert_eq!(reload_outcome(&failed), Outcome::Failed);
     }
 }

@@ -77,12 +77,12 @@ impl AgentState {
         lock(&self.backends).clone()
     }
 
-    pub fn set_backends(&self, backends: BackendsRx) {
-        *lock(&self.backends) = Some(backends);
+    pub fn set_backends(&self, backends: Option<BackendsRx>) {
+        *lock(&self.backends) = backends;
     }
 
-    pub fn set_balancing(&self, view: Arc<LbView>) {
-        *lock(&self.balancing) = Some(view);
+    pub fn set_balancing(&self, view: Option<Arc<LbView>>) {
+        *lock(&self.balancing) = view;
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -96,9 +96,9 @@ impl AgentState {
     /// Walks the key table (slow for big tables: call it off the async threads) and says how
     /// long the walk took.
     pub fn refresh_key_counts(&self) -> Result<std::time::Duration, DatapathError> {
-        let services = lock(&self.services).len() as u32;
+        let ids: Vec<u32> = lock(&self.services).iter().map(|s| s.id).collect();
         let start = std::time::Instant::now();
-        let counts = self.datapath().count_keys(services)?;
+        let counts = self.datapath().count_keys(&ids)?;
         *lock(&self.keys) = counts;
         Ok(start.elapsed())
     }
@@ -117,17 +117,18 @@ impl AgentState {
         reading
     }
 
-    /// Counts one reload (ended now, after `took`); `error` is what it logged when it did not
-    /// apply. Call it once the reload's work is done: an applied one moves the generation,
-    /// which says the new policy is in force.
+    /// Counts one reload, which took `took`; `at` is when it put its policy in force (an
+    /// applied one: the switch) or ended; `error` is what it logged when it did not apply.
+    /// Call it once the reload's work is done: an applied one moves the generation.
     pub fn record_reload(
         &self,
         trigger: Trigger,
         outcome: Outcome,
         error: Option<String>,
+        at: std::time::SystemTime,
         took: std::time::Duration,
     ) {
-        lock(&self.reloads).record(trigger, outcome, error, std::time::SystemTime::now(), took);
+        lock(&self.reloads).record(trigger, outcome, error, at, took);
     }
 
     pub fn report(&self) -> Result<StatusReport, DatapathError> {
@@ -151,7 +152,8 @@ impl AgentState {
                         .collect();
                 }
             }
-            (dp.snapshot(services.len() as u32)?, dp.attachments())
+            let ids: Vec<u32> = services.iter().map(|s| s.id).collect();
+            (dp.snapshot(&ids)?, dp.attachments())
         };
         let keys = lock(&self.keys).clone();
         let (balancing, lb_backends) = lock(&self.balancing)

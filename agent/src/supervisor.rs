@@ -25,8 +25,11 @@
 //! the first published value on. Every write stamps the entry with when its state began and
 //! its open period, which is what the next agent resumes from.
 //!
-//! A reload that changes backends, health checks or breakers is refused (see
-//! `Plan::needs_restart_from`): ids and breakers are built once, at start.
+//! A supervisor serves one policy: its rows, guards and checks are built once, at start. A
+//! caller follows a reload that changes backends, health checks or breakers by stopping it
+//! and starting another from [`Origin::Reload`] with its last published value: a backend of
+//! the same service name, address and `health_check` keeps its health, counters and `since`,
+//! its probes resume from that health, and every breaker resumes from the maps as above.
 
 mod backend;
 mod log_limit;
@@ -36,6 +39,7 @@ mod tests;
 
 use std::{
     collections::{BTreeSet, HashMap},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -117,6 +121,43 @@ pub enum SupervisorError {
 
 /// The channel the balancer and status read, and the task that publishes on it.
 pub type Started = (BackendsRx, tokio::task::JoinHandle<()>);
+
+/// Where a supervisor starts from: what the maps hold, and what an earlier supervisor of
+/// this agent saw.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// Maps this agent created: every breaker entry is the initial one (closed), and what
+    /// the passive counters hold happened since the attach: news.
+    Fresh,
+    /// Pinned maps an earlier agent left: breakers resume from their entries, and the
+    /// passive counters' totals are that agent's history, the base rather than news.
+    Adopted,
+    /// A reload in this agent, after the previous supervisor stopped: as [`Adopted`]
+    /// for breakers and passive counters, and every backend that
+    /// [`continues`](Backend::continues) one of the previous supervisor's last published
+    /// backends (same service name and address, same `health_check`; matched by name, not
+    /// position) takes over its health, counters and `since` ([`Backend::carry`]). Its
+    /// probes start from that health: an unhealthy backend stays unhealthy until
+    /// `healthy_threshold` successes. Others start as on a fresh start.
+    ///
+    /// [`Adopted`]: Origin::Adopted
+    Reload(&'a Backends),
+}
+
+impl<'a> Origin<'a> {
+    /// Whether the passive counters' totals at start are history (the base) rather than news.
+    fn counters_are_history(self) -> bool {
+        !matches!(self, Origin::Fresh)
+    }
+
+    /// The previous supervisor's backends, on a reload.
+    fn carried(self) -> Option<&'a Backends> {
+        match self {
+            Origin::Reload(backends) => Some(backends),
+            Origin::Fresh | Origin::Adopted => None,
+        }
+    }
+}
 
 /// Where breaker states go: the kernel's `BACKENDS` map, or a recorder in tests.
 trait StateSink: Send {
@@ -215,6 +256,16 @@ fn not_closed(
         .collect()
 }
 
+/// The state a resumed entry holds as written, before an open period that is over turns
+/// half-open (which [`State::resumed`] anticipates).
+fn held(r: Option<Resumed>) -> State {
+    match r {
+        None | Some(Resumed::Closed) => State::Closed,
+        Some(Resumed::Open { .. }) => State::Open,
+        Some(Resumed::HalfOpen { .. }) => State::HalfOpen,
+    }
+}
+
 /// A backend whose breaker the datapath enforces: its map entries and half-open epoch.
 struct Enforced {
     backend: CompiledBackend,
@@ -249,6 +300,10 @@ struct Row {
     /// Its service has breakers.
     breaker: bool,
     enforced: Option<Enforced>,
+    /// Carried over a reload: the breaker state the previous supervisor published and its
+    /// `since`, which [`resume`](Supervisor::resume) keeps when the datapath holds that
+    /// state still (the map's stamp is coarser: none at all for a breaker never written).
+    was: Option<(State, Instant)>,
 }
 
 /// A backend by its service's index in the policy and its index there: rows and guards are
@@ -282,22 +337,37 @@ struct Supervisor {
 
 /// Starts health checks and breakers for every service with backends, and the passive
 /// poller when a backend has passive detection. `enforced` are the backends whose entries
-/// `Datapath::apply` wrote (`Compiled::backends`); with `datapath`, transitions are written
-/// there, without it they stay in the agent (tests). Returns the channel and the task, or
-/// `None` when no service has backends. Stops when `stop` turns true.
+/// `Datapath::apply` wrote (`Compiled::backends`); with `datapath`, breakers resume from
+/// there and transitions are written there, without it they stay in the agent (tests).
+/// `origin` says what the start takes up ([`Origin`]). Returns the channel, whose first
+/// value already holds the carried and resumed states, and the task, or `None` when no
+/// service has backends. Stops when `stop` turns true.
 pub fn start(
     policy: &Policy,
     enforced: &[CompiledBackend],
     datapath: Option<&Datapath>,
+    origin: Origin<'_>,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<Started>, SupervisorError> {
-    let (tx, rx) = mpsc::channel(1024);
     // Probes carry the mark the datapath exempts, or an open backend could never recover.
     let options = ProbeOptions {
         mark: Some(PROBE_MARK),
     };
+    start_probing(policy, enforced, datapath, origin, options, stop)
+}
+
+/// [`start`] with its probes' socket options: tests without CAP_NET_ADMIN probe unmarked.
+fn start_probing(
+    policy: &Policy,
+    enforced: &[CompiledBackend],
+    datapath: Option<&Datapath>,
+    origin: Origin<'_>,
+    options: ProbeOptions,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<Started>, SupervisorError> {
+    let (tx, rx) = mpsc::channel(1024);
     let mut checker = Checker::new(tx, options);
-    let mut sup = Supervisor::new(policy, enforced, Instant::now());
+    let mut sup = Supervisor::new(policy, enforced, origin.carried(), Instant::now());
     if sup.rows.is_empty() {
         return Ok(None);
     }
@@ -311,7 +381,7 @@ pub fn start(
         .map_err(SupervisorError::Runtime)?;
     {
         let _in = runtime.enter();
-        add_checks(policy, &mut checker)?;
+        add_checks(policy, &sup, &mut checker)?;
     }
     let passive: Vec<PassiveBackend> = enforced
         .iter()
@@ -335,9 +405,9 @@ pub fn start(
         if !passive.is_empty() {
             let maps = dp.backend_maps().map_err(SupervisorError::Maps)?;
             let stop = stop.clone();
-            let adopted = dp.adopted();
+            let history = origin.counters_are_history();
             poller = Some(std::thread::spawn(move || {
-                passive::poll(maps, passive, adopted, passive_tx, stop)
+                passive::poll(maps, passive, history, passive_tx, stop)
             }));
         }
     }
@@ -360,13 +430,20 @@ pub fn start(
     Ok(Some((backends, task)))
 }
 
-/// Every backend of every service with a `health_check`, to the checker.
-fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorError> {
+/// Every backend of every service with a `health_check`, to the checker, from the health
+/// the supervisor publishes for it (healthy, or carried over a reload): the checker's
+/// rise/fall and the published health never disagree.
+fn add_checks(
+    policy: &Policy,
+    sup: &Supervisor,
+    checker: &mut Checker,
+) -> Result<(), SupervisorError> {
+    let table = sup.table.0.borrow();
     for (service_id, svc) in policy.services.iter().enumerate() {
         let Some(hc) = &svc.health_check else {
             continue;
         };
-        let service: Arc<str> = Arc::from(svc.name.as_str());
+        let service = &sup.names[service_id];
         for (index, b) in svc.backends.iter().enumerate() {
             let backend = BackendRef {
                 service: service.clone(),
@@ -374,8 +451,15 @@ fn add_checks(policy: &Policy, checker: &mut Checker) -> Result<(), SupervisorEr
                 index,
                 address: b.address,
             };
+            let health = sup
+                .row(BackendId {
+                    service: service_id,
+                    index,
+                })
+                .and_then(|row| table[row.entry].health)
+                .unwrap_or_default();
             checker
-                .add(backend.clone(), hc)
+                .add_from(backend.clone(), hc, health)
                 .map_err(|source| SupervisorError::Health {
                     backend: backend.to_string(),
                     source,
@@ -420,8 +504,15 @@ fn count_probe(b: &mut Backend, r: &ProbeResult, has_breaker: bool) {
 }
 
 impl Supervisor {
-    /// A row per backend and a guard per service with a breaker.
-    fn new(policy: &Policy, enforced: &[CompiledBackend], now: Instant) -> Supervisor {
+    /// A row per backend and a guard per service with a breaker. A backend that continues
+    /// one of `carried` (the previous supervisor's, on a reload) takes over its state
+    /// ([`Backend::carry`]); the others start healthy and closed.
+    fn new(
+        policy: &Policy,
+        enforced: &[CompiledBackend],
+        carried: Option<&Backends>,
+        now: Instant,
+    ) -> Supervisor {
         let mut sup = Supervisor {
             table: Publisher(watch::channel(Vec::new()).0),
             rows: Vec::new(),
@@ -438,8 +529,15 @@ impl Supervisor {
         };
         let mut by_position: HashMap<(usize, usize), &CompiledBackend> =
             enforced.iter().map(|b| ((b.service, b.index), b)).collect();
+        // By service name and address: positions may differ between the two policies.
+        let carried: HashMap<(&str, SocketAddr), &Backend> = carried
+            .into_iter()
+            .flatten()
+            .map(|b| ((&*b.service, b.address), b))
+            .collect();
         for (s, svc) in policy.services.iter().enumerate() {
             let name: Arc<str> = Arc::from(svc.name.as_str());
+            let check = svc.health_check.clone().map(Arc::new);
             sup.guards.push(
                 svc.circuit_breaker
                     .as_ref()
@@ -453,7 +551,7 @@ impl Supervisor {
                     epoch: c.initial().epoch,
                     written: Some(c.initial()),
                 });
-                let backend = Backend::new(
+                let mut backend = Backend::new(
                     BackendId { service: s, index },
                     name.clone(),
                     b.address,
@@ -461,19 +559,33 @@ impl Supervisor {
                     svc.circuit_breaker.is_some(),
                     now,
                 );
-                sup.add_row(BackendId { service: s, index }, backend, enforced);
+                backend.health_check = check.clone();
+                let old = carried
+                    .get(&(svc.name.as_str(), b.address))
+                    .copied()
+                    .filter(|old| backend.continues(old));
+                sup.add_row(BackendId { service: s, index }, backend, enforced, old);
             }
         }
         sup
     }
 
-    fn add_row(&mut self, key: Key, mut backend: Backend, enforced: Option<Enforced>) {
+    fn add_row(
+        &mut self,
+        key: Key,
+        mut backend: Backend,
+        enforced: Option<Enforced>,
+        carried: Option<&Backend>,
+    ) {
         if let Some(e) = &enforced {
             backend.datapath_id = Some(e.backend.id);
             if e.backend.passive_timeout.is_some() {
                 backend.passive = Some(PassiveCounts::default());
             }
             self.by_id.insert(e.backend.id, key);
+        }
+        if let Some(old) = carried {
+            backend.carry(old);
         }
         let entry = self.table.0.borrow().len();
         let breaker = backend.breaker.is_some();
@@ -483,6 +595,7 @@ impl Supervisor {
             entry,
             breaker,
             enforced,
+            was: carried.and_then(|old| Some((old.breaker?, old.since))),
         });
     }
 
@@ -743,10 +856,13 @@ impl Supervisor {
                     continue;
                 };
                 let r = resume(&entry, now_ns);
-                // Stamped 0: never written by a breaker (the initial entry): in its state
-                // since this start, as far as anyone can tell.
-                let since = match entry.since_ns {
-                    0 => now,
+                let since = match (row.was, entry.since_ns) {
+                    // Carried over a reload in the state the map holds: the previous
+                    // supervisor's own reading of when it began.
+                    (Some((was, since)), _) if was == held(r) => since,
+                    // Stamped 0: never written by a breaker (the initial entry): in its
+                    // state since this start, as far as anyone can tell.
+                    (_, 0) => now,
                     _ => now
                         .checked_sub(Duration::from_nanos(in_state_ns(&entry, now_ns)))
                         .unwrap_or(now),

@@ -128,7 +128,7 @@ impl Harness {
 
     fn snapshot(&self) -> Snapshot {
         self.dp
-            .snapshot(self.names.len() as u32)
+            .snapshot(&(0..self.names.len() as u32).collect::<Vec<_>>())
             .expect("reading counters")
     }
 

@@ -124,7 +124,7 @@ impl Harness {
             .unwrap_or_else(|| panic!("no service {service}"));
         let snapshot = self
             .dp
-            .snapshot(self.names.len() as u32)
+            .snapshot(&(0..self.names.len() as u32).collect::<Vec<_>>())
             .expect("reading counters");
         snapshot.services[id].shaping.clone()
     }

@@ -205,6 +205,11 @@ pub const RELEASED: Scaled = Scaled::secs(10);
 /// a restart or an upgrade shows up as a late echo; a healthy echo takes well under 10 ms.
 pub const ECHO_TIMEOUT: Scaled = Scaled::secs(1);
 
+/// Live reload (issue 11): from SIGHUP to the new policy's generation in force in the maps.
+/// A reload stages the whole policy beside the running one, starts the supervisor and the
+/// balancer again and switches with one write: tens of milliseconds for these tests' policies.
+pub const RELOAD_STAGED: Scaled = Scaled::secs(2);
+
 /// Reload (issue 11): a change of the policy file (written in place, renamed over, deleted
 /// or re-created, a ConfigMap's `..data` swap) has its outcome within 2 s (the issue's
 /// bound): applied, or reported as invalid (or missing) in `agent status` and `/metrics`,

@@ -22,8 +22,11 @@ use agent_common::policy::{
 /// One balanced service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompiledLb {
-    /// Service id (policy index).
+    /// Index of the service in the policy (where the supervisor's `BackendId`s point).
     pub service: usize,
+    /// Its service id in the datapath (`LB_SVC`, `LB_TABLES`, counters): the policy index
+    /// from `compile`, a stable id after `config::ids::Ids::assign`.
+    pub id: u32,
     pub name: String,
     /// The address and port clients connect to (`match`).
     pub vip: SocketAddr,
@@ -100,6 +103,7 @@ pub fn compile_lb(policy: &Policy) -> Vec<CompiledLb> {
         };
         out.push(CompiledLb {
             service,
+            id: u32::try_from(service).unwrap_or(u32::MAX),
             name: s.name.clone(),
             vip: SocketAddr::new(s.r#match.address.addr(), s.r#match.port.unwrap_or(0)),
             algorithm: lb.algorithm,

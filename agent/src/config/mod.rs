@@ -4,6 +4,7 @@
 
 mod balance;
 mod compile;
+pub mod ids;
 pub mod watch;
 
 #[cfg(test)]

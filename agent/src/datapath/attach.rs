@@ -188,6 +188,58 @@ impl Datapath {
         Ok(())
     }
 
+    /// On a reload: attaches the hooks `new` names that `old` does not (all or none: on an
+    /// error those attached here are detached again), and returns the ones it attached.
+    pub fn attach_added(
+        &mut self,
+        old: &[AttachSpec],
+        new: &[AttachSpec],
+    ) -> Result<Vec<String>, DatapathError> {
+        let added: Vec<AttachSpec> = new
+            .iter()
+            .filter_map(|n| {
+                let o = old.iter().find(|o| o.interface == n.interface);
+                let spec = AttachSpec {
+                    ingress: n.ingress && !o.is_some_and(|o| o.ingress),
+                    egress: n.egress && !o.is_some_and(|o| o.egress),
+                    ..n.clone()
+                };
+                (spec.ingress || spec.egress).then_some(spec)
+            })
+            .collect();
+        let before = self.attached.len();
+        self.attach(&added)?;
+        Ok(self.attached[before..]
+            .iter()
+            .map(Attached::describe)
+            .collect())
+    }
+
+    /// On a reload, after the switch: detaches the hooks `new` no longer names, and says
+    /// which.
+    pub fn detach_removed(&mut self, new: &[AttachSpec]) -> Vec<String> {
+        let wanted = |a: &Attached| {
+            let (interface, ingress) = match a {
+                Attached::Link {
+                    kind, interface, ..
+                } => (interface, *kind == LinkKind::Xdp),
+                Attached::Filter { interface, .. } => (interface, false),
+            };
+            new.iter()
+                .any(|s| s.interface == *interface && if ingress { s.ingress } else { s.egress })
+        };
+        let (keep, gone): (Vec<Attached>, Vec<Attached>) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(wanted);
+        self.attached = keep;
+        let mut detached = Vec::new();
+        for a in gone {
+            detached.push(a.describe());
+            self.detach(a);
+        }
+        detached
+    }
+
     /// Detaches the links an earlier agent pinned on interfaces (or hooks) this policy no
     /// longer names, and says which.
     pub fn detach_stale_links(&mut self) -> Vec<String> {

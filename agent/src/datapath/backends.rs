@@ -115,38 +115,48 @@ impl Datapath {
     }
 
     /// Writes the initial (closed) state of every backend key the map does not hold yet, and
-    /// says how many it wrote. Keys already there keep their state: on a reload (which cannot
-    /// change backends) they hold what the breakers decided since start. No map is touched
-    /// when there are no backends, so policies without breakers need none of these maps.
-    pub(super) fn write_missing_backends(
+    /// returns the keys it wrote and the backends' ports (to mark once the entries exist).
+    /// Keys already there keep their state: they hold what the breakers decided. No map is
+    /// touched when there are no backends, so policies without breakers need none of these
+    /// maps. On an error, the keys written so far are removed again.
+    pub(super) fn add_missing_backends(
         &mut self,
         backends: &[CompiledBackend],
-    ) -> Result<usize, DatapathError> {
+    ) -> Result<(Vec<BackendKey>, Vec<u16>), DatapathError> {
         if backends.is_empty() {
-            return Ok(0);
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut map: HashMap<&mut MapData, BackendKey, BackendState> =
             typed_mut(&mut self.ebpf, MAP_BACKENDS)?;
-        let mut written = 0;
-        for b in backends {
+        let mut added = Vec::new();
+        let mut result = Ok(());
+        'all: for b in backends {
             for key in &b.keys {
                 match map.get(key, 0) {
                     Ok(_) => continue,
                     Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(MAP_BACKENDS)(e)),
+                    Err(e) => {
+                        result = Err(map_err(MAP_BACKENDS)(e));
+                        break 'all;
+                    }
                 }
-                write(&mut map, key, &b.initial())?;
-                written += 1;
+                if let Err(e) = write(&mut map, key, &b.initial()) {
+                    result = Err(e);
+                    break 'all;
+                }
+                added.push(*key);
             }
         }
-        self.mark_backend_ports(backends)?;
-        Ok(written)
-    }
-
-    /// Sets the `BACKEND_PORTS` bit of every backend port (after the entries exist; bits are
-    /// never cleared, since backends cannot change without a restart).
-    fn mark_backend_ports(&mut self, backends: &[CompiledBackend]) -> Result<(), DatapathError> {
-        self.mark_ports(backends.iter().flat_map(|b| &b.keys).map(|k| k.port))
+        if let Err(e) = result {
+            for key in &added {
+                let _ = map.remove(key);
+            }
+            return Err(e);
+        }
+        // Bits are never cleared: a stale one only costs a packet to or from that port a
+        // lookup.
+        let ports = backends.iter().flat_map(|b| &b.keys).map(|k| k.port);
+        Ok((added, ports.collect()))
     }
 
     /// Sets the `BACKEND_PORTS` bits of `ports` (backends' ports): the datapath looks up

@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use agent_common::{
     Counter,
     breaker::FlowKey,
+    classify::generation_slot,
     lb::{
         LB_TABLE_FLAGS, LBSTAT_FORWARDED, LBSTAT_NEW_FLOWS, LbBackend, LbConn, LbService,
         LbTableSlot, conn_expired, lb_slot, lb_table_elements, lb_table_slots,
@@ -36,10 +37,13 @@ const PUBLISH_THREADS: usize = 64;
 
 /// An independent handle on the balancing maps.
 pub struct LbMaps {
+    /// The policy generation this handle writes service entries and tables for
+    /// (`agent_common::classify::generation_slot`): the live one, or the one a reload stages.
+    generation: u32,
     svc: Array<MapData, LbService>,
     /// `PUBLISH_THREADS` handles on `LB_TABLES`, one per publishing thread.
     tables: Vec<ArrayOfMaps<MapData, MapData>>,
-    /// The table each service has in `LB_TABLES` now, kept open so that the agent's account
+    /// The table each generation slot has in `LB_TABLES` now, kept open so that the agent's account
     /// of the datapath's kernel memory (its map descriptors) includes every table.
     live: StdHashMap<u32, MapData>,
     backends: Array<MapData, LbBackend>,
@@ -70,6 +74,7 @@ impl Datapath {
     /// Opens a second handle on the balancing maps.
     pub fn lb_maps(&self) -> Result<LbMaps, DatapathError> {
         Ok(LbMaps {
+            generation: self.generation(),
             svc: self.reopen(MAP_LB_SVC)?,
             tables: (0..PUBLISH_THREADS)
                 .map(|_| self.reopen(MAP_LB_TABLES))
@@ -85,6 +90,20 @@ impl Datapath {
 }
 
 impl LbMaps {
+    /// This handle, writing the services' entries and tables of `generation` from now on.
+    pub fn for_generation(mut self, generation: u32) -> LbMaps {
+        self.generation = generation;
+        self
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    fn slot(&self, id: u32) -> u32 {
+        generation_slot(id, self.generation)
+    }
+
     /// Writes a service's backends (with `weights`) and its configuration. The configuration
     /// goes last: until it is written the datapath does not balance the service.
     pub fn write_service(
@@ -108,7 +127,7 @@ impl LbMaps {
     /// Rewrites the service's entry with its panic flag.
     pub fn write_panic(&mut self, svc: &CompiledLb, panic: bool) -> Result<(), DatapathError> {
         self.svc
-            .set(svc.service as u32, svc.service_entry(panic), 0)
+            .set(self.slot(svc.id), svc.service_entry(panic), 0)
             .map_err(map_err(MAP_LB_SVC))
     }
 
@@ -135,7 +154,7 @@ impl LbMaps {
     /// The datapath reads the old table whole or the new one whole; the kernel frees the old
     /// one once no running program holds it.
     pub fn publish(&mut self, svc: &CompiledLb, entries: &[u32]) -> Result<(), DatapathError> {
-        self.publish_many(vec![(svc.service as u32, entries.to_vec())])
+        self.publish_many(vec![(svc.id, entries.to_vec())])
     }
 
     /// [`LbMaps::publish`] for many services (by service id), written concurrently. On an
@@ -143,7 +162,7 @@ impl LbMaps {
     pub fn publish_many(&mut self, tables: Vec<(u32, Vec<u32>)>) -> Result<(), DatapathError> {
         let made: Vec<(u32, MapData)> = tables
             .into_iter()
-            .map(|(id, entries)| Ok((id, new_table(&entries)?)))
+            .map(|(id, entries)| Ok((self.slot(id), new_table(&entries)?)))
             .collect::<Result<_, MapError>>()
             .map_err(table_error)?;
         let share = made.len().div_ceil(self.tables.len()).max(1);
@@ -197,7 +216,7 @@ impl LbMaps {
         let sum = |slot| -> Result<u64, DatapathError> {
             let values = self
                 .svc_stats
-                .get(&svc_slot(svc.service as u32, slot), 0)
+                .get(&svc_slot(svc.id, slot), 0)
                 .map_err(map_err(MAP_SVC_STATS))?;
             Ok(values.iter().map(|c| c.packets).sum())
         };

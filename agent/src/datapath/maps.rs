@@ -1,38 +1,25 @@
-//! Writing the compiled policy into the maps, and reading counters back.
+//! Reading counters back from the maps (writing the policy: `generation.rs`).
 //!
-//! Idempotent: an entry already holding the wanted value is not written again, so applying the
-//! same policy twice writes nothing (`ApplyReport` says what changed). Order matters for a
-//! datapath that is live while it is written: service configurations first, then the classifier
-//! entries that point at them, then stale classifier entries are removed, then stale service
-//! slots are cleared. A packet therefore never reaches a service id whose configuration is not
-//! there yet (an id without configuration passes: fail open). Backend (breaker) entries are
-//! written only where missing (see `write_missing_backends`): their state belongs to the
-//! breakers once the agent runs.
+//! `ApplyReport` says what one stage of a policy changed: an entry already holding the wanted
+//! value is not written again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use agent_common::{
-    Bucket, BucketKey, Counter, MatchList, ServiceConfig,
-    classify::ADDR_LEN,
-    maps::{
-        MAP_CLASSIFY, MAP_GLOBAL_STATS, MAP_RL_BUCKETS, MAP_SHAPE_DELAY, MAP_SVC_CFG, MAP_SVC_STATS,
-    },
+    Bucket, BucketKey, Counter,
+    maps::{MAP_GLOBAL_STATS, MAP_RL_BUCKETS, MAP_SHAPE_DELAY, MAP_SVC_STATS},
     shape::ShapeDelay,
     stats::{
         GSTAT_NAMES, SVC_DROP_REASONS, SVC_NEW_KEYS, SVC_PASS_NO_BUCKET, SVC_PASSED,
         SVC_SHAPE_CONTENDED, SVC_SHAPE_HORIZON, SVC_SHAPE_NO_KEY, SVC_SHAPE_PACED, svc_slot,
     },
 };
-use aya::maps::{
-    Array, HashMap, MapData, PerCpuArray,
-    lpm_trie::{Key, LpmTrie},
-};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use serde::Serialize;
 
-use super::{Datapath, DatapathError, map_err, typed, typed_mut};
-use crate::config::Compiled;
+use super::{Datapath, DatapathError, map_err, typed};
 
-/// What one `apply` changed.
+/// What one stage of a policy changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ApplyReport {
     pub services_written: usize,
@@ -82,7 +69,7 @@ pub struct ShapeCounters {
 /// Counters of the whole datapath at one instant.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Snapshot {
-    /// Indexed by service id.
+    /// In the order of the ids asked for.
     pub services: Vec<ServiceCounters>,
     pub global: Vec<(&'static str, Counter)>,
 }
@@ -113,57 +100,8 @@ impl KeyCounts {
 }
 
 impl Datapath {
-    /// Writes a compiled policy, changing only what differs from what the maps hold.
-    pub fn apply(&mut self, compiled: &Compiled) -> Result<ApplyReport, DatapathError> {
-        let mut report = ApplyReport::default();
-        let ebpf = self.ebpf_mut();
-
-        let mut cfg: Array<&mut MapData, ServiceConfig> = typed_mut(&mut *ebpf, MAP_SVC_CFG)?;
-        for svc in &compiled.services {
-            let current = cfg.get(&svc.id, 0).map_err(map_err(MAP_SVC_CFG))?;
-            if current != svc.config {
-                cfg.set(svc.id, svc.config, 0)
-                    .map_err(map_err(MAP_SVC_CFG))?;
-                report.services_written += 1;
-            }
-        }
-
-        let mut trie: LpmTrie<&mut MapData, [u8; ADDR_LEN], MatchList> =
-            typed_mut(&mut *ebpf, MAP_CLASSIFY)?;
-        let mut wanted = HashSet::new();
-        for entry in &compiled.classify {
-            let key = Key::new(entry.prefix_len, entry.addr);
-            wanted.insert((entry.prefix_len, entry.addr));
-            if trie.get(&key, 0).ok() != Some(entry.rules) {
-                trie.insert(&key, entry.rules, 0)
-                    .map_err(map_err(MAP_CLASSIFY))?;
-                report.prefixes_written += 1;
-            }
-        }
-        let stale: Vec<Key<[u8; ADDR_LEN]>> = trie
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for key in stale {
-            trie.remove(&key).map_err(map_err(MAP_CLASSIFY))?;
-            report.prefixes_removed += 1;
-        }
-
-        let mut cfg: Array<&mut MapData, ServiceConfig> = typed_mut(&mut *ebpf, MAP_SVC_CFG)?;
-        for id in compiled.services.len() as u32..cfg.len() {
-            if cfg.get(&id, 0).map_err(map_err(MAP_SVC_CFG))? != ServiceConfig::default() {
-                cfg.set(id, ServiceConfig::default(), 0)
-                    .map_err(map_err(MAP_SVC_CFG))?;
-                report.services_cleared += 1;
-            }
-        }
-        report.backends_written = self.write_missing_backends(&compiled.backends)?;
-        Ok(report)
-    }
-
-    /// Reads every counter, summed over CPUs, for `services` service ids.
-    pub fn snapshot(&self, services: u32) -> Result<Snapshot, DatapathError> {
+    /// Reads every counter, summed over CPUs, of the services `ids` (in that order).
+    pub fn snapshot(&self, ids: &[u32]) -> Result<Snapshot, DatapathError> {
         let ebpf = &self.ebpf;
         let svc: PerCpuArray<&MapData, Counter> = typed(ebpf, MAP_SVC_STATS)?;
         let read = |arr: &PerCpuArray<&MapData, Counter>, idx: u32, name: &'static str| {
@@ -175,7 +113,7 @@ impl Datapath {
             Ok::<_, DatapathError>(sum)
         };
         let mut out = Snapshot::default();
-        for id in 0..services {
+        for &id in ids {
             let mut dropped = Vec::with_capacity(SVC_DROP_REASONS.len());
             for (slot, reason) in SVC_DROP_REASONS {
                 dropped.push((reason, read(&svc, svc_slot(id, slot), MAP_SVC_STATS)?));
@@ -194,7 +132,7 @@ impl Datapath {
                 },
             });
         }
-        self.read_shape_delays(&mut out.services)?;
+        self.read_shape_delays(ids, &mut out.services)?;
         let global: PerCpuArray<&MapData, Counter> = typed(ebpf, MAP_GLOBAL_STATS)?;
         for (slot, name) in GSTAT_NAMES {
             out.global
@@ -205,18 +143,22 @@ impl Datapath {
 
     /// The latest departure each CPU set for each service: the latest of them, and how long
     /// it still waits now (a gauge that falls to 0 when the service's traffic stops).
-    fn read_shape_delays(&self, services: &mut [ServiceCounters]) -> Result<(), DatapathError> {
+    fn read_shape_delays(
+        &self,
+        ids: &[u32],
+        services: &mut [ServiceCounters],
+    ) -> Result<(), DatapathError> {
         if services.iter().all(|s| s.shaping.paced.packets == 0) {
             return Ok(());
         }
         let delays: PerCpuArray<&MapData, ShapeDelay> = typed(&self.ebpf, MAP_SHAPE_DELAY)?;
         let now = super::ktime_now_ns().unwrap_or(0);
-        for (id, svc) in services.iter_mut().enumerate() {
+        for (&id, svc) in ids.iter().zip(services.iter_mut()) {
             if svc.shaping.paced.packets == 0 {
                 continue;
             }
             let values = delays
-                .get(&(id as u32), 0)
+                .get(&id, 0)
                 .map_err(super::map_err(MAP_SHAPE_DELAY))?;
             if let Some(latest) = values.iter().max_by_key(|d| d.departure) {
                 svc.shaping.waiting_ns = latest.departure.saturating_sub(now);
@@ -229,10 +171,10 @@ impl Datapath {
     /// Walks the token-bucket table once and counts its entries per service. A walk of a
     /// million keys takes about a second of syscalls, so the agent does it on a timer, not per
     /// scrape.
-    pub fn count_keys(&self, services: u32) -> Result<KeyCounts, DatapathError> {
+    pub fn count_keys(&self, ids: &[u32]) -> Result<KeyCounts, DatapathError> {
         let mut counts = KeyCounts::default();
-        for (id, svc) in self.snapshot(services)?.services.iter().enumerate() {
-            counts.inserted.insert(id as u32, svc.new_keys);
+        for (&id, svc) in ids.iter().zip(&self.snapshot(ids)?.services) {
+            counts.inserted.insert(id, svc.new_keys);
         }
         let table: HashMap<&MapData, BucketKey, Bucket> = typed(&self.ebpf, MAP_RL_BUCKETS)?;
         // Keys may be evicted while we walk; an error on one key ends the walk early rather

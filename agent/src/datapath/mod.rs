@@ -4,6 +4,7 @@
 mod attach;
 mod backends;
 pub mod bpffs;
+mod generation;
 mod kernel;
 mod lb;
 mod maps;
@@ -15,6 +16,7 @@ mod watchdog;
 
 pub use attach::{AttachSpec, XdpModeSetting, remove_egress_filter};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
+pub use generation::{LivePolicy, LiveService, Staged};
 pub use kernel::{Kernel, MIN_KERNEL};
 pub use lb::{LbCounters, LbMaps, LbServiceCounters};
 pub use maps::{ApplyReport, KeyCounts, ServiceCounters, ShapeCounters, Snapshot};
@@ -238,6 +240,7 @@ pub struct Datapath {
     sizes: TableSizes,
     pins: Option<PinDir>,
     adopted: bool,
+    generations: generation::Generations,
     /// Repairs the watchdog made, by what.
     repairs: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -359,12 +362,14 @@ impl Datapath {
                 pins.write_layout()?;
             }
         }
+        let generations = generation::Generations::read(&ebpf, sizes.services)?;
         Ok(Self {
             ebpf,
             attached: Vec::new(),
             sizes,
             pins,
             adopted,
+            generations,
             repairs: Default::default(),
         })
     }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use agent_common::{
     Bucket, BucketKey, MatchList,
     breaker::{AdmittedFlow, BSTAT_SLOTS, FlowKey, PendingSyn},
-    classify::ADDR_LEN,
+    classify::{CLASSIFY_KEY_LEN, GENERATIONS},
     fdinfo::{FdMap, parse_fdinfo},
     lb::{LbConn, LbReverse},
     maps::{
@@ -109,12 +109,14 @@ pub struct ArrayUse {
 impl ArrayUse {
     /// The arrays a compiled policy fills, and how much of each.
     pub fn of(compiled: &Compiled) -> Vec<ArrayUse> {
-        let services = compiled.services.len() as u64;
-        // LB_SVC is indexed by service id: the highest balanced id is what must fit.
-        let lb_ids = compiled
-            .lb
-            .iter()
-            .map(|s| s.service as u64 + 1)
+        // Indexed by service id, two entries (generations) each: the highest id is what must
+        // fit (ids are stable across reloads, not dense).
+        let services = (compiled.services.iter())
+            .map(|s| u64::from(s.id) + 1)
+            .max()
+            .unwrap_or(0);
+        let lb_ids = (compiled.lb.iter())
+            .map(|s| u64::from(s.id) + 1)
             .max()
             .unwrap_or(0);
         let lb_backends = compiled.lb.iter().map(|s| s.backends.len() as u64).sum();
@@ -122,12 +124,12 @@ impl ArrayUse {
             ArrayUse {
                 map: MAP_SVC_CFG,
                 used: services,
-                slots: 1,
+                slots: GENERATIONS,
             },
             ArrayUse {
                 map: MAP_LB_SVC,
                 used: lb_ids,
-                slots: 1,
+                slots: GENERATIONS,
             },
             ArrayUse {
                 map: MAP_LB_BACKENDS,
@@ -228,7 +230,7 @@ fn walk<K>(
 
 impl Datapath {
     /// `max_entries` of the object's map `name`; `None` when the object has no such map.
-    fn capacity(&self, name: &'static str) -> Result<Option<u32>, DatapathError> {
+    pub fn capacity(&self, name: &'static str) -> Result<Option<u32>, DatapathError> {
         let Some(map) = self.ebpf.map(name) else {
             return Ok(None);
         };
@@ -274,7 +276,7 @@ impl Datapath {
         let e = map_err(name);
         let (entries, counted) = match name {
             MAP_CLASSIFY => {
-                let t: LpmTrie<&MapData, [u8; ADDR_LEN], MatchList> = typed(ebpf, name)?;
+                let t: LpmTrie<&MapData, [u8; CLASSIFY_KEY_LEN], MatchList> = typed(ebpf, name)?;
                 walk(t.keys(), capacity).map_err(e)?
             }
             MAP_RL_BUCKETS => {

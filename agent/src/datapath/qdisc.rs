@@ -537,6 +537,12 @@ impl Pacers {
 }
 
 impl Pacers {
+    /// Lets go of the pacers on `interfaces` without removing them (a reload's new pacers
+    /// took them over in place); dropping the rest removes those.
+    pub fn release(&mut self, interfaces: &[String]) {
+        self.installed.retain(|(i, _)| !interfaces.contains(i));
+    }
+
     /// Lets go of the pacers without removing them: the datapath the agent leaves running
     /// keeps stamping departure times, which only `fq` honours.
     pub fn leave(mut self) {

@@ -50,9 +50,22 @@ impl Checker {
         self
     }
 
-    /// Starts checking `backend`; its first probe falls somewhere in its first interval.
-    /// Must be called inside a tokio runtime.
+    /// Starts checking `backend` from the checker's initial health; its first probe falls
+    /// somewhere in its first interval. Must be called inside a tokio runtime.
     pub fn add(&mut self, backend: BackendRef, check: &HealthCheck) -> Result<(), HealthError> {
+        self.add_from(backend, check, self.initial)
+    }
+
+    /// As [`add`](Checker::add), from `health` (a backend's health carried over from an
+    /// earlier checker): rise/fall counts from there, so an unhealthy backend needs
+    /// `healthy_threshold` successes before it is healthy again, and no probe result says
+    /// `changed` before then.
+    pub fn add_from(
+        &mut self,
+        backend: BackendRef,
+        check: &HealthCheck,
+        health: Health,
+    ) -> Result<(), HealthError> {
         if self.backends.contains(&backend) {
             return Err(HealthError::Duplicate(backend));
         }
@@ -71,7 +84,7 @@ impl Checker {
             backend: backend.clone(),
             probe,
             check: check.clone(),
-            initial: self.initial,
+            initial: health,
         })));
         self.backends.insert(backend);
         Ok(())

@@ -342,3 +342,32 @@ async fn removing_and_dropping_stop_the_tasks() {
     let closed = tokio::time::timeout(ms(5000), async { while rx.recv().await.is_some() {} }).await;
     assert!(closed.is_ok(), "probe tasks still running after drop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_added_unhealthy_rises_only_after_the_threshold() {
+    let server = TcpServer::start(false).await;
+    let check = policy_check(
+        "      type: tcp\n      interval: 30ms\n      unhealthy_interval: 30ms\n      \
+         timeout: 20ms\n      healthy_threshold: 3\n      unhealthy_threshold: 1\n",
+    );
+    let (tx, mut rx) = mpsc::channel(16);
+    // The checker's own default is healthy: only this backend starts unhealthy.
+    let mut checker = Checker::new(tx, ProbeOptions::default());
+    checker
+        .add_from(backend(server.addr), &check, Health::Unhealthy)
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let r = next(&mut rx, ms(1000)).await;
+        got.push((r.outcome, r.health, r.changed));
+    }
+    assert_eq!(
+        got,
+        [
+            (Ok(()), Health::Unhealthy, false),
+            (Ok(()), Health::Unhealthy, false),
+            (Ok(()), Health::Healthy, true),
+        ],
+        "three successes from unhealthy, healthy_threshold 3"
+    );
+}

@@ -154,7 +154,7 @@ struct Service {
 /// Writes the initial state of every balanced service (configured weights, first table),
 /// before the programs are attached, on fresh maps.
 pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), DatapathError> {
-    install_resumed(maps, services, false, &HashMap::new())
+    install_resumed(maps, services, false, &HashMap::new(), &HashMap::new())
 }
 
 /// As [`install`], but when the agent `adopted` pinned maps (`Datapath::adopted`) the first
@@ -162,13 +162,16 @@ pub fn install(maps: &mut LbMaps, services: &[CompiledLb]) -> Result<(), Datapat
 /// `supervisor::breakers_in`, which the supervisor resumes): a backend whose breaker is open
 /// gets no new flows from the first moment, a half-open one a trickle, as the balancer's
 /// first tick would decide. On fresh maps every breaker starts closed: `breakers` is not read.
+/// `health`: what a reload carries over (`carried_health`): an unhealthy backend gets no new
+/// flows from the new policy's first table either.
 pub fn install_resumed(
     maps: &mut LbMaps,
     services: &[CompiledLb],
     adopted: bool,
     breakers: &HashMap<BackendId, State>,
+    health: &HashMap<BackendId, Health>,
 ) -> Result<(), DatapathError> {
-    let configured = |s: &CompiledLb| first_weights(s, adopted, breakers);
+    let configured = |s: &CompiledLb| first_weights(s, adopted, breakers, health);
     for s in services {
         maps.write_service(s, &configured(s))?;
     }
@@ -183,7 +186,7 @@ pub fn install_resumed(
             .map(|chunk| {
                 scope.spawn(move || {
                     (chunk.iter())
-                        .map(|s| (s.service as u32, table(s, &configured(s))))
+                        .map(|s| (s.id, table(s, &configured(s))))
                         .collect::<Vec<_>>()
                 })
             })
@@ -202,22 +205,17 @@ fn first_weights(
     plan: &CompiledLb,
     adopted: bool,
     breakers: &HashMap<BackendId, State>,
+    health: &HashMap<BackendId, Health>,
 ) -> Vec<u32> {
     let seen: HashMap<BackendId, Seen> = (0..plan.backends.len())
-        .filter(|_| adopted)
         .filter_map(|index| {
             let id = BackendId {
                 service: plan.service,
                 index,
             };
-            let breaker = Some(*breakers.get(&id)?);
-            Some((
-                id,
-                Seen {
-                    health: None,
-                    breaker,
-                },
-            ))
+            let breaker = breakers.get(&id).copied().filter(|_| adopted);
+            let health = health.get(&id).copied();
+            (breaker.is_some() || health.is_some()).then_some((id, Seen { health, breaker }))
         })
         .collect();
     if seen.is_empty() {
@@ -227,6 +225,34 @@ fn first_weights(
     let mut s = Service::new(plan.clone(), now);
     s.update(&seen, now);
     s.wanted
+}
+
+/// The health a reload carries over from the running supervisor's backends (by service name
+/// and address: positions may differ between the two policies), for the new policy's balanced
+/// backends.
+pub fn carried_health(
+    carried: &[crate::supervisor::Backend],
+    services: &[CompiledLb],
+) -> HashMap<BackendId, Health> {
+    let by_name: HashMap<(&str, std::net::SocketAddr), Health> = carried
+        .iter()
+        .filter_map(|b| Some(((&*b.service, b.address), b.health?)))
+        .collect();
+    let mut out = HashMap::new();
+    for s in services {
+        for (index, b) in s.backends.iter().enumerate() {
+            if let Some(&h) = by_name.get(&(s.name.as_str(), b.address)) {
+                out.insert(
+                    BackendId {
+                        service: s.service,
+                        index,
+                    },
+                    h,
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The table of `svc` for `weights` (LB indices; `NO_BACKEND` for none).
@@ -258,25 +284,17 @@ pub fn table(svc: &CompiledLb, weights: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// Configured weights of every balanced service's backends, in order: what a reload may
-/// change.
-pub fn configured(services: &[CompiledLb]) -> Vec<Vec<u32>> {
-    services
-        .iter()
-        .map(|s| s.backends.iter().map(|b| b.weight).collect())
-        .collect()
-}
-
-/// Runs until `stop`; blocking (map syscalls), so on a blocking thread. `weights` brings the
-/// configured weights of a reloaded policy.
+/// Runs until `stop`; blocking (map syscalls), so on a blocking thread. A reload stops it
+/// and runs a new one for the new policy.
 pub fn run(
     mut maps: LbMaps,
     services: Vec<CompiledLb>,
     health: Option<BackendsRx>,
     view: Arc<LbView>,
-    mut weights: watch::Receiver<Vec<Vec<u32>>>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    // On the agent's blocking pool: its runtime wakes the tick early on a stop.
+    let runtime = tokio::runtime::Handle::try_current().ok();
     let now = Instant::now();
     let mut services: Vec<Service> = services
         .into_iter()
@@ -287,13 +305,6 @@ pub fn run(
     while !*stop.borrow() {
         let now = Instant::now();
         let seen = read(health.as_ref());
-        let reloaded = weights.has_changed().unwrap_or(false);
-        if reloaded {
-            let new = weights.borrow_and_update().clone();
-            for (s, w) in services.iter_mut().zip(new) {
-                s.reconfigure(&w);
-            }
-        }
         for s in &mut services {
             s.update(&seen, now);
         }
@@ -305,7 +316,13 @@ pub fn run(
             last_walk = Some(now);
         }
         publish_view(&services, &occupancy, &view);
-        std::thread::sleep(TICK);
+        // A tick, or less when stopped (a reload waits for this thread to end).
+        match &runtime {
+            Some(rt) => rt.block_on(async {
+                let _ = tokio::time::timeout(TICK, stop.changed()).await;
+            }),
+            None => std::thread::sleep(TICK),
+        }
     }
 }
 
@@ -331,16 +348,6 @@ impl Service {
             publishes: 0,
             write_errors: 0,
             plan,
-        }
-    }
-
-    /// New configured weights (a reload): taken at the next update.
-    fn reconfigure(&mut self, weights: &[u32]) {
-        for (b, &w) in self.plan.backends.iter_mut().zip(weights) {
-            if b.weight != w {
-                b.weight = w;
-                self.dirty = true;
-            }
         }
     }
 
@@ -499,7 +506,7 @@ fn sync(services: &mut [Service], maps: &mut LbMaps, now: Instant) {
     let published: Vec<usize> = tables.iter().map(|(i, _)| *i).collect();
     let ids = tables
         .into_iter()
-        .map(|(i, t)| (services[i].plan.service as u32, t))
+        .map(|(i, t)| (services[i].plan.id, t))
         .collect();
     if let Err(e) = maps.publish_many(ids) {
         for i in published {
@@ -753,7 +760,7 @@ mod tests {
                 Open,
             ),
         ]);
-        let w = first_weights(&s, true, &breakers);
+        let w = first_weights(&s, true, &breakers, &HashMap::new());
         assert_eq!(w, [100, 0, 1, 100], "open: none; half-open: a trickle");
         let t = table(&s, &w);
         assert!(
@@ -773,8 +780,15 @@ mod tests {
             },
             State::Open,
         )]);
-        assert_eq!(first_weights(&s, false, &open), [100, 50], "not adopted");
-        assert_eq!(first_weights(&s, true, &HashMap::new()), [100, 50]);
+        assert_eq!(
+            first_weights(&s, false, &open, &HashMap::new()),
+            [100, 50],
+            "not adopted"
+        );
+        assert_eq!(
+            first_weights(&s, true, &HashMap::new(), &HashMap::new()),
+            [100, 50]
+        );
     }
 
     #[test]
@@ -796,7 +810,7 @@ mod tests {
                 State::Open,
             ),
         ]);
-        assert_eq!(first_weights(&s, true, &open), [100, 100]);
+        assert_eq!(first_weights(&s, true, &open, &HashMap::new()), [100, 100]);
     }
 
     #[test]

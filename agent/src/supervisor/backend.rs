@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     breaker::{Reason, State},
+    config::HealthCheck,
     health::{Health, ProbeFailure},
 };
 
@@ -59,6 +60,10 @@ pub struct Backend {
     /// `None` without `health_check.passive`.
     pub passive: Option<PassiveCounts>,
     pub map_write_errors: u64,
+    /// Its service's `health_check` (`None` without, and as [`Backend::new`] makes it): what
+    /// its health and probe counters mean, so that a reload carries them over only to the
+    /// same check ([`Backend::continues`]).
+    pub health_check: Option<Arc<HealthCheck>>,
 }
 
 impl Backend {
@@ -88,6 +93,40 @@ impl Backend {
             latency_sum: 0.0,
             passive: None,
             map_write_errors: 0,
+            health_check: None,
+        }
+    }
+
+    /// Whether `old`, published by the supervisor before a reload, is this backend: the same
+    /// service (by name) and address, probed under the same `health_check`. Positions are
+    /// not compared: a reload that adds or removes a service or a backend before it moves it.
+    pub fn continues(&self, old: &Backend) -> bool {
+        self.address == old.address
+            && self.service == old.service
+            && self.health_check == old.health_check
+    }
+
+    /// Takes over what `old` (of which this backend [`continues`](Backend::continues)) has
+    /// seen: health after rise/fall, probe counters, failures, latency, passive counts (when
+    /// this one has passive detection), breaker transitions and failed map writes. `since`
+    /// too, when it dates the same state: the same breaker state, or without breakers the
+    /// same (carried) health. Its place, datapath id and breaker stay this policy's: the
+    /// breaker resumes from the datapath, as on adoption.
+    pub fn carry(&mut self, old: &Backend) {
+        self.health = old.health;
+        self.probes_ok = old.probes_ok;
+        self.probes_failed = old.probes_failed;
+        self.failures = old.failures.clone();
+        self.last_failure = old.last_failure.clone();
+        self.transitions = old.transitions.clone();
+        self.latency_buckets = old.latency_buckets;
+        self.latency_sum = old.latency_sum;
+        if self.passive.is_some() {
+            self.passive = Some(old.passive.unwrap_or_default());
+        }
+        self.map_write_errors = old.map_write_errors;
+        if self.breaker == old.breaker {
+            self.since = old.since;
         }
     }
 

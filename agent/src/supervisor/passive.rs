@@ -91,7 +91,8 @@ pub struct PassiveTracker {
 
 impl PassiveTracker {
     /// Takes the totals the counters hold when the poller starts as the base: pinned maps an
-    /// agent adopted carry their whole history, which is not news to this one.
+    /// agent adopted carry their whole history, which is not news to this one (nor, after a
+    /// reload, to the next supervisor).
     pub fn seed(&mut self, id: u32, synack: u64, refused: u64) {
         self.last.insert(id, (synack, refused));
     }
@@ -123,10 +124,11 @@ pub type PassiveBatch = Vec<(u32, PassiveCounts)>;
 /// The poller: reads, sweeps and reports every [`PASSIVE_TICK`] until `stop` turns true (or
 /// its sender is gone) or the supervisor is gone. Blocking (map syscalls): run it on a
 /// blocking thread, which a runtime waits for when it shuts down: hence every way out.
+/// `history`: the counters' totals at its start are not news (adopted maps, or a reload).
 pub fn poll(
     mut maps: BackendMaps,
     backends: Vec<PassiveBackend>,
-    adopted: bool,
+    history: bool,
     results: mpsc::Sender<PassiveBatch>,
     stop: watch::Receiver<bool>,
 ) {
@@ -140,10 +142,10 @@ pub fn poll(
         })
         .collect();
     let mut tracker = PassiveTracker::default();
-    // Adopted counters hold the earlier agent's history: the base, not news. Fresh ones count
-    // from zero (what they held before this thread's first read happened since the attach,
-    // and is news).
-    for b in backends.iter().filter(|_| adopted) {
+    // Adopted counters hold the earlier agent's history, and on a reload the previous
+    // poller's: the base, not news. Fresh ones count from zero (what they held before this
+    // thread's first read happened since the attach, and is news).
+    for b in backends.iter().filter(|_| history) {
         // A backend that cannot be read now is read from zero later.
         if let Ok((synack, refused)) = read(&maps, b.id) {
             tracker.seed(b.id, synack, refused);

@@ -103,7 +103,7 @@ fn fixture() -> Fixture {
     let policy = config::load_str(POLICY, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
     let compiled = config::compile(&policy);
     let t0 = Instant::now();
-    let mut sup = Supervisor::new(&policy, &compiled.backends, t0);
+    let mut sup = Supervisor::new(&policy, &compiled.backends, None, t0);
     sup.clock = Some((t0, T0_NS));
     let rec = Recorder::default();
     sup.sink = Some(Box::new(rec.clone()));
@@ -586,4 +586,375 @@ fn stamps_are_on_the_datapath_clock_either_side_of_its_reading() {
         "no wrap"
     );
     assert_eq!(ktime_at(None, t0), 0, "no reading: unstamped");
+}
+
+// Reloads: the previous supervisor's last published backends carried into the next one.
+
+/// `POLICY` reloaded with a service inserted before `web`, and `web`'s backends reordered
+/// with one added: every backend of `web` changes position and datapath id.
+const RELOADED: &str = "
+version: 1
+interfaces:
+  - name: eth0
+services:
+  - name: added
+    match: {address: 198.18.0.12, port: 80}
+    backends:
+      - address: 10.0.3.1:80
+    health_check: {timeout: 200ms}
+  - name: web
+    match: {address: 198.18.0.10, port: 80, protocol: any}
+    backends:
+      - address: 10.0.1.13:8080
+      - address: 10.0.1.12:8080
+      - address: 10.0.1.11:8080
+    health_check: {timeout: 200ms}
+    circuit_breaker:
+      failure_threshold: 2
+      reset_timeout: 5s
+      max_reset_timeout: 20s
+      half_open_max_flows: 3
+      success_threshold: 2
+      on_open: drop
+      close_existing: true
+      max_ejection_percent: 50%
+  - name: plain
+    match: {address: 198.18.0.11, port: 53, protocol: udp}
+    backends:
+      - address: 10.0.2.1:53
+";
+
+impl Fixture {
+    /// What `Datapath::apply` does before the supervisor starts: the initial (closed) entry
+    /// under every key the map does not hold yet; keys already there keep their state.
+    fn applied(&self) {
+        let mut map = self.rec.map.lock().unwrap_or_else(PoisonError::into_inner);
+        for b in &self.compiled.backends {
+            for k in &b.keys {
+                map.entry(*k).or_insert_with(|| b.initial());
+            }
+        }
+    }
+
+    /// The supervisor a reload to `text` starts, `after` this one's start, on the same maps:
+    /// as [`start`] builds it from `Origin::Reload` with this one's last published value,
+    /// after `Datapath::apply` wrote the new policy's missing entries. Not resumed yet.
+    fn reload(&self, text: &str, after: Duration) -> Fixture {
+        let policy = config::load_str(text, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let compiled = config::compile(&policy);
+        let t0 = self.t0 + after;
+        let last = self.sup.table.0.borrow().clone();
+        let origin = Origin::Reload(&last);
+        let mut sup = Supervisor::new(&policy, &compiled.backends, origin.carried(), t0);
+        let after_ns = u64::try_from(after.as_nanos()).expect("a test's delay fits in u64");
+        sup.clock = Some((t0, T0_NS + after_ns));
+        sup.sink = Some(Box::new(self.rec.clone()));
+        let f = Fixture {
+            sup,
+            compiled,
+            rec: self.rec.clone(),
+            t0,
+        };
+        f.applied();
+        f
+    }
+
+    /// The published backend at `address` (unique in these policies).
+    fn backend(&self, address: &str) -> Backend {
+        self.sup
+            .table
+            .0
+            .borrow()
+            .iter()
+            .find(|b| b.address.to_string() == address)
+            .cloned()
+            .unwrap_or_else(|| panic!("no backend {address} in the table"))
+    }
+
+    /// A probe result of the backend at `address` as the checker sends it.
+    fn probe_as(&mut self, address: &str, failure: Option<ProbeFailure>, health: Health, ms: u64) {
+        let b = self.backend(address);
+        let r = ProbeResult {
+            backend: BackendRef {
+                service: b.service.clone(),
+                service_id: b.id.service,
+                index: b.id.index,
+                address: b.address,
+            },
+            at: self.at(ms),
+            outcome: failure.map_or(Ok(()), Err),
+            attempts: 1,
+            latency: Duration::from_millis(3),
+            elapsed: Duration::from_millis(3),
+            health,
+            changed: b.health != Some(health),
+        };
+        self.sup.on_probes(&[r]);
+    }
+}
+
+#[test]
+fn a_reload_that_moves_a_backend_carries_it_whole() {
+    let mut f = fixture();
+    f.applied();
+    let web0 = "10.0.1.11:8080";
+    f.probe_as(web0, None, Health::Healthy, 1);
+    let synacks = PassiveCounts {
+        synack: 5,
+        ..PassiveCounts::default()
+    };
+    f.sup.on_passive(vec![(0, synacks)], f.at(3));
+    // Opens at 11 ms; the write fails once and is retried.
+    f.rec.fail.store(true, Ordering::SeqCst);
+    f.probe_as(web0, Some(ProbeFailure::Refused), Health::Healthy, 10);
+    f.probe_as(
+        web0,
+        Some(ProbeFailure::Timeout(Duration::from_millis(200))),
+        Health::Healthy,
+        11,
+    );
+    f.rec.fail.store(false, Ordering::SeqCst);
+    f.sup.on_timers(f.at(11) + WRITE_RETRY);
+    f.probe_as(web0, Some(ProbeFailure::Refused), Health::Unhealthy, 12);
+    let old = f.backend(web0);
+    assert_eq!(
+        (old.health, old.breaker, old.map_write_errors, old.id),
+        (
+            Some(Health::Unhealthy),
+            Some(State::Open),
+            1,
+            BackendId {
+                service: 0,
+                index: 0
+            }
+        ),
+        "the state before the reload"
+    );
+    let closed_since = f.backend("10.0.1.12:8080").since;
+    f.rec.take();
+
+    let mut g = f.reload(RELOADED, Duration::from_secs(2));
+    assert_eq!(g.sup.resume(g.t0), (1, 0), "the open breaker resumes");
+    let new = g.backend(web0);
+    assert_eq!(
+        (new.id, new.datapath_id),
+        (
+            BackendId {
+                service: 1,
+                index: 2
+            },
+            Some(2)
+        ),
+        "its place and datapath id are the new policy's"
+    );
+    assert_eq!(
+        Backend {
+            id: old.id,
+            datapath_id: old.datapath_id,
+            ..new
+        },
+        old,
+        "everything else carried: health, since, probes, failures, latency, passive counts, \
+         transitions, failed writes"
+    );
+    assert_eq!(
+        g.rec.take(),
+        [
+            (PROTO_TCP, STATE_OPEN, 0, 0, 2),
+            (PROTO_UDP, STATE_OPEN, 0, 0, 2)
+        ],
+        "only the entry whose id changed is written again, still open"
+    );
+    let kept = g.backend("10.0.1.12:8080");
+    assert_eq!(
+        (kept.breaker, kept.since, kept.id.service),
+        (Some(State::Closed), closed_since, 1),
+        "a closed breaker never written keeps its since"
+    );
+    let added = g.backend("10.0.1.13:8080");
+    assert_eq!(
+        (added.health, added.breaker, added.since, added.probes_ok),
+        (Some(Health::Healthy), Some(State::Closed), g.t0, 0),
+        "a new backend starts as on a fresh start"
+    );
+
+    // The open period (5 s from 11 ms) goes on from the map, under the new id.
+    g.sup.on_timers(f.at(11) + Duration::from_millis(4_999));
+    assert_eq!(g.rec.take(), [], "not over yet");
+    g.sup.on_timers(f.at(11) + Duration::from_secs(5));
+    assert_eq!(
+        g.rec.take(),
+        [
+            (PROTO_TCP, STATE_HALF_OPEN, 3, 1, 2),
+            (PROTO_UDP, STATE_HALF_OPEN, 3, 1, 2)
+        ]
+    );
+}
+
+#[test]
+fn a_backend_whose_health_check_changed_starts_fresh() {
+    let mut f = fixture();
+    f.applied();
+    let web0 = "10.0.1.11:8080";
+    f.probe_as(web0, Some(ProbeFailure::Refused), Health::Healthy, 1);
+    f.probe_as(web0, Some(ProbeFailure::Refused), Health::Unhealthy, 2);
+    assert_eq!(f.backend(web0).breaker, Some(State::Open));
+    let plain = f.backend("10.0.2.1:53");
+
+    let changed = POLICY.replace(
+        "health_check: {timeout: 200ms}",
+        "health_check: {timeout: 300ms}",
+    );
+    assert_ne!(changed, POLICY);
+    let g = f.reload(&changed, Duration::from_secs(1));
+    let new = g.backend(web0);
+    assert_eq!(
+        (
+            new.health,
+            new.probes_ok,
+            new.probes_failed,
+            new.failures.len(),
+            new.last_failure,
+            new.transitions.len(),
+            new.since,
+        ),
+        (Some(Health::Healthy), 0, 0, 0, None, 0, g.t0),
+        "health and counters start over under another check"
+    );
+    assert_eq!(
+        g.backend("10.0.2.1:53"),
+        plain,
+        "a service without a check, unchanged, is carried"
+    );
+}
+
+#[test]
+fn a_changed_check_still_resumes_its_breaker_from_the_maps() {
+    let mut f = fixture();
+    f.applied();
+    f.probe_as(
+        "10.0.1.11:8080",
+        Some(ProbeFailure::Refused),
+        Health::Healthy,
+        1,
+    );
+    f.probe_as(
+        "10.0.1.11:8080",
+        Some(ProbeFailure::Refused),
+        Health::Healthy,
+        2,
+    );
+    let changed = POLICY.replace(
+        "health_check: {timeout: 200ms}",
+        "health_check: {timeout: 300ms}",
+    );
+    let mut g = f.reload(&changed, Duration::from_secs(1));
+    assert_eq!(g.sup.resume(g.t0), (1, 0));
+    assert_eq!(
+        g.published(0),
+        (Some(State::Open), f.at(2)),
+        "as on adoption: open since the map's stamp"
+    );
+}
+
+#[test]
+fn passive_counters_are_history_unless_the_maps_are_fresh() {
+    let none = Backends::new();
+    let got =
+        [Origin::Fresh, Origin::Adopted, Origin::Reload(&none)].map(Origin::counters_are_history);
+    assert_eq!(got, [false, true, true]);
+}
+
+/// How long a backend probed every 50 ms may take to pass 3 probes on a loaded machine.
+const RISE_DEADLINE: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_publishes_the_carried_health_first_and_probes_go_on_from_it() {
+    // Accepts connections (the kernel completes them): every TCP probe succeeds.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a listener on 127.0.0.1");
+    let addr = listener.local_addr().expect("its address");
+    let policy = |before: &str| {
+        let text = format!(
+            "version: 1\ninterfaces:\n  - name: eth0\nservices:\n{before}  - name: web\n    \
+             match: {{address: 198.18.0.10, port: 80}}\n    backends:\n      - address: \
+             '{addr}'\n    health_check: {{interval: 50ms, unhealthy_interval: 50ms, timeout: \
+             40ms, healthy_threshold: 3}}\n"
+        );
+        config::load_str(&text, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
+    };
+    let before = policy("");
+    // A service before `web`, without checks: `web` moves from service 0 to 1.
+    let after = policy(
+        "  - name: first\n    match: {address: 198.18.0.9, port: 80}\n    backends:\n      \
+         - address: 10.0.9.1:80\n",
+    );
+    // What the previous supervisor last published: `web` unhealthy after 4 refusals.
+    let mut last = Supervisor::new(&before, &[], None, Instant::now())
+        .table
+        .0
+        .borrow()
+        .clone();
+    last[0].health = Some(Health::Unhealthy);
+    last[0].probes_failed = 4;
+    last[0].failures.insert(ProbeFailure::Refused.label(), 4);
+    last[0].last_failure = Some(ProbeFailure::Refused);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (mut rx, task) = start_probing(
+        &after,
+        &[],
+        None,
+        Origin::Reload(&last),
+        ProbeOptions::default(),
+        stop_rx,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .expect("services with backends");
+    let web = |v: &Backends| {
+        v.iter()
+            .find(|b| b.address == addr)
+            .cloned()
+            .expect("web's backend published")
+    };
+    // Read at once, but a probe may have come in already: it cannot have made it healthy.
+    let first = web(&rx.borrow_and_update());
+    assert_eq!(
+        (
+            first.id.service,
+            first.health,
+            first.failures.get("refused").copied()
+        ),
+        (1, Some(Health::Unhealthy), Some(4)),
+        "the first value carries the health and counters, at the new position"
+    );
+    // Every value seen until it is healthy again: unhealthy until healthy_threshold (3)
+    // successes, never healthy before (the checker starts from the carried health). A
+    // probe timing out on a loaded machine only delays it.
+    let deadline = tokio::time::Instant::now() + RISE_DEADLINE;
+    loop {
+        tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "not healthy again within {RISE_DEADLINE:?}: {:?}",
+                    web(&rx.borrow())
+                )
+            })
+            .expect("the supervisor runs");
+        let b = web(&rx.borrow_and_update());
+        if b.health == Some(Health::Healthy) {
+            assert!(
+                b.probes_ok >= 3,
+                "healthy after {} successes, healthy_threshold 3",
+                b.probes_ok
+            );
+            break;
+        }
+        assert_eq!(b.health, Some(Health::Unhealthy), "{b:?}");
+    }
+    let _ = stop_tx.send(true);
+    task.await.expect("the supervisor's task ends");
+    drop(listener);
 }

@@ -161,11 +161,14 @@ impl Collector for ReportCollector {
 /// Reloads by result, the policy generation and when the policy in force was applied.
 fn encode_reload(r: &StatusReport, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     let reload = &r.reload;
-    let last_ok = reload.last.as_ref().is_none_or(|l| l.result == "ok");
+    let last_ok = reload
+        .last
+        .as_ref()
+        .is_none_or(|l| l.result == "ok" || l.result == "unchanged");
     for f in [
         Family {
             name: "agent_reload",
-            help: "Policy reloads (SIGHUP or a change of the policy file) by result: ok (applied), invalid (the file does not validate), failed (applying it failed), missing (the file was gone); the running policy stays in force unless ok.",
+            help: "Policy reloads (SIGHUP or a change of the policy file) by result: ok (applied), unchanged (nothing to write), invalid (the file does not validate), refused (the kernel cannot take it live), failed (applying it failed), missing (the file was gone); the running policy stays in force unless ok.",
             kind: MetricType::Counter,
             samples: reload
                 .results
@@ -181,7 +184,7 @@ fn encode_reload(r: &StatusReport, encoder: &mut DescriptorEncoder) -> Result<()
         },
         Family {
             name: "agent_reload_last_success",
-            help: "1 when the latest reload applied the file (or none was tried since start), 0 when it did not: the running policy is not the file's.",
+            help: "1 when the latest reload applied the file or found it in force (or none was tried since start), 0 when it did not: the running policy is not the file's.",
             kind: MetricType::Gauge,
             samples: vec![(vec![], u64::from(last_ok))],
         },
@@ -791,6 +794,8 @@ mod tests {
             "agent_reload_total{result=\"invalid\"} 1",
             "agent_reload_total{result=\"failed\"} 0",
             "agent_reload_total{result=\"missing\"} 0",
+            "agent_reload_total{result=\"refused\"} 0",
+            "agent_reload_total{result=\"unchanged\"} 0",
             "agent_policy_generation 1",
             "agent_reload_last_success 1",
             "agent_reload_last_success_timestamp_seconds 1700000020.5",

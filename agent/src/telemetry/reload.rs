@@ -44,8 +44,13 @@ impl fmt::Display for Trigger {
 pub enum Outcome {
     /// The new policy is in force.
     Ok,
+    /// The file is the policy in force: nothing was written.
+    Unchanged,
     /// The file does not validate (or cannot be read); the running policy stays.
     Invalid,
+    /// The file is valid, but the running datapath cannot take it live (the reason at the
+    /// field); the running policy stays.
+    Refused,
     /// The file is valid, applying it failed; the running policy stays.
     Failed,
     /// The file is gone; nothing was read, the running policy stays.
@@ -54,9 +59,11 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every class, in the order metrics and status list them.
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Ok,
+        Outcome::Unchanged,
         Outcome::Invalid,
+        Outcome::Refused,
         Outcome::Failed,
         Outcome::Missing,
     ];
@@ -64,7 +71,9 @@ impl Outcome {
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
+            Outcome::Unchanged => "unchanged",
             Outcome::Invalid => "invalid",
+            Outcome::Refused => "refused",
             Outcome::Failed => "failed",
             Outcome::Missing => "missing",
         }
@@ -73,6 +82,11 @@ impl Outcome {
     /// Whether the reload put a new policy in force.
     pub fn applied(self) -> bool {
         self == Outcome::Ok
+    }
+
+    /// Whether the running policy is the file's after it (applied, or already was).
+    pub fn in_line(self) -> bool {
+        matches!(self, Outcome::Ok | Outcome::Unchanged)
     }
 }
 
@@ -123,7 +137,8 @@ impl ReloadLog {
         if outcome.applied() {
             self.generation += 1;
             self.applied_at = at;
-        } else {
+        }
+        if !outcome.in_line() {
             self.last_failure = Some(attempt.clone());
         }
         self.last = Some(attempt);
@@ -162,7 +177,7 @@ mod tests {
         assert_eq!((s.generation, s.applied_at, s.count), (0, 1_000.0, 0));
         assert_eq!(
             s.results.keys().collect::<Vec<_>>(),
-            ["failed", "invalid", "missing", "ok"]
+            ["failed", "invalid", "missing", "ok", "refused", "unchanged"]
         );
         assert!(s.results.values().all(|n| *n == 0));
 
@@ -199,5 +214,14 @@ mod tests {
         let s = log.status();
         assert_eq!((s.generation, s.results["missing"]), (2, 1));
         assert_eq!(s.last, s.last_failure);
+
+        // Unchanged: no new generation, and no failure either.
+        log.record(Trigger::Sighup, Outcome::Unchanged, None, at(5), ms);
+        let s = log.status();
+        assert_eq!(
+            (s.generation, s.applied_at, s.results["unchanged"]),
+            (2, 1_003.0, 1)
+        );
+        assert_eq!(s.last_failure.unwrap().result, "missing");
     }
 }

@@ -15,6 +15,8 @@ use crate::datapath::{KeyCounts, Snapshot, pressure::Reading};
 /// What the agent knows of a service beyond its counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceInfo {
+    /// Its service id in the datapath (stable across reloads).
+    pub id: u32,
     pub name: String,
     pub matches: String,
     pub rate_limit: Option<String>,
@@ -36,9 +38,8 @@ pub fn build(
     let services = services
         .iter()
         .zip(&snapshot.services)
-        .enumerate()
-        .map(|(id, (info, c))| {
-            let id = id as u32;
+        .map(|(info, c)| {
+            let id = info.id;
             ServiceStatus {
                 id,
                 name: info.name.clone(),
