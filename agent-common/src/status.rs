@@ -46,6 +46,48 @@ pub struct StatusReport {
     pub adopted: bool,
     #[serde(default)]
     pub pin_path: Option<String>,
+    /// Reloads of the policy (SIGHUP, a change of the file) and the policy generation.
+    #[serde(default)]
+    pub reload: ReloadStatus,
+}
+
+/// The policy in force and the reloads since start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// Policies applied since start: 0 is the start's, and every reload that applies one
+    /// adds 1.
+    pub generation: u64,
+    /// When the policy in force was applied (at start, or by the latest applied reload), in
+    /// seconds since the Unix epoch.
+    pub applied_at: f64,
+    /// Reloads tried since start (the sum of `results`).
+    pub count: u64,
+    /// Reloads by result, every result present: `ok` (applied), `unchanged` (nothing to
+    /// write), `invalid` (the file does not validate), `refused` (the kernel cannot take it
+    /// live), `failed` (applying it failed), `missing` (the file was gone).
+    pub results: BTreeMap<String, u64>,
+    /// The latest reload, `None` before the first.
+    pub last: Option<ReloadAttempt>,
+    /// The latest reload that left the running policy other than the file's (neither `ok`
+    /// nor `unchanged`), `None` until there is one.
+    pub last_failure: Option<ReloadAttempt>,
+}
+
+/// One reload.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadAttempt {
+    /// What asked for it: `SIGHUP` or `file` (a change of the policy file).
+    pub trigger: String,
+    /// One of [`ReloadStatus::results`]' keys.
+    pub result: String,
+    /// Why it did not apply, as logged: for `invalid`, every error on its own line as
+    /// `FILE:LINE:COLUMN: FIELD.PATH: message`.
+    pub error: Option<String>,
+    /// When it put its policy in force (an applied reload: the datapath's switch to it), or
+    /// ended, in seconds since the Unix epoch.
+    pub at: f64,
+    /// How long it took (reading, validating and applying), in seconds.
+    pub took_seconds: f64,
 }
 
 /// One BPF map name as the agent sees it (several maps may share a name: inner maps).

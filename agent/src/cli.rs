@@ -27,8 +27,9 @@ pub enum Command {
         file: PathBuf,
     },
     /// Apply a policy: load and attach the datapath, pinned under agent.pin_path (an earlier
-    /// agent's pins are adopted), serve /metrics and health endpoints. SIGHUP re-reads the
-    /// file; SIGTERM/SIGINT exit and leave the datapath enforcing the last policy.
+    /// agent's pins are adopted), serve /metrics and health endpoints. SIGHUP or a change of
+    /// the file reloads it; SIGTERM/SIGINT exit and leave the datapath enforcing the last
+    /// policy.
     Run {
         #[arg(long, short)]
         config: PathBuf,

@@ -1,5 +1,6 @@
-//! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP; on SIGTERM exit and
-//! leave the pinned datapath enforcing (or detach, with `--detach-on-exit`).
+//! `agent run`: validate, load, apply, attach, serve; reload on SIGHUP or a change of the
+//! policy file; on SIGTERM exit and leave the pinned datapath enforcing (or detach, with
+//! `--detach-on-exit`).
 //!
 //! Order of start-up, so that a failure leaves the running datapath as it was: validate the
 //! policy (and the interfaces it names, and for shaping that the kernel has `sch_fq` and that
@@ -11,7 +12,11 @@
 //! the old on the pinned links, or new links are made and pinned -> start health checks and
 //! breakers, the watchdog -> ready.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use aya_log::EbpfLogger;
 use tokio::{
@@ -26,6 +31,7 @@ use crate::{
         self, PolicyErrors,
         ids::{Ids, IdsError, Limits},
         model::Policy,
+        watch::{FileChange, PolicyWatch, WatchError},
     },
     datapath::{
         ApplyReport, Datapath, DatapathError, LbMaps,
@@ -39,7 +45,10 @@ use crate::{
     plan::{self, Plan},
     state::AgentState,
     supervisor,
-    telemetry::logs,
+    telemetry::{
+        logs,
+        reload::{Outcome, Trigger},
+    },
 };
 
 /// The token-bucket table is walked for occupancy at most this often...
@@ -84,6 +93,8 @@ pub enum RunError {
     Signals(#[source] std::io::Error),
     #[error("HTTP server: {0}")]
     Http(#[source] std::io::Error),
+    #[error("{0}")]
+    Watch(#[source] WatchError),
 }
 
 impl RunError {
@@ -96,8 +107,12 @@ impl RunError {
 }
 
 pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
+    // Before the file is read: a change from here on reloads. Its error comes after the
+    // policy's.
+    let file_watch = PolicyWatch::start(file);
     let policy = config::load_file(file).map_err(RunError::Policy)?;
     logs::init(&policy.agent.log_level.to_string());
+    let mut file_watch = file_watch.map_err(RunError::Watch)?;
     // Before anything is loaded: a SIGTERM during start-up waits for the start to finish,
     // then stops the agent as usual, instead of killing it half-way (the default action).
     let mut signals = Signals::install()?;
@@ -214,7 +229,7 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     let pressure_task = tokio::spawn(watch_map_pressure(state.clone(), stop_rx.clone()));
     let watchdog_task = tokio::spawn(watchdog(state.clone(), stop_rx.clone()));
 
-    let result = wait_for_signals(&mut signals, file, &mut running, &state).await;
+    let result = wait_for_signals(&mut signals, &mut file_watch, file, &mut running, &state).await;
 
     // Not ready any more; stop the tasks (the watchdog first: it must not re-attach what is
     // detached next); then leave the datapath running, or detach it and put the default
@@ -518,26 +533,66 @@ impl Signals {
     }
 }
 
-/// Runs until SIGTERM or SIGINT; SIGHUP reloads the policy file.
+/// Runs until SIGTERM or SIGINT; SIGHUP and a change of the policy file reload it.
 async fn wait_for_signals(
     signals: &mut Signals,
+    file_watch: &mut PolicyWatch,
     file: &Path,
     running: &mut Running,
     state: &Arc<AgentState>,
 ) -> Result<(), RunError> {
     let Signals { term, int, hup } = signals;
     loop {
-        tokio::select! {
+        let trigger = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", file.display());
-                match reload(file, running, state).await {
-                    Ok(outcome) => tracing::info!("{outcome}"),
-                    Err(e) => tracing::error!("reload refused, the running policy stays in force:\n{e}"),
+            _ = hup.recv() => Trigger::Sighup,
+            change = file_watch.changed() => match change {
+                FileChange::Changed => Trigger::File,
+                FileChange::Gone => {
+                    let error = format!(
+                        "{}: the policy file is gone (deleted, or renamed away); the running \
+                         policy stays in force, and the file is reloaded when it is back",
+                        file.display()
+                    );
+                    tracing::error!("{error}");
+                    let (missing, now) = (Outcome::Missing, SystemTime::now());
+                    state.record_reload(Trigger::File, missing, Some(error), now, Duration::ZERO);
+                    continue;
                 }
-            }
+            },
+        };
+        tracing::info!("{trigger}: reloading {}", file.display());
+        let (began, began_at) = (Instant::now(), SystemTime::now());
+        let result = reload(file, running, state).await;
+        let outcome = reload_outcome(&result);
+        let error = result.as_ref().err().map(ToString::to_string);
+        // An applied policy is in force from the switch; the generation moves once the
+        // reload is done (supervisor and balancer started again).
+        let at = match &result {
+            Ok(Reloaded::Applied { took, .. }) => began_at + *took,
+            _ => SystemTime::now(),
+        };
+        state.record_reload(trigger, outcome, error, at, began.elapsed());
+        match result {
+            Ok(done) => tracing::info!("{done}"),
+            Err(e) => tracing::error!(
+                "reload ({}): {}, the running policy stays in force:\n{e}",
+                trigger.as_str(),
+                outcome.as_str()
+            ),
         }
+    }
+}
+
+/// How a reload ended, for its accounting.
+fn reload_outcome(result: &Result<Reloaded, RunError>) -> Outcome {
+    match result {
+        Ok(Reloaded::Applied { .. }) => Outcome::Ok,
+        Ok(Reloaded::Unchanged) => Outcome::Unchanged,
+        Err(RunError::Policy(_)) => Outcome::Invalid,
+        Err(RunError::Refused(_)) => Outcome::Refused,
+        Err(_) => Outcome::Failed,
     }
 }
 
@@ -823,5 +878,21 @@ async fn watch_map_pressure(state: Arc<AgentState>, mut stop: watch::Receiver<bo
             _ = tokio::time::sleep(pause) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_errors_fall_into_their_classes() {
+        assert_eq!(reload_outcome(&Ok(Reloaded::Unchanged)), Outcome::Unchanged);
+        let invalid = Err(RunError::Policy(PolicyErrors(Vec::new())));
+        assert_eq!(reload_outcome(&invalid), Outcome::Invalid);
+        let refused = Err(RunError::Refused(PolicyErrors(Vec::new())));
+        assert_eq!(reload_outcome(&refused), Outcome::Refused);
+        let failed = Err(RunError::Signals(std::io::Error::other("x")));
+        assert_eq!(reload_outcome(&failed), Outcome::Failed);
     }
 }

@@ -12,7 +12,10 @@ use crate::{
     },
     lb::balancer::LbView,
     supervisor::BackendsRx,
-    telemetry::status::{self, ServiceInfo, StatusReport},
+    telemetry::{
+        reload::{Outcome, ReloadLog, Trigger},
+        status::{self, ServiceInfo, StatusReport},
+    },
 };
 
 pub struct AgentState {
@@ -29,6 +32,8 @@ pub struct AgentState {
     /// reading of the maps' pressure and memory.
     arrays: Mutex<Vec<ArrayUse>>,
     maps: Mutex<Reading>,
+    /// The reloads since start and the policy generation.
+    reloads: Mutex<ReloadLog>,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data is counters
@@ -49,6 +54,7 @@ impl AgentState {
             balancing: Mutex::new(None),
             arrays: Mutex::new(Vec::new()),
             maps: Mutex::new(Reading::default()),
+            reloads: Mutex::new(ReloadLog::new(std::time::SystemTime::now())),
         }
     }
 
@@ -111,6 +117,20 @@ impl AgentState {
         reading
     }
 
+    /// Counts one reload, which took `took`; `at` is when it put its policy in force (an
+    /// applied one: the switch) or ended; `error` is what it logged when it did not apply.
+    /// Call it once the reload's work is done: an applied one moves the generation.
+    pub fn record_reload(
+        &self,
+        trigger: Trigger,
+        outcome: Outcome,
+        error: Option<String>,
+        at: std::time::SystemTime,
+        took: std::time::Duration,
+    ) {
+        lock(&self.reloads).record(trigger, outcome, error, at, took);
+    }
+
     pub fn report(&self) -> Result<StatusReport, DatapathError> {
         let services = lock(&self.services).clone();
         let now = std::time::Instant::now();
@@ -158,6 +178,7 @@ impl AgentState {
             report.pin_path = dp.pin_dir().map(|p| p.root().display().to_string());
         }
         status::add_maps(&mut report, &lock(&self.maps));
+        report.reload = lock(&self.reloads).status();
         Ok(report)
     }
 }

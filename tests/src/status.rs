@@ -2,5 +2,6 @@
 //! the agent's own types (`agent_common::status`), so a renamed field fails to compile here.
 
 pub use agent_common::status::{
-    BackendStatus, CounterJson, DropStatus, LbBackendView, ServiceStatus, StatusReport,
+    BackendStatus, CounterJson, DropStatus, LbBackendView, ReloadAttempt, ReloadStatus,
+    ServiceStatus, StatusReport,
 };

@@ -210,6 +210,13 @@ pub const ECHO_TIMEOUT: Scaled = Scaled::secs(1);
 /// balancer again and switches with one write: tens of milliseconds for these tests' policies.
 pub const RELOAD_STAGED: Scaled = Scaled::secs(2);
 
+/// Reload (issue 11): a change of the policy file (written in place, renamed over, deleted
+/// or re-created, a ConfigMap's `..data` swap) has its outcome within 2 s (the issue's
+/// bound): applied, or reported as invalid (or missing) in `agent status` and `/metrics`,
+/// the running policy unchanged. The watch itself takes its debounce (10 ms) and a reload of
+/// a small policy a few ms; the rest is the machine's.
+pub const FILE_RELOAD: Scaled = Scaled::secs(2);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,11 +4,12 @@
 //! binary and replaces its own section of the same file.
 //!
 //! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
-//! which only `breaker-bench` has; `--out FILE` goes to both. Two benchmarks of their own
-//! run instead when named first: `scale` (scale.rs), `health` (health.rs) and `restart`
-//! (restart.rs).
+//! which only `breaker-bench` has; `--out FILE` goes to both. Benchmarks of their own run
+//! instead when named first: `scale` (scale.rs), `health` (health.rs), `restart`
+//! (restart.rs) and `reload` (reload.rs).
 
 mod health;
+mod reload;
 mod restart;
 mod scale;
 
@@ -30,6 +31,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         Some("scale") => return scale::run(&extra[1..]),
         Some("health") => return health::run(&extra[1..]),
         Some("restart") => return restart::run(&extra[1..]),
+        Some("reload") => return reload::run(&extra[1..]),
         _ => {}
     }
     // BPF_PROG_TEST_RUN, network namespaces and the agent need root.

@@ -5,6 +5,7 @@
 mod balance;
 mod compile;
 pub mod ids;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;

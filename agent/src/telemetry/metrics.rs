@@ -153,8 +153,52 @@ impl Collector for ReportCollector {
         encode_shaping(r, &mut encoder)?;
         encode_backends(&r.backends, &mut encoder)?;
         encode_balancing(r, &mut encoder)?;
-        encode_maps(r, &mut encoder)
+        encode_maps(r, &mut encoder)?;
+        encode_reload(r, &mut encoder)
     }
+}
+
+/// Reloads by result, the policy generation and when the policy in force was applied.
+fn encode_reload(r: &StatusReport, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let reload = &r.reload;
+    let last_ok = reload
+        .last
+        .as_ref()
+        .is_none_or(|l| l.result == "ok" || l.result == "unchanged");
+    for f in [
+        Family {
+            name: "agent_reload",
+            help: "Policy reloads (SIGHUP or a change of the policy file) by result: ok (applied), unchanged (nothing to write), invalid (the file does not validate), refused (the kernel cannot take it live), failed (applying it failed), missing (the file was gone); the running policy stays in force unless ok.",
+            kind: MetricType::Counter,
+            samples: reload
+                .results
+                .iter()
+                .map(|(result, n)| (vec![("result", result.clone())], *n))
+                .collect(),
+        },
+        Family {
+            name: "agent_policy_generation",
+            help: "Policies applied since start: 0 is the start's, every applied reload adds 1.",
+            kind: MetricType::Gauge,
+            samples: vec![(vec![], reload.generation)],
+        },
+        Family {
+            name: "agent_reload_last_success",
+            help: "1 when the latest reload applied the file or found it in force (or none was tried since start), 0 when it did not: the running policy is not the file's.",
+            kind: MetricType::Gauge,
+            samples: vec![(vec![], u64::from(last_ok))],
+        },
+    ] {
+        f.encode(encoder)?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "agent_reload_last_success_timestamp_seconds",
+        "When the policy in force was applied (at start, or by the latest applied reload), in seconds since the Unix epoch.",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(reload.applied_at).encode(metric.encode_family(&Labels::new())?)?;
+    Ok(())
 }
 
 /// Shaped services: pacing counters, and the current delay (a float gauge).
@@ -712,7 +756,80 @@ mod tests {
             repairs: vec![("xdp_link".into(), 2), ("pin".into(), 1)],
             adopted: true,
             pin_path: Some("/sys/fs/bpf/agent".into()),
+            reload: reloads(),
         }
+    }
+
+    /// Two reloads: an invalid file, then an applied one.
+    fn reloads() -> crate::telemetry::reload::ReloadStatus {
+        use crate::telemetry::reload::{Outcome, ReloadLog, Trigger};
+        use std::time::{Duration, SystemTime};
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut log = ReloadLog::new(t0);
+        let error = "p.yaml:9:13: services[0].rate_limit.rate: must be greater than 0\n\
+                     p.yaml:10:14: services[0].rate_limit.burst: must be at least 1";
+        log.record(
+            Trigger::File,
+            Outcome::Invalid,
+            Some(error.into()),
+            t0 + Duration::from_secs(10),
+            Duration::from_millis(2),
+        );
+        log.record(
+            Trigger::Sighup,
+            Outcome::Ok,
+            None,
+            t0 + Duration::from_millis(20_500),
+            Duration::from_millis(3),
+        );
+        log.status()
+    }
+
+    #[test]
+    fn exposition_has_the_reloads() {
+        let text = render(&report()).unwrap();
+        for line in [
+            "# TYPE agent_reload_total counter",
+            "agent_reload_total{result=\"ok\"} 1",
+            "agent_reload_total{result=\"invalid\"} 1",
+            "agent_reload_total{result=\"failed\"} 0",
+            "agent_reload_total{result=\"missing\"} 0",
+            "agent_reload_total{result=\"refused\"} 0",
+            "agent_reload_total{result=\"unchanged\"} 0",
+            "agent_policy_generation 1",
+            "agent_reload_last_success 1",
+            "agent_reload_last_success_timestamp_seconds 1700000020.5",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing line {line:?} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_text_shows_the_latest_failed_reload_with_every_error() {
+        let text = render_text(&report());
+        for line in [
+            "policy generation: 1   reloads: 2 (invalid 1, ok 1)",
+            "  p.yaml:9:13: services[0].rate_limit.rate: must be greater than 0",
+            "  p.yaml:10:14: services[0].rate_limit.burst: must be at least 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing line {line:?} in:\n{text}"
+            );
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("last reload: ok (SIGHUP)")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("last failed reload: invalid (file)")),
+            "{text}"
+        );
     }
 
     #[test]

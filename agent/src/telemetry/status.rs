@@ -164,6 +164,7 @@ pub fn render_text(report: &StatusReport) -> String {
             }
         );
     }
+    render_reload(report, &mut out);
     let _ = writeln!(
         out,
         "\n{:<20} {:<28} {:<26} {:>12} {:>12} {:>10} {:>10}",
@@ -204,6 +205,59 @@ pub fn render_text(report: &StatusReport) -> String {
         let _ = writeln!(out, "  {:<24} {:>12} pkts", class, c.packets);
     }
     out
+}
+
+/// The policy generation, the reloads by result, and the latest that did not apply, with
+/// its error.
+fn render_reload(report: &StatusReport, out: &mut String) {
+    let r = &report.reload;
+    let results: Vec<String> = r
+        .results
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(result, n)| format!("{result} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "policy generation: {}   reloads: {}{}",
+        r.generation,
+        r.count,
+        if results.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", results.join(", "))
+        }
+    );
+    if let Some(last) = &r.last {
+        let _ = writeln!(
+            out,
+            "last reload: {} ({}), {:.1}s ago, took {:.1}ms",
+            last.result,
+            last.trigger,
+            ago(last.at),
+            last.took_seconds * 1e3
+        );
+    }
+    if let Some(f) = &r.last_failure {
+        let _ = writeln!(
+            out,
+            "last failed reload: {} ({}), {:.1}s ago:",
+            f.result,
+            f.trigger,
+            ago(f.at)
+        );
+        for line in f.error.iter().flat_map(|e| e.lines()) {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+}
+
+/// Seconds from `at` (seconds since the Unix epoch) to now.
+fn ago(at: f64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    (now - at).max(0.0)
 }
 
 /// Shaped services: what pacing did, and how long their packets wait.
