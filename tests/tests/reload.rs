@@ -156,8 +156,11 @@ impl Lab {
         )
     }
 
+    /// Writes the policy whole: a new file renamed over the old one, so that neither the
+    /// file watch nor a SIGHUP ever reads half of it.
     fn write(&self, policy: &str) -> &Path {
-        self.dir.write("policy.yaml", policy).expect("policy");
+        let tmp = self.dir.write("policy.yaml.new", policy).expect("policy");
+        std::fs::rename(&tmp, &self.config).expect("renaming the policy into place");
         &self.config
     }
 
@@ -191,10 +194,13 @@ fn generation(agent: &AgentProcess) -> u64 {
     live(agent)["generation"].as_u64().expect("generation")
 }
 
-/// Sends SIGHUP and waits for the live generation to flip (the new policy in force).
-fn reload_and_wait(agent: &AgentProcess) -> Duration {
+/// Writes `policy`, sends SIGHUP and waits for the live generation to flip (the new policy
+/// in force: the file watch or the SIGHUP, whichever came first, applied it; the other finds
+/// it unchanged).
+fn reload_to(lab: &Lab, agent: &AgentProcess, policy: &str) -> Duration {
     let before = generation(agent);
     let start = Instant::now();
+    lab.write(policy);
     agent.reload().expect("SIGHUP");
     match poll(
         start,
@@ -279,8 +285,7 @@ fn a_reload_storm_loses_no_packet_and_ends_where_a_fresh_start_would() {
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        lab.write(if i % 2 == 0 { &b } else { &a });
-        slowest = slowest.max(reload_and_wait(&agent));
+        slowest = slowest.max(reload_to(&lab, &agent, if i % 2 == 0 { &b } else { &a }));
     }
     let storm = start.elapsed();
     // Let the last policy carry traffic for a moment before counting.
@@ -494,8 +499,7 @@ fn interfaces_are_attached_and_detached_live() {
     assert!(client_xdp.is_some() && xdp_on(extra).is_none());
     assert!(hooks_on(extra).is_empty() && pins_on(extra).is_empty());
 
-    lab.write(&with_extra);
-    reload_and_wait(&agent);
+    reload_to(&lab, &agent, &with_extra);
     assert_eq!(
         xdp_on(extra),
         client_xdp,
@@ -510,8 +514,7 @@ fn interfaces_are_attached_and_detached_live() {
         pins_on(extra)
     );
 
-    lab.write(&a);
-    reload_and_wait(&agent);
+    reload_to(&lab, &agent, &a);
     assert_eq!(
         xdp_on(extra),
         None,
@@ -621,8 +624,7 @@ fn breakers_health_and_counters_survive_a_reload_that_inserts_a_service() {
     };
     let (b0, s0) = status(&agent);
 
-    lab.write(&inserted);
-    reload_and_wait(&agent);
+    reload_to(&lab, &agent, &inserted);
     let (b1, s1) = status(&agent);
     assert_eq!(
         b1.breaker.as_deref(),
