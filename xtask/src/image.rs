@@ -160,7 +160,9 @@ fn build_stage(out: &Path) -> anyhow::Result<()> {
     let nightly = cmd::output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
     let stamp = workspace::target_dir()?.join("image-build-stage-nightly");
     if fs::read_to_string(&stamp).ok().as_deref() != Some(nightly.as_str()) {
-        println!("image: build stage: another nightly than the last build's: cleaning agent");
+        println!(
+            "image: build stage: no agent built with this nightly yet: cleaning the agent package"
+        );
         let mut clean = workspace::cargo(&toolchain);
         clean.args(["clean", "--release", "--package", "agent"]);
         cmd::run(&mut clean)?;
