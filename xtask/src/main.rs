@@ -9,6 +9,7 @@ mod cmd;
 #[cfg(test)]
 mod cycles;
 mod demo;
+mod image;
 mod manifests;
 mod setup;
 mod suite;
@@ -62,6 +63,9 @@ enum Command {
     /// The datapath and end-to-end tests in QEMU on Debian's cloud kernels (default 6.1 and
     /// 6.12): one boot per kernel, a table of results per kernel at the end.
     Vm(vm::Args),
+    /// The agent's container image (Dockerfile) with buildah or podman, installed with apt-get
+    /// when missing; its base is bootstrapped from Debian's archive when no registry has it.
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench { args } => bench::run(&args),
         Command::Vm(args) => vm::run(&args),
+        Command::Image(args) => image::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,20 +1,32 @@
-//! Offline checks of `deploy/kubernetes`: every document parses, names its kind, and the
-//! DaemonSet's references (ServiceAccount, ConfigMap) exist; the policy inside each ConfigMap
-//! is valid, read by the agent's own policy reader (`agent_common::policy`); each DaemonSet
-//! container is unprivileged, drops ALL capabilities and adds exactly those the systemd unit
-//! grants (`deploy/systemd/agent.service`), so the two deployments cannot drift apart. Cheap
-//! and without network, so it runs in `cargo xtask test`.
+//! Checks of `deploy/kubernetes`, both in `cargo xtask test`.
+//!
+//! [`validate`], offline: every document parses, names its kind, and the DaemonSet's
+//! references (ServiceAccount, ConfigMap) exist; the policy inside each ConfigMap is valid,
+//! read by the agent's own policy reader (`agent_common::policy`); each DaemonSet container
+//! runs the image `cargo xtask image` builds, is unprivileged, drops ALL capabilities and adds
+//! exactly those the systemd unit grants (`deploy/systemd/agent.service`), so the two
+//! deployments cannot drift apart.
+//!
+//! [`validate_schemas`]: every manifest against the Kubernetes API's own schemas, with PyPI's
+//! `kubernetes-validate` (it bundles them; installed once, pinned, in a virtual environment
+//! under the project toolchain directory), strict: an unknown or misspelled field fails.
 
 use std::{
     collections::BTreeSet,
     fmt, fs, io,
     path::{Path, PathBuf},
+    process::Command,
 };
 
 use agent_common::policy::{self, PolicyErrors};
 use serde_json::Value;
 
-use crate::workspace;
+use crate::{
+    cmd::{self, CmdError},
+    image,
+    toolchain::Toolchain,
+    workspace::{self, MetadataError},
+};
 
 const KUBERNETES_DIR: &str = "deploy/kubernetes";
 const SYSTEMD_UNIT: &str = "deploy/systemd/agent.service";
@@ -42,6 +54,16 @@ pub enum ManifestError {
     },
     #[error("{SYSTEMD_UNIT}: {0}")]
     Unit(String),
+    #[error(
+        "DaemonSet {daemonset}, container {container}: image {found}, but `cargo xtask image` \
+         builds {expected}"
+    )]
+    Image {
+        daemonset: String,
+        container: String,
+        found: String,
+        expected: String,
+    },
     #[error("DaemonSet {daemonset}, container {container}: {what}")]
     Privilege {
         daemonset: String,
@@ -81,6 +103,7 @@ pub fn validate() -> Result<(), Problems> {
     let mut problems = Vec::new();
     let objects = load(&workspace::root().join(KUBERNETES_DIR), &mut problems);
     check_references(&objects, &mut problems);
+    check_images(&objects, &image::reference(), &mut problems);
     check_policies(&objects, &mut problems);
     let unit = workspace::root().join(SYSTEMD_UNIT);
     match fs::read_to_string(&unit) {
@@ -199,6 +222,24 @@ fn check_references(objects: &[Object], problems: &mut Vec<ManifestError>) {
     }
 }
 
+/// Every DaemonSet container runs `image`.
+fn check_images(objects: &[Object], image: &str, problems: &mut Vec<ManifestError>) {
+    for daemonset in objects.iter().filter(|o| o.kind == "DaemonSet") {
+        let containers = daemonset.doc["spec"]["template"]["spec"]["containers"].as_array();
+        for container in containers.into_iter().flatten() {
+            let found = container["image"].as_str().unwrap_or("(none)");
+            if found != image {
+                problems.push(ManifestError::Image {
+                    daemonset: daemonset.name.clone(),
+                    container: container["name"].as_str().unwrap_or("?").to_owned(),
+                    found: found.to_owned(),
+                    expected: image.to_owned(),
+                });
+            }
+        }
+    }
+}
+
 /// The capabilities of the unit's `CapabilityBoundingSet=`, without `CAP_`; its
 /// `AmbientCapabilities=` must be the same.
 fn unit_capabilities(unit: &str) -> Result<BTreeSet<String>, ManifestError> {
@@ -287,6 +328,146 @@ fn check_policies(objects: &[Object], problems: &mut Vec<ManifestError>) {
     }
 }
 
+/// The validator's version, pinned: it decides the bundled schemas (its default Kubernetes
+/// version is its own version's).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Its virtual environment, under the project toolchain directory.
+const KUBERNETES_VALIDATE_DIR: &str = "kubernetes-validate";
+
+/// A DaemonSet the validator must refuse (a misspelled field): if it passes, the validator
+/// checks nothing and the step fails rather than vouch for the real manifests.
+const MUST_FAIL: &str = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: broken\n\
+spec:\n  selector:\n    matchLabels: {app: x}\n  template:\n    metadata:\n      labels: {app: x}\n\
+    spec:\n      hostNetwrk: true\n      containers:\n        - name: x\n          image: x\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error("{action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{} does not report version {KUBERNETES_VALIDATE_VERSION} once installed", .0.display())]
+    NotInstalled(PathBuf),
+    #[error("no *.yaml in {KUBERNETES_DIR}")]
+    NoManifests,
+    #[error(
+        "kubernetes-validate passed a DaemonSet with a misspelled field ({}): it validates \
+         nothing, so its word on {KUBERNETES_DIR} is worth nothing",
+        .0.display()
+    )]
+    PassedBroken(PathBuf),
+    #[error("{}", .0.trim_end())]
+    Invalid(String),
+}
+
+/// Installs the pinned kubernetes-validate when needed, makes sure it refuses a broken
+/// manifest, then validates every manifest of [`KUBERNETES_DIR`] (strict). The failure names
+/// each file and field it refused.
+pub fn validate_schemas(toolchain: &Toolchain) -> Result<(), SchemaError> {
+    let validator = kubernetes_validate(toolchain)?;
+    let validate = |files: &[PathBuf]| {
+        let mut command = Command::new(&validator);
+        command.args(["--strict", "--no-warn"]).args(files);
+        // It reports on stdout, one line per resource: the error carries them.
+        let out = command.output().map_err(|source| CmdError::Spawn {
+            cmd: cmd::describe(&command),
+            source,
+        })?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        Ok::<_, SchemaError>((out.status.success(), text))
+    };
+
+    let scratch = workspace::target_dir()?.join("manifests");
+    fs::create_dir_all(&scratch).map_err(|source| SchemaError::Io {
+        action: "create",
+        path: scratch.clone(),
+        source,
+    })?;
+    let broken = scratch.join("must-fail-daemonset.yaml");
+    fs::write(&broken, MUST_FAIL).map_err(|source| SchemaError::Io {
+        action: "write",
+        path: broken.clone(),
+        source,
+    })?;
+    let (passed, _) = validate(std::slice::from_ref(&broken))?;
+    if passed {
+        return Err(SchemaError::PassedBroken(broken));
+    }
+
+    let dir = workspace::root().join(KUBERNETES_DIR);
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .map_err(|source| SchemaError::Io {
+            action: "read",
+            path: dir.clone(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(SchemaError::NoManifests);
+    }
+    let (passed, text) = validate(&files)?;
+    print!("{text}");
+    if passed {
+        Ok(())
+    } else {
+        Err(SchemaError::Invalid(
+            text.lines()
+                .filter(|l| !l.starts_with("INFO "))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ))
+    }
+}
+
+/// The pinned validator's executable, installed (a virtual environment, pip) when missing or
+/// of another version.
+fn kubernetes_validate(toolchain: &Toolchain) -> Result<PathBuf, SchemaError> {
+    let venv = toolchain.root().join(KUBERNETES_VALIDATE_DIR);
+    let bin = venv.join("bin").join("kubernetes-validate");
+    let installed = || {
+        cmd::output(Command::new(&bin).arg("--version"))
+            .is_ok_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION)
+    };
+    let what = format!("kubernetes-validate {KUBERNETES_VALIDATE_VERSION}");
+    if installed() {
+        println!("deploy manifests: {what} at {} (installed)", bin.display());
+        return Ok(bin);
+    }
+    let python = venv.join("bin").join("python3");
+    if !python.exists() {
+        cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    cmd::run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            )),
+    )?;
+    if !installed() {
+        return Err(SchemaError::NotInstalled(bin));
+    }
+    println!("deploy manifests: installed {what} at {}", bin.display());
+    Ok(bin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +543,30 @@ mod tests {
                 .to_string()
                 .contains(":1:10: version: unsupported version 2"),
             "{source}"
+        );
+    }
+
+    #[test]
+    fn daemonset_containers_must_run_the_built_image() {
+        let ds = |image: &str| {
+            let text = format!(
+                "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: agent}}\nspec:\n  \
+                 template:\n    spec:\n      containers:\n        - name: agent\n          \
+                 image: {image}\n"
+            );
+            let doc: Value = serde_saphyr::from_str(&text).unwrap();
+            let objects = [object(Path::new("x.yaml"), 1, doc).unwrap()];
+            let mut problems = Vec::new();
+            check_images(&objects, "localhost/agent:1.2.3", &mut problems);
+            problems.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        assert!(ds("localhost/agent:1.2.3").is_empty());
+        assert_eq!(
+            ds("agent:1.2.3"),
+            [
+                "DaemonSet agent, container agent: image agent:1.2.3, but `cargo xtask image` \
+              builds localhost/agent:1.2.3"
+            ]
         );
     }
 }

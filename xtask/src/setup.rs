@@ -84,13 +84,20 @@ fn report(step: &str, outcome: &Outcome) {
 }
 
 pub fn run() -> Result<Toolchain, SetupError> {
+    let toolchain = build_toolchain()?;
+    report("debian packages", &debian_packages()?);
+    report("cargo-machete", &cargo_machete(&toolchain)?);
+    report("bpffs", &bpffs()?);
+    Ok(toolchain)
+}
+
+/// Only what building the agent needs (nightly, rust-src, bpf-linker): the image's build
+/// stage runs this (`cargo xtask image`), where the tests' packages and bpffs have no use.
+pub fn build_toolchain() -> Result<Toolchain, SetupError> {
     let toolchain = Toolchain::locate()?;
     report("nightly toolchain", &nightly_toolchain()?);
     report("rust-src (nightly)", &rust_src()?);
-    report("debian packages", &debian_packages()?);
     report("bpf-linker", &bpf_linker(&toolchain)?);
-    report("cargo-machete", &cargo_machete(&toolchain)?);
-    report("bpffs", &bpffs()?);
     Ok(toolchain)
 }
 

@@ -113,6 +113,9 @@ pub fn run() -> anyhow::Result<()> {
         build::agent_binary(&toolchain, true)
     });
     suite.step("deploy manifests", manifests::validate);
+    suite.step("deploy manifests (schemas)", || {
+        manifests::validate_schemas(&toolchain)
+    });
     match &agent {
         Some(agent) => {
             suite.step("end-to-end tests", || {
