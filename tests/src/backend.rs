@@ -331,3 +331,22 @@ pub fn connect_many(
             .collect()
     })
 }
+
+/// `n` extra IPv4 server addresses on `topo`, each with a [`TcpServer`] on `port`: the
+/// backends of the balancing labs.
+pub fn tcp_backends(
+    topo: &mut crate::netns::Topology,
+    n: usize,
+    port: u16,
+) -> Result<(Vec<SocketAddr>, Vec<TcpServer>)> {
+    let addrs: Vec<SocketAddr> = topo
+        .add_server_v4(n)?
+        .into_iter()
+        .map(|a| SocketAddr::new(a.into(), port))
+        .collect();
+    let servers = addrs
+        .iter()
+        .map(|b| TcpServer::start(&topo.server, *b))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((addrs, servers))
+}

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use agent_tests::backend::TcpServer;
+use agent_tests::backend::{TcpServer, tcp_backends};
 use agent_tests::echo::EchoLoad;
 use agent_tests::pins::Uninstall;
 use agent_tests::timing::{self, ECHO_TIMEOUT, RELOAD_STAGED, Scaled};
@@ -69,16 +69,8 @@ impl Lab {
     fn new(test: &str) -> Lab {
         agent_bin().unwrap_or_else(|e| panic!("{e:#}"));
         let mut topo = Topology::new().expect("topology");
-        let backends: Vec<SocketAddr> = topo
-            .add_server_v4(BACKENDS)
-            .expect("backend addresses")
-            .into_iter()
-            .map(|a| SocketAddr::new(a.into(), BACKEND_PORT))
-            .collect();
-        let servers = backends
-            .iter()
-            .map(|b| TcpServer::start(&topo.server, *b).expect("backend"))
-            .collect();
+        let (backends, servers) =
+            tcp_backends(&mut topo, BACKENDS, BACKEND_PORT).expect("backends");
         for vip in [VIP, VIP_ADMIN, VIP_OPS] {
             topo.add_vip(vip.into()).expect("VIP");
         }
@@ -250,6 +242,22 @@ fn short_connections(
         .expect("client thread")
 }
 
+/// Waits until the agent's log says `phrase` (a reload's outcome), within [`RELOAD_STAGED`].
+fn wait_log(agent: &AgentProcess, phrase: &str) {
+    let said = poll(
+        Instant::now(),
+        RELOAD_STAGED,
+        POLL,
+        || agent.log_text(),
+        |log| log.contains(phrase),
+    );
+    assert!(
+        said.is_ok(),
+        "the log does not say `{phrase}` within {RELOAD_STAGED}:\n{}",
+        agent.log_text()
+    );
+}
+
 /// Without `generation`, which a fresh agent and a reloaded one may not share.
 fn contents(mut v: Value) -> Value {
     if let Some(o) = v.as_object_mut() {
@@ -351,18 +359,7 @@ fn reloading_the_same_policy_writes_nothing() {
     let agent = lab.start();
     let before = live(&agent);
     agent.reload().expect("SIGHUP");
-    let said = poll(
-        Instant::now(),
-        RELOAD_STAGED,
-        POLL,
-        || agent.log_text(),
-        |log| log.contains("the policy is unchanged, nothing written"),
-    );
-    assert!(
-        said.is_ok(),
-        "no word of the reload; log:\n{}",
-        agent.log_text()
-    );
+    wait_log(&agent, "the policy is unchanged, nothing written");
     assert_eq!(
         live(&agent),
         before,
@@ -397,18 +394,7 @@ fn a_reload_that_cannot_be_staged_leaves_the_datapath_as_it_was() {
     // The balanced set does not fit beside the live one.
     lab.write(&web(&[1, 2, 3]));
     agent.reload().expect("SIGHUP");
-    let refused = poll(
-        Instant::now(),
-        RELOAD_STAGED,
-        POLL,
-        || agent.log_text(),
-        |log| log.contains("no free run of 3 LB indices for service \"web\""),
-    );
-    assert!(
-        refused.is_ok(),
-        "no refusal naming the table; log:\n{}",
-        agent.log_text()
-    );
+    wait_log(&agent, "no free run of 3 LB indices for service \"web\"");
     assert_eq!(
         live(&agent),
         before,
@@ -419,17 +405,9 @@ fn a_reload_that_cannot_be_staged_leaves_the_datapath_as_it_was() {
     let bigger = web(&[0, 1, 2]).replace("max_keys: 1000", "max_keys: 2000");
     lab.write(&bigger);
     agent.reload().expect("SIGHUP");
-    let refused = poll(
-        Instant::now(),
-        RELOAD_STAGED,
-        POLL,
-        || agent.log_text(),
-        |log| log.contains("more than the 1000 entries the running RL_BUCKETS table was made with"),
-    );
-    assert!(
-        refused.is_ok(),
-        "no refusal naming RL_BUCKETS; log:\n{}",
-        agent.log_text()
+    wait_log(
+        &agent,
+        "more than the 1000 entries the running RL_BUCKETS table was made with",
     );
     assert_eq!(
         live(&agent),
@@ -538,17 +516,9 @@ fn interfaces_are_attached_and_detached_live() {
     lab.write(&native);
     let before = live(&agent);
     agent.reload().expect("SIGHUP");
-    let refused = poll(
-        Instant::now(),
-        RELOAD_STAGED,
-        POLL,
-        || agent.log_text(),
-        |log| log.contains("interfaces[0].xdp_mode: the kernel cannot change the mode"),
-    );
-    assert!(
-        refused.is_ok(),
-        "no refusal of the mode change; log:\n{}",
-        agent.log_text()
+    wait_log(
+        &agent,
+        "interfaces[0].xdp_mode: the kernel cannot change the mode",
     );
     assert_eq!(live(&agent), before);
     agent.stop().expect("stop");

@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent_tests::agent::{READY_TIMEOUT, metric};
-use agent_tests::backend::TcpServer;
+use agent_tests::backend::{TcpServer, tcp_backends};
 use agent_tests::echo::{EchoLoad, EchoReport};
 use agent_tests::pins::{
     self, Ours, Outcome, Uninstall, bpftool, bpftool_do, pinned_link, prog_tag, run_agent,
@@ -596,16 +596,8 @@ impl LbLab {
     fn new(test: &str) -> LbLab {
         require_agent();
         let mut topo = Topology::new().expect("topology");
-        let backends: Vec<SocketAddr> = topo
-            .add_server_v4(BACKENDS)
-            .expect("backend addresses")
-            .into_iter()
-            .map(|a| SocketAddr::new(a.into(), BACKEND_PORT))
-            .collect();
-        let servers = backends
-            .iter()
-            .map(|b| TcpServer::start(&topo.server, *b).expect("backend"))
-            .collect();
+        let (backends, servers) =
+            tcp_backends(&mut topo, BACKENDS, BACKEND_PORT).expect("backends");
         topo.add_vip(VIP.into()).expect("VIP");
         let dir = TempDir::new().expect("temp dir");
         let pin = pin_path(test);
