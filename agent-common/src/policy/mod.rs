@@ -19,6 +19,8 @@ pub mod units;
 mod validate;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod reference;
 #[cfg(test)]
 mod tests;
