@@ -90,8 +90,9 @@ pub fn load_str(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
             format!("duplicate field `{key}` (first at line {first})"),
         );
     }
+    let reverse = index.reverse();
     for (pos, message) in wrong {
-        let path = index.value_at(pos).unwrap_or_default().to_owned();
+        let path = reverse.value_at(pos).unwrap_or_default().to_owned();
         c.error_at(index.lookup(&path), &path, message);
     }
     if let Some((pos, path, message)) = stopped {
