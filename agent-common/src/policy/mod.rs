@@ -9,12 +9,18 @@
 //! (`agent check`), in file order. A `Policy` is only ever built from a file without errors,
 //! so code reading it never re-checks what validation guarantees. Compiling a policy into
 //! map entries is the agent's (`agent::config`).
+//!
+//! Reading has two implementations. The reference reader (read.rs) finds every error and says
+//! where; it parses the text twice. A valid file, the common case and the one a reload waits
+//! for, is read in one pass (tree.rs), into the same policy and index; anything that one pass
+//! does not accept goes to the reference reader, so every message comes from there.
 
 mod error;
 pub mod model;
 pub mod net;
 mod read;
 pub mod rules;
+mod tree;
 pub mod units;
 mod validate;
 
@@ -65,6 +71,25 @@ fn one(file: &str, pos: Pos, path: &str, message: String) -> PolicyErrors {
 
 /// Parses and validates policy text; `file_name` is what messages call the file.
 pub fn load_str(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
+    // A valid file, the common case, is read in one pass (tree.rs); a file with errors is
+    // read again by the reference reader, which reports them all.
+    if let Some((mut policy, index)) = tree::read(src) {
+        let mut c = Checker::new(file_name, &index);
+        validate::check(&mut policy, &mut c);
+        if c.diags.is_empty() {
+            policy.source = Arc::new(Source {
+                file: file_name.to_owned(),
+                spans: index,
+            });
+            return Ok(policy);
+        }
+    }
+    load_str_reference(src, file_name)
+}
+
+/// `load_str` by the reference reader alone (read.rs): two passes through serde-saphyr, every
+/// error of the file.
+fn load_str_reference(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
     let index = match read::index(src) {
         Ok(Some(index)) => index,
         Ok(None) => {

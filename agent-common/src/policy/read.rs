@@ -10,6 +10,9 @@
 //! fact (units.rs, net.rs), and on failure records (position, message) in the collector of
 //! the current `load_str` call and yields a placeholder, so serde goes on and every wrong
 //! value is reported. Validation skips the checks whose inputs were already reported.
+//!
+//! This is the reference reader: `load_str` reads a valid file in one pass (tree.rs) and
+//! comes here for any other, and the tests hold that one pass to what is read here.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -50,16 +53,16 @@ impl Pos {
 }
 
 /// Deeper nesting than any policy needs.
-const MAX_DEPTH: usize = 24;
+pub(crate) const MAX_DEPTH: usize = 24;
 
 /// Nodes (and, twice that, parser events) a policy may have: a catalog at the default
 /// `agent.tables.services` (16,384) of about 60 nodes a service (a dozen backends, checks,
 /// breaker, limit) fits with room to spare; serde-saphyr's default, 250,000, does not.
-const MAX_NODES: usize = 4_000_000;
+pub(crate) const MAX_NODES: usize = 4_000_000;
 
 /// Parser settings of both passes. The alias limits are serde-saphyr's defaults, spelled out:
 /// a "billion laughs" file is refused, not expanded.
-fn options(duplicate_keys: DuplicateKeyPolicy) -> Options {
+pub(crate) fn options(duplicate_keys: DuplicateKeyPolicy) -> Options {
     serde_saphyr::options! {
         // A policy nests 8 levels deep. The readers recurse per level, so the bound keeps
         // them well inside a 2 MiB thread stack, even unoptimized.
@@ -193,7 +196,22 @@ thread_local! {
     static COLLECTOR: RefCell<Option<Collector>> = const { RefCell::new(None) };
 }
 
-/// Records an error at `at`; a no-op outside `read_policy`.
+/// Runs `read` with a collector for `src`: what it returns, and every wrong value it reported.
+pub(crate) fn collecting<R>(src: &str, read: impl FnOnce() -> R) -> (R, Vec<(Pos, String)>) {
+    COLLECTOR.with(|c| {
+        *c.borrow_mut() = Some(Collector {
+            src: src.to_owned(),
+            errors: Vec::new(),
+        })
+    });
+    let result = read();
+    let errors = COLLECTOR
+        .with(|c| c.borrow_mut().take())
+        .map_or(Vec::new(), |c| c.errors);
+    (result, errors)
+}
+
+/// Records an error at `at`; a no-op outside `collecting`.
 pub(crate) fn report(at: &Location, message: impl Into<String>) {
     COLLECTOR.with(|c| {
         if let Some(c) = c.borrow_mut().as_mut() {
@@ -536,6 +554,15 @@ struct Record {
 }
 
 impl Index {
+    /// An index with room for `values` values.
+    pub(crate) fn with_capacity(values: usize) -> Index {
+        Index {
+            values: foldhash::HashMap::with_capacity_and_hasher(values, Default::default()),
+            records: Vec::with_capacity(values),
+            duplicates: Vec::new(),
+        }
+    }
+
     /// Position of `path`'s value; for a path that is not in the file (a defaulted or missing
     /// field), the position of the closest enclosing value that is.
     pub fn lookup(&self, path: &str) -> Pos {
@@ -855,18 +882,10 @@ pub(crate) struct Read {
 
 /// The model pass.
 pub(crate) fn read_policy(src: &str, index: &Index) -> Read {
-    COLLECTOR.with(|c| {
-        *c.borrow_mut() = Some(Collector {
-            src: src.to_owned(),
-            errors: Vec::new(),
-        })
-    });
     // Duplicates were reported by the index pass; the first occurrence is read here.
-    let result =
-        serde_saphyr::from_str_with_options::<Policy>(src, options(DuplicateKeyPolicy::FirstWins));
-    let errors = COLLECTOR
-        .with(|c| c.borrow_mut().take())
-        .map_or(Vec::new(), |c| c.errors);
+    let (result, errors) = collecting(src, || {
+        serde_saphyr::from_str_with_options::<Policy>(src, options(DuplicateKeyPolicy::FirstWins))
+    });
     match result {
         Ok(policy) => Read {
             policy: Some(policy),
