@@ -6,12 +6,13 @@
 //! the index is recorded on the way, and the model is deserialized from the tree by the same
 //! `Deserialize` impls and leaf readers. That is what makes a reload of a large policy fast.
 //!
-//! It reads only what a valid policy needs and gives up (`None`) on anything else: a syntax
-//! error, a tag, an anchor or alias, a duplicate key, a number it would have to guess at, a
-//! wrong value, a field the model does not know, a shape it does not expect. `load_str` then
-//! reads the file with the reference reader, so every message and position still comes from
-//! there. Where it does not give up, policy and index are the reference reader's, exactly;
-//! the tests hold it to that on every file and variant they have.
+//! It reads only what a file without reading errors needs and gives up (`None`) on anything
+//! else: a syntax error, a tag, an anchor or alias, a duplicate key, a number it would have to
+//! guess at, a wrong value, a field the model does not know, a shape it does not expect.
+//! `load_str` then reads the file with the reference reader, which reports every error of
+//! reading. Where it does not give up, policy and index are the reference reader's, exactly,
+//! so validation finds what it would find there; the tests hold it to that on every file and
+//! variant they have.
 
 use std::borrow::Cow;
 use std::fmt;
