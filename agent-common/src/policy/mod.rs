@@ -9,15 +9,24 @@
 //! (`agent check`), in file order. A `Policy` is only ever built from a file without errors,
 //! so code reading it never re-checks what validation guarantees. Compiling a policy into
 //! map entries is the agent's (`agent::config`).
+//!
+//! Reading has two implementations. The reference reader (read.rs) finds every error and says
+//! where; it parses the text twice. A file that reads without errors, the common case and the
+//! one a reload waits for, is read in one pass (tree.rs) into the same policy and index, and
+//! validated as the reference reader's would be; any other goes to the reference reader, so
+//! every error of reading is reported from there.
 
 mod error;
 pub mod model;
 pub mod net;
 mod read;
 pub mod rules;
+mod tree;
 pub mod units;
 mod validate;
 
+#[cfg(test)]
+mod bench;
 #[cfg(test)]
 mod reference;
 #[cfg(test)]
@@ -63,6 +72,21 @@ fn one(file: &str, pos: Pos, path: &str, message: String) -> PolicyErrors {
 
 /// Parses and validates policy text; `file_name` is what messages call the file.
 pub fn load_str(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
+    // A file that reads without errors, the common case, is read in one pass (tree.rs) and
+    // validated as the reference reader would validate it; any other is read again by the
+    // reference reader, which reports every error of it.
+    let Some((mut policy, index)) = tree::read(src) else {
+        return load_str_reference(src, file_name);
+    };
+    let mut c = Checker::new(file_name, &index);
+    validate::check(&mut policy, &mut c);
+    let diags = c.diags;
+    finish(Some(policy), index, diags, file_name)
+}
+
+/// `load_str` by the reference reader alone (read.rs): two passes through serde-saphyr, every
+/// error of the file.
+fn load_str_reference(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
     let index = match read::index(src) {
         Ok(Some(index)) => index,
         Ok(None) => {
@@ -88,8 +112,9 @@ pub fn load_str(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
             format!("duplicate field `{key}` (first at line {first})"),
         );
     }
+    let reverse = index.reverse();
     for (pos, message) in wrong {
-        let path = index.value_at(pos).unwrap_or_default().to_owned();
+        let path = reverse.value_at(pos).unwrap_or_default().to_owned();
         c.error_at(index.lookup(&path), &path, message);
     }
     if let Some((pos, path, message)) = stopped {
@@ -99,7 +124,18 @@ pub fn load_str(src: &str, file_name: &str) -> Result<Policy, PolicyErrors> {
     if let Some(p) = &mut policy {
         validate::check(p, &mut c);
     }
-    let mut diags = c.diags;
+    let diags = c.diags;
+    finish(policy, index, diags, file_name)
+}
+
+/// The policy read from `file_name` if nothing is wrong with it, else every error in file
+/// order.
+fn finish(
+    policy: Option<Policy>,
+    index: read::Index,
+    mut diags: Vec<Diagnostic>,
+    file_name: &str,
+) -> Result<Policy, PolicyErrors> {
     match policy {
         Some(mut p) if diags.is_empty() => {
             p.source = Arc::new(Source {

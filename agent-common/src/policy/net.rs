@@ -115,6 +115,15 @@ impl Cidr {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix_len) == self.addr
     }
 
+    /// Every prefix that covers this one, from the shortest (`/0`) to itself.
+    pub fn covering(&self) -> impl Iterator<Item = Cidr> + use<> {
+        let addr = self.addr;
+        (0..=self.prefix_len).map(move |len| Cidr {
+            addr: mask(addr, len),
+            prefix_len: len,
+        })
+    }
+
     /// Whether every address of `other` is in `self` (a prefix covers itself). Prefixes of
     /// different families never cover each other.
     pub fn covers(&self, other: &Cidr) -> bool {
@@ -329,6 +338,13 @@ mod tests {
         assert!(!cidr("0.0.0.0/0").covers(&cidr("2001:db8::/32")));
         assert!(!cidr("::/0").covers(&cidr("198.18.0.0/24")));
         assert!(cidr("::/0").covers(&cidr("2001:db8::/32")));
+        let covering: Vec<Cidr> = cidr("198.18.0.2/32").covering().collect();
+        assert_eq!(covering.len(), 33);
+        assert_eq!(covering[0], cidr("0.0.0.0/0"));
+        assert_eq!(covering[15], cidr("198.18.0.0/15"));
+        assert_eq!(covering[32], cidr("198.18.0.2/32"));
+        assert!(covering.iter().all(|c| c.covers(&cidr("198.18.0.2/32"))));
+        assert_eq!(cidr("2001:db8::/32").covering().count(), 33);
     }
 
     #[test]

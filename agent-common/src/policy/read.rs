@@ -10,14 +10,18 @@
 //! fact (units.rs, net.rs), and on failure records (position, message) in the collector of
 //! the current `load_str` call and yields a placeholder, so serde goes on and every wrong
 //! value is reported. Validation skips the checks whose inputs were already reported.
+//!
+//! This is the reference reader: `load_str` reads a valid file in one pass (tree.rs) and
+//! comes here for any other, and the tests hold that one pass to what is read here.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -49,16 +53,16 @@ impl Pos {
 }
 
 /// Deeper nesting than any policy needs.
-const MAX_DEPTH: usize = 24;
+pub(crate) const MAX_DEPTH: usize = 24;
 
 /// Nodes (and, twice that, parser events) a policy may have: a catalog at the default
 /// `agent.tables.services` (16,384) of about 60 nodes a service (a dozen backends, checks,
 /// breaker, limit) fits with room to spare; serde-saphyr's default, 250,000, does not.
-const MAX_NODES: usize = 4_000_000;
+pub(crate) const MAX_NODES: usize = 4_000_000;
 
 /// Parser settings of both passes. The alias limits are serde-saphyr's defaults, spelled out:
 /// a "billion laughs" file is refused, not expanded.
-fn options(duplicate_keys: DuplicateKeyPolicy) -> Options {
+pub(crate) fn options(duplicate_keys: DuplicateKeyPolicy) -> Options {
     serde_saphyr::options! {
         // A policy nests 8 levels deep. The readers recurse per level, so the bound keeps
         // them well inside a 2 MiB thread stack, even unoptimized.
@@ -192,7 +196,22 @@ thread_local! {
     static COLLECTOR: RefCell<Option<Collector>> = const { RefCell::new(None) };
 }
 
-/// Records an error at `at`; a no-op outside `read_policy`.
+/// Runs `read` with a collector for `src`: what it returns, and every wrong value it reported.
+pub(crate) fn collecting<R>(src: &str, read: impl FnOnce() -> R) -> (R, Vec<(Pos, String)>) {
+    COLLECTOR.with(|c| {
+        *c.borrow_mut() = Some(Collector {
+            src: src.to_owned(),
+            errors: Vec::new(),
+        })
+    });
+    let result = read();
+    let errors = COLLECTOR
+        .with(|c| c.borrow_mut().take())
+        .map_or(Vec::new(), |c| c.errors);
+    (result, errors)
+}
+
+/// Records an error at `at`; a no-op outside `collecting`.
 pub(crate) fn report(at: &Location, message: impl Into<String>) {
     COLLECTOR.with(|c| {
         if let Some(c) = c.borrow_mut().as_mut() {
@@ -503,53 +522,77 @@ pub(crate) fn section<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
 
 /// Where each field path's value is in the file. A path is `services[0].match.port`; the
 /// document itself is the empty path.
+///
+/// A file has a path per node (some 50,000 in a catalog of 1,000 services): each is allocated
+/// once, and the one map from paths uses a fast hasher (its keys come from the operator's own
+/// file). What is at a position is only asked about a file with errors (`reverse`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Index {
-    /// Position of each path's value; a value written as nothing (`key:`) is at its key.
-    values: HashMap<String, Pos>,
-    /// Paths whose value is null: absent, for required fields.
-    nulls: HashSet<String>,
-    by_value: HashMap<Pos, String>,
-    by_key: HashMap<Pos, String>,
+    /// Each path's value.
+    values: foldhash::HashMap<Arc<str>, Value>,
+    /// Every value as recorded, in order.
+    records: Vec<Record>,
     /// Every duplicate key: (its position, its path, the line of the first).
     pub duplicates: Vec<(Pos, String, usize)>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Value {
+    /// Where the value is; one written as nothing (`key:`) is at its key.
+    pos: Pos,
+    /// Null: absent, for required fields.
+    null: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    path: Arc<str>,
+    /// Where the value is (also when written as nothing).
+    at: Pos,
+    /// Where its key is, in a mapping.
+    key: Option<Pos>,
+}
+
 impl Index {
+    /// An index with room for `values` values.
+    pub(crate) fn with_capacity(values: usize) -> Index {
+        Index {
+            values: foldhash::HashMap::with_capacity_and_hasher(values, Default::default()),
+            records: Vec::with_capacity(values),
+            duplicates: Vec::new(),
+        }
+    }
+
     /// Position of `path`'s value; for a path that is not in the file (a defaulted or missing
     /// field), the position of the closest enclosing value that is.
     pub fn lookup(&self, path: &str) -> Pos {
         let mut p = path;
         loop {
-            if let Some(pos) = self.values.get(p) {
-                return *pos;
+            if let Some(v) = self.values.get(p) {
+                return v.pos;
             }
             match p.rfind(['.', '[']) {
                 Some(i) => p = &p[..i],
-                None => return self.values.get("").copied().unwrap_or(Pos::START),
+                None => return self.values.get("").map_or(Pos::START, |v| v.pos),
             }
         }
     }
 
     /// Whether the file gives `path` a value (not null).
     pub fn has(&self, path: &str) -> bool {
-        self.values.contains_key(path) && !self.nulls.contains(path)
+        self.values.get(path).is_some_and(|v| !v.null)
     }
 
-    /// The path of the value at `pos`.
-    pub fn value_at(&self, pos: Pos) -> Option<&str> {
-        self.by_value.get(&pos).map(String::as_str)
-    }
-
-    /// The path of the key at `pos`.
-    pub fn key_at(&self, pos: Pos) -> Option<&str> {
-        self.by_key.get(&pos).map(String::as_str)
-    }
-
-    /// Every key in the file: (its position, its path). For the reference test.
-    #[cfg(test)]
-    pub fn keys(&self) -> impl Iterator<Item = (Pos, &str)> {
-        self.by_key.iter().map(|(pos, path)| (*pos, path.as_str()))
+    /// What is at each position of the file.
+    pub fn reverse(&self) -> Reverse<'_> {
+        let mut r = Reverse::default();
+        for record in &self.records {
+            r.by_value.entry(record.at).or_insert(&record.path);
+            if let Some(k) = record.key {
+                r.by_key.entry(k).or_insert(&record.path);
+            }
+        }
+        r
     }
 
     /// Whether the file has `path` at all, null or not.
@@ -558,21 +601,58 @@ impl Index {
         self.values.contains_key(path)
     }
 
-    fn record(&mut self, path: String, value: &Spanned<Node>, key: Option<Pos>) {
-        let at = Pos::of(&value.referenced);
-        let empty = value.value == Node::Null && value.referenced.span().is_empty();
+    fn record_node(&mut self, path: String, value: &Spanned<Node>, key: Option<Pos>) {
+        let null = value.value == Node::Null;
+        let empty = null && value.referenced.span().is_empty();
+        self.record(&path, Pos::of(&value.referenced), null, empty, key);
+    }
+
+    /// Records the value at `path`, at `at`: `null` when it is null, `empty` when it is
+    /// written as nothing at all; `key` is the position of its key in a mapping. The first
+    /// record of a path or position stands (a path is null if any record of it is).
+    pub(crate) fn record(
+        &mut self,
+        path: &str,
+        at: Pos,
+        null: bool,
+        empty: bool,
+        key: Option<Pos>,
+    ) {
         let pos = match key {
             Some(k) if empty => k,
             _ => at,
         };
-        if value.value == Node::Null {
-            self.nulls.insert(path.clone());
-        }
-        self.by_value.entry(at).or_insert_with(|| path.clone());
-        if let Some(k) = key {
-            self.by_key.entry(k).or_insert_with(|| path.clone());
-        }
-        self.values.entry(path).or_insert(pos);
+        let path: Arc<str> = Arc::from(path);
+        self.values
+            .entry(path.clone())
+            .and_modify(|v| v.null |= null)
+            .or_insert(Value { pos, null });
+        self.records.push(Record { path, at, key });
+    }
+}
+
+/// The paths at positions of a file: of the value and of the key there (the first recorded).
+#[derive(Default)]
+pub(crate) struct Reverse<'a> {
+    by_value: foldhash::HashMap<Pos, &'a str>,
+    by_key: foldhash::HashMap<Pos, &'a str>,
+}
+
+impl Reverse<'_> {
+    /// The path of the value at `pos`.
+    pub fn value_at(&self, pos: Pos) -> Option<&str> {
+        self.by_value.get(&pos).copied()
+    }
+
+    /// The path of the key at `pos`.
+    pub fn key_at(&self, pos: Pos) -> Option<&str> {
+        self.by_key.get(&pos).copied()
+    }
+
+    /// Every key in the file: (its position, its path). For the reference test.
+    #[cfg(test)]
+    pub fn keys(&self) -> impl Iterator<Item = (Pos, &str)> {
+        self.by_key.iter().map(|(pos, path)| (*pos, *path))
     }
 }
 
@@ -681,7 +761,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
                 break;
             };
             build(|b| {
-                b.index.record(path, &item, None);
+                b.index.record_node(path, &item, None);
                 if let Some(Frame::List(i)) = b.stack.last_mut() {
                     *i += 1;
                 }
@@ -713,7 +793,7 @@ impl<'de> Visitor<'de> for NodeVisitor {
             });
             let value = map.next_value::<Spanned<Node>>()?;
             build(|b| {
-                b.index.record(path, &value, Some(at));
+                b.index.record_node(path, &value, Some(at));
                 if let Some(Frame::Map(k)) = b.stack.last_mut() {
                     *k = None;
                 }
@@ -778,7 +858,7 @@ pub(crate) fn index(src: &str) -> Result<Option<Index>, SyntaxError> {
         Ok(root) if root.value == Node::Null => Ok(None),
         Ok(root) => {
             let mut index = b.index;
-            index.record(String::new(), &root, None);
+            index.record_node(String::new(), &root, None);
             Ok(Some(index))
         }
         Err(e) => Err(SyntaxError {
@@ -802,18 +882,10 @@ pub(crate) struct Read {
 
 /// The model pass.
 pub(crate) fn read_policy(src: &str, index: &Index) -> Read {
-    COLLECTOR.with(|c| {
-        *c.borrow_mut() = Some(Collector {
-            src: src.to_owned(),
-            errors: Vec::new(),
-        })
-    });
     // Duplicates were reported by the index pass; the first occurrence is read here.
-    let result =
-        serde_saphyr::from_str_with_options::<Policy>(src, options(DuplicateKeyPolicy::FirstWins));
-    let errors = COLLECTOR
-        .with(|c| c.borrow_mut().take())
-        .map_or(Vec::new(), |c| c.errors);
+    let (result, errors) = collecting(src, || {
+        serde_saphyr::from_str_with_options::<Policy>(src, options(DuplicateKeyPolicy::FirstWins))
+    });
     match result {
         Ok(policy) => Read {
             policy: Some(policy),
@@ -822,6 +894,7 @@ pub(crate) fn read_policy(src: &str, index: &Index) -> Read {
         },
         Err(e) => {
             let pos = error_pos(&e);
+            let index = index.reverse();
             let (path, message) = match e.without_snippet() {
                 Error::SerdeUnknownField {
                     field, expected, ..
@@ -968,8 +1041,8 @@ mod tests {
         // Missing fields fall back to the enclosing mapping.
         assert_eq!(index.lookup("b.d[1].zzz"), index.lookup("b.d[1]"));
         assert_eq!(index.lookup("nothing.at.all"), index.lookup(""));
-        assert_eq!(index.value_at(at(6, 10)), Some("b.d[1].e"));
-        assert_eq!(index.key_at(at(6, 7)), Some("b.d[1].e"));
+        assert_eq!(index.reverse().value_at(at(6, 10)), Some("b.d[1].e"));
+        assert_eq!(index.reverse().key_at(at(6, 7)), Some("b.d[1].e"));
     }
 
     #[test]

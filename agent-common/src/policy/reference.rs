@@ -61,7 +61,8 @@ fn the_reference_example_sets_every_field() {
     // Each section of the example (a path with keys under it) and one of its keys on a line
     // of its own: the first one whose value is not a section or a list itself.
     let mut sections: std::collections::BTreeMap<String, read::Pos> = Default::default();
-    let mut keys: Vec<(read::Pos, &str)> = index.keys().collect();
+    let reverse = index.reverse();
+    let mut keys: Vec<(read::Pos, &str)> = reverse.keys().collect();
     keys.sort_by_key(|(pos, _)| (pos.line, pos.column));
     let has_children = |path: &str| {
         keys.iter().any(|(_, k)| {

@@ -101,14 +101,21 @@ fn specificity(m: &Match) -> (u32, u8, u8) {
 pub fn prefix_rules<'a>(
     matches: impl IntoIterator<Item = (usize, &'a Match)>,
 ) -> Vec<PrefixRules<'a>> {
-    let matches: Vec<(usize, &Match)> = matches.into_iter().collect();
-    let prefixes: BTreeSet<Cidr> = matches.iter().map(|(_, m)| m.address).collect();
+    // The matches at each prefix; those that cover a prefix are at one of its covering
+    // prefixes (a few dozen lookups, where comparing every pair grows with the square of the
+    // services).
+    let mut at: foldhash::HashMap<Cidr, Vec<(usize, &Match)>> = Default::default();
+    for (i, m) in matches {
+        at.entry(m.address).or_default().push((i, m));
+    }
+    let prefixes: BTreeSet<Cidr> = at.keys().copied().collect();
     prefixes
         .into_iter()
         .map(|prefix| {
-            let mut rules: Vec<(usize, &Match)> = matches
-                .iter()
-                .filter(|(_, m)| m.address.covers(&prefix))
+            let mut rules: Vec<(usize, &Match)> = prefix
+                .covering()
+                .filter_map(|p| at.get(&p))
+                .flatten()
                 .copied()
                 .collect();
             rules.sort_by_key(|(i, m)| (specificity(m), *i));
@@ -120,6 +127,59 @@ pub fn prefix_rules<'a>(
 #[cfg(test)]
 mod tests {
     use super::super::model::{StatusRange, parse_status_range};
+    use super::*;
+
+    /// The rules of each prefix are those of every match that covers it, whichever way they
+    /// are found: here against comparing every pair.
+    #[test]
+    fn prefix_rules_are_the_covering_matches() {
+        let addresses = [
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "10.1.2.3",
+            "10.1.2.4",
+            "10.2.0.0/16",
+            "10.1.2.3",
+            "::/0",
+            "2001:db8::/32",
+            "2001:db8::1",
+            "::/1",
+        ];
+        let matches: Vec<Match> = addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Match {
+                address: super::super::net::parse_cidr(a).unwrap(),
+                port: (i % 3 != 0).then_some(80 + i as u16 % 2),
+                protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Any][i % 3],
+            })
+            .collect();
+        let table = prefix_rules(matches.iter().enumerate());
+        let prefixes: BTreeSet<Cidr> = matches.iter().map(|m| m.address).collect();
+        assert_eq!(
+            table.iter().map(|p| p.prefix).collect::<Vec<_>>(),
+            prefixes.iter().copied().collect::<Vec<_>>()
+        );
+        for p in &table {
+            let mut expected: Vec<(usize, &Match)> = matches
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.address.covers(&p.prefix))
+                .collect();
+            expected.sort_by_key(|(i, m)| (specificity(m), *i));
+            let got: Vec<usize> = p.rules.iter().map(|(i, _)| *i).collect();
+            let want: Vec<usize> = expected.iter().map(|(i, _)| *i).collect();
+            assert_eq!(got, want, "{}", p.prefix);
+        }
+        let rules = |p: &str| {
+            let p = super::super::net::parse_cidr(p).unwrap();
+            table.iter().find(|t| t.prefix == p).unwrap().rules.len()
+        };
+        assert_eq!(rules("10.1.2.3/32"), 6);
+        assert_eq!(rules("2001:db8::1/128"), 4);
+    }
 
     #[test]
     fn status_ranges() {

@@ -352,9 +352,8 @@ fn max_connections_is_refused_where_it_is_written() {
 }
 
 /// Variants of a valid file: truncations, dropped and duplicated lines, shifted indentation,
-/// replaced characters, and hostile documents. None may panic.
-#[test]
-fn mangled_input_never_panics() {
+/// replaced characters, and hostile documents.
+fn mangled_variants() -> Vec<String> {
     let base = fs::read_to_string(root().join("config/flash-sale.yaml")).unwrap();
     let lines: Vec<&str> = base.lines().collect();
     let mut variants: Vec<String> = Vec::new();
@@ -411,6 +410,13 @@ fn mangled_input_never_panics() {
     );
     variants.push("[".repeat(100_000));
     variants.push(format!("a: {}", "{b: ".repeat(5_000)));
+    variants
+}
+
+/// None of the mangled variants may panic.
+#[test]
+fn mangled_input_never_panics() {
+    let variants = mangled_variants();
     assert!(variants.len() >= 36, "only {} variants", variants.len());
     for (i, v) in variants.iter().enumerate() {
         let result = std::panic::catch_unwind(|| load_str(v, "mangled.yaml"));
@@ -455,4 +461,225 @@ fn key_tables_hold_at_least_the_services_totals() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("agent.tables.departures"), "{e}");
+}
+
+/// The one-pass reader (tree.rs) against the reference reader (read.rs): where it reads a
+/// file at all, it reads what the reference reader reads from it, with the same index, and
+/// `load_str` answers as the reference reader alone would.
+fn agrees_with_the_reference_reader(src: &str) -> bool {
+    let reference = load_str_reference(src, "f.yaml");
+    let got = load_str(src, "f.yaml");
+    match (&got, &reference) {
+        (Ok(p), Ok(r)) => {
+            assert_eq!(p, r, "{src}");
+            assert_eq!(p.source.spans, r.source.spans, "{src}");
+            assert_eq!(p.source.file, r.source.file);
+        }
+        _ => assert_eq!(got, reference, "{src}"),
+    }
+    let Some((policy, index)) = tree::read(src) else {
+        return false;
+    };
+    let Ok(Some(reference_index)) = read::index(src) else {
+        panic!("read in one pass, refused by the reference reader:\n{src}");
+    };
+    assert_eq!(index, reference_index, "{src}");
+    assert!(index.duplicates.is_empty(), "{src}");
+    let read = read::read_policy(src, &reference_index);
+    assert_eq!(read.wrong, [], "{src}");
+    assert_eq!(read.stopped, None, "{src}");
+    assert_eq!(Some(policy), read.policy, "{src}");
+    true
+}
+
+#[test]
+fn valid_files_are_read_in_one_pass_as_the_reference_reader_reads_them() {
+    let mut files: Vec<String> = yaml_files(&root().join("config"))
+        .iter()
+        .map(|f| fs::read_to_string(f).unwrap())
+        .collect();
+    files.push(MINIMAL.to_owned());
+    let reference = include_str!("../../../POLICY.md");
+    let start = reference.find("```yaml\n").unwrap() + 8;
+    let len = reference[start..].find("```").unwrap();
+    files.push(reference[start..start + len].to_owned());
+    files.push(bench::services(300, false));
+    files.push(bench::services(300, true));
+    files.push(catalog("agent: {tables: {services: 500}}\n", 400, 3));
+    for src in &files {
+        assert!(load_str(src, "f.yaml").is_ok(), "{src}");
+        assert!(
+            agrees_with_the_reference_reader(src),
+            "a valid file left to the reference reader:\n{src}"
+        );
+    }
+}
+
+#[test]
+fn files_with_errors_are_reported_as_the_reference_reader_reports_them() {
+    let fixtures: Vec<String> = yaml_files(&root().join("config/invalid"))
+        .iter()
+        .map(|f| fs::read_to_string(f).unwrap())
+        .collect();
+    // Files whose only errors are validation's are read in one pass and validated there.
+    let read = fixtures
+        .iter()
+        .filter(|src| agrees_with_the_reference_reader(src))
+        .count();
+    assert!(
+        (1..fixtures.len() / 2).contains(&read),
+        "{read} of {} fixtures read in one pass",
+        fixtures.len()
+    );
+    let variants = mangled_variants();
+    let read = variants
+        .iter()
+        .filter(|src| agrees_with_the_reference_reader(src))
+        .count();
+    // Some variants are valid still (a comment cut, a line doubled inside a list).
+    assert!(
+        read < variants.len() / 2,
+        "{read} of {} variants read in one pass",
+        variants.len()
+    );
+}
+
+/// Scalars whose reading depends on how YAML resolves them, in fields where that matters: a
+/// number, a boolean, a string, a section, a list.
+#[test]
+fn tricky_scalars_read_as_the_reference_reader_reads_them() {
+    let base = "\
+version: 1
+interfaces: [{name: eth0}]
+services:
+  - name: NAME
+    match: {address: 10.0.0.1, port: PORT}
+    rate_limit: {rate: 100/s, burst: BURST}
+    backends: [{address: '10.0.1.1:80'}]
+    load_balancing: {vip: VIP}
+    health_check: {type: http, host: HOST, interval: INTERVAL}
+    circuit_breaker: BREAKER
+";
+    let valid = [
+        ("NAME", "web"),
+        ("PORT", "80"),
+        ("BURST", "10"),
+        ("VIP", "true"),
+        ("HOST", "example.org"),
+        ("INTERVAL", "2s"),
+        ("BREAKER", "{}"),
+    ];
+    let scalars = [
+        "80",
+        "+80",
+        "-80",
+        "-0",
+        "+0",
+        "0",
+        "080",
+        "-080",
+        "0x50",
+        "0o120",
+        "0b1010000",
+        "0X50",
+        "8_0",
+        "80.0",
+        "8e1",
+        "8E1",
+        ".5",
+        "-.5",
+        "5.",
+        "1e999",
+        "-1e999",
+        "99999999999999999999999",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775809",
+        ".inf",
+        "-.inf",
+        "+.inf",
+        ".Inf",
+        ".nan",
+        "+.nan",
+        ".NaN",
+        "inf",
+        "-inf",
+        "nan",
+        "infinity",
+        "NaN",
+        "true",
+        "True",
+        "TRUE",
+        "tRuE",
+        "false",
+        "yes",
+        "Yes",
+        "y",
+        "Y",
+        "n",
+        "on",
+        "off",
+        "no",
+        "null",
+        "Null",
+        "NULL",
+        "nUll",
+        "~",
+        "",
+        "''",
+        "'80'",
+        "\"80\"",
+        "'true'",
+        "\"\"",
+        "!!str 80",
+        "!!int 80",
+        "! 80",
+        "!!bool true",
+        "&a 80",
+        "*a",
+        "[80]",
+        "[]",
+        "{}",
+        "{a: 1}",
+        "80 # comment",
+        "8 0",
+        "web",
+        "/x",
+        "\"a\\tb\"",
+        "example.org",
+        "10.0.0.1",
+        "2s",
+        "0s",
+        "-1s",
+        "1_000",
+        "+",
+        "-",
+        ".",
+        "..",
+        "0.",
+        "-.",
+        "e1",
+        "1e",
+        "1e+",
+        "0x",
+        "0xg",
+        "1.2.3",
+        ":",
+        "?",
+        "\"\\u00e9\"",
+        "é",
+    ];
+    let mut read = 0;
+    for (field, _) in valid {
+        for scalar in scalars {
+            let mut src = base.replace(field, scalar);
+            for (other, value) in valid {
+                src = src.replace(other, value);
+            }
+            if agrees_with_the_reference_reader(&src) {
+                read += 1;
+            }
+        }
+    }
+    assert!(read > 100, "only {read} read in one pass");
 }
