@@ -197,8 +197,10 @@ pub const ADOPTION_FLOOD: Scaled = Scaled::secs(4);
 /// `--detach-on-exit`), how long the kernel may take to free the programs, links and maps
 /// that nothing references any more (freed after an RCU grace period, in deferred work, not
 /// in the call). A million-entry LRU table takes its time to free on a loaded machine: a CI
-/// run saw one map outlive 2 s. The test asks that everything goes, not how fast.
-pub const RELEASED: Scaled = Scaled::secs(10);
+/// run saw one map outlive 2 s, and with the double-buffered policy (two table maps per
+/// balanced service inside `LB_TABLES`, freed in deferred work after it) one saw two maps
+/// outlive 10 s. The test asks that everything goes, not how fast.
+pub const RELEASED: Scaled = Scaled::secs(30);
 
 /// Survive the agent (issue 10): an echo through a VIP that takes longer than this is an
 /// error. A lost packet costs TCP at least its 200 ms minimum RTO, so a datapath gap during
