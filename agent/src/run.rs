@@ -682,7 +682,12 @@ async fn reload(
     let staged = tokio::task::block_in_place(|| {
         stage_all(&policy, &plan, &running.plan, state, carried.as_ref())
     });
-    let (generation, report, lb_maps, pacers) = match staged {
+    let Switched {
+        generation,
+        report,
+        lb_maps,
+        pacers,
+    } = match staged {
         Ok(s) => s,
         Err(e) => {
             // The running policy's balancer goes on where it stopped.
@@ -761,14 +766,21 @@ async fn reload(
 /// The staged part of a reload, up to and including the switch: the maps of the other
 /// generation, the balanced services' entries and tables there, the pacing qdiscs and the
 /// hooks the new policy adds. Undone on any error before the switch.
-#[allow(clippy::type_complexity)]
+/// What a staged reload is in force with.
+struct Switched {
+    generation: u32,
+    report: ApplyReport,
+    lb_maps: Option<(LbMaps, LbMaps)>,
+    pacers: Option<Pacers>,
+}
+
 fn stage_all(
     policy: &Policy,
     plan: &Plan,
     running: &Plan,
     state: &AgentState,
     carried: Option<&supervisor::Backends>,
-) -> Result<(u32, ApplyReport, Option<(LbMaps, LbMaps)>, Option<Pacers>), RunError> {
+) -> Result<Switched, RunError> {
     let mut dp = state.datapath_mut();
     let staged = dp.stage(&plan.compiled)?;
     let generation = staged.generation;
@@ -806,7 +818,12 @@ fn stage_all(
             for a in attached {
                 tracing::info!("attached {a}");
             }
-            Ok((generation, report, lb_maps, pacers))
+            Ok(Switched {
+                generation,
+                report,
+                lb_maps,
+                pacers,
+            })
         }
         Err(e) => {
             // `switch` unstaged; the hooks this reload added go (the running policy's stay).

@@ -128,6 +128,18 @@ fn publish(out: &std::path::Path, section: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The commit a benchmark ran at (`git rev-parse --short HEAD`), or `unknown`.
+fn git_head() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(workspace::root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

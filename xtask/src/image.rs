@@ -256,11 +256,7 @@ fn pin_nightly(dated: &str) -> anyhow::Result<()> {
 
 /// Installs the Debian packages among `packages` that are missing.
 fn install(packages: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !setup::dpkg_installed(p))
-        .collect();
+    let missing = setup::missing_packages(packages);
     if missing.is_empty() {
         return Ok(());
     }
@@ -271,13 +267,7 @@ fn install(packages: &[&str]) -> anyhow::Result<()> {
         );
     }
     println!("image: installing {}", missing.join(", "));
-    cmd::run(setup::apt_get().arg("update"))?;
-    cmd::run(
-        setup::apt_get()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )?;
-    Ok(())
+    Ok(setup::apt_install(&missing)?)
 }
 
 fn which(program: &str) -> Option<PathBuf> {

@@ -141,6 +141,25 @@ pub fn dpkg_installed(package: &str) -> bool {
         })
 }
 
+/// The packages of `packages` that are not installed.
+pub fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect()
+}
+
+/// `apt-get update`, then installs `packages` without their recommends.
+pub fn apt_install(packages: &[&str]) -> Result<(), cmd::CmdError> {
+    cmd::run(apt_get().arg("update"))?;
+    cmd::run(
+        apt_get()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(packages),
+    )
+}
+
 /// `apt-get -q`, non-interactive.
 pub fn apt_get() -> Command {
     let mut command = Command::new("apt-get");
@@ -152,11 +171,7 @@ pub fn apt_get() -> Command {
 }
 
 fn debian_packages() -> Result<Outcome, SetupError> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|package| !dpkg_installed(package))
-        .collect();
+    let missing = missing_packages(DEBIAN_PACKAGES);
     if missing.is_empty() {
         return Ok(Outcome::Skipped(format!(
             "{} installed",
@@ -164,12 +179,7 @@ fn debian_packages() -> Result<Outcome, SetupError> {
         )));
     }
     sys::require_root(&format!("installing {}", missing.join(", ")))?;
-    cmd::run(apt_get().arg("update"))?;
-    cmd::run(
-        apt_get()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )?;
+    apt_install(&missing)?;
     Ok(Outcome::Done(format!("installed {}", missing.join(", "))))
 }
 

@@ -61,7 +61,6 @@ pub struct Ids {
     /// maps): never handed out while they are live.
     reserved_services: BTreeSet<u32>,
     reserved_breakers: BTreeSet<u32>,
-    reserved_ranges: Vec<(u32, u32)>,
     /// Where the next search for a free id starts.
     cursor: Cursors,
 }
@@ -101,11 +100,11 @@ impl Ids {
     }
 
     /// Adds ids the datapath holds for entries no compiled policy names (adopted maps).
+    /// Balanced ranges need none: every live one is recovered by its service id.
     pub fn reserve(
         &mut self,
         services: impl IntoIterator<Item = u32>,
         breakers: impl IntoIterator<Item = u32>,
-        ranges: impl IntoIterator<Item = (u32, u32)>,
     ) {
         let named: BTreeSet<u32> = self.services.values().copied().collect();
         self.reserved_services
@@ -113,17 +112,11 @@ impl Ids {
         let named: BTreeSet<u32> = self.breakers.values().copied().collect();
         self.reserved_breakers
             .extend(breakers.into_iter().filter(|i| !named.contains(i)));
-        let named: BTreeSet<u32> = self.ranges.values().map(|(b, _)| *b).collect();
-        self.reserved_ranges
-            .extend(ranges.into_iter().filter(|(b, _)| !named.contains(b)));
         for &i in &self.reserved_services {
             self.cursor.service = self.cursor.service.max(i + 1);
         }
         for &i in &self.reserved_breakers {
             self.cursor.breaker = self.cursor.breaker.max(i + 1);
-        }
-        for &(b, n) in &self.reserved_ranges {
-            self.cursor.lb = self.cursor.lb.max(b + n);
         }
     }
 
@@ -229,7 +222,6 @@ impl Ids {
             .values()
             .map(|(b, a)| (*b, a.len() as u32))
             .collect();
-        used.extend(&self.reserved_ranges);
         for l in &mut out.lb {
             l.id = stable(l.id).unwrap_or(u32::MAX);
             let keys: Vec<BackendKey> = l.backends.iter().map(|b| b.key).collect();
@@ -457,7 +449,7 @@ mod tests {
     fn reserved_ids_are_never_handed_out() {
         let a = compiled(&[("a", "10.0.0.1", &[])]);
         let mut ids = Ids::of(&a);
-        ids.reserve([1, 2], [], []);
+        ids.reserve([1, 2], []);
         let (b, _) = ids
             .assign(
                 &compiled(&[("a", "10.0.0.1", &[]), ("b", "10.0.0.2", &[])]),

@@ -328,7 +328,6 @@ impl Datapath {
         ids.reserve(
             unnamed,
             present.values().copied().filter(|i| !named.contains(i)),
-            [],
         );
         Ok(ids)
     }

@@ -39,7 +39,7 @@ use agent_tests::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
-use crate::{build, cmd, setup, sys};
+use crate::{build, setup, sys};
 
 const SECTION: &str = "## Health checks, CPU per probe";
 /// What this benchmark runs beyond the project's own packages.
@@ -135,21 +135,11 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
 /// haproxy and nft, installed with apt-get when missing (as `cargo xtask setup` installs the
 /// project's packages).
 fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !setup::dpkg_installed(p))
-        .collect();
+    let missing = setup::missing_packages(PACKAGES);
     if missing.is_empty() {
         return Ok(());
     }
-    cmd::run(setup::apt_get().arg("update"))?;
-    cmd::run(
-        setup::apt_get()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )?;
-    Ok(())
+    Ok(setup::apt_install(&missing)?)
 }
 
 /// Backend `i`: 198.19.0.0 + i + 1, listening when `i` is even.

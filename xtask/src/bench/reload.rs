@@ -26,7 +26,6 @@ use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -39,7 +38,7 @@ use agent_tests::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
-use crate::{build, setup, sys, workspace};
+use crate::{build, setup, sys};
 
 const SECTION: &str = "## Reload: file save to the policy in force";
 const LISTEN: &str = "127.0.0.1:9090";
@@ -295,14 +294,7 @@ fn render(rows: &[Row], args: &Args) -> String {
             .and_then(|t| t.split_whitespace().next().map(str::to_owned))
             .unwrap_or_else(|| "unknown".into())
     };
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(workspace::root())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".into());
+    let commit = super::git_head();
     let mut t = String::new();
     let _ = writeln!(t, "{SECTION}\n");
     let _ = writeln!(

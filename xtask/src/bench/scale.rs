@@ -27,7 +27,7 @@ use agent_tests::{
 };
 use anyhow::{Context, Result, bail};
 
-use crate::{build, setup, sys, workspace};
+use crate::{build, setup, sys};
 
 const DEFAULT_OUT: &str = "BENCHMARKS.md";
 const SECTION: &str = "## Scale: balanced services";
@@ -133,7 +133,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     sys::require_root("cargo xtask bench scale (network namespaces, BPF)")?;
     let toolchain = setup::run()?;
     let agent = build::agent_binary(&toolchain, true)?;
-    let commit = git_head();
+    let commit = super::git_head();
     let load = loadavg();
 
     let trivial = Trivial::load()?;
@@ -436,17 +436,6 @@ fn wait_for_teardown(before: u64) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn git_head() -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(workspace::root())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Why a row has no figures, in one line: the agent's first line of output when the error
