@@ -45,8 +45,9 @@ pub struct MatchList {
 }
 const _: () = assert!(core::mem::size_of::<MatchList>() == 8 + 8 * MAX_MATCH_RULES);
 
-/// Room for a service name (POLICY.md: at most 63 bytes of `a-z0-9-`) and a NUL.
-pub const SERVICE_NAME_LEN: usize = 64;
+/// Room for a service name (POLICY.md: at most 63 bytes of `a-z0-9-`), the `.fallback` of a
+/// companion service (`crate::degrade`) and a NUL.
+pub const SERVICE_NAME_LEN: usize = 80;
 
 /// A service's name in `SVC_NAMES` (indexed by service id), NUL-padded: the datapath never
 /// reads it; an agent adopting pinned maps finds each service's id by its name there.

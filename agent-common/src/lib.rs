@@ -6,6 +6,7 @@
 
 pub mod breaker;
 pub mod classify;
+pub mod degrade;
 #[cfg(feature = "user")]
 pub mod fdinfo;
 pub mod lb;

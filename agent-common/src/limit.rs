@@ -40,7 +40,10 @@ pub struct ServiceConfig {
     pub flags: u32,
     pub rl_key: u32,
     pub rl_unit: u32,
-    pub _pad: u32,
+    /// The companion service of the fallback backends (`crate::degrade`): its id + 1; 0 for
+    /// none. Its `SVC_CFG` entry of the same generation holds the rate limit in force while
+    /// the service is degraded, its `LB_SVC` entry and table the fallback's balancing.
+    pub fallback: u32,
     /// Units (packets or bytes) per second; never 0 when `SVC_F_RATE_LIMIT` is set.
     pub rl_rate: u64,
     /// The burst expressed as time at `rl_rate`: `burst * 1e9 / rate`.
@@ -87,11 +90,17 @@ impl ServiceConfig {
             flags: SVC_F_ACTIVE | SVC_F_RATE_LIMIT,
             rl_key: key,
             rl_unit: unit,
-            _pad: 0,
+            fallback: 0,
             rl_rate: rate,
             rl_burst_ns: u64::try_from(burst_ns).ok()?,
             shape: ShapeConfig::default(),
         })
+    }
+
+    /// The companion service of the fallback backends, `None` without one.
+    #[inline(always)]
+    pub fn fallback_id(&self) -> Option<u32> {
+        self.fallback.checked_sub(1)
     }
 
     /// Rate time a packet of `len` bytes costs, in ns. Rounds down: the error is under 1 ns

@@ -18,6 +18,10 @@ pub const MAP_SHAPE_NEXT: &str = "SHAPE_NEXT";
 /// Array indexed by service id -> [`crate::classify::ServiceName`]: which service holds the
 /// id (for an adopting agent; the datapath does not read it).
 pub const MAP_SVC_NAMES: &str = "SVC_NAMES";
+/// Array indexed by service id -> u32, the service's degradation mode
+/// (`crate::degrade::MODE_*`), written by the agent: not per generation, a state like a
+/// breaker's.
+pub const MAP_DEGRADE: &str = "DEGRADE";
 /// Per-CPU array indexed by service id -> [`crate::shape::ShapeDelay`].
 pub const MAP_SHAPE_DELAY: &str = "SHAPE_DELAY";
 /// Per-CPU array indexed by `service_id * SVC_STAT_SLOTS + slot` -> [`crate::Counter`].
@@ -68,19 +72,21 @@ pub const MAP_LEAST_CONN_BEST: &str = "LEAST_CONN_BEST";
 /// values carry when their state began and the open period (so an adopting agent resumes
 /// the breakers). 3: the policy is double-buffered (`POLICY_GEN`, the generation byte in
 /// `CLASSIFY` keys, two entries per service in `SVC_CFG`, `LB_SVC` and `LB_TABLES`; service
-/// ids stable across reloads, their names in `SVC_NAMES`).
-pub const PIN_LAYOUT: u32 = 3;
+/// ids stable across reloads, their names in `SVC_NAMES`). 4: degradation (`DEGRADE`, the
+/// companion id in `ServiceConfig::fallback`, two more service counters, 80-byte names).
+pub const PIN_LAYOUT: u32 = 4;
 
 /// The maps pinned under `<agent.pin_path>/maps/`: every map holding policy, state or
 /// counters, and the stage arrays (a program array empties when its last user reference
 /// goes, which would cut the stages off the running programs when the agent dies). Per-CPU
 /// scratch space and the log ring are not pinned; a map left out would start empty under an
 /// adopting agent.
-pub const PINNED_MAPS: [&str; 26] = [
+pub const PINNED_MAPS: [&str; 27] = [
     MAP_POLICY_GEN,
     MAP_CLASSIFY,
     MAP_SVC_CFG,
     MAP_SVC_NAMES,
+    MAP_DEGRADE,
     MAP_RL_BUCKETS,
     MAP_SHAPE_NEXT,
     MAP_SHAPE_DELAY,

@@ -48,13 +48,19 @@ pub const SVC_SHAPE_NO_KEY: u32 = 10;
 /// Shaping: paced after every compare-and-swap on the key's departure time lost to other
 /// CPUs; it left at the time its last attempt computed (also counted in `SVC_SHAPE_PACED`).
 pub const SVC_SHAPE_CONTENDED: u32 = 11;
-pub const SVC_STAT_SLOTS: u32 = 12;
+/// New flows refused (RST / ICMP unreachable, or dropped when no answer can be built)
+/// because the service is shed (`crate::degrade::MODE_SHED`).
+pub const SVC_SHED: u32 = 12;
+/// New flows sent to the fallback backends (`crate::degrade::MODE_FALLBACK`).
+pub const SVC_FALLBACK: u32 = 13;
+pub const SVC_STAT_SLOTS: u32 = 14;
 
 /// Drop reasons as exported in metrics, by slot.
-pub const SVC_DROP_REASONS: [(u32, &str); 4] = [
+pub const SVC_DROP_REASONS: [(u32, &str); 5] = [
     (SVC_DROP_RATE_LIMIT, "rate_limit"),
     (SVC_DROP_CONTENDED, "contended"),
     (SVC_NO_BACKEND, "no_backend"),
+    (SVC_SHED, "shed"),
     (SVC_SHAPE_HORIZON, "horizon"),
 ];
 

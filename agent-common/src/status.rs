@@ -49,6 +49,67 @@ pub struct StatusReport {
     /// Reloads of the policy (SIGHUP, a change of the file) and the policy generation.
     #[serde(default)]
     pub reload: ReloadStatus,
+    /// Node-wide shedding by priority (services whose strategy is `shed`).
+    #[serde(default)]
+    pub shedding: SheddingStatus,
+}
+
+/// Node-wide shedding: while any `shed` service is degraded (the pressure), priority levels
+/// are shed one per `agent.shed_step`, `low` first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SheddingStatus {
+    /// The highest priority shed: `none`, `low`, `normal` or `core`.
+    pub level: String,
+    /// Whether some `shed` service is degraded.
+    pub pressure: bool,
+    /// Names of the services whose new flows are refused now.
+    pub shed: Vec<String>,
+    /// Seconds since `level` last changed.
+    pub level_for_seconds: f64,
+}
+
+/// One service's degradation (services with `degradation`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DegradationStatus {
+    /// `normal`, `fallback` or `shed`: the mode the datapath enforces
+    /// (`agent_common::degrade::mode_name`).
+    pub mode: String,
+    /// Whether the conditions hold the service degraded (any condition true, then all false
+    /// for less than `recover_after`). A `shed` service may be degraded and not shed yet:
+    /// its priority's turn has not come.
+    pub degraded: bool,
+    /// What decided the latest transition, with the values that decided it, e.g.
+    /// `latency p99 612ms > 500ms over 2s`; `None` before the first.
+    pub cause: Option<String>,
+    /// Seconds since the latest transition of `degraded` (or since start).
+    pub in_state_seconds: f64,
+    /// Seconds the conditions have been all false while still degraded (counts toward
+    /// `recover_after`); 0 when not degraded.
+    pub clear_for_seconds: f64,
+    /// Transitions of `mode` since start.
+    pub transitions: u64,
+    pub conditions: Vec<ConditionStatus>,
+    /// New flows the datapath sent to the fallback backends, and refused by shedding.
+    pub fallback_flows: u64,
+    pub shed_flows: u64,
+}
+
+/// One condition as last evaluated.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConditionStatus {
+    /// `latency`, `error_rate` or `availability`.
+    pub r#type: String,
+    /// As the policy writes it: `500ms`, `50%`.
+    pub threshold: String,
+    pub window_seconds: f64,
+    /// The measure over the window: seconds (latency p99) or a share from 0 to 1 (error
+    /// rate, availability); `None` when the window holds no sample (the condition is false).
+    pub value: Option<f64>,
+    /// Samples the measure is over: probes (latency), attempts (error rate), evaluations
+    /// (availability).
+    pub samples: u64,
+    /// Whether the condition is true.
+    pub met: bool,
 }
 
 /// The policy in force and the reloads since start.
@@ -129,6 +190,12 @@ pub struct ServiceStatus {
     /// Services with `shaping` only.
     #[serde(default)]
     pub shaping: Option<ShapingStatus>,
+    /// Services with `degradation` only.
+    #[serde(default)]
+    pub degradation: Option<DegradationStatus>,
+    /// `Some(name)` for the companion service that balances `name`'s fallback backends.
+    #[serde(default)]
+    pub fallback_of: Option<String>,
 }
 
 /// Pacing of one service on egress.

@@ -7,10 +7,10 @@ use crate::{
     classify::GENERATIONS,
     lb::LBSTAT_SLOTS,
     maps::{
-        MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CLASSIFY, MAP_LB_ACTIVE_CONNS, MAP_LB_BACKENDS,
-        MAP_LB_CONNS, MAP_LB_REVERSE, MAP_LB_RR, MAP_LB_STATS, MAP_LB_SVC, MAP_LB_TABLES,
-        MAP_SHAPE_DELAY, MAP_SVC_CFG, MAP_SVC_NAMES, MAP_SVC_STATS, MIN_AUTO_CONNECTIONS,
-        auto_connections, classify_entries,
+        MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CLASSIFY, MAP_DEGRADE, MAP_LB_ACTIVE_CONNS,
+        MAP_LB_BACKENDS, MAP_LB_CONNS, MAP_LB_REVERSE, MAP_LB_RR, MAP_LB_STATS, MAP_LB_SVC,
+        MAP_LB_TABLES, MAP_SHAPE_DELAY, MAP_SVC_CFG, MAP_SVC_NAMES, MAP_SVC_STATS,
+        MIN_AUTO_CONNECTIONS, auto_connections, classify_entries,
     },
     stats::SVC_STAT_SLOTS,
 };
@@ -54,13 +54,14 @@ impl TableSizes {
     }
 
     /// Every map sized by these numbers, and its entries.
-    pub fn maps(&self) -> [(&'static str, u32); 15] {
+    pub fn maps(&self) -> [(&'static str, u32); 16] {
         let (s, b, c) = (self.services, self.backends, self.connections);
         [
             (MAP_CLASSIFY, classify_entries(s)),
             // Double-buffered: one entry per service and generation.
             (MAP_SVC_CFG, s.saturating_mul(GENERATIONS)),
             (MAP_SVC_NAMES, s),
+            (MAP_DEGRADE, s),
             (MAP_SHAPE_DELAY, s),
             (MAP_SVC_STATS, s.saturating_mul(SVC_STAT_SLOTS)),
             (MAP_LB_SVC, s.saturating_mul(GENERATIONS)),

@@ -168,7 +168,15 @@ pub struct AgentSettings {
     /// Extension: the sizes of the datapath's node-wide tables, fixed when the agent starts.
     #[serde(deserialize_with = "r::or_default")]
     pub tables: Tables,
+    /// Extension: node-wide shedding (services whose `fallback.strategy` is `shed`). While
+    /// any of them is degraded, one more priority level is shed every `shed_step`, `low`
+    /// first, `core` last; once none is, one level comes back every `shed_step`.
+    #[serde(deserialize_with = "r::positive_duration")]
+    pub shed_step: Duration,
 }
+
+/// Default `agent.shed_step`.
+pub const DEFAULT_SHED_STEP: Duration = Duration::from_secs(10);
 
 impl Default for AgentSettings {
     fn default() -> AgentSettings {
@@ -177,6 +185,7 @@ impl Default for AgentSettings {
             pin_path: PathBuf::from("/sys/fs/bpf/agent"),
             log_level: LogLevel::Info,
             tables: Tables::default(),
+            shed_step: DEFAULT_SHED_STEP,
         }
     }
 }
@@ -260,6 +269,11 @@ pub struct Service {
     /// `None`: no pacing.
     #[serde(deserialize_with = "r::section")]
     pub shaping: Option<Shaping>,
+    /// Not in the file: `Some(i)` for the companion service that balances the fallback
+    /// backends of `services[i]` (`Policy::with_companions`), which no packet is classified
+    /// into. `None` for every service the file lists.
+    #[serde(skip)]
+    pub fallback_of: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -692,6 +706,10 @@ pub struct Fallback {
     /// Where traffic goes while degraded; non-empty unless `strategy` is `shed`, empty then.
     #[serde(deserialize_with = "r::list")]
     pub backends: Vec<Backend>,
+    /// Extension: the rate limit in force while degraded, instead of the service's own
+    /// (`None`: the service's own stays). Not with `shed`.
+    #[serde(deserialize_with = "r::section")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Pacing instead of dropping, on egress (needs `sch_fq`).

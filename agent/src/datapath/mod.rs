@@ -4,6 +4,7 @@
 mod attach;
 mod backends;
 pub mod bpffs;
+mod degrade;
 mod generation;
 mod kernel;
 mod lb;
@@ -16,6 +17,7 @@ mod watchdog;
 
 pub use attach::{AttachSpec, XdpModeSetting, remove_egress_filter};
 pub use backends::{BACKEND_ACTIONS, BackendCounters, BackendMaps, expired, ktime_now_ns};
+pub use degrade::{DegradeCounters, DegradeMaps};
 pub use generation::{LivePolicy, LiveService, Staged};
 pub use kernel::{Kernel, MIN_KERNEL};
 pub use lb::{LbCounters, LbMaps, LbServiceCounters};

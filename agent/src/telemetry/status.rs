@@ -72,6 +72,9 @@ pub fn build(
                         last_delay_seconds: sh.last_delay_ns as f64 / 1e9,
                     }
                 }),
+                // Filled in by the degradation evaluator's view (`degrade`).
+                degradation: None,
+                fallback_of: None,
             }
         })
         .collect();
