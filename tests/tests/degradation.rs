@@ -210,12 +210,20 @@ impl Svc {
     }
 }
 
+/// Where the agents of this test process pin: a path of their own, so that an agent of
+/// another test run on the machine (another pin path) is left alone. Each agent runs with
+/// `--detach-on-exit`, so the next test finds it free.
+fn pin_path() -> String {
+    format!("/sys/fs/bpf/agt-degrade-{}", std::process::id())
+}
+
 /// The whole policy: the agent on the client veth; `shed_step` when given.
 fn policy(ifname: &str, shed_step: Option<Scaled>, services: &[Svc]) -> String {
     let step = shed_step.map_or_else(String::new, |s| format!("  shed_step: {}\n", s.yaml()));
+    let pin = pin_path();
     let mut y = format!(
         "version: 1\n\
-         agent:\n  listen: 127.0.0.1:9090\n{step}\
+         agent:\n  listen: 127.0.0.1:9090\n  pin_path: {pin}\n{step}\
          interfaces:\n  - name: {ifname}\n    xdp_mode: generic\n    direction: both\n\
          services:\n"
     );
@@ -1550,10 +1558,11 @@ fn flash_sale_story_degrades_recommendation_and_inventory_sheds_reviews_keeps_or
     let (reviews_at, mut reviews_pool, _) = place(&mut lab, reviews)?;
     let mut text = format!(
         "version: 1\n\
-         agent:\n  listen: 127.0.0.1:9090\n  shed_step: {step}\n\
+         agent:\n  listen: 127.0.0.1:9090\n  pin_path: {pin}\n  shed_step: {step}\n\
          interfaces:\n  - name: {ifname}\n    xdp_mode: generic\n    direction: both\n\
          services:\n",
         step = Scaled::secs(2).yaml(),
+        pin = pin_path(),
         ifname = lab.topo.client_if,
     );
     for (s, at) in [
