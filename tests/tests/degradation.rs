@@ -750,7 +750,7 @@ fn latency_flips_to_the_fallback_within_a_window_and_recovers_after_recover_afte
         None,
         std::slice::from_ref(&svc),
     ))?;
-    let cycle = degrade_and_recover(
+    degrade_and_recover(
         &lab,
         &svc,
         &mut pool,
@@ -772,7 +772,6 @@ fn latency_flips_to_the_fallback_within_a_window_and_recovers_after_recover_afte
             Ok(())
         },
     )?;
-    println!("latency: {}", cycle.summary());
     Ok(())
 }
 
@@ -801,7 +800,7 @@ fn error_rate_alone(refuse: bool) -> Result<()> {
         None,
         std::slice::from_ref(&svc),
     ))?;
-    let cycle = degrade_and_recover(
+    degrade_and_recover(
         &lab,
         &svc,
         &mut pool,
@@ -840,10 +839,6 @@ fn error_rate_alone(refuse: bool) -> Result<()> {
             Ok(())
         },
     )?;
-    println!(
-        "error_rate ({}): {cycle:?}",
-        if refuse { "refused" } else { "500" }
-    );
     Ok(())
 }
 
@@ -885,7 +880,7 @@ fn availability_alone_flips_when_the_pool_stops_and_recovers() -> Result<()> {
         None,
         std::slice::from_ref(&svc),
     ))?;
-    let cycle = degrade_and_recover(
+    degrade_and_recover(
         &lab,
         &svc,
         &mut pool,
@@ -912,7 +907,6 @@ fn availability_alone_flips_when_the_pool_stops_and_recovers() -> Result<()> {
         },
         |pool| pool.iter_mut().try_for_each(HttpBackend::restart),
     )?;
-    println!("availability: {}", cycle.summary());
     Ok(())
 }
 
