@@ -34,6 +34,7 @@
 mod backend;
 mod log_limit;
 mod passive;
+mod samples;
 #[cfg(test)]
 mod tests;
 
@@ -53,6 +54,7 @@ use tokio::sync::{mpsc, watch};
 pub use agent_common::status::{BackendStatus, LATENCY_BUCKETS, PassiveCounts};
 pub use backend::{Backend, BackendId, Backends, BackendsRx, UNCHECKED};
 pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK};
+pub use samples::{ProbeSample, SAMPLE_BATCHES, SampleRx, SampleTx, sample_channel};
 
 use log_limit::LogLimiter;
 use passive::{BreakerFeed as _, PassiveBackend, PassiveBatch};
@@ -63,7 +65,6 @@ use crate::{
     breaker::{EjectionGuard, Event, Outcome, State},
     config::{CompiledBackend, model::Policy},
     datapath::{BackendMaps, Datapath, DatapathError, ktime_now_ns},
-    degrade::{ProbeSample, SampleTx},
     health::{BackendRef, Checker, HealthError, ProbeOptions, ProbeResult, on_grid},
 };
 

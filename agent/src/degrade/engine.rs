@@ -46,6 +46,12 @@ pub enum Note {
     },
     /// The shed level moved.
     Level { from: Level, to: Level, why: String },
+    /// Reading a service's mode at start failed: it starts normal.
+    ReadFailed {
+        service: Arc<str>,
+        id: u32,
+        error: String,
+    },
     /// Writing a mode failed (noted once until a write succeeds); retried every tick.
     WriteFailed {
         service: Arc<str>,
@@ -58,7 +64,7 @@ pub enum Note {
 impl Note {
     /// Whether it is logged as a warning rather than information.
     pub fn is_warning(&self) -> bool {
-        matches!(self, Note::WriteFailed { .. })
+        matches!(self, Note::WriteFailed { .. } | Note::ReadFailed { .. })
     }
 }
 
@@ -83,6 +89,10 @@ impl std::fmt::Display for Note {
             } => write!(f, "{service} degraded ({why}): shedding pressure"),
             Note::Pressure { service, why, .. } => write!(f, "{service} {why}"),
             Note::Level { from, to, why } => write!(f, "shed level: {from} -> {to} ({why})"),
+            Note::ReadFailed { service, id, error } => write!(
+                f,
+                "reading the mode of {service} (id {id}) from the datapath: {error}; it starts normal"
+            ),
             Note::WriteFailed {
                 service,
                 id,
@@ -168,11 +178,10 @@ impl Engine {
                 Ok(m @ (MODE_FALLBACK | MODE_SHED)) => m,
                 Ok(_) => MODE_NORMAL,
                 Err(e) => {
-                    notes.push(Note::WriteFailed {
+                    notes.push(Note::ReadFailed {
                         service: spec.name.clone(),
                         id: spec.id,
-                        mode: MODE_NORMAL,
-                        error: format!("reading its mode first: {e}"),
+                        error: e.to_string(),
                     });
                     MODE_NORMAL
                 }
@@ -211,8 +220,9 @@ impl Engine {
 
     /// Takes up a reloaded policy: a service of the same name whose `degradation` is
     /// unchanged keeps its state and windows; one whose `degradation` changed starts over
-    /// (not degraded) from the mode it had; a service no longer degradable gets its mode
-    /// back to normal (unless its id is a degradable service's now). The shed level stays.
+    /// (not degraded) from the mode it had; the id of a service no longer degradable (or an
+    /// id a service left for another) gets its mode back to normal, unless a degradable
+    /// service holds it now. The shed level stays.
     /// Every mode is written again.
     pub fn reconfigure(
         &mut self,
@@ -225,14 +235,22 @@ impl Engine {
             .map(|t| (t.spec.name.clone(), t))
             .collect();
         let ids: HashSet<u32> = config.services.iter().map(|s| s.id).collect();
+        // Ids the new policy's degradable services no longer hold.
+        let mut left = Vec::new();
         for spec in config.services {
             let t = match old.remove(&spec.name) {
                 Some(mut t) if t.spec.degradation == spec.degradation => {
+                    if t.spec.id != spec.id {
+                        left.push((t.spec.id, t.spec.name.clone()));
+                    }
                     t.spec = spec;
                     t.written = None;
                     t
                 }
                 Some(t) => {
+                    if t.spec.id != spec.id {
+                        left.push((t.spec.id, t.spec.name.clone()));
+                    }
                     let hyst = Hysteresis::new(
                         now,
                         Some("policy reloaded: its degradation changed".to_string()),
@@ -246,11 +264,12 @@ impl Engine {
             self.services.push(t);
         }
         self.restore.retain(|r| !ids.contains(&r.id));
-        for t in old.into_values() {
-            if !ids.contains(&t.spec.id) {
+        left.extend(old.into_values().map(|t| (t.spec.id, t.spec.name)));
+        for (id, service) in left {
+            if !ids.contains(&id) {
                 self.restore.push(Restore {
-                    id: t.spec.id,
-                    service: t.spec.name,
+                    id,
+                    service,
                     failing: false,
                 });
             }

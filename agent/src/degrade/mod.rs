@@ -34,9 +34,7 @@ mod tests;
 mod view;
 pub mod window;
 
-use std::{sync::Arc, time::Duration, time::Instant};
-
-use tokio::sync::mpsc;
+use std::{sync::Arc, time::Duration};
 
 use crate::{
     config::{
@@ -46,6 +44,8 @@ use crate::{
     datapath::{DatapathError, DegradeMaps},
 };
 
+// The samples channel is the supervisor's (the sending side): no import cycle.
+pub use crate::supervisor::{ProbeSample, SAMPLE_BATCHES, SampleRx, SampleTx, sample_channel};
 pub use engine::{Engine, Note};
 pub use shed::Level;
 pub use task::{Evaluator, start};
@@ -56,34 +56,6 @@ use crate::supervisor::Backends;
 
 /// How often conditions are measured and modes decided.
 pub const DEGRADE_TICK: Duration = Duration::from_millis(100);
-
-/// Batches of probe samples the channel holds; the supervisor drops a batch rather than wait
-/// when the evaluator is this far behind.
-pub const SAMPLE_BATCHES: usize = 1024;
-
-/// One probe of one of a degradable service's own backends, as the supervisor saw it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProbeSample {
-    /// The service's name (the probe's `BackendRef::service`).
-    pub service: Arc<str>,
-    /// When the probe ended.
-    pub at: Instant,
-    /// The last attempt's duration; a timed-out probe's is at least the timeout.
-    pub latency: Duration,
-    pub ok: bool,
-}
-
-/// The supervisor's end of the samples channel: it sends each batch of probe results of
-/// degradable services, never waiting (a full channel drops the batch).
-pub type SampleTx = mpsc::Sender<Vec<ProbeSample>>;
-/// The evaluator's end.
-pub type SampleRx = mpsc::Receiver<Vec<ProbeSample>>;
-
-/// The samples channel: made once for the evaluator's life; every supervisor (one per
-/// policy with other backends) gets a clone of the sender.
-pub fn sample_channel() -> (SampleTx, SampleRx) {
-    mpsc::channel(SAMPLE_BATCHES)
-}
 
 /// Where modes go: the kernel's `DEGRADE` map, or a recorder in tests.
 pub trait ModeSink: Send {

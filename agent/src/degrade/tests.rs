@@ -954,8 +954,13 @@ fn a_reload_carries_state_and_windows_by_name() {
     writes.sort();
     assert_eq!(
         writes,
-        vec![(2, MODE_NORMAL), (8, MODE_FALLBACK), (9, MODE_NORMAL)],
-        "every mode written; the removed service's id back to normal"
+        vec![
+            (2, MODE_NORMAL),
+            (7, MODE_NORMAL),
+            (8, MODE_FALLBACK),
+            (9, MODE_NORMAL)
+        ],
+        "every mode written; the ids no degradable service holds now back to normal"
     );
     // The window came along: the slow probe still holds p99 until 2s after it.
     e.tick(t0 + ms(1_900), &[], None, &mut map);
@@ -1070,4 +1075,79 @@ fn durations_are_written_as_the_policy_writes_them() {
     assert_eq!(condition::duration(ms(500)), "500ms");
     assert_eq!(condition::duration(ms(1500)), "1500ms");
     assert_eq!(condition::duration(Duration::from_micros(400)), "0.4ms");
+}
+
+// ---------------------------------------------------------------------------------------
+// The task
+
+/// A [`Recorder`] the test keeps a handle on while the task writes through it.
+#[derive(Clone, Default)]
+struct Shared(Arc<std::sync::Mutex<Recorder>>);
+
+impl ModeSink for Shared {
+    fn write(&mut self, id: u32, mode: u32) -> Result<(), DatapathError> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(id, mode)
+    }
+
+    fn read(&self, id: u32) -> Result<u32, DatapathError> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).read(id)
+    }
+}
+
+impl Shared {
+    fn take(&self) -> Vec<(u32, u32)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+#[tokio::test]
+async fn the_task_takes_samples_reloads_and_stops() {
+    let map = Shared::default();
+    let (tx, rx) = super::sample_channel();
+    let ev = super::start(config(vec![web(7)]), Box::new(map.clone()), None, rx, None);
+    assert_eq!(
+        map.take(),
+        vec![(7, MODE_NORMAL)],
+        "written before start returns"
+    );
+    let view = ev.view();
+    let mode = |view: &super::DegradeView| {
+        let mut r = StatusReport {
+            services: vec![ServiceStatus {
+                id: 7,
+                name: "web".into(),
+                ..ServiceStatus::default()
+            }],
+            ..StatusReport::default()
+        };
+        view.fill(&mut r, Instant::now());
+        r.services[0].degradation.as_ref().map(|d| d.mode.clone())
+    };
+    tx.try_send(vec![sample("web", Instant::now(), ms(900), true)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A condition with a deadline: the next tick (100ms) takes the sample.
+    let deadline = Instant::now() + secs(5);
+    while mode(&view).as_deref() != Some("fallback") {
+        assert!(
+            Instant::now() < deadline,
+            "the slow sample never degraded web"
+        );
+        tokio::time::sleep(ms(10)).await;
+    }
+    assert_eq!(map.take(), vec![(7, MODE_FALLBACK)]);
+    // A reload returns once the modes are written.
+    ev.reconfigure(config(vec![web(8)]), None).await;
+    assert_eq!(
+        map.take(),
+        vec![(8, MODE_FALLBACK), (7, MODE_NORMAL)],
+        "carried by name; its old id back to normal"
+    );
+    ev.stop().await;
+    assert!(
+        map.take().is_empty(),
+        "stopping writes nothing: the modes stay"
+    );
 }

@@ -971,7 +971,7 @@ fn probe_results_of_degradable_services_go_to_the_evaluator() {
     let t0 = Instant::now();
     let mut sup = Supervisor::new(&policy, &compiled.backends, None, t0);
     assert_eq!(sup.degradable, vec![true, false]);
-    let (tx, mut rx) = crate::degrade::sample_channel();
+    let (tx, mut rx) = sample_channel();
     sup.samples = Some(tx);
     let result = |service: &str, service_id, address: &str, ok: bool| ProbeResult {
         backend: BackendRef {
