@@ -366,7 +366,7 @@ impl Engine {
             }
         }
         for ((t, (up, total)), seen) in self.services.iter_mut().zip(counts).zip(passive) {
-            t.windows.passive(now, seen);
+            t.windows.passive(now, &seen);
             let share = (total > 0).then(|| f64::from(up) / f64::from(total));
             t.windows.availability(now, share);
         }

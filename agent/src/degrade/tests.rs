@@ -251,7 +251,7 @@ fn the_error_rate_counts_probes_and_passive_attempts_by_difference() {
     // The first reading is a baseline (history), not attempts.
     w.passive(
         t0,
-        [(addr(0), counts(100, 50, 50)), (addr(1), counts(7, 0, 0))],
+        &[(addr(0), counts(100, 50, 50)), (addr(1), counts(7, 0, 0))],
     );
     assert_eq!(w.attempts(t0, secs(10)), Attempts::default());
     w.probe(t0, ms(1), true);
@@ -260,7 +260,7 @@ fn the_error_rate_counts_probes_and_passive_attempts_by_difference() {
     // +5 answered, +1 refused, +1 unanswered on one backend; the other unchanged.
     w.passive(
         t0 + ms(100),
-        [(addr(0), counts(105, 51, 51)), (addr(1), counts(7, 0, 0))],
+        &[(addr(0), counts(105, 51, 51)), (addr(1), counts(7, 0, 0))],
     );
     assert_eq!(
         w.attempts(t0 + ms(100), secs(10)),
@@ -273,12 +273,12 @@ fn the_error_rate_counts_probes_and_passive_attempts_by_difference() {
     // backend seen for the first time too.
     w.passive(
         t0 + ms(200),
-        [(addr(0), counts(1, 0, 0)), (addr(2), counts(9, 9, 9))],
+        &[(addr(0), counts(1, 0, 0)), (addr(2), counts(9, 9, 9))],
     );
     assert_eq!(w.attempts(t0 + ms(200), secs(10)).total, 10);
     w.passive(
         t0 + ms(300),
-        [(addr(0), counts(2, 0, 0)), (addr(2), counts(9, 10, 9))],
+        &[(addr(0), counts(2, 0, 0)), (addr(2), counts(9, 10, 9))],
     );
     assert_eq!(
         w.attempts(t0 + ms(300), secs(10)),
@@ -1150,4 +1150,22 @@ async fn the_task_takes_samples_reloads_and_stops() {
         map.take().is_empty(),
         "stopping writes nothing: the modes stay"
     );
+}
+
+#[test]
+fn a_backend_gone_from_the_reading_is_forgotten() {
+    let t0 = Instant::now();
+    let mut w = Windows::new(secs(10));
+    let c = |synack| PassiveCounts {
+        synack,
+        refused: 0,
+        timeout: 0,
+    };
+    w.passive(t0, &[(addr(0), c(5)), (addr(1), c(5))]);
+    w.passive(t0, &[(addr(0), c(6))]);
+    // Back (higher than it was: its counts went on meanwhile): a baseline again, not a
+    // difference from before it went.
+    w.passive(t0, &[(addr(0), c(6)), (addr(1), c(9))]);
+    w.passive(t0, &[(addr(0), c(6)), (addr(1), c(11))]);
+    assert_eq!(w.attempts(t0, secs(10)).total, 3);
 }

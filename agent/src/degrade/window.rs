@@ -70,15 +70,11 @@ impl Windows {
     /// differences since the last reading are this tick's attempts. A backend seen for the
     /// first time, or whose counts went down (another supervisor's), gives its baseline
     /// only. Backends no longer read are forgotten.
-    pub fn passive(
-        &mut self,
-        now: Instant,
-        backends: impl IntoIterator<Item = (SocketAddr, PassiveCounts)>,
-    ) {
+    pub fn passive(&mut self, now: Instant, backends: &[(SocketAddr, PassiveCounts)]) {
         let mut seen = Attempts::default();
-        let mut next = HashMap::with_capacity(self.baseline.len());
-        for (address, counts) in backends {
-            if let Some(old) = self.baseline.get(&address)
+        for &(address, counts) in backends {
+            // Updated in place: no map built per tick.
+            if let Some(old) = self.baseline.insert(address, counts)
                 && counts.synack >= old.synack
                 && counts.refused >= old.refused
                 && counts.timeout >= old.timeout
@@ -91,9 +87,10 @@ impl Windows {
                 seen.total += d.total;
                 seen.failed += d.failed;
             }
-            next.insert(address, counts);
         }
-        self.baseline = next;
+        if self.baseline.len() > backends.len() {
+            (self.baseline).retain(|a, _| backends.iter().any(|(b, _)| b == a));
+        }
         if seen.total > 0 {
             self.passive.push_back((now, seen));
         }
