@@ -127,7 +127,11 @@ impl Config {
                 }
                 continue;
             }
-            let (Some(d), Some(c)) = (&s.degradation, compiled.services.get(i)) else {
+            // In policy order; by name should a compiled policy ever be in another.
+            let compiled = (compiled.services.get(i))
+                .filter(|c| c.name == s.name)
+                .or_else(|| compiled.services.iter().find(|c| c.name == s.name));
+            let (Some(d), Some(c)) = (&s.degradation, compiled) else {
                 continue;
             };
             services.push(ServiceSpec {

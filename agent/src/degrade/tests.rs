@@ -1169,3 +1169,48 @@ fn a_backend_gone_from_the_reading_is_forgotten() {
     w.passive(t0, &[(addr(0), c(6)), (addr(1), c(11))]);
     assert_eq!(w.attempts(t0, secs(10)).total, 3);
 }
+
+#[test]
+fn the_config_takes_the_degradable_services_of_the_file_with_their_ids() {
+    let text = "
+version: 1
+agent: {shed_step: 4s}
+interfaces:
+  - name: eth0
+services:
+  - name: plain
+    match: {address: 198.18.0.9, port: 80}
+  - name: web
+    priority: low
+    match: {address: 198.18.0.10, port: 80}
+    backends:
+      - address: 10.0.1.11:8080
+    health_check: {timeout: 200ms}
+    degradation:
+      conditions: [{type: latency, threshold: 100ms, window: 2s}]
+      fallback: {strategy: shed}
+      recover_after: 7s
+";
+    let mut policy = crate::config::load_str(text, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let mut compiled = crate::config::compile(&policy);
+    // Ids as `Plan::with_ids` may give them: not the positions.
+    compiled.services[0].id = 4;
+    compiled.services[1].id = 2;
+    // A companion, as the loaded policy appends it: not degradable itself.
+    let mut companion = policy.services[1].clone();
+    companion.name = "web.fallback".into();
+    companion.fallback_of = Some(1);
+    policy.services.push(companion);
+    let c = Config::new(&policy, &compiled);
+    assert_eq!(c.shed_step, secs(4));
+    assert_eq!(c.companions, vec![("web.fallback".into(), "web".into())]);
+    assert_eq!(c.services.len(), 1);
+    let web = &c.services[0];
+    assert_eq!(
+        (&*web.name, web.id, web.priority),
+        ("web", 2, Priority::Low)
+    );
+    assert!(web.sheds());
+    assert_eq!(web.span(), secs(2));
+    assert_eq!(web.degradation.recover_after, secs(7));
+}
