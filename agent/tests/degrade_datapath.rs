@@ -625,3 +625,68 @@ fn unknown_modes_and_missing_companions_are_normal() {
         assert_eq!(lab.counters(name), DegradeCounters::default(), "{name}");
     }
 }
+
+/// A reload (ids kept by name, as the agent assigns them): a service that stays keeps its
+/// mode, one that leaves has its mode reset once the switch is done, and one that joins
+/// starts normal whatever its id's entry held.
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
+fn a_reload_resets_the_modes_of_ids_that_leave_or_join() {
+    require_root();
+    let text = |names: &[&str]| {
+        let mut p = String::from("version: 1\ninterfaces:\n  - name: lo\nservices:\n");
+        for (i, n) in names.iter().enumerate() {
+            p += &format!("  - name: {n}\n    match: {{ address: 198.18.5.{i}/32 }}\n");
+        }
+        config::compile(&config::load_str(&p, "reload.yaml").expect("test policy"))
+    };
+    let first = text(&["stays", "leaves"]);
+    let mut dp = Datapath::load_for(&first).expect("loading the datapath");
+    dp.apply(&first).expect("writing the maps");
+    let mut modes = dp.degrade_maps().expect("degradation maps");
+    let id = |c: &Compiled, name: &str| c.services.iter().find(|s| s.name == name).unwrap().id;
+    modes
+        .write_mode(id(&first, "stays"), MODE_FALLBACK)
+        .unwrap();
+    modes.write_mode(id(&first, "leaves"), MODE_SHED).unwrap();
+
+    let limits = config::ids::Limits {
+        services: dp.sizes().services,
+        backends: dp.sizes().backends,
+    };
+    let second = text(&["stays", "joins"]);
+    let live = dp.live_ids(&second).expect("live ids");
+    let (second, _) = live.assign(&second, limits).expect("ids");
+    let joins = id(&second, "joins");
+    assert!(
+        joins != id(&first, "stays") && joins != id(&first, "leaves"),
+        "a new id for the new service"
+    );
+    // What a service that held this id long ago left behind.
+    modes.write_mode(joins, MODE_SHED).unwrap();
+
+    let staged = dp.stage(&second).expect("stage");
+    assert_eq!(
+        modes.read_mode(joins).unwrap(),
+        MODE_NORMAL,
+        "joins: reset at the stage"
+    );
+    assert_eq!(
+        modes.read_mode(id(&first, "leaves")).unwrap(),
+        MODE_SHED,
+        "leaves: still live until the switch"
+    );
+    dp.switch(staged).expect("switch");
+    dp.retire_backends(&second).expect("retire");
+    assert_eq!(
+        modes.read_mode(id(&first, "leaves")).unwrap(),
+        MODE_NORMAL,
+        "leaves"
+    );
+    assert_eq!(
+        modes.read_mode(id(&first, "stays")).unwrap(),
+        MODE_FALLBACK,
+        "stays"
+    );
+    assert_eq!(modes.read_mode(joins).unwrap(), MODE_NORMAL, "joins");
+}
