@@ -494,6 +494,61 @@ fn measure_each_to(prog: &Xdp, frames: &[Vec<u8>], among: &[[u8; 4]]) -> anyhow:
     })
 }
 
+/// Writes the companion link the agent's plan writes (`ServiceConfig::fallback`) into the
+/// live `SVC_CFG` entry of `parent`.
+fn link(dp: &mut Datapath, parent: u32, companion: u32) -> anyhow::Result<()> {
+    let slot = generation_slot(parent, dp.generation());
+    let mut cfg: Array<&mut MapData, ServiceConfig> = dp
+        .ebpf_mut()
+        .map_mut(MAP_SVC_CFG)
+        .context("SVC_CFG")?
+        .try_into()?;
+    let mut c = cfg.get(&slot, 0)?;
+    c.fallback = companion + 1;
+    cfg.set(slot, c, 0)?;
+    Ok(())
+}
+
+/// The degradation check on every packet of a rate-limited service with a companion (its
+/// mode read; in fallback, the companion's configuration and bucket), the limiter admitting
+/// (one key, the frame repeated, as the limiter rows).
+fn degrade_limit_rows(args: &Args) -> anyhow::Result<Vec<(&'static str, Measure)>> {
+    let text = format!(
+        r#"
+version: 1
+interfaces: [{{ name: lo }}]
+services:
+  - name: bench
+    match: {{ address: 198.18.0.2/32, port: {DPORT}, protocol: udp }}
+    rate_limit: {{ key: flow, rate: 1000000000/s, burst: 1000000, max_keys: 64 }}
+  - name: bench-fallback
+    match: {{ address: 198.18.0.5/32, port: {DPORT}, protocol: udp }}
+    rate_limit: {{ key: flow, rate: 1000000000/s, burst: 1000000, max_keys: 64 }}
+"#
+    );
+    let policy = config::load_str(&text, "bench-degrade-limit.yaml")
+        .map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
+    let compiled = config::compile(&policy);
+    let mut dp = Datapath::load(compiled.max_keys)?;
+    dp.apply(&compiled)?;
+    let mut rows = vec![(
+        "limiter, admitted, no companion",
+        measure(dp.xdp_program()?, &frame(SPORT), args)?,
+    )];
+    let (parent, companion) = (compiled.services[0].id, compiled.services[1].id);
+    link(&mut dp, parent, companion)?;
+    rows.push((
+        "limiter, admitted, a companion, normal (mode read)",
+        measure(dp.xdp_program()?, &frame(SPORT), args)?,
+    ));
+    dp.degrade_maps()?.write_mode(parent, MODE_FALLBACK)?;
+    rows.push((
+        "limiter, admitted, fallback (mode, companion's config and bucket)",
+        measure(dp.xdp_program()?, &frame(SPORT), args)?,
+    ));
+    Ok(rows)
+}
+
 /// The degradation check on the balancing path (`DEGRADE` read for new flows, and for every
 /// packet of a service with a companion, whose limit applies while it falls back): a Maglev
 /// service linked to a companion of two fallback backends, its new flows and established
@@ -536,16 +591,7 @@ services:
     dp.mark_ports([BACKEND_PORT])?;
     let mut maps = dp.lb_maps()?;
     agent::lb::balancer::install(&mut maps, &compiled.lb)?;
-    // The companion link the agent's plan writes (`ServiceConfig::fallback`).
-    let slot = generation_slot(parent, dp.generation());
-    let mut cfg: Array<&mut MapData, ServiceConfig> = dp
-        .ebpf_mut()
-        .map_mut(MAP_SVC_CFG)
-        .context("SVC_CFG")?
-        .try_into()?;
-    let mut c = cfg.get(&slot, 0)?;
-    c.fallback = companion + 1;
-    cfg.set(slot, c, 0)?;
+    link(&mut dp, parent, companion)?;
     let mut modes = dp.degrade_maps()?;
     let prog = dp.xdp_program()?;
 
@@ -680,6 +726,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
     let breaker = breaker_rows(args)?;
     let lb = lb_rows()?;
     let degrade = degrade_rows()?;
+    let degrade_limit = degrade_limit_rows(args)?;
     let shaping = shaping_rows(args)?;
     let mut rows = Vec::new();
     for keys in [1, 10_000, 1_000_000] {
@@ -717,6 +764,9 @@ fn run(args: &Args) -> anyhow::Result<String> {
     }
     for (what, m) in lb.iter().chain(&degrade) {
         table.push((what.clone(), "-".into(), *m));
+    }
+    for (what, m) in &degrade_limit {
+        table.push((format!("agent: degradation, {what}"), "1".into(), *m));
     }
     for (what, m) in &shaping {
         table.push((format!("agent: {what}"), "1".into(), *m));
@@ -828,9 +878,10 @@ fn run(args: &Args) -> anyhow::Result<String> {
         t,
         "\nDegradation (the same, a Maglev VIP linked to a companion of two fallback backends): \
          a new flow reads the service's mode (`DEGRADE`), and in fallback its companion's \
-         configuration, then picks from the companion's table; every packet of a service with \
-         a companion reads the mode in the main program (the companion's limit applies while it \
-         falls back). An established flow's packet reads nothing more in the balancing stage."
+         configuration, then picks from the companion's table. An established flow's packet \
+         reads nothing more in the balancing stage. Every packet of a service with a companion \
+         reads the mode in the main program (the companion's limit applies while it falls \
+         back): the *degradation, limiter* rows, one frame repeated."
     )?;
     eprintln!("timing Maglev table builds ...");
     t.push_str(&maglev_section(&maglev_rows(&maglev_cases(), MAGLEV_RUNS))?);
