@@ -204,7 +204,9 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
     // SAFETY: helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let tcp = p.proto == PROTO_TCP;
-    let backend = match LB_CONNS.get_ptr_mut(&key) {
+    // The backend, and the flags of the service whose backend it is (the companion's for a
+    // new flow sent to the fallback).
+    let (backend, flags) = match LB_CONNS.get_ptr_mut(&key) {
         // SAFETY: a live map value for this run; fields are written whole.
         // A SYN on a closing entry is a new connection reusing the 5-tuple: balanced afresh.
         Some(c) if !conn_expired(unsafe { &*c }, tcp, now) && !reused(unsafe { &*c }, p) => unsafe {
@@ -214,7 +216,7 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
                 (*c).flags |= CONN_F_CLOSING;
                 connections((*c).backend, false);
             }
-            (*c).backend
+            ((*c).backend, svc.flags)
         },
         _ => {
             if tcp && p.tcp_flags & TCP_SYN == 0 {
@@ -238,15 +240,12 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
                 stats::service(service_id, SVC_FALLBACK, 0);
             }
             track(&key, b, now, p, service_id);
-            return Forward::To {
-                backend: b,
-                panic: from.flags & LB_F_PANIC != 0,
-            };
+            (b, from.flags)
         }
     };
     Forward::To {
         backend,
-        panic: svc.flags & LB_F_PANIC != 0,
+        panic: flags & LB_F_PANIC != 0,
     }
 }
 
