@@ -8,7 +8,7 @@ use agent_common::{
     ServiceConfig,
     classify::generation_slot,
     degrade::{MODE_FALLBACK, MODE_NORMAL, MODE_SHED, opens_flow},
-    limit::SVC_F_ACTIVE,
+    limit::{SVC_F_ACTIVE, SVC_F_RATE_LIMIT},
 };
 
 use crate::{
@@ -68,13 +68,14 @@ pub fn fallback(id: u32, cfg: &ServiceConfig, slot: u32) -> Option<(u32, u32)> {
 }
 
 /// The rate limit in force for a packet of service `id`: the service's own (its id's
-/// buckets), or while it falls back the companion's (the companion id's buckets). Returns
+/// buckets), or while it falls back the companion's (the companion id's buckets) when the
+/// companion has one (`fallback.rate_limit`; without it the service's own stays). Returns
 /// the id of the buckets and the configuration.
 #[inline(always)]
 pub fn limit_config(id: u32, cfg: &ServiceConfig, slot: u32) -> (u32, &ServiceConfig) {
     if let Some((f, fslot)) = fallback(id, cfg, slot)
         && let Some(c) = SVC_CFG.get(fslot)
-        && c.flags & SVC_F_ACTIVE != 0
+        && c.flags & (SVC_F_ACTIVE | SVC_F_RATE_LIMIT) == SVC_F_ACTIVE | SVC_F_RATE_LIMIT
     {
         return (f, c);
     }

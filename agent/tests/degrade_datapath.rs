@@ -578,6 +578,39 @@ fn fallback_applies_the_companions_rate_limit() {
     let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
     assert_eq!(verdicts, [XDP_PASS; 4], "the service's own burst of 1000");
     assert_eq!(lab.svc_counter("limited", SVC_DROP_RATE_LIMIT), 2);
+
+    // A companion without a limit of its own (no `fallback.rate_limit`): while the service
+    // falls back its own limit stays in force, on its own bucket; the datapath never runs
+    // a degraded service unlimited.
+    let plain = lab.id("plain");
+    let limited = lab.id("limited");
+    let own_tat = |lab: &mut Lab| {
+        let map = lab
+            .dp
+            .ebpf_mut()
+            .map_mut(MAP_RL_BUCKETS)
+            .expect("RL_BUCKETS");
+        let buckets: HashMap<&mut MapData, BucketKey, Bucket> =
+            HashMap::try_from(map).expect("type");
+        let entries: Vec<(BucketKey, Bucket)> =
+            buckets.iter().map(|e| e.expect("reading RL_BUCKETS")).collect();
+        assert!(
+            entries.iter().all(|(k, _)| k.service_id != plain),
+            "no bucket of the unlimited companion"
+        );
+        let own = entries.iter().find(|(k, _)| k.service_id == limited);
+        own.expect("the service's own bucket").1.tat
+    };
+    let before = own_tat(&mut lab);
+    lab.link("limited", plain + 1);
+    lab.set_mode("limited", MODE_FALLBACK);
+    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    assert_eq!(verdicts, [XDP_PASS; 4], "the service's own burst of 1000");
+    // Each admitted packet moves the own bucket's theoretical arrival time on.
+    assert!(
+        own_tat(&mut lab) > before,
+        "the service's own bucket charged while it falls back"
+    );
 }
 
 /// Fail open: a mode the datapath does not know is normal (own backends, nothing shed), and
