@@ -592,8 +592,10 @@ fn fallback_applies_the_companions_rate_limit() {
             .expect("RL_BUCKETS");
         let buckets: HashMap<&mut MapData, BucketKey, Bucket> =
             HashMap::try_from(map).expect("type");
-        let entries: Vec<(BucketKey, Bucket)> =
-            buckets.iter().map(|e| e.expect("reading RL_BUCKETS")).collect();
+        let entries: Vec<(BucketKey, Bucket)> = buckets
+            .iter()
+            .map(|e| e.expect("reading RL_BUCKETS"))
+            .collect();
         assert!(
             entries.iter().all(|(k, _)| k.service_id != plain),
             "no bucket of the unlimited companion"
