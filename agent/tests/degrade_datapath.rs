@@ -6,9 +6,10 @@
 //! (the rewritten frame's destination), what an established one does, the answers of a shed
 //! service (RST, ICMP unreachable), the limit in force, and the counters. Needs root.
 //!
-//! Companions are ordinary balanced services of the test policy here (`*-fallback`, own
+//! Companions are mostly ordinary balanced services of the test policy (`*-fallback`, own
 //! VIPs that no test frame addresses), linked to their parent by writing `fallback` (id + 1)
-//! into the parent's live `SVC_CFG` entry.
+//! into the parent's live `SVC_CFG` entry, so that each case picks its own; one case takes
+//! the companion the compiler makes of `degradation.fallback`.
 
 mod packets;
 
@@ -120,8 +121,19 @@ struct Lab {
 impl Lab {
     /// The policy in the maps, every companion linked to its parent.
     fn new() -> Lab {
+        let mut lab = Lab::with_policy(POLICY);
+        for parent in ["web", "dns", "limited"] {
+            let companion = lab.id(&format!("{parent}-fallback"));
+            lab.link(parent, companion + 1);
+        }
+        lab
+    }
+
+    /// `text` compiled and in the maps as the agent writes them.
+    fn with_policy(text: &str) -> Lab {
         require_root();
-        let policy = config::load_str(POLICY, "degrade-test.yaml").expect("test policy");
+        let policy = config::load_str(text, "degrade-test.yaml")
+            .unwrap_or_else(|e| panic!("test policy:\n{e}"));
         let compiled = config::compile(&policy);
         let mut dp = Datapath::load_for(&compiled).expect("loading the datapath");
         dp.apply(&compiled).expect("writing the maps");
@@ -131,16 +143,11 @@ impl Lab {
         let mut maps = dp.lb_maps().expect("balancing maps");
         balancer::install(&mut maps, &compiled.lb).expect("installing the balanced services");
         let modes = dp.degrade_maps().expect("degradation maps");
-        let mut lab = Lab {
+        Lab {
             dp,
             compiled,
             modes,
-        };
-        for parent in ["web", "dns", "limited"] {
-            let companion = lab.id(&format!("{parent}-fallback"));
-            lab.link(parent, companion + 1);
         }
-        lab
     }
 
     fn id(&self, name: &str) -> u32 {
@@ -724,4 +731,57 @@ fn a_reload_resets_the_modes_of_ids_that_leave_or_join() {
         "stays"
     );
     assert_eq!(modes.read_mode(joins).unwrap(), MODE_NORMAL, "joins");
+}
+
+/// The policy's own companion (`degradation.fallback`, compiled as the agent does): no link
+/// written by the test. In fallback, a new flow goes to the fallback backend and the
+/// fallback's `rate_limit` is in force; normal, the service's own backends and limit.
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
+fn the_compiled_companion_takes_new_flows_and_its_limit_applies() {
+    const COMPANION_POLICY: &str = r#"version: 1
+interfaces:
+  - name: lo
+services:
+  - name: shop
+    match: { address: 198.18.0.110, port: 80, protocol: tcp }
+    backends:
+      - { address: "198.18.2.1:8080", weight: 100 }
+    load_balancing: { algorithm: maglev, vip: true }
+    rate_limit: { key: service, rate: 1000000/s, burst: 1000 }
+    health_check: { type: tcp, interval: 1s, timeout: 200ms }
+    degradation:
+      conditions:
+        - { type: availability, threshold: 50%, window: 5s }
+      fallback:
+        strategy: static_response
+        backends:
+          - address: 198.18.9.110:8080
+        rate_limit: { key: service, rate: 1/s, burst: 2 }
+      recover_after: 1m
+"#;
+    let mut lab = Lab::with_policy(COMPANION_POLICY);
+    let shop = lab.id("shop");
+    let linked = lab.compiled.services.iter().find(|s| s.id == shop).unwrap();
+    assert_ne!(
+        linked.config.fallback, 0,
+        "the compiled policy links the companion"
+    );
+    const SHOP: [u8; 4] = [198, 18, 0, 110];
+    let own = [[198, 18, 2, 1]];
+    let fallback = [[198, 18, 9, 110]];
+    lab.dnat(&tcp(SHOP, 80, 45000, SYN), &own, 8080, "normal");
+    lab.set_mode("shop", MODE_FALLBACK);
+    lab.dnat(&tcp(SHOP, 80, 45001, SYN), &fallback, 8080, "fallback, 1");
+    lab.dnat(&tcp(SHOP, 80, 45002, SYN), &fallback, 8080, "fallback, 2");
+    let third = tcp(SHOP, 80, 45003, SYN);
+    assert_eq!(
+        lab.run(Hook::Xdp, &third).0,
+        XDP_DROP,
+        "the fallback's burst of 2 is spent"
+    );
+    assert_eq!(lab.svc_counter("shop", SVC_DROP_RATE_LIMIT), 1);
+    assert_eq!(lab.counters("shop").fallback, 2);
+    lab.set_mode("shop", MODE_NORMAL);
+    lab.dnat(&third, &own, 8080, "normal again");
 }
