@@ -8,7 +8,7 @@
 //! breaker check, rate limit, pacing, building an answer) are BPF subprograms (`#[inline(never)]`),
 //! each with its own frame, so stages that run one after the other do not add up. Answers
 //! (RST / ICMP) are built in a program of their own, entered by tail call, so their frame
-//! is never stacked on a main program's. The deepest chain is 448 bytes under 6.1's rounding;
+//! is never stacked on a main program's. The deepest chain is 416 bytes under 6.1's rounding;
 //! `agent/tests/stack.rs` reads it off the object and keeps 64 bytes of headroom.
 //!
 //! Balancing runs in programs of its own, entered by tail call (`STAGES_XDP` / `STAGES_TC`):

@@ -20,19 +20,19 @@ use anyhow::{Context as _, Result};
 use crate::netns::Netns;
 
 /// How long a server thread waits on its socket before it looks at its stop flag again.
-const ACCEPT_IDLE: Duration = Duration::from_millis(1);
-const READ_IDLE: Duration = Duration::from_millis(50);
+pub(crate) const ACCEPT_IDLE: Duration = Duration::from_millis(1);
+pub(crate) const READ_IDLE: Duration = Duration::from_millis(50);
 const UDP_IDLE: Duration = Duration::from_millis(20);
 
 /// A server's thread and the flag that stops it; stopped and joined on drop.
-struct Worker {
+pub(crate) struct Worker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
     /// Runs `body` on a new thread; it must return soon after its flag is set.
-    fn spawn(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Worker {
+    pub(crate) fn spawn(body: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Worker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         Worker {
@@ -41,7 +41,7 @@ impl Worker {
         }
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -13,19 +13,14 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
     },
-    thread::JoinHandle,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::backend::SERVED_BY;
+use crate::backend::{ACCEPT_IDLE, READ_IDLE, SERVED_BY, Worker};
 use crate::netns::Netns;
 
-/// How long the accept loop waits before it looks at its stop flag again.
-const ACCEPT_IDLE: Duration = Duration::from_millis(1);
-/// Read timeout of a connection's thread, so it notices the stop flag.
-const READ_IDLE: Duration = Duration::from_millis(50);
 /// A delayed answer sleeps in steps this long, so stopping the server is not held up.
 const DELAY_STEP: Duration = Duration::from_millis(10);
 
@@ -57,26 +52,6 @@ impl Behaviour {
 }
 
 /// The accept loop of one bind; stopped (listener closed) and joined on drop.
-struct Listening {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Listening {
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Listening {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// An HTTP backend in a namespace whose delay and status are switched at run time.
 pub struct HttpBackend {
     ns: Netns,
@@ -85,7 +60,7 @@ pub struct HttpBackend {
     behaviour: Arc<Behaviour>,
     accepted: Arc<AtomicU64>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
-    listening: Option<Listening>,
+    listening: Option<Worker>,
 }
 
 impl HttpBackend {
@@ -178,15 +153,13 @@ impl HttpBackend {
             .run(move || TcpListener::bind(addr))?
             .with_context(|| format!("binding the HTTP backend {addr}"))?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (flag, behaviour, name, count, seen) = (
-            stop.clone(),
+        let (behaviour, name, count, seen) = (
             self.behaviour.clone(),
             self.name.clone(),
             self.accepted.clone(),
             self.peers.clone(),
         );
-        let thread = std::thread::spawn(move || {
+        self.listening = Some(Worker::spawn(move |flag| {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, peer)) => {
@@ -199,11 +172,7 @@ impl HttpBackend {
                     Err(_) => std::thread::sleep(ACCEPT_IDLE),
                 }
             }
-        });
-        self.listening = Some(Listening {
-            stop,
-            thread: Some(thread),
-        });
+        }));
         Ok(())
     }
 }
