@@ -219,6 +219,23 @@ pub const RELOAD_STAGED: Scaled = Scaled::secs(2);
 /// a small policy a few ms; the rest is the machine's.
 pub const FILE_RELOAD: Scaled = Scaled::secs(2);
 
+// payments / demo / bench
+
+/// A `connect()` refused by an open breaker returns within this: the datapath answers the
+/// SYN with a RST itself (the payments field case: a hung processor is refused in under
+/// 10 ms). A latency bound of real hardware.
+pub const REFUSED_CONNECT: Scaled = Scaled::millis(10);
+
+/// From a breaker's change in the agent to the balancer's table that follows it in the
+/// datapath: the balancer's 100 ms tick, the rebuild and swap, and a scrape's delay on a
+/// loaded machine.
+pub const TABLE_FOLLOWS: Scaled = Scaled::millis(500);
+
+/// Degradation: the evaluator's tick (`DEGRADE_TICK`, 100 ms), a status read and scheduling
+/// on a loaded machine, on top of what a condition's window and the probes imply: how much
+/// later than the policy says a service may flip to its fallback or back.
+pub const DEGRADE_SLACK: Scaled = Scaled::millis(500);
+
 #[cfg(test)]
 mod tests {
     use super::*;
