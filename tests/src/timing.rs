@@ -231,11 +231,6 @@ pub const REFUSED_CONNECT: Scaled = Scaled::millis(10);
 /// loaded machine.
 pub const TABLE_FOLLOWS: Scaled = Scaled::millis(500);
 
-/// Degradation: the evaluator's tick (`DEGRADE_TICK`, 100 ms), a status read and scheduling
-/// on a loaded machine, on top of what a condition's window and the probes imply: how much
-/// later than the policy says a service may flip to its fallback or back.
-pub const DEGRADE_SLACK: Scaled = Scaled::millis(500);
-
 #[cfg(test)]
 mod tests {
     use super::*;
