@@ -15,6 +15,7 @@ pub mod echo;
 pub mod netns;
 pub mod pins;
 pub mod scale;
+pub mod slow;
 pub mod status;
 pub mod timing;
 pub mod traffic;

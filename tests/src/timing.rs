@@ -219,6 +219,22 @@ pub const RELOAD_STAGED: Scaled = Scaled::secs(2);
 /// a small policy a few ms; the rest is the machine's.
 pub const FILE_RELOAD: Scaled = Scaled::secs(2);
 
+/// Degradation (issue 12): the evaluator's period (`DEGRADE_TICK` in the agent). A condition
+/// that changes is acted on at the next tick, and a `shed_step` counts in ticks.
+pub const DEGRADE_TICK: Scaled = Scaled::millis(100);
+
+/// Degradation (issue 12): what a bound computed from a test policy's numbers (probe
+/// cadence, window, `recover_after`, `shed_step`, plus [`DEGRADE_TICK`]) is allowed on top:
+/// a scrape of `/status`, the tests' own polling period, a probe's thread scheduling on a
+/// loaded 2-CPU machine. Also how much earlier than `recover_after` a recovery may be seen
+/// (the conditions' clearing is observed up to a scrape late).
+pub const DEGRADE_SLACK: Scaled = Scaled::millis(300);
+
+/// Degradation (issue 12): a new flow of a shed service is refused by the datapath itself
+/// (a RST from the VIP), so its `connect()` fails within this. A latency bound of real
+/// hardware, as an open breaker's refusal.
+pub const SHED_REFUSAL: Scaled = Scaled::millis(10);
+
 // payments / demo / bench
 
 /// A `connect()` refused by an open breaker returns within this: the datapath answers the
