@@ -45,8 +45,9 @@ enum Command {
     /// The whole suite, as CI runs it: fmt, clippy, unit and datapath tests, end-to-end tests.
     Test,
     /// The demo in two network namespaces, with live counters: a rate limit under a 5x flood,
-    /// a payment path whose hung backend is refused in microseconds by its breaker, then a
-    /// flash sale balanced in the kernel over backends, one dying and ramping back.
+    /// a payment path whose hung backend is refused in microseconds by its breaker, a flash
+    /// sale balanced in the kernel over backends, one dying and ramping back, then a service
+    /// whose slow backends make it fall back to a static answer, and come back.
     Demo(demo::Args),
     /// Run the benchmarks and write BENCHMARKS.md: per-packet costs (agent-bench), then the
     /// breaker's time to detect and recover, end to end (breaker-bench). `bench scale`: time
