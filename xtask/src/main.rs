@@ -54,7 +54,8 @@ enum Command {
     /// to ready, map memory and LB cost at 1 to 10,000 balanced services; `bench health`: CPU
     /// per health-check probe, the agent against HAProxy on the same 4,000 backends; `bench
     /// restart`: traffic across a SIGKILL and an adopting restart, time to ready, agent RSS/CPU;
-    /// `bench reload`: file save to the new policy in force, with 10 and 1,000 services.
+    /// `bench reload`: file save to the new policy in force, with 10 and 1,000 services;
+    /// `bench degrade`: slow backends to new flows on the fallback, p50/max over 10 runs.
     Bench {
         /// Extra arguments: `--rounds`, `--connects`, `--passive` go to breaker-bench, `--out`
         /// to both, the rest to agent-bench.
