@@ -204,7 +204,13 @@ mod tests {
         assert_eq!(n.as_str(), Some("checkout-api"));
         assert_eq!(ServiceName::default().as_str(), None);
         assert!(ServiceName::new(&"a".repeat(63)).is_some());
-        assert!(ServiceName::new(&"a".repeat(64)).is_none());
+        // The longest name a policy gives, with its companion's suffix.
+        let companion = format!("{}.fallback", "a".repeat(63));
+        assert_eq!(
+            ServiceName::new(&companion).unwrap().as_str(),
+            Some(&*companion)
+        );
+        assert!(ServiceName::new(&"a".repeat(SERVICE_NAME_LEN)).is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use crate::{
     config::{
         self, Compiled, Diagnostic, PolicyErrors,
+        companion::COMPANION_SUFFIX,
         ids::{Ids, IdsError, Limits},
         model::{Direction, Policy, Protocol, RateLimit, Service, Shaping, XdpMode},
     },
@@ -297,6 +298,11 @@ fn describe(s: &Service) -> ServiceInfo {
     let matches = match m.port {
         Some(p) => format!("{} {proto}/{p}", m.address),
         None => format!("{} {proto}", m.address),
+    };
+    // A companion is never classified into: its service's degraded new flows reach it.
+    let matches = match s.name.strip_suffix(COMPANION_SUFFIX) {
+        Some(parent) if s.is_companion() => format!("fallback of {parent} ({matches})"),
+        _ => matches,
     };
     ServiceInfo {
         // Policy order until `Plan::with_ids` gives the stable ids.

@@ -16,6 +16,7 @@
 //! validated as the reference reader's would be; any other goes to the reference reader, so
 //! every error of reading is reported from there.
 
+pub mod companion;
 mod error;
 pub mod model;
 pub mod net;
@@ -138,6 +139,7 @@ fn finish(
 ) -> Result<Policy, PolicyErrors> {
     match policy {
         Some(mut p) if diags.is_empty() => {
+            p.add_companions();
             p.source = Arc::new(Source {
                 file: file_name.to_owned(),
                 spans: index,

@@ -683,3 +683,50 @@ services:
     }
     assert!(read > 100, "only {read} read in one pass");
 }
+
+/// A companion's backends count where the service's do: one breaker per backend address,
+/// and the balanced-backend limit, reported at the fallback.
+#[test]
+fn fallback_backends_take_breakers_and_table_room_like_backends() {
+    let policy = |agent: &str, fallback: &str| {
+        format!(
+            r#"version: 1
+agent: {{{agent}}}
+interfaces: [{{name: eth0}}]
+services:
+  - name: a
+    match: {{address: 10.0.0.1, port: 80, protocol: tcp}}
+    backends: [{{address: 10.1.0.1:80}}]
+    circuit_breaker: {{}}
+  - name: b
+    match: {{address: 10.0.0.2, port: 80, protocol: tcp}}
+    backends: [{{address: 10.1.0.2:80}}]
+    circuit_breaker: {{}}
+    degradation:
+      conditions: [{{type: availability}}]
+      fallback:
+        backends: [{{address: {fallback}}}]
+"#
+        )
+    };
+    let ok = load_str(&policy("", "10.1.0.3:80"), "t.yaml").unwrap();
+    assert_eq!(ok.services.len(), 3);
+    assert_eq!(ok.file_services().count(), 2);
+    let e = load_str(&policy("", "10.1.0.1:80"), "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "services[1].degradation.fallback.backends[0].address: backend 10.1.0.1:80 already \
+             has a circuit breaker for tcp in services[0] (`a`)"
+        ),
+        "{e}"
+    );
+    let e = load_str(&policy("tables: {backends: 2}", "10.1.0.3:80"), "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("services[1].degradation.fallback.backends: balanced services"),
+        "{e}"
+    );
+}

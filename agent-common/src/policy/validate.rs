@@ -14,6 +14,7 @@ use crate::classify::{MAX_MATCH_RULES, PROTO_TCP};
 use crate::lb::{MAX_LEAST_CONN_BACKENDS, default_maglev_size, is_prime, next_prime};
 use crate::limit::{RL_KEY_FLOW, RL_UNIT_BYTES, RL_UNIT_PACKETS};
 
+use super::companion::companion;
 use super::error::{Diagnostic, display_path};
 use super::model::*;
 use super::read::{Index, Pos, child};
@@ -122,6 +123,12 @@ pub(crate) fn check(p: &mut Policy, c: &mut Checker<'_>) {
     for (i, s) in p.services.iter_mut().enumerate() {
         service(c, &format!("services[{i}]"), s);
     }
+    // The companions of the services that read without errors: they take breakers, balanced
+    // backends and keys like the file's services (`super::companion`).
+    let companions: Vec<(usize, Service)> = (p.services.iter().enumerate())
+        .filter(|(i, _)| c.ok(&format!("services[{i}]")))
+        .filter_map(|(i, s)| companion(i, s).map(|k| (i, k)))
+        .collect();
     let draft = Draft {
         interfaces: (p.interfaces.iter().enumerate())
             .filter(|(i, _)| c.ok(&format!("interfaces[{i}]")))
@@ -129,6 +136,7 @@ pub(crate) fn check(p: &mut Policy, c: &mut Checker<'_>) {
         services: (p.services.iter().enumerate())
             .filter(|(i, _)| c.ok(&format!("services[{i}]")))
             .collect(),
+        companions: companions.iter().map(|(i, s)| (*i, s)).collect(),
         all_interfaces: c.ok("interfaces"),
     };
     unique_interfaces(c, &draft);
@@ -142,12 +150,34 @@ pub(crate) fn check(p: &mut Policy, c: &mut Checker<'_>) {
     lb_backend_limit(c, &draft, tables.backends);
     shaping_needs_egress(c, &draft);
     key_tables(c, &draft, &tables);
+    not_enforced(c, &draft, NOT_ENFORCED);
+}
+
+/// Service sections this build validates but does not enforce, as `(section, why)`: each
+/// one a policy sets is refused (`FIELD: not enforced by this build`), never silently
+/// accepted. Empty: every section of POLICY.md is enforced.
+const NOT_ENFORCED: &[(&str, &str)] = &[];
+
+fn not_enforced(c: &mut Checker<'_>, draft: &Draft<'_>, sections: &[(&str, &str)]) {
+    for (i, _) in draft.services() {
+        for (section, why) in sections {
+            let path = format!("services[{i}].{section}");
+            if c.has(&path) {
+                let why = if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({why})")
+                };
+                c.error(&path, format!("not enforced by this build{why}"));
+            }
+        }
+    }
 }
 
 /// `agent.tables.keys` and `.departures`, when set, hold at least the services' totals.
 fn key_tables(c: &mut Checker<'_>, draft: &Draft<'_>, tables: &Tables) {
     let limits = draft
-        .services()
+        .all_services()
         .map(|(_, s)| s.rate_limit.as_ref().map(|r| r.max_keys));
     let shaped = draft
         .services()
@@ -217,7 +247,7 @@ fn service(c: &mut Checker<'_>, path: &str, s: &mut Service) {
             c.error(&reset, msg);
         }
     }
-    if let Some(d) = &s.degradation {
+    if let Some(d) = &mut s.degradation {
         degradation(c, &child(path, "degradation"), d);
     }
     if let Some(sh) = &s.shaping {
@@ -389,16 +419,47 @@ fn health_check(c: &mut Checker<'_>, path: &str, hc: &HealthCheck) {
     }
 }
 
-fn degradation(c: &mut Checker<'_>, path: &str, d: &Degradation) {
+fn degradation(c: &mut Checker<'_>, path: &str, d: &mut Degradation) {
     c.require(path, &["conditions"]);
     let conditions = child(path, "conditions");
     non_empty(c, &conditions, d.conditions.is_empty(), "condition");
-    for (i, _) in d.conditions.iter().enumerate() {
-        c.require(&format!("{conditions}[{i}]"), &["type"]);
+    for (i, cond) in d.conditions.iter().enumerate() {
+        let cpath = format!("{conditions}[{i}]");
+        c.require(&cpath, &["type"]);
+        let threshold = child(&cpath, "threshold");
+        if !c.ok(&cpath) {
+            continue;
+        }
+        match cond.kind {
+            // A share of failures above 100% is never seen: the condition could never hold.
+            ConditionKind::ErrorRate { threshold: t } if t == Percent::FULL => c.error(
+                &threshold,
+                "error_rate is met when the failed share is above the threshold, which 100% \
+                 never is; use a threshold below 100%",
+            ),
+            ConditionKind::Availability { threshold: t } if t == Percent::whole(0) => c.error(
+                &threshold,
+                "availability is met when the available share is below the threshold, which \
+                 0% never is; use a threshold above 0%",
+            ),
+            _ => {}
+        }
     }
     let f = child(path, "fallback");
     let list = child(&f, "backends");
     backends(c, &list, &d.fallback.backends);
+    let shed = d.fallback.strategy == FallbackStrategy::Shed;
+    if let Some(rl) = &mut d.fallback.rate_limit {
+        let rpath = child(&f, "rate_limit");
+        if shed && c.ok(&child(&f, "strategy")) {
+            c.error(
+                &rpath,
+                "not used with strategy shed, which refuses the service's new flows; remove it",
+            );
+        } else {
+            rate_limit(c, &rpath, rl);
+        }
+    }
     if c.ok(&child(&f, "strategy")) && c.ok(&list) {
         let shed = d.fallback.strategy == FallbackStrategy::Shed;
         if !shed && d.fallback.backends.is_empty() {
@@ -439,13 +500,26 @@ pub(crate) fn show(d: Duration) -> String {
 struct Draft<'a> {
     interfaces: Vec<(usize, &'a Interface)>,
     services: Vec<(usize, &'a Service)>,
+    /// The companions of `services`, by the index of their service.
+    companions: Vec<(usize, &'a Service)>,
     /// Every interface read without errors.
     all_interfaces: bool,
 }
 
 impl<'a> Draft<'a> {
+    /// The file's services.
     fn services(&self) -> impl Iterator<Item = (usize, &'a Service)> + '_ {
         self.services.iter().copied()
+    }
+
+    /// The file's services, then the companions, each with the path errors about its
+    /// backends go under: `services[i]`, or `services[i].degradation.fallback` for the
+    /// companion of `services[i]`.
+    fn all_services(&self) -> impl Iterator<Item = (String, &'a Service)> + '_ {
+        let file = self.services().map(|(i, s)| (format!("services[{i}]"), s));
+        let companions = (self.companions.iter())
+            .map(|(i, s)| (format!("services[{i}].degradation.fallback"), *s));
+        file.chain(companions)
     }
 
     fn interfaces(&self) -> impl Iterator<Item = (usize, &'a Interface)> + '_ {
@@ -488,6 +562,28 @@ fn service_sections(c: &mut Checker<'_>, path: &str, s: &Service) {
 
     let lb = s.load_balancing.clone().unwrap_or_default();
     vip(c, path, s, &lb);
+    maglev_table(c, &format!("{path}.load_balancing.table_size"), s, &lb);
+
+    if let Some(d) = &s.degradation {
+        degradation_sections(c, path, s, d, &lb);
+    }
+    if s.priority != Priority::Core
+        && c.ok(&format!("{path}.priority"))
+        && s.degradation
+            .as_ref()
+            .is_none_or(|d| d.fallback.strategy != FallbackStrategy::Shed)
+    {
+        let msg = format!(
+            "priority {} orders shedding, and only services with degradation.fallback.strategy: \
+             shed are ever shed; this one never is (remove priority, or make it shed)",
+            s.priority
+        );
+        c.error(&format!("{path}.priority"), msg);
+    }
+}
+
+/// A Maglev table of at least 100 entries per backend of `s` (reported at `at`).
+fn maglev_table(c: &mut Checker<'_>, at: &str, s: &Service, lb: &LoadBalancing) {
     let needed = 100 * s.backends.len() as u64;
     let short = match lb.table_size {
         Some(size) => u64::from(size) < needed,
@@ -499,31 +595,85 @@ fn service_sections(c: &mut Checker<'_>, path: &str, s: &Service) {
             None => "the default".into(),
         };
         let next = u32::try_from(needed).map_or(needed, next_prime);
+        let whose = if s.is_companion() { " fallback" } else { "" };
         let msg = format!(
-            "table_size {shown} is less than 100 x {} backends; use a prime >= {needed} \
+            "table_size {shown} is less than 100 x {}{whose} backends; use a prime >= {needed} \
              (e.g. {next}) so every backend gets its share of the Maglev table",
             s.backends.len()
         );
-        c.error(&format!("{path}.load_balancing.table_size"), msg);
+        c.error(at, msg);
     }
+}
 
-    if let Some(d) = &s.degradation {
-        for (k, cond) in d.conditions.iter().enumerate() {
-            let cpath = format!("{path}.degradation.conditions[{k}].type");
-            match cond.kind {
-                ConditionKind::Latency { .. } if s.health_check.is_none() => {
-                    let msg = "latency is measured by health-check probes; add health_check";
-                    c.error(&cpath, msg);
-                }
-                ConditionKind::Availability { .. }
-                    if s.health_check.is_none() && s.circuit_breaker.is_none() =>
-                {
-                    let msg = "availability needs health_check or circuit_breaker: without \
-                               them no backend is ever unhealthy";
-                    c.error(&cpath, msg);
-                }
-                _ => {}
+/// Rules between `degradation` and the service's other sections.
+fn degradation_sections(
+    c: &mut Checker<'_>,
+    path: &str,
+    s: &Service,
+    d: &Degradation,
+    lb: &LoadBalancing,
+) {
+    let f = format!("{path}.degradation.fallback");
+    let strategy = child(&f, "strategy");
+    if d.fallback.strategy != FallbackStrategy::Shed && c.ok(&strategy) && c.ok(&f) {
+        if !lb.vip {
+            let msg = format!(
+                "{} sends new flows to the fallback backends by rewriting the VIP (DNAT); \
+                 the service needs load_balancing.vip: true (or use strategy shed)",
+                d.fallback.strategy
+            );
+            c.error(&strategy, msg);
+        } else if let Some(k) = companion(0, s) {
+            // The companion is balanced like the service: the same rules on its backends.
+            vip(c, &f, &k, lb);
+            maglev_table(c, &format!("{path}.load_balancing.table_size"), &k, lb);
+        }
+    }
+    let hc = s.health_check.as_ref();
+    for (k, cond) in d.conditions.iter().enumerate() {
+        let cpath = format!("{path}.degradation.conditions[{k}]");
+        if !c.ok(&cpath) {
+            continue;
+        }
+        if let (Some(hc), true) = (hc, c.ok(&format!("{path}.health_check"))) {
+            if cond.window < hc.interval {
+                let msg = format!(
+                    "window {} is shorter than health_check.interval {}: it would hold at most \
+                     one probe; use a window of several intervals",
+                    show(cond.window),
+                    show(hc.interval)
+                );
+                c.error(&child(&cpath, "window"), msg);
             }
+            if let ConditionKind::Latency { threshold } = cond.kind
+                && threshold > hc.timeout
+            {
+                let msg = format!(
+                    "threshold {} is above health_check.timeout {}: a probe is cut at the \
+                     timeout, so a longer latency is never measured; lower the threshold or \
+                     raise the timeout",
+                    show(threshold),
+                    show(hc.timeout)
+                );
+                c.error(&child(&cpath, "threshold"), msg);
+            }
+        }
+    }
+    for (k, cond) in d.conditions.iter().enumerate() {
+        let cpath = format!("{path}.degradation.conditions[{k}].type");
+        match cond.kind {
+            ConditionKind::Latency { .. } if s.health_check.is_none() => {
+                let msg = "latency is measured by health-check probes; add health_check";
+                c.error(&cpath, msg);
+            }
+            ConditionKind::Availability { .. }
+                if s.health_check.is_none() && s.circuit_breaker.is_none() =>
+            {
+                let msg = "availability needs health_check or circuit_breaker: without \
+                               them no backend is ever unhealthy";
+                c.error(&cpath, msg);
+            }
+            _ => {}
         }
     }
 }
@@ -593,28 +743,28 @@ fn rule_limits(c: &mut Checker<'_>, draft: &Draft<'_>) {
 /// services with breakers on one backend would overwrite each other's state, so v1 allows one.
 /// Reported at the later backend, once per backend even when both protocols collide.
 fn one_breaker_per_backend(c: &mut Checker<'_>, draft: &Draft<'_>) {
-    let mut owners: HashMap<(SocketAddr, u8), (usize, &str)> = HashMap::new();
+    let mut owners: HashMap<(SocketAddr, u8), (String, &str)> = HashMap::new();
     for (i, s) in draft
-        .services()
+        .all_services()
         .filter(|(_, s)| s.circuit_breaker.is_some())
     {
         let protocols = backend_protocols(s.r#match.protocol);
         for (k, b) in s.backends.iter().enumerate() {
             let clash = protocols
                 .iter()
-                .find_map(|p| owners.get(&(b.address, *p)).map(|o| (*p, *o)));
+                .find_map(|p| owners.get(&(b.address, *p)).map(|o| (*p, o.clone())));
             if let Some((proto, (first, first_name))) = clash {
                 let proto = if proto == PROTO_TCP { "tcp" } else { "udp" };
                 let msg = format!(
-                    "backend {} already has a circuit breaker for {proto} in services[{first}] \
+                    "backend {} already has a circuit breaker for {proto} in {first} \
                      (`{first_name}`); a backend address can have one breaker per protocol",
                     b.address
                 );
-                c.error(&format!("services[{i}].backends[{k}].address"), msg);
+                c.error(&format!("{i}.backends[{k}].address"), msg);
                 continue;
             }
             for p in protocols {
-                owners.insert((b.address, *p), (i, s.name.as_str()));
+                owners.insert((b.address, *p), (i.clone(), s.name.as_str()));
             }
         }
     }
@@ -624,8 +774,8 @@ fn one_breaker_per_backend(c: &mut Checker<'_>, draft: &Draft<'_>) {
 /// `agent.tables.backends`; `BACKENDS` holds two keys for each, TCP and UDP). Reported once,
 /// at the breaker of the service that crosses the limit.
 fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft<'_>, limit: u32) {
-    let with_breaker: Vec<(usize, &Service)> = draft
-        .services()
+    let with_breaker: Vec<(String, &Service)> = draft
+        .all_services()
         .filter(|(_, s)| s.circuit_breaker.is_some())
         .collect();
     let total: usize = with_breaker.iter().map(|(_, s)| s.backends.len()).sum();
@@ -638,7 +788,7 @@ fn backend_id_limit(c: &mut Checker<'_>, draft: &Draft<'_>, limit: u32) {
                  agent.tables.backends allows {limit} (raise it, up to {})",
                 crate::maps::MAX_TABLE_LIMIT
             );
-            c.error(&format!("services[{i}].circuit_breaker"), msg);
+            c.error(&format!("{i}.circuit_breaker"), msg);
             return;
         }
     }
@@ -692,12 +842,12 @@ fn vip(c: &mut Checker<'_>, path: &str, s: &Service, lb: &LoadBalancing) {
 fn lb_backend_limit(c: &mut Checker<'_>, draft: &Draft<'_>, limit: u32) {
     let balanced =
         |s: &&Service| !s.backends.is_empty() && s.load_balancing.clone().unwrap_or_default().vip;
-    let total: usize = (draft.services().map(|(_, s)| s))
+    let total: usize = (draft.all_services().map(|(_, s)| s))
         .filter(balanced)
         .map(|s| s.backends.len())
         .sum();
     let mut running = 0;
-    for (i, s) in draft.services() {
+    for (i, s) in draft.all_services() {
         if !s.backends.is_empty() && s.load_balancing.clone().unwrap_or_default().vip {
             running += s.backends.len();
             if running > limit as usize {
@@ -706,7 +856,7 @@ fn lb_backend_limit(c: &mut Checker<'_>, draft: &Draft<'_>, limit: u32) {
                      agent.tables.backends allows {limit} (raise it, up to {})",
                     crate::maps::MAX_TABLE_LIMIT
                 );
-                c.error(&format!("services[{i}].backends"), msg);
+                c.error(&format!("{i}.backends"), msg);
                 return;
             }
         }

@@ -224,15 +224,24 @@ pub fn compile(policy: &Policy) -> Compiled {
         .services
         .iter()
         .enumerate()
-        .map(|(i, s)| CompiledService {
-            id: u32::try_from(i).unwrap_or(u32::MAX),
-            name: s.name.clone(),
-            priority: s.priority,
-            config: service_config(s),
+        .map(|(i, s)| {
+            let mut config = service_config(s);
+            // A degradable service names its companion (`agent_common::degrade`); `Ids`
+            // renumbers the two together.
+            config.fallback = policy
+                .companion_of(i)
+                .map_or(0, |k| u32::try_from(k + 1).unwrap_or(0));
+            CompiledService {
+                id: u32::try_from(i).unwrap_or(u32::MAX),
+                name: s.name.clone(),
+                priority: s.priority,
+                config,
+            }
         })
         .collect();
 
-    let table = prefix_rules(policy.services.iter().map(|s| &s.r#match).enumerate());
+    // Companions are never classified into: the datapath reaches them through their service.
+    let table = prefix_rules(policy.file_services().map(|(i, s)| (i, &s.r#match)));
     let mut classify: Vec<ClassifyEntry> = table.iter().map(classify_entry).collect();
     let mapped = agent_common::policy::net::Cidr::V4_MAPPED_RANGE;
     let v6_covers_v4 = table

@@ -185,6 +185,11 @@ impl Ids {
             s.id = id;
         }
         let stable = |position: u32| by_position.get(position as usize).copied();
+        for s in &mut out.services {
+            if let Some(companion) = s.config.fallback_id() {
+                s.config.fallback = stable(companion).map_or(0, |id| id + 1);
+            }
+        }
         for e in &mut out.classify {
             let count = e.rules.count as usize;
             for r in e.rules.rules.iter_mut().take(count) {

@@ -658,6 +658,8 @@ mod tests {
                     delay_seconds: 0.0025,
                     last_delay_seconds: 0.003,
                 }),
+                degradation: None,
+                fallback_of: None,
             }],
             global: vec![(
                 "unmatched".into(),
@@ -757,6 +759,7 @@ mod tests {
             adopted: true,
             pin_path: Some("/sys/fs/bpf/agent".into()),
             reload: reloads(),
+            shedding: Default::default(),
         }
     }
 
