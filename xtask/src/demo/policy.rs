@@ -459,6 +459,13 @@ services:
     }
 
     #[test]
+    fn reads_act_four_s_policy() {
+        let path = crate::workspace::root().join("config/demo-degrade.yaml");
+        let d = Degradable::load(&path).expect("config/demo-degrade.yaml");
+        assert!(d.threshold < d.timeout && !d.fallback.is_empty());
+    }
+
+    #[test]
     fn reads_the_degradable_service() {
         let policy = format!(
             "{POLICY}    degradation:
