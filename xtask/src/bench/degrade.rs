@@ -261,28 +261,33 @@ impl Drop for Client {
     }
 }
 
-/// The service's degradation mode and seconds in its state, from `/status`.
-fn mode(agent: &AgentProcess) -> Result<(String, f64)> {
+/// The service's degradation mode and seconds in its state, from `/status`; `None` before
+/// the agent's first evaluation.
+fn mode(agent: &AgentProcess) -> Result<Option<(String, f64)>> {
     let report: StatusReport = agent.status()?;
-    let d = report
+    let service = report
         .services
         .iter()
         .find(|s| s.name == SERVICE)
-        .and_then(|s| s.degradation.as_ref())
-        .with_context(|| format!("no degradation status for {SERVICE} in /status"))?;
-    Ok((d.mode.clone(), d.in_state_seconds))
+        .with_context(|| format!("no service {SERVICE} in /status"))?;
+    Ok(service
+        .degradation
+        .as_ref()
+        .map(|d| (d.mode.clone(), d.in_state_seconds)))
 }
 
 /// Polls `/status` until the mode is `want`; when it was seen and the agent's seconds in it.
 fn wait_mode(agent: &AgentProcess, want: &str, since: Instant) -> Result<(Instant, f64)> {
     loop {
-        let (mode, in_state) = mode(agent)?;
+        let now = mode(agent)?;
         let seen = Instant::now();
-        if mode == want {
-            return Ok((seen, in_state));
+        if let Some((mode, in_state)) = &now
+            && mode == want
+        {
+            return Ok((seen, *in_state));
         }
         if since.elapsed() > GIVE_UP {
-            bail!("mode {want} not within {GIVE_UP:?} (still {mode})");
+            bail!("mode {want} not within {GIVE_UP:?} (last seen: {now:?})");
         }
         std::thread::sleep(STATUS_POLL);
     }
