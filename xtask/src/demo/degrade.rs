@@ -415,6 +415,8 @@ struct Story<'a> {
     status: Option<DegradationStatus>,
     after_rows: u32,
     rows: Vec<Row>,
+    /// The phase when the current row began.
+    row_began: Phase,
     /// Every answer time by phase: (backends, fallback).
     slow_times: Vec<Duration>,
     fallback_times: Vec<Duration>,
@@ -440,6 +442,7 @@ impl<'a> Story<'a> {
             status: None,
             after_rows: 0,
             rows: Vec::new(),
+            row_began: Phase::Normal,
             slow_times: Vec::new(),
             fallback_times: Vec::new(),
         }
@@ -561,7 +564,8 @@ impl<'a> Story<'a> {
                 {
                     self.first_fallback = Some((*at, body.clone()));
                 }
-            } else if self.phase == Phase::Slow {
+            } else if self.row_began == Phase::Slow {
+                // Answers of a row that began slow, the switch in it or not: all slow.
                 self.slow_times.extend(times);
             }
         }
@@ -575,6 +579,7 @@ impl<'a> Story<'a> {
         {
             self.first_backend_again = Some(Instant::now());
         }
+        self.row_began = self.phase;
         self.rows.push(Row {
             phase: self.phase,
             served: seen.times.iter().map(|t| t.len() as u64).collect(),
@@ -644,7 +649,14 @@ impl<'a> Story<'a> {
                 let bound = recover_bound(self.plan);
                 let late = self.restored_at.is_some_and(|t| t.elapsed() > bound);
                 late.then(|| {
-                    format!("the service did not recover within {bound:?} of fast answers again")
+                    let (mode, latency) = self.mode_and_measure();
+                    let clear = self.status.as_ref().map_or(0.0, |d| d.clear_for_seconds);
+                    format!(
+                        "the service did not recover within {bound:?} of fast answers again \
+                         (still {mode}, latency {latency}, conditions false for {clear:.1} s \
+                         of recover_after {:?})",
+                        self.plan.recover_after
+                    )
                 })
             }
             _ => None,
@@ -672,8 +684,10 @@ impl<'a> Story<'a> {
             flip_bound(self.plan),
             self.cause.as_deref().unwrap_or("-")
         );
-        let slow = median(&self.slow_times).map_or("-".into(), |m| format!("{m:?}"));
-        let fast = median(&self.fallback_times).map_or("-".into(), |m| format!("{m:?}"));
+        let ms = |t: &[Duration]| {
+            median(t).map_or("-".into(), |m| format!("{:.1} ms", m.as_secs_f64() * 1e3))
+        };
+        let (slow, fast) = (ms(&self.slow_times), ms(&self.fallback_times));
         println!(
             "demo:   answers: {} from the slow backends before the switch (median {slow}), {} \
              from the fallback (median {fast})",
