@@ -417,6 +417,8 @@ struct Story<'a> {
     rows: Vec<Row>,
     /// The phase when the current row began.
     row_began: Phase,
+    /// The slowdown waited for the service to be normal first.
+    waited: bool,
     /// Every answer time by phase: (backends, fallback).
     slow_times: Vec<Duration>,
     fallback_times: Vec<Duration>,
@@ -443,6 +445,7 @@ impl<'a> Story<'a> {
             after_rows: 0,
             rows: Vec::new(),
             row_began: Phase::Normal,
+            waited: false,
             slow_times: Vec::new(),
             fallback_times: Vec::new(),
         }
@@ -591,6 +594,22 @@ impl<'a> Story<'a> {
     fn step(&mut self, second: u64, backends: &[HttpBackend]) -> bool {
         match self.phase {
             Phase::Normal if second >= NORMAL_SECS => {
+                // On a loaded machine a probe can be late enough to degrade the service by
+                // itself: the slowdown waits until the service is normal, and says so.
+                let mode = self.status.as_ref().map(|d| d.mode.as_str());
+                if mode != Some("normal") {
+                    if !self.waited {
+                        self.waited = true;
+                        println!(
+                            "  {}  {} is {} before any slowdown (machine load: a late probe); \
+                             the act waits for it to be normal",
+                            clock(self.start),
+                            self.plan.service,
+                            mode.unwrap_or("not evaluated yet")
+                        );
+                    }
+                    return false;
+                }
                 for b in backends {
                     b.set_delay(slow_answer(self.plan));
                 }
