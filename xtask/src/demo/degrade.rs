@@ -481,7 +481,9 @@ impl<'a> Story<'a> {
         if n.is_multiple_of(TICKS_PER_SECOND) {
             let second = u64::from(n / TICKS_PER_SECOND);
             self.row(second, tally);
-            if self.step(second, backends) {
+            let over = self.step(second, backends);
+            self.row_began = self.phase;
+            if over {
                 return Ok(ControlFlow::Break(Ending::Done));
             }
         }
@@ -582,7 +584,6 @@ impl<'a> Story<'a> {
         {
             self.first_backend_again = Some(Instant::now());
         }
-        self.row_began = self.phase;
         self.rows.push(Row {
             phase: self.phase,
             served: seen.times.iter().map(|t| t.len() as u64).collect(),
