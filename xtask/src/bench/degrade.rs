@@ -146,8 +146,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         Some(bin) => bin.clone(),
         None => build::agent_binary(&setup::run()?, true)?,
     };
-    let runs = measure(&agent, &args)?;
-    super::publish(&args.out, &render(&runs, &args))
+    let (runs, discarded) = measure(&agent, &args)?;
+    super::publish(&args.out, &render(&runs, discarded, &args))
 }
 
 /// The policy: one balanced service on the VIP, its backends, its fallback.
@@ -293,7 +293,9 @@ fn wait_mode(agent: &AgentProcess, want: &str, since: Instant) -> Result<(Instan
     }
 }
 
-fn measure(agent_bin: &Path, a: &Args) -> Result<Vec<Run>> {
+/// The runs, and how many attempts were discarded (the service degraded by a late probe,
+/// not by the slowdown).
+fn measure(agent_bin: &Path, a: &Args) -> Result<(Vec<Run>, usize)> {
     let mut topo = Topology::new()?;
     let addrs = topo.add_server_v4(3)?;
     let backends: Vec<SocketAddr> = addrs[..2]
@@ -329,10 +331,22 @@ fn measure(agent_bin: &Path, a: &Args) -> Result<Vec<Run>> {
     let client = Client::start(&topo, Args::ms(a.connect_ms))?;
     let mine = |ip: IpAddr| ip == IpAddr::from(client_ip);
     let mut runs = Vec::new();
-    for k in 0..a.runs {
+    let mut discarded = 0;
+    let mut k = 0;
+    while runs.len() < a.runs {
+        k += 1;
+        if k > 2 * a.runs {
+            bail!(
+                "{discarded} of {} runs discarded: the machine is too loaded",
+                k - 1
+            );
+        }
         // Normal, and the window clean of the last run's slow probes.
         wait_mode(&agent, "normal", Instant::now())?;
         std::thread::sleep(PAUSE + PAUSE_STEP * u32::try_from(k)?);
+        if mode(&agent)?.is_none_or(|(m, _)| m != "normal") {
+            continue;
+        }
         let seen_before = fallback.peers().len();
         let t0 = Instant::now();
         for b in &pool {
@@ -368,10 +382,22 @@ fn measure(agent_bin: &Path, a: &Args) -> Result<Vec<Run>> {
             decision: switched.saturating_duration_since(t0),
             recovery: back.saturating_duration_since(fast),
         };
+        if run.decision < Args::ms(a.delay_ms) {
+            // No probe can have seen the slowdown yet: a late probe on a loaded machine
+            // degraded the service by itself. Not a figure of the reaction.
+            discarded += 1;
+            eprintln!(
+                "bench degrade: attempt {k} discarded: the agent switched {} ms after the \
+                 slowdown, before any probe could answer slowly ({} ms)",
+                ms(run.decision),
+                a.delay_ms
+            );
+            continue;
+        }
         eprintln!(
             "bench degrade: run {}: first flow on the fallback {} ms after the slowdown (the \
              agent's switch at {} ms); normal again {} ms after fast answers",
-            k + 1,
+            runs.len() + 1,
             ms(run.reaction),
             ms(run.decision),
             ms(run.recovery)
@@ -388,7 +414,7 @@ fn measure(agent_bin: &Path, a: &Args) -> Result<Vec<Run>> {
     }
     agent.stop()?;
     drop((pool, fallback));
-    Ok(runs)
+    Ok((runs, discarded))
 }
 
 /// The `q` quantile (0 to 1) by nearest rank.
@@ -406,7 +432,7 @@ fn ms(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e3)
 }
 
-fn render(runs: &[Run], a: &Args) -> String {
+fn render(runs: &[Run], discarded: usize, a: &Args) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let first = |path: &str| {
         std::fs::read_to_string(path)
@@ -437,7 +463,9 @@ fn render(runs: &[Run], a: &Args) -> String {
          `/status`); *datapath*: the rest. The decision waits for the next probe (up to one \
          interval), its slow answer ({} ms) and the evaluator's next tick (100 ms). *recovery*: \
          fast answers again to `normal` (the slow probes leave the window, then \
-         `recover_after`). {} runs, t0 moved across the probe grid.\n",
+         `recover_after`). {} runs, t0 moved across the probe grid; {discarded} more \
+         discarded, where the agent switched before any probe could answer slowly (a late probe \
+         on the loaded machine degraded the service by itself).\n",
         super::git_head(),
         first("/proc/sys/kernel/osrelease"),
         first("/proc/loadavg"),
