@@ -12,6 +12,11 @@
 //! Fail open: a mode the datapath does not know, or [`MODE_FALLBACK`] on a service without a
 //! companion in the live generation, is [`MODE_NORMAL`].
 
+use crate::{
+    classify::{PROTO_TCP, PROTO_UDP},
+    reply::{TCP_ACK, TCP_SYN},
+};
+
 /// Not degraded: the service's own backends and rate limit.
 pub const MODE_NORMAL: u32 = 0;
 /// Degraded to the fallback backends (and the fallback's rate limit).
@@ -25,5 +30,41 @@ pub const fn mode_name(mode: u32) -> &'static str {
         MODE_FALLBACK => "fallback",
         MODE_SHED => "shed",
         _ => "normal",
+    }
+}
+
+/// Whether a packet opens a flow, for a service the datapath keeps no connection state of
+/// (shedding outside the balancer): a TCP SYN without ACK, any UDP datagram. Other protocols
+/// are never refused.
+#[inline(always)]
+pub const fn opens_flow(proto: u8, tcp_flags: u8) -> bool {
+    proto == PROTO_UDP || (proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::{TCP_FIN, TCP_RST};
+
+    #[test]
+    fn only_syns_and_datagrams_open_flows() {
+        assert!(opens_flow(PROTO_TCP, TCP_SYN));
+        assert!(
+            !opens_flow(PROTO_TCP, TCP_SYN | TCP_ACK),
+            "a SYN-ACK answers"
+        );
+        assert!(!opens_flow(PROTO_TCP, TCP_ACK));
+        assert!(!opens_flow(PROTO_TCP, TCP_FIN | TCP_ACK));
+        assert!(!opens_flow(PROTO_TCP, TCP_RST));
+        assert!(opens_flow(PROTO_UDP, 0));
+        assert!(opens_flow(PROTO_UDP, TCP_ACK), "flags mean nothing to UDP");
+        assert!(!opens_flow(1, TCP_SYN), "ICMP is never shed");
+    }
+
+    #[test]
+    fn unknown_modes_are_named_normal() {
+        assert_eq!(mode_name(MODE_SHED), "shed");
+        assert_eq!(mode_name(MODE_FALLBACK), "fallback");
+        assert_eq!(mode_name(7), "normal");
     }
 }

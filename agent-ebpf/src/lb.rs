@@ -12,13 +12,14 @@ use agent_common::{
     },
     maps::{STAGE_ANSWER, STAGE_LB, STAGE_NAT},
     reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{SVC_LB_LOST, SVC_LB_REPLACED},
+    stats::{SVC_FALLBACK, SVC_LB_LOST, SVC_LB_REPLACED},
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::ProgramArray};
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use crate::{
     breaker::may_be_backend,
+    degrade::{self, NewFlow},
     maps::{
         BACKENDS, LB_ACTIVE_CONNS, LB_BACKENDS, LB_CONNS, LB_HANDOVER, LB_REVERSE, LB_RR, LB_SVC,
         LB_TABLES, LEAST_CONN_BEST, SIDE_SRC,
@@ -37,6 +38,8 @@ pub enum Forward {
     To { backend: u32, panic: bool },
     /// A new flow with no backend to take it (every weight 0, every breaker open): refuse it.
     NoBackend,
+    /// A new flow of a shed service (`MODE_SHED`): refuse it.
+    Shed,
 }
 
 /// Whether the service of generation slot `slot` is load-balanced (has a VIP).
@@ -201,7 +204,9 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
     // SAFETY: helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let tcp = p.proto == PROTO_TCP;
-    let backend = match LB_CONNS.get_ptr_mut(&key) {
+    // The backend, and the flags of the service whose backend it is (the companion's for a
+    // new flow sent to the fallback).
+    let (backend, flags) = match LB_CONNS.get_ptr_mut(&key) {
         // SAFETY: a live map value for this run; fields are written whole.
         // A SYN on a closing entry is a new connection reusing the 5-tuple: balanced afresh.
         Some(c) if !conn_expired(unsafe { &*c }, tcp, now) && !reused(unsafe { &*c }, p) => unsafe {
@@ -211,22 +216,36 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
                 (*c).flags |= CONN_F_CLOSING;
                 connections((*c).backend, false);
             }
-            (*c).backend
+            ((*c).backend, svc.flags)
         },
         _ => {
             if tcp && p.tcp_flags & TCP_SYN == 0 {
                 stats::service(service_id, SVC_LB_LOST, 0);
             }
-            let Some(b) = pick(svc, service_id, slot, p) else {
+            // Degradation applies to new flows only; the entry `track` writes then keeps the
+            // flow where it went.
+            let (from, from_id, from_slot) = match degrade::new_flow_mode(service_id, slot) {
+                NewFlow::Shed => return Forward::Shed,
+                NewFlow::Fallback { id, slot: at } => match LB_SVC.get(at) {
+                    Some(f) if f.flags & LB_F_ACTIVE != 0 => (f, id, at),
+                    // The companion is not balanced in this generation: fail open.
+                    _ => (svc, service_id, slot),
+                },
+                NewFlow::Normal => (svc, service_id, slot),
+            };
+            let Some(b) = pick(from, from_id, from_slot, p) else {
                 return Forward::NoBackend;
             };
+            if from_id != service_id {
+                stats::service(service_id, SVC_FALLBACK, 0);
+            }
             track(&key, b, now, p, service_id);
-            b
+            (b, from.flags)
         }
     };
     Forward::To {
         backend,
-        panic: svc.flags & LB_F_PANIC != 0,
+        panic: flags & LB_F_PANIC != 0,
     }
 }
 

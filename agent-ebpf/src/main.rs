@@ -17,6 +17,7 @@
 
 mod breaker;
 mod classify;
+mod degrade;
 mod lb;
 mod limit;
 mod maps;

@@ -28,14 +28,14 @@ use agent_common::{
     stats::{
         GSTAT_EXT_HDR_LIMIT, GSTAT_FRAGMENT, GSTAT_NO_CONFIG, GSTAT_NON_IP, GSTAT_SEEN,
         GSTAT_UNMATCHED, GSTAT_UNPARSED, SVC_DROP_CONTENDED, SVC_DROP_RATE_LIMIT, SVC_NO_BACKEND,
-        SVC_PASS_NO_BUCKET, SVC_PASSED,
+        SVC_PASS_NO_BUCKET, SVC_PASSED, SVC_SHED,
     },
 };
 use aya_ebpf::{EbpfContext, maps::ProgramArray};
 use aya_log_ebpf::warn;
 
 use crate::{
-    breaker, classify, lb, limit,
+    breaker, classify, degrade, lb, limit,
     maps::{NO_BACKEND_ID, SIDE_DST, SVC_CFG},
     nat::Nat,
     parse::{self, Packet, ParseError, Parsed},
@@ -85,7 +85,8 @@ pub fn main_stage<C: EbpfContext + Pace>(
     lb::hand_over_reply(ctx, &parsed, stages);
     // Order: the rate limit first (a dropped packet makes no state), then pacing (egress),
     // then balancing (DNAT, so the breaker sees the backend), then the breaker, then reverse
-    // NAT of replies.
+    // NAT of replies. Shedding (`degrade`) refuses a new flow where a breaker would: in the
+    // balancing stage for a balanced service, just before the breaker otherwise.
     let service = match classify::classify(&parsed) {
         None => Err(GSTAT_UNMATCHED),
         Some(svc) => match SVC_CFG.get(svc.slot) {
@@ -93,9 +94,11 @@ pub fn main_stage<C: EbpfContext + Pace>(
             _ => Err(GSTAT_NO_CONFIG),
         },
     };
-    if let Ok((id, cfg, _)) = service
-        && cfg.flags & SVC_F_RATE_LIMIT != 0
-        && let Some(drop) = rate_limit(ctx, id, cfg, &parsed, len)
+    // While the service falls back, the companion's limit and buckets are in force.
+    if let Ok((id, cfg, slot)) = service
+        && let (bucket_id, limit_cfg) = degrade::limit_config(id, cfg, slot)
+        && limit_cfg.flags & SVC_F_RATE_LIMIT != 0
+        && let Some(drop) = rate_limit(ctx, id, bucket_id, limit_cfg, &parsed, len)
     {
         return drop;
     }
@@ -119,6 +122,18 @@ pub fn main_stage<C: EbpfContext + Pace>(
         // Only if the stage is not loaded: fail open, the packet goes to the VIP unchanged.
         stats::service(id, SVC_PASSED, len);
         return Action::Pass;
+    }
+    // A shed service refuses new flows (the balanced ones' in the balancing stage), as an
+    // open breaker does; the agent's own probes are never shed.
+    if let Ok((id, _, _)) = service
+        && !exempt
+        && degrade::new_flow(&parsed)
+        && degrade::shed(id)
+    {
+        stats::service(id, SVC_SHED, len);
+        lb::hand_over_answer(ctx, stages, NO_BACKEND_ID, 0);
+        // Only if the answer stage is not loaded: a refused packet is dropped, never passed.
+        return Action::Drop;
     }
     if let Some(action) = breaker_stage(ctx, &parsed, len, exempt, stages) {
         return action;
@@ -157,16 +172,19 @@ fn breaker_stage<C: EbpfContext>(
     Some(Action::Drop)
 }
 
-/// The token bucket of a rate-limited service: `Some(Drop)` when over the limit.
+/// The token bucket of a rate-limited service: `Some(Drop)` when over the limit. The buckets
+/// are `bucket_id`'s (the companion's while the service falls back), the counters
+/// `service_id`'s.
 #[inline(always)]
 fn rate_limit<C: EbpfContext>(
     ctx: &C,
     service_id: u32,
+    bucket_id: u32,
     cfg: &ServiceConfig,
     parsed: &Parsed,
     len: u64,
 ) -> Option<Action> {
-    match limit::limit(service_id, cfg, parsed, len) {
+    match limit::limit(bucket_id, cfg, parsed, len) {
         limit::Verdict::Pass => None,
         limit::Verdict::PassNoBucket => {
             // The target the datapath's records have always had (`RUST_LOG` filters on it).
@@ -212,6 +230,11 @@ pub fn lb_stage<C: EbpfContext>(
         }
         lb::Forward::NoBackend => {
             stats::service(id, SVC_NO_BACKEND, len);
+            lb::hand_over_answer(ctx, stages, NO_BACKEND_ID, 0);
+            return Action::Drop;
+        }
+        lb::Forward::Shed => {
+            stats::service(id, SVC_SHED, len);
             lb::hand_over_answer(ctx, stages, NO_BACKEND_ID, 0);
             return Action::Drop;
         }

@@ -45,7 +45,7 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 
 async fn get_metrics(State(state): State<Arc<AgentState>>) -> Response {
     match state.report() {
-        Ok(report) => match metrics::render(&report) {
+        Ok(report) => match metrics::render(&report, &state.degrade_transitions()) {
             Ok(text) => ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], text).into_response(),
             Err(e) => unavailable(e),
         },

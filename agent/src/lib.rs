@@ -6,6 +6,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod datapath;
+pub mod degrade;
 pub mod health;
 pub mod http;
 pub mod lb;

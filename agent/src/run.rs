@@ -10,7 +10,7 @@
 //! differs; breaker entries already there keep their state) -> the pacing qdisc `fq` as root
 //! of the egress interfaces (when some service is shaped) -> attach: new programs replace
 //! the old on the pinned links, or new links are made and pinned -> start health checks and
-//! breakers, the watchdog -> ready.
+//! breakers, the degradation evaluator, the watchdog -> ready.
 
 use std::{
     path::Path,
@@ -40,6 +40,7 @@ use crate::{
         qdisc::{Pacers, QdiscError},
         remove_egress_filter,
     },
+    degrade::{self, SampleTx},
     http,
     lb::balancer::{self, LbView},
     plan::{self, Plan},
@@ -209,9 +210,15 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     } else {
         supervisor::Origin::Fresh
     };
-    let supervisor = start_supervisor(&policy, &plan, &state, origin);
+    // The evaluator takes the supervisor's probe results for as long as it runs: one
+    // channel, a sender for every supervisor.
+    let (samples, samples_rx) = degrade::sample_channel();
+    let supervisor = start_supervisor(&policy, &plan, &state, origin, &samples);
     // The balancer follows health and breakers from here on.
     let balancer = lb_maps.map(|maps| start_balancer(&state, &plan, maps));
+    // Modes an earlier agent left in DEGRADE are adopted (those services start degraded).
+    let degrade = degrade::Config::new(&policy, &plan.compiled);
+    let evaluator = start_evaluator(degrade.clone(), &state, samples_rx);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut running = Running {
         plan,
@@ -220,6 +227,9 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         balancer,
         pacers,
         http: start_http(listener, &state),
+        samples,
+        degrade,
+        evaluator,
     };
     state.set_ready(true);
     tracing::info!("ready; serving on http://{}", running.plan.listen);
@@ -241,6 +251,11 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     let _ = pressure_task.await;
     if let Some(t) = running.supervisor.take() {
         t.stop().await;
+    }
+    // The modes stay in DEGRADE: the datapath keeps enforcing them, the next agent adopts
+    // them.
+    if let Some(e) = running.evaluator.take() {
+        e.stop().await;
     }
     if let Some(t) = running.balancer.take() {
         t.stop().await;
@@ -278,6 +293,12 @@ struct Running {
     balancer: Option<Task>,
     pacers: Option<Pacers>,
     http: Task,
+    /// The degradation evaluator's samples channel, for every supervisor.
+    samples: SampleTx,
+    /// What the evaluator serves (a reload that changes only this reconfigures it alone).
+    degrade: degrade::Config,
+    /// `None` when its maps could not be opened (logged): modes stay as they are.
+    evaluator: Option<degrade::Evaluator>,
 }
 
 /// A task with a stop signal of its own.
@@ -368,11 +389,20 @@ fn start_supervisor(
     plan: &Plan,
     state: &AgentState,
     origin: supervisor::Origin<'_>,
+    samples: &SampleTx,
 ) -> Option<Task> {
     let (stop, stop_rx) = watch::channel(false);
     let started = {
         let dp = state.datapath();
-        supervisor::start(policy, &plan.compiled.backends, Some(&dp), origin, stop_rx)
+        let samples = Some(samples.clone());
+        supervisor::start(
+            policy,
+            &plan.compiled.backends,
+            Some(&dp),
+            origin,
+            samples,
+            stop_rx,
+        )
     };
     match started {
         Ok(Some((backends, handle))) => {
@@ -389,6 +419,37 @@ fn start_supervisor(
             None
         }
     }
+}
+
+/// Starts the degradation evaluator on its own handles on `DEGRADE` (one to write, one for
+/// status to read the flow counters), fed by `samples` and the supervisor's channel as the
+/// state holds it. `None` when the maps cannot be opened (logged): the modes stay as the
+/// datapath holds them.
+fn start_evaluator(
+    config: degrade::Config,
+    state: &AgentState,
+    samples: degrade::SampleRx,
+) -> Option<degrade::Evaluator> {
+    let maps = {
+        let dp = state.datapath();
+        dp.degrade_maps().and_then(|w| Ok((w, dp.degrade_maps()?)))
+    };
+    let (sink, counters) = match maps {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("degradation evaluator not started: {e}");
+            return None;
+        }
+    };
+    let evaluator = degrade::start(
+        config,
+        Box::new(sink),
+        Some(counters),
+        samples,
+        state.backends(),
+    );
+    state.set_degrade(Some(evaluator.view()));
+    Some(evaluator)
 }
 
 /// Runs the balancer of `plan` on `maps` (written for the live generation) until stopped.
@@ -588,7 +649,7 @@ async fn wait_for_signals(
 /// How a reload ended, for its accounting.
 fn reload_outcome(result: &Result<Reloaded, RunError>) -> Outcome {
     match result {
-        Ok(Reloaded::Applied { .. }) => Outcome::Ok,
+        Ok(Reloaded::Applied { .. } | Reloaded::Degradation) => Outcome::Ok,
         Ok(Reloaded::Unchanged) => Outcome::Unchanged,
         Err(RunError::Policy(_)) => Outcome::Invalid,
         Err(RunError::Refused(_)) => Outcome::Refused,
@@ -601,6 +662,9 @@ fn reload_outcome(result: &Result<Reloaded, RunError>) -> Outcome {
 pub enum Reloaded {
     /// The policy is the one in force: nothing was written.
     Unchanged,
+    /// Only degradation settings changed (conditions, `recover_after`, `agent.shed_step`):
+    /// the evaluator took them; nothing was written to the datapath's policy.
+    Degradation,
     /// The new policy is in force: its generation, what was written, and how long from the
     /// start of the reload to the switch.
     Applied {
@@ -616,6 +680,10 @@ impl std::fmt::Display for Reloaded {
             Reloaded::Unchanged => {
                 f.write_str("reloaded: the policy is unchanged, nothing written")
             }
+            Reloaded::Degradation => f.write_str(
+                "reloaded: only degradation settings changed, the evaluator took them; \
+                 nothing written to the datapath's policy",
+            ),
             Reloaded::Applied {
                 generation,
                 report,
@@ -659,8 +727,14 @@ async fn reload(
     let (plan, ids) = plan
         .with_ids(&running.ids, limits)
         .map_err(|e| RunError::Refused(ids_refusal(&policy, &e)))?;
+    let degrade = degrade::Config::new(&policy, &plan.compiled);
     if plan.same_as(&running.plan) {
-        return Ok(Reloaded::Unchanged);
+        if degrade == running.degrade {
+            return Ok(Reloaded::Unchanged);
+        }
+        // Nothing for the datapath's policy: only conditions, recover_after or shed_step.
+        reconfigure_evaluator(running, state, degrade).await;
+        return Ok(Reloaded::Degradation);
     }
     let listener = if plan.listen == running.plan.listen {
         None
@@ -709,9 +783,16 @@ async fn reload(
             .backends()
             .map(|rx| rx.borrow().clone())
             .unwrap_or_default();
-        running.supervisor =
-            start_supervisor(&policy, &plan, state, supervisor::Origin::Reload(&last));
+        running.supervisor = start_supervisor(
+            &policy,
+            &plan,
+            state,
+            supervisor::Origin::Reload(&last),
+            &running.samples,
+        );
     }
+    // Services carry their state by name; ids and companions are the new plan's.
+    reconfigure_evaluator(running, state, degrade).await;
     {
         let mut dp = state.datapath_mut();
         match dp.retire_backends(&plan.compiled) {
@@ -761,6 +842,14 @@ async fn reload(
         report,
         took: switched,
     })
+}
+
+/// Hands the evaluator a reload's services and the supervisor's channel as it runs now.
+async fn reconfigure_evaluator(running: &mut Running, state: &AgentState, config: degrade::Config) {
+    if let Some(e) = &running.evaluator {
+        e.reconfigure(config.clone(), state.backends()).await;
+    }
+    running.degrade = config;
 }
 
 /// The staged part of a reload, up to and including the switch: the maps of the other

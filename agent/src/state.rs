@@ -10,6 +10,7 @@ use crate::{
         BACKEND_ACTIONS, Datapath, DatapathError, KeyCounts,
         pressure::{self, ArrayUse, Reading},
     },
+    degrade::{DegradeView, TransitionCount},
     lb::balancer::LbView,
     supervisor::BackendsRx,
     telemetry::{
@@ -34,6 +35,8 @@ pub struct AgentState {
     maps: Mutex<Reading>,
     /// The reloads since start and the policy generation.
     reloads: Mutex<ReloadLog>,
+    /// The degradation evaluator's view, when it runs.
+    degrade: Mutex<Option<Arc<DegradeView>>>,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data is counters
@@ -55,6 +58,7 @@ impl AgentState {
             arrays: Mutex::new(Vec::new()),
             maps: Mutex::new(Reading::default()),
             reloads: Mutex::new(ReloadLog::new(std::time::SystemTime::now())),
+            degrade: Mutex::new(None),
         }
     }
 
@@ -79,6 +83,18 @@ impl AgentState {
 
     pub fn set_backends(&self, backends: Option<BackendsRx>) {
         *lock(&self.backends) = backends;
+    }
+
+    pub fn set_degrade(&self, view: Option<Arc<DegradeView>>) {
+        *lock(&self.degrade) = view;
+    }
+
+    /// Mode transitions of degradable services since start (for `/metrics`).
+    pub fn degrade_transitions(&self) -> Vec<TransitionCount> {
+        lock(&self.degrade)
+            .as_ref()
+            .map(|v| v.transitions())
+            .unwrap_or_default()
     }
 
     pub fn set_balancing(&self, view: Option<Arc<LbView>>) {
@@ -179,6 +195,10 @@ impl AgentState {
         }
         status::add_maps(&mut report, &lock(&self.maps));
         report.reload = lock(&self.reloads).status();
+        let degrade = lock(&self.degrade).clone();
+        if let Some(view) = degrade {
+            view.fill(&mut report, now);
+        }
         Ok(report)
     }
 }

@@ -34,6 +34,7 @@
 mod backend;
 mod log_limit;
 mod passive;
+mod samples;
 #[cfg(test)]
 mod tests;
 
@@ -53,6 +54,7 @@ use tokio::sync::{mpsc, watch};
 pub use agent_common::status::{BackendStatus, LATENCY_BUCKETS, PassiveCounts};
 pub use backend::{Backend, BackendId, Backends, BackendsRx, UNCHECKED};
 pub use passive::{PASSIVE_FEED_CAP, PASSIVE_TICK};
+pub use samples::{ProbeSample, SAMPLE_BATCHES, SampleRx, SampleTx, sample_channel};
 
 use log_limit::LogLimiter;
 use passive::{BreakerFeed as _, PassiveBackend, PassiveBatch};
@@ -333,27 +335,34 @@ struct Supervisor {
     /// One reading of `Instant` and of the datapath's clock, to stamp the entries written
     /// (`BackendState::since_ns`); `None` if the clock could not be read.
     clock: Option<(Instant, u64)>,
+    /// Where probe results of degradable services go (the degradation evaluator).
+    samples: Option<SampleTx>,
+    /// By service (policy order): whether its probes are sent on `samples` (a service of
+    /// the file with `degradation`).
+    degradable: Vec<bool>,
 }
 
 /// Starts health checks and breakers for every service with backends, and the passive
 /// poller when a backend has passive detection. `enforced` are the backends whose entries
 /// `Datapath::apply` wrote (`Compiled::backends`); with `datapath`, breakers resume from
 /// there and transitions are written there, without it they stay in the agent (tests).
-/// `origin` says what the start takes up ([`Origin`]). Returns the channel, whose first
-/// value already holds the carried and resumed states, and the task, or `None` when no
-/// service has backends. Stops when `stop` turns true.
+/// `origin` says what the start takes up ([`Origin`]). Every probe result of a degradable
+/// service's backend is sent on `samples` (without waiting: a full channel drops them).
+/// Returns the channel, whose first value already holds the carried and resumed states, and
+/// the task, or `None` when no service has backends. Stops when `stop` turns true.
 pub fn start(
     policy: &Policy,
     enforced: &[CompiledBackend],
     datapath: Option<&Datapath>,
     origin: Origin<'_>,
+    samples: Option<SampleTx>,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<Started>, SupervisorError> {
     // Probes carry the mark the datapath exempts, or an open backend could never recover.
     let options = ProbeOptions {
         mark: Some(PROBE_MARK),
     };
-    start_probing(policy, enforced, datapath, origin, options, stop)
+    start_probing(policy, enforced, datapath, origin, options, samples, stop)
 }
 
 /// [`start`] with its probes' socket options: tests without CAP_NET_ADMIN probe unmarked.
@@ -363,6 +372,7 @@ fn start_probing(
     datapath: Option<&Datapath>,
     origin: Origin<'_>,
     options: ProbeOptions,
+    samples: Option<SampleTx>,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<Started>, SupervisorError> {
     let (tx, rx) = mpsc::channel(1024);
@@ -370,6 +380,9 @@ fn start_probing(
     let mut sup = Supervisor::new(policy, enforced, origin.carried(), Instant::now());
     if sup.rows.is_empty() {
         return Ok(None);
+    }
+    if sup.degradable.contains(&true) {
+        sup.samples = samples;
     }
     // The probes and the supervisor share a thread and a current-thread runtime of their
     // own: thousands of probes a second then wake one thread, which takes their results
@@ -526,6 +539,10 @@ impl Supervisor {
             health_log: LogLimiter::new(LOG_LINES, LOG_PERIOD),
             found: Vec::new(),
             clock: ktime_now_ns().map(|ns| (Instant::now(), ns)),
+            samples: None,
+            degradable: (policy.services.iter())
+                .map(|s| s.degradation.is_some() && s.fallback_of.is_none())
+                .collect(),
         };
         let mut by_position: HashMap<(usize, usize), &CompiledBackend> =
             enforced.iter().map(|b| ((b.service, b.index), b)).collect();
@@ -677,6 +694,7 @@ impl Supervisor {
                 count_probe(&mut v[entry], &batch[i], breaker);
             }
         });
+        self.send_samples(batch);
         // The batch's transitions are applied together: one publication, one log check.
         let mut events = Vec::new();
         for &(i, _, breaker) in &found {
@@ -694,6 +712,30 @@ impl Supervisor {
         self.found = found;
         if let Some(last) = batch.last() {
             self.apply(events, last.at);
+        }
+    }
+
+    /// The batch's results of degradable services, to the evaluator; dropped (with a debug
+    /// line) when it is that far behind: the supervisor never waits on it.
+    fn send_samples(&self, batch: &[ProbeResult]) {
+        let Some(tx) = &self.samples else {
+            return;
+        };
+        let samples: Vec<ProbeSample> = batch
+            .iter()
+            .filter(|r| self.degradable.get(r.backend.service_id) == Some(&true))
+            .map(|r| ProbeSample {
+                service: r.backend.service.clone(),
+                at: r.at,
+                latency: r.latency,
+                ok: r.outcome.is_ok(),
+            })
+            .collect();
+        if samples.is_empty() {
+            return;
+        }
+        if let Err(e) = tx.try_send(samples) {
+            tracing::debug!("degradation evaluator behind, probe samples dropped: {e}");
         }
     }
 

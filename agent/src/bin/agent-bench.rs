@@ -13,10 +13,11 @@ use agent::{
     lb::{backend_key, maglev},
 };
 use agent_common::{
-    Bucket, BucketKey,
+    Bucket, BucketKey, ServiceConfig,
     breaker::{BackendKey, BackendState, F_DROP, F_PASSIVE, STATE_CLOSED, STATE_OPEN, port_bit},
-    classify::{PROTO_TCP, PROTO_UDP, v4_mapped},
-    maps::{MAP_BACKEND_PORTS, MAP_BACKENDS, MAP_RL_BUCKETS},
+    classify::{PROTO_TCP, PROTO_UDP, generation_slot, v4_mapped},
+    degrade::MODE_FALLBACK,
+    maps::{MAP_BACKEND_PORTS, MAP_BACKENDS, MAP_RL_BUCKETS, MAP_SVC_CFG},
 };
 use anyhow::{Context as _, bail};
 use aya::{
@@ -463,6 +464,168 @@ services:
     ])
 }
 
+/// The fallback backends of [`degrade_rows`]' companion service.
+const FALLBACK_BACKENDS: [[u8; 4]; 2] = [[198, 18, 9, 1], [198, 18, 9, 2]];
+
+/// Runs each frame once (as [`measure_each`]), checking each left toward one of `among`.
+fn measure_each_to(prog: &Xdp, frames: &[Vec<u8>], among: &[[u8; 4]]) -> anyhow::Result<Measure> {
+    let mut kernel = Vec::with_capacity(frames.len());
+    let mut wall = Vec::with_capacity(frames.len());
+    for (i, f) in frames.iter().enumerate() {
+        let mut out = vec![0u8; f.len()];
+        let start = Instant::now();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(f),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        wall.push(start.elapsed().as_secs_f64() * 1e9);
+        kernel.push(r.duration.as_secs_f64() * 1e9);
+        let dst: [u8; 4] = out[30..34].try_into()?;
+        if !among.contains(&dst) {
+            bail!("frame {i}: came out to {dst:?}, not to one of {among:?}");
+        }
+    }
+    Ok(Measure {
+        kernel: median(kernel),
+        wall: median(wall),
+    })
+}
+
+/// Writes the companion link the agent's plan writes (`ServiceConfig::fallback`) into the
+/// live `SVC_CFG` entry of `parent`.
+fn link(dp: &mut Datapath, parent: u32, companion: u32) -> anyhow::Result<()> {
+    let slot = generation_slot(parent, dp.generation());
+    let mut cfg: Array<&mut MapData, ServiceConfig> = dp
+        .ebpf_mut()
+        .map_mut(MAP_SVC_CFG)
+        .context("SVC_CFG")?
+        .try_into()?;
+    let mut c = cfg.get(&slot, 0)?;
+    c.fallback = companion + 1;
+    cfg.set(slot, c, 0)?;
+    Ok(())
+}
+
+/// The degradation check on every packet of a rate-limited service with a companion (its
+/// mode read; in fallback, the companion's configuration and bucket), the limiter admitting
+/// (one key, the frame repeated, as the limiter rows).
+fn degrade_limit_rows(args: &Args) -> anyhow::Result<Vec<(&'static str, Measure)>> {
+    let text = format!(
+        r#"
+version: 1
+interfaces: [{{ name: lo }}]
+services:
+  - name: bench
+    match: {{ address: 198.18.0.2/32, port: {DPORT}, protocol: udp }}
+    rate_limit: {{ key: flow, rate: 1000000000/s, burst: 1000000, max_keys: 64 }}
+  - name: bench-fallback
+    match: {{ address: 198.18.0.5/32, port: {DPORT}, protocol: udp }}
+    rate_limit: {{ key: flow, rate: 1000000000/s, burst: 1000000, max_keys: 64 }}
+"#
+    );
+    let policy = config::load_str(&text, "bench-degrade-limit.yaml")
+        .map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
+    let compiled = config::compile(&policy);
+    let mut dp = Datapath::load(compiled.max_keys)?;
+    dp.apply(&compiled)?;
+    let mut rows = vec![(
+        "limiter, admitted, no companion",
+        measure(dp.xdp_program()?, &frame(SPORT), args)?,
+    )];
+    let (parent, companion) = (compiled.services[0].id, compiled.services[1].id);
+    link(&mut dp, parent, companion)?;
+    rows.push((
+        "limiter, admitted, a companion, normal (mode read)",
+        measure(dp.xdp_program()?, &frame(SPORT), args)?,
+    ));
+    dp.degrade_maps()?.write_mode(parent, MODE_FALLBACK)?;
+    rows.push((
+        "limiter, admitted, fallback (mode, companion's config and bucket)",
+        measure(dp.xdp_program()?, &frame(SPORT), args)?,
+    ));
+    Ok(rows)
+}
+
+/// The degradation check on the balancing path (`DEGRADE` read for new flows, and for every
+/// packet of a service with a companion, whose limit applies while it falls back): a Maglev
+/// service linked to a companion of two fallback backends, its new flows and established
+/// flows in normal mode, then the same in fallback mode (new flows balanced over the
+/// companion). Distinct flows, each run once, as [`lb_rows`]' rows.
+fn degrade_rows() -> anyhow::Result<Vec<(String, Measure)>> {
+    let text = format!(
+        r#"
+version: 1
+interfaces: [{{ name: lo }}]
+services:
+  - name: lb
+    match: {{ address: 198.18.0.4, port: {DPORT}, protocol: tcp }}
+    backends:
+      - address: 198.18.3.1:{BACKEND_PORT}
+      - address: 198.18.3.2:{BACKEND_PORT}
+    load_balancing: {{ algorithm: maglev, table_size: 211 }}
+  - name: lb-fallback
+    match: {{ address: 198.18.0.5, port: {DPORT}, protocol: tcp }}
+    backends:
+      - address: 198.18.9.1:{BACKEND_PORT}
+      - address: 198.18.9.2:{BACKEND_PORT}
+    load_balancing: {{ algorithm: maglev, table_size: 211 }}
+"#
+    );
+    let policy = config::load_str(&text, "bench-degrade.yaml")
+        .map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
+    let compiled = config::compile(&policy);
+    let id = |name: &str| {
+        compiled
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.id)
+            .with_context(|| format!("service {name}"))
+    };
+    let (parent, companion) = (id("lb")?, id("lb-fallback")?);
+    let mut dp = Datapath::load_for(&compiled)?;
+    dp.apply(&compiled)?;
+    dp.mark_ports([BACKEND_PORT])?;
+    let mut maps = dp.lb_maps()?;
+    agent::lb::balancer::install(&mut maps, &compiled.lb)?;
+    link(&mut dp, parent, companion)?;
+    let mut modes = dp.degrade_maps()?;
+    let prog = dp.xdp_program()?;
+
+    let flows = |from: u16, flags: u8| -> Vec<Vec<u8>> {
+        (0..LB_NEW_FLOWS)
+            .map(|i| tcp(CLIENT, from + i, VIP, DPORT, flags))
+            .collect()
+    };
+    let normal_new = measure_each_to(prog, &flows(20_000, 0x02), &LB_BACKENDS)?;
+    let normal_est = measure_each_to(prog, &flows(20_000, 0x10), &LB_BACKENDS)?;
+    modes.write_mode(parent, MODE_FALLBACK)?;
+    let fallback_new = measure_each_to(prog, &flows(30_000, 0x02), &FALLBACK_BACKENDS)?;
+    let fallback_est = measure_each_to(prog, &flows(20_000, 0x10), &LB_BACKENDS)?;
+    Ok(vec![
+        (
+            "agent: degradation, LB new flow, normal (mode read, own backends) [run once each]"
+                .into(),
+            normal_new,
+        ),
+        (
+            "agent: degradation, LB new flow, fallback (companion's table) [run once each]".into(),
+            fallback_new,
+        ),
+        (
+            "agent: degradation, LB established flow, normal [run once each]".into(),
+            normal_est,
+        ),
+        (
+            "agent: degradation, LB established flow, fallback (stays) [run once each]".into(),
+            fallback_est,
+        ),
+    ])
+}
+
 /// Table builds timed per case; the median is reported.
 const MAGLEV_RUNS: usize = 11;
 
@@ -562,6 +725,8 @@ fn run(args: &Args) -> anyhow::Result<String> {
     let stages = stages(args)?;
     let breaker = breaker_rows(args)?;
     let lb = lb_rows()?;
+    let degrade = degrade_rows()?;
+    let degrade_limit = degrade_limit_rows(args)?;
     let shaping = shaping_rows(args)?;
     let mut rows = Vec::new();
     for keys in [1, 10_000, 1_000_000] {
@@ -597,8 +762,11 @@ fn run(args: &Args) -> anyhow::Result<String> {
     for (what, m) in &breaker {
         table.push((format!("agent: breaker, {what}"), "-".into(), *m));
     }
-    for (what, m) in &lb {
+    for (what, m) in lb.iter().chain(&degrade) {
         table.push((what.clone(), "-".into(), *m));
+    }
+    for (what, m) in &degrade_limit {
+        table.push((format!("agent: degradation, {what}"), "1".into(), *m));
     }
     for (what, m) in &shaping {
         table.push((format!("agent: {what}"), "1".into(), *m));
@@ -705,6 +873,15 @@ fn run(args: &Args) -> anyhow::Result<String> {
          carry the kernel's timer overhead and cold caches, so the trivial program run the same \
          way is their scale. A packet to a VIP takes two tail calls (main program, balancing \
          stage, NAT stage) and parses the frame in each."
+    )?;
+    writeln!(
+        t,
+        "\nDegradation (the same, a Maglev VIP linked to a companion of two fallback backends): \
+         a new flow reads the service's mode (`DEGRADE`), and in fallback its companion's \
+         configuration, then picks from the companion's table. An established flow's packet \
+         reads nothing more in the balancing stage. Every packet of a service with a companion \
+         reads the mode in the main program (the companion's limit applies while it falls \
+         back): the *degradation, limiter* rows, one frame repeated."
     )?;
     eprintln!("timing Maglev table builds ...");
     t.push_str(&maglev_section(&maglev_rows(&maglev_cases(), MAGLEV_RUNS))?);

@@ -25,10 +25,11 @@ use agent_common::{
     classify::{
         CLASSIFY_KEY_LEN, GEN_PREFIX_BITS, GENERATIONS, ServiceName, classify_key, generation_slot,
     },
+    degrade::MODE_NORMAL,
     lb::{LB_F_ACTIVE, LbBackend, LbService},
     maps::{
-        MAP_BACKENDS, MAP_CLASSIFY, MAP_LB_BACKENDS, MAP_LB_SVC, MAP_POLICY_GEN, MAP_SVC_CFG,
-        MAP_SVC_NAMES,
+        MAP_BACKENDS, MAP_CLASSIFY, MAP_DEGRADE, MAP_LB_BACKENDS, MAP_LB_SVC, MAP_POLICY_GEN,
+        MAP_SVC_CFG, MAP_SVC_NAMES,
     },
 };
 use aya::maps::{
@@ -141,6 +142,16 @@ impl Datapath {
             }
         }
 
+        // An id new to the policy starts normal, whatever a service that held it long ago
+        // left (`Ids` never hands out an id the live generation holds).
+        let live = &self.generations.written[(g ^ 1) as usize];
+        let mut modes: Array<&mut MapData, u32> = typed_mut(&mut *ebpf, MAP_DEGRADE)?;
+        for &id in ids.difference(live) {
+            modes
+                .set(id, MODE_NORMAL, 0)
+                .map_err(map_err(MAP_DEGRADE))?;
+        }
+
         let mut cfg: Array<&mut MapData, ServiceConfig> = typed_mut(&mut *ebpf, MAP_SVC_CFG)?;
         for svc in &compiled.services {
             let slot = generation_slot(svc.id, g);
@@ -248,11 +259,13 @@ impl Datapath {
 
     /// After a switch: deletes the breaker entries of backends the live policy no longer has,
     /// and rewrites the flags and id of those whose breaker settings changed (their state
-    /// kept). Returns (removed, rewritten).
+    /// kept). Returns (removed, rewritten). Service ids the switch left have their
+    /// degradation mode reset to normal.
     pub fn retire_backends(
         &mut self,
         compiled: &Compiled,
     ) -> Result<(usize, usize), DatapathError> {
+        self.retire_modes(compiled)?;
         let mut map: HashMap<&mut MapData, BackendKey, BackendState> =
             typed_mut(&mut self.ebpf, MAP_BACKENDS)?;
         let wanted: BTreeMap<BackendKey, (u32, u32)> = compiled
@@ -277,6 +290,23 @@ impl Datapath {
             }
         }
         Ok((removed, rewritten))
+    }
+
+    /// Resets `DEGRADE` of the ids the other generation (the policy the switch left) holds
+    /// and `compiled` does not: a mode never outlives its service. Done after the switch, so
+    /// that a service stays degraded until it is gone (a stage may be abandoned).
+    fn retire_modes(&mut self, compiled: &Compiled) -> Result<(), DatapathError> {
+        let ids: BTreeSet<u32> = compiled.services.iter().map(|s| s.id).collect();
+        let left = &self.generations.written[(self.generations.live ^ 1) as usize];
+        let mut modes: Array<&mut MapData, u32> = typed_mut(&mut self.ebpf, MAP_DEGRADE)?;
+        for &id in left.difference(&ids) {
+            if modes.get(&id, 0).map_err(map_err(MAP_DEGRADE))? != MODE_NORMAL {
+                modes
+                    .set(id, MODE_NORMAL, 0)
+                    .map_err(map_err(MAP_DEGRADE))?;
+            }
+        }
+        Ok(())
     }
 
     /// The ids the live generation holds: by name for services (`SVC_NAMES`), by key for

@@ -908,6 +908,7 @@ async fn a_reload_publishes_the_carried_health_first_and_probes_go_on_from_it() 
         None,
         Origin::Reload(&last),
         ProbeOptions::default(),
+        None,
         stop_rx,
     )
     .unwrap_or_else(|e| panic!("{e}"))
@@ -957,4 +958,56 @@ async fn a_reload_publishes_the_carried_health_first_and_probes_go_on_from_it() 
     let _ = stop_tx.send(true);
     task.await.expect("the supervisor's task ends");
     drop(listener);
+}
+
+#[test]
+fn probe_results_of_degradable_services_go_to_the_evaluator() {
+    let text = POLICY.replace(
+        "      max_ejection_percent: 50%\n",
+        "      max_ejection_percent: 50%\n    degradation:\n      conditions: [{type: latency, threshold: 100ms, window: 2s}]\n      fallback: {strategy: shed}\n",
+    );
+    let policy = config::load_str(&text, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let compiled = config::compile(&policy);
+    let t0 = Instant::now();
+    let mut sup = Supervisor::new(&policy, &compiled.backends, None, t0);
+    assert_eq!(sup.degradable, vec![true, false]);
+    let (tx, mut rx) = sample_channel();
+    sup.samples = Some(tx);
+    let result = |service: &str, service_id, address: &str, ok: bool| ProbeResult {
+        backend: BackendRef {
+            service: Arc::from(service),
+            service_id,
+            index: 0,
+            address: address.parse().unwrap_or_else(|e| panic!("{e}")),
+        },
+        at: t0 + Duration::from_millis(5),
+        outcome: if ok {
+            Ok(())
+        } else {
+            Err(ProbeFailure::Timeout(Duration::from_millis(200)))
+        },
+        attempts: 1,
+        latency: Duration::from_millis(if ok { 3 } else { 200 }),
+        elapsed: Duration::from_millis(200),
+        health: Health::Healthy,
+        changed: false,
+    };
+    sup.on_probes(&[
+        result("web", 0, "10.0.1.11:8080", false),
+        result("plain", 1, "10.0.2.1:53", true),
+        result("web", 0, "10.0.1.11:8080", true),
+    ]);
+    let batch = rx.try_recv().expect("one batch sent");
+    assert_eq!(
+        batch
+            .iter()
+            .map(|s| (&*s.service, s.latency.as_millis(), s.ok))
+            .collect::<Vec<_>>(),
+        vec![("web", 200, false), ("web", 3, true)],
+        "web's results only, with their latency (a timeout's included)"
+    );
+    assert!(rx.try_recv().is_err(), "one batch per call");
+    // Nothing from a batch without a degradable service's result.
+    sup.on_probes(&[result("plain", 1, "10.0.2.1:53", true)]);
+    assert!(rx.try_recv().is_err());
 }

@@ -9,19 +9,29 @@ use prometheus_client::{
 };
 
 use super::status::StatusReport;
-use crate::{breaker::State, datapath::BACKEND_ACTIONS, health::Health, supervisor::UNCHECKED};
+use crate::{
+    breaker::State, datapath::BACKEND_ACTIONS, degrade::TransitionCount, health::Health,
+    supervisor::UNCHECKED,
+};
 
-/// Renders the Prometheus text format of one status report.
-pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
+/// Renders the Prometheus text format of one status report, and of the degradation
+/// evaluator's mode transitions by from and to (which the report only sums).
+pub fn render(
+    report: &StatusReport,
+    transitions: &[TransitionCount],
+) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(ReportCollector(report.clone())));
+    registry.register_collector(Box::new(ReportCollector(
+        report.clone(),
+        transitions.to_vec(),
+    )));
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?;
     Ok(out)
 }
 
 #[derive(Debug)]
-struct ReportCollector(StatusReport);
+struct ReportCollector(StatusReport, Vec<TransitionCount>);
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -154,8 +164,88 @@ impl Collector for ReportCollector {
         encode_backends(&r.backends, &mut encoder)?;
         encode_balancing(r, &mut encoder)?;
         encode_maps(r, &mut encoder)?;
+        encode_degradation(r, &self.1, &mut encoder)?;
         encode_reload(r, &mut encoder)
     }
+}
+
+/// Degradable services' modes, transitions and conditions, and the node's shed level.
+fn encode_degradation(
+    r: &StatusReport,
+    transitions: &[TransitionCount],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let degradable: Vec<(&str, &agent_common::status::DegradationStatus)> = (r.services.iter())
+        .filter_map(|s| Some((s.name.as_str(), s.degradation.as_ref()?)))
+        .collect();
+    let svc = |name: &str| vec![("service", name.to_string())];
+    let mode_code = |mode: &str| match mode {
+        "fallback" => agent_common::degrade::MODE_FALLBACK,
+        "shed" => agent_common::degrade::MODE_SHED,
+        _ => agent_common::degrade::MODE_NORMAL,
+    };
+    for f in [
+        Family {
+            name: "agent_degradation_transitions",
+            help: "Mode transitions of a degradable service since start, by from and to mode (normal, fallback, shed).",
+            kind: MetricType::Counter,
+            samples: transitions
+                .iter()
+                .map(|t| {
+                    let mut l = svc(&t.service);
+                    l.push(("from", t.from.to_string()));
+                    l.push(("to", t.to.to_string()));
+                    (l, t.count)
+                })
+                .collect(),
+        },
+        Family {
+            name: "agent_degradation_mode",
+            help: "The mode the datapath enforces for a degradable service's new flows: 0 normal, 1 fallback, 2 shed.",
+            kind: MetricType::Gauge,
+            samples: (degradable.iter())
+                .map(|(name, d)| (svc(name), u64::from(mode_code(&d.mode))))
+                .collect(),
+        },
+    ] {
+        f.encode(encoder)?;
+    }
+    if !degradable.is_empty() {
+        let mut metric = encoder.encode_descriptor(
+            "agent_degradation_condition",
+            "A degradation condition's measure over its window: latency p99 in seconds, error rate and availability as shares from 0 to 1; NaN without a sample. The first condition of each type.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, d) in &degradable {
+            let mut seen = Vec::new();
+            for c in &d.conditions {
+                // One sample per (service, type): a second condition of a type is in status.
+                if seen.contains(&c.r#type.as_str()) {
+                    continue;
+                }
+                seen.push(c.r#type.as_str());
+                let mut l = svc(name);
+                l.push(("type", c.r#type.clone()));
+                ConstGauge::new(c.value.unwrap_or(f64::NAN)).encode(metric.encode_family(&l)?)?;
+            }
+        }
+    }
+    // Only while an evaluator runs (the level is set then).
+    let level = match r.shedding.level.as_str() {
+        "" => return Ok(()),
+        "low" => 1,
+        "normal" => 2,
+        "core" => 3,
+        _ => 0,
+    };
+    Family {
+        name: "agent_shed_level",
+        help: "The highest priority shed node-wide: 0 none, 1 low, 2 normal, 3 core.",
+        kind: MetricType::Gauge,
+        samples: vec![(vec![], level)],
+    }
+    .encode(encoder)
 }
 
 /// Reloads by result, the policy generation and when the policy in force was applied.
@@ -763,6 +853,86 @@ mod tests {
         }
     }
 
+    /// `report()` with `checkout` degraded to its fallback by latency, a second latency
+    /// condition and an availability condition without a sample, and shedding at `low`.
+    fn degraded() -> (StatusReport, Vec<TransitionCount>) {
+        use agent_common::status::{ConditionStatus, DegradationStatus, SheddingStatus};
+        let mut r = report();
+        let condition = |t: &str, value| ConditionStatus {
+            r#type: t.into(),
+            threshold: "500ms".into(),
+            window_seconds: 2.0,
+            value,
+            samples: 3,
+            met: true,
+        };
+        r.services[0].degradation = Some(DegradationStatus {
+            mode: "fallback".into(),
+            degraded: true,
+            cause: Some("latency p99 612ms > 500ms over 2s".into()),
+            conditions: vec![
+                condition("latency", Some(0.612)),
+                condition("latency", Some(0.1)),
+                condition("availability", None),
+            ],
+            transitions: 3,
+            ..Default::default()
+        });
+        r.shedding = SheddingStatus {
+            level: "low".into(),
+            pressure: true,
+            shed: vec!["batch".into()],
+            level_for_seconds: 1.0,
+        };
+        let t = |from, to, count| TransitionCount {
+            service: "checkout".into(),
+            from,
+            to,
+            count,
+        };
+        (
+            r,
+            vec![t("normal", "fallback", 2), t("fallback", "normal", 1)],
+        )
+    }
+
+    #[test]
+    fn exposition_has_degradation_and_shedding() {
+        let (r, transitions) = degraded();
+        let text = render(&r, &transitions).unwrap();
+        for line in [
+            "# TYPE agent_degradation_transitions_total counter",
+            "agent_degradation_transitions_total{service=\"checkout\",from=\"normal\",to=\"fallback\"} 2",
+            "agent_degradation_transitions_total{service=\"checkout\",from=\"fallback\",to=\"normal\"} 1",
+            "# TYPE agent_degradation_mode gauge",
+            "agent_degradation_mode{service=\"checkout\"} 1",
+            "# TYPE agent_degradation_condition gauge",
+            "agent_degradation_condition{service=\"checkout\",type=\"latency\"} 0.612",
+            "agent_degradation_condition{service=\"checkout\",type=\"availability\"} NaN",
+            "# TYPE agent_shed_level gauge",
+            "agent_shed_level 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing line {line:?} in:\n{text}"
+            );
+        }
+        assert_eq!(
+            text.matches("agent_degradation_condition{service=\"checkout\",type=\"latency\"}")
+                .count(),
+            1,
+            "one sample per service and type:\n{text}"
+        );
+        // Without an evaluator: none of them.
+        let plain = render(&report(), &[]).unwrap();
+        assert!(!plain.contains("agent_degradation"), "{plain}");
+        assert!(!plain.contains("agent_shed_level"), "{plain}");
+        let text = render_text(&r);
+        assert!(text.contains("DEGRADATION"), "{text}");
+        assert!(text.contains("latency p99 612ms > 500ms over 2s"), "{text}");
+        assert!(text.contains("shed level: low"), "{text}");
+    }
+
     /// Two reloads: an invalid file, then an applied one.
     fn reloads() -> crate::telemetry::reload::ReloadStatus {
         use crate::telemetry::reload::{Outcome, ReloadLog, Trigger};
@@ -790,7 +960,7 @@ mod tests {
 
     #[test]
     fn exposition_has_the_reloads() {
-        let text = render(&report()).unwrap();
+        let text = render(&report(), &[]).unwrap();
         for line in [
             "# TYPE agent_reload_total counter",
             "agent_reload_total{result=\"ok\"} 1",
@@ -837,7 +1007,7 @@ mod tests {
 
     #[test]
     fn exposition_has_map_pressure_and_memory() {
-        let text = render(&report()).unwrap();
+        let text = render(&report(), &[]).unwrap();
         for line in [
             "# TYPE agent_bpf_map_pressure gauge",
             "agent_bpf_map_pressure{map=\"RL_BUCKETS\"} 0.9375",
@@ -862,7 +1032,7 @@ mod tests {
                 .any(|l| l.starts_with("agent_bpf_map_pressure{map=\"AYA_LOGS\"")),
             "a map that cannot fill has no pressure:\n{text}"
         );
-        let empty = render(&StatusReport::default()).unwrap();
+        let empty = render(&StatusReport::default(), &[]).unwrap();
         assert!(
             !empty.contains("agent_datapath_kernel_memory_bytes"),
             "no memory sample before the first reading:\n{empty}"
@@ -902,7 +1072,7 @@ mod tests {
 
     #[test]
     fn exposition_has_every_family_with_labels() {
-        let text = render(&report()).unwrap();
+        let text = render(&report(), &[]).unwrap();
         for line in [
             "agent_service_packets_total{service=\"checkout\",verdict=\"passed\"} 100",
             "agent_service_bytes_total{service=\"checkout\",verdict=\"passed\"} 6400",

@@ -200,6 +200,7 @@ pub fn render_text(report: &StatusReport) -> String {
         }
     }
     render_shaping(report, &mut out);
+    render_degradation(report, &mut out);
     render_backends(report, &mut out);
     render_balancing(report, &mut out);
     render_maps(report, &mut out);
@@ -292,6 +293,67 @@ fn render_shaping(report: &StatusReport, out: &mut String) {
             sh.delay_seconds * 1e3,
         );
     }
+}
+
+/// Degradable services: mode, whether degraded and why, each condition's measure; then the
+/// node-wide shed level.
+fn render_degradation(report: &StatusReport, out: &mut String) {
+    let degradable: Vec<_> = (report.services.iter())
+        .filter_map(|s| Some((s.name.as_str(), s.degradation.as_ref()?)))
+        .collect();
+    if degradable.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nDEGRADATION\n{:<20} {:<9} {:<9} {:>10} {:>12} {:>10} {:>10}  CAUSE",
+        "SERVICE", "MODE", "DEGRADED", "FOR", "CLEAR FOR", "FALLBACK", "SHED"
+    );
+    for (name, d) in &degradable {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<9} {:<9} {:>9.1}s {:>11.1}s {:>10} {:>10}  {}",
+            name,
+            d.mode,
+            if d.degraded { "yes" } else { "no" },
+            d.in_state_seconds,
+            d.clear_for_seconds,
+            d.fallback_flows,
+            d.shed_flows,
+            d.cause.as_deref().unwrap_or("-"),
+        );
+        for c in &d.conditions {
+            let value = match (c.value, c.r#type.as_str()) {
+                (None, _) => "no sample".to_string(),
+                (Some(v), "latency") => format!("p99 {:.1}ms", v * 1e3),
+                (Some(v), _) => format!("{:.1}%", v * 100.0),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<18} {:<12} threshold {:<8} over {:>5}s: {} ({} samples){}",
+                "",
+                c.r#type,
+                c.threshold,
+                c.window_seconds,
+                value,
+                c.samples,
+                if c.met { "  MET" } else { "" },
+            );
+        }
+    }
+    let sh = &report.shedding;
+    let _ = writeln!(
+        out,
+        "shed level: {} for {:.1}s, pressure: {}, shed: {}",
+        sh.level,
+        sh.level_for_seconds,
+        if sh.pressure { "yes" } else { "no" },
+        if sh.shed.is_empty() {
+            "-".to_string()
+        } else {
+            sh.shed.join(", ")
+        }
+    );
 }
 
 /// Health and probes of every backend, then what the datapath did for the backends whose
