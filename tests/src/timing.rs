@@ -235,6 +235,18 @@ pub const DEGRADE_SLACK: Scaled = Scaled::millis(300);
 /// hardware, as an open breaker's refusal.
 pub const SHED_REFUSAL: Scaled = Scaled::millis(10);
 
+// payments / demo / bench
+
+/// A `connect()` refused by an open breaker returns within this: the datapath answers the
+/// SYN with a RST itself (the payments field case: a hung processor is refused in under
+/// 10 ms). A latency bound of real hardware.
+pub const REFUSED_CONNECT: Scaled = Scaled::millis(10);
+
+/// From a breaker's change in the agent to the balancer's table that follows it in the
+/// datapath: the balancer's 100 ms tick, the rebuild and swap, and a scrape's delay on a
+/// loaded machine.
+pub const TABLE_FOLLOWS: Scaled = Scaled::millis(500);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,9 @@
 //! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
 //! which only `breaker-bench` has; `--out FILE` goes to both. Benchmarks of their own run
 //! instead when named first: `scale` (scale.rs), `health` (health.rs), `restart`
-//! (restart.rs) and `reload` (reload.rs).
+//! (restart.rs), `reload` (reload.rs) and `degrade` (degrade.rs).
 
+mod degrade;
 mod health;
 mod reload;
 mod restart;
@@ -32,6 +33,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         Some("health") => return health::run(&extra[1..]),
         Some("restart") => return restart::run(&extra[1..]),
         Some("reload") => return reload::run(&extra[1..]),
+        Some("degrade") => return degrade::run(&extra[1..]),
         _ => {}
     }
     // BPF_PROG_TEST_RUN, network namespaces and the agent need root.

@@ -45,15 +45,17 @@ enum Command {
     /// The whole suite, as CI runs it: fmt, clippy, unit and datapath tests, end-to-end tests.
     Test,
     /// The demo in two network namespaces, with live counters: a rate limit under a 5x flood,
-    /// a payment path whose hung backend is refused in microseconds by its breaker, then a
-    /// flash sale balanced in the kernel over backends, one dying and ramping back.
+    /// a payment path whose hung backend is refused in microseconds by its breaker, a flash
+    /// sale balanced in the kernel over backends, one dying and ramping back, then a service
+    /// whose slow backends make it fall back to a static answer, and come back.
     Demo(demo::Args),
     /// Run the benchmarks and write BENCHMARKS.md: per-packet costs (agent-bench), then the
     /// breaker's time to detect and recover, end to end (breaker-bench). `bench scale`: time
     /// to ready, map memory and LB cost at 1 to 10,000 balanced services; `bench health`: CPU
     /// per health-check probe, the agent against HAProxy on the same 4,000 backends; `bench
     /// restart`: traffic across a SIGKILL and an adopting restart, time to ready, agent RSS/CPU;
-    /// `bench reload`: file save to the new policy in force, with 10 and 1,000 services.
+    /// `bench reload`: file save to the new policy in force, with 10 and 1,000 services;
+    /// `bench degrade`: slow backends to new flows on the fallback, p50/max over 10 runs.
     Bench {
         /// Extra arguments: `--rounds`, `--connects`, `--passive` go to breaker-bench, `--out`
         /// to both, the rest to agent-bench.

@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the agent in two network namespaces, in three acts.
+//! `cargo xtask demo`: the agent in two network namespaces, in four acts.
 //!
 //! client netns (veth-client 198.18.0.1) --veth--> server netns (veth-agent 198.18.0.2, ...)
 //!
@@ -10,6 +10,10 @@
 //! 3. Flash sale (`lb.rs`; config/demo-lb.yaml): the agent on the client's veth balancing a VIP
 //!    over backends on server addresses of their own; a 10x surge spread by weight, one backend
 //!    dying and coming back; connections served per backend per second next to its weight.
+//! 4. Degradation (`degrade.rs`; config/demo-degrade.yaml): the agent on the client's veth
+//!    balancing a VIP over HTTP backends that slow down; the service switched to its fallback
+//!    in the datapath and back after `recover_after`; answers per server per second next to
+//!    the service's mode.
 //!
 //! The namespaces, the agent process, the backends and the UDP flood are the end-to-end
 //! tests' own (crate `agent-tests`); the acts read the agent's state from its JSON `/status`
@@ -18,6 +22,7 @@
 //! signal handler turns it into an error that unwinds).
 
 mod breaker;
+mod degrade;
 mod lb;
 mod policy;
 mod ratelimit;
@@ -36,12 +41,13 @@ use std::{
 use agent_tests::{AgentProcess, Netns, Scaled, Topology, netns};
 use anyhow::{Context as _, bail};
 
-use self::policy::{Balanced, Guarded, RateLimited};
+use self::policy::{Balanced, Degradable, Guarded, RateLimited};
 use crate::{build, setup, sys, workspace};
 
 const DEFAULT_POLICY: &str = "config/demo.yaml";
 const DEFAULT_BREAKER_POLICY: &str = "config/demo-breaker.yaml";
 const DEFAULT_LB_POLICY: &str = "config/demo-lb.yaml";
+const DEFAULT_DEGRADE_POLICY: &str = "config/demo-degrade.yaml";
 const CLIENT_NS: &str = "agent-demo-client";
 const SERVER_NS: &str = "agent-demo-server";
 /// The veth ends when no act that runs names them.
@@ -62,7 +68,9 @@ pub enum Act {
     Breaker,
     /// Load balancing: a flash sale spread over backends by weight, one dying and ramping back.
     Lb,
-    /// All three, one after the other.
+    /// Degradation: slow backends, the service switched to its fallback and back.
+    Degrade,
+    /// All four, one after the other.
     All,
 }
 
@@ -80,6 +88,9 @@ pub struct Args {
     /// Policy of the load-balancing act; copied before use [default: config/demo-lb.yaml]
     #[arg(long, value_name = "FILE")]
     lb_config: Option<PathBuf>,
+    /// Policy of the degradation act; copied before use [default: config/demo-degrade.yaml]
+    #[arg(long, value_name = "FILE")]
+    degrade_config: Option<PathBuf>,
     /// Seconds of traffic in the rate-limit act.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -110,6 +121,7 @@ struct Plans {
     ratelimit: Option<(RateLimited, PathBuf)>,
     breaker: Option<(Guarded, PathBuf)>,
     lb: Option<((Guarded, Balanced), PathBuf)>,
+    degrade: Option<(Degradable, PathBuf)>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -154,6 +166,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some((plan, config)) = &plans.lb {
         lb::run(&demo, plan, config)?;
     }
+    if let Some((plan, config)) = &plans.degrade {
+        degrade::run(&demo, plan, config)?;
+    }
     // The acts' agents are gone; the namespaces go with the topology.
     drop(demo);
     println!("demo: deleted netns {CLIENT_NS} and {SERVER_NS}");
@@ -171,6 +186,7 @@ impl Plans {
             ratelimit: None,
             breaker: None,
             lb: None,
+            degrade: None,
         };
         if runs(Act::Ratelimit) {
             let config = policy(&args.config, DEFAULT_POLICY);
@@ -184,6 +200,10 @@ impl Plans {
             let config = policy(&args.lb_config, DEFAULT_LB_POLICY);
             plans.lb = Some((lb::plan(&config)?, config));
         }
+        if runs(Act::Degrade) {
+            let config = policy(&args.degrade_config, DEFAULT_DEGRADE_POLICY);
+            plans.degrade = Some((degrade::plan(&config)?, config));
+        }
         Ok(plans)
     }
 
@@ -193,20 +213,31 @@ impl Plans {
         let server_if = self.ratelimit.as_ref().map(|(p, _)| &p.agent.interface);
         let breaker_if = self.breaker.as_ref().map(|(p, _)| &p.agent.interface);
         let lb_if = self.lb.as_ref().map(|((p, _), _)| &p.agent.interface);
-        if let (Some(breaker_if), Some(lb_if)) = (breaker_if, lb_if)
-            && breaker_if != lb_if
-        {
+        let degrade_if = self.degrade.as_ref().map(|(p, _)| &p.agent.interface);
+        let client_side = [
+            ("breaker", breaker_if),
+            ("load-balancing", lb_if),
+            ("degradation", degrade_if),
+        ];
+        let named: Vec<(&str, &String)> = client_side
+            .iter()
+            .filter_map(|(act, name)| name.map(|n| (*act, n)))
+            .collect();
+        if let Some((act, name)) = named.iter().find(|(_, n)| *n != named[0].1) {
             bail!(
-                "the breaker act attaches the agent to {breaker_if}, the load-balancing act to \
-                 {lb_if}: both need the client's veth, one name"
+                "the {} act attaches the agent to {}, the {act} act to {name}: they all need \
+                 the client's veth, one name",
+                named[0].0,
+                named[0].1
             );
         }
-        let client_if = breaker_if.or(lb_if).map_or(CLIENT_IF, String::as_str);
+        let client_if = named.first().map_or(CLIENT_IF, |(_, n)| n.as_str());
         let server_if = server_if.map_or(SERVER_IF, String::as_str);
         if client_if == server_if {
             bail!(
                 "the policies attach the agent to {client_if} on both sides: the rate-limit act \
-                 needs the server's veth, the breaker and load-balancing acts the client's"
+                 needs the server's veth, the breaker, load-balancing and degradation acts the \
+                 client's"
             );
         }
         Ok((client_if.to_owned(), server_if.to_owned()))
@@ -269,7 +300,7 @@ fn free_address(ip: Ipv4Addr, taken: &[Ipv4Addr]) -> bool {
 /// A client of a scene: runs on a thread of its own until the flag is set.
 type Client<'a> = Box<dyn FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'a>;
 
-/// Acts 2 and 3: `clients` run on threads of their own while `tick` runs on this one every
+/// Acts 2, 3 and 4: `clients` run on threads of their own while `tick` runs on this one every
 /// `every` (the `n`th tick at `n` x `every`), once the agent was seen still running, until
 /// `tick` ends the scene. Every thread is stopped and joined before this returns, whatever
 /// happens; a client that ends before the scene does fails it.

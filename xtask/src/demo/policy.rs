@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use agent_common::policy::{self, Cidr, Policy, Protocol, Rate, Service};
+use agent_common::policy::{
+    self, Cidr, ConditionKind, FallbackStrategy, Policy, Protocol, Rate, Service,
+};
 use anyhow::anyhow;
 
 /// The service act 1 shows, when the policy has it; else the first UDP service with a packet
@@ -65,6 +67,27 @@ pub struct Balanced {
     pub weights: Vec<u32>,
     pub algorithm: String,
     pub slow_start: Duration,
+}
+
+/// Act 4's service: the first with a `degradation` that falls back to backends on a latency
+/// condition, balanced on a VIP.
+pub struct Degradable {
+    pub agent: AgentSide,
+    pub service: String,
+    pub vip: SocketAddrV4,
+    pub backends: Vec<SocketAddrV4>,
+    /// `degradation.fallback.backends`.
+    pub fallback: Vec<SocketAddrV4>,
+    /// `static_response` or `cache_only`.
+    pub strategy: String,
+    /// The latency condition's threshold and window.
+    pub threshold: Duration,
+    pub window: Duration,
+    /// Every condition as written (`latency > 100ms over 1s`), for the introduction.
+    pub conditions: Vec<String>,
+    pub recover_after: Duration,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 /// A valid policy and the file it came from, for messages.
@@ -207,6 +230,85 @@ impl Guarded {
     }
 }
 
+impl Degradable {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let read = Read::load(path)?;
+        let (index, service, degradation) = read
+            .policy
+            .services
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.degradation.as_ref().map(|d| (i, s, d)))
+            .ok_or_else(|| anyhow!("{}: no service with a degradation section", read.file))?;
+        let v4 = |list: &[policy::Backend], field: &str| -> anyhow::Result<Vec<SocketAddrV4>> {
+            list.iter()
+                .enumerate()
+                .map(|(i, b)| match b.address {
+                    SocketAddr::V4(addr) => Ok(addr),
+                    SocketAddr::V6(_) => Err(read.error(
+                        index,
+                        &format!("{field}[{i}].address"),
+                        format_args!("\"{}\": the demo needs IPv4:port", b.address),
+                    )),
+                })
+                .collect()
+        };
+        let fallback = &degradation.fallback;
+        if fallback.strategy == FallbackStrategy::Shed || fallback.backends.is_empty() {
+            return Err(read.error(
+                index,
+                "degradation.fallback.strategy",
+                "shed: the act shows a fallback that answers (static_response or cache_only)",
+            ));
+        }
+        let (threshold, window) = degradation
+            .conditions
+            .iter()
+            .find_map(|c| match c.kind {
+                ConditionKind::Latency { threshold } => Some((threshold, c.window)),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                read.error(
+                    index,
+                    "degradation.conditions",
+                    "the act slows the backends down: it needs a latency condition",
+                )
+            })?;
+        let conditions = degradation
+            .conditions
+            .iter()
+            .map(|c| match c.kind {
+                ConditionKind::Latency { threshold } => {
+                    format!("latency p99 > {threshold:?} over {:?}", c.window)
+                }
+                ConditionKind::ErrorRate { threshold } => {
+                    format!("error rate > {threshold} over {:?}", c.window)
+                }
+                ConditionKind::Availability { threshold } => {
+                    format!("availability < {threshold} over {:?}", c.window)
+                }
+            })
+            .collect();
+        let health = service.health_check.clone().unwrap_or_default();
+        let vip = Balanced::vip_of(&read, index, service)?;
+        Ok(Self {
+            agent: read.agent_side(),
+            service: service.name.clone(),
+            vip,
+            backends: v4(&service.backends, "backends")?,
+            fallback: v4(&fallback.backends, "degradation.fallback.backends")?,
+            strategy: fallback.strategy.to_string(),
+            threshold,
+            window,
+            conditions,
+            recover_after: degradation.recover_after,
+            interval: health.interval,
+            timeout: health.timeout,
+        })
+    }
+}
+
 impl Balanced {
     /// The guarded service's VIP (`match.address`, one IPv4 address; `match.port`; TCP) and
     /// its backends' weights.
@@ -214,13 +316,24 @@ impl Balanced {
         let read = Read::load(path)?;
         let (index, service) = read.guarded()?;
         let lb = service.load_balancing.clone().unwrap_or_default();
+        Ok(Self {
+            vip: Self::vip_of(&read, index, service)?,
+            weights: service
+                .backends
+                .iter()
+                .map(|b| u32::from(b.weight))
+                .collect(),
+            algorithm: lb.algorithm.to_string(),
+            slow_start: lb.slow_start,
+        })
+    }
+
+    /// A service's VIP: `load_balancing.vip`, one IPv4 address (`match.address`),
+    /// `match.port`, TCP.
+    fn vip_of(read: &Read, index: usize, service: &Service) -> anyhow::Result<SocketAddrV4> {
+        let lb = service.load_balancing.clone().unwrap_or_default();
         if !lb.vip {
-            return Err(read.error(
-                index,
-                "load_balancing.vip",
-                "false: the act balances a VIP (the first service with backends and a \
-                 circuit_breaker)",
-            ));
+            return Err(read.error(index, "load_balancing.vip", "false: the act balances a VIP"));
         }
         let m = &service.r#match;
         let ip = match m.address.addr() {
@@ -246,16 +359,7 @@ impl Balanced {
                 format_args!("\"{}\": the demo's clients connect over TCP", m.protocol),
             ));
         }
-        Ok(Self {
-            vip: SocketAddrV4::new(ip, port),
-            weights: service
-                .backends
-                .iter()
-                .map(|b| u32::from(b.weight))
-                .collect(),
-            algorithm: lb.algorithm.to_string(),
-            slow_start: lb.slow_start,
-        })
+        Ok(SocketAddrV4::new(ip, port))
     }
 
     /// Each backend's share of new flows when all are at their configured weight.
@@ -352,5 +456,55 @@ services:
         let no_vip = POLICY.replace("algorithm: maglev,", "vip: false, algorithm: maglev,");
         let e = load("no-vip", &no_vip, Balanced::load);
         assert!(e.contains("services[1].load_balancing.vip: false"), "{e}");
+    }
+
+    #[test]
+    fn reads_act_four_s_policy() {
+        let path = crate::workspace::root().join("config/demo-degrade.yaml");
+        let d = Degradable::load(&path).expect("config/demo-degrade.yaml");
+        assert!(d.threshold < d.timeout && !d.fallback.is_empty());
+    }
+
+    #[test]
+    fn reads_the_degradable_service() {
+        let policy = format!(
+            "{POLICY}    degradation:
+      conditions:
+        - {{ type: error_rate, threshold: 50%, window: 2s }}
+        - {{ type: latency, threshold: 80ms, window: 1s }}
+      fallback: {{ strategy: static_response, backends: [{{ address: 198.18.0.39:8080 }}] }}
+      recover_after: 3s\n"
+        );
+        let error = load("degrade", &policy, |path| {
+            let d = Degradable::load(path)?;
+            assert_eq!(
+                (d.service.as_str(), d.vip, d.fallback.as_slice()),
+                (
+                    "shop",
+                    "198.18.0.100:80".parse()?,
+                    &["198.18.0.39:8080".parse()?][..]
+                )
+            );
+            assert_eq!(
+                (d.threshold, d.window, d.recover_after),
+                (
+                    Duration::from_millis(80),
+                    Duration::from_secs(1),
+                    Duration::from_secs(3)
+                )
+            );
+            assert_eq!(d.conditions.len(), 2);
+            Ok(())
+        });
+        assert_eq!(error, "");
+        let e = load(
+            "no-latency",
+            &policy.replace(
+                "type: latency, threshold: 80ms",
+                "type: availability, threshold: 80%",
+            ),
+            Degradable::load,
+        );
+        assert!(e.ends_with("services[1].degradation.conditions: the act slows the backends down: it needs a latency condition"), "{e}");
     }
 }
