@@ -12,44 +12,31 @@
 //! the companion the compiler makes of `degradation.fallback`.
 
 mod packets;
+mod support;
 
 use std::net::Ipv4Addr;
 
 use agent::{
     config::{self, Compiled},
     datapath::{Datapath, DegradeCounters, DegradeMaps},
-    lb::balancer,
 };
 use agent_common::{
     Bucket, BucketKey, Counter, ServiceConfig,
-    breaker::PROBE_MARK,
     classify::generation_slot,
     degrade::{MODE_FALLBACK, MODE_NORMAL, MODE_SHED},
     maps::{MAP_LB_RR, MAP_RL_BUCKETS, MAP_SVC_CFG, MAP_SVC_STATS},
     stats::{SVC_DROP_RATE_LIMIT, SVC_PASSED, svc_slot},
 };
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use packets::{Frame, L4};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
+use support::{
+    ACK, Hook, RST, SYN, TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_TX, be16, fold,
+    load_balanced, require_root, sum,
+};
 
 /// Frames here are untagged IPv4 without options.
 const L3: usize = 14;
 const L4_AT: usize = L3 + 20;
-/// `struct __sk_buff` as BPF_PROG_TEST_RUN takes it; `mark` is at byte 8.
-const SKB_CTX_LEN: usize = 192;
-const SKB_MARK_AT: usize = 8;
 
 const CLIENT: [u8; 4] = [198, 18, 0, 1];
 const WEB_VIP: [u8; 4] = [198, 18, 0, 100];
@@ -95,23 +82,6 @@ services:
     rate_limit: { key: service, rate: 1/s, burst: 2 }
 "#;
 
-fn require_root() {
-    // SAFETY: trivial syscall.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "degradation datapath tests load BPF programs and need root"
-    );
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-    /// TC with the agent's probe mark on the skb.
-    TcProbe,
-}
-
 struct Lab {
     dp: Datapath,
     compiled: Compiled,
@@ -131,17 +101,8 @@ impl Lab {
 
     /// `text` compiled and in the maps as the agent writes them.
     fn with_policy(text: &str) -> Lab {
-        require_root();
-        let policy = config::load_str(text, "degrade-test.yaml")
-            .unwrap_or_else(|e| panic!("test policy:\n{e}"));
-        let compiled = config::compile(&policy);
-        let mut dp = Datapath::load_for(&compiled).expect("loading the datapath");
-        dp.apply(&compiled).expect("writing the maps");
-        let ports = compiled.lb.iter().flat_map(|s| &s.backends);
-        dp.mark_ports(ports.map(|b| b.address.port()))
-            .expect("marking backend ports");
-        let mut maps = dp.lb_maps().expect("balancing maps");
-        balancer::install(&mut maps, &compiled.lb).expect("installing the balanced services");
+        require_root("degradation");
+        let (dp, compiled, _) = load_balanced(text, "degrade-test.yaml");
         let modes = dp.degrade_maps().expect("degradation maps");
         Lab {
             dp,
@@ -223,31 +184,7 @@ impl Lab {
 
     /// Runs `frame` through `hook`; returns the return code and the frame as it left.
     fn run(&self, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_MARK_AT..SKB_MARK_AT + 4].copy_from_slice(&PROBE_MARK.to_ne_bytes());
-        let r = match hook {
-            Hook::Xdp => self
-                .dp
-                .xdp_program()
-                .expect("xdp")
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ..TestRunOptions::new()
-                }),
-            Hook::Tc | Hook::TcProbe => {
-                self.dp.tc_program().expect("tc").test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: (hook == Hook::TcProbe).then_some(&ctx[..]),
-                    ..TestRunOptions::new()
-                })
-            }
-        }
-        .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        support::run(&self.dp, hook, frame)
     }
 
     /// Runs a client's `sent` frame to a VIP through XDP; checks it left DNATed to one of
@@ -272,24 +209,6 @@ impl Lab {
         );
         dst
     }
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn sum(b: &[u8], mut acc: u32) -> u32 {
-    for c in b.chunks(2) {
-        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 /// Writes the IPv4 header checksum and the TCP/UDP checksum (over the pseudo-header) from
@@ -674,7 +593,7 @@ fn unknown_modes_and_missing_companions_are_normal() {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_reload_resets_the_modes_of_ids_that_leave_or_join() {
-    require_root();
+    require_root("degradation");
     let text = |names: &[&str]| {
         let mut p = String::from("version: 1\ninterfaces:\n  - name: lo\nservices:\n");
         for (i, n) in names.iter().enumerate() {
