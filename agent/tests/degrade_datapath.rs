@@ -187,6 +187,36 @@ impl Lab {
         support::run(&self.dp, hook, frame)
     }
 
+    /// The XDP return codes of `frame` run `n` times.
+    fn verdicts(&self, frame: &[u8], n: usize) -> Vec<u32> {
+        (0..n).map(|_| self.run(Hook::Xdp, frame).0).collect()
+    }
+
+    /// The rate limiter's buckets.
+    fn buckets(&mut self) -> Vec<(BucketKey, Bucket)> {
+        let map = self
+            .dp
+            .ebpf_mut()
+            .map_mut(MAP_RL_BUCKETS)
+            .expect("RL_BUCKETS");
+        let buckets: HashMap<&mut MapData, BucketKey, Bucket> =
+            HashMap::try_from(map).expect("type");
+        buckets
+            .iter()
+            .map(|e| e.expect("reading RL_BUCKETS"))
+            .collect()
+    }
+
+    /// Runs the client's `syn` through XDP and TC; checks each answers it with a RST from
+    /// `from` (XDP_TX, TC redirect).
+    fn assert_syn_refused(&self, syn: &[u8], from: [u8; 4]) {
+        for (hook, want) in [(Hook::Xdp, XDP_TX), (Hook::Tc, TC_ACT_REDIRECT)] {
+            let (ret, out) = self.run(hook, syn);
+            assert_eq!(ret, want, "{hook:?}: a shed SYN is answered");
+            assert_rst(syn, &out, from, &format!("{hook:?} shed SYN"));
+        }
+    }
+
     /// Runs a client's `sent` frame to a VIP through XDP; checks it left DNATed to one of
     /// `among` on `port`, every other byte as sent, checksums valid. Returns that backend.
     fn dnat(&self, sent: &[u8], among: &[[u8; 4]], port: u16, what: &str) -> [u8; 4] {
@@ -247,12 +277,12 @@ fn udp(dst: [u8; 4], dport: u16, sport: u16) -> Vec<u8> {
     b
 }
 
-/// Checks `out` is a RST from `from:port` answering the client's `sent` SYN: addresses and
-/// ports swapped, the SYN acknowledged, checksums valid.
-fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
-    assert_eq!(out.len(), L3 + 40, "{what}: a RST is IP + 20 bytes of TCP");
+/// Checks the IPv4 header of `out`, an answer to the client: protocol `proto`, from `from`
+/// (the address the client sent to), to the client, header checksum valid. Returns what
+/// follows the header.
+fn answer_l4<'a>(out: &'a [u8], proto: u8, from: [u8; 4], what: &str) -> &'a [u8] {
     let ip = &out[L3..];
-    assert_eq!(ip[9], 6, "{what}: TCP");
+    assert_eq!(ip[9], proto, "{what}: IP protocol (6 TCP, 1 ICMP)");
     assert_eq!(
         &ip[12..16],
         &from,
@@ -264,7 +294,14 @@ fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
         0xffff,
         "{what}: IPv4 header checksum"
     );
-    let t = &ip[20..];
+    &ip[20..]
+}
+
+/// Checks `out` is a RST from `from:port` answering the client's `sent` SYN: addresses and
+/// ports swapped, the SYN acknowledged, checksums valid.
+fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
+    assert_eq!(out.len(), L3 + 40, "{what}: a RST is IP + 20 bytes of TCP");
+    let t = answer_l4(out, 6, from, what);
     assert_eq!(be16(t, 0), be16(sent, L4_AT + 2), "{what}: source port");
     assert_eq!(be16(t, 2), be16(sent, L4_AT), "{what}: destination port");
     assert_ne!(t[13] & RST, 0, "{what}: RST flag (flags {:#04x})", t[13]);
@@ -275,20 +312,7 @@ fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
 /// Checks `out` is an ICMP port unreachable from `from` quoting the client's `sent` datagram.
 fn assert_unreachable(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
     assert_eq!(out.len(), L3 + 56, "{what}: IP + ICMP + quoted 28 bytes");
-    let ip = &out[L3..];
-    assert_eq!(ip[9], 1, "{what}: ICMP");
-    assert_eq!(
-        &ip[12..16],
-        &from,
-        "{what}: from the address the client sent to"
-    );
-    assert_eq!(&ip[16..20], &CLIENT, "{what}: to the client");
-    assert_eq!(
-        fold(sum(&ip[..20], 0)),
-        0xffff,
-        "{what}: IPv4 header checksum"
-    );
-    let icmp = &ip[20..];
+    let icmp = answer_l4(out, 1, from, what);
     assert_eq!((icmp[0], icmp[1]), (3, 3), "{what}: port unreachable");
     assert_eq!(fold(sum(icmp, 0)), 0xffff, "{what}: ICMP checksum");
     assert_eq!(
@@ -389,11 +413,7 @@ fn shed_balanced_service_refuses_new_flows_and_keeps_established_ones() {
     lab.set_mode("web", MODE_SHED);
     lab.set_mode("dns", MODE_SHED);
     let syn = tcp(WEB_VIP, 80, 41001, SYN);
-    for (hook, want) in [(Hook::Xdp, XDP_TX), (Hook::Tc, TC_ACT_REDIRECT)] {
-        let (ret, out) = lab.run(hook, &syn);
-        assert_eq!(ret, want, "{hook:?}: a shed SYN is answered");
-        assert_rst(&syn, &out, WEB_VIP, &format!("{hook:?} shed SYN"));
-    }
+    lab.assert_syn_refused(&syn, WEB_VIP);
     let after = lab.dnat(
         &tcp(WEB_VIP, 80, 41000, ACK),
         &own,
@@ -431,11 +451,7 @@ fn shed_plain_service_refuses_syns_and_datagrams_but_not_probes() {
     let mut lab = Lab::new();
     lab.set_mode("plain", MODE_SHED);
     let syn = tcp(PLAIN, 443, 42000, SYN);
-    for (hook, want) in [(Hook::Xdp, XDP_TX), (Hook::Tc, TC_ACT_REDIRECT)] {
-        let (ret, out) = lab.run(hook, &syn);
-        assert_eq!(ret, want, "{hook:?}: a shed SYN is answered");
-        assert_rst(&syn, &out, PLAIN, &format!("{hook:?} shed SYN"));
-    }
+    lab.assert_syn_refused(&syn, PLAIN);
     let datagram = udp(PLAIN, 53, 42001);
     let (ret, out) = lab.run(Hook::Xdp, &datagram);
     assert_eq!(ret, XDP_TX, "a shed datagram is answered");
@@ -476,7 +492,7 @@ fn fallback_applies_the_companions_rate_limit() {
     assert_eq!(lab.run(Hook::Xdp, &datagram).0, XDP_PASS, "normal");
 
     lab.set_mode("limited", MODE_FALLBACK);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(
         verdicts,
         [XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP],
@@ -485,23 +501,14 @@ fn fallback_applies_the_companions_rate_limit() {
     assert_eq!(lab.svc_counter("limited", SVC_DROP_RATE_LIMIT), 2);
     assert_eq!(lab.svc_counter("limited-fallback", SVC_DROP_RATE_LIMIT), 0);
     let companion = lab.id("limited-fallback");
-    let map = lab
-        .dp
-        .ebpf_mut()
-        .map_mut(MAP_RL_BUCKETS)
-        .expect("RL_BUCKETS");
-    let buckets: HashMap<&mut MapData, BucketKey, Bucket> = HashMap::try_from(map).expect("type");
-    let owners: Vec<u32> = buckets
-        .keys()
-        .map(|k| k.expect("reading RL_BUCKETS").service_id)
-        .collect();
+    let owners: Vec<u32> = lab.buckets().iter().map(|(k, _)| k.service_id).collect();
     assert!(
         owners.contains(&companion),
         "the companion id's bucket: {owners:?}"
     );
 
     lab.set_mode("limited", MODE_NORMAL);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(verdicts, [XDP_PASS; 4], "the service's own burst of 1000");
     assert_eq!(lab.svc_counter("limited", SVC_DROP_RATE_LIMIT), 2);
 
@@ -511,17 +518,7 @@ fn fallback_applies_the_companions_rate_limit() {
     let plain = lab.id("plain");
     let limited = lab.id("limited");
     let own_tat = |lab: &mut Lab| {
-        let map = lab
-            .dp
-            .ebpf_mut()
-            .map_mut(MAP_RL_BUCKETS)
-            .expect("RL_BUCKETS");
-        let buckets: HashMap<&mut MapData, BucketKey, Bucket> =
-            HashMap::try_from(map).expect("type");
-        let entries: Vec<(BucketKey, Bucket)> = buckets
-            .iter()
-            .map(|e| e.expect("reading RL_BUCKETS"))
-            .collect();
+        let entries = lab.buckets();
         assert!(
             entries.iter().all(|(k, _)| k.service_id != plain),
             "no bucket of the unlimited companion"
@@ -532,7 +529,7 @@ fn fallback_applies_the_companions_rate_limit() {
     let before = own_tat(&mut lab);
     lab.link("limited", plain + 1);
     lab.set_mode("limited", MODE_FALLBACK);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(verdicts, [XDP_PASS; 4], "the service's own burst of 1000");
     // Each admitted packet moves the own bucket's theoretical arrival time on.
     assert!(
@@ -577,7 +574,7 @@ fn unknown_modes_and_missing_companions_are_normal() {
     lab.set_mode("limited", MODE_FALLBACK);
     lab.link("limited", 0);
     let datagram = udp(LIMITED, 5000, 44004);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(
         verdicts, [XDP_PASS; 4],
         "no companion: the service's own limit"
