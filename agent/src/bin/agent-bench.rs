@@ -378,20 +378,7 @@ fn measure_each(prog: &Xdp, frames: &[Vec<u8>]) -> anyhow::Result<Measure> {
 /// (lookup, NAT), a backend's reply (reverse NAT), each over distinct flows run once; and the
 /// trivial program run once the same way, for scale.
 fn lb_rows() -> anyhow::Result<Vec<(String, Measure)>> {
-    let text = format!(
-        r#"
-version: 1
-interfaces: [{{ name: lo }}]
-services:
-  - name: lb
-    match: {{ address: 198.18.0.4, port: {DPORT}, protocol: tcp }}
-    backends:
-      - address: 198.18.3.1:{BACKEND_PORT}
-      - address: 198.18.3.2:{BACKEND_PORT}
-    load_balancing: {{ algorithm: maglev, table_size: 211 }}
-"#
-    );
-    let (dp, _) = balanced(&text, "bench-lb.yaml")?;
+    let (dp, _) = balanced(&lb_policy(""), "bench-lb.yaml")?;
     let prog = dp.xdp_program()?;
 
     // Each flow's SYN once, noting the backend it was rewritten to.
@@ -486,6 +473,24 @@ fn measure_each_to(prog: &Xdp, frames: &[Vec<u8>], among: &[[u8; 4]]) -> anyhow:
     })
 }
 
+/// The policy of [`lb_rows`]: the Maglev service `lb` on [`VIP`] with two backends
+/// ([`LB_BACKENDS`]), then `more` (further services, YAML list items).
+fn lb_policy(more: &str) -> String {
+    format!(
+        r#"
+version: 1
+interfaces: [{{ name: lo }}]
+services:
+  - name: lb
+    match: {{ address: 198.18.0.4, port: {DPORT}, protocol: tcp }}
+    backends:
+      - address: 198.18.3.1:{BACKEND_PORT}
+      - address: 198.18.3.2:{BACKEND_PORT}
+    load_balancing: {{ algorithm: maglev, table_size: 211 }}
+{more}"#
+    )
+}
+
 /// `text` (backends on `BACKEND_PORT`) compiled and written the way the agent does it, its
 /// balanced services installed.
 fn balanced(text: &str, file: &str) -> anyhow::Result<(Datapath, config::Compiled)> {
@@ -560,18 +565,8 @@ services:
 /// flows in normal mode, then the same in fallback mode (new flows balanced over the
 /// companion). Distinct flows, each run once, as [`lb_rows`]' rows.
 fn degrade_rows() -> anyhow::Result<Vec<(String, Measure)>> {
-    let text = format!(
-        r#"
-version: 1
-interfaces: [{{ name: lo }}]
-services:
-  - name: lb
-    match: {{ address: 198.18.0.4, port: {DPORT}, protocol: tcp }}
-    backends:
-      - address: 198.18.3.1:{BACKEND_PORT}
-      - address: 198.18.3.2:{BACKEND_PORT}
-    load_balancing: {{ algorithm: maglev, table_size: 211 }}
-  - name: lb-fallback
+    let companion = format!(
+        r#"  - name: lb-fallback
     match: {{ address: 198.18.0.5, port: {DPORT}, protocol: tcp }}
     backends:
       - address: 198.18.9.1:{BACKEND_PORT}
@@ -579,7 +574,7 @@ services:
     load_balancing: {{ algorithm: maglev, table_size: 211 }}
 "#
     );
-    let (mut dp, compiled) = balanced(&text, "bench-degrade.yaml")?;
+    let (mut dp, compiled) = balanced(&lb_policy(&companion), "bench-degrade.yaml")?;
     let id = |name: &str| {
         compiled
             .services
