@@ -4,6 +4,7 @@
 //! checksums included. Needs root; run by `cargo xtask test`.
 
 mod packets;
+mod support;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -13,65 +14,34 @@ use agent_common::{
     breaker::{
         AdmittedFlow, BSTAT_ADMITTED, BSTAT_CUT, BSTAT_DROP, BSTAT_REFUSED, BSTAT_REJECT_ICMP,
         BSTAT_REJECT_RST, BSTAT_SLOTS, BSTAT_SYNACK, BSTAT_TRIAL, BackendKey, BackendState,
-        F_CLOSE_EXISTING, F_DROP, F_PASSIVE, FlowKey, PROBE_MARK, PendingSyn, STATE_CLOSED,
-        STATE_HALF_OPEN, STATE_OPEN, backend_slot, port_bit,
+        F_CLOSE_EXISTING, F_DROP, F_PASSIVE, FlowKey, PendingSyn, STATE_CLOSED, STATE_HALF_OPEN,
+        STATE_OPEN, backend_slot, port_bit,
     },
     classify::v4_mapped,
     maps::{
         MAP_BACKEND_PORTS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_HALF_OPEN_FLOWS, MAP_PENDING_SYNS,
     },
 };
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use packets::{EXT_DSTOPTS, Ext, Frame, L3, L4};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
+use support::{
+    ACK, Hook, RST, SYN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX, be16,
+    be32, folds_to_zero, require_root, sum,
+};
 
 const CLIENT: [u8; 4] = [198, 18, 0, 1];
 const BACKEND: [u8; 4] = [198, 18, 2, 10];
 const PORT: u16 = 8080;
-/// `struct __sk_buff` as BPF_PROG_TEST_RUN takes it; `mark` is at byte 8.
-const SKB_CTX_LEN: usize = 192;
-const SKB_MARK_AT: usize = 8;
 
 const POLICY: &str = "version: 1\ninterfaces:\n  - name: lo\nservices:\n  - name: any\n    match: { address: 203.0.113.0/24 }\n";
-
-fn require_root() {
-    // SAFETY: trivial syscall.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "breaker datapath tests load BPF programs and need root"
-    );
-}
 
 struct Harness {
     dp: Datapath,
 }
 
-/// Which hook a frame runs through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-    /// TC with the agent's probe mark on the skb.
-    TcProbe,
-}
-
 impl Harness {
     fn new() -> Harness {
-        require_root();
+        require_root("breaker");
         let policy = config::load_str(POLICY, "breaker-test.yaml").expect("test policy");
         let compiled = config::compile(&policy);
         let mut dp = Datapath::load(compiled.max_keys).expect("loading the datapath");
@@ -147,31 +117,7 @@ impl Harness {
 
     /// Runs `frame` through `hook`; returns the return code and the frame as it left.
     fn run(&self, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_MARK_AT..SKB_MARK_AT + 4].copy_from_slice(&PROBE_MARK.to_ne_bytes());
-        let r = match hook {
-            Hook::Xdp => self
-                .dp
-                .xdp_program()
-                .expect("xdp")
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ..TestRunOptions::new()
-                }),
-            Hook::Tc | Hook::TcProbe => {
-                self.dp.tc_program().expect("tc").test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: (hook == Hook::TcProbe).then_some(&ctx[..]),
-                    ..TestRunOptions::new()
-                })
-            }
-        }
-        .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        support::run(&self.dp, hook, frame)
     }
 }
 
@@ -211,28 +157,6 @@ fn with_seq(mut b: Vec<u8>, l4: usize, seq: u32, ack: u32) -> Vec<u8> {
     b[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
     b[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
     b
-}
-
-fn sum(b: &[u8], mut acc: u32) -> u32 {
-    for c in b.chunks(2) {
-        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    acc
-}
-
-fn folds_to_zero(mut acc: u32) -> bool {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc == 0xffff
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 /// Checks `out` is the IPv4 RST answering `sent` (L3 at `l3`): MACs and addresses swapped,
@@ -282,12 +206,7 @@ fn closed_backend_passes_and_counts_new_flows() {
     for hook in [Hook::Xdp, Hook::Tc] {
         let f = tcp(40000, SYN).bytes();
         let (ret, out) = h.run(hook, &f);
-        let want = if hook == Hook::Xdp {
-            XDP_PASS
-        } else {
-            TC_ACT_OK
-        };
-        assert_eq!(ret, want, "{hook:?}");
+        assert_eq!(ret, hook.pass(), "{hook:?}");
         assert_eq!(out, f, "{hook:?}: a passed frame is unchanged");
         // Established traffic is not a new flow.
         h.run(hook, &tcp(40000, ACK).bytes());

@@ -12,44 +12,31 @@
 //! the companion the compiler makes of `degradation.fallback`.
 
 mod packets;
+mod support;
 
 use std::net::Ipv4Addr;
 
 use agent::{
     config::{self, Compiled},
     datapath::{Datapath, DegradeCounters, DegradeMaps},
-    lb::balancer,
 };
 use agent_common::{
     Bucket, BucketKey, Counter, ServiceConfig,
-    breaker::PROBE_MARK,
     classify::generation_slot,
     degrade::{MODE_FALLBACK, MODE_NORMAL, MODE_SHED},
     maps::{MAP_LB_RR, MAP_RL_BUCKETS, MAP_SVC_CFG, MAP_SVC_STATS},
     stats::{SVC_DROP_RATE_LIMIT, SVC_PASSED, svc_slot},
 };
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use packets::{Frame, L4};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
+use support::{
+    ACK, Hook, RST, SYN, TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS, XDP_TX, be16, fold,
+    load_balanced, require_root, sum,
+};
 
 /// Frames here are untagged IPv4 without options.
 const L3: usize = 14;
 const L4_AT: usize = L3 + 20;
-/// `struct __sk_buff` as BPF_PROG_TEST_RUN takes it; `mark` is at byte 8.
-const SKB_CTX_LEN: usize = 192;
-const SKB_MARK_AT: usize = 8;
 
 const CLIENT: [u8; 4] = [198, 18, 0, 1];
 const WEB_VIP: [u8; 4] = [198, 18, 0, 100];
@@ -95,23 +82,6 @@ services:
     rate_limit: { key: service, rate: 1/s, burst: 2 }
 "#;
 
-fn require_root() {
-    // SAFETY: trivial syscall.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "degradation datapath tests load BPF programs and need root"
-    );
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-    /// TC with the agent's probe mark on the skb.
-    TcProbe,
-}
-
 struct Lab {
     dp: Datapath,
     compiled: Compiled,
@@ -131,17 +101,8 @@ impl Lab {
 
     /// `text` compiled and in the maps as the agent writes them.
     fn with_policy(text: &str) -> Lab {
-        require_root();
-        let policy = config::load_str(text, "degrade-test.yaml")
-            .unwrap_or_else(|e| panic!("test policy:\n{e}"));
-        let compiled = config::compile(&policy);
-        let mut dp = Datapath::load_for(&compiled).expect("loading the datapath");
-        dp.apply(&compiled).expect("writing the maps");
-        let ports = compiled.lb.iter().flat_map(|s| &s.backends);
-        dp.mark_ports(ports.map(|b| b.address.port()))
-            .expect("marking backend ports");
-        let mut maps = dp.lb_maps().expect("balancing maps");
-        balancer::install(&mut maps, &compiled.lb).expect("installing the balanced services");
+        require_root("degradation");
+        let (dp, compiled, _) = load_balanced(text, "degrade-test.yaml");
         let modes = dp.degrade_maps().expect("degradation maps");
         Lab {
             dp,
@@ -223,31 +184,37 @@ impl Lab {
 
     /// Runs `frame` through `hook`; returns the return code and the frame as it left.
     fn run(&self, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut ctx = [0u8; SKB_CTX_LEN];
-        ctx[SKB_MARK_AT..SKB_MARK_AT + 4].copy_from_slice(&PROBE_MARK.to_ne_bytes());
-        let r = match hook {
-            Hook::Xdp => self
-                .dp
-                .xdp_program()
-                .expect("xdp")
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ..TestRunOptions::new()
-                }),
-            Hook::Tc | Hook::TcProbe => {
-                self.dp.tc_program().expect("tc").test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ctx_in: (hook == Hook::TcProbe).then_some(&ctx[..]),
-                    ..TestRunOptions::new()
-                })
-            }
+        support::run(&self.dp, hook, frame)
+    }
+
+    /// The XDP return codes of `frame` run `n` times.
+    fn verdicts(&self, frame: &[u8], n: usize) -> Vec<u32> {
+        (0..n).map(|_| self.run(Hook::Xdp, frame).0).collect()
+    }
+
+    /// The rate limiter's buckets.
+    fn buckets(&mut self) -> Vec<(BucketKey, Bucket)> {
+        let map = self
+            .dp
+            .ebpf_mut()
+            .map_mut(MAP_RL_BUCKETS)
+            .expect("RL_BUCKETS");
+        let buckets: HashMap<&mut MapData, BucketKey, Bucket> =
+            HashMap::try_from(map).expect("type");
+        buckets
+            .iter()
+            .map(|e| e.expect("reading RL_BUCKETS"))
+            .collect()
+    }
+
+    /// Runs the client's `syn` through XDP and TC; checks each answers it with a RST from
+    /// `from` (XDP_TX, TC redirect).
+    fn assert_syn_refused(&self, syn: &[u8], from: [u8; 4]) {
+        for (hook, want) in [(Hook::Xdp, XDP_TX), (Hook::Tc, TC_ACT_REDIRECT)] {
+            let (ret, out) = self.run(hook, syn);
+            assert_eq!(ret, want, "{hook:?}: a shed SYN is answered");
+            assert_rst(syn, &out, from, &format!("{hook:?} shed SYN"));
         }
-        .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
     }
 
     /// Runs a client's `sent` frame to a VIP through XDP; checks it left DNATed to one of
@@ -272,24 +239,6 @@ impl Lab {
         );
         dst
     }
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn sum(b: &[u8], mut acc: u32) -> u32 {
-    for c in b.chunks(2) {
-        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
 }
 
 /// Writes the IPv4 header checksum and the TCP/UDP checksum (over the pseudo-header) from
@@ -328,12 +277,12 @@ fn udp(dst: [u8; 4], dport: u16, sport: u16) -> Vec<u8> {
     b
 }
 
-/// Checks `out` is a RST from `from:port` answering the client's `sent` SYN: addresses and
-/// ports swapped, the SYN acknowledged, checksums valid.
-fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
-    assert_eq!(out.len(), L3 + 40, "{what}: a RST is IP + 20 bytes of TCP");
+/// Checks the IPv4 header of `out`, an answer to the client: protocol `proto`, from `from`
+/// (the address the client sent to), to the client, header checksum valid. Returns what
+/// follows the header.
+fn answer_l4<'a>(out: &'a [u8], proto: u8, from: [u8; 4], what: &str) -> &'a [u8] {
     let ip = &out[L3..];
-    assert_eq!(ip[9], 6, "{what}: TCP");
+    assert_eq!(ip[9], proto, "{what}: IP protocol (6 TCP, 1 ICMP)");
     assert_eq!(
         &ip[12..16],
         &from,
@@ -345,7 +294,14 @@ fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
         0xffff,
         "{what}: IPv4 header checksum"
     );
-    let t = &ip[20..];
+    &ip[20..]
+}
+
+/// Checks `out` is a RST from `from:port` answering the client's `sent` SYN: addresses and
+/// ports swapped, the SYN acknowledged, checksums valid.
+fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
+    assert_eq!(out.len(), L3 + 40, "{what}: a RST is IP + 20 bytes of TCP");
+    let t = answer_l4(out, 6, from, what);
     assert_eq!(be16(t, 0), be16(sent, L4_AT + 2), "{what}: source port");
     assert_eq!(be16(t, 2), be16(sent, L4_AT), "{what}: destination port");
     assert_ne!(t[13] & RST, 0, "{what}: RST flag (flags {:#04x})", t[13]);
@@ -356,20 +312,7 @@ fn assert_rst(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
 /// Checks `out` is an ICMP port unreachable from `from` quoting the client's `sent` datagram.
 fn assert_unreachable(sent: &[u8], out: &[u8], from: [u8; 4], what: &str) {
     assert_eq!(out.len(), L3 + 56, "{what}: IP + ICMP + quoted 28 bytes");
-    let ip = &out[L3..];
-    assert_eq!(ip[9], 1, "{what}: ICMP");
-    assert_eq!(
-        &ip[12..16],
-        &from,
-        "{what}: from the address the client sent to"
-    );
-    assert_eq!(&ip[16..20], &CLIENT, "{what}: to the client");
-    assert_eq!(
-        fold(sum(&ip[..20], 0)),
-        0xffff,
-        "{what}: IPv4 header checksum"
-    );
-    let icmp = &ip[20..];
+    let icmp = answer_l4(out, 1, from, what);
     assert_eq!((icmp[0], icmp[1]), (3, 3), "{what}: port unreachable");
     assert_eq!(fold(sum(icmp, 0)), 0xffff, "{what}: ICMP checksum");
     assert_eq!(
@@ -470,11 +413,7 @@ fn shed_balanced_service_refuses_new_flows_and_keeps_established_ones() {
     lab.set_mode("web", MODE_SHED);
     lab.set_mode("dns", MODE_SHED);
     let syn = tcp(WEB_VIP, 80, 41001, SYN);
-    for (hook, want) in [(Hook::Xdp, XDP_TX), (Hook::Tc, TC_ACT_REDIRECT)] {
-        let (ret, out) = lab.run(hook, &syn);
-        assert_eq!(ret, want, "{hook:?}: a shed SYN is answered");
-        assert_rst(&syn, &out, WEB_VIP, &format!("{hook:?} shed SYN"));
-    }
+    lab.assert_syn_refused(&syn, WEB_VIP);
     let after = lab.dnat(
         &tcp(WEB_VIP, 80, 41000, ACK),
         &own,
@@ -512,11 +451,7 @@ fn shed_plain_service_refuses_syns_and_datagrams_but_not_probes() {
     let mut lab = Lab::new();
     lab.set_mode("plain", MODE_SHED);
     let syn = tcp(PLAIN, 443, 42000, SYN);
-    for (hook, want) in [(Hook::Xdp, XDP_TX), (Hook::Tc, TC_ACT_REDIRECT)] {
-        let (ret, out) = lab.run(hook, &syn);
-        assert_eq!(ret, want, "{hook:?}: a shed SYN is answered");
-        assert_rst(&syn, &out, PLAIN, &format!("{hook:?} shed SYN"));
-    }
+    lab.assert_syn_refused(&syn, PLAIN);
     let datagram = udp(PLAIN, 53, 42001);
     let (ret, out) = lab.run(Hook::Xdp, &datagram);
     assert_eq!(ret, XDP_TX, "a shed datagram is answered");
@@ -557,7 +492,7 @@ fn fallback_applies_the_companions_rate_limit() {
     assert_eq!(lab.run(Hook::Xdp, &datagram).0, XDP_PASS, "normal");
 
     lab.set_mode("limited", MODE_FALLBACK);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(
         verdicts,
         [XDP_PASS, XDP_PASS, XDP_DROP, XDP_DROP],
@@ -566,23 +501,14 @@ fn fallback_applies_the_companions_rate_limit() {
     assert_eq!(lab.svc_counter("limited", SVC_DROP_RATE_LIMIT), 2);
     assert_eq!(lab.svc_counter("limited-fallback", SVC_DROP_RATE_LIMIT), 0);
     let companion = lab.id("limited-fallback");
-    let map = lab
-        .dp
-        .ebpf_mut()
-        .map_mut(MAP_RL_BUCKETS)
-        .expect("RL_BUCKETS");
-    let buckets: HashMap<&mut MapData, BucketKey, Bucket> = HashMap::try_from(map).expect("type");
-    let owners: Vec<u32> = buckets
-        .keys()
-        .map(|k| k.expect("reading RL_BUCKETS").service_id)
-        .collect();
+    let owners: Vec<u32> = lab.buckets().iter().map(|(k, _)| k.service_id).collect();
     assert!(
         owners.contains(&companion),
         "the companion id's bucket: {owners:?}"
     );
 
     lab.set_mode("limited", MODE_NORMAL);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(verdicts, [XDP_PASS; 4], "the service's own burst of 1000");
     assert_eq!(lab.svc_counter("limited", SVC_DROP_RATE_LIMIT), 2);
 
@@ -592,17 +518,7 @@ fn fallback_applies_the_companions_rate_limit() {
     let plain = lab.id("plain");
     let limited = lab.id("limited");
     let own_tat = |lab: &mut Lab| {
-        let map = lab
-            .dp
-            .ebpf_mut()
-            .map_mut(MAP_RL_BUCKETS)
-            .expect("RL_BUCKETS");
-        let buckets: HashMap<&mut MapData, BucketKey, Bucket> =
-            HashMap::try_from(map).expect("type");
-        let entries: Vec<(BucketKey, Bucket)> = buckets
-            .iter()
-            .map(|e| e.expect("reading RL_BUCKETS"))
-            .collect();
+        let entries = lab.buckets();
         assert!(
             entries.iter().all(|(k, _)| k.service_id != plain),
             "no bucket of the unlimited companion"
@@ -613,7 +529,7 @@ fn fallback_applies_the_companions_rate_limit() {
     let before = own_tat(&mut lab);
     lab.link("limited", plain + 1);
     lab.set_mode("limited", MODE_FALLBACK);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(verdicts, [XDP_PASS; 4], "the service's own burst of 1000");
     // Each admitted packet moves the own bucket's theoretical arrival time on.
     assert!(
@@ -658,7 +574,7 @@ fn unknown_modes_and_missing_companions_are_normal() {
     lab.set_mode("limited", MODE_FALLBACK);
     lab.link("limited", 0);
     let datagram = udp(LIMITED, 5000, 44004);
-    let verdicts: Vec<u32> = (0..4).map(|_| lab.run(Hook::Xdp, &datagram).0).collect();
+    let verdicts = lab.verdicts(&datagram, 4);
     assert_eq!(
         verdicts, [XDP_PASS; 4],
         "no companion: the service's own limit"
@@ -674,7 +590,7 @@ fn unknown_modes_and_missing_companions_are_normal() {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn a_reload_resets_the_modes_of_ids_that_leave_or_join() {
-    require_root();
+    require_root("degradation");
     let text = |names: &[&str]| {
         let mut p = String::from("version: 1\ninterfaces:\n  - name: lo\nservices:\n");
         for (i, n) in names.iter().enumerate() {

@@ -7,6 +7,7 @@
 //! their pseudo-header), never with the datapath's own arithmetic. Needs root.
 
 mod packets;
+mod support;
 
 use std::{
     collections::HashMap,
@@ -14,18 +15,11 @@ use std::{
 };
 
 use agent::{
-    config::{self, Compiled, CompiledLb},
+    config::{Compiled, CompiledLb},
     datapath::{Datapath, LbMaps},
-    lb::balancer,
 };
-use aya::programs::{TestRun, TestRunOptions};
 use packets::{ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_TCP, IPPROTO_UDP, L4};
-
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+use support::{ACK, Hook, SYN, be16, fold, load_balanced, require_root, sum};
 
 /// Frames here are untagged: L3 starts after the Ethernet header.
 const ETH_LEN: usize = 14;
@@ -58,29 +52,6 @@ services:
     load_balancing: { algorithm: maglev, table_size: 1009 }
 "#;
 
-fn require_root() {
-    // SAFETY: trivial syscall.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "lb datapath tests load BPF programs and need root");
-}
-
-/// Which hook a frame runs through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-impl Hook {
-    /// The return code of a packet rewritten and passed on.
-    fn pass(self) -> u32 {
-        match self {
-            Hook::Xdp => XDP_PASS,
-            Hook::Tc => TC_ACT_OK,
-        }
-    }
-}
-
 /// L4 of a test frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Proto {
@@ -99,17 +70,9 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        require_root();
-        let policy = config::load_str(POLICY, "lb-test.yaml").expect("test policy");
-        let compiled = config::compile(&policy);
+        require_root("lb");
+        let (dp, compiled, maps) = load_balanced(POLICY, "lb-test.yaml");
         assert_eq!(compiled.lb.len(), 3, "three balanced services");
-        let mut dp = Datapath::load_for(&compiled).expect("loading the datapath");
-        dp.apply(&compiled).expect("writing the maps");
-        let ports = compiled.lb.iter().flat_map(|s| &s.backends);
-        dp.mark_ports(ports.map(|b| b.address.port()))
-            .expect("marking backend ports");
-        let mut maps = dp.lb_maps().expect("balancing maps");
-        balancer::install(&mut maps, &compiled.lb).expect("installing the balanced services");
         Lab { dp, compiled, maps }
     }
 
@@ -127,26 +90,7 @@ impl Lab {
 
     /// Runs `frame` through `hook`; returns the return code and the frame as it left.
     fn run(&self, hook: Hook, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = match hook {
-            Hook::Xdp => self
-                .dp
-                .xdp_program()
-                .expect("xdp")
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    ..TestRunOptions::new()
-                }),
-            Hook::Tc => self.dp.tc_program().expect("tc").test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            }),
-        }
-        .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        support::run(&self.dp, hook, frame)
     }
 
     /// Runs a forward packet `sent` (client to the VIP of `svc`) through `hook` and checks it
@@ -364,25 +308,6 @@ fn assert_frame(out: &[u8], want: &[u8], what: &str) {
             );
         }
     }
-}
-
-/// One's-complement sum of big-endian 16-bit words, an odd last byte padded with zero.
-fn sum(b: &[u8], mut acc: u32) -> u32 {
-    for c in b.chunks(2) {
-        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    acc
-}
-
-fn fold(mut acc: u32) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 fn ipv4_header(b: &[u8]) -> &[u8] {

@@ -233,6 +233,41 @@ fn policy(ifname: &str, shed_step: Option<Scaled>, services: &[Svc]) -> String {
     y
 }
 
+/// A lab with the agent started on one degradable service `name` (priority core, on a VIP
+/// of its own): a pool of servers named `pool`, one fallback server named `fallback`, one
+/// condition. Returns the lab, the service, the pool and the fallback server.
+fn one_service(
+    name: &str,
+    pool: &[&str],
+    fallback: &str,
+    check: Check,
+    condition: Cond,
+    strategy: &'static str,
+    recover_after: Scaled,
+) -> Result<(Lab, Svc, Vec<HttpBackend>, HttpBackend)> {
+    let mut lab = Lab::new()?;
+    let vip = lab.vip()?;
+    let pool = lab.servers(pool)?;
+    let fallback = lab.servers(&[fallback])?.remove(0);
+    let svc = Svc {
+        name: name.into(),
+        vip,
+        priority: "core",
+        backends: addrs(&pool),
+        check,
+        conditions: vec![condition],
+        strategy,
+        fallback: vec![fallback.addr()],
+        recover_after,
+    };
+    lab.start(&policy(
+        &lab.topo.client_if,
+        None,
+        std::slice::from_ref(&svc),
+    ))?;
+    Ok((lab, svc, pool, fallback))
+}
+
 // ---------------------------------------------------------------------------------------
 // The lab: a topology, servers, VIPs and the agent.
 
@@ -730,26 +765,15 @@ fn latency_flips_to_the_fallback_within_a_window_and_recovers_after_recover_afte
         "the policy must let the flip happen within one window"
     );
 
-    let mut lab = Lab::new()?;
-    let vip = lab.vip()?;
-    let mut pool = lab.servers(&["web-a", "web-b"])?;
-    let fallback = lab.servers(&["web-static"])?.remove(0);
-    let svc = Svc {
-        name: "web".into(),
-        vip,
-        priority: "core",
-        backends: addrs(&pool),
+    let (lab, svc, mut pool, fallback) = one_service(
+        "web",
+        &["web-a", "web-b"],
+        "web-static",
         check,
-        conditions: vec![Cond::latency(LATENCY_THRESHOLD, WINDOW)],
-        strategy: "static_response",
-        fallback: vec![fallback.addr()],
-        recover_after: RECOVER,
-    };
-    lab.start(&policy(
-        &lab.topo.client_if,
-        None,
-        std::slice::from_ref(&svc),
-    ))?;
+        Cond::latency(LATENCY_THRESHOLD, WINDOW),
+        "static_response",
+        RECOVER,
+    )?;
     degrade_and_recover(
         &lab,
         &svc,
@@ -780,26 +804,15 @@ fn error_rate_alone(refuse: bool) -> Result<()> {
     const WINDOW: Scaled = Scaled::secs(1);
     const RECOVER: Scaled = Scaled::secs(3);
     let check = Check::FAST_HTTP;
-    let mut lab = Lab::new()?;
-    let vip = lab.vip()?;
-    let mut pool = lab.servers(&["api-a", "api-b"])?;
-    let fallback = lab.servers(&["api-static"])?.remove(0);
-    let svc = Svc {
-        name: "api".into(),
-        vip,
-        priority: "core",
-        backends: addrs(&pool),
+    let (lab, svc, mut pool, fallback) = one_service(
+        "api",
+        &["api-a", "api-b"],
+        "api-static",
         check,
-        conditions: vec![Cond::error_rate(50, WINDOW)],
-        strategy: "static_response",
-        fallback: vec![fallback.addr()],
-        recover_after: RECOVER,
-    };
-    lab.start(&policy(
-        &lab.topo.client_if,
-        None,
-        std::slice::from_ref(&svc),
-    ))?;
+        Cond::error_rate(50, WINDOW),
+        "static_response",
+        RECOVER,
+    )?;
     degrade_and_recover(
         &lab,
         &svc,
@@ -860,26 +873,15 @@ fn availability_alone_flips_when_the_pool_stops_and_recovers() -> Result<()> {
     const WINDOW: Scaled = Scaled::secs(1);
     const RECOVER: Scaled = Scaled::secs(3);
     let check = Check::FAST_TCP;
-    let mut lab = Lab::new()?;
-    let vip = lab.vip()?;
-    let mut pool = lab.servers(&["stock-a", "stock-b"])?;
-    let fallback = lab.servers(&["stock-cache"])?.remove(0);
-    let svc = Svc {
-        name: "stock".into(),
-        vip,
-        priority: "core",
-        backends: addrs(&pool),
+    let (lab, svc, mut pool, fallback) = one_service(
+        "stock",
+        &["stock-a", "stock-b"],
+        "stock-cache",
         check,
-        conditions: vec![Cond::availability(50, WINDOW)],
-        strategy: "cache_only",
-        fallback: vec![fallback.addr()],
-        recover_after: RECOVER,
-    };
-    lab.start(&policy(
-        &lab.topo.client_if,
-        None,
-        std::slice::from_ref(&svc),
-    ))?;
+        Cond::availability(50, WINDOW),
+        "cache_only",
+        RECOVER,
+    )?;
     degrade_and_recover(
         &lab,
         &svc,
@@ -923,26 +925,16 @@ fn a_condition_oscillating_around_its_threshold_does_not_flap() -> Result<()> {
     const RECOVER: Scaled = Scaled::secs(4);
     const OSCILLATE: Scaled = Scaled::secs(12);
     let check = Check::SLOW_HTTP;
-    let mut lab = Lab::new()?;
-    let vip = lab.vip()?;
-    let pool = lab.servers(&["feed-a"])?;
-    let fallback = lab.servers(&["feed-static"])?.remove(0);
-    let svc = Svc {
-        name: "feed".into(),
-        vip,
-        priority: "core",
-        backends: addrs(&pool),
+    // The fallback server answers for as long as the test runs.
+    let (lab, _svc, pool, _fallback) = one_service(
+        "feed",
+        &["feed-a"],
+        "feed-static",
         check,
-        conditions: vec![Cond::latency(LATENCY_THRESHOLD, WINDOW)],
-        strategy: "static_response",
-        fallback: vec![fallback.addr()],
-        recover_after: RECOVER,
-    };
-    lab.start(&policy(
-        &lab.topo.client_if,
-        None,
-        std::slice::from_ref(&svc),
-    ))?;
+        Cond::latency(LATENCY_THRESHOLD, WINDOW),
+        "static_response",
+        RECOVER,
+    )?;
     lab.wait_measured("feed")?;
 
     // Probes alternate: 600 ms (above 500 ms), 400 ms (below).

@@ -378,56 +378,22 @@ fn measure_each(prog: &Xdp, frames: &[Vec<u8>]) -> anyhow::Result<Measure> {
 /// (lookup, NAT), a backend's reply (reverse NAT), each over distinct flows run once; and the
 /// trivial program run once the same way, for scale.
 fn lb_rows() -> anyhow::Result<Vec<(String, Measure)>> {
-    let text = format!(
-        r#"
-version: 1
-interfaces: [{{ name: lo }}]
-services:
-  - name: lb
-    match: {{ address: 198.18.0.4, port: {DPORT}, protocol: tcp }}
-    backends:
-      - address: 198.18.3.1:{BACKEND_PORT}
-      - address: 198.18.3.2:{BACKEND_PORT}
-    load_balancing: {{ algorithm: maglev, table_size: 211 }}
-"#
-    );
-    let policy = config::load_str(&text, "bench-lb.yaml")
-        .map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
-    let compiled = config::compile(&policy);
-    let mut dp = Datapath::load_for(&compiled)?;
-    dp.apply(&compiled)?;
-    dp.mark_ports([BACKEND_PORT])?;
-    let mut maps = dp.lb_maps()?;
-    agent::lb::balancer::install(&mut maps, &compiled.lb)?;
+    let (dp, _) = balanced(&lb_policy(""), "bench-lb.yaml")?;
     let prog = dp.xdp_program()?;
 
     // Each flow's SYN once, noting the backend it was rewritten to.
-    let mut first_ns = Vec::with_capacity(usize::from(LB_NEW_FLOWS));
-    let mut first_wall = Vec::with_capacity(usize::from(LB_NEW_FLOWS));
+    let syns: Vec<Vec<u8>> = (0..LB_NEW_FLOWS)
+        .map(|i| tcp(CLIENT, 20_000 + i, VIP, DPORT, 0x02))
+        .collect();
     let mut backend_of = Vec::with_capacity(usize::from(LB_NEW_FLOWS));
-    for i in 0..LB_NEW_FLOWS {
-        let syn = tcp(CLIENT, 20_000 + i, VIP, DPORT, 0x02);
-        let mut out = vec![0u8; syn.len()];
-        let start = Instant::now();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&syn),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        first_wall.push(start.elapsed().as_secs_f64() * 1e9);
-        first_ns.push(r.duration.as_secs_f64() * 1e9);
+    let first = measure_each_out(prog, &syns, |i, out| {
         let dst: [u8; 4] = out[30..34].try_into()?;
         if !LB_BACKENDS.contains(&dst) || out[36..38] != BACKEND_PORT.to_be_bytes() {
             bail!("flow {i}: the SYN came out to {dst:?}, not to a backend");
         }
         backend_of.push(dst);
-    }
-    let first = Measure {
-        kernel: median(first_ns),
-        wall: median(first_wall),
-    };
+        Ok(())
+    })?;
     // The same flows again (each has its entries), and each backend's reply.
     let acks: Vec<Vec<u8>> = (0..LB_NEW_FLOWS)
         .map(|i| tcp(CLIENT, 20_000 + i, VIP, DPORT, 0x10))
@@ -467,8 +433,13 @@ services:
 /// The fallback backends of [`degrade_rows`]' companion service.
 const FALLBACK_BACKENDS: [[u8; 4]; 2] = [[198, 18, 9, 1], [198, 18, 9, 2]];
 
-/// Runs each frame once (as [`measure_each`]), checking each left toward one of `among`.
-fn measure_each_to(prog: &Xdp, frames: &[Vec<u8>], among: &[[u8; 4]]) -> anyhow::Result<Measure> {
+/// Runs each frame once (as [`measure_each`]) with room for the frame that comes out, and
+/// hands `check` each frame's index and what came out.
+fn measure_each_out(
+    prog: &Xdp,
+    frames: &[Vec<u8>],
+    mut check: impl FnMut(usize, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<Measure> {
     let mut kernel = Vec::with_capacity(frames.len());
     let mut wall = Vec::with_capacity(frames.len());
     for (i, f) in frames.iter().enumerate() {
@@ -483,15 +454,54 @@ fn measure_each_to(prog: &Xdp, frames: &[Vec<u8>], among: &[[u8; 4]]) -> anyhow:
             .context("BPF_PROG_TEST_RUN")?;
         wall.push(start.elapsed().as_secs_f64() * 1e9);
         kernel.push(r.duration.as_secs_f64() * 1e9);
-        let dst: [u8; 4] = out[30..34].try_into()?;
-        if !among.contains(&dst) {
-            bail!("frame {i}: came out to {dst:?}, not to one of {among:?}");
-        }
+        check(i, &out)?;
     }
     Ok(Measure {
         kernel: median(kernel),
         wall: median(wall),
     })
+}
+
+/// Runs each frame once (as [`measure_each`]), checking each left toward one of `among`.
+fn measure_each_to(prog: &Xdp, frames: &[Vec<u8>], among: &[[u8; 4]]) -> anyhow::Result<Measure> {
+    measure_each_out(prog, frames, |i, out| {
+        let dst: [u8; 4] = out[30..34].try_into()?;
+        if !among.contains(&dst) {
+            bail!("frame {i}: came out to {dst:?}, not to one of {among:?}");
+        }
+        Ok(())
+    })
+}
+
+/// The policy of [`lb_rows`]: the Maglev service `lb` on [`VIP`] with two backends
+/// ([`LB_BACKENDS`]), then `more` (further services, YAML list items).
+fn lb_policy(more: &str) -> String {
+    format!(
+        r#"
+version: 1
+interfaces: [{{ name: lo }}]
+services:
+  - name: lb
+    match: {{ address: 198.18.0.4, port: {DPORT}, protocol: tcp }}
+    backends:
+      - address: 198.18.3.1:{BACKEND_PORT}
+      - address: 198.18.3.2:{BACKEND_PORT}
+    load_balancing: {{ algorithm: maglev, table_size: 211 }}
+{more}"#
+    )
+}
+
+/// `text` (backends on `BACKEND_PORT`) compiled and written the way the agent does it, its
+/// balanced services installed.
+fn balanced(text: &str, file: &str) -> anyhow::Result<(Datapath, config::Compiled)> {
+    let policy = config::load_str(text, file).map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
+    let compiled = config::compile(&policy);
+    let mut dp = Datapath::load_for(&compiled)?;
+    dp.apply(&compiled)?;
+    dp.mark_ports([BACKEND_PORT])?;
+    let mut maps = dp.lb_maps()?;
+    agent::lb::balancer::install(&mut maps, &compiled.lb)?;
+    Ok((dp, compiled))
 }
 
 /// Writes the companion link the agent's plan writes (`ServiceConfig::fallback`) into the
@@ -555,18 +565,8 @@ services:
 /// flows in normal mode, then the same in fallback mode (new flows balanced over the
 /// companion). Distinct flows, each run once, as [`lb_rows`]' rows.
 fn degrade_rows() -> anyhow::Result<Vec<(String, Measure)>> {
-    let text = format!(
-        r#"
-version: 1
-interfaces: [{{ name: lo }}]
-services:
-  - name: lb
-    match: {{ address: 198.18.0.4, port: {DPORT}, protocol: tcp }}
-    backends:
-      - address: 198.18.3.1:{BACKEND_PORT}
-      - address: 198.18.3.2:{BACKEND_PORT}
-    load_balancing: {{ algorithm: maglev, table_size: 211 }}
-  - name: lb-fallback
+    let companion = format!(
+        r#"  - name: lb-fallback
     match: {{ address: 198.18.0.5, port: {DPORT}, protocol: tcp }}
     backends:
       - address: 198.18.9.1:{BACKEND_PORT}
@@ -574,9 +574,7 @@ services:
     load_balancing: {{ algorithm: maglev, table_size: 211 }}
 "#
     );
-    let policy = config::load_str(&text, "bench-degrade.yaml")
-        .map_err(|e| anyhow::anyhow!("bench policy:\n{e}"))?;
-    let compiled = config::compile(&policy);
+    let (mut dp, compiled) = balanced(&lb_policy(&companion), "bench-degrade.yaml")?;
     let id = |name: &str| {
         compiled
             .services
@@ -586,11 +584,6 @@ services:
             .with_context(|| format!("service {name}"))
     };
     let (parent, companion) = (id("lb")?, id("lb-fallback")?);
-    let mut dp = Datapath::load_for(&compiled)?;
-    dp.apply(&compiled)?;
-    dp.mark_ports([BACKEND_PORT])?;
-    let mut maps = dp.lb_maps()?;
-    agent::lb::balancer::install(&mut maps, &compiled.lb)?;
     link(&mut dp, parent, companion)?;
     let mut modes = dp.degrade_maps()?;
     let prog = dp.xdp_program()?;

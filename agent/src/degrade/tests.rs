@@ -111,12 +111,33 @@ fn shed(name: &str, id: u32, priority: Priority) -> ServiceSpec {
     )
 }
 
+/// A core `static_response` service with one condition; recovers after 5s.
+fn static_response(name: &str, id: u32, condition: Condition) -> ServiceSpec {
+    spec(
+        name,
+        id,
+        Priority::Core,
+        FallbackStrategy::StaticResponse,
+        vec![condition],
+        secs(5),
+    )
+}
+
 fn config(services: Vec<ServiceSpec>) -> Config {
     Config {
         services,
         shed_step: secs(10),
         companions: Vec::new(),
     }
+}
+
+/// An engine started now on `services` with a fresh map (holding what the start wrote).
+/// Returns the start time, the engine and the map.
+fn started(services: Vec<ServiceSpec>) -> (Instant, Engine, Recorder) {
+    let t0 = Instant::now();
+    let mut map = Recorder::default();
+    let (e, _) = Engine::start(config(services), t0, &mut map);
+    (t0, e, map)
 }
 
 /// The map, as the engine writes it; `fail` makes every write fail.
@@ -584,8 +605,6 @@ fn a_slow_pool_falls_back_within_a_window_and_recovers_after_recover_after() {
 
 #[test]
 fn the_first_met_condition_is_the_cause() {
-    let t0 = Instant::now();
-    let mut map = Recorder::default();
     let s = spec(
         "api",
         1,
@@ -594,7 +613,7 @@ fn the_first_met_condition_is_the_cause() {
         vec![latency(500, secs(5)), error_rate(50, secs(5))],
         secs(60),
     );
-    let (mut e, _) = Engine::start(config(vec![s]), t0, &mut map);
+    let (t0, mut e, mut map) = started(vec![s]);
     let failing = [
         sample("api", t0, ms(30), false),
         sample("api", t0, ms(30), false),
@@ -624,17 +643,8 @@ fn the_first_met_condition_is_the_cause() {
 
 #[test]
 fn availability_counts_unhealthy_and_open_backends_as_unavailable() {
-    let t0 = Instant::now();
-    let mut map = Recorder::default();
-    let s = spec(
-        "pay",
-        3,
-        Priority::Core,
-        FallbackStrategy::StaticResponse,
-        vec![availability(60, secs(1))],
-        secs(5),
-    );
-    let (mut e, _) = Engine::start(config(vec![s]), t0, &mut map);
+    let s = static_response("pay", 3, availability(60, secs(1)));
+    let (t0, mut e, mut map) = started(vec![s]);
     let backends: Backends = vec![
         backend("pay", 0, Some(Health::Healthy), Some(State::Closed)),
         backend("pay", 1, Some(Health::Healthy), Some(State::HalfOpen)),
@@ -660,17 +670,8 @@ fn availability_counts_unhealthy_and_open_backends_as_unavailable() {
 
 #[test]
 fn passive_failures_feed_the_error_rate() {
-    let t0 = Instant::now();
-    let mut map = Recorder::default();
-    let s = spec(
-        "db",
-        4,
-        Priority::Core,
-        FallbackStrategy::StaticResponse,
-        vec![error_rate(50, secs(5))],
-        secs(5),
-    );
-    let (mut e, _) = Engine::start(config(vec![s]), t0, &mut map);
+    let s = static_response("db", 4, error_rate(50, secs(5)));
+    let (t0, mut e, mut map) = started(vec![s]);
     let with = |synack, refused| {
         let mut b = backend("db", 0, None, Some(State::Closed));
         b.passive = Some(PassiveCounts {
@@ -890,9 +891,7 @@ fn an_unknown_mode_in_the_map_is_normal() {
 
 #[test]
 fn a_failed_write_is_noted_once_and_retried_every_tick() {
-    let t0 = Instant::now();
-    let mut map = Recorder::default();
-    let (mut e, _) = Engine::start(config(vec![web(7)]), t0, &mut map);
+    let (t0, mut e, mut map) = started(vec![web(7)]);
     map.take();
     map.fail = true;
     let slow = [sample("web", t0, ms(900), true)];
@@ -920,17 +919,8 @@ fn a_failed_write_is_noted_once_and_retried_every_tick() {
 
 #[test]
 fn a_reload_carries_state_and_windows_by_name() {
-    let t0 = Instant::now();
-    let mut map = Recorder::default();
-    let other = spec(
-        "api",
-        2,
-        Priority::Core,
-        FallbackStrategy::StaticResponse,
-        vec![error_rate(50, secs(5))],
-        secs(5),
-    );
-    let (mut e, _) = Engine::start(config(vec![web(7), other.clone()]), t0, &mut map);
+    let other = static_response("api", 2, error_rate(50, secs(5)));
+    let (t0, mut e, mut map) = started(vec![web(7), other.clone()]);
     let slow = [sample("web", t0, ms(900), true)];
     e.tick(t0 + ms(100), &slow, None, &mut map);
     assert_eq!(e.mode("web"), Some(MODE_FALLBACK));
@@ -938,14 +928,7 @@ fn a_reload_carries_state_and_windows_by_name() {
 
     // Reordered, `web` at another place with another id (as a policy where ids moved), a
     // new service before it; `api` gone.
-    let added = spec(
-        "new",
-        9,
-        Priority::Core,
-        FallbackStrategy::StaticResponse,
-        vec![latency(100, secs(1))],
-        secs(5),
-    );
+    let added = static_response("new", 9, latency(100, secs(1)));
     let notes = e.reconfigure(config(vec![added, web(8)]), t0 + ms(150), &mut map);
     assert!(notes.is_empty(), "{notes:?}");
     assert_eq!(e.mode("web"), Some(MODE_FALLBACK), "state carried");
@@ -973,9 +956,7 @@ fn a_reload_carries_state_and_windows_by_name() {
 
 #[test]
 fn a_reload_that_changes_the_degradation_starts_the_service_over() {
-    let t0 = Instant::now();
-    let mut map = Recorder::default();
-    let (mut e, _) = Engine::start(config(vec![web(7)]), t0, &mut map);
+    let (t0, mut e, mut map) = started(vec![web(7)]);
     e.tick(
         t0 + ms(100),
         &[sample("web", t0, ms(900), true)],
@@ -997,9 +978,7 @@ fn a_reload_that_changes_the_degradation_starts_the_service_over() {
 
 #[test]
 fn a_reload_that_removes_degradation_writes_normal_until_it_succeeds() {
-    let t0 = Instant::now();
-    let mut map = Recorder::default();
-    let (mut e, _) = Engine::start(config(vec![web(7)]), t0, &mut map);
+    let (t0, mut e, mut map) = started(vec![web(7)]);
     e.tick(
         t0 + ms(100),
         &[sample("web", t0, ms(900), true)],

@@ -45,6 +45,7 @@ use agent_tests::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
+use super::{first_word, quantile};
 use crate::{build, setup, sys};
 
 const SECTION: &str = "## Degradation: reaction time";
@@ -417,29 +418,12 @@ fn measure(agent_bin: &Path, a: &Args) -> Result<(Vec<Run>, usize)> {
     Ok((runs, discarded))
 }
 
-/// The `q` quantile (0 to 1) by nearest rank.
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1e3)
 }
 
 fn render(runs: &[Run], discarded: usize, a: &Args) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let first = |path: &str| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| t.split_whitespace().next().map(str::to_owned))
-            .unwrap_or_else(|| "unknown".into())
-    };
     let column = |f: fn(&Run) -> Duration| runs.iter().map(f).collect::<Vec<_>>();
     let (reaction, decision) = (column(|r| r.reaction), column(|r| r.decision));
     let datapath: Vec<Duration> = runs
@@ -467,8 +451,8 @@ fn render(runs: &[Run], discarded: usize, a: &Args) -> String {
          discarded, where the agent switched before any probe could answer slowly (a late probe \
          on the loaded machine degraded the service by itself).\n",
         super::git_head(),
-        first("/proc/sys/kernel/osrelease"),
-        first("/proc/loadavg"),
+        first_word("/proc/sys/kernel/osrelease"),
+        first_word("/proc/loadavg"),
         a.threshold_ms,
         a.window_ms,
         a.recover_ms,
@@ -544,13 +528,5 @@ mod tests {
             .check()
             .expect_err("delay above the timeout");
         assert!(e.to_string().contains("--threshold-ms < --delay-ms"), "{e}");
-    }
-
-    #[test]
-    fn quantiles_by_nearest_rank() {
-        let v: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
-        assert_eq!(quantile(&v, 0.5), Duration::from_millis(5));
-        assert_eq!(quantile(&v, 1.0), Duration::from_millis(10));
-        assert_eq!(quantile(&v, 0.0), Duration::from_millis(1));
     }
 }

@@ -38,6 +38,7 @@ use agent_tests::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 
+use super::{first_word, quantile};
 use crate::{build, setup, sys};
 
 const SECTION: &str = "## Reload: file save to the policy in force";
@@ -271,29 +272,12 @@ fn generation_in(body: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// The `q` quantile (0 to 1) by nearest rank.
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
 fn render(rows: &[Row], args: &Args) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let first = |path: &str| {
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| t.split_whitespace().next().map(str::to_owned))
-            .unwrap_or_else(|| "unknown".into())
-    };
     let commit = super::git_head();
     let mut t = String::new();
     let _ = writeln!(t, "{SECTION}\n");
@@ -309,8 +293,8 @@ fn render(rows: &[Row], args: &Args) -> String {
          poll in the last column). *the agent's reload*: its own `took_seconds` (read, \
          validate, write the maps); the rest is the watch's 10 ms debounce and its read of \
          the file. Goal (issue 11): p99 in force under {} ms with 1,000 services.\n",
-        first("/proc/sys/kernel/osrelease"),
-        first("/proc/loadavg"),
+        first_word("/proc/sys/kernel/osrelease"),
+        first_word("/proc/loadavg"),
         args.reloads,
         args.pause_ms,
         args.poll_ms,
@@ -347,15 +331,6 @@ mod tests {
         let body = r#"{"ready":true,"services":[],"reload":{"generation":17,"applied_at":1.5}}"#;
         assert_eq!(generation_in(body), Some(17));
         assert_eq!(generation_in(r#"{"ready":true}"#), None);
-    }
-
-    #[test]
-    fn quantiles_by_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(quantile(&v, 0.5), Duration::from_millis(50));
-        assert_eq!(quantile(&v, 0.99), Duration::from_millis(99));
-        assert_eq!(quantile(&v, 1.0), Duration::from_millis(100));
-        assert_eq!(quantile(&[], 0.5), Duration::ZERO);
     }
 
     #[test]

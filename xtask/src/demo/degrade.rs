@@ -28,10 +28,7 @@ use agent_tests::{
 };
 use anyhow::bail;
 
-use super::{
-    CLIENT_ADDR, Client, Demo, PREFIX_LEN, SERVER_ADDR, clock, free_address, policy::Degradable,
-    scene, since, stop_agent,
-};
+use super::{Client, Demo, check_addresses, clock, policy::Degradable, scene, since, stop_agent};
 
 /// Where the clients connect from: an address of their own, not `CLIENT_ADDR` (the agent's
 /// probes) nor act 3's shoppers' (both acts may run in one topology).
@@ -78,32 +75,13 @@ pub fn plan(config: &Path) -> anyhow::Result<Degradable> {
         plan.agent.listen
     );
     let file = config.display();
-    let vip = *plan.vip.ip();
-    if !free_address(vip, &[CLIENTS_ADDR]) {
-        bail!(
-            "{file}: VIP {}: the demo needs a VIP in {CLIENT_ADDR}/{PREFIX_LEN}, other than \
-             {CLIENT_ADDR}, {SERVER_ADDR} and {CLIENTS_ADDR}",
-            plan.vip
-        );
-    }
     let all: Vec<SocketAddrV4> = plan
         .backends
         .iter()
         .chain(&plan.fallback)
         .copied()
         .collect();
-    for (i, backend) in all.iter().enumerate() {
-        if !free_address(*backend.ip(), &[CLIENTS_ADDR, vip]) {
-            bail!(
-                "{file}: backend {backend}: the demo places backends on addresses of their own \
-                 in {CLIENT_ADDR}/{PREFIX_LEN}, other than {CLIENT_ADDR}, {SERVER_ADDR}, \
-                 {CLIENTS_ADDR} and the VIP"
-            );
-        }
-        if all[..i].iter().any(|b| b.ip() == backend.ip()) {
-            bail!("{file}: backend {backend}: each backend needs an address of its own");
-        }
-    }
+    check_addresses(&file, plan.vip, &all, CLIENTS_ADDR)?;
     if plan.threshold >= plan.timeout {
         bail!(
             "{file}: service {}: the latency threshold {:?} must be below the probes' timeout \
@@ -144,20 +122,7 @@ pub fn run(demo: &Demo, plan: &Degradable, config: &Path) -> anyhow::Result<()> 
         return Ok(());
     }
     let topology = &demo.topology;
-    // The clients' address, and a route that makes connections to the VIP leave from it.
-    topology.add_client_addr(CLIENTS_ADDR.into())?;
-    let (vip, clients) = (format!("{}/32", plan.vip.ip()), CLIENTS_ADDR.to_string());
-    let route = [
-        "route",
-        "replace",
-        &vip,
-        "dev",
-        &topology.client_if,
-        "src",
-        &clients,
-    ];
-    topology.client.ip(&route)?;
-    topology.add_vip((*plan.vip.ip()).into())?;
+    demo.route_vip(*plan.vip.ip(), CLIENTS_ADDR)?;
     let mut names: Vec<String> = (1..=plan.backends.len())
         .map(|i| format!("{}-{i}", plan.service))
         .collect();

@@ -30,7 +30,7 @@ mod watch;
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     ops::ControlFlow,
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
@@ -275,6 +275,28 @@ impl Demo {
     }
 }
 
+impl Demo {
+    /// Gives the client side the address `clients` and the VIP, with a route that makes
+    /// connections to the VIP leave from `clients`.
+    fn route_vip(&self, vip: Ipv4Addr, clients: Ipv4Addr) -> anyhow::Result<()> {
+        let topology = &self.topology;
+        topology.add_client_addr(clients.into())?;
+        let (vip_net, src) = (format!("{vip}/32"), clients.to_string());
+        let route = [
+            "route",
+            "replace",
+            &vip_net,
+            "dev",
+            &topology.client_if,
+            "src",
+            &src,
+        ];
+        topology.client.ip(&route)?;
+        topology.add_vip(vip.into())?;
+        Ok(())
+    }
+}
+
 /// Prints `agent status` of the act's agent and stops it (SIGTERM).
 fn stop_agent(agent: Option<AgentProcess>) -> anyhow::Result<()> {
     let Some(agent) = agent else {
@@ -295,6 +317,35 @@ fn free_address(ip: Ipv4Addr, taken: &[Ipv4Addr]) -> bool {
     network(ip) == network(CLIENT_ADDR)
         && ![CLIENT_ADDR, SERVER_ADDR].contains(&ip)
         && !taken.contains(&ip)
+}
+
+/// Checks that the demo can place the VIP and every backend of `file`'s act on an address of
+/// its own, none of them `clients` (the act's client address).
+fn check_addresses(
+    file: &impl std::fmt::Display,
+    vip: SocketAddrV4,
+    backends: &[SocketAddrV4],
+    clients: Ipv4Addr,
+) -> anyhow::Result<()> {
+    if !free_address(*vip.ip(), &[clients]) {
+        bail!(
+            "{file}: VIP {vip}: the demo needs a VIP in {CLIENT_ADDR}/{PREFIX_LEN}, other than \
+             {CLIENT_ADDR}, {SERVER_ADDR} and {clients}"
+        );
+    }
+    for (i, backend) in backends.iter().enumerate() {
+        if !free_address(*backend.ip(), &[clients, *vip.ip()]) {
+            bail!(
+                "{file}: backend {backend}: the demo places backends on addresses of their own \
+                 in {CLIENT_ADDR}/{PREFIX_LEN}, other than {CLIENT_ADDR}, {SERVER_ADDR}, \
+                 {clients} and the VIP"
+            );
+        }
+        if backends[..i].iter().any(|b| b.ip() == backend.ip()) {
+            bail!("{file}: backend {backend}: each backend needs an address of its own");
+        }
+    }
+    Ok(())
 }
 
 /// A client of a scene: runs on a thread of its own until the flag is set.

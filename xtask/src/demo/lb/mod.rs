@@ -24,9 +24,9 @@ use anyhow::bail;
 
 use self::clients::{Counts, Tally, WORKERS};
 use super::{
-    CLIENT_ADDR, Client, Demo, PREFIX_LEN, SERVER_ADDR,
+    Client, Demo,
     breaker::{close_bound, open_bound, saturating_u32},
-    clock, free_address,
+    check_addresses, clock,
     policy::{Balanced, Guarded},
     scene, since, stop_agent,
     watch::{Event, Transition, Watch},
@@ -87,26 +87,7 @@ pub fn plan(config: &Path) -> anyhow::Result<LbPlan> {
         g.agent.listen
     );
     let file = config.display();
-    let vip = *lb.vip.ip();
-    if !free_address(vip, &[SHOPPERS_ADDR]) {
-        bail!(
-            "{file}: VIP {}: the demo needs a VIP in {CLIENT_ADDR}/{PREFIX_LEN}, other than \
-             {CLIENT_ADDR}, {SERVER_ADDR} and {SHOPPERS_ADDR}",
-            lb.vip
-        );
-    }
-    for (i, backend) in g.backends.iter().enumerate() {
-        if !free_address(*backend.ip(), &[SHOPPERS_ADDR, vip]) {
-            bail!(
-                "{file}: backend {backend}: the demo places backends on addresses of their own \
-                 in {CLIENT_ADDR}/{PREFIX_LEN}, other than {CLIENT_ADDR}, {SERVER_ADDR}, \
-                 {SHOPPERS_ADDR} and the VIP"
-            );
-        }
-        if g.backends[..i].iter().any(|b| b.ip() == backend.ip()) {
-            bail!("{file}: backend {backend}: each backend needs an address of its own");
-        }
-    }
+    check_addresses(&file, lb.vip, &g.backends, SHOPPERS_ADDR)?;
     if g.backends.len() < 2 {
         bail!(
             "{file}: service {}: the act needs at least 2 backends (one dies, the others serve)",
@@ -127,20 +108,7 @@ pub fn run(demo: &Demo, plan: &LbPlan, config: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let topology = &demo.topology;
-    // The shoppers' address, and a route that makes connections to the VIP leave from it.
-    topology.add_client_addr(SHOPPERS_ADDR.into())?;
-    let (vip, shoppers) = (format!("{}/32", lb.vip.ip()), SHOPPERS_ADDR.to_string());
-    let route = [
-        "route",
-        "replace",
-        &vip,
-        "dev",
-        &topology.client_if,
-        "src",
-        &shoppers,
-    ];
-    topology.client.ip(&route)?;
-    topology.add_vip((*lb.vip.ip()).into())?;
+    demo.route_vip(*lb.vip.ip(), SHOPPERS_ADDR)?;
     let names: Vec<String> = (1..=g.backends.len()).map(|i| format!("web-{i}")).collect();
     let mut servers = Vec::new();
     for (&addr, name) in g.backends.iter().zip(&names) {
