@@ -78,7 +78,7 @@ impl std::fmt::Display for Note {
                 why,
             } => write!(
                 f,
-                "{service} recommendation: {} -> {} ({why})",
+                "service {service}: {} -> {} ({why})",
                 mode_name(*from),
                 mode_name(*to)
             ),

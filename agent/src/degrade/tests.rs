@@ -575,7 +575,7 @@ fn a_slow_pool_falls_back_within_a_window_and_recovers_after_recover_after() {
     let notes = e.tick(t0 + ms(200), &slow, None, &mut map);
     assert_eq!(
         notes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        vec!["web recommendation: normal -> fallback (latency p99 612ms > 500ms over 2s)"]
+        vec!["service web: normal -> fallback (latency p99 612ms > 500ms over 2s)"]
     );
     assert_eq!(map.take(), vec![(7, MODE_FALLBACK)]);
     assert_eq!(e.mode("web"), Some(MODE_FALLBACK));
@@ -590,7 +590,7 @@ fn a_slow_pool_falls_back_within_a_window_and_recovers_after_recover_after() {
     let notes = e.tick(t0 + ms(12_200), &[], None, &mut map);
     assert_eq!(
         notes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        vec!["web recommendation: fallback -> normal (recovered: all conditions false for 10s)"]
+        vec!["service web: fallback -> normal (recovered: all conditions false for 10s)"]
     );
     assert_eq!(map.take(), vec![(7, MODE_NORMAL)]);
 
@@ -622,7 +622,7 @@ fn the_first_met_condition_is_the_cause() {
     let notes = e.tick(t0 + ms(100), &failing, None, &mut map);
     assert_eq!(
         notes[0].to_string(),
-        "api recommendation: normal -> fallback (error_rate 100% > 50% over 5s)"
+        "service api: normal -> fallback (error_rate 100% > 50% over 5s)"
     );
     let (services, _) = e.status(t0 + ms(300));
     let (id, _, st) = &services[0];
@@ -734,7 +734,7 @@ fn shedding_escalates_low_first_and_core_only_when_nothing_else_is_left() {
         vec![
             "checkout degraded (availability 0% < 50% over 1s): shedding pressure",
             "shed level: none -> low (degraded: checkout)",
-            "batch recommendation: normal -> shed (shed level low)",
+            "service batch: normal -> shed (shed level low)",
         ]
     );
     assert_eq!(modes(&map), [MODE_SHED, MODE_NORMAL, MODE_NORMAL]);
@@ -969,7 +969,7 @@ fn a_reload_that_changes_the_degradation_starts_the_service_over() {
     let notes = e.reconfigure(config(vec![changed]), t0 + ms(200), &mut map);
     assert_eq!(
         notes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        vec!["web recommendation: fallback -> normal (policy reloaded: its degradation changed)"]
+        vec!["service web: fallback -> normal (policy reloaded: its degradation changed)"]
     );
     assert_eq!(map.mode(7), MODE_NORMAL);
     let t = e.transitions();
