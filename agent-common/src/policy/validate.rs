@@ -892,4 +892,31 @@ mod tests {
         assert_eq!(show(Duration::from_nanos(7)), "7ns");
         assert_eq!(show(Duration::ZERO), "0s");
     }
+
+    /// `NOT_ENFORCED` is empty in this build; the refusal it drives is checked on a list of
+    /// one, at the section's line, once per service that sets it.
+    #[test]
+    fn a_section_not_enforced_is_refused_where_it_is_written() {
+        let src = "version: 1\ninterfaces: [{name: eth0}]\nservices:\n  - name: a\n    \
+                   match: {address: 10.0.0.1}\n    rate_limit: {rate: 10/s}\n  - name: b\n    \
+                   match: {address: 10.0.0.2}\n";
+        let (policy, index) = super::super::tree::read(src).expect("a valid policy");
+        let mut c = Checker::new("t.yaml", &index);
+        let draft = Draft {
+            interfaces: Vec::new(),
+            services: policy.services.iter().enumerate().collect(),
+            companions: Vec::new(),
+            all_interfaces: true,
+        };
+        not_enforced(&mut c, &draft, &[("rate_limit", "")]);
+        let shown: Vec<String> = c.diags.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["t.yaml:6:17: services[0].rate_limit: not enforced by this build"]
+        );
+        assert!(
+            NOT_ENFORCED.is_empty(),
+            "every section of this build is enforced"
+        );
+    }
 }
