@@ -1,6 +1,6 @@
 //! Token-bucket limiting (GCRA, see `agent_common::limit`), one bucket per key in an LRU table,
 //! updated with compare-and-exchange so that CPUs hitting one key never over-admit. The
-//! bucket's clock is the coarse one for a burst of two ticks or more (`agent_common::limit`
+//! bucket's clock is the coarse one for a burst of four ticks or more (`agent_common::limit`
 //! says why and what it costs in accuracy).
 
 use agent_common::{

@@ -93,11 +93,11 @@ services:
     )
 }
 
-/// The burst of the admitting limiter rows at 1e9/s: 100 ms, longer than two ticks of the
-/// coarse clock at any `CONFIG_HZ` (the rows measure the coarse-clock path) and never
-/// exhausted by a run of `--repeat` packets.
+/// The burst of the admitting limiter rows at 1e9/s: 100 ms, longer than four ticks of the
+/// coarse clock at any `CONFIG_HZ` of 100 or more (the rows measure the coarse-clock path),
+/// and never exhausted by a run of `--repeat` packets.
 const ADMIT_BURST: u64 = 100_000_000;
-/// A burst of 1 ms at 1e9/s, shorter than two ticks at any `CONFIG_HZ` up to 1000: the
+/// A burst of 1 ms at 1e9/s, shorter than four ticks at any `CONFIG_HZ` up to 1000: the
 /// precise-clock path (`agent_common::limit::COARSE_CLOCK_MIN_TICKS`).
 const PRECISE_BURST: u64 = 1_000_000;
 
@@ -781,7 +781,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
         ));
     }
     table.push((
-        "agent: limiter, admitted, burst under two ticks (precise clock)".into(),
+        "agent: limiter, admitted, burst under four ticks (precise clock)".into(),
         "1".into(),
         precise,
     ));
@@ -853,8 +853,8 @@ fn run(args: &Args) -> anyhow::Result<String> {
          parse and trie lookup {:.0} (service without limit minus non-IP); token bucket {:.0} \
          (limiter minus service without limit: one coarse clock read, {:.0} by itself, the \
          LRU-hash lookup of a 44-byte key, the compare-and-swap). The admitting rows' burst \
-         spans two ticks or more, so their buckets read the coarse clock, at the price of up \
-         to one scheduler tick of rate added to burst + rate x T; a burst under two ticks keeps \
+         spans four ticks or more, so their buckets read the coarse clock, at the price of up \
+         to one scheduler tick of rate added to burst + rate x T; a burst under four ticks keeps \
          the precise clock ({:.0} a read; the precise-clock row, {:.0} more than the 1-key row).",
         unlimited - non_ip,
         limiter - unlimited,
