@@ -1,18 +1,29 @@
 //! Token-bucket limiting (GCRA, see `agent_common::limit`), one bucket per key in an LRU table,
-//! updated with compare-and-exchange so that CPUs hitting one key never over-admit.
+//! updated with compare-and-exchange so that CPUs hitting one key never over-admit. The
+//! bucket's clock is the coarse one for a burst of four ticks or more (`agent_common::limit`
+//! says why and what it costs in accuracy).
 
 use agent_common::{
     Bucket, BucketKey, ServiceConfig,
     limit::{CAS_ATTEMPTS, Decision, RL_KEY_FLOW, RL_KEY_SOURCE_IP, decide, fresh_tat},
     stats::SVC_NEW_KEYS,
 };
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+};
 use core::{
     intrinsics::{AtomicOrdering, atomic_cxchg},
     ptr::read_volatile,
 };
 
 use crate::{maps::RL_BUCKETS, parse::Parsed, stats};
+
+/// `agent_common::limit::GLOBAL_COARSE_MIN_BURST_NS`, set by the loader from the coarse
+/// clock's tick; until then every bucket reads the precise clock.
+#[unsafe(no_mangle)]
+static COARSE_MIN_BURST_NS: Global<u64> = Global::new(u64::MAX);
 
 pub enum Verdict {
     Pass,
@@ -48,8 +59,12 @@ pub fn key_of(service_id: u32, kind: u32, p: &Parsed) -> BucketKey {
 #[inline(never)]
 pub fn limit(service_id: u32, cfg: &ServiceConfig, p: &Parsed, len: u64) -> Verdict {
     let key = key_of(service_id, cfg.rl_key, p);
-    // SAFETY: helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: helpers with no arguments.
+    let now = if cfg.coarse_clock(COARSE_MIN_BURST_NS.load()) {
+        unsafe { bpf_ktime_get_coarse_ns() }
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
 
     let bucket = match RL_BUCKETS.get_ptr_mut(key) {
         Some(b) => b,

@@ -29,4 +29,4 @@ pub use timing::Scaled;
 pub use traffic::{
     RecvReport, SendMethod, SendReport, TcpTransfer, UdpFlood, UdpReceiver, UdpSender, tcp_transfer,
 };
-pub use verify::{KeyCount, check_counts};
+pub use verify::{KeyCount, check_counts, clock_slack};

@@ -26,6 +26,7 @@ pub use maps::{ApplyReport, KeyCounts, ServiceCounters, ShapeCounters, Snapshot}
 use crate::config::Compiled;
 use std::{collections::HashMap, path::PathBuf};
 
+use agent_common::limit::{GLOBAL_COARSE_MIN_BURST_NS, coarse_clock_tick_ns, coarse_min_burst_ns};
 use agent_common::maps::{
     MAP_RL_BUCKETS, MAP_SHAPE_NEXT, MAP_STAGES_TC, MAP_STAGES_XDP, PINNED_MAPS, PROG_TC_ANSWER,
     PROG_TC_EGRESS, PROG_TC_LB, PROG_TC_NAT, PROG_XDP, PROG_XDP_ANSWER, PROG_XDP_LB, PROG_XDP_NAT,
@@ -318,6 +319,9 @@ impl Datapath {
             entries.insert(MAP_SHAPE_NEXT, keys.max(1));
         }
         let mut loader = EbpfLoader::new();
+        // Without the tick, the datapath's default: every bucket on the precise clock.
+        let coarse_min_burst = coarse_clock_tick_ns().map_or(u64::MAX, coarse_min_burst_ns);
+        loader.override_global(GLOBAL_COARSE_MIN_BURST_NS, &coarse_min_burst, true);
         for (name, n) in &entries {
             loader.map_max_entries(name, *n);
         }
