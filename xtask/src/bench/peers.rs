@@ -13,6 +13,7 @@
 //! the parts still run and write the rows of the missing tool with the reason
 //! ([`Tools::unavailable`]).
 
+mod limit;
 mod plot;
 
 use std::{fmt::Write as _, path::PathBuf};
@@ -51,7 +52,7 @@ pub struct Ctx {
 type Part = fn(&Ctx) -> Result<String>;
 
 /// The parts, in the order of the section.
-const PARTS: &[(&str, Part)] = &[];
+const PARTS: &[(&str, Part)] = &[("limit", limit::run)];
 
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask bench peers")]
@@ -164,6 +165,34 @@ fn section(ctx: &Ctx, parts: &[(&str, String)]) -> String {
     s
 }
 
+/// The median, min and max of `v`; zeros when it is empty.
+pub fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// "CPU model, N CPUs, kernel X".
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -237,5 +266,36 @@ impl Tools {
             .iter()
             .find(|(t, _)| *t == tool)
             .map(|(_, why)| why.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(100_000), "100,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median_min_max(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(median_min_max(vec![4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert_eq!(median_min_max(Vec::new()), (0.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn parts_are_selected_by_name_in_the_section_order() {
+        let all = select(&[]).unwrap();
+        assert_eq!(all.len(), PARTS.len());
+        let limit = select(&["limit".to_owned()]).unwrap();
+        assert_eq!(limit.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["limit"]);
+        let err = select(&["nope".to_owned()]).err().unwrap().to_string();
+        assert!(err.contains("no part \"nope\""), "{err}");
     }
 }
