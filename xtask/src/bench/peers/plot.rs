@@ -67,6 +67,7 @@ pub fn bars(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> Result<()>
                 String::new()
             }
         })
+        .y_label_formatter(&|y| format!("{y}"))
         .label_style((FONT, 13))
         .draw()
         .map_err(|e| draw(&e))?;
