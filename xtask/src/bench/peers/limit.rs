@@ -65,6 +65,8 @@ const PAYLOAD: usize = 64;
 const NFT_TABLE: &str = "peers_limit";
 const AGENT_LISTEN: &str = "127.0.0.1:9090";
 const AGENT_READY: Scaled = Scaled::secs(60);
+/// Two median errors (%, whole packets) this close count as equal accuracy.
+const ACCURACY_SLACK_PCT: f64 = 0.1;
 /// Runs of a case at most, while the generator stalls longer than burst/rate (the machine is
 /// shared); the last one counts whatever it did, and the table says how many stalled.
 const ATTEMPTS: u32 = 3;
@@ -816,6 +818,9 @@ fn report(ctx: &Ctx, cases: &[Case], outcomes: &Outcomes) -> Result<String> {
          |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     );
     let mut cpu_bars = Vec::new();
+    // Per agent row, over the cases: its CPU above its floor over nftables', and whether its
+    // median error (whole packets) is within nftables' (for the goal line under the table).
+    let mut against_nft: HashMap<Row, Vec<(f64, bool)>> = HashMap::new();
     let mut error_bars = Vec::new();
     for (c, case) in cases.iter().enumerate() {
         let cpu_of = |row: Row| -> Option<(f64, f64, f64)> {
@@ -831,6 +836,23 @@ fn report(ctx: &Ctx, cases: &[Case], outcomes: &Outcomes) -> Result<String> {
             Some((m - floor, lo - floor, hi - floor))
         };
         let (unlimited, nft) = (above(Row::Unlimited), above(Row::Nft));
+        let whole_error = |row: Row| {
+            let samples = outcomes.of(c, row);
+            (!samples.is_empty())
+                .then(|| median_min_max(samples.iter().map(Sample::whole_error_pct).collect()).0)
+        };
+        for row in [Row::AgentNative, Row::AgentGeneric] {
+            if let (Some(mine), Some(theirs), Some(e), Some(nft_e)) =
+                (above(row), nft, whole_error(row), whole_error(Row::Nft))
+                && theirs.0 > 0.0
+            {
+                let accurate = e.abs() <= nft_e.abs() + ACCURACY_SLACK_PCT;
+                against_nft
+                    .entry(row)
+                    .or_default()
+                    .push((mine.0 / theirs.0, accurate));
+            }
+        }
         for row in ROWS {
             let samples = outcomes.of(c, row);
             if samples.is_empty() {
@@ -927,6 +949,30 @@ fn report(ctx: &Ctx, cases: &[Case], outcomes: &Outcomes) -> Result<String> {
         }
     }
     s.push('\n');
+    for row in [Row::AgentNative, Row::AgentGeneric] {
+        let Some(v) = against_nft.get(&row) else {
+            continue;
+        };
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), (r, _)| {
+            (lo.min(*r), hi.max(*r))
+        });
+        let cheaper = v.iter().filter(|(r, _)| *r <= 1.0 / 3.0).count();
+        let accurate = v.iter().filter(|(_, a)| *a).count();
+        let _ = writeln!(
+            s,
+            "- Goal (issue 14: at least 3x less CPU per packet than the nftables meter, at \
+             equal or better accuracy), {}: CPU above its floor {lo:.2}x to {hi:.2}x \
+             nftables' over the {} cases, 3x less in {cheaper}; accuracy (whole packets) \
+             within {ACCURACY_SLACK_PCT} point of nftables' in {accurate}. {}",
+            row.label(),
+            v.len(),
+            if cheaper == v.len() && accurate == v.len() {
+                "Met."
+            } else {
+                "**Not met.**"
+            }
+        );
+    }
     // A row that stopped after some rounds keeps its figures above; say why it has fewer.
     for row in ROWS {
         if let Some(why) = outcomes.stopped.get(&row)
