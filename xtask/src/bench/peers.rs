@@ -75,8 +75,16 @@ struct Args {
 }
 
 pub fn run(extra: &[String]) -> Result<()> {
-    let args =
-        Args::try_parse_from(std::iter::once("peers".to_owned()).chain(extra.iter().cloned()))?;
+    let args = match Args::try_parse_from(
+        std::iter::once("peers".to_owned()).chain(extra.iter().cloned()),
+    ) {
+        Ok(args) => args,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {
+            print!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let selected = select(&args.parts)?;
     sys::require_root("cargo xtask bench peers (network namespaces, nftables, the agent)")?;
     let toolchain = setup::run()?;
