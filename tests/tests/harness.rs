@@ -5,7 +5,7 @@
 //!
 //! Root only; run serially: `cargo test -p agent-tests -- --test-threads=1`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use agent_tests::netns::netns_list;
@@ -197,6 +197,41 @@ fn extra_client_addresses_are_distinct_sources() {
         sent.sent_per_ip(),
         "per-source counts differ from what was sent"
     );
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
+fn spoofed_sources_need_no_address() {
+    let topo = Topology::new().expect("topology");
+    let dst = SocketAddr::new(IpAddr::V4(topo.server_v4), PORT);
+    let rx = UdpReceiver::start(&topo.server, dst).expect("receiver");
+    // 1,000 sources that no interface holds, 2 flows each (source ports 10000 and 10001).
+    let sources: Vec<IpAddr> = (0..1000u32)
+        .map(|i| IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + i)))
+        .collect();
+    let spec = UdpFlood {
+        sources: sources.clone(),
+        method: SendMethod::Spoofed,
+        base_port: 10_000,
+        ..UdpFlood::new(dst, sources[0], 2000, 10.0, Duration::from_millis(500))
+    };
+    let sent = UdpSender::new(&topo.client, spec)
+        .expect("sender")
+        .run()
+        .expect("send");
+    assert_eq!(sent.failed, 0, "sends failed");
+    let got = rx.finish().expect("receive");
+    assert_eq!(got.malformed, 0, "payloads changed on the way");
+    assert_eq!(
+        got.packets, sent.sent,
+        "sent {}, received {}",
+        sent.sent, got.packets
+    );
+    for (i, f) in sent.flows.iter().enumerate() {
+        let expected = SocketAddr::new(sources[i / 2], 10_000 + (i % 2) as u16);
+        assert_eq!(f.src, expected, "flow {i}");
+        assert_eq!(got.from(&f.src), f.sent, "flow {i} from {}", f.src);
+    }
 }
 
 /// Capacity of this machine: for 1, 100 and 10,000 flows and both send methods, step the

@@ -2,14 +2,14 @@
 
 use std::collections::HashMap;
 use std::mem::zeroed;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
 use super::sys::{SockAddr, raise_nofile, setsockopt_int};
 use crate::netns::Netns;
@@ -26,6 +26,15 @@ pub enum SendMethod {
     /// port `base_port + flow index`) and hands the kernel up to [`RAW_BATCH`] packets per
     /// `sendmmsg`. Fewer syscalls when the schedule is behind.
     Raw,
+    /// IPv4 only: one raw socket with `IP_HDRINCL`; the sender writes the IP header too, so
+    /// a source needs no local address (as `hping3 --rand-source`, for tens of thousands of
+    /// sources) and batches are not split by source. Flow `i` uses source port `base_port` +
+    /// its index among its source's flows. Nothing can answer such a source: for UDP
+    /// toward a listening socket, nothing needs to. Packets leave [`RAW_BATCH`] at a time,
+    /// once the last of them is due, and the sender sleeps in between instead of spinning:
+    /// its CPU time is its sends (for benchmarks that count it), and a flow's pacing is even
+    /// to within one batch's time (`RAW_BATCH` / the aggregate rate).
+    Spoofed,
 }
 
 /// Most packets one `sendmmsg` carries. Only packets already due are batched, so on
@@ -45,7 +54,8 @@ pub struct UdpFlood {
     /// UDP payload bytes.
     pub payload: usize,
     pub method: SendMethod,
-    /// [`SendMethod::Raw`] only: flow `i` uses source port `base_port + i`.
+    /// [`SendMethod::Raw`]: flow `i` uses source port `base_port + i`;
+    /// [`SendMethod::Spoofed`]: `base_port` + its index among its source's flows.
     pub base_port: u16,
 }
 
@@ -81,6 +91,19 @@ impl UdpFlood {
 
     fn source_of(&self, flow: usize) -> usize {
         flow * self.sources.len() / self.flows
+    }
+
+    /// The first flow of source `s` (the smallest `f` with `source_of(f) == s`).
+    fn first_flow_of(&self, s: usize) -> usize {
+        (s * self.flows).div_ceil(self.sources.len())
+    }
+
+    /// The socket that carries `flow`'s packets: one per source, or the only one.
+    fn socket_of(&self, flow: usize) -> usize {
+        match self.method {
+            SendMethod::Spoofed => 0,
+            SendMethod::Sockets | SendMethod::Raw => self.source_of(flow),
+        }
     }
 }
 
@@ -181,7 +204,8 @@ impl SendReport {
 enum Wire {
     /// One connected socket per flow.
     Sockets(Vec<UdpSocket>),
-    /// One raw socket per source, the ready UDP datagram of each flow, and the destination.
+    /// One raw socket per source (or one for every source, [`SendMethod::Spoofed`]), the
+    /// ready datagram of each flow (UDP, or IP for `Spoofed`), and the destination.
     Raw {
         socks: Vec<OwnedFd>,
         packets: Vec<Vec<u8>>,
@@ -283,10 +307,22 @@ impl UdpSender {
         let mut mm = MmsgBuf::new();
         let live = &self.progress;
         while j < total && !live.stop.load(Ordering::Relaxed) {
-            let due_at = t0 + sched(j);
+            // A spoofed flood waits for a whole batch to be due and sleeps instead of
+            // spinning: its CPU time is then its sends, which a benchmark of the path counts.
+            let spoofed = spec.method == SendMethod::Spoofed;
+            let batch_end = if spoofed {
+                (j + RAW_BATCH as u64 - 1).min(total - 1)
+            } else {
+                j
+            };
+            let due_at = t0 + sched(batch_end);
             let now = Instant::now();
             if now < due_at {
-                wait_until(due_at);
+                if spoofed {
+                    std::thread::sleep(due_at - now);
+                } else {
+                    wait_until(due_at);
+                }
                 continue;
             }
             let lag = now - due_at;
@@ -315,16 +351,16 @@ impl UdpSender {
                     dst,
                 } => {
                     // A batch: the consecutive packets due by now (index < due) whose flows
-                    // share one source socket. `due` includes j itself, which is due (checked
+                    // share one socket. `due` includes j itself, which is due (checked
                     // above) even when float rounding says otherwise.
                     let due = (((now - t0).as_secs_f64() * agg) as u64 + 1).clamp(j + 1, total);
                     let first_flow = (j % n as u64) as usize;
-                    let src = spec.source_of(first_flow);
+                    let src = spec.socket_of(first_flow);
                     let mut batch = 0;
                     mm.clear();
                     while batch < RAW_BATCH && j + (batch as u64) < due {
                         let flow = ((j + batch as u64) % n as u64) as usize;
-                        if spec.source_of(flow) != src {
+                        if spec.socket_of(flow) != src {
                             break;
                         }
                         mm.push(&packets[flow], dst);
@@ -455,7 +491,77 @@ fn open_wire(spec: &UdpFlood) -> Result<(Wire, Vec<SocketAddr>)> {
                 srcs,
             ))
         }
+        SendMethod::Spoofed => {
+            let IpAddr::V4(dst_ip) = spec.dst.ip() else {
+                bail!("spoofed sources are IPv4 only, not {}", spec.dst);
+            };
+            let per_source = spec.flows.div_ceil(spec.sources.len());
+            ensure!(
+                spec.base_port as usize + per_source <= 65536,
+                "base_port {} + {per_source} flows per source exceeds the port space",
+                spec.base_port
+            );
+            let mut packets = Vec::with_capacity(spec.flows);
+            for i in 0..spec.flows {
+                let s = spec.source_of(i);
+                let IpAddr::V4(ip) = spec.sources[s] else {
+                    bail!("spoofed sources are IPv4 only, not {}", spec.sources[s]);
+                };
+                let port = spec.base_port + (i - spec.first_flow_of(s)) as u16;
+                let src = SocketAddr::new(ip.into(), port);
+                packets.push(ipv4_packet(
+                    ip,
+                    dst_ip,
+                    &udp_datagram(src, spec.dst, spec.payload),
+                ));
+                srcs.push(src);
+            }
+            let dst = SockAddr::from(SocketAddr::new(spec.dst.ip(), 0));
+            Ok((
+                Wire::Raw {
+                    socks: vec![header_included_socket()?],
+                    packets,
+                    dst,
+                },
+                srcs,
+            ))
+        }
     }
+}
+
+/// A raw IPv4 socket whose packets carry their own IP header (`IPPROTO_RAW` implies
+/// `IP_HDRINCL`): any source address, local or not.
+fn header_included_socket() -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket(SOCK_RAW, IPPROTO_RAW)");
+    }
+    // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An IPv4 header (no options, TTL 64, protocol UDP) in front of `udp`. The kernel fills in
+/// the header checksum and, as the ID is 0, the ID (raw(7), `IP_HDRINCL`).
+fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, udp: &[u8]) -> Vec<u8> {
+    const IHL_BYTES: usize = 20;
+    const TTL: u8 = 64;
+    let len = IHL_BYTES + udp.len();
+    let mut p = vec![0u8; len];
+    p[0] = 0x45; // version 4, 5 words of header
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = TTL;
+    p[9] = libc::IPPROTO_UDP as u8;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[IHL_BYTES..].copy_from_slice(udp);
+    p
 }
 
 /// A raw IPPROTO_UDP socket bound to `ip`: the kernel writes the IP header, we write UDP.
