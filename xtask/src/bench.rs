@@ -6,10 +6,11 @@
 //! Extra arguments go to `agent-bench`, except `--rounds N`, `--connects N` and `--passive`,
 //! which only `breaker-bench` has; `--out FILE` goes to both. Benchmarks of their own run
 //! instead when named first: `scale` (scale.rs), `health` (health.rs), `restart`
-//! (restart.rs), `reload` (reload.rs) and `degrade` (degrade.rs).
+//! (restart.rs), `reload` (reload.rs), `degrade` (degrade.rs) and `peers` (peers.rs).
 
 mod degrade;
 mod health;
+mod peers;
 mod reload;
 mod restart;
 mod scale;
@@ -34,6 +35,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         Some("restart") => return restart::run(&extra[1..]),
         Some("reload") => return reload::run(&extra[1..]),
         Some("degrade") => return degrade::run(&extra[1..]),
+        Some("peers") => return peers::run(&extra[1..]),
         _ => {}
     }
     // BPF_PROG_TEST_RUN, network namespaces and the agent need root.

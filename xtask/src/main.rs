@@ -55,7 +55,9 @@ enum Command {
     /// per health-check probe, the agent against HAProxy on the same 4,000 backends; `bench
     /// restart`: traffic across a SIGKILL and an adopting restart, time to ready, agent RSS/CPU;
     /// `bench reload`: file save to the new policy in force, with 10 and 1,000 services;
-    /// `bench degrade`: slow backends to new flows on the fallback, p50/max over 10 runs.
+    /// `bench degrade`: slow backends to new flows on the fallback, p50/max over 10 runs;
+    /// `bench peers [limit|lb|failfast]`: the agent against nftables, iptables, HAProxy and
+    /// nginx on one veth topology, with SVG charts in tests/benchmarks/.
     Bench {
         /// Extra arguments: `--rounds`, `--connects`, `--passive` go to breaker-bench, `--out`
         /// to both, the rest to agent-bench.

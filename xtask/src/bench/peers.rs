@@ -1,0 +1,241 @@
+//! `cargo xtask bench peers [PART...]`: the agent side by side with the tools users would
+//! pick instead (nftables and iptables for rate limits, HAProxy and nginx `stream` for L4
+//! balancing and health checks), in one run, on veth / network-namespace topologies.
+//!
+//! Each part measures on its own topology and returns the Markdown of its subsection(s), with
+//! links to the SVG charts it drew (`plot::bars`) into `tests/benchmarks/`. With no part
+//! named, every part runs and the section [`SECTION`] of BENCHMARKS.md (`--out`) is replaced;
+//! with parts named, each one's Markdown is printed and written to
+//! `target/bench-peers-PART.md`, and BENCHMARKS.md is left alone (a partial section would
+//! replace the whole one).
+//!
+//! The peer tools are Debian packages, installed with apt-get when missing; when that fails
+//! the parts still run and write the rows of the missing tool with the reason
+//! ([`Tools::unavailable`]).
+
+mod plot;
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+
+use crate::{build, setup, sys, workspace};
+
+pub const SECTION: &str = "## Peers: the agent against nftables, iptables, HAProxy and nginx";
+/// Where the charts go, relative to the workspace root and so to BENCHMARKS.md.
+const PLOTS_REL: &str = "tests/benchmarks";
+/// Repeats of each figure by default, and with `--quick`.
+const REPEATS: usize = 5;
+const QUICK_REPEATS: usize = 3;
+
+/// What every part gets.
+pub struct Ctx {
+    /// The release agent binary.
+    pub agent: PathBuf,
+    /// The absolute directory for SVGs (`<repo>/tests/benchmarks`).
+    pub plots: PathBuf,
+    /// The same, relative to BENCHMARKS.md, for the Markdown's links.
+    pub plots_rel: String,
+    /// Each figure is the median of `repeats` runs, with their min and max.
+    pub repeats: usize,
+    /// Shorter durations, for a smoke run.
+    pub quick: bool,
+    /// "CPU model, N CPUs, kernel X", noted in each subsection.
+    pub machine: String,
+    /// Which peer tools are installed, and why not.
+    pub tools: Tools,
+}
+
+/// A part: the Markdown of its subsection(s).
+type Part = fn(&Ctx) -> Result<String>;
+
+/// The parts, in the order of the section.
+const PARTS: &[(&str, Part)] = &[];
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask bench peers")]
+struct Args {
+    /// Parts to run alone (their Markdown goes to target/bench-peers-PART.md); none: all of
+    /// them, and the section of BENCHMARKS.md is replaced.
+    parts: Vec<String>,
+    /// Runs per figure (its median, min and max); default 5, 3 with --quick.
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Shorter durations: a smoke run, not figures to publish.
+    #[arg(long)]
+    quick: bool,
+    /// The agent binary to measure; default: built here, release.
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// The Markdown file whose section is replaced (or appended).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+}
+
+pub fn run(extra: &[String]) -> Result<()> {
+    let args =
+        Args::try_parse_from(std::iter::once("peers".to_owned()).chain(extra.iter().cloned()))?;
+    let selected = select(&args.parts)?;
+    sys::require_root("cargo xtask bench peers (network namespaces, nftables, the agent)")?;
+    let toolchain = setup::run()?;
+    let tools = Tools::install();
+    let agent = match &args.agent_bin {
+        Some(bin) => bin.clone(),
+        None => build::agent_binary(&toolchain, true)?,
+    };
+    let plots = workspace::root().join(PLOTS_REL);
+    std::fs::create_dir_all(&plots).with_context(|| format!("creating {}", plots.display()))?;
+    let ctx = Ctx {
+        agent,
+        plots,
+        plots_rel: PLOTS_REL.to_owned(),
+        repeats: args
+            .repeats
+            .unwrap_or(if args.quick { QUICK_REPEATS } else { REPEATS })
+            .max(1),
+        quick: args.quick,
+        machine: machine(),
+        tools,
+    };
+
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for (name, part) in &selected {
+        println!("bench peers: {name}");
+        match part(&ctx) {
+            Ok(markdown) => done.push((*name, markdown)),
+            Err(e) => {
+                eprintln!("bench peers: {name} failed: {e:#}");
+                failed.push(format!("{name}: {e:#}"));
+            }
+        }
+    }
+    if args.parts.is_empty() && failed.is_empty() {
+        return super::publish(&args.out, &section(&ctx, &done));
+    }
+    // Parts alone, or some failed: the section would be partial; each part's Markdown is
+    // kept apart.
+    let target = workspace::target_dir()?;
+    for (name, markdown) in &done {
+        println!("\n{markdown}");
+        let file = target.join(format!("bench-peers-{name}.md"));
+        std::fs::write(&file, markdown).with_context(|| format!("writing {}", file.display()))?;
+        println!("written to {}", file.display());
+    }
+    if !failed.is_empty() {
+        bail!("bench peers: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// The parts named (all when none), in the section's order; an unknown name is an error.
+fn select(names: &[String]) -> Result<Vec<(&'static str, Part)>> {
+    if let Some(unknown) = names.iter().find(|n| !PARTS.iter().any(|(p, _)| p == n)) {
+        let known: Vec<&str> = PARTS.iter().map(|(p, _)| *p).collect();
+        bail!(
+            "no part {unknown:?} in bench peers (parts: {})",
+            known.join(", ")
+        );
+    }
+    Ok(PARTS
+        .iter()
+        .filter(|(p, _)| names.is_empty() || names.iter().any(|n| n == p))
+        .copied()
+        .collect())
+}
+
+/// The whole section: how it was measured, then each part's subsections.
+fn section(ctx: &Ctx, parts: &[(&str, String)]) -> String {
+    let mut s = format!("{SECTION}\n\n");
+    let _ = writeln!(
+        s,
+        "`cargo xtask bench peers` at {}, on {}. Each figure is the median of {} runs, \
+         with their min-max. The charts are in `{}/`.\n",
+        super::git_head(),
+        ctx.machine,
+        ctx.repeats,
+        ctx.plots_rel,
+    );
+    for (_, markdown) in parts {
+        s.push_str(markdown.trim_end());
+        s.push_str("\n\n");
+    }
+    s
+}
+
+/// "CPU model, N CPUs, kernel X".
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = super::first_word("/proc/sys/kernel/osrelease");
+    format!("{model}, {cpus} CPUs, kernel {kernel}")
+}
+
+/// The peer tools, by the Debian packages that bring them; a tool's name is its first
+/// package's.
+const TOOLS: &[&[&str]] = &[
+    &["nftables"],
+    &["iptables"],
+    &["haproxy"],
+    // Debian 12 builds nginx's `stream` module as a module package of its own.
+    &["nginx", "libnginx-mod-stream"],
+    &["iperf3"],
+    &["hping3"],
+];
+
+/// Which peer tools are missing after the install, and why.
+pub struct Tools {
+    /// (tool, why it is missing).
+    missing: Vec<(&'static str, String)>,
+}
+
+impl Tools {
+    /// Installs the missing packages with apt-get; what is still missing afterwards is noted
+    /// with apt-get's error.
+    fn install() -> Tools {
+        let all: Vec<&str> = TOOLS.iter().flat_map(|t| t.iter().copied()).collect();
+        let wanted = setup::missing_packages(&all);
+        let apt = if wanted.is_empty() {
+            Ok(())
+        } else {
+            setup::apt_install(&wanted).map_err(|e| format!("{e:#}"))
+        };
+        let missing = TOOLS
+            .iter()
+            .filter_map(|packages| {
+                let absent = setup::missing_packages(packages);
+                if absent.is_empty() {
+                    return None;
+                }
+                let why = match &apt {
+                    Err(e) => format!("apt-get install failed: {e}"),
+                    Ok(()) => "apt-get install did not install it".to_owned(),
+                };
+                Some((
+                    packages[0],
+                    format!("{} not installed: {why}", absent.join(", ")),
+                ))
+            })
+            .collect();
+        Tools { missing }
+    }
+
+    /// `Some(why)` when `tool` (a package name of [`TOOLS`], e.g. "haproxy") is not
+    /// installed: its rows read "skipped: WHY".
+    pub fn unavailable(&self, tool: &str) -> Option<&str> {
+        debug_assert!(
+            TOOLS.iter().any(|t| t[0] == tool),
+            "{tool} is not a peer tool"
+        );
+        self.missing
+            .iter()
+            .find(|(t, _)| *t == tool)
+            .map(|(_, why)| why.as_str())
+    }
+}
