@@ -13,6 +13,8 @@
 //! the parts still run and write the rows of the missing tool with the reason
 //! ([`Tools::unavailable`]).
 
+mod failfast;
+mod lb;
 mod plot;
 
 use std::{fmt::Write as _, path::PathBuf};
@@ -51,7 +53,7 @@ pub struct Ctx {
 type Part = fn(&Ctx) -> Result<String>;
 
 /// The parts, in the order of the section.
-const PARTS: &[(&str, Part)] = &[];
+const PARTS: &[(&str, Part)] = &[("lb", lb::run), ("failfast", failfast::run)];
 
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask bench peers")]
