@@ -29,7 +29,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     Ctx,
-    lb::{Proxy, cell, spread},
+    lb::{PIN_PATH, Proxy, cell, spread},
     plot::{self, Bar},
 };
 
@@ -98,10 +98,10 @@ struct Round {
     /// Blackhole -> the end of the first attempt that failed within [`AT_ONCE`]: the tool
     /// knows, rather than finds out while the client waits.
     at_once: Option<Duration>,
-    /// The timed attempts while known bad: the times of those that failed fast, and how many
-    /// ended otherwise (timed out, or succeeded).
+    /// The timed attempts while known bad: the times of those that failed fast, and of those
+    /// that ended otherwise (timed out, or succeeded).
     fast: Vec<Duration>,
-    slow: usize,
+    slow: Vec<Duration>,
     /// Restore -> the end of the first attempt that succeeded.
     recover: Option<Duration>,
 }
@@ -201,7 +201,18 @@ fn rounds(
             .filter(|o| o.result.is_err_and(Failure::answered))
             .map(|o| o.took)
             .collect();
-        let slow = attempts.total() - fast.len();
+        let slow: Vec<Duration> = attempts
+            .times
+            .iter()
+            .copied()
+            .chain(
+                attempts
+                    .failures
+                    .iter()
+                    .filter(|o| !o.result.is_err_and(Failure::answered))
+                    .map(|o| o.took),
+            )
+            .collect();
 
         hole.remove()?;
         let t1 = Instant::now();
@@ -211,11 +222,12 @@ fn rounds(
         .join()
         .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
         println!(
-            "bench peers failfast: {}: round {}: detected {detect:?} (at once {at_once:?}), {} fast (median {:?}), {slow} not, recovered {recover:?}",
+            "bench peers failfast: {}: round {}: detected {detect:?} (at once {at_once:?}), {} fast (median {:?}), {} not, recovered {recover:?}",
             tool.short(),
             i + 1,
             fast.len(),
             crate::bench::quantile(&fast, 0.5),
+            slow.len(),
         );
         out.push(Round {
             detect,
@@ -233,6 +245,7 @@ fn agent_policy(ifname: &str, backend: SocketAddr) -> String {
         "version: 1
 agent:
   listen: 127.0.0.1:9090
+  pin_path: {PIN_PATH}
 interfaces:
   - name: {ifname}
     xdp_mode: generic
@@ -331,7 +344,7 @@ fn report(ctx: &Ctx, results: &[(Tool, Result<Vec<Round>, String>)]) -> Result<S
          waited). *attempt while known bad*: then {TIMED} \
          attempts one after another ({TIMED_UNPROTECTED} without protection, where each takes \
          the whole timeout), each timed; the median and max of the fast ones, and how many \
-         were not fast. *recover*: from the removal of the rule to the end of the first attempt \
+         were not fast (and their median time). *recover*: from the removal of the rule to the end of the first attempt \
          that succeeds.\n",
         ATTEMPT_TIMEOUT.as_millis(),
         EVERY.as_millis(),
@@ -368,8 +381,17 @@ fn report(ctx: &Ctx, results: &[(Tool, Result<Vec<Round>, String>)]) -> Result<S
         let at_once = seen(|r| r.at_once);
         let recover = seen(|r| r.recover);
         let fast: Vec<Duration> = rounds.iter().flat_map(|r| r.fast.clone()).collect();
-        let slow: usize = rounds.iter().map(|r| r.slow).sum();
-        let total = fast.len() + slow;
+        let slow: Vec<Duration> = rounds.iter().flat_map(|r| r.slow.clone()).collect();
+        let total = fast.len() + slow.len();
+        let not_fast = if slow.is_empty() {
+            format!("0 of {total}")
+        } else {
+            format!(
+                "{} of {total}, median {:.1} ms",
+                slow.len(),
+                ms(crate::bench::quantile(&slow, 0.5))
+            )
+        };
         let (median, max) = if fast.is_empty() {
             ("-".to_owned(), "-".to_owned())
         } else {
@@ -380,7 +402,7 @@ fn report(ctx: &Ctx, results: &[(Tool, Result<Vec<Round>, String>)]) -> Result<S
         };
         writeln!(
             t,
-            "| {} | {} | {} | {median} | {max} | {slow} of {total} | {} |",
+            "| {} | {} | {} | {median} | {max} | {not_fast} | {} |",
             tool.label(),
             with_missing(detect),
             with_missing(at_once),

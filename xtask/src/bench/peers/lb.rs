@@ -60,6 +60,9 @@ const QUICK_RATE_TIME: Duration = Duration::from_millis(700);
 /// Timeout of one exchange's connect and of each read: above TCP's 1 s initial SYN
 /// retransmission, so that a lost SYN shows as a slow exchange rather than a failure.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The agents' pins: a path of the bench's own, so that an agent running on the host (or
+/// another bench or test, on the default path) does not stop it (one agent per path).
+pub(super) const PIN_PATH: &str = "/sys/fs/bpf/agent-bench-peers";
 /// The mixed row: exchanges the direct client makes at least, unless this passes first.
 const MIXED_DIRECT_MIN: usize = 3;
 const MIXED_DIRECT_WAIT: Duration = Duration::from_secs(10);
@@ -109,6 +112,20 @@ impl Row {
             Row::AgentNative => "agent VIP, native XDP",
             Row::Mixed => "mixed: agent VIP (native)",
             Row::MixedDirect => "mixed: direct beside it",
+        }
+    }
+
+    /// The label in the charts, where groups are narrow.
+    fn short(self) -> &'static str {
+        match self {
+            Row::Direct => "direct",
+            Row::HaproxyRr => "HAProxy rr",
+            Row::HaproxyLc => "HAProxy lc",
+            Row::Nginx => "nginx",
+            Row::AgentGeneric => "agent generic",
+            Row::AgentNative => "agent native",
+            Row::Mixed => "mixed: VIP",
+            Row::MixedDirect => "mixed: direct",
         }
     }
 
@@ -451,6 +468,7 @@ fn agent_policy(ifname: &str, mode: &str, backends: &[SocketAddr]) -> String {
         "version: 1
 agent:
   listen: 127.0.0.1:9090
+  pin_path: {PIN_PATH}
 interfaces:
   - name: {ifname}
     xdp_mode: {mode}
@@ -746,14 +764,14 @@ fn report(
         )?;
         for (i, series) in [(0, "p50"), (2, "p99")] {
             if let Some((median, min, max)) = q[i] {
-                lat_bars.push(bar(row.label(), series, (median, min, max)));
+                lat_bars.push(bar(row.short(), series, (median, min, max)));
             }
         }
         if let Some(f) = cps {
-            rate_bars.push(bar(row.label(), "connections/s", f));
+            rate_bars.push(bar(row.short(), "connections/s", f));
         }
         if let Some(f) = cpu {
-            cpu_bars.push(bar(row.label(), "CPU us per connection", f));
+            cpu_bars.push(bar(row.short(), "CPU us per connection", f));
         }
     }
     writeln!(t)?;
