@@ -21,8 +21,9 @@ use std::{
 use agent_tests::{
     agent::{AgentProcess, READY_TIMEOUT, TempDir},
     backend::Blackhole,
-    breaker::first_hit,
+    breaker::{BackendView, first_hit},
     netns::Topology,
+    timing::Scaled,
     traffic::exchange::{self, ExchangeServer, Failure},
 };
 use anyhow::{Context as _, Result, bail};
@@ -36,6 +37,9 @@ use super::{
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const VIP_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
+const SERVICE: &str = "web";
+/// How long the agent's breaker has to close and its backend to be healthy before a round.
+const SETTLE: Scaled = Scaled::secs(10);
 const HAPROXY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8201);
 const SERVER_THREADS: usize = 8;
 
@@ -119,7 +123,16 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         let path = dir.write("agent.yaml", &agent_policy(&topo.client_if, backend))?;
         let mut agent = AgentProcess::spawn(&ctx.agent, &topo.client, &path)?;
         agent.wait_ready(READY_TIMEOUT)?;
-        let rounds = rounds(ctx, &topo, backend, vip, Tool::Agent)?;
+        // Each round from a closed breaker: an exchange can succeed while it is still
+        // half-open (trial flows), and a round begun then would find it opening at once.
+        let view = BackendView::new(&agent, SERVICE, backend);
+        let closed = || -> Result<()> {
+            view.wait("breaker closed, backend healthy", Instant::now(), SETTLE, |s| {
+                s.state() == Some("closed") && s.healthy() == Some(1.0)
+            })
+            .map(drop)
+        };
+        let rounds = rounds(ctx, &topo, backend, vip, Tool::Agent, &closed)?;
         agent.stop()?;
         results.push((Tool::Agent, Ok(rounds)));
     }
@@ -130,24 +143,26 @@ pub fn run(ctx: &Ctx) -> Result<String> {
             let mut command = Command::new("haproxy");
             command.arg("-db").arg("-f").arg(&path);
             let proxy = Proxy::start(&topo.client, command, &path, &[HAPROXY])?;
-            let rounds = rounds(ctx, &topo, backend, HAPROXY, Tool::Haproxy)?;
+            // An exchange through HAProxy succeeds only once its one server is up.
+            let rounds = rounds(ctx, &topo, backend, HAPROXY, Tool::Haproxy, &|| Ok(()))?;
             proxy.stop()?;
             results.push((Tool::Haproxy, Ok(rounds)));
         }
     }
-    let rounds = rounds(ctx, &topo, backend, backend, Tool::Unprotected)?;
+    let rounds = rounds(ctx, &topo, backend, backend, Tool::Unprotected, &|| Ok(()))?;
     results.push((Tool::Unprotected, Ok(rounds)));
     report(ctx, &results)
 }
 
 /// `ctx.repeats` rounds of hanging and restoring `backend`, the client attempts going to
-/// `dst`.
+/// `dst`; each round begins once an exchange succeeds and `settled` returns.
 fn rounds(
     ctx: &Ctx,
     topo: &Topology,
     backend: SocketAddr,
     dst: SocketAddr,
     tool: Tool,
+    settled: &dyn Fn() -> Result<()>,
 ) -> Result<Vec<Round>> {
     let (timed, give_up) = match tool {
         Tool::Unprotected => (TIMED_UNPROTECTED, GIVE_UP_UNPROTECTED),
@@ -169,6 +184,7 @@ fn rounds(
                 i + 1
             )
         })?;
+        settled().with_context(|| format!("{}: before round {}", tool.short(), i + 1))?;
         // Spread the rounds over the checks' period: detection depends on its phase.
         std::thread::sleep(INTERVAL * i as u32 / ctx.repeats as u32);
 
@@ -251,7 +267,7 @@ interfaces:
     xdp_mode: generic
     direction: both
 services:
-  - name: web
+  - name: {SERVICE}
     match: {{ address: \"{VIP}\", port: {VIP_PORT}, protocol: tcp }}
     backends:
       - address: \"{backend}\"
