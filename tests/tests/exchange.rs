@@ -11,12 +11,15 @@ use agent_tests::Topology;
 use agent_tests::backend::Blackhole;
 use agent_tests::timing::Scaled;
 use agent_tests::traffic::exchange::{self, Background, ExchangeServer, Failure};
+use agent_tests::wait::wait_until;
 
 const PORT: u16 = 8080;
 /// Timeout of an exchange that must succeed.
 const TIMEOUT: Scaled = Scaled::secs(2);
 /// Timeout of an exchange with a hung backend: it must end by this timeout.
 const HUNG_TIMEOUT: Duration = Duration::from_millis(200);
+/// How often a count is checked while waiting on it (a period, not a bound).
+const POLL: Duration = Duration::from_millis(5);
 
 fn lab() -> (Topology, Vec<SocketAddr>, Vec<ExchangeServer>) {
     let mut topo = Topology::new().expect("topology");
@@ -43,13 +46,18 @@ fn every_exchange_is_answered_by_the_backend_it_went_to() {
         "100 sequential exchanges; failures: {}",
         seq.describe_failures(5)
     );
-    // Alternating: 50 each.
-    assert_eq!(
+    // Alternating: 50 each. A server counts an exchange once the client's close is in.
+    let answered = || {
         servers
             .iter()
             .map(ExchangeServer::answered)
-            .collect::<Vec<_>>(),
-        vec![50, 50]
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "50 exchanges answered by each backend",
+        TIMEOUT,
+        POLL,
+        || answered() == [50, 50],
     );
 
     let load = exchange::for_duration(
@@ -66,16 +74,15 @@ fn every_exchange_is_answered_by_the_backend_it_went_to() {
         load.times.len(),
         load.describe_failures(5)
     );
-    let answered: u64 = servers.iter().map(ExchangeServer::answered).sum();
-    assert_eq!(answered, 100 + load.times.len() as u64);
+    let want = 100 + load.times.len() as u64;
+    wait_until(&format!("{want} exchanges answered"), TIMEOUT, POLL, || {
+        answered().iter().sum::<u64>() == want
+    });
 
     let bg = Background::start(&topo.client, &addrs[..1], TIMEOUT.get()).expect("background");
-    agent_tests::wait::wait_until(
-        "the background client's exchanges",
-        TIMEOUT,
-        Duration::from_millis(5),
-        || bg.made() >= 10,
-    );
+    wait_until("the background client's exchanges", TIMEOUT, POLL, || {
+        bg.made() >= 10
+    });
     let made = bg.finish();
     assert!(made.failures.is_empty(), "{}", made.describe_failures(5));
     assert!(made.times.len() >= 10);

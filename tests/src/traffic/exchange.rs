@@ -17,25 +17,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::sys::poll_readable;
-use crate::backend::{READ_IDLE, Worker};
+use crate::backend::{ACCEPT_IDLE, READ_IDLE, Worker};
 use crate::netns::Netns;
 
 /// Bytes each way of one exchange.
 pub const EXCHANGE_BYTES: usize = 64;
-/// How long a server thread waits for a connection before it looks at its stop flag again
-/// (`poll()` returns as soon as one is there: this adds no latency).
-const ACCEPT_WAIT: Duration = Duration::from_millis(50);
 /// How long a server waits on a connected client's request or close before giving up on it.
 const SERVER_IDLE: Duration = Duration::from_secs(5);
 
 /// A TCP backend for exchanges: `threads` threads accept on one listener, each serving one
 /// connection at a time: read [`EXCHANGE_BYTES`], write them back, then wait for the client's
-/// close. Stopped on drop.
+/// close. Blocking `accept()`s: the kernel wakes one waiting thread per connection (a
+/// `poll()` would wake them all, and charge every connection for it). Stopped on drop.
 pub struct ExchangeServer {
     accepted: Arc<AtomicU64>,
     answered: Arc<AtomicU64>,
-    _workers: Vec<Worker>,
+    listener: TcpListener,
+    workers: Vec<Worker>,
 }
 
 impl ExchangeServer {
@@ -45,7 +43,6 @@ impl ExchangeServer {
         let listener = ns
             .run(move || TcpListener::bind(addr))?
             .with_context(|| format!("binding the exchange backend {addr}"))?;
-        listener.set_nonblocking(true)?;
         let accepted = Arc::new(AtomicU64::new(0));
         let answered = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::with_capacity(threads);
@@ -54,14 +51,16 @@ impl ExchangeServer {
             let (accepted, answered) = (accepted.clone(), answered.clone());
             workers.push(Worker::spawn(move |stop| {
                 while !stop.load(Ordering::Relaxed) {
-                    poll_readable(listener.as_raw_fd(), Instant::now() + ACCEPT_WAIT);
-                    // Several threads wake for one connection: the others see WouldBlock.
-                    let Ok((conn, _)) = listener.accept() else {
-                        continue;
-                    };
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                    if answer(conn, &stop) {
-                        answered.fetch_add(1, Ordering::Relaxed);
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                            if answer(conn, &stop) {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        // Shut down (EINVAL from then on) or a passing error: look at the
+                        // stop flag again, without spinning.
+                        Err(_) => std::thread::sleep(ACCEPT_IDLE),
                     }
                 }
             }));
@@ -69,7 +68,8 @@ impl ExchangeServer {
         Ok(ExchangeServer {
             accepted,
             answered,
-            _workers: workers,
+            listener,
+            workers,
         })
     }
 
@@ -81,6 +81,15 @@ impl ExchangeServer {
     /// Requests answered so far.
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ExchangeServer {
+    fn drop(&mut self) {
+        // Wakes every thread blocked in accept() (they see EINVAL), then stops them.
+        // SAFETY: shutdown(2) on a descriptor this server owns.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        self.workers.clear();
     }
 }
 

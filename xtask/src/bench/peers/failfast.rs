@@ -127,9 +127,12 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         // half-open (trial flows), and a round begun then would find it opening at once.
         let view = BackendView::new(&agent, SERVICE, backend);
         let closed = || -> Result<()> {
-            view.wait("breaker closed, backend healthy", Instant::now(), SETTLE, |s| {
-                s.state() == Some("closed") && s.healthy() == Some(1.0)
-            })
+            view.wait(
+                "breaker closed, backend healthy",
+                Instant::now(),
+                SETTLE,
+                |s| s.state() == Some("closed") && s.healthy() == Some(1.0),
+            )
             .map(drop)
         };
         let rounds = rounds(ctx, &topo, backend, vip, Tool::Agent, &closed)?;
