@@ -235,7 +235,10 @@ impl Exchanges {
         self.failures
             .iter()
             .take(n)
-            .map(|o| format!("{:?} after {:?}", o.result.err(), o.took))
+            .filter_map(|o| {
+                let f = o.result.err()?;
+                Some(format!("{f:?} after {:.1} ms", o.took.as_secs_f64() * 1e3))
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }

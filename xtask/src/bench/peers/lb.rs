@@ -30,6 +30,7 @@ use std::{
 use agent_tests::{
     agent::{AgentProcess, READY_TIMEOUT, TempDir},
     netns::{Netns, Topology},
+    scale,
     traffic::exchange::{self, Background, ExchangeServer, Exchanges},
 };
 use anyhow::{Context as _, Result, bail};
@@ -156,6 +157,9 @@ struct Sample {
     rate: Option<(f64, f64)>,
     /// Exchanges of the rate measure that failed.
     rate_failed: usize,
+    /// CPU microseconds per connection of the agent's or the proxy's processes over the same
+    /// interval (rated rows with one).
+    process: Option<f64>,
 }
 
 pub fn run(ctx: &Ctx) -> Result<String> {
@@ -212,37 +216,41 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         let backends = lab.backends.clone();
         record(
             Row::Direct,
-            lab.measure(&backends, Row::Direct, sequential, rate_time)?,
+            lab.measure(&backends, Row::Direct, None, sequential, rate_time)?,
         );
         if haproxy {
             let proxy = lab.haproxy()?;
             for (row, addr) in [(Row::HaproxyRr, HAPROXY_RR), (Row::HaproxyLc, HAPROXY_LC)] {
-                record(row, lab.measure(&[addr], row, sequential, rate_time)?);
+                let pid = Some(proxy.pid());
+                record(row, lab.measure(&[addr], row, pid, sequential, rate_time)?);
             }
             proxy.stop()?;
         }
         if nginx {
             let proxy = lab.nginx()?;
+            let pid = Some(proxy.pid());
             record(
                 Row::Nginx,
-                lab.measure(&[NGINX], Row::Nginx, sequential, rate_time)?,
+                lab.measure(&[NGINX], Row::Nginx, pid, sequential, rate_time)?,
             );
             proxy.stop()?;
         }
         let vip = [SocketAddr::from((VIP, VIP_PORT))];
         let agent = lab.agent(ctx, "generic")?;
+        let pid = Some(agent.pid());
         record(
             Row::AgentGeneric,
-            lab.measure(&vip, Row::AgentGeneric, sequential, rate_time)?,
+            lab.measure(&vip, Row::AgentGeneric, pid, sequential, rate_time)?,
         );
         agent.stop()?;
         let agent = lab.agent(ctx, "native")?;
+        let pid = Some(agent.pid());
         record(
             Row::AgentNative,
-            lab.measure(&vip, Row::AgentNative, sequential, rate_time)?,
+            lab.measure(&vip, Row::AgentNative, pid, sequential, rate_time)?,
         );
         let beside = Background::start(&lab.topo.client, &backends, EXCHANGE_TIMEOUT)?;
-        let mixed = lab.measure(&vip, Row::Mixed, sequential, rate_time);
+        let mixed = lab.measure(&vip, Row::Mixed, None, sequential, rate_time);
         // The direct client's exchanges may hang for their whole timeout: wait for a few
         // (bounded), so its row says what they do.
         let since = Instant::now();
@@ -307,11 +315,13 @@ impl Lab {
         self.servers.iter().map(ExchangeServer::answered).sum()
     }
 
-    /// (b), then (a) and (c) for a rated row.
+    /// (b), then (a) and (c) for a rated row, with the CPU of process `pid` and its children
+    /// (the agent, a proxy) apart.
     fn measure(
         &self,
         dsts: &[SocketAddr],
         row: Row,
+        pid: Option<u32>,
         sequential: usize,
         rate_time: Duration,
     ) -> Result<Sample> {
@@ -333,6 +343,8 @@ impl Lab {
         if !row.rated() {
             return Ok(Sample::sequential(&seq, None));
         }
+        let process_cpu = || pid.map(tree_cpu).transpose();
+        let process0 = process_cpu()?;
         let busy = Busy::now()?;
         let started = Instant::now();
         let load = exchange::for_duration(
@@ -344,6 +356,7 @@ impl Lab {
         )?;
         let wall = started.elapsed();
         let cpu = busy.since()?;
+        let process1 = process_cpu()?;
         let done = load.times.len();
         if done == 0 {
             bail!(
@@ -360,6 +373,9 @@ impl Lab {
             )),
         );
         s.rate_failed = load.failures.len();
+        s.process = process0
+            .zip(process1)
+            .map(|(a, b)| b.saturating_sub(a).as_secs_f64() * 1e6 / done as f64);
         if s.failure.is_empty() {
             s.failure = load.describe_failures(1);
         }
@@ -541,6 +557,10 @@ impl Proxy {
         Ok(proxy)
     }
 
+    pub(super) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn output(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -578,6 +598,32 @@ impl Drop for Proxy {
             eprintln!("warning: {e:#}");
         }
     }
+}
+
+/// The CPU time of process `pid` and of its descendants (nginx's workers), utime + stime.
+fn tree_cpu(pid: u32) -> Result<Duration> {
+    let mut total = scale::cpu_time(pid)?.total();
+    for child in children(pid) {
+        // A child that exited between the listing and the read has nothing more to count.
+        total += tree_cpu(child).unwrap_or_default();
+    }
+    Ok(total)
+}
+
+/// The children of `pid`, from every thread's `/proc/PID/task/TID/children`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// All CPUs' busy time (/proc/stat `cpu` line: every field but idle and iowait) from a
@@ -634,6 +680,7 @@ impl Sample {
             failure: seq.describe_failures(1),
             rate,
             rate_failed: 0,
+            process: None,
         }
     }
 }
@@ -705,7 +752,10 @@ fn report(
          {CLIENTS} clients making exchanges for {:.1} s; **CPU/conn**, all CPUs' busy time over \
          that interval (/proc/stat: user, nice, system, irq, softirq, steal) per exchange, in \
          us: client, proxy or datapath and backends together (the machine is shared with other \
-         work, so this figure is the noisiest). *mixed*: the agent's VIP measured while a \
+         work, so this figure is the noisiest); *of which agent or proxy*: the utime + stime of \
+         the agent's process, or of the proxy's processes (nginx: master and workers), over \
+         the same interval (the datapath's programs run in softirq or in the senders' \
+         context, not in the agent's process). *mixed*: the agent's VIP measured while a \
          second client makes exchanges directly to the same backends, one after another (after \
          the VIP's, the row waits until that client has made {MIXED_DIRECT_MIN}, at most {} \
          s); its own latency is the next row. Exchanges that fail (timeout {} s) are counted, not \
@@ -722,15 +772,15 @@ fn report(
     )?;
     writeln!(
         t,
-        "| row | p50 us | p95 us | p99 us | max us | added p50/p95/p99 us | conn/s | CPU us/conn | failed |"
+        "| row | p50 us | p95 us | p99 us | max us | added p50/p95/p99 us | conn/s | CPU us/conn | of which agent or proxy | failed |"
     )?;
-    writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut lat_bars = Vec::new();
     let mut rate_bars = Vec::new();
     let mut cpu_bars = Vec::new();
     for (row, s) in samples {
         if let Some((_, why)) = skipped.iter().find(|(r, _)| r == row) {
-            writeln!(t, "| {} | {why} | | | | | | | |", row.label())?;
+            writeln!(t, "| {} | {why} | | | | | | | | |", row.label())?;
             continue;
         }
         let q: Vec<Option<(f64, f64, f64)>> =
@@ -743,6 +793,7 @@ fn report(
             .collect();
         let cps = fig(s, &|x| x.rate.map(|r| r.0));
         let cpu = fig(s, &|x| x.rate.map(|r| r.1));
+        let process = fig(s, &|x| x.process);
         let failed: usize = s.iter().map(|x| x.failed + x.rate_failed).sum();
         let failure = s
             .iter()
@@ -752,7 +803,7 @@ fn report(
             .unwrap_or_default();
         writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {failed}{failure} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed}{failure} |",
             row.label(),
             cell(q[0], 0),
             cell(q[1], 0),
@@ -761,6 +812,7 @@ fn report(
             added.join(" / "),
             cell(cps, 0),
             cell(cpu, 1),
+            cell(process, 1),
         )?;
         for (i, series) in [(0, "p50"), (2, "p99")] {
             if let Some((median, min, max)) = q[i] {
