@@ -157,6 +157,8 @@ struct Sample {
     rate: Option<(f64, f64)>,
     /// Exchanges of the rate measure that failed.
     rate_failed: usize,
+    /// Exchanges made, both measures.
+    made: usize,
     /// CPU microseconds per connection of the agent's or the proxy's processes over the same
     /// interval (rated rows with one).
     process: Option<f64>,
@@ -373,6 +375,7 @@ impl Lab {
             )),
         );
         s.rate_failed = load.failures.len();
+        s.made += load.total();
         s.process = process0
             .zip(process1)
             .map(|(a, b)| b.saturating_sub(a).as_secs_f64() * 1e6 / done as f64);
@@ -680,6 +683,7 @@ impl Sample {
             failure: seq.describe_failures(1),
             rate,
             rate_failed: 0,
+            made: seq.total(),
             process: None,
         }
     }
@@ -758,8 +762,8 @@ fn report(
          context, not in the agent's process). *mixed*: the agent's VIP measured while a \
          second client makes exchanges directly to the same backends, one after another (after \
          the VIP's, the row waits until that client has made {MIXED_DIRECT_MIN}, at most {} \
-         s); its own latency is the next row. Exchanges that fail (timeout {} s) are counted, not \
-         timed.\n",
+         s); its own latency is the next row. Exchanges that fail (timeout {} s) are counted (*failed*: of \
+         all the row's exchanges, every round), not timed.\n",
         ctx.repeats,
         rate_time.as_secs_f64(),
         MIXED_DIRECT_WAIT.as_secs(),
@@ -795,6 +799,7 @@ fn report(
         let cpu = fig(s, &|x| x.rate.map(|r| r.1));
         let process = fig(s, &|x| x.process);
         let failed: usize = s.iter().map(|x| x.failed + x.rate_failed).sum();
+        let made: usize = s.iter().map(|x| x.made).sum();
         let failure = s
             .iter()
             .map(|x| x.failure.as_str())
@@ -803,7 +808,7 @@ fn report(
             .unwrap_or_default();
         writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed}{failure} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed} of {made}{failure} |",
             row.label(),
             cell(q[0], 0),
             cell(q[1], 0),
