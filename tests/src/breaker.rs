@@ -3,6 +3,11 @@
 
 use std::{
     net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -10,6 +15,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     agent::{AgentProcess, metric, parse_metrics},
+    netns::Netns,
     timing::Scaled,
     wait::poll,
 };
@@ -192,4 +198,43 @@ impl BackendView<'_> {
             |s| s.state() == Some(state),
         )
     }
+}
+
+/// Starts `attempt` every `every`, each on a thread of its own in `ns`, until one returns
+/// true; the returned thread yields the time from `since` to the end of that attempt, or
+/// `None` once `give_up` has passed since `since`. Overlapping attempts keep the resolution at
+/// `every` whatever an attempt's own timeout: back to back, an attempt started just before
+/// the change would hide it for its whole timeout. The attempts still running at the end
+/// finish on their own (bound them with a timeout of their own).
+pub fn first_hit(
+    ns: &Netns,
+    every: Duration,
+    since: Instant,
+    give_up: Duration,
+    attempt: impl Fn() -> bool + Send + Sync + 'static,
+) -> Result<JoinHandle<Option<Duration>>> {
+    let attempt = Arc::new(attempt);
+    ns.spawn(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done = Arc::new(AtomicBool::new(false));
+        while since.elapsed() < give_up {
+            let (tx, stop, attempt) = (tx.clone(), done.clone(), attempt.clone());
+            // Threads inherit this thread's network namespace.
+            std::thread::spawn(move || {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let hit = attempt();
+                let took = since.elapsed();
+                if hit {
+                    let _ = tx.send(took);
+                }
+            });
+            if let Ok(took) = rx.recv_timeout(every) {
+                done.store(true, Ordering::Relaxed);
+                return Some(took);
+            }
+        }
+        None
+    })
 }

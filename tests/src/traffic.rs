@@ -1,6 +1,7 @@
 //! Traffic tools: a paced UDP sender, a counting UDP receiver that proves it lost nothing
-//! itself, and a TCP transfer that checks every byte.
+//! itself, a TCP transfer that checks every byte, and short request/response TCP exchanges.
 
+pub mod exchange;
 mod recv;
 mod send;
 mod sys;

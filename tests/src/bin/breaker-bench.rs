@@ -17,10 +17,6 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::ExitCode,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -263,11 +259,9 @@ enum Want {
     Connected,
 }
 
-/// Starts a connect to `addr` every [`POLL`], each on its own thread with an
-/// [`ATTEMPT_TIMEOUT`], until one ends as `want`; the returned thread yields the time from
-/// `since` to the end of that attempt, or `None` after `give_up`. Overlapping attempts keep
-/// the resolution at [`POLL`]: back to back, an attempt sent just before the breaker opened
-/// would hide the change for its whole timeout.
+/// Starts a connect to `addr` every [`POLL`], each with an [`ATTEMPT_TIMEOUT`], until one
+/// ends as `want` ([`breaker::first_hit`]): the time from `since` to the end of that attempt,
+/// or `None` after `give_up`.
 fn first_attempt(
     ns: &Netns,
     addr: SocketAddr,
@@ -275,34 +269,12 @@ fn first_attempt(
     since: Instant,
     give_up: Duration,
 ) -> Result<JoinHandle<Option<Duration>>> {
-    ns.spawn(move || {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let done = Arc::new(AtomicBool::new(false));
-        while since.elapsed() < give_up {
-            let (tx, stop) = (tx.clone(), done.clone());
-            // Threads inherit this thread's network namespace. Left to finish on their own:
-            // each ends within ATTEMPT_TIMEOUT.
-            std::thread::spawn(move || {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let result = TcpStream::connect_timeout(&addr, ATTEMPT_TIMEOUT);
-                let took = since.elapsed();
-                let hit = match (want, result) {
-                    (Want::Connected, Ok(_)) => true,
-                    (Want::Refused, Err(e)) => e.kind() == ErrorKind::ConnectionRefused,
-                    _ => false,
-                };
-                if hit {
-                    let _ = tx.send(took);
-                }
-            });
-            if let Ok(took) = rx.recv_timeout(POLL) {
-                done.store(true, Ordering::Relaxed);
-                return Some(took);
-            }
+    breaker::first_hit(ns, POLL, since, give_up, move || {
+        match (want, TcpStream::connect_timeout(&addr, ATTEMPT_TIMEOUT)) {
+            (Want::Connected, Ok(_)) => true,
+            (Want::Refused, Err(e)) => e.kind() == ErrorKind::ConnectionRefused,
+            _ => false,
         }
-        None
     })
 }
 

@@ -13,6 +13,8 @@
 //! the parts still run and write the rows of the missing tool with the reason
 //! ([`Tools::unavailable`]).
 
+mod failfast;
+mod lb;
 mod limit;
 mod plot;
 
@@ -52,7 +54,11 @@ pub struct Ctx {
 type Part = fn(&Ctx) -> Result<String>;
 
 /// The parts, in the order of the section.
-const PARTS: &[(&str, Part)] = &[("limit", limit::run)];
+const PARTS: &[(&str, Part)] = &[
+    ("limit", limit::run),
+    ("lb", lb::run),
+    ("failfast", failfast::run),
+];
 
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask bench peers")]
