@@ -151,7 +151,10 @@ pub struct Handover {
     pub side: u32,
     pub addr: [u8; ADDR_LEN],
     pub port: u16,
-    pub _pad: u16,
+    /// The client port the NAT stage puts on the packet's client side
+    /// (`agent_common::ports`): the backend's view for a DNAT, the client's own for a reply;
+    /// the packet's own port or `NO_NAT_PORT` leave it as it is.
+    pub client_port: u16,
     /// For the answer stage: the backend whose counters count the answer (`NO_BACKEND_ID`:
     /// none, the service had no backend for the flow) and the `BSTAT_*` slot.
     pub answer_id: u32,
