@@ -13,7 +13,7 @@ use agent_common::{
     maps::{STAGE_ANSWER, STAGE_LB, STAGE_NAT},
     ports::NO_NAT_PORT,
     reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::{SVC_FALLBACK, SVC_LB_LOST, SVC_LB_NAT_PORT, SVC_LB_NAT_PORT_BUSY, SVC_LB_REPLACED},
+    stats::{SVC_FALLBACK, SVC_LB_LOST, SVC_LB_REPLACED},
 };
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::ProgramArray};
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
@@ -27,8 +27,7 @@ use crate::{
     },
     nat::{Nat, Side},
     parse::Parsed,
-    ports::{self, Choice},
-    stats,
+    ports, stats,
 };
 
 /// What balancing decided for a packet to a service.
@@ -361,7 +360,7 @@ fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) -> 
         proto: p.proto,
         _pad: [0; 3],
     };
-    let choice = ports::choose(&mut rkey, p, now);
+    ports::choose(&mut rkey, p, now, service_id);
     let conn = LbConn {
         last_ns: now,
         backend,
@@ -391,11 +390,6 @@ fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) -> 
     stats::lb_backend(backend, LBSTAT_NEW_FLOWS, 0);
     if replaced {
         stats::service(service_id, SVC_LB_REPLACED, 0);
-    }
-    match choice {
-        Choice::Kept => {}
-        Choice::Moved => stats::service(service_id, SVC_LB_NAT_PORT, 0),
-        Choice::Busy => stats::service(service_id, SVC_LB_NAT_PORT_BUSY, 0),
     }
     rkey.client_port
 }

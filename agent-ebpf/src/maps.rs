@@ -169,6 +169,11 @@ pub const NO_BACKEND_ID: u32 = u32::MAX;
 pub const SIDE_DST: u32 = 0;
 pub const SIDE_SRC: u32 = 1;
 
+/// Scratch space of `ports::held` (the forward key of a flow holding a backend 4-tuple): its
+/// frame is the last of the balancing stage's deepest call chain.
+#[map]
+pub static PORT_HOLDER_KEY: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static LB_HANDOVER: PerCpuArray<Handover> = PerCpuArray::with_max_entries(1, 0);
 

@@ -7,48 +7,39 @@ use agent_common::{
     classify::PROTO_TCP,
     lb::{CONN_F_CLOSING, conn_expired},
     ports::{NO_NAT_PORT, nat_port},
+    stats::{SVC_LB_NAT_PORT, SVC_LB_NAT_PORT_BUSY},
 };
 
 use crate::{
-    maps::{LB_CONNS, LB_REVERSE},
+    maps::{LB_CONNS, LB_REVERSE, PORT_HOLDER_KEY},
     nat::{Nat, Side},
     parse::Parsed,
+    stats,
 };
 
-/// What `choose` did, for the service's counters.
-pub enum Choice {
-    /// The client's own port (an application bound it outside the ephemeral range).
-    Kept,
-    /// The client's port moved out of the ephemeral range.
-    Moved,
-    /// A live balanced flow of another client 4-tuple (another VIP to the same backend) holds
-    /// the backend-side tuple: the client's own port, as before translation (fail open).
-    Busy,
-}
-
 /// Sets `rkey.client_port` (the backend-side key of a new flow from `p`, the client's port on
-/// entry) to the port the flow leaves with.
+/// entry) to the port the flow leaves with, and counts a moved port (`SVC_LB_NAT_PORT`) or
+/// one kept because a live flow of another client 4-tuple (another VIP to the same backend)
+/// holds the moved one (`SVC_LB_NAT_PORT_BUSY`: the client's own port, as before
+/// translation, fail open) on `service_id`.
 #[inline(always)]
-pub fn choose(rkey: &mut FlowKey, p: &Parsed, now: u64) -> Choice {
+pub fn choose(rkey: &mut FlowKey, p: &Parsed, now: u64, service_id: u32) {
     rkey.client_port = nat_port(p.sport);
     if held(rkey, p, now) {
         rkey.client_port = p.sport;
-        return Choice::Busy;
-    }
-    if rkey.client_port == p.sport {
-        Choice::Kept
-    } else {
-        Choice::Moved
+        stats::service(service_id, SVC_LB_NAT_PORT_BUSY, 0);
+    } else if rkey.client_port != p.sport {
+        stats::service(service_id, SVC_LB_NAT_PORT, 0);
     }
 }
 
 /// Whether a live balanced flow other than `p`'s own 5-tuple holds the backend-side tuple
 /// `rkey`.
-// A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
-#[inline(never)]
+// Inlined into `lb::track`: the deepest chain of the balancing stage ends there.
+#[inline(always)]
 fn held(rkey: &FlowKey, p: &Parsed, now: u64) -> bool {
-    // SAFETY: a map lookup; the value is copied out at once.
-    let Some(rev) = (unsafe { LB_REVERSE.get(rkey) }).copied() else {
+    // SAFETY: a map lookup; the value stays valid for this run.
+    let Some(rev) = (unsafe { LB_REVERSE.get(rkey) }) else {
         return false;
     };
     let client_port = if rev.client_port == NO_NAT_PORT {
@@ -60,16 +51,23 @@ fn held(rkey: &FlowKey, p: &Parsed, now: u64) -> bool {
         // This flow's own 5-tuple, reused by a new connection.
         return false;
     }
-    let fwd = FlowKey {
-        client: rkey.client,
-        backend: rev.vip,
-        client_port,
-        backend_port: rev.vip_port,
-        proto: rkey.proto,
-        _pad: [0; 3],
+    // The holder's forward key, built in a per-CPU slot: this frame is on top of those of
+    // `lb::forward` and `lb::track`.
+    let Some(fwd) = PORT_HOLDER_KEY.get_ptr_mut(0) else {
+        return false;
     };
-    // SAFETY: as above.
-    match unsafe { LB_CONNS.get(&fwd) } {
+    // SAFETY: this CPU's slot, for this run only; a map value may serve as a lookup key.
+    let c = unsafe {
+        let fwd = &mut *fwd;
+        fwd.client = rkey.client;
+        fwd.backend = rev.vip;
+        fwd.client_port = client_port;
+        fwd.backend_port = rev.vip_port;
+        fwd.proto = rkey.proto;
+        fwd._pad = [0; 3];
+        LB_CONNS.get(fwd)
+    };
+    match c {
         Some(c) => {
             c.backend == rev.backend
                 && (c.nat_port == NO_NAT_PORT || c.nat_port == rkey.client_port)
