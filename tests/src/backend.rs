@@ -1,7 +1,8 @@
 //! Backends for end-to-end tests, the ways to break them, and timed client connects toward
-//! them: a TCP server that counts what it accepts (echo, or an HTTP health answer), a UDP echo
-//! server, a policy-routing blackhole that makes a backend hang, and `connect()`s timed one by
-//! one. Servers bind inside a namespace and serve from a thread of this process (a socket
+//! them: a TCP server that counts what it accepts (echo, or an HTTP health answer), a TCP
+//! echo that closes first (and the client's timed exchange with it), a UDP echo server, a
+//! policy-routing blackhole that makes a backend hang, and `connect()`s timed one by one.
+//! Servers bind inside a namespace and serve from a thread of this process (a socket
 //! stays in the namespace it was created in).
 
 use std::{

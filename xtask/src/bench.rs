@@ -14,7 +14,7 @@ mod reload;
 mod restart;
 mod scale;
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
 /// The `q` quantile (0 to 1) by nearest rank, shared with the tests' harnesses.
 use agent_tests::benchmarks::quantile;
