@@ -49,6 +49,13 @@ pub const fn nat_port(port: u16) -> u16 {
     }
 }
 
+/// Whether a kernel whose `net.ipv4.ip_local_port_range` is `first..=last` may pick, for a
+/// direct connection, a port a balanced flow shows its backend: one the datapath does not move
+/// (outside the default ephemeral range) or one it moves to.
+pub const fn range_defeats_nat_port(first: u16, last: u16) -> bool {
+    first < EPHEMERAL_FIRST || last > EPHEMERAL_LAST
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +74,15 @@ mod tests {
         );
         assert!(moved.iter().all(|p| !needs_nat_port(*p)));
         assert!(!moved.contains(&NO_NAT_PORT));
+    }
+
+    #[test]
+    fn only_a_range_within_the_default_one_keeps_the_guarantee() {
+        assert!(!range_defeats_nat_port(EPHEMERAL_FIRST, EPHEMERAL_LAST));
+        assert!(!range_defeats_nat_port(40_000, 50_000));
+        assert!(range_defeats_nat_port(1_024, 65_535));
+        assert!(range_defeats_nat_port(10_000, 40_000));
+        assert!(range_defeats_nat_port(EPHEMERAL_FIRST, 65_000));
     }
 
     #[test]
