@@ -168,22 +168,26 @@ pub struct LbConn {
     /// LB index of the backend.
     pub backend: u32,
     /// `CONN_F_*`.
-    pub flags: u32,
+    pub flags: u16,
+    /// The client port the backend sees (`crate::ports`): the client's own, or one of the
+    /// agent's range; `ports::NO_NAT_PORT` in an entry from before ports were translated.
+    pub nat_port: u16,
 }
 const _: () = assert!(core::mem::size_of::<LbConn>() == 16);
 
 /// `LbConn::flags`: a FIN or RST was seen; the entry lives `TCP_CLOSE_GRACE_NS` more, and the
 /// backend's active-connection count was already decremented.
-pub const CONN_F_CLOSING: u32 = 1 << 0;
+pub const CONN_F_CLOSING: u16 = 1 << 0;
 
-/// Value of `LB_REVERSE`, keyed by the backend's view (`FlowKey` client -> backend): the VIP
-/// the client addressed.
+/// Value of `LB_REVERSE`, keyed by the backend's view (`FlowKey` client -> backend, with the
+/// port the backend sees): the VIP the client addressed, and the client's own port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbReverse {
     pub vip: [u8; ADDR_LEN],
     pub vip_port: u16,
-    pub _pad: u16,
+    /// The client's port, which replies get back (`ports::NO_NAT_PORT`: keep theirs).
+    pub client_port: u16,
     /// LB index of the backend: a reply is rewritten only while the forward entry of its
     /// flow still names this backend (the reverse entry may outlive its flow in the LRU, and
     /// another connection between the same endpoints, such as a health probe reusing the

@@ -14,6 +14,7 @@ pub mod limit;
 pub mod maps;
 #[cfg(feature = "policy")]
 pub mod policy;
+pub mod ports;
 pub mod reply;
 pub mod shape;
 pub mod stats;

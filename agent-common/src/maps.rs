@@ -73,8 +73,10 @@ pub const MAP_LEAST_CONN_BEST: &str = "LEAST_CONN_BEST";
 /// the breakers). 3: the policy is double-buffered (`POLICY_GEN`, the generation byte in
 /// `CLASSIFY` keys, two entries per service in `SVC_CFG`, `LB_SVC` and `LB_TABLES`; service
 /// ids stable across reloads, their names in `SVC_NAMES`). 4: degradation (`DEGRADE`, the
-/// companion id in `ServiceConfig::fallback`, two more service counters, 80-byte names).
-pub const PIN_LAYOUT: u32 = 4;
+/// companion id in `ServiceConfig::fallback`, two more service counters, 80-byte names). 5:
+/// balanced flows' client ports (`crate::ports`: `LbConn::nat_port`, `LbReverse::client_port`,
+/// the NAT stage's hand-over of both ports, two more service counters).
+pub const PIN_LAYOUT: u32 = 5;
 
 /// The maps pinned under `<agent.pin_path>/maps/`: every map holding policy, state or
 /// counters, and the stage arrays (a program array empties when its last user reference

@@ -53,7 +53,13 @@ pub const SVC_SHAPE_CONTENDED: u32 = 11;
 pub const SVC_SHED: u32 = 12;
 /// New flows sent to the fallback backends (`crate::degrade::MODE_FALLBACK`).
 pub const SVC_FALLBACK: u32 = 13;
-pub const SVC_STAT_SLOTS: u32 = 14;
+/// New balanced flows whose client port was in the ephemeral range: they leave with a port of
+/// the agent's range (`crate::ports`), so they cannot land on a direct connection's 4-tuple.
+pub const SVC_LB_NAT_PORT: u32 = 14;
+/// New balanced flows that found every port tried of the agent's range held by a live flow
+/// to the same backend: they kept the client's port (fail open).
+pub const SVC_LB_NAT_PORT_BUSY: u32 = 15;
+pub const SVC_STAT_SLOTS: u32 = 16;
 
 /// Drop reasons as exported in metrics, by slot.
 pub const SVC_DROP_REASONS: [(u32, &str); 5] = [

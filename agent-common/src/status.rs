@@ -357,6 +357,12 @@ pub struct LbServiceView {
     pub no_backend: u64,
     /// TCP packets whose connection-table entry was gone (evicted or expired).
     pub lost: u64,
+    /// New flows whose client port the datapath moved out of the ephemeral range
+    /// (`crate::ports`), and those that kept it because a live flow held the moved one.
+    #[serde(default)]
+    pub client_ports_moved: u64,
+    #[serde(default)]
+    pub client_ports_busy: u64,
     /// Table swaps so far.
     pub publishes: u64,
     /// Panicking now (`load_balancing.panic_threshold`): health and breakers ignored.

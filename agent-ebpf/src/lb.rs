@@ -11,6 +11,7 @@ use agent_common::{
         MAX_LEAST_CONN_BACKENDS, conn_expired, flow_hash, lb_table_pos,
     },
     maps::{STAGE_ANSWER, STAGE_LB, STAGE_NAT},
+    ports::NO_NAT_PORT,
     reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{SVC_FALLBACK, SVC_LB_LOST, SVC_LB_REPLACED},
 };
@@ -26,16 +27,20 @@ use crate::{
     },
     nat::{Nat, Side},
     parse::Parsed,
-    stats,
+    ports, stats,
 };
 
 /// What balancing decided for a packet to a service.
 pub enum Forward {
     /// Not balanced (no VIP, not TCP/UDP): go on unchanged.
     Pass,
-    /// To this LB backend (index in `LB_BACKENDS`); `panic`: the service panics
-    /// (`LB_F_PANIC`), so its breakers refuse nothing.
-    To { backend: u32, panic: bool },
+    /// To this LB backend (index in `LB_BACKENDS`), from client port `client_port`
+    /// (`ports`); `panic`: the service panics (`LB_F_PANIC`), so its breakers refuse nothing.
+    To {
+        backend: u32,
+        panic: bool,
+        client_port: u16,
+    },
     /// A new flow with no backend to take it (every weight 0, every breaker open): refuse it.
     NoBackend,
     /// A new flow of a shed service (`MODE_SHED`): refuse it.
@@ -76,7 +81,7 @@ pub fn handed_over() -> Option<(u32, u32)> {
 }
 
 /// Hands the packet to the NAT stage of the hook's `stages`, to rewrite `side` to `addr` and
-/// `port`. Returns only if the tail call failed.
+/// `port`, and the client's side to `client_port`. Returns only if the tail call failed.
 #[inline(always)]
 pub fn hand_over_nat<C: aya_ebpf::EbpfContext>(
     ctx: &C,
@@ -84,6 +89,7 @@ pub fn hand_over_nat<C: aya_ebpf::EbpfContext>(
     side: u32,
     addr: &[u8; ADDR_LEN],
     port: u16,
+    client_port: u16,
 ) {
     if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
         // SAFETY: as in `hand_over`.
@@ -91,6 +97,7 @@ pub fn hand_over_nat<C: aya_ebpf::EbpfContext>(
             (*h).side = side;
             (*h).addr = *addr;
             (*h).port = port;
+            (*h).client_port = client_port;
             stages.tail_call(ctx, STAGE_NAT);
         }
     }
@@ -128,12 +135,18 @@ pub fn answer_handed_over() -> Option<(u32, u32)> {
 pub fn nat<C: Nat>(ctx: &C, p: &Parsed) -> Option<bool> {
     let h = LB_HANDOVER.get_ptr(0)?;
     // SAFETY: this CPU's slot, written by the stage that tail-called this one.
-    let (side, addr, port, backend) = unsafe { ((*h).side, &(*h).addr, (*h).port, (*h).backend) };
+    let (side, addr, port, backend, client_port) = unsafe {
+        let h = &*h;
+        (h.side, &h.addr, h.port, h.backend, h.client_port)
+    };
     if side != SIDE_SRC {
-        return Some(ctx.nat(p, Side::Dst, addr, port));
+        return Some(
+            ctx.nat(p, Side::Dst, addr, port) && ports::put(ctx, p, Side::Src, client_port),
+        );
     }
-    if reply_of_live_flow(p, addr, port, backend) {
+    if reply_of_live_flow(p, addr, port, backend, client_port) {
         ctx.nat(p, Side::Src, addr, port);
+        ports::put(ctx, p, Side::Dst, client_port);
     }
     // A reply that cannot be rewritten passes as it is (fail open).
     Some(true)
@@ -142,13 +155,25 @@ pub fn nat<C: Nat>(ctx: &C, p: &Parsed) -> Option<bool> {
 /// Whether a backend's reply belongs to the balanced flow its reverse entry names: the
 /// forward entry is there, live, on this backend, and a SYN-ACK does not answer a flow that
 /// already closed (a new handshake between the same endpoints is not the balanced flow). A
-/// FIN or RST from the backend closes the flow, as one from the client does.
+/// FIN or RST from the backend closes the flow, as one from the client does. `client_port`:
+/// the client's own port (`NO_NAT_PORT`: the reply's); the flow must still leave from the
+/// reply's port.
 #[inline(always)]
-fn reply_of_live_flow(p: &Parsed, vip: &[u8; ADDR_LEN], vip_port: u16, backend: u32) -> bool {
+fn reply_of_live_flow(
+    p: &Parsed,
+    vip: &[u8; ADDR_LEN],
+    vip_port: u16,
+    backend: u32,
+    client_port: u16,
+) -> bool {
     let key = FlowKey {
         client: p.dst,
         backend: *vip,
-        client_port: p.dport,
+        client_port: if client_port == NO_NAT_PORT {
+            p.dport
+        } else {
+            client_port
+        },
         backend_port: vip_port,
         proto: p.proto,
         _pad: [0; 3],
@@ -159,7 +184,8 @@ fn reply_of_live_flow(p: &Parsed, vip: &[u8; ADDR_LEN], vip_port: u16, backend: 
     // SAFETY: a helper with no arguments; a live map value for this run.
     let (now, c) = unsafe { (bpf_ktime_get_ns(), &mut *c) };
     let tcp = p.proto == PROTO_TCP;
-    if c.backend != backend || conn_expired(c, tcp, now) {
+    let moved_on = c.nat_port != NO_NAT_PORT && c.nat_port != p.dport;
+    if c.backend != backend || moved_on || conn_expired(c, tcp, now) {
         return false;
     }
     if tcp {
@@ -206,7 +232,7 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
     let tcp = p.proto == PROTO_TCP;
     // The backend, and the flags of the service whose backend it is (the companion's for a
     // new flow sent to the fallback).
-    let (backend, flags) = match LB_CONNS.get_ptr_mut(&key) {
+    let (backend, flags, client_port) = match LB_CONNS.get_ptr_mut(&key) {
         // SAFETY: a live map value for this run; fields are written whole.
         // A SYN on a closing entry is a new connection reusing the 5-tuple: balanced afresh.
         Some(c) if !conn_expired(unsafe { &*c }, tcp, now) && !reused(unsafe { &*c }, p) => unsafe {
@@ -216,7 +242,12 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
                 (*c).flags |= CONN_F_CLOSING;
                 connections((*c).backend, false);
             }
-            ((*c).backend, svc.flags)
+            let port = if (*c).nat_port == NO_NAT_PORT {
+                p.sport
+            } else {
+                (*c).nat_port
+            };
+            ((*c).backend, svc.flags, port)
         },
         _ => {
             if tcp && p.tcp_flags & TCP_SYN == 0 {
@@ -239,13 +270,14 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
             if from_id != service_id {
                 stats::service(service_id, SVC_FALLBACK, 0);
             }
-            track(&key, b, now, p, service_id);
-            (b, from.flags)
+            let client_port = track(&key, b, now, p, service_id);
+            (b, from.flags, client_port)
         }
     };
     Forward::To {
         backend,
         panic: flags & LB_F_PANIC != 0,
+        client_port,
     }
 }
 
@@ -284,7 +316,15 @@ pub fn hand_over_reply<C: aya_ebpf::EbpfContext>(ctx: &C, p: &Parsed, stages: &P
             // SAFETY: as in `hand_over`.
             unsafe { (*h).backend = rev.backend };
         }
-        hand_over_nat(ctx, stages, SIDE_SRC, &rev.vip, rev.vip_port);
+        // The reverse NAT gives the reply the client's own port back.
+        hand_over_nat(
+            ctx,
+            stages,
+            SIDE_SRC,
+            &rev.vip,
+            rev.vip_port,
+            rev.client_port,
+        );
     }
 }
 
@@ -300,23 +340,19 @@ pub fn count(index: u32, len: u64) {
     stats::lb_backend(index, LBSTAT_FORWARDED, len);
 }
 
-/// Remembers a new flow both ways and counts it on its backend.
+/// Remembers a new flow both ways and counts it on its backend; returns the client port it
+/// leaves with (`ports`), the client's own if it could not be remembered.
 // A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
 #[inline(never)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
     reason = "passed by value, the values are copied into this frame (8 bytes more, measured)"
 )]
-fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) {
+fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) -> u16 {
     let Some(b) = LB_BACKENDS.get(backend) else {
-        return;
+        return p.sport;
     };
-    let conn = LbConn {
-        last_ns: now,
-        backend,
-        flags: 0,
-    };
-    let rkey = FlowKey {
+    let mut rkey = FlowKey {
         client: p.src,
         backend: b.key.addr,
         client_port: p.sport,
@@ -324,15 +360,22 @@ fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) {
         proto: p.proto,
         _pad: [0; 3],
     };
+    ports::choose(&mut rkey, p, now, service_id);
+    let conn = LbConn {
+        last_ns: now,
+        backend,
+        flags: 0,
+        nat_port: rkey.client_port,
+    };
     let rev = LbReverse {
         vip: p.dst,
         vip_port: p.dport,
-        _pad: 0,
+        client_port: p.sport,
         backend,
     };
     // Reverse first: a reply can only come after the forward packet leaves.
     if LB_REVERSE.insert(&rkey, &rev, 0).is_err() {
-        return;
+        return p.sport;
     }
     // An entry of this 5-tuple may be there, expired or closed: then it is replaced (counted,
     // so the agent can tell evictions from replacements).
@@ -341,13 +384,14 @@ fn track(key: &FlowKey, backend: u32, now: u64, p: &Parsed, service_id: u32) {
     } else if LB_CONNS.insert(key, &conn, 0).is_ok() {
         true
     } else {
-        return;
+        return p.sport;
     };
     connections(backend, true);
     stats::lb_backend(backend, LBSTAT_NEW_FLOWS, 0);
     if replaced {
         stats::service(service_id, SVC_LB_REPLACED, 0);
     }
+    rkey.client_port
 }
 
 /// Active connections per backend, for `least_conn` and metrics.

@@ -24,6 +24,7 @@ mod maps;
 mod nat;
 mod parse;
 mod pipeline;
+mod ports;
 mod reply;
 mod rt;
 mod shape;

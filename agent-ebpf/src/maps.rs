@@ -151,7 +151,10 @@ pub struct Handover {
     pub side: u32,
     pub addr: [u8; ADDR_LEN],
     pub port: u16,
-    pub _pad: u16,
+    /// The client port the NAT stage puts on the packet's client side
+    /// (`agent_common::ports`): the backend's view for a DNAT, the client's own for a reply;
+    /// the packet's own port or `NO_NAT_PORT` leave it as it is.
+    pub client_port: u16,
     /// For the answer stage: the backend whose counters count the answer (`NO_BACKEND_ID`:
     /// none, the service had no backend for the flow) and the `BSTAT_*` slot.
     pub answer_id: u32,
@@ -165,6 +168,11 @@ pub const NO_BACKEND_ID: u32 = u32::MAX;
 
 pub const SIDE_DST: u32 = 0;
 pub const SIDE_SRC: u32 = 1;
+
+/// Scratch space of `ports::held` (the forward key of a flow holding a backend 4-tuple): its
+/// frame is the last of the balancing stage's deepest call chain.
+#[map]
+pub static PORT_HOLDER_KEY: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static LB_HANDOVER: PerCpuArray<Handover> = PerCpuArray::with_max_entries(1, 0);

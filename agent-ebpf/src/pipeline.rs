@@ -223,7 +223,7 @@ pub fn lb_stage<C: EbpfContext>(
     let (Ok(()), Some((id, slot))) = (parse::parse(pkt, &mut parsed), lb::handed_over()) else {
         return Action::Pass;
     };
-    let (backend, addr, port, panic) = match lb::forward(id, slot, &parsed) {
+    let (backend, addr, port, panic, client_port) = match lb::forward(id, slot, &parsed) {
         lb::Forward::Pass => {
             stats::service(id, SVC_PASSED, len);
             return Action::Pass;
@@ -238,8 +238,12 @@ pub fn lb_stage<C: EbpfContext>(
             lb::hand_over_answer(ctx, stages, NO_BACKEND_ID, 0);
             return Action::Drop;
         }
-        lb::Forward::To { backend, panic } => match lb::backend(backend) {
-            Some((addr, port)) => (backend, addr, port, panic),
+        lb::Forward::To {
+            backend,
+            panic,
+            client_port,
+        } => match lb::backend(backend) {
+            Some((addr, port)) => (backend, addr, port, panic, client_port),
             None => return Action::Drop,
         },
     };
@@ -249,6 +253,8 @@ pub fn lb_stage<C: EbpfContext>(
     // the frame of this stage is on the 512-byte stack with those of `forward` and `track`.
     parsed.dst = addr;
     parsed.dport = port;
+    // And the client port the backend sees, so the breaker's records match its answers.
+    parsed.sport = client_port;
     // A panicking service lets every packet through to its backends (the probe exemption,
     // widened to the service).
     let exempt = exempt || panic;
@@ -256,7 +262,7 @@ pub fn lb_stage<C: EbpfContext>(
         breaker::Verdict::Continue => {
             stats::service(id, SVC_PASSED, len);
             lb::count(backend, len);
-            lb::hand_over_nat(ctx, stages, SIDE_DST, &addr, port);
+            lb::hand_over_nat(ctx, stages, SIDE_DST, &addr, port, client_port);
             // Only if the NAT stage is not loaded: the packet must not reach the VIP
             // half-done.
             return Action::Drop;

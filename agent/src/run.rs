@@ -107,6 +107,31 @@ impl RunError {
     }
 }
 
+/// Warns when this host's ephemeral range lets its direct connections take client ports that
+/// balanced flows show their backends (`agent_common::ports`): the two could meet on one
+/// backend 4-tuple again. The range of other clients (forwarded traffic) is not known here.
+fn warn_port_range() {
+    use agent_common::ports::{
+        EPHEMERAL_FIRST, EPHEMERAL_LAST, NAT_PORT_FIRST, NAT_PORT_LAST, range_defeats_nat_port,
+    };
+    const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+    let Ok(text) = std::fs::read_to_string(SYSCTL) else {
+        return;
+    };
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    if let (Some(Ok(first)), Some(Ok(last))) = (ports.next(), ports.next())
+        && range_defeats_nat_port(first, last)
+    {
+        tracing::warn!(
+            "net.ipv4.ip_local_port_range is {first} {last}: direct connections from this host \
+             may take client ports that balanced flows show their backends (the datapath \
+             keeps ports outside {EPHEMERAL_FIRST}-{EPHEMERAL_LAST} and moves those inside to \
+             {NAT_PORT_FIRST}-{NAT_PORT_LAST}); keep the range within \
+             {EPHEMERAL_FIRST}-{EPHEMERAL_LAST}"
+        );
+    }
+}
+
 pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
     // Before the file is read: a change from here on reloads. Its error comes after the
     // policy's.
@@ -125,6 +150,10 @@ pub async fn run(file: &Path, options: Options) -> Result<(), RunError> {
         plan.services.len(),
         plan.attach.len()
     );
+
+    if !plan.compiled.lb.is_empty() {
+        warn_port_range();
+    }
 
     // Before the pin directory is made or --reset removes anything.
     crate::datapath::check_privileges()?;

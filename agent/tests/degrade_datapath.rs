@@ -25,6 +25,7 @@ use agent_common::{
     classify::generation_slot,
     degrade::{MODE_FALLBACK, MODE_NORMAL, MODE_SHED},
     maps::{MAP_LB_RR, MAP_RL_BUCKETS, MAP_SVC_CFG, MAP_SVC_STATS},
+    ports::nat_port,
     stats::{SVC_DROP_RATE_LIMIT, SVC_PASSED, svc_slot},
 };
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
@@ -218,7 +219,9 @@ impl Lab {
     }
 
     /// Runs a client's `sent` frame to a VIP through XDP; checks it left DNATed to one of
-    /// `among` on `port`, every other byte as sent, checksums valid. Returns that backend.
+    /// `among` on `port`, from the client port the backend sees (an ephemeral one moved,
+    /// `agent_common::ports`), every other byte as sent, checksums valid. Returns that
+    /// backend.
     fn dnat(&self, sent: &[u8], among: &[[u8; 4]], port: u16, what: &str) -> [u8; 4] {
         let (ret, out) = self.run(Hook::Xdp, sent);
         assert_eq!(ret, XDP_PASS, "{what}: return code (frame out: {out:02x?})");
@@ -232,6 +235,8 @@ impl Lab {
         let mut want = sent.to_vec();
         want[L3 + 16..L3 + 20].copy_from_slice(&dst);
         want[L4_AT + 2..L4_AT + 4].copy_from_slice(&port.to_be_bytes());
+        let client_port = nat_port(be16(sent, L4_AT));
+        want[L4_AT..L4_AT + 2].copy_from_slice(&client_port.to_be_bytes());
         seal(&mut want);
         assert_eq!(
             out, want,

@@ -18,6 +18,7 @@ use agent::{
     config::{Compiled, CompiledLb},
     datapath::{Datapath, LbMaps},
 };
+use agent_common::ports::nat_port;
 use packets::{ETH_P_IP, ETH_P_IPV6, Frame, IPPROTO_TCP, IPPROTO_UDP, L4};
 use support::{ACK, Hook, SYN, be16, fold, load_balanced, require_root, sum};
 
@@ -94,8 +95,8 @@ impl Lab {
     }
 
     /// Runs a forward packet `sent` (client to the VIP of `svc`) through `hook` and checks it
-    /// left DNATed toward one of the service's backends, intact otherwise, with valid
-    /// checksums. Returns that backend.
+    /// left DNATed toward one of the service's backends, from the client port the backend
+    /// sees ([`moved`]), intact otherwise, with valid checksums. Returns that backend.
     fn dnat(&self, hook: Hook, svc: &str, sent: &[u8]) -> SocketAddr {
         let (ret, out) = self.run(hook, sent);
         let what = format!("{hook:?} {svc} DNAT of {:?}", tuple(sent));
@@ -107,17 +108,19 @@ impl Lab {
             "{what}: destination {} is not a backend of {backends:?}; frame out: {out:02x?}",
             got.dst
         );
-        assert_frame(&out, &rewritten(sent, None, Some(got.dst)), &what);
+        let src = moved(tuple(sent).src);
+        assert_frame(&out, &rewritten(sent, Some(src), Some(got.dst)), &what);
         got.dst
     }
 
-    /// Runs a backend's reply `sent` through `hook` and checks its source left rewritten to
-    /// `vip`, intact otherwise, with valid checksums.
-    fn reverse(&self, hook: Hook, sent: &[u8], vip: SocketAddr) {
+    /// Runs a backend's reply `sent` (to the client port the backend sees) through `hook` and
+    /// checks its source left rewritten to `vip` and its destination to `client`, intact
+    /// otherwise, with valid checksums.
+    fn reverse(&self, hook: Hook, sent: &[u8], vip: SocketAddr, client: SocketAddr) {
         let (ret, out) = self.run(hook, sent);
         let what = format!("{hook:?} reverse NAT of {:?}", tuple(sent));
         assert_eq!(ret, hook.pass(), "{what}: return code");
-        assert_frame(&out, &rewritten(sent, Some(vip), None), &what);
+        assert_frame(&out, &rewritten(sent, Some(vip), Some(client)), &what);
     }
 }
 
@@ -365,6 +368,11 @@ fn l4_valid(b: &[u8]) -> bool {
     fold(l4_sum(b)) == 0xffff
 }
 
+/// The client address and port a backend sees for a flow from `client`.
+fn moved(client: SocketAddr) -> SocketAddr {
+    SocketAddr::new(client.ip(), nat_port(client.port()))
+}
+
 fn v4(a: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(a.into(), port)
 }
@@ -384,9 +392,15 @@ fn tcp_flow(lab: &Lab, hook: Hook, svc: &str, client: SocketAddr) {
         again, backend,
         "{hook:?} {svc}: the flow's ACK follows its SYN"
     );
-    lab.reverse(hook, &frame(backend, client, Proto::Tcp(SYN | ACK)), vip);
+    let seen = moved(client);
+    lab.reverse(
+        hook,
+        &frame(backend, seen, Proto::Tcp(SYN | ACK)),
+        vip,
+        client,
+    );
 
-    let stranger = SocketAddr::new(client.ip(), client.port() + 1);
+    let stranger = SocketAddr::new(client.ip(), seen.port() + 1);
     let reply = frame(backend, stranger, Proto::Tcp(SYN | ACK));
     let (ret, out) = lab.run(hook, &reply);
     assert_eq!(ret, hook.pass(), "{hook:?} {svc}: unknown reply");
@@ -396,8 +410,8 @@ fn tcp_flow(lab: &Lab, hook: Hook, svc: &str, client: SocketAddr) {
     );
 }
 
-/// XDP, IPv4 TCP: a SYN to the VIP goes to a backend (address and port), source kept,
-/// checksums valid; the flow's ACK goes to the same backend; the backend's SYN-ACK leaves
+/// XDP, IPv4 TCP: a SYN to the VIP goes to a backend (address and port), from the client's
+/// address and its ephemeral port moved (`agent_common::ports`), checksums valid; the flow's ACK goes to the same backend; the backend's SYN-ACK leaves
 /// with the VIP as its source and valid checksums.
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
@@ -443,17 +457,19 @@ fn xdp_ipv4_udp_dnat_keeps_checksums_and_no_checksum() {
     let query = frame_with_payload(client, vip, Proto::Udp, 17);
     let backend = lab.dnat(Hook::Xdp, "dns4", &query);
     assert_eq!(lab.dnat(Hook::Xdp, "dns4", &query), backend, "same flow");
-    let answer = frame_with_payload(backend, client, Proto::Udp, 33);
-    lab.reverse(Hook::Xdp, &answer, vip);
+    let answer = frame_with_payload(backend, moved(client), Proto::Udp, 33);
+    lab.reverse(Hook::Xdp, &answer, vip, client);
 
-    let client = v4(CLIENT4, 5001);
+    // From an ephemeral port: moved, and the checksum still 0.
+    let client = v4(CLIENT4, 50001);
     let bare = frame(client, vip, Proto::UdpNoChecksum);
     assert_eq!(be16(&bare, ETH_LEN + 20 + 6), 0, "sent without checksum");
     let backend = lab.dnat(Hook::Xdp, "dns4", &bare);
     lab.reverse(
         Hook::Xdp,
-        &frame(backend, client, Proto::UdpNoChecksum),
+        &frame(backend, moved(client), Proto::UdpNoChecksum),
         vip,
+        client,
     );
 }
 

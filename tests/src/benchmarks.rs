@@ -3,6 +3,18 @@
 
 use std::io::ErrorKind;
 use std::path::Path;
+use std::time::Duration;
+
+/// The `q` quantile (0 to 1) of `v` by nearest rank; zero for none.
+pub fn quantile(v: &[Duration], q: f64) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
 
 /// Replaces, in the Markdown file at `path`, the section headed by `section`'s first line (up
 /// to the next `## ` heading or the end), or appends it; the other sections stay as they are.
@@ -43,6 +55,19 @@ pub fn splice(old: &str, section: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
+        assert_eq!(quantile(&v, 0.5), Duration::from_millis(5));
+        assert_eq!(quantile(&v, 1.0), Duration::from_millis(10));
+        assert_eq!(quantile(&v, 0.0), Duration::from_millis(1));
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(quantile(&v, 0.5), Duration::from_millis(50));
+        assert_eq!(quantile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(quantile(&v, 1.0), Duration::from_millis(100));
+        assert_eq!(quantile(&[], 0.5), Duration::ZERO);
+    }
 
     #[test]
     fn a_section_is_appended_then_replaced_in_place_and_others_kept() {

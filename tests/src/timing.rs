@@ -247,6 +247,14 @@ pub const REFUSED_CONNECT: Scaled = Scaled::millis(10);
 /// loaded machine.
 pub const TABLE_FOLLOWS: Scaled = Scaled::millis(500);
 
+/// Direct and balanced connections mixed (issue 14, item 5): one short exchange (connect, 64
+/// bytes each way, close) through the VIP or directly must end within this. A collision with
+/// a backend's TIME_WAIT costs a SYN retransmission: 8-12 ms at HZ=250 (counted by the tests
+/// in the client's `RetransSegs`, which no load makes up), a whole second on a second
+/// collision; a healthy exchange takes well under a millisecond, and tens of ms on this
+/// loaded 2-CPU machine at worst.
+pub const MIXED_EXCHANGE: Scaled = Scaled::millis(500);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,7 @@ use std::{
 
 use agent_common::{
     policy::{CheckType, ConditionKind, FallbackStrategy, Priority, Service},
+    ports::nat_port,
     status::{DegradationStatus, StatusReport},
 };
 use agent_tests::{
@@ -643,7 +644,8 @@ fn degrade_and_recover(
             .context("the flow established before the flip must still be served")?;
         let mut all: Vec<&HttpBackend> = pool.iter().collect();
         all.push(fallback);
-        let by = accepted_port(&all, port);
+        // As the backends see it (the datapath moves ephemeral client ports).
+        let by = accepted_port(&all, nat_port(port));
         ensure!(
             by.len() == 1 && own.contains(&by[0].as_str()),
             "the flow from client port {port} must have been accepted once, by the pool; \

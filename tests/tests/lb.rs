@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::ports::nat_port;
 use agent_tests::{
     agent::{AgentProcess, TempDir, metric},
     backend::{TcpServer, UdpEcho},
@@ -190,6 +191,12 @@ impl Lab {
         }
         out
     }
+}
+
+/// The client port a backend sees for connection `s` through the VIP (the datapath moves
+/// ephemeral ones, `agent_common::ports`).
+fn backend_view(s: &TcpStream) -> Result<u16> {
+    Ok(nat_port(s.local_addr()?.port()))
 }
 
 /// `n` connections to `vip`, each opened and closed at once; fails on the first failure.
@@ -657,10 +664,7 @@ fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
             .collect()
     })??;
     // Health probes connect to the backends too: wait for these very client ports.
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|s| Ok(s.local_addr()?.port()))
-        .collect::<Result<_>>()?;
+    let ports: Vec<u16> = held.iter().map(backend_view).collect::<Result<_>>()?;
     wait("the held connections accepted", SETUP, || {
         let seen = lab.backend_by_client_port();
         Ok(ports.iter().all(|p| seen.contains_key(p)))
@@ -669,7 +673,7 @@ fn close_existing_resets_a_hung_backends_flows_through_the_vip() -> Result<()> {
     let hung = lab.backends[2];
     let on_hung: Vec<bool> = held
         .iter()
-        .map(|s| Ok(owner.get(&s.local_addr()?.port()) == Some(&2)))
+        .map(|s| Ok(owner.get(&backend_view(s)?) == Some(&2)))
         .collect::<Result<_>>()?;
     let n_hung = on_hung.iter().filter(|h| **h).count();
     ensure!(n_hung > 0, "none of 30 connections landed on backend 2");
@@ -726,7 +730,7 @@ fn least_conn_sends_new_connections_to_the_least_loaded_backend() -> Result<()> 
     let on = |b: usize| -> Result<usize> {
         let mut n = 0;
         for s in &held {
-            if owner.get(&s.local_addr()?.port()) == Some(&b) {
+            if owner.get(&backend_view(s)?) == Some(&b) {
                 n += 1;
             }
         }
@@ -739,10 +743,9 @@ fn least_conn_sends_new_connections_to_the_least_loaded_backend() -> Result<()> 
         on(1)?
     );
     // Close backend 0's five: it holds none, backend 1 five.
-    let (closing, keep): (Vec<TcpStream>, Vec<TcpStream>) = held.into_iter().partition(|s| {
-        s.local_addr()
-            .is_ok_and(|a| owner.get(&a.port()) == Some(&0))
-    });
+    let (closing, keep): (Vec<TcpStream>, Vec<TcpStream>) = held
+        .into_iter()
+        .partition(|s| backend_view(s).is_ok_and(|p| owner.get(&p) == Some(&0)));
     drop(closing);
     wait(
         "backend 0's connections to be counted closed",

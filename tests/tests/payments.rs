@@ -34,6 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::ports::nat_port;
 use agent_tests::{
     agent::{AgentProcess, TempDir, agent_bin, metric},
     backend::{Blackhole, TcpServer, served_by},
@@ -541,7 +542,8 @@ fn a_hung_processor_fails_fast_and_comes_back_gradually() -> Result<()> {
     })??;
     let ports: Vec<u16> = held
         .iter()
-        .map(|s| Ok(s.local_addr()?.port()))
+        // As the processors see them (the datapath moves ephemeral client ports).
+        .map(|s| Ok(nat_port(s.local_addr()?.port())))
         .collect::<Result<_>>()?;
     let on_hung: Vec<bool> = {
         let owner = |port: u16| {

@@ -15,7 +15,10 @@ mod reload;
 mod restart;
 mod scale;
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
+
+/// The `q` quantile (0 to 1) by nearest rank, shared with the tests' harnesses.
+use agent_tests::benchmarks::quantile;
 
 use crate::{build, cmd, setup, sys, toolchain::Toolchain, workspace};
 
@@ -144,17 +147,6 @@ fn git_head() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// The `q` quantile (0 to 1) by nearest rank.
-fn quantile(v: &[Duration], q: f64) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
-}
-
 /// The first word of the file at `path` (`/proc/loadavg`, ...), or `unknown`.
 fn first_word(path: &str) -> String {
     std::fs::read_to_string(path)
@@ -166,19 +158,6 @@ fn first_word(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantiles_by_nearest_rank() {
-        let v: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
-        assert_eq!(quantile(&v, 0.5), Duration::from_millis(5));
-        assert_eq!(quantile(&v, 1.0), Duration::from_millis(10));
-        assert_eq!(quantile(&v, 0.0), Duration::from_millis(1));
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(quantile(&v, 0.5), Duration::from_millis(50));
-        assert_eq!(quantile(&v, 0.99), Duration::from_millis(99));
-        assert_eq!(quantile(&v, 1.0), Duration::from_millis(100));
-        assert_eq!(quantile(&[], 0.5), Duration::ZERO);
-    }
 
     fn split(args: &[&str]) -> (Vec<String>, Vec<String>) {
         let owned: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();

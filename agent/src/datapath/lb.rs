@@ -21,7 +21,10 @@ use agent_common::{
         MAP_LB_ACTIVE_CONNS, MAP_LB_BACKENDS, MAP_LB_CONNS, MAP_LB_STATS, MAP_LB_SVC,
         MAP_LB_TABLES, MAP_SVC_STATS,
     },
-    stats::{SVC_LB_LOST, SVC_LB_REPLACED, SVC_NO_BACKEND, svc_slot},
+    stats::{
+        SVC_LB_LOST, SVC_LB_NAT_PORT, SVC_LB_NAT_PORT_BUSY, SVC_LB_REPLACED, SVC_NO_BACKEND,
+        svc_slot,
+    },
 };
 use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray};
 use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY;
@@ -224,6 +227,8 @@ impl LbMaps {
             no_backend: sum(SVC_NO_BACKEND)?,
             lost: sum(SVC_LB_LOST)?,
             replaced: sum(SVC_LB_REPLACED)?,
+            client_ports_moved: sum(SVC_LB_NAT_PORT)?,
+            client_ports_busy: sum(SVC_LB_NAT_PORT_BUSY)?,
         })
     }
 
@@ -319,4 +324,8 @@ pub struct LbServiceCounters {
     pub lost: u64,
     /// New flows whose entry replaced an expired or closed one of the same 5-tuple.
     pub replaced: u64,
+    /// New flows whose client port was moved out of the ephemeral range
+    /// (`agent_common::ports`), and those that kept it because a live flow held the moved one.
+    pub client_ports_moved: u64,
+    pub client_ports_busy: u64,
 }

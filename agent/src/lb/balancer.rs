@@ -77,6 +77,8 @@ impl LbView {
             let c = maps.service_counters(plan).unwrap_or_default();
             view.no_backend = c.no_backend;
             view.lost = c.lost;
+            view.client_ports_moved = c.client_ports_moved;
+            view.client_ports_busy = c.client_ports_busy;
             for (i, row) in (0..plan.backends.len()).zip(rows.by_ref()) {
                 let c: LbCounters = maps.counters(plan, i).unwrap_or_default();
                 row.active = c.active;
@@ -617,6 +619,8 @@ fn publish_view(services: &[Service], occupancy: &Occupancy, view: &LbView) {
             evictions: tracked.saturating_sub(replaced).saturating_sub(present),
             no_backend: 0,
             lost: 0,
+            client_ports_moved: 0,
+            client_ports_busy: 0,
             publishes: s.publishes,
             write_errors: s.write_errors,
             panic: s.panic,

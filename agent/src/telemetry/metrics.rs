@@ -439,6 +439,20 @@ fn encode_balancing(
             samples: per_service(|s| s.lost),
         },
         Family {
+            name: "agent_lb_client_ports_moved",
+            help: "New flows whose client port (from the ephemeral range, where the host's direct \
+                   connections take theirs too) the backend sees moved below that range.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.client_ports_moved),
+        },
+        Family {
+            name: "agent_lb_client_ports_busy",
+            help: "New flows that kept their client port: a live flow from another VIP held the \
+                   moved one at the same backend.",
+            kind: MetricType::Counter,
+            samples: per_service(|s| s.client_ports_busy),
+        },
+        Family {
             name: "agent_lb_no_backend",
             help: "New flows refused because no backend could take them.",
             kind: MetricType::Counter,
@@ -800,6 +814,8 @@ mod tests {
                 evictions: 4,
                 no_backend: 1,
                 lost: 2,
+                client_ports_moved: 5,
+                client_ports_busy: 1,
                 publishes: 3,
                 write_errors: 0,
                 panic: false,
@@ -1106,6 +1122,8 @@ mod tests {
             "agent_lb_backend_bytes_total{service=\"checkout\",backend=\"198.18.0.11:8080\"} 40000",
             "agent_lb_connections{service=\"checkout\"} 12",
             "agent_lb_conntrack_lost_total{service=\"checkout\"} 2",
+            "agent_lb_client_ports_moved_total{service=\"checkout\"} 5",
+            "agent_lb_client_ports_busy_total{service=\"checkout\"} 1",
             "agent_lb_conntrack_evictions_total{service=\"checkout\"} 4",
             "# TYPE agent_backend_passive_total counter",
             "agent_backend_passive_total{service=\"checkout\",backend=\"198.18.0.11:8080\",result=\"synack\"} 90",

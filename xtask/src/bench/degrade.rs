@@ -35,6 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::ports::nat_port;
 use agent_tests::{
     agent::{AgentProcess, TempDir},
     netns::Topology,
@@ -215,7 +216,9 @@ impl Client {
                             notes
                                 .lock()
                                 .unwrap_or_else(PoisonError::into_inner)
-                                .push((at, local.port()));
+                                // As the backends see it (the datapath moves
+                                // ephemeral client ports).
+                                .push((at, nat_port(local.port())));
                         }
                     }
                     Err(e) => errors
