@@ -228,9 +228,9 @@ const TOOLS: &[&[&str]] = &[
     &["haproxy"],
     // Debian 12 builds nginx's `stream` module as a module package of its own.
     &["nginx", "libnginx-mod-stream"],
-    &["iperf3"],
-    &["hping3"],
 ];
+// No iperf3 or hping3: the floods come from the project's own generator
+// (`agent_tests::traffic`, `SendMethod::Spoofed`), which the rate-limiting part documents.
 
 /// Which peer tools are missing after the install, and why.
 pub struct Tools {
