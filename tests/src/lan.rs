@@ -3,9 +3,15 @@
 //! single veth pair, hosts on it find each other through ARP / neighbour discovery and see
 //! each other's broadcasts, as machines on one switch do.
 
-use anyhow::Result;
+use std::time::{Duration, Instant};
 
-use crate::netns::{Netns, unique_name};
+use anyhow::{Result, bail};
+
+use crate::{
+    netns::{Netns, unique_name},
+    timing::LINK_READY,
+    wait::poll,
+};
 
 /// The bridge namespace and the hosts' namespaces, deleted on drop (their veth pairs go with
 /// them).
@@ -13,6 +19,8 @@ pub struct Lan {
     // Field order is drop order: the hosts first.
     hosts: Vec<Netns>,
     bridge: Netns,
+    /// Bridge ports made so far (their names are `p1`, `p2`, ...).
+    ports: usize,
 }
 
 impl Lan {
@@ -27,16 +35,27 @@ impl Lan {
         Ok(Lan {
             hosts: Vec::new(),
             bridge,
+            ports: 0,
         })
     }
 
-    /// A new host namespace (named after `role`) joined to the bridge by interface `ifname`,
-    /// up, without addresses; IPv6 duplicate address detection is off in it, so addresses
-    /// and link-local addresses are usable at once. Returns a handle; the `Lan` owns it.
+    /// A new host namespace (named after `role`) joined to the bridge by interface `ifname`
+    /// ([`Lan::join`]); IPv6 duplicate address detection is off in it, so addresses and
+    /// link-local addresses are usable at once. Returns a handle; the `Lan` owns it.
     pub fn host(&mut self, role: &str, ifname: &str) -> Result<Netns> {
         let ns = Netns::create(&unique_name(role))?;
         no_dad(&ns)?;
-        let port = format!("p{}", self.hosts.len());
+        self.join(&ns, ifname)?;
+        let handle = ns.handle();
+        self.hosts.push(ns);
+        Ok(handle)
+    }
+
+    /// Joins `ns` (a host of another LAN too, say a router) to the bridge by a new interface
+    /// `ifname`, up, without addresses.
+    pub fn join(&mut self, ns: &Netns, ifname: &str) -> Result<()> {
+        self.ports += 1;
+        let port = format!("p{}", self.ports);
         ns.ip(&[
             "link",
             "add",
@@ -52,9 +71,7 @@ impl Lan {
         self.bridge
             .ip(&["link", "set", &port, "master", Self::BRIDGE, "up"])?;
         ns.ip(&["link", "set", ifname, "up"])?;
-        let handle = ns.handle();
-        self.hosts.push(ns);
-        Ok(handle)
+        Ok(())
     }
 }
 
@@ -77,4 +94,25 @@ pub fn forwarding(ns: &Netns, on: bool) -> Result<()> {
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", v)
     })??;
     Ok(())
+}
+
+/// Waits until no IPv6 address of `ns` is tentative: its links have their carrier, and its
+/// addresses can be bound and used as sources.
+pub fn addresses_ready(ns: &Netns) -> Result<()> {
+    let tentative = || ns.ip(&["-6", "addr", "show", "tentative"]);
+    let done = |out: &Result<String>| out.as_ref().is_ok_and(|o| o.trim().is_empty());
+    match poll(
+        Instant::now(),
+        LINK_READY,
+        Duration::from_millis(10),
+        tentative,
+        done,
+    ) {
+        Ok(_) => Ok(()),
+        Err(out) => bail!(
+            "IPv6 addresses in {} still tentative after {LINK_READY}:\n{}",
+            ns.name(),
+            out?
+        ),
+    }
 }

@@ -247,6 +247,11 @@ pub const REFUSED_CONNECT: Scaled = Scaled::millis(10);
 /// loaded machine.
 pub const TABLE_FOLLOWS: Scaled = Scaled::millis(500);
 
+/// Topologies (issue 14): a new veth end joined to a bridge takes its carrier through the
+/// kernel's link watch, which delays a carrier coming up by up to a second; until then IPv6
+/// addresses on it stay tentative (even without duplicate detection) and cannot be bound.
+pub const LINK_READY: Scaled = Scaled::secs(5);
+
 #[cfg(test)]
 mod tests {
     use super::*;
