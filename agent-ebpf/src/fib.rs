@@ -11,7 +11,8 @@
 //! - TC egress, DNAT: the lookup from the local host's perspective (`BPF_FIB_LOOKUP_OUTPUT`)
 //!   through the device the packet is leaving by. Resolved: new MACs, and the packet goes on
 //!   out of this device (no redirect). Neighbour not resolved yet, or forwarding disabled on
-//!   the host (the kernel's lookup helper then answers nothing, on any kernel this runs on):
+//!   the host (the helper checks the device's forwarding first, whatever the perspective,
+//!   and answers nothing more):
 //!   `bpf_redirect_neigh`, which routes the packet, resolves the neighbour (ARP / ND) and
 //!   queues the packet until it answers. Such a packet passes this device's TC egress a
 //!   second time: it is marked in `skb->tc_index` (as Cilium marks its own) and the entry
@@ -19,11 +20,15 @@
 //! - XDP, DNAT and reverse NAT: the router's perspective (the ingress device's). Resolved:
 //!   TTL / hop limit decremented as a router does (the IPv4 checksum updated), new MACs,
 //!   `XDP_TX` out of the ingress device or `bpf_redirect` to another one. A destination on
-//!   this host (a reply to a local client) goes up the stack, where it belongs.
+//!   this host (a reply to a local client) goes up the stack, where it belongs, uncounted;
+//!   so does a destination without a route, which the helper reports the same way
+//!   (`BPF_FIB_LKUP_RET_NOT_FWDED`).
 //!
-//! Anything the lookup cannot resolve goes to the stack, as before (fail open), counted in
-//! `GSTAT_NAT_TO_STACK`: no route, forwarding disabled on an XDP host, a neighbour XDP
-//! cannot resolve, a frame with VLAN tags, a TTL that would expire.
+//! Anything else the lookup cannot resolve goes to the stack, as before (fail open), counted
+//! in `GSTAT_NAT_TO_STACK`: a route the lookup refuses (blackhole, unreachable, prohibit, a
+//! packet over the MTU; on TC also no route), forwarding disabled on an XDP host, a
+//! neighbour XDP cannot resolve (the stack resolves it), a frame with VLAN tags, a TTL that
+//! would expire.
 
 use agent_common::stats::GSTAT_NAT_TO_STACK;
 use aya_ebpf::{
