@@ -48,7 +48,6 @@ use core::{
 use crate::{
     maps::{LB_HANDOVER, SIDE_SRC},
     parse::{HasPacket, Packet, Parsed},
-    pipeline::Action,
     stats,
 };
 
@@ -85,9 +84,19 @@ pub enum Nat {
     Reverse,
 }
 
+/// Where the packet goes.
+pub enum Verdict {
+    /// On as it is: up the stack (XDP) or out of the device (TC), with new MACs or not.
+    Pass,
+    /// XDP: out of the device it came in by (`XDP_TX`).
+    Tx,
+    /// A redirect helper was called; its return value is the hook's verdict.
+    Redirect(i64),
+}
+
 pub trait NextHop {
-    /// Sends the rewritten packet to its next hop; `Action::Pass` to leave it to the stack.
-    fn next_hop(&self, p: &Parsed, nat: Nat) -> Action;
+    /// Sends the rewritten packet to its next hop; `Verdict::Pass` to leave it to the stack.
+    fn next_hop(&self, p: &Parsed, nat: Nat) -> Verdict;
 }
 
 /// The FIB lookup's parameters for the packet as it is now (after the NAT), `None` when it
@@ -187,10 +196,10 @@ fn decrement_ttl(pkt: &Packet, p: &Parsed) -> bool {
 impl NextHop for XdpContext {
     // A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
     #[inline(never)]
-    fn next_hop(&self, p: &Parsed, nat: Nat) -> Action {
+    fn next_hop(&self, p: &Parsed, nat: Nat) -> Verdict {
         let ifindex = self.ingress_ifindex() as u32;
         if ifindex == LOOPBACK_IFINDEX {
-            return Action::Pass;
+            return Verdict::Pass;
         }
         let pkt = self.packet();
         let Some(mut f) = params(&pkt, p, ifindex) else {
@@ -208,34 +217,34 @@ impl NextHop for XdpContext {
         match rc as u32 {
             BPF_FIB_LKUP_RET_SUCCESS => {}
             // A destination on this host: the stack is its next hop.
-            BPF_FIB_LKUP_RET_NOT_FWDED => return Action::Pass,
+            BPF_FIB_LKUP_RET_NOT_FWDED => return Verdict::Pass,
             // A host that does not forward receives its replies itself.
-            BPF_FIB_LKUP_RET_FWD_DISABLED if nat == Nat::Reverse => return Action::Pass,
+            BPF_FIB_LKUP_RET_FWD_DISABLED if nat == Nat::Reverse => return Verdict::Pass,
             _ => return to_stack(pkt.len()),
         }
         if !decrement_ttl(&pkt, p) || !set_macs(&pkt, &f) {
             return to_stack(pkt.len());
         }
         if f.ifindex == ifindex {
-            return Action::Bounce;
+            return Verdict::Tx;
         }
         // SAFETY: plain helper call; XDP_REDIRECT, or XDP_ABORTED for bad flags (none here).
-        Action::Redirect(unsafe { bpf_redirect(f.ifindex, 0) })
+        Verdict::Redirect(unsafe { bpf_redirect(f.ifindex, 0) })
     }
 }
 
 impl NextHop for TcContext {
     // A BPF subprogram with its own stack frame (see "Stack" in pipeline.rs).
     #[inline(never)]
-    fn next_hop(&self, p: &Parsed, nat: Nat) -> Action {
+    fn next_hop(&self, p: &Parsed, nat: Nat) -> Verdict {
         // A reply leaves toward its client, whose MAC the stack resolved: nothing to change.
         if nat == Nat::Reverse {
-            return Action::Pass;
+            return Verdict::Pass;
         }
         // SAFETY: the context's own skb, valid for this run.
         let ifindex = unsafe { (*self.skb.skb).ifindex };
         if ifindex == LOOPBACK_IFINDEX {
-            return Action::Pass;
+            return Verdict::Pass;
         }
         let pkt = self.packet();
         let Some(mut f) = params(&pkt, p, ifindex) else {
@@ -253,7 +262,7 @@ impl NextHop for TcContext {
         match rc as u32 {
             BPF_FIB_LKUP_RET_SUCCESS if f.ifindex == ifindex => {
                 if set_macs(&pkt, &f) {
-                    Action::Pass
+                    Verdict::Pass
                 } else {
                     to_stack(pkt.len())
                 }
@@ -283,14 +292,14 @@ impl NextHop for TcContext {
 }
 
 trait RedirectNeigh {
-    fn redirect_neigh(&self, ifindex: u32, nh: *mut bpf_redir_neigh) -> Action;
+    fn redirect_neigh(&self, ifindex: u32, nh: *mut bpf_redir_neigh) -> Verdict;
 }
 
 impl RedirectNeigh for TcContext {
     /// Out of `ifindex` (the device the packet was leaving by) through the neighbour
     /// subsystem; marked, since it comes through this TC egress again.
     #[inline(always)]
-    fn redirect_neigh(&self, ifindex: u32, nh: *mut bpf_redir_neigh) -> Action {
+    fn redirect_neigh(&self, ifindex: u32, nh: *mut bpf_redir_neigh) -> Verdict {
         let size = if nh.is_null() {
             0
         } else {
@@ -299,7 +308,7 @@ impl RedirectNeigh for TcContext {
         // SAFETY: the context's own skb; `nh` null or a struct of the size passed.
         unsafe {
             (*self.skb.skb).tc_index |= TC_INDEX_NAT_DONE;
-            Action::Redirect(bpf_redirect_neigh(ifindex, nh, size, 0))
+            Verdict::Redirect(bpf_redirect_neigh(ifindex, nh, size, 0))
         }
     }
 }
@@ -320,9 +329,9 @@ pub fn tc_second_pass(ctx: &TcContext) -> bool {
 }
 
 #[inline(always)]
-fn to_stack(len: u64) -> Action {
+fn to_stack(len: u64) -> Verdict {
     stats::global(GSTAT_NAT_TO_STACK, len);
-    Action::Pass
+    Verdict::Pass
 }
 
 /// The NAT the stage was handed over (`Handover::side`).

@@ -288,7 +288,11 @@ pub fn nat_stage<C: Nat + NextHop>(ctx: &C, pkt: &Packet) -> Action {
     }
     match lb::nat(ctx, &parsed) {
         Some(false) => Action::Drop,
-        Some(true) => ctx.next_hop(&parsed, fib::handed_over_nat()),
+        Some(true) => match ctx.next_hop(&parsed, fib::handed_over_nat()) {
+            fib::Verdict::Pass => Action::Pass,
+            fib::Verdict::Tx => Action::Bounce,
+            fib::Verdict::Redirect(verdict) => Action::Redirect(verdict),
+        },
         None => Action::Pass,
     }
 }
