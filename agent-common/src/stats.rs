@@ -85,10 +85,16 @@ pub const GSTAT_UNMATCHED: u32 = 4;
 pub const GSTAT_FRAGMENT: u32 = 5;
 /// Passed: the service id had no configuration (fail open).
 pub const GSTAT_NO_CONFIG: u32 = 6;
+/// Passed to the stack after a NAT: the FIB lookup toward the packet's next hop did not
+/// resolve it (a refused route, forwarding disabled on an XDP host, a neighbour XDP cannot
+/// resolve, a tagged frame, a TTL at its end), so the stack routes it, as before next-hop
+/// delivery existed (fail open). A reply to a client on this host is not counted: the stack
+/// is its next hop (`agent-ebpf/src/fib.rs` has the whole list).
+pub const GSTAT_NAT_TO_STACK: u32 = 7;
 pub const GSTAT_SLOTS: u32 = 8;
 
 /// Global slot names as exported in metrics.
-pub const GSTAT_NAMES: [(u32, &str); 7] = [
+pub const GSTAT_NAMES: [(u32, &str); 8] = [
     (GSTAT_SEEN, "seen"),
     (GSTAT_NON_IP, "non_ip"),
     (GSTAT_UNPARSED, "unparsed"),
@@ -96,6 +102,7 @@ pub const GSTAT_NAMES: [(u32, &str); 7] = [
     (GSTAT_UNMATCHED, "unmatched"),
     (GSTAT_FRAGMENT, "fragment"),
     (GSTAT_NO_CONFIG, "no_config"),
+    (GSTAT_NAT_TO_STACK, "nat_next_hop_unresolved"),
 ];
 
 /// Index of a service slot in `SVC_STATS`.

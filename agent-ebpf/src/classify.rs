@@ -3,7 +3,10 @@
 //! that accepts the protocol and port (`agent_common::MatchList::find`, where the order is
 //! documented and tested).
 
-use agent_common::classify::{ADDR_LEN, GEN_PREFIX_BITS, classify_key, generation_slot};
+use agent_common::{
+    MatchList,
+    classify::{ADDR_LEN, GEN_PREFIX_BITS, classify_key, generation_slot},
+};
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{
@@ -26,13 +29,25 @@ pub struct Service {
 #[inline(always)]
 pub fn classify(p: &Parsed) -> Option<Service> {
     // One read of the generation per packet: every later lookup of this packet (here and in
-    // the stages it tail-calls, through the hand-over) is of the same policy. No entry (the
-    // map cannot be empty, an array) reads as generation 0.
-    let generation = POLICY_GEN.get(0).copied().unwrap_or(0) & 1;
-    let key = Key::new(KEY_BITS, classify_key(generation, &p.dst));
-    let id = CLASSIFY.get(&key)?.find(p.proto, p.dport())?;
+    // the stages it tail-calls, through the hand-over) is of the same policy.
+    let generation = generation();
+    let id = rules(generation, &p.dst)?.find(p.proto, p.dport())?;
     Some(Service {
         id,
         slot: generation_slot(id, generation),
     })
+}
+
+/// The policy generation the datapath reads. No entry (the map cannot be empty, an array)
+/// reads as generation 0.
+#[inline(always)]
+pub fn generation() -> u32 {
+    POLICY_GEN.get(0).copied().unwrap_or(0) & 1
+}
+
+/// The rules of destination `addr` under `generation`, most specific first.
+#[inline(always)]
+pub fn rules(generation: u32, addr: &[u8; ADDR_LEN]) -> Option<&'static MatchList> {
+    let key = Key::new(KEY_BITS, classify_key(generation, addr));
+    CLASSIFY.get(&key)
 }

@@ -18,10 +18,12 @@
 mod breaker;
 mod classify;
 mod degrade;
+mod fib;
 mod lb;
 mod limit;
 mod maps;
 mod nat;
+mod neigh;
 mod parse;
 mod pipeline;
 mod ports;
@@ -96,17 +98,26 @@ fn xdp_action(action: Action) -> u32 {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Bounce => xdp_action::XDP_TX,
+        Action::Redirect(verdict) => verdict as u32,
     }
 }
 
 /// Egress: the same pipeline on locally sent packets. Only the linear part of the skb is
-/// parsed; headers that are not in it pass (fail open).
+/// parsed; headers that are not in it pass (fail open). Before it: a packet the NAT stage
+/// already sent on (`fib.rs`) leaves, and the host's own ARP request or neighbour
+/// solicitation for a VIP is answered (`neigh.rs`).
 #[classifier]
 pub fn agent_tc_egress(ctx: TcContext) -> i32 {
+    if fib::tc_second_pass(&ctx) {
+        return TC_ACT_OK;
+    }
     let pkt = ctx.packet();
     let len = u64::from(ctx.len());
     // SAFETY: the context's own skb, valid for this run.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
+    if neigh::may_ask(&pkt) && neigh::answer(&pkt) {
+        return tc_action(Action::Bounce, ifindex);
+    }
     tc_action(
         main_stage(&ctx, &pkt, len, mark == PROBE_MARK, &STAGES_TC),
         ifindex,
@@ -156,5 +167,6 @@ fn tc_action(action: Action, ifindex: u32) -> i32 {
         // The answer goes up the local stack, to the socket that sent the packet.
         // SAFETY: plain helper call; it returns TC_ACT_REDIRECT, or TC_ACT_SHOT on error.
         Action::Bounce => unsafe { bpf_redirect(ifindex, BPF_F_INGRESS.into()) as i32 },
+        Action::Redirect(verdict) => verdict as i32,
     }
 }

@@ -35,7 +35,9 @@ use aya_ebpf::{EbpfContext, maps::ProgramArray};
 use aya_log_ebpf::warn;
 
 use crate::{
-    breaker, classify, degrade, lb, limit,
+    breaker, classify, degrade,
+    fib::{self, NextHop},
+    lb, limit,
     maps::{NO_BACKEND_ID, SIDE_DST, SVC_CFG},
     nat::Nat,
     parse::{self, Packet, ParseError, Parsed},
@@ -48,8 +50,11 @@ use crate::{
 pub enum Action {
     Pass,
     Drop,
-    /// The packet was rewritten into its answer: send it back where it came from.
+    /// The packet was rewritten into its answer: send it back where it came from. On XDP,
+    /// also a packet whose next hop is out of the device it came in by (`XDP_TX`).
     Bounce,
+    /// A redirect helper was called (`fib.rs`); its return value is the verdict.
+    Redirect(i64),
 }
 
 /// The main stage. `exempt`: the agent's own health probe, which no breaker may stop.
@@ -278,14 +283,23 @@ pub fn lb_stage<C: EbpfContext>(
     Action::Drop
 }
 
-/// The NAT stage: rewrites as handed over; fails open, except that a DNAT that could not be
-/// done drops the packet rather than let it reach the VIP.
+/// The NAT stage: rewrites as handed over, then sends the packet to its new next hop
+/// (`fib.rs`); fails open, except that a DNAT that could not be done drops the packet rather
+/// than let it reach the VIP.
 #[inline(always)]
-pub fn nat_stage<C: Nat>(ctx: &C, pkt: &Packet) -> Action {
+pub fn nat_stage<C: Nat + NextHop>(ctx: &C, pkt: &Packet) -> Action {
     let mut parsed = Parsed::EMPTY;
-    match parse::parse(pkt, &mut parsed) {
-        Ok(()) if lb::nat(ctx, &parsed) == Some(false) => Action::Drop,
-        _ => Action::Pass,
+    if parse::parse(pkt, &mut parsed).is_err() {
+        return Action::Pass;
+    }
+    match lb::nat(ctx, &parsed) {
+        Some(false) => Action::Drop,
+        Some(true) => match ctx.next_hop(&parsed, fib::handed_over_nat()) {
+            fib::Verdict::Pass => Action::Pass,
+            fib::Verdict::Tx => Action::Bounce,
+            fib::Verdict::Redirect(verdict) => Action::Redirect(verdict),
+        },
+        None => Action::Pass,
     }
 }
 

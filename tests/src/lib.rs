@@ -12,6 +12,7 @@ pub mod backend;
 pub mod benchmarks;
 pub mod breaker;
 pub mod echo;
+pub mod lan;
 pub mod netns;
 pub mod pins;
 pub mod scale;

@@ -265,6 +265,24 @@ impl Netns {
         })?
     }
 
+    /// Datagrams this namespace's stack forwarded, IPv4 (`Ip: ForwDatagrams`) and IPv6
+    /// (`Ip6OutForwDatagrams`) added up.
+    pub fn forwarded_datagrams(&self) -> Result<u64> {
+        self.run(|| {
+            let text = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let text6 = std::fs::read_to_string("/proc/thread-self/net/snmp6")?;
+            let v4 = snmp_field(snmp_table(&text, "Ip:")?, "ForwDatagrams")
+                .context("no Ip: ForwDatagrams in /proc/net/snmp")?;
+            let v6 = text6
+                .lines()
+                .filter_map(|l| l.split_once(char::is_whitespace))
+                .find(|(k, _)| *k == "Ip6OutForwDatagrams")
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+                .context("no Ip6OutForwDatagrams in /proc/net/snmp6")?;
+            Ok(v4 + v6)
+        })?
+    }
+
     /// TCP segments received with a bad checksum (IPv4 and IPv6 share the TCP counters).
     pub fn tcp_csum_errors(&self) -> Result<u64> {
         self.run(|| {

@@ -255,6 +255,11 @@ pub const TABLE_FOLLOWS: Scaled = Scaled::millis(500);
 /// loaded 2-CPU machine at worst.
 pub const MIXED_EXCHANGE: Scaled = Scaled::millis(500);
 
+/// Topologies (issue 14): a new veth end joined to a bridge takes its carrier through the
+/// kernel's link watch, which delays a carrier coming up by up to a second; until then IPv6
+/// addresses on it stay tentative (even without duplicate detection) and cannot be bound.
+pub const LINK_READY: Scaled = Scaled::secs(5);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,9 +20,10 @@ use crate::workspace;
 /// Every timing bound of the tests is multiplied by it (tests/src, agent/tests).
 pub const TIME_SCALE_ENV: &str = "AGENT_TEST_TIME_SCALE";
 /// Modules the tests need that Debian's cloud kernels build as modules: veth pairs, the clsact
-/// qdisc (TC attach before TCX), the BPF classifier, and fq for pacing. Nothing in an initramfs
-/// answers the kernel's module autoload requests, so they are loaded up front.
-const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "sch_fq"];
+/// qdisc (TC attach before TCX), the BPF classifier, fq for pacing, and the bridge of the LAN
+/// topologies (`tests/src/lan.rs`). Nothing in an initramfs answers the kernel's module
+/// autoload requests, so they are loaded up front.
+const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "sch_fq", "bridge"];
 /// Where the test binaries go in the guest.
 const GUEST_TESTS: &str = "/vm/tests";
 
