@@ -74,7 +74,9 @@ pub const MAP_LEAST_CONN_BEST: &str = "LEAST_CONN_BEST";
 /// `CLASSIFY` keys, two entries per service in `SVC_CFG`, `LB_SVC` and `LB_TABLES`; service
 /// ids stable across reloads, their names in `SVC_NAMES`). 4: degradation (`DEGRADE`, the
 /// companion id in `ServiceConfig::fallback`, two more service counters, 80-byte names).
-pub const PIN_LAYOUT: u32 = 4;
+/// 5: the main programs hand the stages the frame they parsed (`LB_HANDOVER` values carry it;
+/// the stages no longer parse), and `LB_CONNS` entries are stamped on the coarse clock.
+pub const PIN_LAYOUT: u32 = 5;
 
 /// The maps pinned under `<agent.pin_path>/maps/`: every map holding policy, state or
 /// counters, and the stage arrays (a program array empties when its last user reference
