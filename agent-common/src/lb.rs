@@ -163,7 +163,10 @@ const _: () = assert!(core::mem::size_of::<LbBackend>() == 28);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbConn {
-    /// Last packet seen, `bpf_ktime_get_ns`.
+    /// Last packet seen, `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE, ~3 ns a read
+    /// instead of ~20): it lags CLOCK_MONOTONIC, which the agent compares it with
+    /// ([`conn_expired`]), by up to one scheduler tick (4 ms at 250 Hz), so an entry looks up
+    /// to a tick older than it is, against idle timeouts of seconds.
     pub last_ns: u64,
     /// LB index of the backend.
     pub backend: u32,

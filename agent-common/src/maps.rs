@@ -75,8 +75,10 @@ pub const MAP_LEAST_CONN_BEST: &str = "LEAST_CONN_BEST";
 /// ids stable across reloads, their names in `SVC_NAMES`). 4: degradation (`DEGRADE`, the
 /// companion id in `ServiceConfig::fallback`, two more service counters, 80-byte names). 5:
 /// balanced flows' client ports (`crate::ports`: `LbConn::nat_port`, `LbReverse::client_port`,
-/// the NAT stage's hand-over of both ports, two more service counters).
-pub const PIN_LAYOUT: u32 = 5;
+/// the NAT stage's hand-over of both ports, two more service counters). 6: the main programs
+/// hand the stages the frame they parsed (`LB_HANDOVER` values carry it; the stages no longer
+/// parse), and `LB_CONNS` entries are stamped on the coarse clock.
+pub const PIN_LAYOUT: u32 = 6;
 
 /// The maps pinned under `<agent.pin_path>/maps/`: every map holding policy, state or
 /// counters, and the stage arrays (a program array empties when its last user reference

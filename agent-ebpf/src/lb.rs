@@ -15,7 +15,7 @@ use agent_common::{
     reply::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{SVC_FALLBACK, SVC_LB_LOST, SVC_LB_REPLACED},
 };
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::ProgramArray};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, maps::ProgramArray};
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use crate::{
@@ -53,13 +53,14 @@ pub fn balanced(slot: u32) -> bool {
     LB_SVC.get(slot).is_some_and(|s| s.flags & LB_F_ACTIVE != 0)
 }
 
-/// Hands the packet to the balancing stage of the hook's `stages`. Returns only if the tail
-/// call failed (the stage is not loaded).
+/// Hands the packet, parsed, to the balancing stage of the hook's `stages`. Returns only if
+/// the tail call failed (the stage is not loaded).
 #[inline(always)]
 pub fn hand_over<C: aya_ebpf::EbpfContext>(
     ctx: &C,
     service_id: u32,
     slot: u32,
+    p: &Parsed,
     stages: &ProgramArray,
 ) {
     if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
@@ -68,16 +69,21 @@ pub fn hand_over<C: aya_ebpf::EbpfContext>(
         unsafe {
             (*h).service_id = service_id;
             (*h).slot = slot;
+            (*h).parsed = *p;
             stages.tail_call(ctx, STAGE_LB);
         }
     }
 }
 
-/// In the balancing stage: the service the main program handed over, and its generation
-/// slot.
+/// In the balancing stage: the service the main program handed over and its generation slot;
+/// the frame as the main program parsed it goes into `parsed`.
 #[inline(always)]
-pub fn handed_over() -> Option<(u32, u32)> {
-    LB_HANDOVER.get(0).map(|h| (h.service_id, h.slot))
+pub fn handed_over(parsed: &mut Parsed) -> Option<(u32, u32)> {
+    // Copied into the caller's `parsed`, not returned in a tuple: that took a second copy on
+    // the balancing stage's frame, the first of the deepest chain (`agent/tests/stack.rs`).
+    let h = LB_HANDOVER.get(0)?;
+    *parsed = h.parsed.handed_over();
+    Some((h.service_id, h.slot))
 }
 
 /// Hands the packet to the NAT stage of the hook's `stages`, to rewrite `side` to `addr` and
@@ -129,24 +135,39 @@ pub fn answer_handed_over() -> Option<(u32, u32)> {
     LB_HANDOVER.get(0).map(|h| (h.answer_id, h.answer_slot))
 }
 
-/// The NAT stage: rewrites the packet as handed over. `Some(false)`: a DNAT that failed (the
-/// packet must not go to the VIP unchanged); `None` without a hand-over.
+/// In the NAT stage: the frame as the main program parsed it (unchanged since).
 #[inline(always)]
-pub fn nat<C: Nat>(ctx: &C, p: &Parsed) -> Option<bool> {
+pub fn handed_over_frame() -> Option<Parsed> {
+    LB_HANDOVER.get(0).map(|h| h.parsed.handed_over())
+}
+
+/// The NAT stage: rewrites the packet `p` (from `handed_over_frame`) as handed over, and
+/// leaves in `p` the ports the frame now carries (the next hop is looked up with them).
+/// `Some(false)`: a DNAT that failed (the packet must not go to the VIP unchanged); `None`
+/// without a hand-over.
+#[inline(always)]
+pub fn nat<C: Nat>(ctx: &C, p: &mut Parsed) -> Option<bool> {
     let h = LB_HANDOVER.get_ptr(0)?;
-    // SAFETY: this CPU's slot, written by the stage that tail-called this one.
+    // SAFETY: this CPU's slot, written by the stages that tail-called this one.
     let (side, addr, port, backend, client_port) = unsafe {
         let h = &*h;
         (h.side, &h.addr, h.port, h.backend, h.client_port)
     };
     if side != SIDE_SRC {
-        return Some(
-            ctx.nat(p, Side::Dst, addr, port) && ports::put(ctx, p, Side::Src, client_port),
-        );
+        let done = ctx.nat(p, Side::Dst, addr, port) && ports::put(ctx, p, Side::Src, client_port);
+        p.dport = port;
+        if client_port != NO_NAT_PORT {
+            p.sport = client_port;
+        }
+        return Some(done);
     }
     if reply_of_live_flow(p, addr, port, backend, client_port) {
         ctx.nat(p, Side::Src, addr, port);
         ports::put(ctx, p, Side::Dst, client_port);
+        p.sport = port;
+        if client_port != NO_NAT_PORT {
+            p.dport = client_port;
+        }
     }
     // A reply that cannot be rewritten passes as it is (fail open).
     Some(true)
@@ -182,7 +203,7 @@ fn reply_of_live_flow(
         return false;
     };
     // SAFETY: a helper with no arguments; a live map value for this run.
-    let (now, c) = unsafe { (bpf_ktime_get_ns(), &mut *c) };
+    let (now, c) = unsafe { (bpf_ktime_get_coarse_ns(), &mut *c) };
     let tcp = p.proto == PROTO_TCP;
     let moved_on = c.nat_port != NO_NAT_PORT && c.nat_port != p.dport;
     if c.backend != backend || moved_on || conn_expired(c, tcp, now) {
@@ -227,8 +248,8 @@ pub fn forward(service_id: u32, slot: u32, p: &Parsed) -> Forward {
         proto: p.proto,
         _pad: [0; 3],
     };
-    // SAFETY: helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: helper with no arguments. The coarse clock (`LbConn::last_ns` says why).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let tcp = p.proto == PROTO_TCP;
     // The backend, and the flags of the service whose backend it is (the companion's for a
     // new flow sent to the fallback).
@@ -314,7 +335,10 @@ pub fn hand_over_reply<C: aya_ebpf::EbpfContext>(ctx: &C, p: &Parsed, stages: &P
     {
         if let Some(h) = LB_HANDOVER.get_ptr_mut(0) {
             // SAFETY: as in `hand_over`.
-            unsafe { (*h).backend = rev.backend };
+            unsafe {
+                (*h).backend = rev.backend;
+                (*h).parsed = *p;
+            }
         }
         // The reverse NAT gives the reply the client's own port back.
         hand_over_nat(

@@ -70,9 +70,8 @@ pub fn agent_xdp(ctx: XdpContext) -> u32 {
 /// its backend is answered or dropped, never passed to the VIP.
 #[xdp]
 pub fn agent_xdp_lb(ctx: XdpContext) -> u32 {
-    let pkt = ctx.packet();
-    let len = pkt.len();
-    xdp_action(lb_stage(&ctx, &pkt, len, false, &STAGES_XDP))
+    let len = ctx.packet().len();
+    xdp_action(lb_stage(&ctx, len, false, &STAGES_XDP))
 }
 
 /// The answer stage of XDP, tail-called by `agent_xdp_lb`. Fails closed: the packet was
@@ -88,8 +87,7 @@ pub fn agent_xdp_answer(ctx: XdpContext) -> u32 {
 /// Fails open, except a DNAT that could not be done: dropped rather than reach the VIP.
 #[xdp]
 pub fn agent_xdp_nat(ctx: XdpContext) -> u32 {
-    let pkt = ctx.packet();
-    xdp_action(nat_stage(&ctx, &pkt))
+    xdp_action(nat_stage(&ctx))
 }
 
 #[inline(always)]
@@ -128,14 +126,10 @@ pub fn agent_tc_egress(ctx: TcContext) -> i32 {
 /// Fails as `agent_xdp_lb` does.
 #[classifier]
 pub fn agent_tc_lb(ctx: TcContext) -> i32 {
-    let pkt = ctx.packet();
     let len = u64::from(ctx.len());
     // SAFETY: the context's own skb, valid for this run.
     let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    tc_action(
-        lb_stage(&ctx, &pkt, len, mark == PROBE_MARK, &STAGES_TC),
-        ifindex,
-    )
+    tc_action(lb_stage(&ctx, len, mark == PROBE_MARK, &STAGES_TC), ifindex)
 }
 
 /// The answer stage of TC egress, tail-called by `agent_tc_lb`. Fails closed, as
@@ -153,10 +147,9 @@ pub fn agent_tc_answer(ctx: TcContext) -> i32 {
 /// (reverse NAT of replies from a backend on this host). Fails as `agent_xdp_nat` does.
 #[classifier]
 pub fn agent_tc_nat(ctx: TcContext) -> i32 {
-    let pkt = ctx.packet();
     // SAFETY: the context's own skb, valid for this run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    tc_action(nat_stage(&ctx, &pkt), ifindex)
+    tc_action(nat_stage(&ctx), ifindex)
 }
 
 #[inline(always)]

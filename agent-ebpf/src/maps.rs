@@ -3,6 +3,7 @@
 //! `agent.tables` (`agent_common::tables::TableSizes`), and the key and departure tables from
 //! the services' `max_keys` (`EbpfLoader::map_max_entries`).
 
+use crate::parse::Parsed;
 use agent_common::lb::{
     LB_TABLE_FLAGS, LBSTAT_SLOTS, LbBackend, LbConn, LbReverse, LbService, LbTableSlot,
 };
@@ -138,11 +139,14 @@ pub static STAGES_XDP: ProgramArray = ProgramArray::with_max_entries(3, 0);
 pub static STAGES_TC: ProgramArray = ProgramArray::with_max_entries(3, 0);
 
 /// What one stage hands the next one it tail-calls (same CPU, no preemption in between): the
-/// main program to the balancing stage, the service; the balancing stage or the main program
-/// to the NAT stage, the rewrite.
+/// main program to the balancing stage, the service and the parsed frame; the balancing stage
+/// or the main program to the NAT stage, the rewrite (and the main program the parsed frame,
+/// which no stage changes before the NAT stage rewrites it).
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct Handover {
+    /// The frame as the main program parsed it: the stages do not parse it again.
+    pub parsed: Parsed,
     pub service_id: u32,
     /// `generation_slot(service_id, generation)` of the generation the main program read:
     /// the stage reads the same policy.
@@ -161,7 +165,9 @@ pub struct Handover {
     pub answer_slot: u32,
     /// For reverse NAT: the LB index of the backend the reply comes from.
     pub backend: u32,
+    pub _pad2: u32,
 }
+const _: () = assert!(core::mem::size_of::<Handover>() == 64 + 48);
 
 /// `Handover::answer_id` when no backend's counters apply.
 pub const NO_BACKEND_ID: u32 = u32::MAX;

@@ -110,25 +110,40 @@ impl HasPacket for TcContext {
 }
 
 /// The facts classification and limiting need. Addresses are 16 bytes, IPv4 as `::ffff:a.b.c.d`.
+/// `#[repr(C)]`: the main program hands it to the stages it tail-calls in `LB_HANDOVER`
+/// (`crate::maps::Handover`), so that no stage parses the frame again.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Parsed {
-    pub proto: u8,
+    /// Offsets of the IP header and of the L4 header (the latter meaningful with `has_ports`
+    /// or an ICMP header).
+    pub l3: usize,
+    pub l4: usize,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     /// Host order; meaningful only when `has_ports`.
     pub sport: u16,
     pub dport: u16,
+    pub proto: u8,
+    /// TCP flag bits (byte 13 of the header); 0 for other protocols.
+    pub tcp_flags: u8,
     pub has_ports: bool,
     pub fragment: bool,
     /// IPv6 (else IPv4).
     pub ipv6: bool,
-    /// Offsets of the IP header and of the L4 header (the latter meaningful with `has_ports`
-    /// or an ICMP header).
-    pub l3: usize,
-    pub l4: usize,
-    /// TCP flag bits (byte 13 of the header); 0 for other protocols.
-    pub tcp_flags: u8,
+    pub _pad: [u8; 7],
 }
+const _: () = assert!(mem::size_of::<Parsed>() == 64);
+
+/// Every offset `parse` can produce is below this (Ethernet, two VLAN tags, IPv6 and
+/// `MAX_IPV6_EXT_HDRS` extension headers of at most 2,048 bytes each: under 12,400): a stage
+/// that takes offsets handed over in a map masks them with `OFFSET_MASK` so the verifier
+/// sees them bounded, which changes none of them.
+pub const OFFSET_MASK: usize = 0x3fff;
+const _: () = assert!(
+    EthHdr::LEN + MAX_VLAN_TAGS * VLAN_HDR_LEN + Ipv6Hdr::LEN + MAX_IPV6_EXT_HDRS * 2_048
+        < OFFSET_MASK
+);
 
 impl Parsed {
     #[inline(always)]
@@ -160,7 +175,18 @@ impl Parsed {
         l3: 0,
         l4: 0,
         tcp_flags: 0,
+        _pad: [0; 7],
     };
+
+    /// This one as a stage finds it in the hand-over: its offsets masked (`OFFSET_MASK`).
+    #[inline(always)]
+    pub fn handed_over(&self) -> Parsed {
+        Parsed {
+            l3: self.l3 & OFFSET_MASK,
+            l4: self.l4 & OFFSET_MASK,
+            ..*self
+        }
+    }
 }
 
 /// Parses the packet into `out`. A BPF subprogram with its own stack frame (see "Stack" in
@@ -218,6 +244,7 @@ fn parse_ipv4(pkt: &Packet, off: usize, p: &mut Parsed) -> Result<(), ParseError
         l3: off,
         l4: off + hdr_len,
         tcp_flags: 0,
+        _pad: [0; 7],
     };
     if !fragment {
         parse_l4(pkt, off + hdr_len, p)?;
@@ -244,6 +271,7 @@ fn parse_ipv6(pkt: &Packet, off: usize, p: &mut Parsed) -> Result<(), ParseError
         l3: off,
         l4: off + Ipv6Hdr::LEN,
         tcp_flags: 0,
+        _pad: [0; 7],
     };
     let mut off = off + Ipv6Hdr::LEN;
     let mut walked = 0;

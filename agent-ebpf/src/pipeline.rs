@@ -8,16 +8,18 @@
 //! breaker check, rate limit, pacing, building an answer) are BPF subprograms (`#[inline(never)]`),
 //! each with its own frame, so stages that run one after the other do not add up. Answers
 //! (RST / ICMP) are built in a program of their own, entered by tail call, so their frame
-//! is never stacked on a main program's. The deepest chain is 416 bytes under 6.1's rounding;
-//! `agent/tests/stack.rs` reads it off the object and keeps 64 bytes of headroom.
+//! is never stacked on a main program's. The deepest chain (TC's balancing stage, `forward`,
+//! `track`) is 448 bytes under 6.1's rounding, at the bound: `agent/tests/stack.rs` reads it
+//! off the object and keeps 64 bytes of headroom.
 //!
 //! Balancing runs in programs of its own, entered by tail call (`STAGES_XDP` / `STAGES_TC`):
 //! the balancing stage (pick or look up the flow's backend, its breaker), the NAT stage
 //! (rewrite) and the answer stage (a refused packet turned into its answer). Each is verified
 //! apart: inlined into the main program, the paths of classification, limiting, breaker and
 //! balancing multiplied past the verifier's budget of one million instructions (with the
-//! answer inlined, the main programs took 551k verified instructions; without, 31k). Each
-//! stage parses the frame again (a few ns).
+//! answer inlined, the main programs took 551k verified instructions; without, 31k). The
+//! main program hands what it parsed to the stages (`LB_HANDOVER`), which do not parse the
+//! frame again; only the answer stage, which builds an answer from the frame, does.
 
 use agent_common::{
     ServiceConfig,
@@ -123,7 +125,7 @@ pub fn main_stage<C: EbpfContext + Pace>(
     if let Ok((id, _, slot)) = service
         && lb::balanced(slot)
     {
-        lb::hand_over(ctx, id, slot, stages);
+        lb::hand_over(ctx, id, slot, &parsed, stages);
         // Only if the stage is not loaded: fail open, the packet goes to the VIP unchanged.
         stats::service(id, SVC_PASSED, len);
         return Action::Pass;
@@ -213,19 +215,13 @@ fn rate_limit<C: EbpfContext>(
     }
 }
 
-/// The balancing stage: the packet parsed again, a backend of the service the main program
-/// handed over picked (or found in the connection table), that backend's breaker, then the
-/// NAT stage. Fails open without a service.
+/// The balancing stage: a backend of the service the main program handed over picked (or
+/// found in the connection table), that backend's breaker, then the NAT stage. The frame is
+/// not read: the main program handed over what it parsed. Fails open without a service.
 #[inline(always)]
-pub fn lb_stage<C: EbpfContext>(
-    ctx: &C,
-    pkt: &Packet,
-    len: u64,
-    exempt: bool,
-    stages: &ProgramArray,
-) -> Action {
+pub fn lb_stage<C: EbpfContext>(ctx: &C, len: u64, exempt: bool, stages: &ProgramArray) -> Action {
     let mut parsed = Parsed::EMPTY;
-    let (Ok(()), Some((id, slot))) = (parse::parse(pkt, &mut parsed), lb::handed_over()) else {
+    let Some((id, slot)) = lb::handed_over(&mut parsed) else {
         return Action::Pass;
     };
     let (backend, addr, port, panic, client_port) = match lb::forward(id, slot, &parsed) {
@@ -283,16 +279,16 @@ pub fn lb_stage<C: EbpfContext>(
     Action::Drop
 }
 
-/// The NAT stage: rewrites as handed over, then sends the packet to its new next hop
-/// (`fib.rs`); fails open, except that a DNAT that could not be done drops the packet rather
-/// than let it reach the VIP.
+/// The NAT stage: rewrites as handed over (what to write, and where, as the main program
+/// parsed the frame), then sends the packet to its new next hop (`fib.rs`); fails open,
+/// except that a DNAT that could not be done drops the packet rather than let it reach the
+/// VIP.
 #[inline(always)]
-pub fn nat_stage<C: Nat + NextHop>(ctx: &C, pkt: &Packet) -> Action {
-    let mut parsed = Parsed::EMPTY;
-    if parse::parse(pkt, &mut parsed).is_err() {
+pub fn nat_stage<C: Nat + NextHop>(ctx: &C) -> Action {
+    let Some(mut parsed) = lb::handed_over_frame() else {
         return Action::Pass;
-    }
-    match lb::nat(ctx, &parsed) {
+    };
+    match lb::nat(ctx, &mut parsed) {
         Some(false) => Action::Drop,
         Some(true) => match ctx.next_hop(&parsed, fib::handed_over_nat()) {
             fib::Verdict::Pass => Action::Pass,

@@ -38,6 +38,10 @@ struct Args {
     /// BPF_PROG_TEST_RUN calls per figure; the median is reported.
     #[arg(long, default_value_t = 11)]
     samples: usize,
+    /// Only the load-balancing rows (and the trivial program run the same way), this many
+    /// times over; printed, not written to `--out`. For profiling and before/after pairs.
+    #[arg(long)]
+    lb_only: Option<usize>,
 }
 
 const SERVER: [u8; 4] = [198, 18, 0, 2];
@@ -881,7 +885,8 @@ fn run(args: &Args) -> anyhow::Result<String> {
          rewritten again (BPF_PROG_TEST_RUN repeats on the frame the program left). Single runs \
          carry the kernel's timer overhead and cold caches, so the trivial program run the same \
          way is their scale. A packet to a VIP takes two tail calls (main program, balancing \
-         stage, NAT stage) and parses the frame in each."
+         stage, NAT stage) and is parsed once: the main program hands what it parsed to the \
+         stages (`LB_HANDOVER`). Connection entries are stamped on the coarse clock."
     )?;
     writeln!(
         t,
@@ -945,8 +950,27 @@ fn with_others(table: &str, old: &str) -> String {
     out
 }
 
+/// `--lb-only`: the load-balancing rows, `times` over, printed.
+fn lb_only(times: usize) -> anyhow::Result<()> {
+    for _ in 0..times {
+        for (what, m) in lb_rows()? {
+            println!("{what}\t{:.0}\t{:.0}", m.kernel, m.wall);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(times) = args.lb_only {
+        return match lb_only(times) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agent-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(table) => {
             print!("{table}");
