@@ -886,7 +886,11 @@ fn run(args: &Args) -> anyhow::Result<String> {
          carry the kernel's timer overhead and cold caches, so the trivial program run the same \
          way is their scale. A packet to a VIP takes two tail calls (main program, balancing \
          stage, NAT stage) and is parsed once: the main program hands what it parsed to the \
-         stages (`LB_HANDOVER`). Connection entries are stamped on the coarse clock."
+         stages (`LB_HANDOVER`). Connection entries are stamped on the coarse clock. Not in \
+         these rows: the flows' client ports (from 20000) are below the ephemeral range, so \
+         they keep their port (`agent_common::ports`; a moved port costs one more reverse-table \
+         lookup on a new flow and one more port rewrite), and BPF_PROG_TEST_RUN runs on `lo`, \
+         where the NAT stage's next-hop lookup returns at once (`fib.rs`)."
     )?;
     writeln!(
         t,
