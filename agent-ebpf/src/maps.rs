@@ -38,11 +38,11 @@ pub static CLASSIFY: LpmTrie<[u8; CLASSIFY_KEY_LEN], MatchList> =
 #[map]
 pub static SVC_CFG: Array<ServiceConfig> = Array::with_max_entries(MAX_SERVICES * GENERATIONS, 0);
 
-/// Which service holds each id; for the agent only (`agent_common::classify::ServiceName`).
 /// Degradation mode per service id (`agent_common::degrade`).
 #[map]
 pub static DEGRADE: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
 
+/// Which service holds each id; for the agent only (`agent_common::classify::ServiceName`).
 #[map]
 pub static SVC_NAMES: Array<ServiceName> = Array::with_max_entries(MAX_SERVICES, 0);
 

@@ -307,7 +307,7 @@ pub struct CloseFirstEcho {
 }
 
 /// Bytes each way of a [`CloseFirstEcho`] exchange (the 64).
-pub const EXCHANGE_LEN: usize = 64;
+pub use crate::traffic::exchange::EXCHANGE_BYTES as EXCHANGE_LEN;
 
 impl CloseFirstEcho {
     /// Binds `addr` in `ns` and serves until dropped.
