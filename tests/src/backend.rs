@@ -297,7 +297,7 @@ impl Drop for Blackhole {
     }
 }
 
-/// A TCP server that answers each connection's first [`EXCHANGE_LEN`] bytes with the same
+/// A TCP server that answers each connection's first [`EXCHANGE_BYTES`] bytes with the same
 /// bytes and closes first, so it holds the connection's TIME_WAIT, as an HTTP/1.0 server
 /// does; one connection at a time, served on its accept thread (for sequential clients:
 /// nothing but the exchange between accept and close). Records every client port it accepted.
@@ -306,8 +306,9 @@ pub struct CloseFirstEcho {
     _worker: Worker,
 }
 
-/// Bytes each way of a [`CloseFirstEcho`] exchange (the 64).
-pub use crate::traffic::exchange::EXCHANGE_BYTES as EXCHANGE_LEN;
+/// Bytes each way of one short exchange: [`CloseFirstEcho`]'s and
+/// [`crate::traffic::exchange`]'s (the 64).
+pub const EXCHANGE_BYTES: usize = 64;
 
 impl CloseFirstEcho {
     /// Binds `addr` in `ns` and serves until dropped.
@@ -336,7 +337,7 @@ impl CloseFirstEcho {
                 seen.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(peer.port());
-                let mut buf = [0u8; EXCHANGE_LEN];
+                let mut buf = [0u8; EXCHANGE_BYTES];
                 let _ = conn.set_nonblocking(false);
                 let _ = conn.set_nodelay(true);
                 let _ = conn.set_read_timeout(Some(READ_IDLE));
@@ -359,7 +360,7 @@ impl CloseFirstEcho {
 }
 
 /// One exchange with a [`CloseFirstEcho`] at `addr` from the calling thread's namespace:
-/// connect, [`EXCHANGE_LEN`] bytes each way, wait for the server's close, close. Returns how
+/// connect, [`EXCHANGE_BYTES`] bytes each way, wait for the server's close, close. Returns how
 /// long it took; an error names what failed.
 pub fn exchange(addr: SocketAddr, timeout: Duration) -> Result<Duration> {
     let t = Instant::now();
@@ -367,10 +368,10 @@ pub fn exchange(addr: SocketAddr, timeout: Duration) -> Result<Duration> {
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
-    let out = [0x5a_u8; EXCHANGE_LEN];
+    let out = [0x5a_u8; EXCHANGE_BYTES];
     s.write_all(&out)
         .with_context(|| format!("writing to {addr}"))?;
-    let mut back = [0u8; EXCHANGE_LEN];
+    let mut back = [0u8; EXCHANGE_BYTES];
     s.read_exact(&mut back)
         .with_context(|| format!("reading the echo of {addr}"))?;
     anyhow::ensure!(back == out, "{addr} echoed other bytes");

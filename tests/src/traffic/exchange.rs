@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use crate::backend::EXCHANGE_BYTES;
 use crate::backend::{ACCEPT_IDLE, READ_IDLE, Worker};
 use crate::netns::Netns;
 
-/// Bytes each way of one exchange.
-pub const EXCHANGE_BYTES: usize = 64;
 /// How long a server waits on a connected client's request or close before giving up on it.
 const SERVER_IDLE: Duration = Duration::from_secs(5);
 
