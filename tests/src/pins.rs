@@ -1,5 +1,6 @@
 //! What the agent leaves in the kernel (issue 10): its pins under `agent.pin_path`, the
-//! programs, links and maps behind them as `bpftool` shows them, a guard that runs
+//! programs, links and maps behind them as `bpftool` shows them (and, for what is left after
+//! an uninstall, as the kernel's id lists hold them: [`live_ids`]), a guard that runs
 //! `agent uninstall` whatever happens, and one-shot agent runs whose exit code and output a
 //! test judges.
 //!
@@ -194,44 +195,86 @@ impl Ours {
     }
 
     /// What of `self` the kernel still has: programs, links and maps by id.
+    ///
+    /// Read from the kernel's id lists ([`live_ids`]), never by opening an object: opening a
+    /// program array by id after its last user reference closed can itself keep it alive
+    /// for good (see [`live_ids`]), so the check would make the leak it looks for.
     pub fn still_loaded(&self) -> Result<Ours> {
-        let live = |kind: &str, want: &BTreeSet<u32>| -> Result<BTreeSet<u32>> {
-            Ok(all(kind)?
-                .iter()
-                .filter_map(|v| id_of(v, "id"))
-                .filter(|id| want.contains(id))
-                .collect())
+        let live = |kind: IdKind, want: &BTreeSet<u32>| -> Result<BTreeSet<u32>> {
+            Ok(live_ids(kind)?.intersection(want).copied().collect())
         };
         Ok(Ours {
-            maps: live("map", &self.maps)?,
-            links: live("link", &self.links)?,
-            progs: live("prog", &self.progs)?,
+            maps: live(IdKind::Map, &self.maps)?,
+            links: live(IdKind::Link, &self.links)?,
+            progs: live(IdKind::Prog, &self.progs)?,
         })
     }
 
     pub fn is_empty(&self) -> bool {
         self.maps.is_empty() && self.links.is_empty() && self.progs.is_empty()
     }
+}
 
-    /// Of `maps`, the tail-call program arrays (`STAGES_XDP`, `STAGES_TC`).
-    ///
-    /// KNOWN DEFECT (issue 14, open): since the datapath of issue 14 (next hop after the NAT,
-    /// client ports, the frame handed to the stages), these two arrays often outlive their
-    /// agent by minutes on 6.18, empty, with no program, link, pin or descriptor left that
-    /// refers to them: a reference the kernel itself keeps. The cause is not found; the
-    /// uninstall test reports them rather than fail on them, and fails on anything else.
-    pub fn stage_arrays(&self) -> Result<BTreeSet<u32>> {
-        Ok(all("map")?
-            .iter()
-            .filter(|v| {
-                v.get("type").and_then(Value::as_str) == Some("prog_array")
-                    && v.get("name")
-                        .and_then(Value::as_str)
-                        .is_some_and(|n| n.starts_with("STAGES_"))
-            })
-            .filter_map(|v| id_of(v, "id"))
-            .filter(|id| self.maps.contains(id))
-            .collect())
+/// Which of the kernel's id lists [`live_ids`] walks.
+#[derive(Clone, Copy, Debug)]
+pub enum IdKind {
+    Prog,
+    Map,
+    Link,
+}
+
+/// The ids of every program, map or link the kernel has, from `BPF_*_GET_NEXT_ID`, which
+/// takes no reference and opens nothing (`bpftool KIND show` opens each object by id).
+///
+/// Why that matters, for maps: when a program array's last user reference (descriptor or
+/// pin) goes, the kernel schedules a deferred clear of it that holds a reference until it
+/// runs (`kernel/bpf/arraymap.c`, `prog_array_map_clear`: `bpf_map_inc` then
+/// `schedule_work`). Opening the array by id in that window and closing it schedules the
+/// clear again; while the first is still pending the second `schedule_work` does nothing,
+/// so one reference is never put back and the empty array stays until reboot. Seen on
+/// 6.18 (`bpftool map show` during `agent uninstall` left `STAGES_XDP`/`STAGES_TC`
+/// behind in 3 of 4 runs) and reproduced without the agent (create a program array, close
+/// it, reopen it by id, close: most of 500 stay on a busy machine).
+pub fn live_ids(kind: IdKind) -> Result<BTreeSet<u32>> {
+    // uapi/linux/bpf.h `enum bpf_cmd`.
+    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+    const BPF_MAP_GET_NEXT_ID: libc::c_long = 12;
+    const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+    /// The `union bpf_attr` member these commands read: `start_id`, `next_id`, `open_flags`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct NextId {
+        start_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let cmd = match kind {
+        IdKind::Prog => BPF_PROG_GET_NEXT_ID,
+        IdKind::Map => BPF_MAP_GET_NEXT_ID,
+        IdKind::Link => BPF_LINK_GET_NEXT_ID,
+    };
+    let mut ids = BTreeSet::new();
+    let mut attr = NextId::default();
+    loop {
+        // SAFETY: `attr` is a valid, writable `NextId` for the call, and the size passed is
+        // its own; the kernel reads `start_id` and writes `next_id`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                &mut attr as *mut NextId,
+                std::mem::size_of::<NextId>(),
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(ids);
+            }
+            return Err(e).with_context(|| format!("bpf(GET_NEXT_ID) for {kind:?}s"));
+        }
+        ids.insert(attr.next_id);
+        attr.start_id = attr.next_id;
     }
 }
 

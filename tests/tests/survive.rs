@@ -945,8 +945,9 @@ fn the_watchdog_restores_a_detached_link_and_a_removed_pin() {
     );
 }
 
-/// `agent uninstall` removes every program, link and pin of the agent: bpftool shows none of
-/// them and the pin path is empty. A second uninstall finds nothing and exits 0.
+/// `agent uninstall` removes every program, link and pin of the agent: the kernel's id lists
+/// hold none of them (read without opening them: [`pins::live_ids`]) and the pin path is
+/// empty. A second uninstall finds nothing and exits 0.
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: BPF, network namespaces")]
 fn uninstall_leaves_nothing_behind() {
@@ -980,31 +981,19 @@ fn uninstall_leaves_nothing_behind() {
     assert!(status.success(), "agent exited with {status} after SIGTERM");
 
     lab.guard.run().expect("agent uninstall");
-    // Everything but the tail-call arrays the kernel may keep (`Ours::stage_arrays`: a known
-    // defect, reported here).
-    let what = "the programs, links and maps of the uninstalled agent gone from the kernel";
-    let kept = match poll(
+    poll(
         Instant::now(),
         RELEASED,
         POLL,
-        || {
-            let mut left = ours.still_loaded().expect("bpftool show");
-            let stages = left.stage_arrays().expect("bpftool map show");
-            left.maps.retain(|id| !stages.contains(id));
-            (left, stages)
-        },
-        |(left, stages)| left.is_empty() && stages.is_empty(),
-    ) {
-        Ok((_, (_, stages))) => stages,
-        // Only the arrays left after the whole bound: the known defect, reported below.
-        Err((left, stages)) if left.is_empty() => stages,
-        Err(last) => panic!("{what}: not within {RELEASED}; last seen: {last:?}"),
-    };
-    if !kept.is_empty() {
-        eprintln!(
-            "KNOWN DEFECT: tail-call arrays {kept:?} still held by the kernel after uninstall"
-        );
-    }
+        || ours.still_loaded().expect("the kernel's id lists"),
+        Ours::is_empty,
+    )
+    .unwrap_or_else(|last| {
+        panic!(
+            "the programs, links and maps of the uninstalled agent gone from the kernel: \
+             not within {RELEASED}; last seen: {last:?}"
+        )
+    });
     let left = pins::tree(&lab.pin).expect("listing the pin path");
     assert!(
         left.is_empty(),
