@@ -160,13 +160,19 @@ pub fn apt_install(packages: &[&str]) -> Result<(), cmd::CmdError> {
     )
 }
 
-/// `apt-get -q`, non-interactive.
+/// How long `apt-get` waits for the dpkg lock that another apt run (unattended-upgrades on a
+/// fresh machine, a second set-up) holds, instead of failing at once (apt >= 1.9.11;
+/// Debian 12 has 2.6).
+const DPKG_LOCK_TIMEOUT_SECS: u32 = 600;
+
+/// `apt-get -q`, non-interactive, waiting for the dpkg lock.
 pub fn apt_get() -> Command {
     let mut command = Command::new("apt-get");
     command
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdin(Stdio::null())
-        .arg("-q");
+        .arg("-q")
+        .arg(format!("-oDPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT_SECS}"));
     command
 }
 
