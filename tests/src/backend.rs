@@ -1,7 +1,8 @@
 //! Backends for end-to-end tests, the ways to break them, and timed client connects toward
-//! them: a TCP server that counts what it accepts (echo, or an HTTP health answer), a TCP
-//! echo that closes first (and the client's timed exchange with it), a UDP echo server, a
-//! policy-routing blackhole that makes a backend hang, and `connect()`s timed one by one.
+//! them: a TCP server that counts what it accepts (echo, or an HTTP health answer), a UDP
+//! echo server, a policy-routing blackhole that makes a backend hang, and `connect()`s timed
+//! one by one. Short timed exchanges, either end closing first, are in
+//! [`crate::traffic::exchange`].
 //! Servers bind inside a namespace and serve from a thread of this process (a socket
 //! stays in the namespace it was created in).
 
@@ -295,95 +296,6 @@ impl Drop for Blackhole {
             eprintln!("warning: {e:#}");
         }
     }
-}
-
-/// A TCP server that answers each connection's first [`EXCHANGE_BYTES`] bytes with the same
-/// bytes and closes first, so it holds the connection's TIME_WAIT, as an HTTP/1.0 server
-/// does; one connection at a time, served on its accept thread (for sequential clients:
-/// nothing but the exchange between accept and close). Records every client port it accepted.
-pub struct CloseFirstEcho {
-    ports: Arc<std::sync::Mutex<Vec<u16>>>,
-    _worker: Worker,
-}
-
-/// Bytes each way of one short exchange: [`CloseFirstEcho`]'s and
-/// [`crate::traffic::exchange`]'s (the 64).
-pub const EXCHANGE_BYTES: usize = 64;
-
-impl CloseFirstEcho {
-    /// Binds `addr` in `ns` and serves until dropped.
-    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<CloseFirstEcho> {
-        let listener = ns
-            .run(move || TcpListener::bind(addr))?
-            .with_context(|| format!("binding the TCP backend {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let ports = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = ports.clone();
-        let worker = Worker::spawn(move |stop| {
-            let mut pfd = libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            while !stop.load(Ordering::Relaxed) {
-                // SAFETY: one valid pollfd for the listener this thread owns.
-                let ready = unsafe { libc::poll(&mut pfd, 1, READ_IDLE.as_millis() as i32) };
-                if ready <= 0 {
-                    continue;
-                }
-                let Ok((mut conn, peer)) = listener.accept() else {
-                    continue;
-                };
-                seen.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(peer.port());
-                let mut buf = [0u8; EXCHANGE_BYTES];
-                let _ = conn.set_nonblocking(false);
-                let _ = conn.set_nodelay(true);
-                let _ = conn.set_read_timeout(Some(READ_IDLE));
-                if conn.read_exact(&mut buf).is_ok() {
-                    let _ = conn.write_all(&buf);
-                }
-                // Dropped: this end closes first.
-            }
-        });
-        Ok(CloseFirstEcho {
-            ports,
-            _worker: worker,
-        })
-    }
-
-    /// The client port of every connection accepted so far, in order.
-    pub fn ports(&self) -> Vec<u16> {
-        self.ports.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// One exchange with a [`CloseFirstEcho`] at `addr` from the calling thread's namespace:
-/// connect, [`EXCHANGE_BYTES`] bytes each way, wait for the server's close, close. Returns how
-/// long it took; an error names what failed.
-pub fn exchange(addr: SocketAddr, timeout: Duration) -> Result<Duration> {
-    let t = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(timeout))?;
-    let out = [0x5a_u8; EXCHANGE_BYTES];
-    s.write_all(&out)
-        .with_context(|| format!("writing to {addr}"))?;
-    let mut back = [0u8; EXCHANGE_BYTES];
-    s.read_exact(&mut back)
-        .with_context(|| format!("reading the echo of {addr}"))?;
-    anyhow::ensure!(back == out, "{addr} echoed other bytes");
-    // The server closes first; waiting for its FIN keeps the TIME_WAIT on its side.
-    let mut rest = [0u8; 1];
-    anyhow::ensure!(
-        s.read(&mut rest)
-            .with_context(|| format!("waiting for {addr} to close"))?
-            == 0,
-        "{addr} sent more than the echo"
-    );
-    Ok(t.elapsed())
 }
 
 /// One client `connect()`: how it ended and how long it took. A connected stream is kept

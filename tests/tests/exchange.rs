@@ -1,6 +1,7 @@
 //! The short-exchange tools of `cargo xtask bench peers` (tests/src/traffic/exchange.rs),
 //! without the agent: every exchange is answered by the backend it went to, and each way an
-//! exchange fails is told apart (refused, a hung backend's timeout).
+//! exchange fails is told apart (refused, a hung backend's timeout), and the end that closes
+//! first ([`Closes`]) is the one left holding the TIME_WAIT.
 //!
 //! Root only; run serially: `cargo test -p agent-tests --test exchange -- --test-threads=1`.
 
@@ -9,8 +10,9 @@ use std::time::Duration;
 
 use agent_tests::Topology;
 use agent_tests::backend::Blackhole;
+use agent_tests::netns::Netns;
 use agent_tests::timing::Scaled;
-use agent_tests::traffic::exchange::{self, Background, ExchangeServer, Failure};
+use agent_tests::traffic::exchange::{self, Background, Closes, ExchangeServer, Failure};
 use agent_tests::wait::wait_until;
 
 const PORT: u16 = 8080;
@@ -31,7 +33,9 @@ fn lab() -> (Topology, Vec<SocketAddr>, Vec<ExchangeServer>) {
         .collect();
     let servers = addrs
         .iter()
-        .map(|a| ExchangeServer::start(&topo.server, *a, 4).expect("exchange server"))
+        .map(|a| {
+            ExchangeServer::start(&topo.server, *a, 4, Closes::Client).expect("exchange server")
+        })
         .collect();
     (topo, addrs, servers)
 }
@@ -108,4 +112,53 @@ fn a_closed_port_is_refused_and_a_hung_backend_times_out() {
     assert_eq!(o.result, Err(Failure::TimedOut));
     assert!(!Failure::TimedOut.answered());
     assert!(o.took >= HUNG_TIMEOUT, "ended after {:?}", o.took);
+}
+
+/// Whether `ns` has a TCP socket in TIME_WAIT with `port` at either end.
+fn time_wait_on(ns: &Netns, port: u16) -> bool {
+    let out = ns
+        .exec(&["ss", "-Htan", "state", "time-wait"])
+        .output()
+        .expect("ss");
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let suffix = format!(":{port}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().any(|w| w.ends_with(&suffix)))
+}
+
+#[test]
+fn the_end_that_closes_first_holds_the_time_wait() {
+    for closes in [Closes::Client, Closes::Server] {
+        let mut topo = Topology::new().expect("topology");
+        let addr = SocketAddr::from((topo.add_server_v4(1).expect("backend address")[0], PORT));
+        let server = ExchangeServer::start(&topo.server, addr, 1, closes).expect("server");
+        let o = topo
+            .client
+            .run(move || exchange::exchange_closed_by(addr, TIMEOUT.get(), closes))
+            .expect("client");
+        assert_eq!(o.result, Ok(()), "{closes:?}: the exchange");
+        let ports = server.ports();
+        assert_eq!(ports.len(), 1, "{closes:?}: client ports the server saw");
+        let (holder, other) = match closes {
+            Closes::Client => (&topo.client, &topo.server),
+            Closes::Server => (&topo.server, &topo.client),
+        };
+        // The last ACK is on its way when the closer enters TIME_WAIT.
+        wait_until(
+            &format!("{closes:?} closes first: TIME_WAIT in {}", holder.name()),
+            TIMEOUT,
+            POLL,
+            || time_wait_on(holder, ports[0]),
+        );
+        assert!(
+            !time_wait_on(other, ports[0]),
+            "{closes:?} closes first, yet {} holds a TIME_WAIT too",
+            other.name()
+        );
+    }
 }

@@ -24,13 +24,13 @@ use std::{
 use agent_common::ports::{NAT_PORT_FIRST, NAT_PORT_LAST, needs_nat_port};
 use agent_tests::{
     agent::{AgentProcess, TempDir, metric},
-    backend::{CloseFirstEcho, exchange},
     benchmarks::quantile,
     netns::Topology,
     scale::tcp_ext,
     timing::{self, MIXED_EXCHANGE, Scaled},
+    traffic::exchange::{Closes, ExchangeServer, exchange_closed_by},
 };
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const VIP_PORT: u16 = 80;
@@ -51,7 +51,7 @@ enum Kind {
 struct Lab {
     topo: Topology,
     backends: Vec<SocketAddr>,
-    servers: Vec<CloseFirstEcho>,
+    servers: Vec<ExchangeServer>,
     agent: AgentProcess,
     _dir: TempDir,
 }
@@ -66,7 +66,7 @@ impl Lab {
             .collect();
         let servers = backends
             .iter()
-            .map(|b| CloseFirstEcho::start(&topo.server, *b))
+            .map(|b| ExchangeServer::start(&topo.server, *b, 1, Closes::Server))
             .collect::<Result<Vec<_>>>()?;
         topo.add_vip(VIP.into())?;
         let list: String = backends
@@ -109,9 +109,10 @@ impl Lab {
                         Kind::Direct => *direct.next().expect("cycle"),
                         Kind::Vip => vip,
                     };
-                    let took = exchange(to, CONNECT_TIMEOUT.get())
-                        .with_context(|| format!("exchange {i} ({kind:?})"))?;
-                    Ok((kind, took))
+                    let o = exchange_closed_by(to, CONNECT_TIMEOUT.get(), Closes::Server);
+                    o.result
+                        .map(|()| (kind, o.took))
+                        .map_err(|f| anyhow!("exchange {i} ({kind:?}) to {to}: {f:?}"))
                 })
                 .collect()
         })?
@@ -121,7 +122,7 @@ impl Lab {
     fn ports(&self) -> Vec<u16> {
         self.servers
             .iter()
-            .flat_map(CloseFirstEcho::ports)
+            .flat_map(ExchangeServer::ports)
             .collect()
     }
 

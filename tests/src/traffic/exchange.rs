@@ -4,33 +4,49 @@
 //! threads for a fixed time ([`for_duration`], connections per second), or in the background
 //! until stopped ([`Background`], traffic beside a measured client).
 //!
-//! The client closes first (it holds the TIME_WAIT, as real clients do); the server closes on
-//! the client's FIN. Every exchange is timed from before `connect()` to after `close()`.
+//! Which end closes first, and so holds the connection's TIME_WAIT, is chosen per server and
+//! client ([`Closes`]): the client by default (as request/response clients do; the server
+//! closes on its FIN), or the server right after its answer (as an HTTP/1.0 server does; the
+//! client waits for its FIN). Every exchange is timed from before `connect()` to after
+//! `close()`.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub use crate::backend::EXCHANGE_BYTES;
 use crate::backend::{ACCEPT_IDLE, READ_IDLE, Worker};
 use crate::netns::Netns;
+
+/// Bytes each way of one exchange (issue 14's 64).
+pub const EXCHANGE_BYTES: usize = 64;
+
+/// Which end of an exchange closes first, and so holds the connection's TIME_WAIT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closes {
+    /// The client, after the answer; the server closes on the client's FIN.
+    Client,
+    /// The server, right after its answer; the client waits for the server's FIN.
+    Server,
+}
 
 /// How long a server waits on a connected client's request or close before giving up on it.
 const SERVER_IDLE: Duration = Duration::from_secs(5);
 
 /// A TCP backend for exchanges: `threads` threads accept on one listener, each serving one
-/// connection at a time: read [`EXCHANGE_BYTES`], write them back, then wait for the client's
-/// close. Blocking `accept()`s: the kernel wakes one waiting thread per connection (a
-/// `poll()` would wake them all, and charge every connection for it). Stopped on drop.
+/// connection at a time: read [`EXCHANGE_BYTES`], write them back, then close or wait for the
+/// client's close ([`Closes`]). Blocking `accept()`s: the kernel wakes one waiting thread per
+/// connection (a `poll()` would wake them all, and charge every connection for it). Records
+/// every client port it accepted. Stopped on drop.
 pub struct ExchangeServer {
     accepted: Arc<AtomicU64>,
     answered: Arc<AtomicU64>,
+    ports: Arc<Mutex<Vec<u16>>>,
     listener: TcpListener,
     workers: Vec<Worker>,
 }
@@ -38,22 +54,32 @@ pub struct ExchangeServer {
 impl ExchangeServer {
     /// Binds `addr` in `ns` and serves with `threads` threads until dropped. `threads` bounds
     /// the connections served at once: give it more than the clients that connect at once.
-    pub fn start(ns: &Netns, addr: SocketAddr, threads: usize) -> Result<ExchangeServer> {
+    pub fn start(
+        ns: &Netns,
+        addr: SocketAddr,
+        threads: usize,
+        closes: Closes,
+    ) -> Result<ExchangeServer> {
         let listener = ns
             .run(move || TcpListener::bind(addr))?
             .with_context(|| format!("binding the exchange backend {addr}"))?;
         let accepted = Arc::new(AtomicU64::new(0));
         let answered = Arc::new(AtomicU64::new(0));
+        let ports = Arc::new(Mutex::new(Vec::new()));
         let mut workers = Vec::with_capacity(threads);
         for _ in 0..threads.max(1) {
             let listener = listener.try_clone().context("cloning the listener")?;
-            let (accepted, answered) = (accepted.clone(), answered.clone());
+            let (accepted, answered, ports) = (accepted.clone(), answered.clone(), ports.clone());
             workers.push(Worker::spawn(move |stop| {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
-                        Ok((conn, _)) => {
+                        Ok((conn, peer)) => {
                             accepted.fetch_add(1, Ordering::Relaxed);
-                            if answer(conn, &stop) {
+                            ports
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(peer.port());
+                            if answer(conn, &stop, closes) {
                                 answered.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -67,6 +93,7 @@ impl ExchangeServer {
         Ok(ExchangeServer {
             accepted,
             answered,
+            ports,
             listener,
             workers,
         })
@@ -81,6 +108,11 @@ impl ExchangeServer {
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
     }
+
+    /// The client port of every connection accepted so far, in order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Drop for ExchangeServer {
@@ -93,7 +125,7 @@ impl Drop for ExchangeServer {
 }
 
 /// Serves one exchange; whether the request was answered.
-fn answer(mut conn: TcpStream, stop: &AtomicBool) -> bool {
+fn answer(mut conn: TcpStream, stop: &AtomicBool, closes: Closes) -> bool {
     if conn.set_nonblocking(false).is_err()
         || conn.set_nodelay(true).is_err()
         || conn.set_read_timeout(Some(READ_IDLE)).is_err()
@@ -123,6 +155,10 @@ fn answer(mut conn: TcpStream, stop: &AtomicBool) -> bool {
                     if conn.write_all(&buf).is_err() {
                         return false;
                     }
+                    if closes == Closes::Server {
+                        // Dropped: this end closes first.
+                        return true;
+                    }
                     answered = true;
                 }
             }
@@ -144,7 +180,7 @@ pub enum Failure {
     Closed,
     /// Nothing, or not all of it, within the timeout.
     TimedOut,
-    /// The answer differs from the request.
+    /// The answer differs from the request, or more came after it.
     Garbled,
     /// Any other error, by kind.
     Other(ErrorKind),
@@ -177,18 +213,24 @@ pub struct Outcome {
     pub result: Result<(), Failure>,
 }
 
-/// One exchange with `dst` from the calling thread's namespace; `timeout` bounds the connect
-/// and each read and write.
+/// One exchange with `dst` from the calling thread's namespace, the client closing first;
+/// `timeout` bounds the connect and each read and write.
 pub fn exchange(dst: SocketAddr, timeout: Duration) -> Outcome {
+    exchange_closed_by(dst, timeout, Closes::Client)
+}
+
+/// [`exchange`] with a server that closes as `closes` says: with [`Closes::Server`] the client
+/// waits for the server's close before its own, so the TIME_WAIT stays with the server.
+pub fn exchange_closed_by(dst: SocketAddr, timeout: Duration, closes: Closes) -> Outcome {
     let start = Instant::now();
-    let result = try_exchange(dst, timeout);
+    let result = try_exchange(dst, timeout, closes);
     Outcome {
         took: start.elapsed(),
         result,
     }
 }
 
-fn try_exchange(dst: SocketAddr, timeout: Duration) -> Result<(), Failure> {
+fn try_exchange(dst: SocketAddr, timeout: Duration, closes: Closes) -> Result<(), Failure> {
     let f = |e: std::io::Error| Failure::of(&e);
     let mut s = TcpStream::connect_timeout(&dst, timeout).map_err(f)?;
     s.set_nodelay(true).map_err(f)?;
@@ -200,6 +242,12 @@ fn try_exchange(dst: SocketAddr, timeout: Duration) -> Result<(), Failure> {
     s.read_exact(&mut answer).map_err(f)?;
     if answer != request {
         return Err(Failure::Garbled);
+    }
+    if closes == Closes::Server {
+        let mut rest = [0u8; 1];
+        if s.read(&mut rest).map_err(f)? != 0 {
+            return Err(Failure::Garbled);
+        }
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use agent_tests::{
     breaker::{BackendView, first_hit},
     netns::Topology,
     timing::Scaled,
-    traffic::exchange::{self, ExchangeServer, Failure},
+    traffic::exchange::{self, Closes, ExchangeServer, Failure},
 };
 use anyhow::{Context as _, Result, bail};
 
@@ -113,7 +113,7 @@ struct Round {
 pub fn run(ctx: &Ctx) -> Result<String> {
     let mut topo = Topology::new()?;
     let backend = SocketAddr::from((topo.add_server_v4(1)?[0], BACKEND_PORT));
-    let _server = ExchangeServer::start(&topo.server, backend, SERVER_THREADS)?;
+    let _server = ExchangeServer::start(&topo.server, backend, SERVER_THREADS, Closes::Client)?;
     topo.add_vip(VIP.into())?;
     let dir = TempDir::new()?;
     let vip = SocketAddr::from((VIP, VIP_PORT));

@@ -31,7 +31,7 @@ use agent_tests::{
     agent::{AgentProcess, READY_TIMEOUT, TempDir},
     netns::{Netns, Topology},
     scale,
-    traffic::exchange::{self, Background, ExchangeServer, Exchanges},
+    traffic::exchange::{self, Background, Closes, ExchangeServer, Exchanges},
 };
 use anyhow::{Context as _, Result, bail};
 
@@ -287,7 +287,7 @@ impl Lab {
             .collect();
         let servers = backends
             .iter()
-            .map(|b| ExchangeServer::start(&topo.server, *b, SERVER_THREADS))
+            .map(|b| ExchangeServer::start(&topo.server, *b, SERVER_THREADS, Closes::Client))
             .collect::<Result<Vec<_>>>()?;
         // Tens of thousands of connections a round to the same two backends: ports in
         // TIME_WAIT would run out within TIME_WAIT's 60 s (a load generator's settings).
