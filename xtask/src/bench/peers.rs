@@ -3,10 +3,11 @@
 //! balancing and health checks), in one run, on veth / network-namespace topologies.
 //!
 //! Each part measures on its own topology and returns the Markdown of its subsection(s), with
-//! links to the SVG charts it drew (`plot::bars`) into `tests/benchmarks/`. With no part
-//! named, every part runs and the section [`SECTION`] of BENCHMARKS.md (`--out`) is replaced;
-//! with parts named, each one's Markdown is printed and written to
-//! `target/bench-peers-PART.md`, and BENCHMARKS.md is left alone (a partial section would
+//! links to the SVG charts it drew (`plot::bars`) into `target/bench-peers-plots/`. With no
+//! part named, every part runs, the charts are copied to `tests/benchmarks/` and the section
+//! [`SECTION`] of BENCHMARKS.md (`--out`) is replaced; with parts named (or when one failed),
+//! each one's Markdown is printed and written to `target/bench-peers-PART.md`, its charts stay
+//! in `target/`, and BENCHMARKS.md and its charts are left alone (a partial section would
 //! replace the whole one).
 //!
 //! The peer tools are Debian packages, installed with apt-get when missing; when that fails
@@ -26,8 +27,11 @@ use clap::Parser;
 use crate::{build, setup, sys, workspace};
 
 pub const SECTION: &str = "## Peers: the agent against nftables, iptables, HAProxy and nginx";
-/// Where the charts go, relative to the workspace root and so to BENCHMARKS.md.
+/// Where the published charts go, relative to the workspace root and so to BENCHMARKS.md.
 const PLOTS_REL: &str = "tests/benchmarks";
+/// Where the parts draw them, in the target directory (and so relative to
+/// `target/bench-peers-PART.md`).
+const DRAWN_REL: &str = "bench-peers-plots";
 /// Repeats of each figure by default, and with `--quick`.
 const REPEATS: usize = 5;
 const QUICK_REPEATS: usize = 3;
@@ -36,9 +40,10 @@ const QUICK_REPEATS: usize = 3;
 pub struct Ctx {
     /// The release agent binary.
     pub agent: PathBuf,
-    /// The absolute directory for SVGs (`<repo>/tests/benchmarks`).
+    /// The absolute directory the parts draw their SVGs in (`target/bench-peers-plots`).
     pub plots: PathBuf,
-    /// The same, relative to BENCHMARKS.md, for the Markdown's links.
+    /// Where the Markdown links them: relative to BENCHMARKS.md when every part runs (the
+    /// charts are published there), else relative to `target/bench-peers-PART.md`.
     pub plots_rel: String,
     /// Each figure is the median of `repeats` runs, with their min and max.
     pub repeats: usize,
@@ -99,12 +104,22 @@ pub fn run(extra: &[String]) -> Result<()> {
         Some(bin) => bin.clone(),
         None => build::agent_binary(&toolchain, true)?,
     };
-    let plots = workspace::root().join(PLOTS_REL);
+    let target = workspace::target_dir()?;
+    let plots = target.join(DRAWN_REL);
+    // Charts of an earlier run must not be published with this one's.
+    if plots.exists() {
+        std::fs::remove_dir_all(&plots).with_context(|| format!("emptying {}", plots.display()))?;
+    }
     std::fs::create_dir_all(&plots).with_context(|| format!("creating {}", plots.display()))?;
     let ctx = Ctx {
         agent,
         plots,
-        plots_rel: PLOTS_REL.to_owned(),
+        plots_rel: if args.parts.is_empty() {
+            PLOTS_REL
+        } else {
+            DRAWN_REL
+        }
+        .to_owned(),
         repeats: args
             .repeats
             .unwrap_or(if args.quick { QUICK_REPEATS } else { REPEATS })
@@ -127,11 +142,11 @@ pub fn run(extra: &[String]) -> Result<()> {
         }
     }
     if args.parts.is_empty() && failed.is_empty() {
+        publish_plots(&ctx.plots, &workspace::root().join(PLOTS_REL))?;
         return super::publish(&args.out, &section(&ctx, &done));
     }
     // Parts alone, or some failed: the section would be partial; each part's Markdown is
-    // kept apart.
-    let target = workspace::target_dir()?;
+    // kept apart, with its charts.
     for (name, markdown) in &done {
         println!("\n{markdown}");
         let file = target.join(format!("bench-peers-{name}.md"));
@@ -140,6 +155,19 @@ pub fn run(extra: &[String]) -> Result<()> {
     }
     if !failed.is_empty() {
         bail!("bench peers: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// Copies every chart drawn in `from` into `to` (BENCHMARKS.md's charts).
+fn publish_plots(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let path = entry?.path();
+        if let Some(name) = path.file_name() {
+            std::fs::copy(&path, to.join(name))
+                .with_context(|| format!("copying {} to {}", path.display(), to.display()))?;
+        }
     }
     Ok(())
 }
