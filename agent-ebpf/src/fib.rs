@@ -44,6 +44,7 @@ use core::{
     mem,
     ptr::{read_unaligned, write_unaligned},
 };
+use network_types::eth::EthHdr;
 
 use crate::{
     maps::{LB_HANDOVER, SIDE_SRC},
@@ -57,7 +58,7 @@ const AF_INET6: u8 = 10;
 /// device BPF_PROG_TEST_RUN runs programs on).
 const LOOPBACK_IFINDEX: u32 = 1;
 /// The Ethernet header's length: only untagged frames are delivered to a next hop.
-const ETH_LEN: usize = 14;
+const ETH_LEN: usize = EthHdr::LEN;
 const ETH_SRC: usize = 6;
 /// Offsets in the IPv4 header: TTL (then protocol, one 16-bit word), checksum, total length.
 const V4_TTL: usize = 8;

@@ -22,6 +22,7 @@ use agent_common::{
 };
 use aya_ebpf::helpers::bpf_csum_diff;
 use core::ptr::{read_unaligned, write_unaligned};
+use network_types::eth::EthHdr;
 
 use crate::{
     classify,
@@ -30,7 +31,8 @@ use crate::{
 };
 
 const ETH_P_ARP: u16 = 0x0806;
-const ETH_LEN: usize = 14;
+/// Only untagged frames are answered.
+const ETH_LEN: usize = EthHdr::LEN;
 const ETH_TYPE: usize = 12;
 const MAC_LEN: usize = 6;
 

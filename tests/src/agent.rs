@@ -81,6 +81,16 @@ impl Drop for TempDir {
     }
 }
 
+/// The items of a service's `backends:` list as the policies of the tests and benches write
+/// it (six spaces in, under `    backends:`): one `- address: "ADDR"` per backend, at the
+/// default weight.
+pub fn backend_items(backends: &[SocketAddr]) -> String {
+    backends
+        .iter()
+        .map(|b| format!("      - address: \"{b}\"\n"))
+        .collect()
+}
+
 /// `agent.listen` of a policy file, or the policy's default. A line scan, not a YAML parser:
 /// the test policies are written by these tests.
 pub fn listen_of(policy: &str) -> Result<SocketAddr> {

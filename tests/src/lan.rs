@@ -3,15 +3,9 @@
 //! single veth pair, hosts on it find each other through ARP / neighbour discovery and see
 //! each other's broadcasts, as machines on one switch do.
 
-use std::time::{Duration, Instant};
+use anyhow::Result;
 
-use anyhow::{Result, bail};
-
-use crate::{
-    netns::{Netns, unique_name},
-    timing::LINK_READY,
-    wait::poll,
-};
+use crate::netns::{Netns, unique_name};
 
 /// The bridge namespace and the hosts' namespaces, deleted on drop (their veth pairs go with
 /// them).
@@ -94,25 +88,4 @@ pub fn forwarding(ns: &Netns, on: bool) -> Result<()> {
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", v)
     })??;
     Ok(())
-}
-
-/// Waits until no IPv6 address of `ns` is tentative: its links have their carrier, and its
-/// addresses can be bound and used as sources.
-pub fn addresses_ready(ns: &Netns) -> Result<()> {
-    let tentative = || ns.ip(&["-6", "addr", "show", "tentative"]);
-    let done = |out: &Result<String>| out.as_ref().is_ok_and(|o| o.trim().is_empty());
-    match poll(
-        Instant::now(),
-        LINK_READY,
-        Duration::from_millis(10),
-        tentative,
-        done,
-    ) {
-        Ok(_) => Ok(()),
-        Err(out) => bail!(
-            "IPv6 addresses in {} still tentative after {LINK_READY}:\n{}",
-            ns.name(),
-            out?
-        ),
-    }
 }

@@ -13,8 +13,12 @@ use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::timing::Scaled;
+use crate::wait::poll;
 
 /// Runs `ip ARGS`; on failure the error names the command and carries its stderr.
 pub fn ip(args: &[&str]) -> Result<String> {
@@ -122,6 +126,28 @@ impl Netns {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         ip(&full)
+    }
+
+    /// Waits up to `limit` until no IPv6 address of this namespace is tentative: its links
+    /// have their carrier and finished duplicate address detection, so its addresses can be
+    /// bound, used as sources and resolved from.
+    pub fn addresses_ready(&self, limit: Scaled) -> Result<()> {
+        let tentative = || self.ip(&["-6", "addr", "show", "tentative"]);
+        let done = |out: &Result<String>| out.as_ref().is_ok_and(|o| o.trim().is_empty());
+        match poll(
+            Instant::now(),
+            limit,
+            Duration::from_millis(10),
+            tentative,
+            done,
+        ) {
+            Ok(_) => Ok(()),
+            Err(out) => bail!(
+                "IPv6 addresses in {} still tentative after {limit}:\n{}",
+                self.name,
+                out?
+            ),
+        }
     }
 
     /// Runs `f` on a new thread that first joins this namespace, and waits for it. Sockets

@@ -18,7 +18,7 @@ use std::{
 
 use agent_common::ports::nat_port;
 use agent_tests::{
-    agent::{AgentProcess, TempDir, metric},
+    agent::{AgentProcess, TempDir, backend_items, metric},
     backend::{TcpServer, UdpEcho},
     netns::{Netns, Topology},
     timing::{self, Scaled},
@@ -391,10 +391,7 @@ fn transfers(v6: bool) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let vip = lab.vip();
     let udp_vip = SocketAddr::new(vip.ip(), VIP_PORT + 1);
-    let list: String = udp_backends
-        .iter()
-        .map(|b| format!("      - address: \"{b}\"\n"))
-        .collect();
+    let list = backend_items(&udp_backends);
     let policy = lab.policy("maglev", &[100, 100], "")
         + &format!(
             "  - name: dns\n    match: {{ address: \"{ip}\", port: {port}, protocol: udp }}\n\

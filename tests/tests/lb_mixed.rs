@@ -23,7 +23,7 @@ use std::{
 
 use agent_common::ports::{NAT_PORT_FIRST, NAT_PORT_LAST, needs_nat_port};
 use agent_tests::{
-    agent::{AgentProcess, TempDir, metric},
+    agent::{AgentProcess, TempDir, backend_items, metric},
     benchmarks::quantile,
     netns::Topology,
     scale::tcp_ext,
@@ -69,10 +69,7 @@ impl Lab {
             .map(|b| ExchangeServer::start(&topo.server, *b, 1, Closes::Server))
             .collect::<Result<Vec<_>>>()?;
         topo.add_vip(VIP.into())?;
-        let list: String = backends
-            .iter()
-            .map(|b| format!("      - {{ address: \"{b}\", weight: 1 }}\n"))
-            .collect();
+        let list = backend_items(&backends);
         let policy = format!(
             "version: 1\n\
              agent:\n  listen: 127.0.0.1:9090\n\

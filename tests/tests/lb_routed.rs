@@ -17,15 +17,14 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    time::{Duration, Instant},
 };
 
 use agent_tests::{
     agent::{AgentProcess, TempDir},
     backend::TcpServer,
+    lan::forwarding,
     netns::{Netns, unique_name},
     timing::Scaled,
-    wait::poll,
 };
 use anyhow::{Context, Result, bail, ensure};
 
@@ -131,37 +130,15 @@ impl Routed {
         for plan in [&V4, &V6] {
             r.address(plan)?;
         }
-        r.router.run(|| -> std::io::Result<()> {
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-            std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-        })??;
+        forwarding(&r.router, true)?;
+        // The link-local addresses go through duplicate address detection for about 2 s
+        // after a link comes up, and until then the router cannot resolve a backend (it asks
+        // from its link-local address): a forwarded SYN would wait for that, past the SYN
+        // retransmission a 2 s connect timeout allows.
         for ns in [&r.client, &r.router, &r.server] {
-            r.wait_dad(ns)?;
+            ns.addresses_ready(DAD_DONE)?;
         }
         Ok(r)
-    }
-
-    /// Waits until no IPv6 address of `ns` is tentative. The link-local addresses go through
-    /// duplicate address detection for about 2 s after a link comes up, and until then the
-    /// router cannot resolve a backend (it asks from its link-local address): a forwarded
-    /// SYN waits for that, past the SYN retransmission a 2 s connect timeout allows.
-    fn wait_dad(&self, ns: &Netns) -> Result<()> {
-        let tentative = || ns.ip(&["-6", "addr", "show", "tentative"]);
-        let done = |out: &Result<String>| out.as_ref().map_or(true, |o| o.trim().is_empty());
-        match poll(
-            Instant::now(),
-            DAD_DONE,
-            Duration::from_millis(20),
-            tentative,
-            done,
-        ) {
-            Ok((_, out)) => out.map(drop),
-            Err(out) => bail!(
-                "IPv6 addresses in {} still tentative after {DAD_DONE}:\n{}",
-                ns.name(),
-                out?
-            ),
-        }
     }
 
     fn address(&self, p: &Plan) -> Result<()> {

@@ -32,11 +32,11 @@ use std::{
 };
 
 use agent_tests::{
-    agent::{AgentProcess, TempDir, metric},
+    agent::{AgentProcess, TempDir, backend_items, metric},
     backend::TcpServer,
-    lan::{Lan, addresses_ready, forwarding},
+    lan::{Lan, forwarding},
     netns::Netns,
-    timing::Scaled,
+    timing::{LINK_READY, Scaled},
 };
 use anyhow::{Context, Result, ensure};
 
@@ -170,7 +170,7 @@ impl Lab {
     }
 
     fn serve(&mut self, ns: &Netns, addr: &str) -> Result<SocketAddr> {
-        addresses_ready(ns)?;
+        ns.addresses_ready(LINK_READY)?;
         let addr = SocketAddr::new(addr.parse()?, BACKEND_PORT);
         self.servers.push(TcpServer::start(ns, addr)?);
         Ok(addr)
@@ -204,10 +204,7 @@ impl Lab {
 /// The policy: the agent on `interfaces` (YAML list items), one service balancing `vip`
 /// over `backends` (Maglev).
 fn policy(interfaces: &str, vip: &str, backends: &[SocketAddr]) -> String {
-    let list: String = backends
-        .iter()
-        .map(|b| format!("      - address: \"{b}\"\n"))
-        .collect();
+    let list = backend_items(backends);
     format!(
         "version: 1\n\
          agent:\n  listen: 127.0.0.1:9090\n  pin_path: {pins}\n\
@@ -221,7 +218,7 @@ fn policy(interfaces: &str, vip: &str, backends: &[SocketAddr]) -> String {
 /// `CONNECTIONS` connections from `client` to `vip`, each echoing 64 bytes, every one with
 /// the VIP as its peer.
 fn exchange(client: &Netns, vip: &str) -> Result<()> {
-    addresses_ready(client)?;
+    client.addresses_ready(LINK_READY)?;
     let vip = SocketAddr::new(vip.parse::<IpAddr>()?, VIP_PORT);
     let peers = client.run(move || -> Result<Vec<SocketAddr>> {
         let data = [0x5a_u8; 64];
@@ -329,7 +326,7 @@ fn through_a_router(p: &'static Plan) -> Result<()> {
     }
     backends.ip(&[p.family, "route", "add", "default", "via", p.server_gateway])?;
     for ns in [&router, &backends] {
-        addresses_ready(ns)?;
+        ns.addresses_ready(LINK_READY)?;
     }
     let mut servers = Vec::new();
     let mut addrs = Vec::new();

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_tests::agent::{READY_TIMEOUT, limit_verdicts};
+use agent_tests::agent::{READY_TIMEOUT, backend_items, limit_verdicts};
 use agent_tests::backend::TcpServer;
 use agent_tests::breaker::BackendView;
 use agent_tests::timing::{self, Scaled};
@@ -97,10 +97,7 @@ impl Drop for PinDir {
 /// The policy: a balanced service `web` on the VIP with health checks and breakers, and a
 /// UDP service `limited` on the client's address, limited per flow.
 fn policy(topo: &Topology, pins: &Path, backends: &[SocketAddr]) -> String {
-    let list: String = backends
-        .iter()
-        .map(|b| format!("      - address: \"{b}\"\n"))
-        .collect();
+    let list = backend_items(backends);
     format!(
         "version: 1\n\
          agent:\n  listen: 127.0.0.1:9090\n  pin_path: {pins}\n\

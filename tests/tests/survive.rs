@@ -34,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agent_tests::agent::{READY_TIMEOUT, metric};
+use agent_tests::agent::{READY_TIMEOUT, backend_items, metric};
 use agent_tests::backend::{TcpServer, tcp_backends};
 use agent_tests::echo::{EchoLoad, EchoReport};
 use agent_tests::pins::{
@@ -601,10 +601,7 @@ impl LbLab {
         topo.add_vip(VIP.into()).expect("VIP");
         let dir = TempDir::new().expect("temp dir");
         let pin = pin_path(test);
-        let list: String = backends
-            .iter()
-            .map(|b| format!("      - address: \"{b}\"\n"))
-            .collect();
+        let list = backend_items(&backends);
         let yaml = format!(
             "version: 1\n\
              agent:\n  listen: 127.0.0.1:9090\n  pin_path: {pin}\n  log_level: info\n\

@@ -51,7 +51,7 @@ use std::{
 };
 
 use agent_tests::{
-    agent::{AgentProcess, TempDir},
+    agent::{AgentProcess, TempDir, backend_items},
     backend::TcpServer,
     netns::{Netns, Topology},
     scale::{self, ScaleLab, ScalePolicy},
@@ -184,10 +184,7 @@ fn pin_path(role: &str) -> String {
 /// above the steady flow, one capped at 1/s; the VIP balanced over `backends`.
 fn policy(ifname: &str, pin: &str, rate: u32, backends: &[SocketAddr]) -> String {
     let addr = "198.18.0.2/32";
-    let list: String = backends
-        .iter()
-        .map(|b| format!("      - {{ address: \"{b}\" }}\n"))
-        .collect();
+    let list = backend_items(backends);
     format!(
         "version: 1
 agent:

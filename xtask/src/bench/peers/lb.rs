@@ -28,7 +28,7 @@ use std::{
 };
 
 use agent_tests::{
-    agent::{AgentProcess, READY_TIMEOUT, TempDir},
+    agent::{AgentProcess, READY_TIMEOUT, TempDir, backend_items},
     netns::{Netns, Topology},
     scale,
     traffic::exchange::{self, Background, Closes, ExchangeServer, Exchanges},
@@ -479,10 +479,7 @@ stream {{
 }
 
 fn agent_policy(ifname: &str, mode: &str, backends: &[SocketAddr]) -> String {
-    let list: String = backends
-        .iter()
-        .map(|b| format!("      - {{ address: \"{b}\", weight: 1 }}\n"))
-        .collect();
+    let list = backend_items(backends);
     format!(
         "version: 1
 agent:
